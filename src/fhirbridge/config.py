@@ -1,0 +1,338 @@
+"""Configuration: one TOML file plus environment overrides.
+
+The file is found at `--config`, else `$FHIRBRIDGE_CONFIG`, else `./fhirbridge.toml`. Any key can be
+overridden from the environment as `FHIRBRIDGE_<SECTION>__<KEY>` (double underscore between levels,
+case-insensitive), e.g. `FHIRBRIDGE_HOSPITAL__FHIR_BASE_URL` or `FHIRBRIDGE_HOSPITAL__AUTH__TOKEN`; that
+is how secrets stay out of the file. Reviewer entries are addressed by name:
+`FHIRBRIDGE_REVIEWERS__SPINE_CENTER__TRANSPORT__URL`.
+
+Every problem is reported as one `ConfigError` naming the file and the dotted key. Unknown keys are
+errors too: a misspelt `fhir_base_ur1` silently ignored would send a hospital's data somewhere else.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FHIRBRIDGE_"
+DEFAULT_FILE = "fhirbridge.toml"
+# src/fhirbridge/mappings is a symlink to the project-level mappings/ (so a wheel ships them too).
+PACKAGE_MAPPINGS = Path(__file__).resolve().parent / "mappings"
+
+
+@dataclass(frozen=True)
+class Auth:
+    type: str = "none"  # none | basic | bearer (SMART Backend Services arrives with the security issue)
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, "username": self.username, "password": self.password, "token": self.token}
+
+    def __repr__(self) -> str:  # never show secrets
+        return f"Auth(type={self.type!r})"
+
+
+@dataclass(frozen=True)
+class Http:
+    timeout_connect: float = 5.0
+    timeout_read: float = 30.0
+    retries: int = 4
+    max_retry_after: float = 30.0
+    page_size: int = 100
+
+
+@dataclass(frozen=True)
+class Hospital:
+    name: str
+    identifier_system: str
+    identifier_value: str
+    fhir_base_url: str
+    keys: Path
+    auth: Auth = field(default_factory=Auth)
+    http: Http = field(default_factory=Http)
+
+    def organization_ref(self) -> dict:
+        return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},
+                "display": self.name}
+
+
+@dataclass(frozen=True)
+class Transport:
+    type: str  # outbox | https
+    path: Path | None = None
+    url: str | None = None
+    token: str | None = None  # bearer token for the reviewer's endpoint, if it wants one
+
+    def __repr__(self) -> str:
+        return f"Transport(type={self.type!r}, path={self.path!r}, url={self.url!r})"
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    name: str
+    display: str
+    identifier_system: str
+    identifier_value: str
+    jwks: Path
+    transport: Transport
+    profiles: tuple[str, ...] = ()
+
+    def organization_ref(self) -> dict:
+        return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},
+                "display": self.display}
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path | None
+    base_dir: Path
+    data_dir: Path
+    store_url: str
+    mappings_dir: Path
+    inbox: Path
+    hospital: Hospital
+    reviewers: dict[str, Reviewer]
+    default_reviewer: str | None
+    inline_attachment_limit: int = 256 * 1024
+    max_attachment_bytes: int = 512 * 1024 * 1024
+    package_lifetime_days: int = 30
+
+    def reviewer(self, name: str) -> Reviewer:
+        try:
+            return self.reviewers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.reviewers)) or "none configured"
+            raise ConfigError(f"no reviewer named {name!r} (known: {known})", file=str(self.file),
+                              key="reviewers") from None
+
+    def reviewer_by_identifier(self, system: str | None, value: str | None) -> Reviewer | None:
+        for r in self.reviewers.values():
+            if r.identifier_value == value and (system is None or r.identifier_system == system):
+                return r
+        return None
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def find_config_file(explicit: str | os.PathLike | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env)
+    return Path.cwd() / DEFAULT_FILE
+
+
+def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None) -> Config:
+    file = find_config_file(path)
+    environ = os.environ if environ is None else environ
+    if not file.exists():
+        raise ConfigError("file not found; create one with `fhirbridge init DIR` or set FHIRBRIDGE_CONFIG",
+                          file=str(file))
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(file)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
+    apply_env_overrides(raw, environ, file)
+    return _build(raw, file)
+
+
+def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
+    """Overlay FHIRBRIDGE_A__B__C=value onto raw["a"]["b"]["c"]; reviewers are addressed by name."""
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        node: Any = raw
+        if parts[0] == "reviewers" and len(parts) >= 3:
+            wanted = parts[1].replace("_", "-")
+            match = [r for r in raw.get("reviewers", []) if str(r.get("name", "")).lower() in (parts[1], wanted)]
+            if not match:
+                raise ConfigError(f"environment variable {name} names reviewer {parts[1]!r}, which the file "
+                                  "does not define", file=str(file), key="reviewers")
+            node, parts = match[0], parts[2:]
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} overrides a non-table value", file=str(file),
+                                  key=".".join(parts))
+        node[parts[-1]] = _coerce_env(value)
+
+
+def _coerce_env(value: str) -> Any:
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+class _Section:
+    """Reads typed keys out of one TOML table, remembering which were used to flag unknown ones."""
+
+    def __init__(self, data: Any, file: Path, prefix: str):
+        if not isinstance(data, dict):
+            raise ConfigError("must be a table", file=str(file), key=prefix or None)
+        self.data, self.file, self.prefix, self.used = data, file, prefix, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def err(self, name: str, message: str) -> ConfigError:
+        return ConfigError(message, file=str(self.file), key=self.key(name))
+
+    def get(self, name: str, typ: type | tuple, default: Any = None, *, required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if required:
+                raise self.err(name, "is required")
+            return default
+        value = self.data[name]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise self.err(name, f"must be a {want}, got {type(value).__name__}")
+        if isinstance(value, str) and required and not value.strip():
+            raise self.err(name, "must not be empty")
+        return value
+
+    def sub(self, name: str) -> "_Section":
+        self.used.add(name)
+        return _Section(self.data.get(name, {}), self.file, self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.err(unknown[0], "unknown key (check the spelling; see `fhirbridge init` for a commented "
+                                       "example)")
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _positive(sec: _Section, name: str, typ: type, default: Any) -> Any:
+    value = sec.get(name, typ, default)
+    if value <= 0:
+        raise sec.err(name, "must be greater than 0")
+    return value
+
+
+def _build(raw: dict, file: Path) -> Config:
+    base = file.resolve().parent
+    top = _Section(raw, file, "")
+    fb = top.sub("fhirbridge")
+    data_dir = _path(base, fb.get("data_dir", str, "var"))
+    store_url = fb.get("store_url", str, "") or f"sqlite:///{data_dir / 'fhirbridge.db'}"
+    if not store_url.startswith(("sqlite:", "postgresql")):
+        raise fb.err("store_url", "must be a sqlite:/// or postgresql+psycopg:// URL")
+    mappings_value = fb.get("mappings_dir", str, "")
+    mappings_dir = _path(base, mappings_value) if mappings_value else PACKAGE_MAPPINGS
+    if not (mappings_dir / "collect").is_dir():
+        raise fb.err("mappings_dir", f"{mappings_dir} has no collect/ folder of profiles")
+    inline_limit = _positive(fb, "inline_attachment_limit", int, 256 * 1024)
+    max_att = _positive(fb, "max_attachment_bytes", int, 512 * 1024 * 1024)
+    lifetime = _positive(fb, "package_lifetime_days", int, 30)
+    inbox = _path(base, fb.get("inbox", str, "var/inbox"))
+    fb.finish()
+
+    hospital = _hospital(top.sub("hospital"), base)
+    reviewers = _reviewers(top, base, file)
+    routing = top.sub("routing")
+    default_reviewer = routing.get("default_reviewer", str, None)
+    if default_reviewer and default_reviewer not in reviewers:
+        raise routing.err("default_reviewer", f"names {default_reviewer!r}, which is not in [[reviewers]]")
+    routing.finish()
+    top.finish()
+    return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
+                  inbox=inbox, hospital=hospital, reviewers=reviewers, default_reviewer=default_reviewer,
+                  inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
+                  package_lifetime_days=lifetime)
+
+
+def _hospital(sec: _Section, base: Path) -> Hospital:
+    url = sec.get("fhir_base_url", str, required=True).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise sec.err("fhir_base_url", "must start with http:// or https://")
+    auth_sec = sec.sub("auth")
+    auth_type = auth_sec.get("type", str, "none")
+    if auth_type not in ("none", "basic", "bearer"):
+        raise auth_sec.err("type", f"{auth_type!r} is not one of none, basic, bearer")
+    auth = Auth(type=auth_type, username=auth_sec.get("username", str), password=auth_sec.get("password", str),
+                token=auth_sec.get("token", str))
+    if auth_type == "basic" and not (auth.username and auth.password):
+        raise auth_sec.err("password", "basic auth needs username and password "
+                                       "(set the password with FHIRBRIDGE_HOSPITAL__AUTH__PASSWORD)")
+    if auth_type == "bearer" and not auth.token:
+        raise auth_sec.err("token", "bearer auth needs a token (FHIRBRIDGE_HOSPITAL__AUTH__TOKEN)")
+    auth_sec.finish()
+    http_sec = sec.sub("http")
+    http = Http(timeout_connect=_positive(http_sec, "timeout_connect", float, 5.0),
+                timeout_read=_positive(http_sec, "timeout_read", float, 30.0),
+                retries=http_sec.get("retries", int, 4),
+                max_retry_after=_positive(http_sec, "max_retry_after", float, 30.0),
+                page_size=_positive(http_sec, "page_size", int, 100))
+    http_sec.finish()
+    ident = sec.sub("identifier")
+    hospital = Hospital(name=sec.get("name", str, required=True),
+                        identifier_system=ident.get("system", str, required=True),
+                        identifier_value=ident.get("value", str, required=True),
+                        fhir_base_url=url, keys=_path(base, sec.get("keys", str, required=True)),
+                        auth=auth, http=http)
+    ident.finish()
+    sec.finish()
+    return hospital
+
+
+def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
+    top.used.add("reviewers")
+    items = top.data.get("reviewers", [])
+    if not isinstance(items, list):
+        raise ConfigError("must be an array of tables ([[reviewers]])", file=str(file), key="reviewers")
+    out: dict[str, Reviewer] = {}
+    for i, item in enumerate(items):
+        sec = _Section(item, file, f"reviewers[{i}]")
+        name = sec.get("name", str, required=True)
+        if name in out:
+            raise sec.err("name", f"reviewer {name!r} is defined twice")
+        ident = sec.sub("identifier")
+        t = sec.sub("transport")
+        ttype = t.get("type", str, "outbox")
+        if ttype == "outbox":
+            transport = Transport("outbox", path=_path(base, t.get("path", str, f"var/outbox/{name}")))
+        elif ttype == "https":
+            url = t.get("url", str, required=True)
+            if not url.startswith("https://") and not url.startswith("http://127.0.0.1"):
+                raise t.err("url", "must be an https:// URL (plain http only to 127.0.0.1 for tests)")
+            transport = Transport("https", url=url, token=t.get("token", str))
+        else:
+            raise t.err("type", f"{ttype!r} is not one of outbox, https")
+        t.finish()
+        profiles = sec.get("profiles", list, [])
+        if not all(isinstance(p, str) for p in profiles):
+            raise sec.err("profiles", "must be a list of profile names")
+        out[name] = Reviewer(name=name, display=sec.get("display", str, name),
+                             identifier_system=ident.get("system", str, required=True),
+                             identifier_value=ident.get("value", str, required=True),
+                             jwks=_path(base, sec.get("jwks", str, required=True)),
+                             transport=transport, profiles=tuple(profiles))
+        ident.finish()
+        sec.finish()
+    return out

@@ -1,0 +1,63 @@
+"""What every step needs: configuration, the Case store, the EHR client, keys, mappings, progress output."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from . import mappings_load
+from .config import Config
+from .crypto.keys import KeyRing
+from .fhir.auth import make_auth
+from .fhir.client import FhirClient
+from .store import Store
+
+log = logging.getLogger("fhirbridge")
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass
+class App:
+    config: Config
+    progress: Callable[[str], None] = field(default=_quiet)
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.config.store_url)
+
+    @cached_property
+    def ehr(self) -> FhirClient:
+        h = self.config.hospital
+        return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict()),
+                          timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
+                          max_retry_after=h.http.max_retry_after, page_size=h.http.page_size)
+
+    @cached_property
+    def hospital_keys(self) -> KeyRing:
+        return KeyRing.load(self.config.hospital.keys)
+
+    @cached_property
+    def order_codes(self) -> mappings_load.OrderCodes:
+        return mappings_load.load_order_codes(self.config.mappings_dir)
+
+    def reviewer_keys(self, name: str) -> KeyRing:
+        return KeyRing.load(self.config.reviewer(name).jwks)
+
+    def profile(self, name: str) -> mappings_load.Profile:
+        return mappings_load.load_profile(self.config.mappings_dir, name)
+
+    def case_dir(self, case_id: str) -> Path:
+        d = self.config.data_dir / "cases" / case_id
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d
+
+    def close(self) -> None:
+        if "ehr" in self.__dict__:
+            self.ehr.close()
+        if "store" in self.__dict__:
+            self.store.close()

@@ -1,0 +1,64 @@
+"""Error types. Every error a user can cause or meet carries a message that says what to do.
+
+The CLI prints `str(err)` and exits with `err.exit_code`; nothing here may contain PHI (patient names,
+clinical text): messages name resources by type and id, files by path, config keys by dotted name.
+"""
+from __future__ import annotations
+
+
+class FhirbridgeError(Exception):
+    exit_code = 1
+
+
+class ConfigError(FhirbridgeError):
+    """A bad configuration: names the file and the key."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        self.file, self.key, self.detail = file, key, message
+        where = ""
+        if file and key:
+            where = f"{file}: {key}: "
+        elif file:
+            where = f"{file}: "
+        elif key:
+            where = f"{key}: "
+        super().__init__(f"config error: {where}{message}")
+
+
+class FhirError(FhirbridgeError):
+    """The FHIR server answered with an error, or could not be reached.
+
+    `transient` says whether trying the same step later may succeed (server down, 5xx, 429, timeout);
+    a step that fails transiently is retried by the next `fhirbridge run`, never abandoned.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = False,
+                 outcome: dict | None = None):
+        self.status, self.transient, self.outcome = status, transient, outcome
+        super().__init__(message)
+
+
+class InvalidResource(FhirbridgeError):
+    """A resource failed FHIR R4 validation. `where` names it (type/id or file), `reasons` say why."""
+
+    def __init__(self, where: str, reasons: list[str]):
+        self.where, self.reasons = where, reasons
+        super().__init__(f"invalid FHIR resource {where}: " + "; ".join(reasons))
+
+
+class SealError(FhirbridgeError):
+    """A package or opinion could not be opened: tampered, truncated, wrong key, bad signature."""
+
+    exit_code = 3
+
+
+class RejectedOpinion(FhirbridgeError):
+    """An opinion was refused before anything was written (unknown Case, already filed, wrong sender...)."""
+
+    exit_code = 4
+
+
+class CaseError(FhirbridgeError):
+    """A Case cannot do what was asked (unknown id, wrong state)."""

@@ -1,0 +1,201 @@
+"""Loads and checks the declarative mappings (mappings/*.toml): order codes, collection profiles, opinion form.
+
+A mistake in a mapping file is a ConfigError naming the file and key, found at start-up rather than
+half-way through a Case.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import ConfigError
+
+COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "MedicationStatement",
+               "MedicationRequest", "DocumentReference")
+FIELD_KINDS = ("choice", "text", "list", "answers")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("mapping file not found", file=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
+
+
+def _coding(value, path: Path, key: str) -> dict:
+    if not isinstance(value, dict) or not value.get("system") or not value.get("code"):
+        raise ConfigError("must be a table with system and code", file=str(path), key=key)
+    return {k: value[k] for k in ("system", "code", "display") if value.get(k)}
+
+
+def _token_list(value, path: Path, key: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and "|" in v for v in value):
+        raise ConfigError('must be a list of "system|code" strings', file=str(path), key=key)
+    return tuple(tuple(v.split("|", 1)) for v in value)  # type: ignore[misc]
+
+
+# --- order codes ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OrderCodes:
+    match: tuple[dict, ...]
+    order_code: dict
+    order_category: dict
+    profile_system: str
+    profile_by_specialty: dict[tuple[str, str], str]
+
+    def search_token(self) -> str:
+        return ",".join(f"{c['system']}|{c['code']}" for c in self.match)
+
+    def matches(self, service_request: dict) -> bool:
+        wanted = {(c["system"], c["code"]) for c in self.match}
+        codings = service_request.get("code", {}).get("coding", [])
+        return any((c.get("system"), c.get("code")) in wanted for c in codings)
+
+
+def load_order_codes(mappings_dir: Path) -> OrderCodes:
+    path = mappings_dir / "codes" / "orders.toml"
+    raw = _read(path)
+    items = raw.get("order_codes")
+    if not isinstance(items, list) or not items:
+        raise ConfigError("needs at least one [[order_codes]] entry", file=str(path), key="order_codes")
+    match = tuple(_coding(c, path, f"order_codes[{i}]") for i, c in enumerate(items))
+    order = raw.get("order", {})
+    profile = raw.get("profile", {})
+    by_spec = {}
+    for i, item in enumerate(profile.get("by_specialty", [])):
+        c = _coding(item, path, f"profile.by_specialty[{i}]")
+        by_spec[(c["system"], c["code"])] = str(item.get("profile") or "default")
+    return OrderCodes(match=match, order_code=_coding(order.get("code"), path, "order.code"),
+                      order_category=_coding(order.get("category"), path, "order.category"),
+                      profile_system=str(profile.get("order_detail_system", "urn:fhirbridge:collection-profile")),
+                      profile_by_specialty=by_spec)
+
+
+# --- collection profiles -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResourceRule:
+    type: str
+    lookback: bool = True
+    categories: tuple[tuple[str, str], ...] = ()
+    types: tuple[tuple[str, str], ...] = ()
+    modalities: tuple[str, ...] = ()
+    statuses_excluded: tuple[str, ...] = ("entered-in-error",)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    lookback_days: int
+    rules: dict[str, ResourceRule]
+    withhold_labels: tuple[tuple[str, str], ...] = field(default=())
+    file: Path | None = None
+
+
+def load_profile(mappings_dir: Path, name: str) -> Profile:
+    path = mappings_dir / "collect" / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in (mappings_dir / "collect").glob("*.toml")))
+        raise ConfigError(f"no collection profile {name!r} (known: {known})", file=str(path))
+    return _profile(path, _read(path))
+
+
+def _profile(path: Path, raw: dict) -> Profile:
+    lookback = raw.get("lookback_days", 730)
+    if not isinstance(lookback, int) or lookback <= 0:
+        raise ConfigError("must be a positive number of days", file=str(path), key="lookback_days")
+    resources = raw.get("resources")
+    if not isinstance(resources, dict) or not resources:
+        raise ConfigError("needs at least one [resources.<Type>] table", file=str(path), key="resources")
+    rules = {}
+    allowed_keys = {"lookback", "categories", "types", "modalities", "statuses_excluded"}
+    for rtype, spec in resources.items():
+        key = f"resources.{rtype}"
+        if rtype not in COLLECTABLE:
+            raise ConfigError(f"cannot collect {rtype}; collectable: {', '.join(COLLECTABLE)}", file=str(path),
+                              key=key)
+        spec = spec or {}
+        unknown = set(spec) - allowed_keys
+        if unknown:
+            raise ConfigError("unknown key", file=str(path), key=f"{key}.{sorted(unknown)[0]}")
+        modalities = spec.get("modalities", [])
+        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+            raise ConfigError("must be a list of DICOM modality codes", file=str(path), key=f"{key}.modalities")
+        rules[rtype] = ResourceRule(
+            type=rtype, lookback=bool(spec.get("lookback", True)),
+            categories=_token_list(spec.get("categories", []), path, f"{key}.categories"),
+            types=_token_list(spec.get("types", []), path, f"{key}.types"),
+            modalities=tuple(modalities),
+            statuses_excluded=tuple(spec.get("statuses_excluded", ["entered-in-error"])))
+    withhold = raw.get("withhold", {})
+    return Profile(name=str(raw.get("name", path.stem)), description=str(raw.get("description", "")),
+                   lookback_days=lookback, rules=rules,
+                   withhold_labels=_token_list(withhold.get("security_labels", []), path,
+                                               "withhold.security_labels"),
+                   file=path)
+
+
+def profile_names(mappings_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (mappings_dir / "collect").glob("*.toml"))
+
+
+# --- opinion form --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpinionField:
+    name: str
+    kind: str
+    label: str
+    section: str
+    required: bool
+    choices: dict[str, dict]
+    observation_code: dict | None
+
+
+@dataclass(frozen=True)
+class OpinionForm:
+    doc_type: dict
+    doc_category: dict
+    title: str
+    section_codes: dict[str, dict]
+    fields: dict[str, OpinionField]
+    file: Path
+
+
+@lru_cache(maxsize=8)
+def load_opinion_form(mappings_dir: Path, name: str = "default") -> OpinionForm:
+    path = mappings_dir / "opinion" / f"{name}.toml"
+    raw = _read(path)
+    doc = raw.get("document", {})
+    fields = {}
+    for fname, spec in (raw.get("fields") or {}).items():
+        key = f"fields.{fname}"
+        kind = spec.get("kind")
+        if kind not in FIELD_KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(FIELD_KINDS)}", file=str(path), key=f"{key}.kind")
+        choices = {}
+        if kind == "choice":
+            raw_choices = spec.get("choices")
+            if not isinstance(raw_choices, dict) or not raw_choices:
+                raise ConfigError("a choice field needs [choices]", file=str(path), key=f"{key}.choices")
+            choices = {k: _coding(v, path, f"{key}.choices.{k}") for k, v in raw_choices.items()}
+        obs = None
+        if spec.get("observation"):
+            obs = _coding(spec.get("observation_code"), path, f"{key}.observation_code")
+        fields[fname] = OpinionField(name=fname, kind=kind, label=str(spec.get("label", fname)),
+                                     section=str(spec.get("section", "Comments")),
+                                     required=bool(spec.get("required", False)), choices=choices,
+                                     observation_code=obs)
+    if not fields:
+        raise ConfigError("defines no [fields.*]", file=str(path), key="fields")
+    sections = {title: _coding(c, path, f"sections.{title}") for title, c in (raw.get("sections") or {}).items()}
+    return OpinionForm(doc_type=_coding(doc.get("type"), path, "document.type"),
+                       doc_category=_coding(doc.get("category"), path, "document.category"),
+                       title=str(doc.get("title", "Second opinion")), section_codes=sections, fields=fields,
+                       file=path)

@@ -1,0 +1,281 @@
+"""The Case store: one row per referral, an append-only event log, and the opinions already seen.
+
+SQLAlchemy Core over SQLite (the embedded default) or PostgreSQL. Timestamps are UTC epoch seconds
+(floats) so lease arithmetic and comparisons are the same on both engines.
+
+Nothing clinical is stored here: Cases hold references (Patient/123), step names, counts and error
+messages that name resources by type/id. Clinical content lives only in encrypted files under the
+Case's work directory (see workdir.py).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import orjson
+from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
+                        create_engine, event, insert, or_, select, text, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from .errors import CaseError
+
+metadata = MetaData()
+
+cases = Table(
+    "cases", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("hospital", String(200), nullable=False),
+    Column("service_request", String(200), nullable=False),   # "ServiceRequest/<id>" on the hospital's EHR
+    Column("patient", String(200), nullable=False),
+    Column("reviewer", String(200), nullable=False),
+    Column("profile", String(100), nullable=False),
+    Column("step", String(40), nullable=False),
+    Column("task", String(200)),                               # "Task/<id>" in the EHR
+    Column("package_id", String(64)),
+    Column("opinion_id", String(200)),
+    Column("document_reference", String(200)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("next_attempt_at", Float),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("data", JSON, nullable=False, default=dict),         # step outputs: ids, counts, no PHI
+    UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("case_id", String(64), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(80), nullable=False),
+    Column("detail", JSON, nullable=False, default=dict),
+)
+
+# jti of every opinion envelope accepted, so a replayed file is refused even after the Case is gone.
+seen_messages = Table(
+    "seen_messages", metadata,
+    Column("jti", String(200), primary_key=True),
+    Column("case_id", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+# Steps in order. A Case is claimable in any of WORK_STEPS; await_opinion waits for the reviewer.
+STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done")
+WORK_STEPS = ("collect", "seal", "deliver", "file")
+FINAL_STEPS = ("done", "failed", "cancelled")
+
+
+@dataclass
+class Case:
+    id: str
+    hospital: str
+    service_request: str
+    patient: str
+    reviewer: str
+    profile: str
+    step: str
+    task: str | None
+    package_id: str | None
+    opinion_id: str | None
+    document_reference: str | None
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float | None
+    claimed_by: str | None
+    claimed_until: float | None
+    created_at: float
+    updated_at: float
+    data: dict[str, Any]
+
+
+def _case(row) -> Case:
+    values = dict(row._mapping)
+    values["data"] = values.get("data") or {}
+    return Case(**values)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Store:
+    def __init__(self, url: str, *, create: bool = True):
+        self.url = url
+        self.engine: Engine = _engine(url)
+        if create:
+            metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- cases -------------------------------------------------------------------------------------
+
+    def open_case(self, *, case_id: str, hospital: str, service_request: str, patient: str, reviewer: str,
+                  profile: str, data: dict | None = None) -> tuple[Case, bool]:
+        """Insert the Case for an order unless one exists: (case, created). The unique constraint on
+        (hospital, service_request) makes this safe when two intakes race."""
+        now = time.time()
+        row = dict(id=case_id, hospital=hospital, service_request=service_request, patient=patient,
+                   reviewer=reviewer, profile=profile, step="collect", attempts=0, created_at=now,
+                   updated_at=now, data=data or {})
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(cases).values(**row))
+                conn.execute(insert(events).values(case_id=case_id, at=now, kind="opened",
+                                                   detail={"service_request": service_request,
+                                                           "reviewer": reviewer, "profile": profile}))
+            return self.get(case_id), True
+        except IntegrityError:
+            existing = self.find_by_order(hospital, service_request)
+            if existing is None:
+                raise
+            return existing, False
+
+    def get(self, case_id: str) -> Case:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cases).where(cases.c.id == case_id)).first()
+        if row is None:
+            raise CaseError(f"no Case {case_id}")
+        return _case(row)
+
+    def find(self, case_id: str) -> Case | None:
+        try:
+            return self.get(case_id)
+        except CaseError:
+            return None
+
+    def find_by_order(self, hospital: str, service_request: str) -> Case | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cases).where(and_(cases.c.hospital == hospital,
+                                                        cases.c.service_request == service_request))).first()
+        return _case(row) if row else None
+
+    def find_by_prefix(self, prefix: str) -> Case:
+        """Resolve a Case id or an unambiguous prefix of one (what a person types from `status`)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(cases).where(cases.c.id.like(prefix.replace("%", "") + "%")).limit(2)).all()
+        if not rows:
+            raise CaseError(f"no Case with id {prefix}")
+        if len(rows) > 1:
+            raise CaseError(f"Case id prefix {prefix} is ambiguous; type more of it")
+        return _case(rows[0])
+
+    def list(self, *, steps: tuple[str, ...] | None = None) -> list[Case]:
+        q = select(cases).order_by(cases.c.created_at)
+        if steps:
+            q = q.where(cases.c.step.in_(steps))
+        with self.engine.connect() as conn:
+            return [_case(r) for r in conn.execute(q)]
+
+    def update(self, case_id: str, *, event_kind: str | None = None, detail: dict | None = None,
+               data: dict | None = None, **values) -> Case:
+        """Update columns (and merge `data`), appending an event in the same transaction."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            if data is not None:
+                current = conn.execute(select(cases.c.data).where(cases.c.id == case_id)).scalar_one()
+                values["data"] = {**(current or {}), **data}
+            conn.execute(update(cases).where(cases.c.id == case_id).values(updated_at=now, **values))
+            if event_kind:
+                conn.execute(insert(events).values(case_id=case_id, at=now, kind=event_kind, detail=detail or {}))
+        return self.get(case_id)
+
+    def add_event(self, case_id: str, kind: str, detail: dict | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(events).values(case_id=case_id, at=time.time(), kind=kind, detail=detail or {}))
+
+    def events(self, case_id: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(events).where(events.c.case_id == case_id).order_by(events.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # --- work claiming -----------------------------------------------------------------------------
+
+    def claim(self, *, steps: tuple[str, ...] = WORK_STEPS, lease_seconds: float = 300.0,
+              worker: str | None = None, case_id: str | None = None) -> Case | None:
+        """Claim one Case that has work due, with a lease, in ONE atomic UPDATE ... RETURNING.
+
+        The claim condition appears in the outer WHERE as well as the subquery: under PostgreSQL READ
+        COMMITTED a second worker blocked on the same row re-evaluates only the outer WHERE against the
+        committed row, so without it both would "win". SKIP LOCKED lets workers pass over rows another is
+        claiming instead of queueing on them (SQLite serialises writers and ignores it).
+        """
+        now = time.time()
+        worker = worker or worker_id()
+        free = or_(cases.c.claimed_until.is_(None), cases.c.claimed_until < now)
+        due = or_(cases.c.next_attempt_at.is_(None), cases.c.next_attempt_at <= now)
+        cond = and_(cases.c.step.in_(steps), free, due)
+        if case_id is not None:
+            cond = and_(cond, cases.c.id == case_id)
+        pick = select(cases.c.id).where(cond).order_by(cases.c.updated_at).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (update(cases).where(and_(cases.c.id == pick.scalar_subquery(), free))
+                .values(claimed_by=worker, claimed_until=now + lease_seconds).returning(*cases.c))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return _case(row) if row else None
+
+    def release(self, case_id: str, worker: str | None = None) -> None:
+        worker = worker or worker_id()
+        with self.engine.begin() as conn:
+            conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
+                         .values(claimed_by=None, claimed_until=None))
+
+    def iter_claims(self, **kw) -> Iterator[Case]:
+        while (case := self.claim(**kw)) is not None:
+            yield case
+
+    # --- replay guard ------------------------------------------------------------------------------
+
+    def remember_message(self, jti: str, case_id: str) -> bool:
+        """Record a message id; False if it was seen before (a replay)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(seen_messages).values(jti=jti, case_id=case_id, at=time.time()))
+            return True
+        except IntegrityError:
+            return False
+
+    def message_seen(self, jti: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(seen_messages.c.jti).where(seen_messages.c.jti == jti)).first() is not None
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, json_serializer=_json_dumps)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # WAL: readers don't block the writer; FULL sync: no lost step
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+        return engine
+    return create_engine(url, pool_pre_ping=True, json_serializer=_json_dumps)
+
+
+def _json_dumps(obj) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def ping(store: Store) -> None:
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
