@@ -230,6 +230,13 @@ class Store:
             conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
                          .values(claimed_by=None, claimed_until=None))
 
+    def clear_backoff(self, case_id: str | None = None) -> None:
+        stmt = update(cases).where(cases.c.next_attempt_at.is_not(None))
+        if case_id:
+            stmt = stmt.where(cases.c.id == case_id)
+        with self.engine.begin() as conn:
+            conn.execute(stmt.values(next_attempt_at=None))
+
     def iter_claims(self, **kw) -> Iterator[Case]:
         while (case := self.claim(**kw)) is not None:
             yield case

@@ -1,0 +1,231 @@
+"""JWS signatures (RFC 7515) over documents and small claim sets, via joserfc.
+
+Only the compact serialization is used. Verification never trusts a key named or embedded in the
+token (jwk/jku/x5u headers are ignored): the key comes from the caller's trusted KeyRing by `kid`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import re
+
+import rfc8785
+from joserfc import jws
+from joserfc.errors import BadSignatureError, JoseError
+
+from ..errors import SealError
+from ..jsonutil import b64url_decode, canonical, loads, sha256_hex
+from .keys import SIG_ALGS, KeyRing
+
+ALLOWED_ALGS = SIG_ALGS  # never "none" or HS*: a MAC key is shared, so it cannot prove who signed
+
+# One registry with our allow-list; joserfc's default 128 kB payload cap is far below a FHIR document.
+_REGISTRY = jws.JWSRegistry(algorithms=list(ALLOWED_ALGS))
+_REGISTRY.max_header_length = 8 * 1024
+_REGISTRY.max_payload_length = 256 * 1024 * 1024
+_REGISTRY.max_signature_length = 2048
+
+_EC_ALG_BY_CURVE = {"P-256": "ES256", "P-384": "ES384"}
+_ALG_KEY = {"ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "RS384": ("RSA", None), "PS256": ("RSA", None)}
+
+AUTHOR_SIGNATURE = {
+    "system": "urn:iso-astm:E1762-95:2013",
+    "code": "1.2.840.10065.1.12.1.1",
+    "display": "Author's Signature",
+}
+SIG_FORMAT = "application/jose"
+TARGET_FORMAT = "application/fhir+json"
+_BUNDLE_EXCLUDED = ("id", "meta", "signature")
+
+_PLAIN_KID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def _show(kid: object) -> str:
+    """A kid from an untrusted token, safe to print."""
+    if isinstance(kid, str) and _PLAIN_KID.fullmatch(kid):
+        return kid
+    return repr(kid)[:80]
+
+
+# --- signing ---------------------------------------------------------------------------------
+
+def _signing_alg(key) -> str:
+    if key.alg:
+        if key.alg not in ALLOWED_ALGS:
+            raise SealError(f"signing key {key.kid} is for alg {key.alg}, which is not allowed "
+                            f"(allowed: {', '.join(ALLOWED_ALGS)})")
+        return key.alg
+    if key.key_type == "EC" and key.curve_name in _EC_ALG_BY_CURVE:
+        return _EC_ALG_BY_CURVE[key.curve_name]
+    if key.key_type == "RSA":
+        return "RS384"
+    raise SealError(f"signing key {key.kid} ({key.key_type}) has no allowed signature algorithm")
+
+
+def _sign(payload: bytes, keyring: KeyRing, typ: str | None) -> str:
+    key = keyring.signing_key()
+    header = {"alg": _signing_alg(key), "kid": key.kid}
+    if typ:
+        header["typ"] = typ
+    return jws.serialize_compact(header, payload, key, registry=_REGISTRY)
+
+
+def sign_detached(payload: bytes, keyring: KeyRing, *, typ: str | None = None) -> str:
+    """Compact JWS with the payload segment left empty (RFC 7515 Appendix F): `header..signature`."""
+    return jws.detach_content(_sign(payload, keyring, typ))
+
+
+def sign_compact(claims: dict, keyring: KeyRing, *, typ: str) -> str:
+    """Compact JWS whose payload is the RFC 8785 canonical JSON of `claims`."""
+    return _sign(canonical(claims), keyring, typ)
+
+
+# --- verifying -------------------------------------------------------------------------------
+
+def _split(token: str) -> tuple[list[str], dict]:
+    if not isinstance(token, str):
+        raise SealError("malformed signature: expected a compact JWS string")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise SealError("malformed signature: a compact JWS has three dot-separated parts")
+    try:
+        header = loads(b64url_decode(parts[0]))
+    except (ValueError, binascii.Error):
+        raise SealError("malformed signature: the header is not base64url-encoded JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
+        raise SealError("malformed signature: the header has no alg")
+    return parts, header
+
+
+def _check_alg(alg: str) -> None:
+    if alg in ALLOWED_ALGS:
+        return
+    allowed = ", ".join(ALLOWED_ALGS)
+    if alg == "none":
+        raise SealError(f"unsigned token: signature algorithm 'none' is never accepted (allowed: {allowed})")
+    if alg.startswith("HS"):
+        raise SealError(f"signature algorithm {_show(alg)} (a shared-secret MAC) is not allowed: it cannot "
+                        f"prove who signed (allowed: {allowed})")
+    raise SealError(f"signature algorithm {_show(alg)} is not allowed (allowed: {allowed})")
+
+
+def _trusted_key(header: dict, trusted: KeyRing):
+    alg = header["alg"]
+    _check_alg(alg)
+    # RFC 7515 §4.1.11: extensions listed in crit must be understood; we understand none (incl. RFC 7797 b64).
+    if "crit" in header or "b64" in header:
+        raise SealError("malformed signature: header uses JWS extensions (crit/b64) that are not supported")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise SealError("signature names no key: the JWS header has no kid")
+    key = trusted.verification_key(kid)
+    if key is None:
+        raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of {trusted.source}")
+    kty, crv = _ALG_KEY[alg]
+    if key.key_type != kty or (crv and key.curve_name != crv):
+        raise SealError(f"signature algorithm {alg} does not fit trusted key {kid} ({key.key_type})")
+    if key.alg and key.alg != alg:  # RFC 7517 §4.4: the key is meant for one algorithm only
+        raise SealError(f"signature uses {alg} but trusted key {kid} is for {key.alg}")
+    return key
+
+
+def _verify(token: str, key, payload: bytes | None) -> jws.CompactSignature:
+    try:
+        return jws.deserialize_compact(token, key, registry=_REGISTRY, payload=payload)
+    except BadSignatureError:
+        raise SealError("signature does not match: content was changed after signing") from None
+    except JoseError as err:
+        raise SealError(f"malformed signature: {err}") from None
+
+
+def verify_detached(token: str, payload: bytes, trusted: KeyRing) -> dict:
+    """Verify a detached compact JWS over `payload` with a key of `trusted`; returns the protected header."""
+    parts, header = _split(token)
+    key = _trusted_key(header, trusted)
+    if parts[1]:
+        raise SealError("malformed signature: expected a detached signature (empty payload segment)")
+    _verify(token, key, payload)
+    return header
+
+
+def verify_compact(token: str, trusted: KeyRing, *, typ: str | None = None) -> tuple[dict, dict]:
+    """Verify an attached compact JWS of JSON claims; returns (protected header, claims)."""
+    parts, header = _split(token)
+    key = _trusted_key(header, trusted)
+    # RFC 7515 §4.1.9: typ values compare case-insensitively.
+    if typ is not None and str(header.get("typ", "")).lower() != typ.lower():
+        raise SealError(f"wrong token type: expected typ {typ!r}, got {_show(header.get('typ'))}")
+    if not parts[1]:
+        raise SealError("malformed signature: the token has no payload (a detached signature was given)")
+    obj = _verify(token, key, None)
+    try:
+        claims = loads(obj.payload)
+    except ValueError:
+        raise SealError("malformed token: the signed payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise SealError("malformed token: the signed payload is not a JSON object")
+    return header, claims
+
+
+# --- FHIR Bundle signatures ------------------------------------------------------------------
+
+def _bundle_signed_bytes(bundle: dict) -> bytes:
+    # What is signed is the RFC 8785 (JCS) form of the Bundle without Bundle.id, Bundle.meta and
+    # Bundle.signature. This follows the FHIR "Digital Signatures" JSON canonicalization (R5
+    # signatures.html "Canonical JSON"; the CDex signing guidance for R4 Bundle.signature does the
+    # same): a server that stores the document assigns its own id/meta, and the signature cannot
+    # cover itself. Everything clinical (every entry) is covered.
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise SealError("not a FHIR Bundle: resourceType must be 'Bundle'")
+    stripped = {k: v for k, v in bundle.items() if k not in _BUNDLE_EXCLUDED}
+    try:
+        return canonical(stripped)
+    except rfc8785.CanonicalizationError as err:
+        raise SealError(f"document cannot be canonicalized for signing (RFC 8785): {type(err).__name__}") from None
+
+
+def bundle_digest(bundle: dict) -> str:
+    """SHA-256 hex of the bytes a Bundle signature covers (binds a manifest to the document)."""
+    return sha256_hex(_bundle_signed_bytes(bundle))
+
+
+def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str) -> dict:
+    """A copy of `bundle` carrying Bundle.signature (FHIR R4 Signature datatype, JWS detached)."""
+    token = sign_detached(_bundle_signed_bytes(bundle), keyring)
+    signed = copy.deepcopy(bundle)
+    signed["signature"] = {
+        "type": [dict(AUTHOR_SIGNATURE)],
+        "when": when,
+        "who": copy.deepcopy(who),
+        "targetFormat": TARGET_FORMAT,
+        "sigFormat": SIG_FORMAT,
+        # Signature.data is base64Binary: standard base64 (with padding) of the JWS text.
+        "data": base64.b64encode(token.encode("ascii")).decode("ascii"),
+    }
+    return signed
+
+
+def verify_bundle(bundle: dict, trusted: KeyRing) -> dict:
+    """Verify Bundle.signature against `trusted`; returns the JWS protected header."""
+    if not isinstance(bundle, dict):
+        raise SealError("not a FHIR Bundle")
+    sig = bundle.get("signature")
+    if not sig:
+        raise SealError("document is not signed: Bundle.signature is missing")
+    if not isinstance(sig, dict):
+        raise SealError("malformed signature: Bundle.signature is not an object")
+    if sig.get("sigFormat") != SIG_FORMAT:
+        raise SealError(f"document signature has sigFormat {_show(sig.get('sigFormat'))}; "
+                        f"only {SIG_FORMAT} (JWS) is supported")
+    target = sig.get("targetFormat")
+    if target is not None and not (isinstance(target, str) and target.startswith(TARGET_FORMAT)):
+        raise SealError(f"document signature has targetFormat {_show(target)}; expected {TARGET_FORMAT}")
+    data = sig.get("data")
+    if not isinstance(data, str) or not data:
+        raise SealError("malformed signature: Bundle.signature.data is empty")
+    try:
+        token = base64.b64decode(data, validate=True).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise SealError("malformed signature: Bundle.signature.data is not base64 of a JWS") from None
+    return verify_detached(token, _bundle_signed_bytes(bundle), trusted)

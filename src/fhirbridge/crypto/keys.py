@@ -1,0 +1,291 @@
+"""Key sets (JWKS, RFC 7517) and the KeyRing that the seal/open code asks for keys.
+
+A party has one private JWKS (ours) and one public JWKS per peer (trusted). Key material never
+appears in log lines, exception messages or reprs: keys are named by `kid` only.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from joserfc import jwk
+from joserfc.errors import JoseError
+
+from ..errors import ConfigError, SealError
+from ..jsonutil import b64url, canonical, dumps, loads
+
+log = logging.getLogger(__name__)
+
+SIG_ALGS = ("ES256", "ES384", "RS384", "PS256")
+ENC_ALGS = ("ECDH-ES+A256KW", "RSA-OAEP-256")
+
+# RFC 7518 §6.2.2 (EC) and §6.3.2 (RSA) private members; "k" (§6.4) is the whole secret of an oct key.
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+# RFC 7638 §3.2: the thumbprint covers only the required members of each key type.
+_THUMBPRINT_MEMBERS = {
+    "EC": ("crv", "kty", "x", "y"),
+    "RSA": ("e", "kty", "n"),
+    "OKP": ("crv", "kty", "x"),
+    "oct": ("k", "kty"),
+}
+_EC_CURVES = ("P-256", "P-384", "P-521")
+MIN_RSA_BITS = 2048  # NIST SP 800-131A: RSA below 2048 bits is disallowed
+
+
+def thumbprint(key: dict) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url) of a JWK dict (public or private)."""
+    members = _THUMBPRINT_MEMBERS.get(key.get("kty"))
+    if members is None or any(m not in key for m in members):
+        raise ValueError("cannot compute a thumbprint: unknown kty or a required member is missing")
+    # RFC 7638 §3.3 asks for lexicographic member order and no whitespace; for these all-ASCII
+    # string members that is exactly the RFC 8785 canonical form.
+    return b64url(hashlib.sha256(canonical({m: key[m] for m in members})).digest())
+
+
+# --- generating and writing key sets ---------------------------------------------------------
+
+def _describe(key: jwk.Key, *, use: str, alg: str) -> dict:
+    data = {k: v for k, v in key.as_dict(private=True).items() if k not in ("kid", "use", "alg")}
+    data.update(use=use, alg=alg)
+    data["kid"] = thumbprint(data)
+    return data
+
+
+def generate_jwks(*, rsa_enc: bool = False) -> dict:
+    """A new PRIVATE JWKS: EC P-384 signing key, EC P-256 encryption key, optionally RSA-3072 encryption."""
+    keys = [
+        _describe(jwk.ECKey.generate_key("P-384"), use="sig", alg="ES384"),
+        _describe(jwk.ECKey.generate_key("P-256"), use="enc", alg="ECDH-ES+A256KW"),
+    ]
+    if rsa_enc:
+        # 3072 bits: NIST SP 800-57 pt.1 ~128-bit strength, matching the P-256/A256 parts.
+        keys.append(_describe(jwk.RSAKey.generate_key(3072), use="enc", alg="RSA-OAEP-256"))
+    return {"keys": keys}
+
+
+def _key_list(jwks: Any, file: str | None = None) -> list:
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+        raise ConfigError('not a JWK Set: expected a JSON object {"keys": [...]}', file=file)
+    return jwks["keys"]
+
+
+def public_jwks(jwks: dict) -> dict:
+    """The same key set with every private member stripped (symmetric keys dropped: they have no public part)."""
+    out = []
+    for key in _key_list(jwks):
+        if isinstance(key, dict) and key.get("kty") != "oct":
+            out.append({k: v for k, v in key.items() if k not in PRIVATE_MEMBERS})
+    return {"keys": out}
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes, *, mode: int, overwrite: bool) -> None:
+    path = os.fspath(path)
+    if not overwrite and os.path.lexists(path):
+        raise ConfigError("refusing to overwrite an existing key file (pass overwrite=True to replace it)",
+                          file=path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # The mode is given to open() itself so a private key is never, even briefly, in a wider-open file.
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # the umask may have narrowed it (public files must stay readable)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                # link() fails if `path` appeared since the check above; replace() would clobber it.
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ConfigError("refusing to overwrite an existing key file (pass overwrite=True to replace it)",
+                                  file=path) from None
+            except OSError:  # filesystem without hard links
+                if os.path.lexists(path):
+                    raise ConfigError("refusing to overwrite an existing key file", file=path) from None
+                os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def write_private_jwks(path: str | os.PathLike, jwks: dict, *, overwrite: bool = False) -> None:
+    """Write a private JWKS, mode 0600 from creation; refuses to replace an existing file unless overwrite=True."""
+    _key_list(jwks)
+    _atomic_write(path, dumps(jwks, pretty=True) + b"\n", mode=0o600, overwrite=overwrite)
+
+
+def write_public_jwks(path: str | os.PathLike, jwks: dict) -> None:
+    """Write the public half of a JWKS (private members are stripped even if given), mode 0644, pretty JSON."""
+    _atomic_write(path, dumps(public_jwks(jwks), pretty=True) + b"\n", mode=0o644, overwrite=True)
+
+
+# --- KeyRing ---------------------------------------------------------------------------------
+
+def _purposes(key: dict) -> frozenset[str]:
+    """What a key may be used for: its "use" if set (RFC 7517 §4.2), else inferred from "alg", else both."""
+    use, alg, ops = key.get("use"), key.get("alg"), key.get("key_ops")
+    if use is not None:
+        purposes = {use} & {"sig", "enc"}
+    elif alg is not None:
+        is_enc = alg in ENC_ALGS or alg.startswith(("RSA-OAEP", "RSA1_5", "ECDH-", "A1", "A2", "dir"))
+        purposes = {"enc"} if is_enc else {"sig"}
+    else:
+        purposes = {"sig", "enc"}
+    if isinstance(ops, list):  # RFC 7517 §4.3 key_ops narrows further
+        if not {"sign", "verify"} & set(ops):
+            purposes.discard("sig")
+        if not {"encrypt", "decrypt", "wrapKey", "unwrapKey", "deriveKey", "deriveBits"} & set(ops):
+            purposes.discard("enc")
+    return frozenset(purposes)
+
+
+def _safe_reason(err: Exception, key: dict) -> str:
+    """The library's reason, unless it could echo a member value (key material never goes into messages)."""
+    text = str(err)[:200]
+    values = [v for v in key.values() if isinstance(v, str) and len(v) >= 8]
+    if not text or any(v in text or v[:16] in text for v in values):
+        return type(err).__name__
+    return text
+
+
+@dataclass(frozen=True, repr=False)
+class _Entry:
+    kid: str
+    kty: str
+    purposes: frozenset[str]
+    public: jwk.Key
+    private: jwk.Key | None
+    public_dict: dict
+
+    def __repr__(self) -> str:
+        return f"<key {self.kid} {self.kty} {'/'.join(sorted(self.purposes))}{' private' if self.private else ''}>"
+
+
+def _import_entry(key: Any, index: int, source: str) -> _Entry | None:
+    kid_hint = key.get("kid") if isinstance(key, dict) else None
+    where = f"key #{index + 1}" + (f" (kid {kid_hint})" if isinstance(kid_hint, str) else "")
+    if not isinstance(key, dict):
+        raise ConfigError(f"{where} is not a JSON object", file=source)
+    kty = key.get("kty")
+    if kty == "oct":
+        raise ConfigError(f"{where} is a symmetric (oct) key; key sets may hold only EC or RSA keys "
+                          "(a shared secret must not be stored or published as a JWK here)", file=source)
+    if kty not in ("EC", "RSA"):
+        # RFC 7517 §5: keys of a type we do not understand are ignored, not fatal.
+        log.warning("%s: ignoring %s of unsupported key type %r", source, where, kty)
+        return None
+    public_dict = {k: v for k, v in key.items() if k not in PRIVATE_MEMBERS}
+    is_private = any(m in key for m in PRIVATE_MEMBERS)
+    try:
+        public = jwk.import_key(public_dict)
+        private = jwk.import_key(key) if is_private else None
+    except (JoseError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{where} is not a valid {kty} JWK: {_safe_reason(err, key)}", file=source) from None
+    if kty == "EC" and public.curve_name not in _EC_CURVES:
+        raise ConfigError(f"{where} uses curve {public.curve_name}; supported: {', '.join(_EC_CURVES)}",
+                          file=source)
+    if kty == "RSA" and public.public_key.key_size < MIN_RSA_BITS:
+        raise ConfigError(f"{where} is a {public.public_key.key_size}-bit RSA key; at least {MIN_RSA_BITS} "
+                          "bits are required", file=source)
+    kid = key.get("kid")
+    if not isinstance(kid, str) or not kid:
+        kid = thumbprint(public_dict)
+        public_dict["kid"] = kid
+        public = jwk.import_key(public_dict)
+        if private is not None:
+            private = jwk.import_key({**key, "kid": kid})
+    return _Entry(kid, kty, _purposes(key), public, private, public_dict)
+
+
+class KeyRing:
+    """A set of keys with lookups by purpose and kid.
+
+    Built from a JWKS dict (our private set, or a peer's public set). `source` names it in messages
+    (the file path when loaded with `KeyRing.load`).
+    """
+
+    def __init__(self, jwks: dict, *, source: str = "<memory>"):
+        self.source = source
+        entries = [e for i, k in enumerate(_key_list(jwks, source)) if (e := _import_entry(k, i, source))]
+        if not entries:
+            raise ConfigError("no usable keys: the key set is empty or holds only unsupported key types",
+                              file=source)
+        seen: set[str] = set()
+        for e in entries:
+            if e.kid in seen:
+                raise ConfigError(f"two keys share kid {e.kid}; every kid must be unique", file=source)
+            seen.add(e.kid)
+        self._entries = entries
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KeyRing:
+        file = os.fspath(path)
+        try:
+            raw = Path(file).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError("key file not found", file=file) from None
+        except OSError as err:
+            raise ConfigError(f"cannot read key file: {err.strerror}", file=file) from None
+        try:
+            data = loads(raw)
+        except orjson.JSONDecodeError as err:
+            # `from None`: the decode error carries the whole document (key material) as .doc.
+            raise ConfigError(f"not valid JSON (line {err.lineno}, column {err.colno})", file=file) from None
+        ring = cls(data, source=file)
+        if ring.has_private:
+            _warn_if_exposed(file)
+        return ring
+
+    def __repr__(self) -> str:
+        return f"KeyRing({self.source!r}, kids={self.kids!r})"
+
+    @property
+    def kids(self) -> list[str]:
+        return [e.kid for e in self._entries]
+
+    @property
+    def has_private(self) -> bool:
+        return any(e.private is not None for e in self._entries)
+
+    def public_jwks(self) -> dict:
+        return {"keys": [dict(e.public_dict) for e in self._entries]}
+
+    def signing_key(self) -> jwk.Key:
+        for e in self._entries:
+            if e.private is not None and "sig" in e.purposes:
+                return e.private
+        raise SealError(f"key set {self.source} has no private signing key")
+
+    def verification_key(self, kid: str) -> jwk.Key | None:
+        e = self._find(kid)
+        return e.public if e is not None and "sig" in e.purposes else None
+
+    def decryption_key(self, kid: str) -> jwk.Key | None:
+        e = self._find(kid)
+        return e.private if e is not None and "enc" in e.purposes else None
+
+    def encryption_keys(self) -> list[jwk.Key]:
+        return [e.public for e in self._entries if "enc" in e.purposes]
+
+    def _find(self, kid: str) -> _Entry | None:
+        return next((e for e in self._entries if e.kid == kid), None)
+
+
+def _warn_if_exposed(path: str) -> None:
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        log.warning("%s holds private keys but is accessible to group/others (mode %03o); run: chmod 600 %s",
+                    path, mode, path)
