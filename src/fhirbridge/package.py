@@ -77,7 +77,9 @@ def build_document(collected: Collected, *, package_id: str, base_url: str, hosp
         "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{composition_id}"},
         "status": "final",
         "type": {"coding": [REFERRAL_NOTE]},
-        "subject": {"reference": f"Patient/{patient['id']}"},
+        # Absolute: the Composition's own fullUrl is a urn:uuid, against which a relative reference cannot
+        # be resolved (R4 bundle.html#references).
+        "subject": {"reference": full_url(base_url, patient)},
         "date": timestamp,
         "author": [{"reference": org_url}],
         "title": "Second opinion referral",
