@@ -562,6 +562,7 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: KeyRing, *, max_plaint
         tag = _tag(first, _read_trailer(reader, rest, max_header))
     else:
         whole = _read_rest(reader, head, max_header)
+        del head
         if not whole.strip():
             raise SealError("not an encrypted package: the file is empty")
         obj = _loads_object(whole, "before the JWE JSON object is complete")

@@ -154,7 +154,7 @@ def _purposes(key: dict) -> frozenset[str]:
 
 def _safe_reason(err: Exception, key: dict) -> str:
     """The library's reason, unless it could echo a member value (key material never goes into messages)."""
-    text = str(err)[:200]
+    text = f"unsupported or missing value {err}" if isinstance(err, KeyError) else str(err)[:200]
     values = [v for v in key.values() if isinstance(v, str) and len(v) >= 8]
     if not text or any(v in text or v[:16] in text for v in values):
         return type(err).__name__

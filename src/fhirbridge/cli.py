@@ -1,0 +1,319 @@
+"""The `fhirbridge` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, config, jsonutil
+from .context import App
+from .errors import FhirbridgeError
+
+
+def _progress(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _app(args, *, progress: bool = True) -> App:
+    return App(config.load(args.config), progress=_progress if progress else (lambda _m: None))
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    from .init_config import write_starter
+    paths = write_starter(Path(args.dir), fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name,
+                          force=args.force)
+    print(f"wrote {paths['config']}")
+    print(f"wrote {paths['private_keys']} (private: mode 0600, keep it secret and backed up)")
+    print(f"wrote {paths['public_keys']} (public: give this to your reviewers)")
+    print(f"next: edit {paths['config']} (EHR URL, reviewers), then `fhirbridge --config {paths['config']} run`")
+    return 0
+
+
+def cmd_order(args) -> int:
+    from .order import place_order
+    app = _app(args)
+    try:
+        sr = place_order(app, patient=args.patient, question=args.question, reviewer=args.reviewer,
+                         profile=args.profile, requester=args.requester, priority=args.priority)
+    finally:
+        app.close()
+    print(f"ServiceRequest/{sr['id']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .receive import process_inbox
+    from .workflow import run_pending
+    app = _app(args)
+    try:
+        accepted, refused = process_inbox(app)
+        for path, reason in refused:
+            print(f"refused {path.name}: {reason}", file=sys.stderr)
+        report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
+                             ignore_backoff=args.now)
+    finally:
+        app.close()
+    print(f"done: {report.opened} case(s) opened, {len(accepted)} opinion(s) received, "
+          f"{report.steps_done} step(s) completed, {len(report.errors)} error(s)")
+    for e in report.errors:
+        print(f"  {e}", file=sys.stderr)
+    return 1 if report.errors or refused else 0
+
+
+def _case_id(app: App, prefix: str | None) -> str | None:
+    return app.store.find_by_prefix(prefix).id if prefix else None
+
+
+def _fmt(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_status(args) -> int:
+    app = _app(args, progress=False)
+    try:
+        if args.case:
+            case = app.store.find_by_prefix(args.case)
+            events = app.store.events(case.id)
+            if args.json:
+                print(jsonutil.dumps({"case": case.__dict__, "events": events}, pretty=True).decode())
+                return 0
+            rows = [("case", case.id), ("step", case.step), ("order", case.service_request),
+                    ("patient", case.patient), ("reviewer", case.reviewer), ("profile", case.profile),
+                    ("task", case.task or "-"), ("package", case.package_id or "-"),
+                    ("opinion", case.opinion_id or "-"), ("filed as", case.document_reference or "-"),
+                    ("created", _fmt(case.created_at)), ("updated", _fmt(case.updated_at)),
+                    ("attempts", str(case.attempts)), ("next attempt", _fmt(case.next_attempt_at)),
+                    ("last error", case.last_error or "-")]
+            for k, v in rows:
+                print(f"{k:>13}: {v}")
+            print("       events:")
+            for e in events:
+                detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
+                print(f"   {_fmt(e['at'])}  {e['kind']:<18} {detail}")
+            return 0
+        cases = app.store.list()
+        if args.json:
+            print(jsonutil.dumps([c.__dict__ for c in cases], pretty=True).decode())
+            return 0
+        if not cases:
+            print("no cases yet")
+            return 0
+        print(f"{'case':<8}  {'step':<13}  {'reviewer':<18}  {'updated':<19}  last error")
+        for c in cases:
+            print(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
+                  f"{(c.last_error or '')[:80]}")
+        return 0
+    finally:
+        app.close()
+
+
+def cmd_receive(args) -> int:
+    from .receive import receive_file
+    from .workflow import run_pending
+    app = _app(args)
+    status = 0
+    try:
+        for f in args.files:
+            try:
+                received = receive_file(app, Path(f))
+            except FhirbridgeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                status = exc.exit_code
+                continue
+            print(f"received opinion {received.opinion_id} for case {received.case.id[:8]}")
+            run_pending(app, intake=False, case_id=received.case.id)
+            case = app.store.get(received.case.id)
+            if case.step == "done":
+                print(f"filed as {case.document_reference}")
+            else:
+                print(f"not filed yet ({case.last_error}); `fhirbridge run` will retry", file=sys.stderr)
+                status = 1
+    finally:
+        app.close()
+    return status
+
+
+def cmd_retry(args) -> int:
+    from .workflow import retry
+    app = _app(args)
+    try:
+        case = retry(app, app.store.find_by_prefix(args.case))
+    finally:
+        app.close()
+    print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from .workflow import cancel
+    app = _app(args)
+    try:
+        case = cancel(app, app.store.find_by_prefix(args.case), args.reason)
+    finally:
+        app.close()
+    print(f"case {case.id[:8]} cancelled")
+    return 0
+
+
+def cmd_keys_jwks(args) -> int:
+    app = _app(args, progress=False)
+    print(jsonutil.dumps(app.hospital_keys.public_jwks(), pretty=True).decode())
+    return 0
+
+
+def cmd_reviewer_keys(args) -> int:
+    from .init_config import write_reviewer_keys
+    out = write_reviewer_keys(Path(args.dir), Path(args.trust) if args.trust else None)
+    for k, p in out.items():
+        print(f"wrote {p} ({k.replace('_', ' ')})")
+    return 0
+
+
+def _reviewer_keys(args):
+    from .crypto.keys import KeyRing
+    from .reviewer import trust_for
+    key = KeyRing.load(Path(args.key))
+    return key, trust_for(Path(args.key), Path(args.trust) if args.trust else None)
+
+
+def cmd_reviewer_open(args) -> int:
+    from .render import render_package
+    from .reviewer import extract_attachments, open_package
+    key, trusted = _reviewer_keys(args)
+    opened = open_package(Path(args.package), key, trusted)
+    if args.json:
+        data = jsonutil.dumps(opened.document, pretty=True)
+        if args.json == "-":
+            sys.stdout.write(data.decode() + "\n")
+        else:
+            Path(args.json).write_bytes(data)
+            print(f"wrote the document Bundle to {args.json}", file=sys.stderr)
+    if not args.json or args.json != "-":
+        print(f"signature: valid, by hospital key {opened.document['signature'].get('who', {}).get('display', '')}")
+        print(render_package(opened.claims, opened.document))
+    if args.extract:
+        for p in extract_attachments(opened, key, Path(args.extract)):
+            print(f"extracted {p}")
+    return 0
+
+
+def cmd_reviewer_answer(args) -> int:
+    from .envelope import write_atomic
+    from .reviewer import answer, open_package
+    key, trusted = _reviewer_keys(args)
+    opened = open_package(Path(args.package), key, trusted)
+    mappings = config.PACKAGE_MAPPINGS if not args.mappings else Path(args.mappings)
+    sealed, claims = answer(opened, Path(args.opinion), key, trusted, mappings_dir=mappings, form=args.form)
+    write_atomic(Path(args.out), sealed)
+    print(f"wrote sealed opinion {claims['jti']} to {args.out}; send it to {claims['aud'].get('display')}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.dir), keep_ehr=args.keep_ehr)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fhirbridge", description="Second-opinion referrals over HL7 FHIR R4.")
+    p.add_argument("--config", help="configuration file (default: $FHIRBRIDGE_CONFIG or ./fhirbridge.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more (never clinical content)")
+    p.add_argument("--version", action="version", version=f"fhirbridge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write a starter fhirbridge.toml and the hospital's keys")
+    s.add_argument("dir", nargs="?", default=".")
+    s.add_argument("--fhir-base-url", default="http://127.0.0.1:8090/fhir")
+    s.add_argument("--hospital-name", default="General Hospital")
+    s.add_argument("--force", action="store_true", help="overwrite an existing config and keys")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("order", help="create a second-opinion ServiceRequest in the EHR (as the EHR would)")
+    s.add_argument("--patient", required=True, help="Patient id or Patient/id")
+    s.add_argument("--question", required=True, help="the clinical question for the reviewer")
+    s.add_argument("--reviewer", help="reviewer name from the config (default: routed by profile)")
+    s.add_argument("--profile", help="collection profile (default: from the order's specialty, else default)")
+    s.add_argument("--requester", help="ordering Practitioner reference, e.g. Practitioner/123")
+    s.add_argument("--priority", default="routine", choices=["routine", "urgent", "asap", "stat"])
+    s.set_defaults(func=cmd_order)
+
+    s = sub.add_parser("run", help="receive dropped opinions, take in new orders, and do all pending work once")
+    s.add_argument("--case", help="only this Case (id or prefix)")
+    s.add_argument("--no-intake", action="store_true", help="don't look for new orders")
+    s.add_argument("--now", action="store_true", help="retry Cases waiting out a backoff now")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="show Cases, or one Case with its event history")
+    s.add_argument("case", nargs="?", help="Case id or prefix")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("receive", help="receive sealed opinion file(s) and file them in the EHR")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(func=cmd_receive)
+
+    s = sub.add_parser("retry", help="resume a failed Case at the step that failed")
+    s.add_argument("case")
+    s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("cancel", help="cancel a Case (the EHR Task becomes cancelled)")
+    s.add_argument("case")
+    s.add_argument("--reason", required=True)
+    s.set_defaults(func=cmd_cancel)
+
+    keys = sub.add_parser("keys", help="the hospital's keys").add_subparsers(dest="keys_cmd", required=True)
+    s = keys.add_parser("jwks", help="print the hospital's public JWKS (for reviewers)")
+    s.set_defaults(func=cmd_keys_jwks)
+
+    rev = sub.add_parser("reviewer", help="the reviewer's side: open a package, answer it").add_subparsers(
+        dest="reviewer_cmd", required=True)
+    s = rev.add_parser("keys", help="make a reviewer key pair in DIR")
+    s.add_argument("dir")
+    s.add_argument("--trust", help="the hospital's public JWKS to trust (copied to DIR/trusted.jwks.json)")
+    s.set_defaults(func=cmd_reviewer_keys)
+    for name, helptext in (("open", "verify, decrypt and summarise a package"),
+                           ("answer", "turn a structured answer into a sealed opinion")):
+        s = rev.add_parser(name, help=helptext)
+        s.add_argument("package", help="the package directory (or its package.jwe)")
+        s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+        s.add_argument("--trust", help="the hospital's public JWKS (default: trusted.jwks.json next to --key)")
+        if name == "open":
+            s.add_argument("--json", metavar="FILE", help="write the full document Bundle as JSON ('-': stdout)")
+            s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR")
+            s.set_defaults(func=cmd_reviewer_open)
+        else:
+            s.add_argument("--opinion", required=True, help="the structured answer (TOML or JSON)")
+            s.add_argument("--out", required=True, help="where to write the sealed opinion")
+            s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
+            s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
+            s.set_defaults(func=cmd_reviewer_answer)
+
+    s = sub.add_parser("demo", help="run the whole loop against a local demo EHR (needs fhirbridge[demo])")
+    s.add_argument("--dir", default="fhirbridge-demo", help="where to put the demo's files (default: ./fhirbridge-demo)")
+    s.add_argument("--keep-ehr", action="store_true", help="leave the demo EHR running at the end")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FhirbridgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; every Case resumes where it stopped at the next `fhirbridge run`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""File the opinion in the EHR: ONE transaction, idempotent (US Core "Writing Clinical Notes", IHE MHD
+ITI-65 "Provide Document Bundle" style).
+
+The transaction holds: the opinion document as a `Bundle` resource, a `DocumentReference` (type 11488-4,
+subject the Patient, context.related the ServiceRequest and the stored Bundle, masterIdentifier and
+identifier the opinion's id, attachments: the FHIR document and a plain-text rendering), a `Provenance`
+(author the reviewer, transmitter fhirbridge, with the verified signature), and the Task set to
+`completed` with `output`.
+
+Why it can never file twice:
+- the Task entry is a PUT with `ifMatch` on the version we read: a second identical transaction (a retry
+  after a lost response, a second worker) fails as a whole with 409/412 (FHIR R4 http.html#concurrency and
+  #transaction: any failure rolls back every entry);
+- the Bundle and DocumentReference are conditional creates on the opinion identifier;
+- before writing, and after any conflict, we look for a DocumentReference with that identifier: found
+  means filed, and the step completes without writing anything.
+The identifier is put in `identifier` as well as `masterIdentifier` because the R4 `identifier` search
+parameter of some servers covers only the former.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+
+from . import envelope, jsonutil
+from .context import App
+from .ehr_task import BUSINESS_SYSTEM, STATUS, now_iso
+from .errors import FhirError
+from .receive import OPINION_FILE
+from .render import render_opinion
+from .store import Case
+
+OPINION_ID_SYSTEM = "urn:ietf:rfc:3986"
+FORMAT_CODE = {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
+               "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient", "display": "mimeType Sufficient"}
+PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+US_CORE_PARTICIPANT = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
+
+
+def find_filed(app: App, identifier_value: str) -> str | None:
+    for res in app.ehr.search("DocumentReference", {"identifier": f"{OPINION_ID_SYSTEM}|{identifier_value}"}):
+        if res.get("resourceType") == "DocumentReference":
+            return f"DocumentReference/{res['id']}"
+    return None
+
+
+def file_opinion(app: App, case: Case) -> dict:
+    data = (app.case_dir(case.id) / OPINION_FILE).read_bytes()
+    # Re-verified at rest: the file could have been altered since it was received.
+    claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
+                                            trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
+    ident = document["identifier"]["value"]
+    filed = find_filed(app, ident)
+    if filed:
+        return {"columns": {"document_reference": filed}, "document_reference": filed, "already_filed": True}
+    task = app.ehr.read_ref(case.task)
+    version = task.get("meta", {}).get("versionId")
+    tx = build_transaction(app, case, claims, document, task)
+    if version:
+        tx["entry"][-1]["request"]["ifMatch"] = f'W/"{version}"'
+    try:
+        response = app.ehr.transaction(tx)
+    except FhirError as exc:
+        if exc.status in (409, 412):
+            filed = find_filed(app, ident)
+            if filed:
+                return {"columns": {"document_reference": filed}, "document_reference": filed,
+                        "already_filed": True}
+            # The Task changed under us (someone edited it): nothing was written; retry with a fresh read.
+            raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
+                            transient=True) from None
+        raise
+    docref = _location(response, 1, "DocumentReference")
+    return {"columns": {"document_reference": docref}, "document_reference": docref,
+            "bundle": _location(response, 0, "Bundle"), "provenance": _location(response, 2, "Provenance")}
+
+
+def _location(response: dict, index: int, rtype: str) -> str | None:
+    try:
+        entry = response["entry"][index]
+    except (KeyError, IndexError):
+        return None
+    if entry.get("resource", {}).get("id"):
+        return f"{rtype}/{entry['resource']['id']}"
+    loc = entry.get("response", {}).get("location", "")
+    parts = loc.split("/")
+    if rtype in parts:
+        i = parts.index(rtype)
+        return f"{rtype}/{parts[i + 1]}" if i + 1 < len(parts) else None
+    return None
+
+
+def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
+    ident_value = document["identifier"]["value"]
+    identifier = {"system": OPINION_ID_SYSTEM, "value": ident_value}
+    bundle_url, docref_url, prov_url = (f"urn:uuid:{uuid.uuid4()}" for _ in range(3))
+    doc_json = jsonutil.dumps(document)
+    text = render_opinion(document).encode("utf-8")
+    comp = document["entry"][0]["resource"]
+    reviewer = app.config.reviewer(case.reviewer)
+    created = now_iso()
+    stored_bundle = {k: v for k, v in document.items() if k != "id"}
+
+    docref = {
+        "resourceType": "DocumentReference",
+        "masterIdentifier": identifier,
+        "identifier": [identifier],
+        "status": "current", "docStatus": "final",
+        "type": comp["type"],
+        "category": comp.get("category", []),
+        "subject": {"reference": case.patient},
+        "date": comp.get("date", created),
+        "author": [reviewer.organization_ref()],
+        "custodian": app.config.hospital.organization_ref(),
+        "description": f"Second opinion from {reviewer.display}",
+        "content": [
+            {"attachment": _attachment("application/fhir+json", doc_json, "Second opinion (FHIR document)", created),
+             "format": FORMAT_CODE},
+            {"attachment": _attachment("text/plain; charset=utf-8", text, "Second opinion (text)", created)},
+        ],
+        "context": {"related": [{"reference": case.service_request}, {"reference": bundle_url}]},
+    }
+    provenance = {
+        "resourceType": "Provenance",
+        "target": [{"reference": docref_url}, {"reference": bundle_url}],
+        "recorded": created,
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": "CREATE", "display": "create"}]},
+        "agent": [
+            {"type": {"coding": [{"system": PARTICIPANT, "code": "author", "display": "Author"}]},
+             "who": reviewer.organization_ref()},
+            # US Core Provenance: the system that sent the data on the author's behalf is the transmitter.
+            {"type": {"coding": [{"system": US_CORE_PARTICIPANT, "code": "transmitter", "display": "Transmitter"}]},
+             "who": {"display": "fhirbridge"}, "onBehalfOf": app.config.hospital.organization_ref()},
+        ],
+        "entity": [{"role": "source", "what": {"identifier": {"system": OPINION_ID_SYSTEM,
+                                                              "value": f"urn:uuid:{claims['jti']}"},
+                                               "display": "Sealed second opinion as received"}}],
+        "signature": [document["signature"]] if document.get("signature") else [],
+    }
+    status, code, display = STATUS["done"]
+    task = dict(task)
+    task.update({"status": status, "lastModified": created,
+                 "businessStatus": {"coding": [{"system": BUSINESS_SYSTEM, "code": code, "display": display}],
+                                    "text": display},
+                 "output": [{"type": {"text": "Second opinion"}, "valueReference": {"reference": docref_url}}]})
+    period = task.setdefault("executionPeriod", {})
+    period.setdefault("start", created)
+    period["end"] = created
+    task.pop("meta", None)
+    search = f"identifier={OPINION_ID_SYSTEM}|{ident_value}"
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": bundle_url, "resource": stored_bundle,
+         "request": {"method": "POST", "url": "Bundle", "ifNoneExist": search}},
+        {"fullUrl": docref_url, "resource": docref,
+         "request": {"method": "POST", "url": "DocumentReference", "ifNoneExist": search}},
+        {"fullUrl": prov_url, "resource": provenance, "request": {"method": "POST", "url": "Provenance"}},
+        {"resource": task, "request": {"method": "PUT", "url": f"Task/{task['id']}"}},
+    ]}
+
+
+def _attachment(content_type: str, data: bytes, title: str, created: str) -> dict:
+    return {"contentType": content_type, "data": base64.b64encode(data).decode("ascii"), "title": title,
+            "creation": created, "size": len(data),
+            # R4 Attachment.hash is the base64 SHA-1 of the data.
+            "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")}
