@@ -155,8 +155,10 @@ def _epk_jwk(pub: ec.EllipticCurvePublicKey, crv: str) -> dict:
 def _wrap_cek(key, cek: bytes) -> dict:
     kid = _kid_of(key)
     if key.key_type == "EC":
-        if key.alg not in (None, ALG_ECDH) or key.curve_name not in _CURVES:
-            raise SealError(f"cannot encrypt for key {kid}: it is for {key.alg or key.curve_name}, not {ALG_ECDH}")
+        if key.alg not in (None, ALG_ECDH):
+            raise SealError(f"cannot encrypt for key {kid}: it is for {key.alg}, not {ALG_ECDH}")
+        if key.curve_name not in _CURVES:
+            raise SealError(f"cannot encrypt for key {kid}: curve {key.curve_name} is not supported")
         eph = ec.generate_private_key(_CURVES[key.curve_name]())
         kek = _concat_kdf(eph.exchange(ec.ECDH(), key.public_key), ALG_ECDH, b"", b"")
         header = {"alg": ALG_ECDH, "kid": kid, "epk": _epk_jwk(eph.public_key(), key.curve_name)}
@@ -347,13 +349,13 @@ def _open_cek(m: _Members, keyring: KeyRing) -> tuple[str, bytes]:
     raise SealError(f"encrypted for keys [{shown}], none of which is in {keyring.source}")
 
 
-def _loads_object(doc: bytes | bytearray, where: str) -> dict:
+def _loads_object(doc: bytes | bytearray, *, where: str, truncated: str) -> dict:
     try:
         obj = loads(doc)
     except orjson.JSONDecodeError as err:
         if err.pos >= len(doc.rstrip()):
-            raise SealError(f"truncated: the file ends {where}") from None
-        raise SealError(f"malformed: not valid JSON {where} ({err.msg} at byte {err.pos})") from None
+            raise SealError(f"truncated: the file ends {truncated}") from None
+        raise SealError(f"malformed: not valid JSON{' ' + where if where else ''} ({err.msg} at byte {err.pos})") from None
     if not isinstance(obj, dict):
         raise SealError("not an encrypted package: expected a JWE JSON object")
     return obj
@@ -404,7 +406,8 @@ class _Opener:
     def _inflate(self, data: bytes) -> None:
         z = self._inflater
         if z is None:
-            return self._emit(data)
+            self._emit(data)
+            return
         try:
             # max_length caps each step's output: a decompression bomb never expands in one go.
             self._emit(z.decompress(data, self._chunk))
@@ -509,7 +512,8 @@ def _read_trailer(reader: _Reader, rest: bytes, max_header: int) -> dict:
         return {}
     if text[:1] != b",":
         raise SealError("malformed: unexpected character after the ciphertext")
-    return _loads_object(b"{" + text[1:], "after the ciphertext, before the authentication tag is complete")
+    return _loads_object(b"{" + text[1:], where="after the ciphertext",
+                         truncated="after the ciphertext, before the authentication tag is complete")
 
 
 def _tag(head: dict, trailer: dict) -> bytes:
@@ -565,7 +569,7 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: KeyRing, *, max_plaint
         del head
         if not whole.strip():
             raise SealError("not an encrypted package: the file is empty")
-        obj = _loads_object(whole, "before the JWE JSON object is complete")
+        obj = _loads_object(whole, where="", truncated="before the JWE JSON object is complete")
         del whole
         members = _parse_members(obj)
         ciphertext = obj.get("ciphertext")
