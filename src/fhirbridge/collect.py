@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from .context import App
 from .errors import FhirbridgeError
-from .fhir import validate
+from .fhir.validate import validate as validate_resource
 from .mappings_load import Profile, ResourceRule
 
 # Where each type keeps the date a lookback window is measured against, first present wins.
@@ -119,7 +119,7 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
 
 
 def _check_valid(resource: dict, where: str) -> None:
-    reasons = validate.validate(resource)
+    reasons = validate_resource(resource)
     if reasons:
         raise FhirbridgeError(f"the EHR returned an invalid {where}: {'; '.join(reasons[:3])}")
 

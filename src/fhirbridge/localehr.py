@@ -229,7 +229,10 @@ def _write_settings(data_dir: Path, port: int) -> Path:
 def _sekmet_env(settings: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SEKMET_ENV_OVERRIDES}
     env["SEKMET_CONFIG"] = str(settings)
-    env["NO_COLOR"] = "1"  # plain CLI output: it is parsed
+    # Plain output: stdout is parsed, and a failure's last stderr line should be the error, not rich art.
+    env["NO_COLOR"] = "1"
+    env["TYPER_STANDARD_TRACEBACK"] = "1"
+    env["TYPER_USE_RICH"] = "0"
     return env
 
 

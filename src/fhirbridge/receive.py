@@ -19,7 +19,7 @@ from . import envelope
 from .context import App
 from .crypto.keys import KeyRing
 from .errors import RejectedOpinion, SealError
-from .fhir import validate
+from .fhir.validate import validate as validate_resource
 from .store import Case
 
 OPINION_FILE = "opinion.jwe"
@@ -85,12 +85,12 @@ def check_document(app: App, case: Case, document: dict) -> None:
     problems = []
     for i, entry in enumerate(document.get("entry", [])):
         res = entry.get("resource", {})
-        for reason in validate.validate(res):
+        for reason in validate_resource(res):
             problems.append(f"entry {i} ({res.get('resourceType', '?')}): {reason}")
     if problems:
         raise RejectedOpinion("the opinion is not valid FHIR; nothing written:\n  " + "\n  ".join(problems[:10]))
     bundle_only = {k: v for k, v in document.items() if k != "entry"}
-    reasons = validate.validate({**bundle_only, "entry": []})
+    reasons = validate_resource({**bundle_only, "entry": []})
     if reasons or document.get("type") != "document":
         raise RejectedOpinion("the opinion is not a FHIR document Bundle: " + "; ".join(reasons or ["type"]))
     comp = document["entry"][0].get("resource", {}) if document.get("entry") else {}

@@ -1,17 +1,22 @@
 """File the opinion in the EHR: ONE transaction, idempotent (US Core "Writing Clinical Notes", IHE MHD
 ITI-65 "Provide Document Bundle" style).
 
-The transaction holds: the opinion document as a `Bundle` resource, a `DocumentReference` (type 11488-4,
-subject the Patient, context.related the ServiceRequest and the stored Bundle, masterIdentifier and
-identifier the opinion's id, attachments: the FHIR document and a plain-text rendering), a `Provenance`
-(author the reviewer, transmitter fhirbridge, with the verified signature), and the Task set to
-`completed` with `output`.
+The transaction holds: the opinion document as a `Binary` (application/fhir+json, securityContext the
+Patient), a `DocumentReference` (type 11488-4, subject the Patient, context.related the ServiceRequest,
+masterIdentifier and identifier the opinion's id, attachments: the FHIR document by URL and a plain-text
+rendering inline), a `Provenance` (author the reviewer, transmitter fhirbridge, with the verified
+signature), and the Task set to `completed` with `output`.
+
+Why a Binary with a client-assigned id rather than a `Bundle` resource: a document Bundle holds its own
+urn:uuid fullUrls, which some servers try to resolve as transaction references and reject; and not every
+server rewrites urn:uuid in `attachment.url` (R4 http.html#trules asks it to), so the Binary gets an id we
+choose (the opinion's UUID) and the DocumentReference names it as `Binary/<id>` directly.
 
 Why it can never file twice:
 - the Task entry is a PUT with `ifMatch` on the version we read: a second identical transaction (a retry
   after a lost response, a second worker) fails as a whole with 409/412 (FHIR R4 http.html#concurrency and
   #transaction: any failure rolls back every entry);
-- the Bundle and DocumentReference are conditional creates on the opinion identifier;
+- the DocumentReference is a conditional create on the opinion identifier, the Binary a PUT to a fixed id;
 - before writing, and after any conflict, we look for a DocumentReference with that identifier: found
   means filed, and the step completes without writing anything.
 The identifier is put in `identifier` as well as `masterIdentifier` because the R4 `identifier` search
@@ -73,7 +78,7 @@ def file_opinion(app: App, case: Case) -> dict:
         raise
     docref = _location(response, 1, "DocumentReference")
     return {"columns": {"document_reference": docref}, "document_reference": docref,
-            "bundle": _location(response, 0, "Bundle"), "provenance": _location(response, 2, "Provenance")}
+            "binary": _location(response, 0, "Binary"), "provenance": _location(response, 2, "Provenance")}
 
 
 def _location(response: dict, index: int, rtype: str) -> str | None:
@@ -94,13 +99,17 @@ def _location(response: dict, index: int, rtype: str) -> str | None:
 def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
     ident_value = document["identifier"]["value"]
     identifier = {"system": OPINION_ID_SYSTEM, "value": ident_value}
-    bundle_url, docref_url, prov_url = (f"urn:uuid:{uuid.uuid4()}" for _ in range(3))
+    binary_id = ident_value.removeprefix("urn:uuid:")
+    binary_ref = f"Binary/{binary_id}"
+    docref_url, prov_url = (f"urn:uuid:{uuid.uuid4()}" for _ in range(2))
     doc_json = jsonutil.dumps(document)
     text = render_opinion(document).encode("utf-8")
     comp = document["entry"][0]["resource"]
     reviewer = app.config.reviewer(case.reviewer)
     created = now_iso()
-    stored_bundle = {k: v for k, v in document.items() if k != "id"}
+    binary = {"resourceType": "Binary", "id": binary_id, "contentType": "application/fhir+json",
+              "securityContext": {"reference": case.patient},
+              "data": base64.b64encode(doc_json).decode("ascii")}
 
     docref = {
         "resourceType": "DocumentReference",
@@ -115,15 +124,16 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
         "custodian": app.config.hospital.organization_ref(),
         "description": f"Second opinion from {reviewer.display}",
         "content": [
-            {"attachment": _attachment("application/fhir+json", doc_json, "Second opinion (FHIR document)", created),
+            {"attachment": {**_attachment("application/fhir+json", doc_json, "Second opinion (FHIR document)",
+                                          created, inline=False), "url": binary_ref},
              "format": FORMAT_CODE},
             {"attachment": _attachment("text/plain; charset=utf-8", text, "Second opinion (text)", created)},
         ],
-        "context": {"related": [{"reference": case.service_request}, {"reference": bundle_url}]},
+        "context": {"related": [{"reference": case.service_request}]},
     }
     provenance = {
         "resourceType": "Provenance",
-        "target": [{"reference": docref_url}, {"reference": bundle_url}],
+        "target": [{"reference": docref_url}, {"reference": binary_ref}],
         "recorded": created,
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": "CREATE", "display": "create"}]},
@@ -151,8 +161,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
     task.pop("meta", None)
     search = f"identifier={OPINION_ID_SYSTEM}|{ident_value}"
     return {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": bundle_url, "resource": stored_bundle,
-         "request": {"method": "POST", "url": "Bundle", "ifNoneExist": search}},
+        {"resource": binary, "request": {"method": "PUT", "url": binary_ref}},
         {"fullUrl": docref_url, "resource": docref,
          "request": {"method": "POST", "url": "DocumentReference", "ifNoneExist": search}},
         {"fullUrl": prov_url, "resource": provenance, "request": {"method": "POST", "url": "Provenance"}},
@@ -160,8 +169,10 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
     ]}
 
 
-def _attachment(content_type: str, data: bytes, title: str, created: str) -> dict:
-    return {"contentType": content_type, "data": base64.b64encode(data).decode("ascii"), "title": title,
-            "creation": created, "size": len(data),
-            # R4 Attachment.hash is the base64 SHA-1 of the data.
-            "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")}
+def _attachment(content_type: str, data: bytes, title: str, created: str, *, inline: bool = True) -> dict:
+    att = {"contentType": content_type, "title": title, "creation": created, "size": len(data),
+           # R4 Attachment.hash is the base64 SHA-1 of the data.
+           "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")}
+    if inline:
+        att["data"] = base64.b64encode(data).decode("ascii")
+    return att

@@ -10,6 +10,8 @@ Reasons never quote element values: a value may be PHI (a name, a note). They na
 """
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +39,8 @@ _SHORT = {
     "model_attributes_type": "expected an object",
 }
 _MAX_REASON = 200
+_CHOICE_MANY_RE = re.compile(r"Any of one field value is expected from this list \[(.*)", re.S)
+_CHOICE_NONE_RE = re.compile(r"Expect any of field value from this list \[(.*)", re.S)
 
 
 @lru_cache(maxsize=None)
@@ -102,7 +106,7 @@ def _path(rtype: str, loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier():
+        elif isinstance(part, str) and part.isidentifier() and not part.startswith("__"):
             path += f".{part}"
         # anything else (pydantic's union/validator tags, "__root__") names no element: skip it
     return path
@@ -111,6 +115,13 @@ def _path(rtype: str, loc: tuple) -> str:
 def _scrub(msg: str, value: Any) -> str:
     """Drop pydantic's "Value error, " prefix and any echo of the offending value."""
     msg = msg.removeprefix("Value error, ").strip()
+    # fhir.resources' wording for choice elements (value[x], medication[x]...): two given, or a required one missing
+    for pattern, template in ((_CHOICE_MANY_RE, "at most one {}[x] element is allowed"),
+                              (_CHOICE_NONE_RE, "one {}[x] element is required")):
+        choice = pattern.search(msg)
+        if choice:
+            stem = os.path.commonprefix(re.findall(r"'([A-Za-z]+)'", choice.group(1)))
+            return template.format(stem) if stem else "invalid choice element"
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         text = str(value)
         if len(text) >= 2 and text in msg:
