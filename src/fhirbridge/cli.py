@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     except FhirbridgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; every Case resumes where it stopped at the next `fhirbridge run`", file=sys.stderr)
         return 130

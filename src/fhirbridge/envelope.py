@@ -26,6 +26,8 @@ PACKAGE = "fhirbridge-package"
 OPINION = "fhirbridge-opinion"
 ENVELOPE_FILE = "package.jwe"
 MAX_ENVELOPE_BYTES = 256 * 1024 * 1024  # checked before decryption: a huge file is refused unopened
+# The envelope is compressed: without a limit on what it inflates to, a small file could still exhaust memory.
+MAX_PLAINTEXT_BYTES = 512 * 1024 * 1024
 CLOCK_SKEW = 300
 
 
@@ -66,7 +68,7 @@ def open_sealed(data: bytes, *, typ: str, decrypt: KeyRing, trusted: KeyRing | C
     reason (too large, wrong key, tampered, bad signature, wrong type, expired, digest mismatch)."""
     if len(data) > MAX_ENVELOPE_BYTES:
         raise SealError(f"refusing a {len(data)} byte envelope (limit {MAX_ENVELOPE_BYTES})")
-    header, plaintext = jwe.decrypt_bytes_with_header(data, decrypt)
+    header, plaintext = jwe.decrypt_bytes_with_header(data, decrypt, max_plaintext=MAX_PLAINTEXT_BYTES)
     if header.get("typ") not in (None, f"{typ}+jwe"):
         raise SealError(f"this is a {header.get('typ')!r}, not a {typ}")
     try:
