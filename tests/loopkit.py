@@ -1,0 +1,119 @@
+"""Test kit for whole-loop tests: a hospital configured against the session's real EHR, its reviewers,
+and helpers to play the physician and the reviewer.
+
+Every TestHospital copies the shipped mappings and gives itself a unique local order code, so intake of one
+test never picks up another test's orders from the shared EHR (exactly how hospitals use local codes).
+"""
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+from fhirbridge import config
+from fhirbridge.context import App
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.init_config import write_reviewer_keys, write_starter
+from fhirbridge.order import place_order
+from fhirbridge.reviewer import OpenedPackage, answer, open_package
+from fhirbridge.workflow import run_pending
+
+SAMPLE_ANSWER = '''\
+concordance = "concordant"
+recommendation = "proceed-as-planned"
+alternatives = ["Physiotherapy", "Epidural steroid injection"]
+risks_benefits = "Surgery relieves leg pain faster; risks are infection and dural tear."
+urgency = "routine"
+free_text = "Agree with the plan."
+
+[[answers]]
+question = "Is surgery indicated now?"
+answer = "Yes."
+'''
+
+
+class TestReviewer:
+    __test__ = False
+
+    def __init__(self, directory: Path, name: str):
+        self.name = name
+        self.directory = directory
+        self.files = write_reviewer_keys(directory, None)
+        self.key = KeyRing.load(self.files["private_keys"])
+        self.trusted: KeyRing | None = None
+
+    def trust(self, hospital_public: Path) -> None:
+        shutil.copy(hospital_public, self.directory / "trusted.jwks.json")
+        self.trusted = KeyRing.load(self.directory / "trusted.jwks.json")
+
+
+class TestHospital:
+    __test__ = False
+
+    def __init__(self, root: Path, ehr_url: str, *, reviewers: tuple[str, ...] = ("spine-center",)):
+        self.root = root
+        mappings = root / "mappings"
+        shutil.copytree(config.PACKAGE_MAPPINGS, mappings)
+        self.order_code = f"SO-{uuid.uuid4().hex[:10]}"
+        orders = mappings / "codes" / "orders.toml"
+        text = orders.read_text()
+        text = text.replace('system = "http://terminology.hl7.org/CodeSystem/v2-0336"\ncode = "S"',
+                            f'system = "urn:test:orders"\ncode = "{self.order_code}"', 1)
+        text = text.replace('code = { system = "http://terminology.hl7.org/CodeSystem/v2-0336", code = "S",',
+                            f'code = {{ system = "urn:test:orders", code = "{self.order_code}",', 1)
+        orders.write_text(text)
+        self.reviewers = {name: TestReviewer(root / "reviewers" / name, name) for name in reviewers}
+        blocks = [{"name": name, "display": name.replace("-", " ").title(), "jwks": str(r.files["public_keys"]),
+                   "profiles": ["spine", "default"] if i == 0 else [], "system": "urn:ietf:rfc:3986",
+                   "value": f"urn:oid:2.999.9.{i + 1}", "outbox": str(root / "outbox" / name)}
+                  for i, (name, r) in enumerate(self.reviewers.items())]
+        paths = write_starter(root / "hospital", fhir_base_url=ehr_url,
+                              hospital_name=f"Test Hospital {self.order_code}", reviewers=blocks)
+        for r in self.reviewers.values():
+            r.trust(paths["public_keys"])
+        cfg = paths["config"].read_text().replace('# mappings_dir = "mappings"', f'mappings_dir = "{mappings}"')
+        paths["config"].write_text(cfg)
+        self.config_path = paths["config"]
+        self.app = self.new_app()
+
+    def new_app(self, **env) -> App:
+        return App(config.load(self.config_path, environ={k.upper(): v for k, v in env.items()}))
+
+    def close(self) -> None:
+        self.app.close()
+
+    # --- the physician -----------------------------------------------------------------------------
+    def order(self, patient: str, question: str = "Is surgery indicated now?", **kw) -> dict:
+        kw.setdefault("profile", "spine")
+        return place_order(self.app, patient=patient, question=question, **kw)
+
+    def run(self, app: App | None = None, **kw):
+        return run_pending(app or self.app, **kw)
+
+    def case_for(self, sr: dict):
+        return self.app.store.find_by_order(self.app.config.hospital.name, f"ServiceRequest/{sr['id']}")
+
+    # --- the reviewer ------------------------------------------------------------------------------
+    def package_path(self, case) -> Path:
+        return self.root / "outbox" / case.reviewer / case.package_id
+
+    def open(self, case, reviewer: str | None = None) -> OpenedPackage:
+        r = self.reviewers[reviewer or case.reviewer]
+        return open_package(self.package_path(case), r.key, r.trusted)
+
+    def answer(self, case, text: str = SAMPLE_ANSWER, *, reviewer: str | None = None) -> Path:
+        r = self.reviewers[reviewer or case.reviewer]
+        opened = open_package(self.package_path(case), r.key, r.trusted)
+        answer_file = self.root / f"answer-{uuid.uuid4().hex[:6]}.toml"
+        answer_file.write_text(text)
+        sealed, claims = answer(opened, answer_file, r.key, r.trusted, mappings_dir=self.app.config.mappings_dir)
+        out = self.root / f"opinion-{claims['jti']}.jwe"
+        out.write_bytes(sealed)
+        return out
+
+    def delivered_case(self, patient: str, **kw):
+        sr = self.order(patient, **kw)
+        self.run()
+        case = self.case_for(sr)
+        assert case is not None and case.step == "await_opinion", (case and case.last_error)
+        return case
