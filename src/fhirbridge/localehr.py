@@ -6,6 +6,7 @@ All data is synthetic.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -104,7 +105,10 @@ class LocalEhr:
         except OSError as exc:
             log_file.close()
             raise FhirbridgeError(f"could not start the local demo EHR ({exe}): {exc.strerror}") from exc
-        return cls(data_dir=data_dir, port=port, executable=exe, process=proc, log_file=log_file)
+        ehr = cls(data_dir=data_dir, port=port, executable=exe, process=proc, log_file=log_file)
+        # The server runs in its own session, so it would outlive a demo that exits without stop().
+        atexit.register(ehr.stop)
+        return ehr
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -130,6 +134,7 @@ class LocalEhr:
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL after 10 s. Safe to call more than once."""
         proc, self._proc = self._proc, None
+        atexit.unregister(self.stop)
         if proc is not None and proc.poll() is None:
             _signal_group(proc, signal.SIGTERM)
             try:
@@ -382,7 +387,10 @@ def _created_ref(entry: dict) -> str:
 
 
 def _practitioners(client: FhirClient) -> dict[str, str]:
-    """sekmet's master-data practitioners (created by its workflows), by role; missing ones are left out."""
+    """sekmet's master-data practitioners (created by its workflows), by role; missing ones are left out.
+
+    The identifier system is sekmet's default for practitioners (settings `identifiers.practitioner`).
+    """
     out = {}
     for role, ident in (("attending", "P-1001"), ("surgeon", "P-1002")):
         for practitioner in client.search("Practitioner", {"identifier": f"urn:oid:1.2.3.4.5.5|{ident}"}, count=1):
@@ -408,32 +416,34 @@ def _clinical_bundle(prof: _Profile, patient: str, now: datetime, binary_id: str
         keys.append(key)
         return full_url
 
+    attending = {"recorder": {"reference": authors["attending"]}} if "attending" in authors else {}
     for i, (code, display) in enumerate(prof.conditions):
-        add("conditions", {"resourceType": "Condition",
-             "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active"),
-             "verificationStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed",
-                                       "Confirmed"),
-             "category": [_cc("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item",
-                              "Problem List Item")],
-             "code": _cc(SNOMED, code, display), "subject": subject,
-             "onsetDateTime": _iso(now - timedelta(days=400 - 30 * i)),
-             "recordedDate": _iso(now - timedelta(days=300 - 30 * i)),
-             **({"recorder": {"reference": authors["attending"]}} if "attending" in authors else {})})
+        add("conditions", {
+            "resourceType": "Condition",
+            "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active"),
+            "verificationStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed",
+                                      "Confirmed"),
+            "category": [_cc("http://terminology.hl7.org/CodeSystem/condition-category", "problem-list-item",
+                             "Problem List Item")],
+            "code": _cc(SNOMED, code, display), "subject": subject,
+            "onsetDateTime": _iso(now - timedelta(days=400 - 30 * i)),
+            "recordedDate": _iso(now - timedelta(days=300 - 30 * i)), **attending})
 
+    surgeon = {"performer": [{"actor": {"reference": authors["surgeon"]}}]} if "surgeon" in authors else {}
     procedure_urls = []
     for i, (code, display) in enumerate(prof.procedures):
         procedure_urls.append(add("procedures", {
             "resourceType": "Procedure", "status": "completed", "code": _cc(SNOMED, code, display),
             "subject": subject,
             "performedPeriod": {"start": _iso(now - timedelta(days=240 + 20 * i)),
-                                "end": _iso(now - timedelta(days=150 + 20 * i))},
-            **({"performer": [{"actor": {"reference": authors["surgeon"]}}]} if "surgeon" in authors else {})}))
+                                "end": _iso(now - timedelta(days=150 + 20 * i))}, **surgeon}))
 
     statement_code, statement_display, dosage = prof.statement
-    add("medication_statements", {"resourceType": "MedicationStatement", "status": "active",
-         "medicationCodeableConcept": _cc(RXNORM, statement_code, statement_display), "subject": subject,
-         "effectivePeriod": {"start": _iso(now - timedelta(days=270))}, "dateAsserted": _iso(now),
-         "informationSource": subject, "dosage": [{"sequence": 1, "text": dosage}]})
+    add("medication_statements", {
+        "resourceType": "MedicationStatement", "status": "active",
+        "medicationCodeableConcept": _cc(RXNORM, statement_code, statement_display), "subject": subject,
+        "effectivePeriod": {"start": _iso(now - timedelta(days=270))}, "dateAsserted": _iso(now),
+        "informationSource": subject, "dosage": [{"sequence": 1, "text": dosage}]})
 
     author = [{"reference": authors["attending"]}] if "attending" in authors else []
     note = prof.note.encode("utf-8")
@@ -441,14 +451,15 @@ def _clinical_bundle(prof: _Profile, patient: str, now: datetime, binary_id: str
         "contentType": "text/plain; charset=utf-8", "language": "en", "title": "Progress note",
         "data": base64.b64encode(note).decode("ascii"), "size": len(note), "creation": _iso(now),
         "hash": _sha1_b64(note)}))
-    add("document_references", _document("28570-0", "Procedure note", subject, now - timedelta(days=150), author, {
+    written = now - timedelta(days=150)
+    add("document_references", _document("28570-0", "Procedure note", subject, written, author, {
         "contentType": "application/pdf", "title": "Procedure note (PDF)", "url": f"Binary/{binary_id}",
-        "size": len(pdf), "hash": _sha1_b64(pdf), "creation": _iso(now - timedelta(days=150))},
-        related=procedure_urls[:1]))
+        "size": len(pdf), "hash": _sha1_b64(pdf), "creation": _iso(written)}, related=procedure_urls[:1]))
 
-    add("old_procedure", {"resourceType": "Procedure", "status": "completed", "code": _cc(SNOMED, "80146002", "Appendectomy"),
-         "subject": subject,
-         "performedDateTime": _iso(now - timedelta(days=365 * LOOKBACK_OUTSIDE_YEARS + 30))})
+    # Outside any lookback up to five years: lets the collect step's date filter be tested.
+    add("old_procedure", {
+        "resourceType": "Procedure", "status": "completed", "code": _cc(SNOMED, "80146002", "Appendectomy"),
+        "subject": subject, "performedDateTime": _iso(now - timedelta(days=365 * LOOKBACK_OUTSIDE_YEARS + 30))})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, keys
 
 

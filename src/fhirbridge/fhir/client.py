@@ -86,13 +86,16 @@ class FhirRetry(Retry):
             return False
         if method.upper() in IDEMPOTENT_METHODS:
             return True
+        # POST/PATCH: after a 502/504 the upstream may have applied the create or transaction before the
+        # gateway gave up, so repeating it could store the data twice. 429 and 503 are the server refusing
+        # the request (RFC 6585 section 4, RFC 9110 section 15.6.4): nothing was applied, repeating is safe.
         return status_code in NOT_PROCESSED_STATUSES
 
 
 class FhirClient:
     """Client for one FHIR R4 server (`base_url`, e.g. "https://ehr.example.org/fhir").
 
-    Not thread-safe in the sense of `client.invalid` bookkeeping; use one client per worker.
+    Use one client per thread: `requests.Session` and the `invalid` list are not meant to be shared.
     """
 
     def __init__(self, base_url: str, *, auth: requests.auth.AuthBase | None = None,
@@ -319,7 +322,7 @@ class FhirClient:
         log.debug("%s -> %s in %.0f ms", what, resp.status_code, (time.monotonic() - started) * 1000)
         if not 200 <= resp.status_code < 300:
             try:
-                raise self._error(resp, what)
+                raise self._error(resp, what, streamed=stream)
             finally:
                 resp.close()
         return resp
@@ -340,13 +343,13 @@ class FhirClient:
             raise FhirError(f"EHR answered {what} with a body that is not valid JSON",
                             status=resp.status_code, transient=False) from None
 
-    def _error(self, resp: requests.Response, what: str) -> FhirError:
+    def _error(self, resp: requests.Response, what: str, *, streamed: bool) -> FhirError:
         status = resp.status_code
         try:
             phrase = resp.reason or http.HTTPStatus(status).phrase
         except ValueError:
             phrase = ""
-        outcome = _outcome_of(resp)
+        outcome = _outcome_of(resp, streamed)
         message = f"EHR answered {status} {phrase}".rstrip() + f" to {what}"
         retried = _retries_used(resp)
         if retried:
@@ -354,6 +357,7 @@ class FhirClient:
         diagnostics = _diagnostics(outcome)
         if diagnostics:
             message += f": {diagnostics}"
+        # 408 Request Timeout is the server timing out on us: as transient as our own read timeout.
         transient = status in (408, 429) or status >= 500
         return FhirError(message, status=status, transient=transient, outcome=outcome)
 
@@ -492,10 +496,13 @@ def _etag(value: str) -> str:
     return value if value.startswith(('W/"', '"')) else f'W/"{value}"'
 
 
-def _outcome_of(resp: requests.Response) -> dict | None:
+def _outcome_of(resp: requests.Response, streamed: bool) -> dict | None:
+    """The OperationOutcome of an error answer, if that is what it carries (anything else is ignored)."""
     try:
-        raw = _read_capped(resp, _MAX_ERROR_BODY, lambda: None)
-        body = jsonutil.loads(raw) if raw and raw.strip() else None
+        raw = _read_capped(resp, _MAX_ERROR_BODY, lambda: None) if streamed else resp.content
+        if len(raw) > _MAX_ERROR_BODY:
+            return None
+        body = jsonutil.loads(raw) if raw.strip() else None
     except (ValueError, requests.RequestException):
         return None
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
@@ -535,15 +542,7 @@ def _cause(exc: requests.ConnectionError) -> str:
 
 
 def _read_capped(resp: requests.Response, limit: int, too_big) -> bytes:
-    """Read a (streamed) body up to `limit` bytes; calls and raises `too_big()` beyond (or truncates on None)."""
-    if not resp.raw or getattr(resp, "_content_consumed", False):
-        data = resp.content or b""
-        if len(data) > limit:
-            err = too_big()
-            if err is not None:
-                raise err
-            return data[:limit]
-        return data
+    """Read a streamed body up to `limit` bytes; beyond, raise `too_big()` (or, if that is None, truncate)."""
     chunks, size = [], 0
     for chunk in resp.iter_content(64 * 1024):
         size += len(chunk)

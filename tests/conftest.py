@@ -1,0 +1,49 @@
+"""Shared fixtures: a real local FHIR server (sekmet) for the session, a client for it, one seeded patient."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.fhir.client import FhirClient
+from fhirbridge.localehr import LocalEhr, find_sekmet, seed_patient
+
+SEEDED_FAMILY = "Zeltwanger-Testpatient"
+SEEDED_GIVEN = "Anna"
+
+
+@pytest.fixture(scope="session")
+def ehr(tmp_path_factory: pytest.TempPathFactory):
+    """A sekmet FHIR R4 server on a free 127.0.0.1 port, for the whole session."""
+    try:
+        find_sekmet()
+    except FhirbridgeError as exc:
+        pytest.skip(str(exc))
+    server = LocalEhr.start(tmp_path_factory.mktemp("ehr"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fhir(ehr: LocalEhr):
+    with FhirClient(ehr.base_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def seeded(ehr: LocalEhr) -> dict:
+    """One spine-surgery patient (see fhirbridge.localehr.seed_patient), created once per session."""
+    with FhirClient(ehr.base_url) as client:
+        return seed_patient(ehr, client, family=SEEDED_FAMILY, given=SEEDED_GIVEN, profile="spine")
+
+
+@pytest.fixture(scope="session")
+def testdata_dir() -> Path:
+    """Shared test data next to the repository (../shared/testdata); skips when it is not there."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+    if not path.is_dir():
+        pytest.skip(f"shared test data not found at {path}")
+    return path
