@@ -50,8 +50,10 @@ class TestReviewer:
 class TestHospital:
     __test__ = False
 
-    def __init__(self, root: Path, ehr_url: str, *, reviewers: tuple[str, ...] = ("spine-center",)):
+    def __init__(self, root: Path, ehr_url: str, *, reviewers: tuple[str, ...] = ("spine-center",),
+                 env: dict[str, str] | None = None):
         self.root = root
+        self.env = env or {}
         mappings = root / "mappings"
         shutil.copytree(config.PACKAGE_MAPPINGS, mappings)
         self.order_code = f"SO-{uuid.uuid4().hex[:10]}"
@@ -77,7 +79,8 @@ class TestHospital:
         self.app = self.new_app()
 
     def new_app(self, **env) -> App:
-        return App(config.load(self.config_path, environ={k.upper(): v for k, v in env.items()}))
+        merged = {**self.env, **{k.upper(): v for k, v in env.items()}}
+        return App(config.load(self.config_path, environ=merged))
 
     def close(self) -> None:
         self.app.close()

@@ -1,0 +1,145 @@
+"""A fault-injecting HTTP proxy on 127.0.0.1 in front of the real EHR, for the tests.
+
+Rules match requests by method and a path regex and then, for the next `times` matching requests,
+answer with a status (and headers), delay before forwarding, drop the connection without answering, or
+forward and then drop the answer (the server did the work; the client never hears: a lost response).
+Unmatched requests are forwarded unchanged. Absolute upstream URLs in responses (paging links,
+Location) are rewritten to the proxy so that every request goes through it.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
+              "content-encoding", "host"}
+
+
+@dataclass
+class Rule:
+    method: str | None = None          # None: any
+    path: str = ".*"                   # regex searched in the path+query
+    action: str = "status"             # status | delay | drop | lose-response
+    status: int = 503
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0
+    times: int = 1_000_000
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method in (None, method)) and re.search(self.path, path) is not None and self.hits < self.times
+
+
+class FaultProxy:
+    def __init__(self, upstream_base: str):
+        self.upstream = upstream_base.rstrip("/")
+        self.upstream_root = re.match(r"(https?://[^/]+)", self.upstream).group(1)
+        self.rules: list[Rule] = []
+        self.log: list[tuple[str, str, int | str]] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_a):
+                pass
+
+            def _handle(self):
+                proxy._serve(self)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.root = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.base_url = self.root + self.upstream[len(self.upstream_root):]
+
+    def add(self, **kw) -> Rule:
+        rule = Rule(**kw)
+        with self.lock:
+            self.rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rules.clear()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def count(self, method: str, path_regex: str) -> int:
+        return sum(1 for m, p, _s in self.log if m == method and re.search(path_regex, p))
+
+    def _rule_for(self, method: str, path: str) -> Rule | None:
+        with self.lock:
+            for rule in self.rules:
+                if rule.matches(method, path):
+                    rule.hits += 1
+                    return rule
+        return None
+
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        rule = self._rule_for(h.command, h.path)
+        if rule and rule.action == "status":
+            self.log.append((h.command, h.path, rule.status))
+            payload = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient",'
+                       b'"diagnostics":"injected fault"}]}')
+            h.send_response(rule.status)
+            for k, v in {"Content-Type": "application/fhir+json", **rule.headers}.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
+        if rule and rule.action == "drop":
+            self.log.append((h.command, h.path, "drop"))
+            _drop(h)
+            return
+        if rule and rule.action == "delay":
+            time.sleep(rule.delay)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
+        try:
+            r = requests.request(h.command, self.upstream_root + h.path, data=body or None, headers=headers,
+                                 timeout=60)
+        except requests.RequestException:
+            self.log.append((h.command, h.path, "upstream-error"))
+            _drop(h)
+            return
+        if rule and rule.action == "lose-response":
+            self.log.append((h.command, h.path, "lost"))
+            _drop(h)
+            return
+        content = r.content.replace(self.upstream_root.encode(), self.root.encode())
+        self.log.append((h.command, h.path, r.status_code))
+        try:
+            h.send_response(r.status_code)
+            for k, v in r.headers.items():
+                if k.lower() not in HOP_BY_HOP:
+                    h.send_header(k, v.replace(self.upstream_root, self.root))
+            h.send_header("Content-Length", str(len(content)))
+            h.end_headers()
+            h.wfile.write(content)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a timeout test): nothing to answer
+
+
+def _drop(h: BaseHTTPRequestHandler) -> None:
+    """Close the connection without an answer (RST), like a crashed server or a cut network."""
+    h.close_connection = True
+    try:
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        h.connection.close()
+    except OSError:
+        pass
