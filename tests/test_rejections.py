@@ -1,0 +1,246 @@
+"""Bad packages and opinions get a clear error, and nothing is lost or written.
+
+Each opinion rejection asserts three things: the error says why, the Case is still awaiting its opinion,
+and the EHR got nothing (no DocumentReference for the opinion, Task unchanged).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from fhirbridge import envelope
+from fhirbridge.crypto import jws
+from fhirbridge.crypto.keys import KeyRing, generate_jwks
+from fhirbridge.errors import RejectedOpinion, SealError
+from fhirbridge.mappings_load import load_opinion_form
+from fhirbridge.opinion import build_opinion_document, reviewer_organization
+from fhirbridge.receive import process_inbox, receive_bytes, receive_file
+from fhirbridge.reviewer import open_package
+
+from loopkit import SAMPLE_ANSWER, TestHospital
+
+pytestmark = pytest.mark.sekmet
+
+
+@pytest.fixture
+def hospital(tmp_path, ehr):
+    h = TestHospital(tmp_path, ehr.base_url, reviewers=("spine-center", "other-center"))
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def case(hospital, seeded):
+    return hospital.delivered_case(seeded["patient"])
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    """Change one base64url character (to another valid one) at `at`."""
+    b = bytearray(data)
+    b[at] = ord("A") if b[at] != ord("A") else ord("B")
+    return bytes(b)
+
+
+def _ciphertext_offset(data: bytes) -> int:
+    return data.index(b'"ciphertext":"') + len(b'"ciphertext":"') + 10
+
+
+def craft_opinion(hospital: TestHospital, case, *, signer: KeyRing | None = None, recipient: KeyRing | None = None,
+                  doc=None, claims=None) -> bytes:
+    """A sealed opinion built step by step, so one part at a time can be made wrong."""
+    r = hospital.reviewers[case.reviewer]
+    opened = hospital.open(case)
+    c = opened.claims
+    entries = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e for e in opened.document["entry"]}
+    answer = {"concordance": "discordant", "recommendation": "further-diagnostics", "risks_benefits": "x",
+              "urgency": "urgent"}
+    opinion_id = str(uuid.uuid4())
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    document = build_opinion_document(answer, load_opinion_form(hospital.app.config.mappings_dir),
+                                      opinion_id=opinion_id, timestamp=now, patient_entry=entries[c["patient"]],
+                                      service_request_entry=entries[c["service_request"]],
+                                      reviewer_org=reviewer_organization(c["aud"]))
+    if doc:
+        doc(document)
+    signer = signer or r.key
+    document = jws.sign_bundle(document, signer, who={"display": "x"}, when=now)
+    t = int(time.time())
+    out = {"jti": opinion_id, "iat": t, "exp": t + 3600, "iss": c["aud"], "aud": c["iss"], "case_id": case.id,
+           "package_id": c["package_id"], "service_request": c["service_request"], "patient": c["patient"]}
+    if claims:
+        claims(out)
+    return envelope.seal(typ=envelope.OPINION, claims=out, document=document, signer=signer,
+                         recipient=recipient or r.trusted)
+
+
+def assert_nothing_written(hospital, case, fhir, task_version):
+    fresh = hospital.app.store.get(case.id)
+    assert fresh.step == "await_opinion" and fresh.opinion_id is None
+    assert fhir.read_ref(case.task)["meta"]["versionId"] == task_version
+    assert not (hospital.app.case_dir(case.id) / "opinion.jwe").exists()
+
+
+@pytest.fixture
+def task_version(case, fhir):
+    return fhir.read_ref(case.task)["meta"]["versionId"]
+
+
+# --- packages (the reviewer's side) -------------------------------------------------------------
+
+def test_tampered_package_is_refused(hospital, case, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(hospital.package_path(case), copy)
+    env = copy / "package.jwe"
+    env.write_bytes(_flip(env.read_bytes(), _ciphertext_offset(env.read_bytes())))
+    r = hospital.reviewers["spine-center"]
+    with pytest.raises(SealError, match="integrity check failed"):
+        open_package(copy, r.key, r.trusted)
+
+
+def test_truncated_package_is_refused(hospital, case, tmp_path):
+    copy = tmp_path / "truncated"
+    shutil.copytree(hospital.package_path(case), copy)
+    env = copy / "package.jwe"
+    env.write_bytes(env.read_bytes()[: env.stat().st_size // 2])
+    r = hospital.reviewers["spine-center"]
+    with pytest.raises(SealError, match="truncated"):
+        open_package(copy, r.key, r.trusted)
+
+
+def test_tampered_attachment_file_is_refused(hospital, case, tmp_path):
+    copy = tmp_path / "att"
+    shutil.copytree(hospital.package_path(case), copy)
+    att = next((copy / "attachments").glob("*.jwe"))
+    att.write_bytes(_flip(att.read_bytes(), _ciphertext_offset(att.read_bytes())))
+    r = hospital.reviewers["spine-center"]
+    with pytest.raises(SealError):
+        open_package(copy, r.key, r.trusted)
+
+
+def test_package_opened_with_another_reviewers_key_is_refused(hospital, case):
+    other = hospital.reviewers["other-center"]
+    with pytest.raises(SealError, match="none of which"):
+        open_package(hospital.package_path(case), other.key, other.trusted)
+
+
+def test_package_from_an_untrusted_hospital_is_refused(hospital, case):
+    r = hospital.reviewers["spine-center"]
+    stranger = KeyRing(generate_jwks())
+    with pytest.raises(SealError, match="not a trusted key"):
+        open_package(hospital.package_path(case), r.key, KeyRing(stranger.public_jwks()))
+
+
+# --- opinions (the hospital's side) -------------------------------------------------------------
+
+def test_tampered_opinion_is_refused(hospital, case, fhir, task_version):
+    data = hospital.answer(case).read_bytes()
+    with pytest.raises(SealError, match="integrity check failed"):
+        receive_bytes(hospital.app, _flip(data, _ciphertext_offset(data)))
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_truncated_opinion_is_refused(hospital, case, fhir, task_version):
+    data = hospital.answer(case).read_bytes()
+    with pytest.raises(SealError, match="truncated"):
+        receive_bytes(hospital.app, data[: len(data) - 40])
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_sealed_to_another_key_is_refused(hospital, case, fhir, task_version):
+    elsewhere = KeyRing(KeyRing(generate_jwks()).public_jwks())
+    with pytest.raises(SealError, match="none of which"):
+        receive_bytes(hospital.app, craft_opinion(hospital, case, recipient=elsewhere))
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_signed_by_another_reviewer_is_refused(hospital, case, fhir, task_version):
+    other = hospital.reviewers["other-center"]
+    with pytest.raises(SealError, match="not a trusted key"):
+        receive_bytes(hospital.app, craft_opinion(hospital, case, signer=other.key))
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_for_an_unknown_case_is_refused(hospital, case, fhir, task_version):
+    data = craft_opinion(hospital, case, claims=lambda c: c.update(case_id=str(uuid.uuid4())))
+    with pytest.raises(RejectedOpinion, match="does not know"):
+        receive_bytes(hospital.app, data)
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_for_an_already_filed_case_is_refused(hospital, case, fhir):
+    receive_file(hospital.app, hospital.answer(case))
+    hospital.run(intake=False)
+    assert hospital.app.store.get(case.id).step == "done"
+    second = craft_opinion(hospital, case)            # a different opinion, properly sealed
+    version = fhir.read_ref(case.task)["meta"]["versionId"]
+    with pytest.raises(RejectedOpinion, match="already has its opinion filed"):
+        receive_bytes(hospital.app, second)
+    assert fhir.read_ref(case.task)["meta"]["versionId"] == version
+
+
+def test_replayed_opinion_is_refused_while_filing(hospital, case):
+    data = hospital.answer(case).read_bytes()
+    receive_bytes(hospital.app, data)                 # accepted; the file step has not run yet
+    with pytest.raises(RejectedOpinion, match="already received"):
+        receive_bytes(hospital.app, data)
+
+
+def test_expired_opinion_is_refused(hospital, case, fhir, task_version):
+    data = craft_opinion(hospital, case, claims=lambda c: c.update(iat=c["iat"] - 90_000, exp=c["iat"] - 86_400))
+    with pytest.raises(SealError, match="expired"):
+        receive_bytes(hospital.app, data)
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_with_invalid_fhir_is_refused(hospital, case, fhir, task_version):
+    def break_it(doc):
+        doc["entry"][0]["resource"]["statusReason"] = "not an element of Composition"
+    with pytest.raises(RejectedOpinion, match="not valid FHIR") as err:
+        receive_bytes(hospital.app, craft_opinion(hospital, case, doc=break_it))
+    assert "Composition" in str(err.value)
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_about_another_patient_is_refused(hospital, case, fhir, task_version):
+    def other_patient(doc):
+        doc["entry"][0]["resource"]["subject"] = {"reference": "Patient/someone-else"}
+    with pytest.raises(RejectedOpinion, match="different patient"):
+        receive_bytes(hospital.app, craft_opinion(hospital, case, doc=other_patient))
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_opinion_answering_another_package_is_refused(hospital, case, fhir, task_version):
+    data = craft_opinion(hospital, case, claims=lambda c: c.update(package_id=str(uuid.uuid4())))
+    with pytest.raises(RejectedOpinion, match="answers package"):
+        receive_bytes(hospital.app, data)
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_inbox_keeps_refused_files_with_their_reason_and_files_good_ones(hospital, case, fhir):
+    inbox = hospital.app.config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    good = hospital.answer(case)
+    shutil.copy(good, inbox / "good.jwe")
+    (inbox / "bad.jwe").write_bytes(b'{"protected":"garbage"}')
+    accepted, refused = process_inbox(hospital.app)
+    assert len(accepted) == 1 and len(refused) == 1
+    assert (inbox / "refused" / "bad.jwe").exists()
+    assert "refused" in (inbox / "refused" / "bad.jwe.reason.txt").read_text()
+    assert (inbox / "accepted" / "good.jwe").exists()
+    hospital.run(intake=False)
+    assert hospital.app.store.get(case.id).step == "done"
+
+
+def test_bad_answer_file_lists_every_problem(hospital, case, tmp_path):
+    bad = SAMPLE_ANSWER.replace('concordance = "concordant"', 'concordance = "maybe"').replace(
+        'urgency = "routine"\n', "")
+    from fhirbridge.opinion import AnswerError
+    with pytest.raises(AnswerError) as err:
+        hospital.answer(case, bad)
+    text = str(err.value)
+    assert "concordance: 'maybe' is not one of: concordant, partially-concordant, discordant" in text
+    assert "urgency: required" in text
