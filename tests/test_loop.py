@@ -122,6 +122,13 @@ def test_package_is_a_valid_signed_document_with_manifest(hospital, seeded):
     # Valid FHIR R4, entry by entry.
     for e in doc["entry"]:
         assert validate(e["resource"]) == [], e["resource"]["resourceType"]
+    # Imaging travels with where to fetch the pixels (ImagingStudy.endpoint -> a DICOMweb Endpoint).
+    by_url = {e["fullUrl"]: e["resource"] for e in doc["entry"]}
+    studies = [e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "ImagingStudy"]
+    assert studies and all(s["series"][0]["uid"] for s in studies)
+    for s in studies:
+        endpoint = by_url[f"{hospital.app.config.hospital.fhir_base_url}/{s['endpoint'][0]['reference']}"]
+        assert endpoint["connectionType"]["code"] == "dicom-wado-rs" and endpoint["address"].startswith("https://")
     kinds = {e["resource"]["resourceType"] for e in doc["entry"]}
     assert {"Patient", "ServiceRequest", "Condition", "DiagnosticReport", "ImagingStudy", "Procedure",
             "MedicationStatement", "MedicationRequest", "DocumentReference", "Observation",

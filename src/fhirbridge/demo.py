@@ -90,7 +90,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
     print(f"    config: {paths['config']}")
     app = App(config.load(paths["config"]), progress=lambda m: print(f"    {m}", flush=True))
     try:
-        step("Seeding a patient: MRI and CT with reports, labs, procedures, medications, notes")
+        step("Seeding a patient: imaging with reports, labs, procedures, medications, notes")
         seeded = seed_patient(ehr, app.ehr, profile="spine")
         print(f"    {seeded['patient']}: {len(seeded['diagnostic_reports'])} reports, "
               f"{len(seeded['imaging_studies'])} imaging studies, {len(seeded['procedures'])} procedures, "

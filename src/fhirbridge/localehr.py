@@ -351,6 +351,13 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
         ids["imaging_studies"].append(f"ImagingStudy/{study['imaging_study']['id']}")
         ids["diagnostic_reports"].append(f"DiagnosticReport/{report['diagnostic_report']['id']}")
 
+    # The hospital's PACS as a DICOMweb (WADO-RS) Endpoint, so reviewers learn where the pixels are.
+    endpoint = _pacs_endpoint(client)
+    for study_ref in ids["imaging_studies"]:
+        study = client.read_ref(study_ref)
+        study["endpoint"] = [{"reference": endpoint}]
+        client.update(study)
+
     lab = ehr.workflow("orders.full_lab_cycle", patient=patient, test=prof.lab_panel)
     ids["service_requests"].append(f"ServiceRequest/{lab['service_request']['id']}")
     ids["diagnostic_reports"].append(f"DiagnosticReport/{lab['diagnostic_report']['id']}")
@@ -376,6 +383,22 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
         else:
             ids[key].append(ref)
     return ids
+
+
+PACS_IDENTIFIER = ("urn:fhirbridge:demo:endpoint", "pacs-dicomweb")
+
+
+def _pacs_endpoint(client: FhirClient) -> str:
+    """A fictional DICOMweb endpoint (R4 Endpoint, connectionType dicom-wado-rs), created once per server."""
+    system, value = PACS_IDENTIFIER
+    endpoint, _ = client.create({
+        "resourceType": "Endpoint", "identifier": [{"system": system, "value": value}], "status": "active",
+        "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                           "code": "dicom-wado-rs", "display": "DICOM WADO-RS"},
+        "name": "Demo hospital PACS (DICOMweb)", "payloadType": [{"text": "DICOM"}],
+        "payloadMimeType": ["application/dicom"], "address": "https://pacs.demo-hospital.example/dicom-web",
+    }, if_none_exist=f"identifier={system}|{value}")
+    return f"Endpoint/{endpoint['id']}"
 
 
 def _created_ref(entry: dict) -> str:
