@@ -175,10 +175,6 @@ def test_reviewer_keys_refuses_to_overwrite(tmp_path, capsys):
     assert (d / "reviewer.private.jwks.json").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: init_config.write_reviewer_keys writes the reviewer key pair before reading "
-                          "--trust; a wrong --trust path fails AFTER the keys exist, and the corrected rerun "
-                          "then fails with 'refusing to overwrite an existing key file'")
 def test_reviewer_keys_with_a_missing_trust_file_can_be_rerun(site, tmp_path, capsys):
     d = tmp_path / "reviewer"
     code, out, err = run(capsys, "reviewer", "keys", d, "--trust", tmp_path / "typo.jwks.json")

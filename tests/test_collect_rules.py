@@ -80,10 +80,6 @@ def test_entered_in_error_is_withheld(spine):
     assert reason(study(modality=["MR"]) | {"status": "entered-in-error"}, spine) == "status entered-in-error"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: withhold_reason only looks at res['status']; an R4 Condition has no status and "
-                          "marks a mistaken entry with verificationStatus condition-ver-status|entered-in-error, "
-                          "so erroneous diagnoses are disclosed")
 def test_condition_entered_in_error_is_withheld(spine):
     cond = {"resourceType": "Condition", "id": "c", "recordedDate": recent(),
             "verificationStatus": {"coding": [{

@@ -307,9 +307,6 @@ def test_https_transport_allows_plain_http_to_loopback_for_tests(tmp_path):
     assert load(path).reviewers["spine-center"].transport.url == "http://127.0.0.1:9000/in"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config._reviewers accepts any URL that merely starts with "
-                   "'http://127.0.0.1' (e.g. http://127.0.0.1.evil.example/, http://127.0.0.1@evil.example/) "
-                   "as the plain-http loopback exception", raises=pytest.fail.Exception)
 @pytest.mark.parametrize("url", ["http://127.0.0.1.evil.example/in", "http://127.0.0.1@evil.example/in"])
 def test_https_transport_loopback_exception_is_only_loopback(tmp_path, url):
     path = make(tmp_path, reviewers=[SPINE])
@@ -333,9 +330,6 @@ def test_invalid_toml(tmp_path):
     assert "not valid TOML" in err.detail
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config.load reads the file as UTF-8 and lets UnicodeDecodeError "
-                   "escape (only TOMLDecodeError/OSError are caught): a Latin-1 file is a traceback, "
-                   "not a ConfigError", raises=UnicodeDecodeError)
 def test_non_utf8_file_is_a_config_error(tmp_path):
     path = make(tmp_path, hospital_name="Universitätsklinikum")
     path.write_bytes(path.read_text(encoding="utf-8").encode("latin-1"))
@@ -411,9 +405,6 @@ def test_env_non_numeric_for_int_key_names_the_key(tmp_path):
     assert_names(err, path, "hospital.http.retries")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config._coerce_env turns every numeric-looking env value into "
-                   "int/float regardless of the key's type, so a digits-only password/token/identifier "
-                   "from the environment fails with 'must be a str, got int'", raises=ConfigError)
 @pytest.mark.parametrize("env, attr", [
     ({"FHIRBRIDGE_HOSPITAL__AUTH__TYPE": "basic", "FHIRBRIDGE_HOSPITAL__AUTH__USERNAME": "fb",
       "FHIRBRIDGE_HOSPITAL__AUTH__PASSWORD": "0012345678"}, ("auth", "password")),

@@ -203,10 +203,6 @@ def test_profile_with_invalid_toml(tmp_path):
     assert "not valid TOML" in err.detail
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: mappings_load._profile checks unknown keys only under [resources.<Type>]; a "
-                          "misspelt [withhold] security_labels (or top-level lookback_days) is silently "
-                          "ignored, so sensitive records are disclosed / the default window is used")
 @pytest.mark.parametrize("old, new, key", [
     ("security_labels = [", "security_label = [", "withhold.security_label"),
     ("lookback_days = 1095", "lookback_day = 30", "lookback_day"),
@@ -216,10 +212,6 @@ def test_misspelt_profile_keys_are_errors(tmp_path, old, new, key):
     assert_config_error(info, path, key)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: mappings_load._profile does tuple(spec['statuses_excluded']) without checking "
-                          "it is a list of strings: a bare string becomes a tuple of characters and "
-                          "entered-in-error records are no longer excluded")
 def test_statuses_excluded_must_be_a_list(tmp_path):
     info, path = load_broken_profile(tmp_path, "[resources.Procedure]",
                                      '[resources.Procedure]\nstatuses_excluded = "entered-in-error"')
@@ -264,9 +256,6 @@ def test_order_codes_file_missing(tmp_path):
     assert_config_error(info, m / "codes" / "orders.toml", None)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: load_order_codes does not check that profile.by_specialty[].profile names an "
-                          "existing collection profile; a typo surfaces only when a Case is collected")
 def test_specialty_mapped_to_unknown_profile(tmp_path):
     m = copy_mappings(tmp_path)
     path = m / "codes" / "orders.toml"

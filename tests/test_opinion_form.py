@@ -127,10 +127,6 @@ def test_wrong_kinds(form, field, value, says):
     assert problems[0].startswith(f"{field}:") and says in problems[0]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: opinion.check_answer does `value not in f.choices` for choice fields without "
-                          "checking the type; a list/table value raises TypeError (unhashable) instead of "
-                          "being reported as a problem")
 @pytest.mark.parametrize("value", [["concordant"], {"code": "concordant"}])
 def test_choice_given_a_list_or_table_is_a_problem_not_a_crash(form, value):
     problems = check_answer(dict(MINIMAL, concordance=value), form)
@@ -307,10 +303,6 @@ def test_missing_answer_file(tmp_path):
     assert str(info.value) == f"{p}: no such file"
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="BUG: opinion.load_answer catches only FileNotFoundError around read_text; a "
-                          "non-UTF-8 answer file (e.g. Latin-1 from a Windows editor) escapes as "
-                          "UnicodeDecodeError and the CLI prints a traceback")
 def test_non_utf8_answer_is_a_clear_error(tmp_path):
     p = tmp_path / "answer.toml"
     p.write_bytes('risks_benefits = "Rückenschmerzen"\n'.encode("latin-1"))

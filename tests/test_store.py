@@ -245,9 +245,6 @@ def test_find_by_prefix(store):
         store.find_by_prefix("bc1")  # a prefix, not a substring
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: Store.find_by_prefix passes the prefix to SQL LIKE without escaping '_' "
-                          "(a single-character wildcard), so 'abc_' resolves to a Case whose id starts 'abc1'")
 def test_find_by_prefix_treats_underscore_literally(store):
     open_case(store, 1, case_id="abc123-1111")
     with pytest.raises(CaseError):

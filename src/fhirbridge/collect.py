@@ -129,7 +129,7 @@ def withhold_reason(res: dict, rule: ResourceRule, profile: Profile, cutoff: dat
     hit = [f"{s}|{c}" for s, c in profile.withhold_labels if (s, c) in labels]
     if hit:
         return f"sensitive record (security label {hit[0]}) is never disclosed under profile {profile.name}"
-    status = res.get("status")
+    status = record_status(res)
     if status in rule.statuses_excluded:
         return f"status {status}"
     if rule.categories and not _has_coding(res, ("category",), rule.categories):
@@ -145,6 +145,17 @@ def withhold_reason(res: dict, rule: ResourceRule, profile: Profile, cutoff: dat
         when = clinical_date(res)
         if when is not None and when < cutoff:
             return f"older than the {profile.lookback_days}-day lookback window"
+    return None
+
+
+def record_status(res: dict) -> str | None:
+    """The record's status; R4 Condition (and AllergyIntolerance) have no `status` and mark a mistaken entry
+    in verificationStatus (condition-ver-status#entered-in-error)."""
+    if res.get("status"):
+        return res["status"]
+    for c in (res.get("verificationStatus") or {}).get("coding", []):
+        if c.get("code") == "entered-in-error":
+            return "entered-in-error"
     return None
 
 
@@ -236,7 +247,7 @@ def _follow_withhold(res: dict, profile: Profile) -> str | None:
     for s, c in profile.withhold_labels:
         if (s, c) in labels:
             return f"sensitive record (security label {s}|{c}) is never disclosed under profile {profile.name}"
-    if res.get("status") == "entered-in-error":
+    if record_status(res) == "entered-in-error":
         return "status entered-in-error"
     return None
 

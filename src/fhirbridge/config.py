@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -140,6 +141,8 @@ def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | Non
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(file)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text (TOML files must be UTF-8)", file=str(file)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
     apply_env_overrides(raw, environ, file)
@@ -165,21 +168,27 @@ def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"environment variable {name} overrides a non-table value", file=str(file),
                                   key=".".join(parts))
-        node[parts[-1]] = _coerce_env(value)
+        # Kept as text: the reader converts it to the type the key needs (a digits-only token stays text).
+        node[parts[-1]] = EnvValue(value)
 
 
-def _coerce_env(value: str) -> Any:
-    low = value.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(value)
-    except ValueError:
-        pass
-    try:
-        return float(value)
-    except ValueError:
-        return value
+class EnvValue(str):
+    """A value that came from the environment: text, converted when its key wants a number or boolean."""
+
+
+def _from_env(value: EnvValue, typ: type | tuple) -> Any:
+    types = typ if isinstance(typ, tuple) else (typ,)
+    if str in types:
+        return str(value)
+    if bool in types and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    for t in (int, float):
+        if t in types:
+            try:
+                return t(value)
+            except ValueError:
+                pass
+    return value
 
 
 class _Section:
@@ -203,6 +212,8 @@ class _Section:
                 raise self.err(name, "is required")
             return default
         value = self.data[name]
+        if isinstance(value, EnvValue):
+            value = _from_env(value, typ)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
@@ -232,6 +243,13 @@ def _positive(sec: _Section, name: str, typ: type, default: Any) -> Any:
     value = sec.get(name, typ, default)
     if value <= 0:
         raise sec.err(name, "must be greater than 0")
+    return value
+
+
+def _non_negative(sec: _Section, name: str, default: int) -> int:
+    value = sec.get(name, int, default)
+    if value < 0:
+        raise sec.err(name, "must be 0 or more")
     return value
 
 
@@ -286,7 +304,7 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     http_sec = sec.sub("http")
     http = Http(timeout_connect=_positive(http_sec, "timeout_connect", float, 5.0),
                 timeout_read=_positive(http_sec, "timeout_read", float, 30.0),
-                retries=http_sec.get("retries", int, 4),
+                retries=_non_negative(http_sec, "retries", 4),
                 max_retry_after=_positive(http_sec, "max_retry_after", float, 30.0),
                 page_size=_positive(http_sec, "page_size", int, 100))
     http_sec.finish()
@@ -299,6 +317,15 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     ident.finish()
     sec.finish()
     return hospital
+
+
+def _https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    # Plain http only when the host itself is loopback: "http://127.0.0.1.evil.example" and
+    # "http://127.0.0.1@evil.example" start with the same characters but go elsewhere.
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1") and not parts.username
 
 
 def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
@@ -319,8 +346,8 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
             transport = Transport("outbox", path=_path(base, t.get("path", str, f"var/outbox/{name}")))
         elif ttype == "https":
             url = t.get("url", str, required=True)
-            if not url.startswith("https://") and not url.startswith("http://127.0.0.1"):
-                raise t.err("url", "must be an https:// URL (plain http only to 127.0.0.1 for tests)")
+            if not _https_or_loopback(url):
+                raise t.err("url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
             transport = Transport("https", url=url, token=t.get("token", str))
         else:
             raise t.err("type", f"{ttype!r} is not one of outbox, https")

@@ -22,8 +22,24 @@ def _read(path: Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("mapping file not found", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text (TOML files must be UTF-8)", file=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
+
+
+def _no_unknown(table: dict, allowed: set[str], path: Path, prefix: str = "") -> None:
+    """A misspelt key in a mapping must not be ignored: `security_label` for `security_labels` would
+    disclose the records it was meant to withhold."""
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError("unknown key (check the spelling)", file=str(path), key=prefix + unknown[0])
+
+
+def _str_list(value, path: Path, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("must be a list of strings", file=str(path), key=key)
+    return tuple(value)
 
 
 def _coding(value, path: Path, key: str) -> dict:
@@ -66,10 +82,17 @@ def load_order_codes(mappings_dir: Path) -> OrderCodes:
     match = tuple(_coding(c, path, f"order_codes[{i}]") for i, c in enumerate(items))
     order = raw.get("order", {})
     profile = raw.get("profile", {})
+    _no_unknown(raw, {"order_codes", "order", "profile"}, path)
+    _no_unknown(profile, {"order_detail_system", "by_specialty"}, path, "profile.")
+    known_profiles = set(profile_names(mappings_dir))
     by_spec = {}
     for i, item in enumerate(profile.get("by_specialty", [])):
         c = _coding(item, path, f"profile.by_specialty[{i}]")
-        by_spec[(c["system"], c["code"])] = str(item.get("profile") or "default")
+        name = str(item.get("profile") or "default")
+        if name not in known_profiles:
+            raise ConfigError(f"names profile {name!r}, which is not in {mappings_dir / 'collect'}",
+                              file=str(path), key=f"profile.by_specialty[{i}].profile")
+        by_spec[(c["system"], c["code"])] = name
     return OrderCodes(match=match, order_code=_coding(order.get("code"), path, "order.code"),
                       order_category=_coding(order.get("category"), path, "order.category"),
                       profile_system=str(profile.get("order_detail_system", "urn:fhirbridge:collection-profile")),
@@ -107,6 +130,7 @@ def load_profile(mappings_dir: Path, name: str) -> Profile:
 
 
 def _profile(path: Path, raw: dict) -> Profile:
+    _no_unknown(raw, {"name", "description", "lookback_days", "withhold", "resources"}, path)
     lookback = raw.get("lookback_days", 730)
     if not isinstance(lookback, int) or lookback <= 0:
         raise ConfigError("must be a positive number of days", file=str(path), key="lookback_days")
@@ -124,16 +148,20 @@ def _profile(path: Path, raw: dict) -> Profile:
         unknown = set(spec) - allowed_keys
         if unknown:
             raise ConfigError("unknown key", file=str(path), key=f"{key}.{sorted(unknown)[0]}")
-        modalities = spec.get("modalities", [])
-        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
-            raise ConfigError("must be a list of DICOM modality codes", file=str(path), key=f"{key}.modalities")
+        lookback_flag = spec.get("lookback", True)
+        if not isinstance(lookback_flag, bool):
+            raise ConfigError("must be true or false", file=str(path), key=f"{key}.lookback")
         rules[rtype] = ResourceRule(
-            type=rtype, lookback=bool(spec.get("lookback", True)),
+            type=rtype, lookback=lookback_flag,
             categories=_token_list(spec.get("categories", []), path, f"{key}.categories"),
             types=_token_list(spec.get("types", []), path, f"{key}.types"),
-            modalities=tuple(modalities),
-            statuses_excluded=tuple(spec.get("statuses_excluded", ["entered-in-error"])))
+            modalities=_str_list(spec.get("modalities", []), path, f"{key}.modalities"),
+            statuses_excluded=_str_list(spec.get("statuses_excluded", ["entered-in-error"]), path,
+                                        f"{key}.statuses_excluded"))
     withhold = raw.get("withhold", {})
+    if not isinstance(withhold, dict):
+        raise ConfigError("must be a table", file=str(path), key="withhold")
+    _no_unknown(withhold, {"security_labels"}, path, "withhold.")
     return Profile(name=str(raw.get("name", path.stem)), description=str(raw.get("description", "")),
                    lookback_days=lookback, rules=rules,
                    withhold_labels=_token_list(withhold.get("security_labels", []), path,

@@ -30,6 +30,10 @@ def load_answer(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FhirbridgeError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise FhirbridgeError(f"{path}: not UTF-8 text; save the answer as UTF-8") from None
+    except OSError as exc:
+        raise FhirbridgeError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         data = jsonutil.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except Exception as exc:  # noqa: BLE001 - TOML and JSON raise different types
@@ -52,7 +56,7 @@ def check_answer(answer: dict, form: OpinionForm) -> list[str]:
                 extra = f" (one of: {', '.join(f.choices)})" if f.kind == "choice" else ""
                 problems.append(f"{f.name}: required - {f.label}{extra}")
             continue
-        if f.kind == "choice" and value not in f.choices:
+        if f.kind == "choice" and (not isinstance(value, str) or value not in f.choices):
             problems.append(f"{f.name}: {value!r} is not one of: {', '.join(f.choices)}")
         elif f.kind == "text" and not isinstance(value, str):
             problems.append(f"{f.name}: must be text")

@@ -160,8 +160,11 @@ class Store:
 
     def find_by_prefix(self, prefix: str) -> Case:
         """Resolve a Case id or an unambiguous prefix of one (what a person types from `status`)."""
+        if not prefix:
+            raise CaseError("give a Case id (or the first characters of one)")
         with self.engine.connect() as conn:
-            rows = conn.execute(select(cases).where(cases.c.id.like(prefix.replace("%", "") + "%")).limit(2)).all()
+            # startswith() escapes LIKE wildcards: "abc_" must not match "abc1...".
+            rows = conn.execute(select(cases).where(cases.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
         if not rows:
             raise CaseError(f"no Case with id {prefix}")
         if len(rows) > 1:
