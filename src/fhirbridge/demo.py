@@ -7,7 +7,9 @@ server. The demo's own files (config, keys, package, opinion) stay in --dir to l
 """
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +39,14 @@ free_text = "Re-refer if motor weakness or bladder symptoms develop."
 question = "Is surgery indicated now?"
 answer = "Not yet: no progressive deficit; try conservative care first."
 '''
+
+
+def _prog() -> str:
+    """How the user ran us, so the commands we print work as shown (a venv's bin is often not on PATH)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "fhirbridge"
+    if os.sep not in argv0 or shutil.which("fhirbridge") == os.path.abspath(argv0):
+        return "fhirbridge"
+    return os.path.relpath(argv0)
 
 
 class Steps:
@@ -120,7 +130,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
         m = opened.manifest
         print(f"    signature valid; {len(m['shared'])} records shared, {len(m['withheld'])} withheld, "
               f"{len(m['attachments'])} attachment file(s)")
-        print(f"    see it yourself: fhirbridge reviewer open {package} --key {key_path}")
+        print(f"    see it yourself: {_prog()} reviewer open {package} --key {key_path}")
 
         step("The reviewer answers (structured opinion -> Consult note, signed + sealed to the hospital)")
         answer_file = reviewer_dir / "answer.toml"
@@ -145,7 +155,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
               f"subject {docref['subject']['reference']}, related {', '.join(related)}")
         print(f"    {case.task}: status {task['status']} ({task.get('businessStatus', {}).get('text')})")
         print()
-        print("\n".join("    | " + line for line in render_opinion(opened_opinion(app, case)).splitlines()[:14]))
+        print("\n".join("    | " + line for line in render_opinion(opened_opinion(app, case)).splitlines()))
     finally:
         app.close()
 
@@ -154,7 +164,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
     print(f"  sealed package:      {package}")
     print(f"  sealed opinion:      {opinion_file}")
     print(f"  hospital config:     {paths['config']}")
-    print(f"  case history:        fhirbridge --config {paths['config']} status {case.id[:8]}")
+    print(f"  case history:        {_prog()} --config {paths['config']} status {case.id[:8]}")
     return 0
 
 

@@ -106,6 +106,9 @@ def _note_detail(r: dict, files: dict) -> list[str]:
 
 
 def _div_text(div: str) -> str:
+    # A line break inside a list item continues that item: indent it under the bullet.
+    div = re.sub(r"<li>(.*?)</li>", lambda m: "<li>" + re.sub(r"<br\s*/?>", "\n    ", m.group(1)) + "</li>", div,
+                 flags=re.S)
     text = re.sub(r"<br\s*/?>", "\n", div)
     text = re.sub(r"</(p|li|tr|h\d)>", "\n", text)
     text = re.sub(r"<li>", "  - ", text)

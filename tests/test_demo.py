@@ -1,0 +1,45 @@
+"""The README's main command: `fhirbridge demo` runs the whole loop on a fresh directory and cleans up."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fhirbridge.cli import main
+from fhirbridge.localehr import find_sekmet
+
+pytestmark = pytest.mark.sekmet
+
+
+def test_demo_runs_the_whole_loop_and_stops_its_server(tmp_path, capsys, monkeypatch):
+    try:
+        find_sekmet()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(str(exc))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--dir", "demo"]) == 0
+    out = capsys.readouterr().out
+    for step in ("Starting a local demo EHR", "orders a second opinion", "fhirbridge run", "opens the package",
+                 "answers", "files it in the EHR", "Checking the chart"):
+        assert step in out
+    assert re.search(r"opinion in the EHR:\s+DocumentReference/\S+ \(Task Task/\S+ completed\)", out)
+    assert "status completed" in out
+    package = re.search(r"sealed package:\s+(\S+)", out).group(1)
+    assert (tmp_path / "demo" / "outbox").exists() and package.startswith(str(tmp_path / "demo" / "outbox"))
+    assert "Stopped the demo EHR" in out
+    # The server it started is gone: its port no longer answers.
+    url = re.search(r"FHIR R4 server at (http://127\.0\.0\.1:\d+)/fhir", out).group(1)
+    import requests
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/fhir/metadata", timeout=2)
+    # A second run replaces the demo directory it made before.
+    assert main(["demo", "--dir", "demo"]) == 0
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    assert main(["demo", "--dir", "precious"]) != 0
+    assert "was not made by the demo" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
