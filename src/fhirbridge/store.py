@@ -233,6 +233,24 @@ class Store:
             conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
                          .values(claimed_by=None, claimed_until=None))
 
+    def release_dead_local_claims(self) -> list[str]:
+        """Free Cases claimed by a process of this host that no longer exists (a `fhirbridge run` that was
+        killed), so the next run on this machine resumes them at once instead of waiting out the lease."""
+        host = socket.gethostname()
+        now = time.time()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(cases.c.id, cases.c.claimed_by).where(and_(
+                cases.c.claimed_by.startswith(f"{host}:", autoescape=True), cases.c.claimed_until > now))).all()
+        freed = []
+        for case_id, worker in rows:
+            pid = worker.rsplit(":", 1)[1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with self.engine.begin() as conn:
+                    conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
+                                 .values(claimed_by=None, claimed_until=None))
+                freed.append(case_id)
+        return freed
+
     def clear_backoff(self, case_id: str | None = None) -> None:
         stmt = update(cases).where(cases.c.next_attempt_at.is_not(None))
         if case_id:
@@ -258,6 +276,16 @@ class Store:
     def message_seen(self, jti: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(seen_messages.c.jti).where(seen_messages.c.jti == jti)).first() is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def new_id() -> str:

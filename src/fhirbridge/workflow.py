@@ -59,6 +59,9 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
         except FhirbridgeError as exc:
             report.errors.append(f"intake: {exc}")
             app.progress(f"  intake failed: {exc}")
+    for freed in app.store.release_dead_local_claims():
+        app.progress(f"case {freed[:8]}: resuming after an interrupted run")
+        app.store.add_event(freed, "resumed", {"reason": "the run holding it had stopped"})
     if ignore_backoff:
         app.store.clear_backoff(case_id)
     while (case := app.store.claim(case_id=case_id)) is not None:
