@@ -25,7 +25,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 class Rule:
     method: str | None = None          # None: any
     path: str = ".*"                   # regex searched in the path+query
-    action: str = "status"             # status | delay | drop | lose-response
+    action: str = "status"             # status | delay | drop | lose-response | rewrite
+    rewrite: object = None             # rewrite: callable(bytes) -> bytes applied to the upstream body
     status: int = 503
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
@@ -122,6 +123,8 @@ class FaultProxy:
             _drop(h)
             return
         content = r.content.replace(self.upstream_root.encode(), self.root.encode())
+        if rule and rule.action == "rewrite":
+            content = rule.rewrite(content)
         self.log.append((h.command, h.path, r.status_code))
         try:
             h.send_response(r.status_code)

@@ -133,3 +133,28 @@ def test_write_back_rejected_by_server_leaves_case_waiting_and_nothing_written(h
     hospital.run(intake=False, ignore_backoff=True)
     case = hospital.app.store.get(case.id)
     assert case.step == "done" and _docrefs(fhir, case) == 1
+
+
+def test_invalid_resource_from_the_ehr_is_reported_not_sent_and_not_fatal(hospital, proxy, seeded):
+    """A DiagnosticReport arrives with an element R4 does not have: the Case goes on, the report is listed as
+    withheld with the reason, and the Case's event log names it."""
+    import orjson
+
+    def corrupt_first_report(body: bytes) -> bytes:
+        bundle = orjson.loads(body)
+        for entry in bundle.get("entry", []):
+            if entry["resource"]["resourceType"] == "DiagnosticReport":
+                entry["resource"]["conclusionn"] = "typo element"
+                break
+        return orjson.dumps(bundle)
+
+    sr = hospital.order(seeded["patient"])
+    proxy.add(method="GET", path=r"/DiagnosticReport\?", action="rewrite", rewrite=corrupt_first_report)
+    report = hospital.run()
+    case = hospital.case_for(sr)
+    assert case.step == "await_opinion" and not report.errors
+    withheld = [w for w in hospital.open(case).manifest["withheld"] if w["reason"].startswith("invalid FHIR")]
+    assert len(withheld) == 1 and withheld[0]["reference"].startswith("DiagnosticReport/")
+    assert "conclusionn" in withheld[0]["reason"]
+    events = [e for e in hospital.app.store.events(case.id) if e["kind"] == "invalid_resource"]
+    assert events and events[0]["detail"]["reference"] == withheld[0]["reference"]
