@@ -47,3 +47,12 @@ def testdata_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared test data not found at {path}")
     return path
+
+
+@pytest.fixture
+def hospital(tmp_path, ehr):
+    """A hospital configured against the session EHR with one reviewer (see tests/loopkit.py)."""
+    from loopkit import TestHospital
+    h = TestHospital(tmp_path, ehr.base_url)
+    yield h
+    h.close()

@@ -8,16 +8,10 @@ import pytest
 
 from fhirbridge.cli import main
 
-from loopkit import SAMPLE_ANSWER, TestHospital
+from loopkit import SAMPLE_ANSWER
 
 pytestmark = pytest.mark.sekmet
 
-
-@pytest.fixture
-def hospital(tmp_path, ehr):
-    h = TestHospital(tmp_path, ehr.base_url)
-    yield h
-    h.close()
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -129,7 +129,7 @@ def test_seed_returns_what_the_server_holds(fhir: FhirClient, seeded: dict):
 @pytest.mark.sekmet
 def test_seeded_record_details(fhir: FhirClient, seeded: dict):
     radiology = [fhir.read_ref(r) for r in seeded["diagnostic_reports"][:2]]
-    for report, study in zip(radiology, seeded["imaging_studies"]):
+    for report, study in zip(radiology, seeded["imaging_studies"], strict=True):
         assert report["category"][0]["coding"][0]["code"] == "RAD"
         assert report["presentedForm"][0]["contentType"] == "text/plain"
         assert report["imagingStudy"] == [{"reference": study}]

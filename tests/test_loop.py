@@ -13,16 +13,9 @@ from fhirbridge.fhir.validate import validate
 from fhirbridge.receive import receive_file
 from fhirbridge.writeback import OPINION_ID_SYSTEM
 
-from loopkit import TestHospital
 
 pytestmark = pytest.mark.sekmet
 
-
-@pytest.fixture
-def hospital(tmp_path, ehr):
-    h = TestHospital(tmp_path, ehr.base_url)
-    yield h
-    h.close()
 
 
 def _count(fhir, rtype, params) -> int:

@@ -17,7 +17,6 @@ from fhirbridge import envelope as envelope_mod
 from fhirbridge.receive import receive_file
 from fhirbridge.writeback import OPINION_ID_SYSTEM
 
-from loopkit import TestHospital
 
 pytestmark = pytest.mark.sekmet
 
@@ -39,12 +38,6 @@ def _die(*_a, **_k):
 def _as_if_killed(hospital, case_id):
     hospital.app.store.update(case_id, claimed_by=f"{socket.gethostname()}:{_dead_pid()}")
 
-
-@pytest.fixture
-def hospital(tmp_path, ehr):
-    h = TestHospital(tmp_path, ehr.base_url)
-    yield h
-    h.close()
 
 
 @pytest.mark.parametrize("where", ["collect", "seal", "deliver"])

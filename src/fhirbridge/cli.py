@@ -35,12 +35,9 @@ def cmd_init(args) -> int:
 
 def cmd_order(args) -> int:
     from .order import place_order
-    app = _app(args)
-    try:
+    with _app(args) as app:
         sr = place_order(app, patient=args.patient, question=args.question, reviewer=args.reviewer,
                          profile=args.profile, requester=args.requester, priority=args.priority)
-    finally:
-        app.close()
     print(f"ServiceRequest/{sr['id']}")
     return 0
 
@@ -48,15 +45,12 @@ def cmd_order(args) -> int:
 def cmd_run(args) -> int:
     from .receive import process_inbox
     from .workflow import run_pending
-    app = _app(args)
-    try:
+    with _app(args) as app:
         accepted, refused = process_inbox(app)
         for path, reason in refused:
             print(f"refused {path.name}: {reason}", file=sys.stderr)
         report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
                              ignore_backoff=args.now)
-    finally:
-        app.close()
     print(f"done: {report.opened} case(s) opened, {len(accepted)} opinion(s) received, "
           f"{report.steps_done} step(s) completed, {len(report.errors)} error(s)")
     for e in report.errors:
@@ -73,8 +67,7 @@ def _fmt(ts: float | None) -> str:
 
 
 def cmd_status(args) -> int:
-    app = _app(args, progress=False)
-    try:
+    with _app(args, progress=False) as app:
         if args.case:
             case = app.store.find_by_prefix(args.case)
             events = app.store.events(case.id)
@@ -107,16 +100,13 @@ def cmd_status(args) -> int:
             print(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
                   f"{(c.last_error or '')[:80]}")
         return 0
-    finally:
-        app.close()
 
 
 def cmd_receive(args) -> int:
     from .receive import receive_file
     from .workflow import run_pending
-    app = _app(args)
     status = 0
-    try:
+    with _app(args) as app:
         for f in args.files:
             try:
                 received = receive_file(app, Path(f))
@@ -132,36 +122,28 @@ def cmd_receive(args) -> int:
             else:
                 print(f"not filed yet ({case.last_error}); `fhirbridge run` will retry", file=sys.stderr)
                 status = 1
-    finally:
-        app.close()
     return status
 
 
 def cmd_retry(args) -> int:
     from .workflow import retry
-    app = _app(args)
-    try:
+    with _app(args) as app:
         case = retry(app, app.store.find_by_prefix(args.case))
-    finally:
-        app.close()
     print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
     return 0
 
 
 def cmd_cancel(args) -> int:
     from .workflow import cancel
-    app = _app(args)
-    try:
+    with _app(args) as app:
         case = cancel(app, app.store.find_by_prefix(args.case), args.reason)
-    finally:
-        app.close()
     print(f"case {case.id[:8]} cancelled")
     return 0
 
 
 def cmd_keys_jwks(args) -> int:
-    app = _app(args, progress=False)
-    print(jsonutil.dumps(app.hospital_keys.public_jwks(), pretty=True).decode())
+    with _app(args, progress=False) as app:
+        print(jsonutil.dumps(app.hospital_keys.public_jwks(), pretty=True).decode())
     return 0
 
 

@@ -56,6 +56,12 @@ class App:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         return d
 
+    def __enter__(self) -> "App":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if "ehr" in self.__dict__:
             self.ehr.close()
