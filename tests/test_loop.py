@@ -135,3 +135,17 @@ def test_package_is_a_valid_signed_document_with_manifest(hospital, seeded):
     assert len(files) == 1 and files[0]["content_type"] == "application/pdf"
     assert (hospital.package_path(case) / files[0]["file"]).exists()
     assert files[0]["url"] in {f"Binary/{b.split('/')[-1]}" for b in seeded["binaries"]}
+
+
+def test_renaming_the_hospital_reopens_no_case(hospital, seeded):
+    sr = hospital.order(seeded["patient"])
+    hospital.run(case_id="none")
+    cfg = hospital.config_path.read_text()
+    hospital.config_path.write_text(cfg.replace('name = "Test Hospital', 'name = "Renamed Test Hospital', 1))
+    renamed = hospital.new_app()
+    try:
+        assert renamed.config.hospital.name.startswith("Renamed")
+        assert hospital.run(app=renamed, case_id="none").opened == 0
+        assert len([c for c in renamed.store.list() if c.service_request == f"ServiceRequest/{sr['id']}"]) == 1
+    finally:
+        renamed.close()

@@ -63,6 +63,12 @@ class Hospital:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},
                 "display": self.name}
 
+    @property
+    def key(self) -> str:
+        """What Cases are filed under: the organisation identifier, which stays put when the display name or
+        the EHR's URL changes (a key that changed would make intake reopen, and resend, every order)."""
+        return f"{self.identifier_system}|{self.identifier_value}"
+
 
 @dataclass(frozen=True)
 class Transport:

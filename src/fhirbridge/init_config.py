@@ -25,7 +25,8 @@ name = "{hospital_name}"
 keys = "keys/hospital.private.jwks.json"   # signing + decryption keys (made by init; mode 0600)
 fhir_base_url = "{fhir_base_url}"
 
-[hospital.identifier]                  # how reviewers and the EHR name this hospital
+[hospital.identifier]                  # YOUR organisation identifier: it names you to reviewers and keys your
+                                      # Cases (change it later and every open order is taken in again)
 system = "{identifier_system}"
 value = "{identifier_value}"
 

@@ -26,7 +26,7 @@ class IntakeResult:
 
 
 def case_id_for(app: App, service_request_ref: str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.config.hospital.fhir_base_url}/{service_request_ref}"))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.config.hospital.key}/{service_request_ref}"))
 
 
 def run_intake(app: App) -> IntakeResult:
@@ -52,7 +52,7 @@ def run_intake(app: App) -> IntakeResult:
 
 def open_case(app: App, sr: dict) -> tuple[Case, bool]:
     ref = f"ServiceRequest/{sr['id']}"
-    existing = app.store.find_by_order(app.config.hospital.name, ref)
+    existing = app.store.find_by_order(app.config.hospital.key, ref)
     if existing:
         return existing, False
     patient = sr.get("subject", {}).get("reference", "")
@@ -66,7 +66,7 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
                         f"{app.config.mappings_dir / 'collect'}")
     if route_error:
         problems.append(route_error)
-    case, created = app.store.open_case(case_id=case_id_for(app, ref), hospital=app.config.hospital.name,
+    case, created = app.store.open_case(case_id=case_id_for(app, ref), hospital=app.config.hospital.key,
                                         service_request=ref, patient=patient or "unknown", reviewer=reviewer or "",
                                         profile=profile)
     if not created:
