@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,8 +19,11 @@ pytestmark = pytest.mark.sekmet
 class ReviewerEndpoint:
     """A minimal reviewer inbox: stores each file once per Idempotency-Key; can refuse the first N posts."""
 
-    def __init__(self, root: Path, fail_first: int = 0, status: int = 503):
+    def __init__(self, root: Path, fail_first: int = 0, status: int = 503, *, retry_after: str = "0",
+                 redirect_to: str | None = None):
         self.root, self.fail_left, self.status = root, fail_first, status
+        self.retry_after, self.redirect_to = retry_after, redirect_to
+        self.gets = 0
         self.posts: list[dict] = []
         me = self
 
@@ -30,10 +34,16 @@ class ReviewerEndpoint:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 me.posts.append({k.lower(): v for k, v in self.headers.items()})
+                if me.redirect_to:                     # e.g. an expired route sending clients to a login page
+                    self.send_response(302)
+                    self.send_header("Location", me.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if me.fail_left > 0:
                     me.fail_left -= 1
                     self.send_response(me.status)
-                    self.send_header("Retry-After", "0")
+                    self.send_header("Retry-After", me.retry_after)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -48,6 +58,13 @@ class ReviewerEndpoint:
                     self.send_response(201)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            def do_GET(self):                          # the login page a redirect leads to: "200 OK"
+                me.gets += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"login")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -117,3 +134,39 @@ def test_reviewer_endpoint_refusing_keeps_the_case_waiting_with_the_reason(tmp_p
     finally:
         h.close()
         refusing.close()
+
+
+def test_a_redirecting_reviewer_url_fails_the_case_instead_of_counting_as_delivered(tmp_path, ehr, seeded):
+    # POST -> 302 -> GET /login -> 200 used to be taken for a delivery: the package was never stored anywhere.
+    login = ReviewerEndpoint(tmp_path / "login")
+    redirecting = ReviewerEndpoint(tmp_path / "r", redirect_to=f"{login.url.rsplit('/', 2)[0]}/login?next=x")
+    h = _https_hospital(tmp_path, ehr, redirecting.url)
+    try:
+        sr = h.order(seeded["patient"])
+        h.run()
+        case = h.case_for(sr)
+        assert case.step == "failed", case.last_error
+        assert "redirects (302)" in case.last_error and "/login" in case.last_error
+        assert login.gets == 0 and not login.posts           # never followed
+        assert len(redirecting.posts) == 1                   # and not repeated: it is permanent
+    finally:
+        h.close()
+        redirecting.close()
+        login.close()
+
+
+def test_a_day_long_retry_after_leaves_the_case_waiting_instead_of_blocking_the_run(tmp_path, ehr, seeded):
+    busy = ReviewerEndpoint(tmp_path / "r", fail_first=10**6, status=503, retry_after="86400")
+    h = _https_hospital(tmp_path, ehr, busy.url)
+    try:
+        sr = h.order(seeded["patient"])
+        started = time.monotonic()
+        h.run()
+        assert time.monotonic() - started < 60
+        case = h.case_for(sr)
+        assert case.step == "deliver", case.last_error      # waiting for a later run, not failed
+        assert "503" in case.last_error and "86400" in case.last_error and "later run" in case.last_error
+        assert len(busy.posts) == 1
+    finally:
+        h.close()
+        busy.close()

@@ -315,3 +315,78 @@ def test_form_without_fields(tmp_path):
 def test_form_document_type_missing(tmp_path):
     info, path = load_broken_form(tmp_path, "type = {", "typ = {")
     assert_config_error(info, path, "document.type")
+
+
+# --- the opinion form is strict at every level (review fix) -------------------------------------------
+
+@pytest.mark.parametrize("old, new, key", [
+    ("[fields.risks_benefits]\nkind = \"text\"\nrequired = true",
+     "[fields.risks_benefits]\nkind = \"text\"\nrequried = true", "fields.risks_benefits.requried"),
+    ('label = "Urgency"', 'lable = "Urgency"', "fields.urgency.lable"),
+    ('title = "Second opinion"', 'titel = "Second opinion"', "document.titel"),
+    ("[sections]", "[section]", "section"),
+    ('code = "11488-4", display = "Consult note"', 'code = "11488-4", dispaly = "Consult note"',
+     "document.type.dispaly"),
+    ('urgent = { system = "http://hl7.org/fhir/request-priority", code = "urgent", display = "Urgent" }',
+     'urgent = { system = "http://hl7.org/fhir/request-priority", code = "urgent", dispaly = "Urgent" }',
+     "fields.urgency.choices.urgent.dispaly"),
+])
+def test_misspelt_opinion_form_keys_are_errors(tmp_path, old, new, key):
+    info, path = load_broken_form(tmp_path, old, new)
+    err = assert_config_error(info, path, key)
+    assert "unknown key" in err.detail
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("[fields.free_text]\nkind = \"text\"\nrequired = false\nlabel = \"Comments\"\nsection = \"Comments\"",
+     "[fields]\nfree_text = \"text\"", "fields.free_text"),
+    ("[document]\ntype = {", "document = \"consult\"\n[documentx]\ntype = {", "document"),
+    ("[fields.risks_benefits]\nkind = \"text\"\nrequired = true",
+     "[fields.risks_benefits]\nkind = \"text\"\nrequired = \"false\"", "fields.risks_benefits.required"),
+    ('label = "Urgency"', "label = 3", "fields.urgency.label"),
+    ("[fields.free_text]\nkind = \"text\"", "[fields.free_text]\nkind = \"text\"\nobservation = true",
+     "fields.free_text.observation"),
+    ("[fields.free_text]\nkind = \"text\"", "[fields.free_text]\nkind = \"text\"\nchoices = { a = 1 }",
+     "fields.free_text.choices"),
+])
+def test_opinion_form_values_of_the_wrong_shape_are_errors(tmp_path, old, new, key):
+    info, path = load_broken_form(tmp_path, old, new)
+    assert_config_error(info, path, key)
+
+
+def test_check_all_loads_every_mapping_file():
+    from fhirbridge.mappings_load import check_all
+    check_all(SHIPPED)   # the shipped mappings are all fine
+
+
+@pytest.mark.parametrize("rel, old, new, key", [
+    ("collect/cardiac.toml", "lookback_days", "lookback_dayz", "lookback_dayz"),
+    ("codes/orders.toml", "[order]", "[ordre]", None),
+    ("opinion/default.toml", 'label = "Urgency"', 'lable = "Urgency"', "fields.urgency.lable"),
+])
+def test_check_all_finds_a_typo_in_any_mapping_file(tmp_path, rel, old, new, key):
+    from fhirbridge.mappings_load import check_all
+    m = copy_mappings(tmp_path)
+    edit(m / rel, old, new)
+    with pytest.raises(ConfigError) as info:
+        check_all(m)
+    assert_config_error(info, m / rel, key)
+
+
+def test_check_all_reads_every_opinion_form_not_just_the_default(tmp_path):
+    from fhirbridge.mappings_load import check_all
+    m = copy_mappings(tmp_path)
+    extra = m / "opinion" / "short.toml"
+    extra.write_text((m / "opinion" / "default.toml").read_text().replace("\nrequired = true", "\nrequried = true", 1))
+    with pytest.raises(ConfigError) as info:
+        check_all(m)
+    assert_config_error(info, extra, None)
+
+
+def test_check_all_needs_a_default_profile(tmp_path):
+    from fhirbridge.mappings_load import check_all
+    m = copy_mappings(tmp_path)
+    (m / "collect" / "default.toml").rename(m / "collect" / "general.toml")
+    with pytest.raises(ConfigError) as info:
+        check_all(m)
+    assert "default.toml" in str(info.value)

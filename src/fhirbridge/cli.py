@@ -23,7 +23,9 @@ def _app(args, *, progress: bool = True) -> App:
 # --- commands ------------------------------------------------------------------------------------
 
 def cmd_init(args) -> int:
-    from .init_config import write_starter
+    from .init_config import check_starter_args, write_starter
+    # Checked here, before anything is written: a wrong URL must not leave keys and a config behind.
+    check_starter_args(fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name)
     paths = write_starter(Path(args.dir), fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name,
                           force=args.force)
     print(f"wrote {paths['config']}")
@@ -175,7 +177,8 @@ def cmd_reviewer_open(args) -> int:
             Path(args.json).write_bytes(data)
             print(f"wrote the document Bundle to {args.json}", file=sys.stderr)
     if not args.json or args.json != "-":
-        print(f"signature: valid, by hospital key {opened.document['signature'].get('who', {}).get('display', '')}")
+        print(f"signature: valid, by hospital key {opened.document['signature'].get('who', {}).get('display', '')}"
+              f" (trusted keys: {opened.hospital.source if opened.hospital else '-'})")
         print(render_package(opened.claims, opened.document))
     if args.extract:
         for p in extract_attachments(opened, key, Path(args.extract)):
@@ -189,7 +192,8 @@ def cmd_reviewer_answer(args) -> int:
     key, trusted = _reviewer_keys(args)
     opened = open_package(Path(args.package), key, trusted)
     mappings = config.PACKAGE_MAPPINGS if not args.mappings else Path(args.mappings)
-    sealed, claims = answer(opened, Path(args.opinion), key, trusted, mappings_dir=mappings, form=args.form)
+    # Sealed to the one hospital whose key verified the package (opened.hospital), never to the whole trust store.
+    sealed, claims = answer(opened, Path(args.opinion), key, mappings_dir=mappings, form=args.form)
     write_atomic(Path(args.out), sealed)
     print(f"wrote sealed opinion {claims['jti']} to {args.out}; send it to {claims['aud'].get('display')}")
     return 0
@@ -257,14 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reviewer_cmd", required=True)
     s = rev.add_parser("keys", help="make a reviewer key pair in DIR")
     s.add_argument("dir")
-    s.add_argument("--trust", help="the hospital's public JWKS to trust (copied to DIR/trusted.jwks.json)")
+    s.add_argument("--trust", help="the hospital's public JWKS to trust (copied to DIR/trusted.jwks.json; to trust "
+                                   "several hospitals, use a DIR/trusted/ directory with one <hospital>.jwks.json "
+                                   "file each instead)")
     s.set_defaults(func=cmd_reviewer_keys)
     for name, helptext in (("open", "verify, decrypt and summarise a package"),
                            ("answer", "turn a structured answer into a sealed opinion")):
         s = rev.add_parser(name, help=helptext)
         s.add_argument("package", help="the package directory (or its package.jwe)")
         s.add_argument("--key", required=True, help="the reviewer's private JWKS")
-        s.add_argument("--trust", help="the hospital's public JWKS (default: trusted.jwks.json next to --key)")
+        s.add_argument("--trust", help="the trusted hospitals: one hospital's public JWKS file, or a directory of "
+                                       "*.jwks.json files, one per hospital (default: trusted.jwks.json or "
+                                       "trusted/ next to --key); the opinion is sealed only to the hospital "
+                                       "that signed the package")
         if name == "open":
             s.add_argument("--json", metavar="FILE", help="write the full document Bundle as JSON ('-': stdout)")
             s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR")

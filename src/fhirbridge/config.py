@@ -11,6 +11,7 @@ errors too: a misspelt `fhir_base_ur1` silently ignored would send a hospital's 
 """
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, SealError
 
 ENV_PREFIX = "FHIRBRIDGE_"
 DEFAULT_FILE = "fhirbridge.toml"
@@ -137,7 +138,10 @@ def find_config_file(explicit: str | os.PathLike | None = None) -> Path:
     return Path.cwd() / DEFAULT_FILE
 
 
-def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None,
+         check_files: bool = False) -> Config:
+    """Load and check the configuration. With `check_files=True` the key files it names are checked too
+    (see `check_files`) and the first problem is raised; by default they are not opened here."""
     file = find_config_file(path)
     environ = os.environ if environ is None else environ
     if not file.exists():
@@ -152,7 +156,68 @@ def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | Non
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
     apply_env_overrides(raw, environ, file)
-    return _build(raw, file)
+    cfg = _build(raw, file)
+    if check_files:
+        problems = _file_problems(cfg)
+        if problems:
+            raise problems[0]
+    return cfg
+
+
+def check_files(cfg: Config) -> list[str]:
+    """Problems with the key files the configuration names, one message each (empty: all good).
+
+    Each reviewer's `jwks` must be a PUBLIC key set with at least one encryption key (to seal packages to)
+    and one verification key (to check its opinions); the hospital's `keys` a private set that can sign
+    and decrypt. Kept apart from `load` so a run can report these and still do the work they do not block.
+    """
+    return [str(p) for p in _file_problems(cfg)]
+
+
+def _file_problems(cfg: Config) -> list[ConfigError]:
+    # Imported here: reading the configuration alone needs no cryptography.
+    from .crypto.keys import KeyRing
+    file = str(cfg.file) if cfg.file else None
+    problems: list[ConfigError] = []
+
+    def ring(path: Path, key: str) -> KeyRing | None:
+        try:
+            return KeyRing.load(path)
+        except ConfigError as exc:
+            problems.append(ConfigError(f"{path}: {exc.detail}", file=file, key=key))
+            return None
+
+    for i, r in enumerate(cfg.reviewers.values()):
+        key = f"reviewers[{i}].jwks"
+        kr = ring(r.jwks, key)
+        if kr is None:
+            continue
+        if kr.has_private:
+            problems.append(ConfigError(f"{r.jwks} holds private keys; a reviewer's jwks must be its PUBLIC key "
+                                        "set (and its private keys should never have left the reviewer)",
+                                        file=file, key=key))
+        if not kr.encryption_keys():
+            problems.append(ConfigError(f"{r.jwks} has no encryption key: packages for {r.name} cannot be "
+                                        "sealed", file=file, key=key))
+        if not any(kr.verification_key(kid) for kid in kr.kids):
+            problems.append(ConfigError(f"{r.jwks} has no signature verification key: opinions from {r.name} "
+                                        "cannot be verified", file=file, key=key))
+    kr = ring(cfg.hospital.keys, "hospital.keys")
+    if kr is not None:
+        if not kr.has_private:
+            problems.append(ConfigError(f"{cfg.hospital.keys} holds only public keys; the hospital needs its "
+                                        "private key set (made by `fhirbridge init`)", file=file,
+                                        key="hospital.keys"))
+        else:
+            if not any(kr.decryption_key(kid) for kid in kr.kids):
+                problems.append(ConfigError(f"{cfg.hospital.keys} has no private encryption key: opinions "
+                                            "could not be decrypted", file=file, key="hospital.keys"))
+            try:
+                kr.signing_key()
+            except SealError:
+                problems.append(ConfigError(f"{cfg.hospital.keys} has no private signing key: packages could "
+                                            "not be signed", file=file, key="hospital.keys"))
+    return problems
 
 
 def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
@@ -225,6 +290,10 @@ class _Section:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise self.err(name, f"must be a {want}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML allows nan and inf, and float() parses them from the environment; a nan timeout compares
+            # false with everything (so passes "> 0") and an infinite one never times out.
+            raise self.err(name, f"must be a finite number, got {value}")
         if isinstance(value, str) and required and not value.strip():
             raise self.err(name, "must not be empty")
         return value
@@ -293,8 +362,8 @@ def _build(raw: dict, file: Path) -> Config:
 
 def _hospital(sec: _Section, base: Path) -> Hospital:
     url = sec.get("fhir_base_url", str, required=True).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise sec.err("fhir_base_url", "must start with http:// or https://")
+    if not url.startswith(("http://", "https://")) or not _hostname(url):
+        raise sec.err("fhir_base_url", "must start with http:// or https:// and name a host")
     auth_sec = sec.sub("auth")
     auth_type = auth_sec.get("type", str, "none")
     if auth_type not in ("none", "basic", "bearer"):
@@ -323,6 +392,13 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     ident.finish()
     sec.finish()
     return hospital
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
 
 
 def _https_or_loopback(url: str) -> bool:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import jsonutil
 from .crypto import jwe, jws
@@ -25,10 +26,41 @@ from .errors import SealError
 PACKAGE = "fhirbridge-package"
 OPINION = "fhirbridge-opinion"
 ENVELOPE_FILE = "package.jwe"
-MAX_ENVELOPE_BYTES = 256 * 1024 * 1024  # checked before decryption: a huge file is refused unopened
-# The envelope is compressed: without a limit on what it inflates to, a small file could still exhaust memory.
-MAX_PLAINTEXT_BYTES = 512 * 1024 * 1024
+MiB = 1024 * 1024
+# Size caps per direction. The file cap is checked before decryption (a huge file is refused unopened); the
+# plaintext cap while inflating, because the envelope is DEFLATE-compressed (zip DEF, RFC 7516 section 4.1.3)
+# and a small file could otherwise expand to gigabytes before its signature is even looked at.
+# A package carries a patient's records (large attachments travel in their own files, so this is the
+# document with its inline Binaries); an opinion is a few sections of text and three Observations, so its
+# caps are far smaller: whoever can drop a file in the inbox must not be able to make us inflate 1.8 GB.
+MAX_PACKAGE_ENVELOPE_BYTES = 256 * MiB
+MAX_PACKAGE_PLAINTEXT_BYTES = 512 * MiB
+MAX_OPINION_ENVELOPE_BYTES = 8 * MiB
+MAX_OPINION_PLAINTEXT_BYTES = 32 * MiB
+_CAPS = {PACKAGE: (MAX_PACKAGE_ENVELOPE_BYTES, MAX_PACKAGE_PLAINTEXT_BYTES),
+         OPINION: (MAX_OPINION_ENVELOPE_BYTES, MAX_OPINION_PLAINTEXT_BYTES)}
+# Kept for callers written before the caps depended on the direction: the package (largest) caps.
+MAX_ENVELOPE_BYTES = MAX_PACKAGE_ENVELOPE_BYTES
+MAX_PLAINTEXT_BYTES = MAX_PACKAGE_PLAINTEXT_BYTES
 CLOCK_SKEW = 300
+
+
+def _caps(typ: str) -> tuple[int, int]:
+    try:
+        return _CAPS[typ]
+    except KeyError:
+        raise ValueError(f"unknown envelope type {typ!r} (expected {PACKAGE!r} or {OPINION!r})") from None
+
+
+def max_envelope_bytes(typ: str) -> int:
+    """The largest sealed file of this type (PACKAGE or OPINION) that `open_sealed` accepts; a sender checks
+    against it so it never builds what its receiver will refuse unopened."""
+    return _caps(typ)[0]
+
+
+def max_plaintext_bytes(typ: str) -> int:
+    """The most the decrypted (inflated) content of an envelope of this type may amount to."""
+    return _caps(typ)[1]
 
 
 def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: KeyRing) -> bytes:
@@ -36,9 +68,17 @@ def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: 
     if not recipients:
         raise SealError(f"{recipient.source} has no public encryption key to seal to")
     claims = {**claims, "typ": typ, "document_sha256": jws.bundle_digest(document)}
+    max_file, max_plain = _caps(typ)
     token = jws.sign_compact(claims, signer, typ=typ)
     plaintext = jsonutil.dumps({"claims": token, "document": document})
-    return jwe.encrypt_bytes(plaintext, recipients, typ=f"{typ}+jwe", cty="application/json")
+    # Refuse here what the receiver would refuse unopened: a clear error now beats a silent refusal there.
+    if len(plaintext) > max_plain:
+        raise SealError(f"the {typ} content is {len(plaintext)} bytes; the receiver accepts at most {max_plain} "
+                        "(move large attachments out of the document)")
+    data = jwe.encrypt_bytes(plaintext, recipients, typ=f"{typ}+jwe", cty="application/json")
+    if len(data) > max_file:
+        raise SealError(f"the sealed {typ} is {len(data)} bytes; the receiver accepts at most {max_file}")
+    return data
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -50,35 +90,81 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _peek_segment(token: str, index: int, what: str) -> dict:
+    try:
+        segment = token.split(".")
+        if len(segment) != 3:
+            raise ValueError("not three segments")
+        value = jsonutil.loads(jsonutil.b64url_decode(segment[index]))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SealError(f"the claims are not a compact JWS ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise SealError(f"the claims' {what} is not a JSON object")
+    return value
+
+
 def peek_claims(token: str) -> dict:
     """The claims of a compact JWS before verification, only to learn whose keys should verify it."""
-    try:
-        _h, payload, _s = token.split(".")
-        claims = jsonutil.loads(jsonutil.b64url_decode(payload))
-    except (ValueError, TypeError) as exc:
-        raise SealError(f"the claims are not a compact JWS ({exc.__class__.__name__})") from None
-    if not isinstance(claims, dict):
-        raise SealError("the claims are not a JSON object")
-    return claims
+    return _peek_segment(token, 1, "payload")
 
 
-def open_sealed(data: bytes, *, typ: str, decrypt: KeyRing, trusted: KeyRing | Callable[[dict], KeyRing],
+def peek_header(token: str) -> dict:
+    """The protected header of a compact JWS (RFC 7515 section 7.1: its first segment) before verification,
+    only to learn which key signed it (`kid`) and so whose key set must verify it."""
+    return _peek_segment(token, 0, "header")
+
+
+class KeyResolver(Protocol):
+    """Chooses the key set that must verify an envelope from its (unverified) claims JWS: a reviewer trusting
+    several hospitals picks the one hospital whose file holds the signing key's kid."""
+
+    def keyring_for(self, token: str, claims: dict) -> KeyRing: ...
+
+
+@dataclass(frozen=True)
+class Opened:
+    claims: dict
+    document: dict
+    keys: KeyRing    # the key set that verified both signatures (so its owner is the sender)
+
+
+def open_sealed(data: bytes, *, typ: str, decrypt: KeyRing,
+                trusted: KeyRing | Callable[[dict], KeyRing] | KeyResolver,
                 now: float | None = None, check_expiry: bool = True) -> tuple[dict, dict]:
     """Decrypt, verify and check one envelope; returns (claims, document). Raises SealError with the
-    reason (too large, wrong key, tampered, bad signature, wrong type, expired, digest mismatch)."""
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise SealError(f"refusing a {len(data)} byte envelope (limit {MAX_ENVELOPE_BYTES})")
-    header, plaintext = jwe.decrypt_bytes_with_header(data, decrypt, max_plaintext=MAX_PLAINTEXT_BYTES)
+    reason (too large, wrong key, tampered, bad signature, wrong type, expired, digest mismatch).
+
+    The caps depend on `typ` (see max_envelope_bytes): the file size is checked before decrypting, the
+    plaintext size while inflating, so neither a large file nor a small compressed one costs more memory
+    than an honest envelope of this type could."""
+    opened = open_verified(data, typ=typ, decrypt=decrypt, trusted=trusted, now=now, check_expiry=check_expiry)
+    return opened.claims, opened.document
+
+
+def open_verified(data: bytes, *, typ: str, decrypt: KeyRing,
+                  trusted: KeyRing | Callable[[dict], KeyRing] | KeyResolver,
+                  now: float | None = None, check_expiry: bool = True) -> Opened:
+    """open_sealed, also returning the key set that verified the envelope."""
+    max_file, max_plain = _caps(typ)
+    if len(data) > max_file:
+        raise SealError(f"refusing a {len(data)} byte {typ} envelope (limit {max_file})")
+    header, plaintext = jwe.decrypt_bytes_with_header(data, decrypt, max_plaintext=max_plain)
     if header.get("typ") not in (None, f"{typ}+jwe"):
         raise SealError(f"this is a {header.get('typ')!r}, not a {typ}")
     try:
         body = jsonutil.loads(plaintext)
     except Exception:  # noqa: BLE001 - orjson raises its own error type
         raise SealError("decrypted content is not JSON") from None
+    del plaintext
     if not isinstance(body, dict) or not isinstance(body.get("claims"), str) \
             or not isinstance(body.get("document"), dict):
         raise SealError("decrypted content lacks claims or document")
-    keys = trusted(peek_claims(body["claims"])) if callable(trusted) else trusted
+    if isinstance(trusted, KeyRing):
+        keys = trusted
+    elif hasattr(trusted, "keyring_for"):
+        keys = trusted.keyring_for(body["claims"], peek_claims(body["claims"]))
+    else:
+        keys = trusted(peek_claims(body["claims"]))
     _hdr, claims = jws.verify_compact(body["claims"], keys, typ=typ)
     document = body["document"]
     jws.verify_bundle(document, keys)
@@ -92,14 +178,27 @@ def open_sealed(data: bytes, *, typ: str, decrypt: KeyRing, trusted: KeyRing | C
         raise SealError(f"expired at {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))}")
     if claims["iat"] - CLOCK_SKEW > now:
         raise SealError("issued in the future: check the sender's clock")
-    return claims, document
+    return Opened(claims, document, keys)
 
 
-def read_limited(path: Path) -> bytes:
+def read_limited(path: Path, typ: str | None = None, *, limit: int | None = None) -> bytes:
+    """Read a sealed file of type `typ` (PACKAGE or OPINION), refusing it unread if it exceeds that type's
+    cap (or `limit`). A caller that names neither gets the strictest cap, so forgetting to say what is
+    being read can never let a large file through."""
+    if limit is None:
+        limit = max_envelope_bytes(typ) if typ is not None else min(c[0] for c in _CAPS.values())
+    path = Path(path)
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise SealError(f"{path}: refusing a {size} byte envelope (limit {limit})")
+            # At most one byte past the limit: the file may grow between fstat() and read().
+            data = f.read(limit + 1)
     except FileNotFoundError:
         raise SealError(f"{path}: no such file") from None
-    if size > MAX_ENVELOPE_BYTES:
-        raise SealError(f"{path}: refusing a {size} byte envelope (limit {MAX_ENVELOPE_BYTES})")
-    return path.read_bytes()
+    except IsADirectoryError:
+        raise SealError(f"{path}: is a directory, not a sealed file") from None
+    if len(data) > limit:
+        raise SealError(f"{path}: refusing an envelope larger than {limit} bytes")
+    return data

@@ -1,10 +1,13 @@
 """`fhirbridge init DIR`: a commented starter configuration and the hospital's key pair."""
 from __future__ import annotations
 
+import tomllib
+import unicodedata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .crypto import keys
-from .errors import FhirbridgeError
+from .errors import ConfigError, FhirbridgeError
 
 STARTER = '''\
 # fhirbridge configuration. Every key can be overridden from the environment as
@@ -21,14 +24,14 @@ package_lifetime_days = 30            # a package (and the reviewer's window to 
 # mappings_dir = "mappings"           # your own copy of the mappings (order codes, profiles, opinion form)
 
 [hospital]
-name = "{hospital_name}"
+name = {hospital_name}
 keys = "keys/hospital.private.jwks.json"   # signing + decryption keys (made by init; mode 0600)
-fhir_base_url = "{fhir_base_url}"
+fhir_base_url = {fhir_base_url}
 
 [hospital.identifier]                  # YOUR organisation identifier: it names you to reviewers and keys your
                                       # Cases (change it later and every open order is taken in again)
-system = "{identifier_system}"
-value = "{identifier_value}"
+system = {identifier_system}
+value = {identifier_value}
 
 [hospital.auth]
 type = "none"                          # none | basic | bearer
@@ -49,16 +52,16 @@ page_size = 100                        # _count for searches
 {reviewers}'''
 
 REVIEWER_BLOCK = '''[[reviewers]]
-name = "{name}"
-display = "{display}"
-jwks = "{jwks}"                         # the reviewer's PUBLIC keys
+name = {name}
+display = {display}
+jwks = {jwks}                         # the reviewer's PUBLIC keys
 profiles = [{profiles}]                  # collection profiles this reviewer serves (routing)
 [reviewers.identifier]
-system = "{system}"
-value = "{value}"
+system = {system}
+value = {value}
 [reviewers.transport]
 type = "outbox"                          # outbox (a directory) | https (url = "https://...")
-path = "{outbox}"
+path = {outbox}
 '''
 
 EXAMPLE_REVIEWER = '''# [[reviewers]]
@@ -75,14 +78,84 @@ EXAMPLE_REVIEWER = '''# [[reviewers]]
 '''
 
 
+def toml_string(value: str, what: str) -> str:
+    """`value` as a TOML basic string (toml.io v1.0.0, "String"): backslash and quotation mark escaped.
+    Control characters are refused rather than escaped: none belongs in a name, URL, identifier or path, and
+    one there is a paste accident the user should see."""
+    if not isinstance(value, str):
+        raise ConfigError(f"must be text, got {type(value).__name__}", key=what)
+    bad = next((ch for ch in value if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise ConfigError(f"contains the control character U+{ord(bad):04X}; remove it", key=what)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check_base_url(url: str, what: str = "--fhir-base-url") -> None:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise ConfigError("is not a valid URL, e.g. https://ehr.example.org/fhir", key=what) from None
+    if parts.scheme not in ("http", "https") or not host:
+        # The URL itself is not echoed: it may carry credentials (https://user:password@host/...).
+        raise ConfigError(f"must be an http:// or https:// URL with a host (got {parts.scheme[:20] or 'no'} scheme"
+                          f"{'' if host else ', no host'}), e.g. https://ehr.example.org/fhir",
+                          key=what)
+
+
+def render_starter(cfg_path: Path, *, fhir_base_url: str, hospital_name: str, identifier_system: str,
+                   identifier_value: str, reviewers: list[dict] | None) -> str:
+    """The starter configuration's text, checked to parse as TOML and read back the values given before
+    anything is written. (Whether the values make a valid configuration is `config.load`'s business, and
+    `check_starter_args` checks the ones `fhirbridge init` takes from its command line.)"""
+    blocks = []
+    for i, r in enumerate(reviewers or []):
+        values = {k: toml_string(str(v), f"reviewers[{i}].{k}") for k, v in r.items() if k != "profiles"}
+        profiles = ", ".join(toml_string(p, f"reviewers[{i}].profiles") for p in r.get("profiles", []))
+        blocks.append(REVIEWER_BLOCK.format(profiles=profiles, **values))
+    default_line = (f"default_reviewer = {toml_string(reviewers[0]['name'], 'reviewers[0].name')}" if reviewers
+                    else '# default_reviewer = "spine-center"   # when no reviewer serves an order\'s profile')
+    text = STARTER.format(fhir_base_url=toml_string(fhir_base_url, "--fhir-base-url"),
+                          hospital_name=toml_string(hospital_name, "--hospital-name"),
+                          identifier_system=toml_string(identifier_system, "hospital.identifier.system"),
+                          identifier_value=toml_string(identifier_value, "hospital.identifier.value"),
+                          default_reviewer_line=default_line, reviewers="\n".join(blocks) or EXAMPLE_REVIEWER)
+    # Proof that what we write is TOML and that the values survived the quoting, rather than a file the user
+    # finds broken at their first `fhirbridge run` (a name like St "X" used to end the string early).
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the starter configuration would not be valid TOML ({exc}); this is a bug",
+                          file=str(cfg_path)) from None
+    hospital = raw["hospital"]
+    if (hospital["name"], hospital["fhir_base_url"]) != (hospital_name, fhir_base_url) or \
+            [r["name"] for r in raw.get("reviewers", [])] != [r["name"] for r in reviewers or []]:
+        raise ConfigError("the starter configuration does not read back the values given; this is a bug",
+                          file=str(cfg_path))
+    return text
+
+
+def check_starter_args(*, fhir_base_url: str, hospital_name: str) -> None:
+    """What `fhirbridge init` is given on its command line, checked before anything is written."""
+    check_base_url(fhir_base_url)
+    if not hospital_name.strip():
+        raise ConfigError("must not be empty", key="--hospital-name")
+    toml_string(hospital_name, "--hospital-name")
+
+
 def write_starter(directory: Path, *, fhir_base_url: str = "http://127.0.0.1:8090/fhir",
                   hospital_name: str = "General Hospital", identifier_system: str = "urn:ietf:rfc:3986",
                   identifier_value: str = "urn:oid:2.999.1.1", reviewers: list[dict] | None = None,
                   force: bool = False) -> dict[str, Path]:
+    """Write DIR/fhirbridge.toml and the hospital's key pair. Every value is checked (and the configuration
+    rendered and parsed) before any file is written, so a bad argument leaves nothing behind."""
     directory = Path(directory)
     cfg_path = directory / "fhirbridge.toml"
     private = directory / "keys" / "hospital.private.jwks.json"
     public = directory / "keys" / "hospital.public.jwks.json"
+    text = render_starter(cfg_path, fhir_base_url=fhir_base_url, hospital_name=hospital_name,
+                          identifier_system=identifier_system, identifier_value=identifier_value,
+                          reviewers=reviewers)
     for p in (cfg_path, private):
         if p.exists() and not force:
             raise FhirbridgeError(f"{p} already exists; refusing to overwrite it (use --force to replace)")
@@ -90,14 +163,7 @@ def write_starter(directory: Path, *, fhir_base_url: str = "http://127.0.0.1:809
     jwks = keys.generate_jwks()
     keys.write_private_jwks(private, jwks, overwrite=force)
     keys.write_public_jwks(public, keys.public_jwks(jwks))
-    blocks = [REVIEWER_BLOCK.format(profiles=", ".join(f'"{p}"' for p in r.get("profiles", [])), **{
-        k: v for k, v in r.items() if k != "profiles"}) for r in (reviewers or [])]
-    default_line = (f'default_reviewer = "{reviewers[0]["name"]}"' if reviewers
-                    else '# default_reviewer = "spine-center"   # when no reviewer serves an order\'s profile')
-    cfg_path.write_text(STARTER.format(fhir_base_url=fhir_base_url, hospital_name=hospital_name,
-                                       identifier_system=identifier_system, identifier_value=identifier_value,
-                                       default_reviewer_line=default_line,
-                                       reviewers="\n".join(blocks) or EXAMPLE_REVIEWER), encoding="utf-8")
+    cfg_path.write_text(text, encoding="utf-8")
     return {"config": cfg_path, "private_keys": private, "public_keys": public}
 
 
@@ -113,6 +179,8 @@ def write_reviewer_keys(directory: Path, hospital_public_jwks: Path | None = Non
         if ring.has_private:
             raise FhirbridgeError(f"{hospital_public_jwks} holds private keys: a reviewer must be given only the "
                                   "hospital's PUBLIC keys (`fhirbridge keys jwks`)")
+        from .reviewer import TrustStore
+        TrustStore.of(ring)  # the same rules as when it is used: one hospital, one signing key
         trust = ring.public_jwks()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     jwks = keys.generate_jwks(rsa_enc=rsa)

@@ -196,34 +196,110 @@ class OpinionForm:
     file: Path
 
 
+FORM_KEYS = {"document", "sections", "fields"}
+DOCUMENT_KEYS = {"type", "category", "title"}
+FIELD_KEYS = {"kind", "required", "label", "section", "observation", "observation_code", "choices"}
+CODING_KEYS = {"system", "code", "display"}
+
+
+def _table(value, path: Path, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a table, got {type(value).__name__}", file=str(path), key=key)
+    return value
+
+
+def _form_coding(value, path: Path, key: str) -> dict:
+    """A coding in the opinion form: a misspelt `dispaly` would silently drop the text the EHR shows."""
+    coding = _coding(value, path, key)
+    _no_unknown(value, CODING_KEYS, path, f"{key}.")
+    for k in CODING_KEYS & set(value):
+        if not isinstance(value[k], str):
+            raise ConfigError("must be text", file=str(path), key=f"{key}.{k}")
+    return coding
+
+
+def _typed(spec: dict, name: str, typ: type, default, path: Path, key: str):
+    value = spec.get(name, default)
+    if not isinstance(value, typ):
+        # `required = "false"` must not count as true (and `required = 1` is not a boolean either).
+        want = {bool: "true or false", str: "text"}.get(typ, typ.__name__)
+        raise ConfigError(f"must be {want}", file=str(path), key=f"{key}.{name}")
+    return value
+
+
+def _form_field(fname: str, spec, path: Path) -> OpinionField:
+    key = f"fields.{fname}"
+    spec = _table(spec, path, key)
+    kind = spec.get("kind")
+    if kind not in FIELD_KINDS:
+        raise ConfigError(f"kind must be one of {', '.join(FIELD_KINDS)}", file=str(path), key=f"{key}.kind")
+    choices = {}
+    if kind == "choice":
+        raw_choices = spec.get("choices")
+        if not isinstance(raw_choices, dict) or not raw_choices:
+            raise ConfigError("a choice field needs [choices]", file=str(path), key=f"{key}.choices")
+        choices = {k: _form_coding(v, path, f"{key}.choices.{k}") for k, v in raw_choices.items()}
+    elif "choices" in spec:
+        raise ConfigError(f"only a choice field has choices (this one is {kind!r})", file=str(path),
+                          key=f"{key}.choices")
+    observation = _typed(spec, "observation", bool, False, path, key)
+    obs = None
+    if observation:
+        if kind != "choice":
+            raise ConfigError("only a choice field can be recorded as an Observation", file=str(path),
+                              key=f"{key}.observation")
+        obs = _form_coding(spec.get("observation_code"), path, f"{key}.observation_code")
+    elif "observation_code" in spec:
+        raise ConfigError("observation_code without observation = true would never be used", file=str(path),
+                          key=f"{key}.observation_code")
+    required = _typed(spec, "required", bool, False, path, key)
+    label = _typed(spec, "label", str, fname, path, key)
+    section = _typed(spec, "section", str, "Comments", path, key)
+    # Checked after the keys above, so a misspelt required key is reported as that key being missing.
+    _no_unknown(spec, FIELD_KEYS, path, f"{key}.")
+    return OpinionField(name=fname, kind=kind, label=label, section=section, required=required, choices=choices,
+                        observation_code=obs)
+
+
 @lru_cache(maxsize=8)
 def load_opinion_form(mappings_dir: Path, name: str = "default") -> OpinionForm:
+    """Load mappings/opinion/<name>.toml. Unknown keys are errors at every level: a misspelt `requried`
+    ignored would quietly make a required field of the opinion optional."""
     path = mappings_dir / "opinion" / f"{name}.toml"
     raw = _read(path)
-    doc = raw.get("document", {})
-    fields = {}
-    for fname, spec in (raw.get("fields") or {}).items():
-        key = f"fields.{fname}"
-        kind = spec.get("kind")
-        if kind not in FIELD_KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(FIELD_KINDS)}", file=str(path), key=f"{key}.kind")
-        choices = {}
-        if kind == "choice":
-            raw_choices = spec.get("choices")
-            if not isinstance(raw_choices, dict) or not raw_choices:
-                raise ConfigError("a choice field needs [choices]", file=str(path), key=f"{key}.choices")
-            choices = {k: _coding(v, path, f"{key}.choices.{k}") for k, v in raw_choices.items()}
-        obs = None
-        if spec.get("observation"):
-            obs = _coding(spec.get("observation_code"), path, f"{key}.observation_code")
-        fields[fname] = OpinionField(name=fname, kind=kind, label=str(spec.get("label", fname)),
-                                     section=str(spec.get("section", "Comments")),
-                                     required=bool(spec.get("required", False)), choices=choices,
-                                     observation_code=obs)
+    doc = _table(raw.get("document", {}), path, "document")
+    fields = {fname: _form_field(fname, spec, path)
+              for fname, spec in _table(raw.get("fields", {}), path, "fields").items()}
     if not fields:
         raise ConfigError("defines no [fields.*]", file=str(path), key="fields")
-    sections = {title: _coding(c, path, f"sections.{title}") for title, c in (raw.get("sections") or {}).items()}
-    return OpinionForm(doc_type=_coding(doc.get("type"), path, "document.type"),
-                       doc_category=_coding(doc.get("category"), path, "document.category"),
-                       title=str(doc.get("title", "Second opinion")), section_codes=sections, fields=fields,
-                       file=path)
+    sections = {title: _form_coding(c, path, f"sections.{title}")
+                for title, c in _table(raw.get("sections", {}), path, "sections").items()}
+    form = OpinionForm(doc_type=_form_coding(doc.get("type"), path, "document.type"),
+                       doc_category=_form_coding(doc.get("category"), path, "document.category"),
+                       title=_typed(doc, "title", str, "Second opinion", path, "document"),
+                       section_codes=sections, fields=fields, file=path)
+    _no_unknown(doc, DOCUMENT_KEYS, path, "document.")
+    _no_unknown(raw, FORM_KEYS, path)
+    return form
+
+
+def opinion_form_names(mappings_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (mappings_dir / "opinion").glob("*.toml"))
+
+
+# --- everything at once ----------------------------------------------------------------------------
+
+def check_all(mappings_dir: Path) -> None:
+    """Load every mapping file (order codes, each collection profile, each opinion form), so a mistake in
+    any of them is a ConfigError at start-up rather than half-way through a Case that happens to use it."""
+    mappings_dir = Path(mappings_dir)
+    load_order_codes(mappings_dir)
+    names = profile_names(mappings_dir)
+    if "default" not in names:
+        raise ConfigError("no default.toml collection profile (used when an order names none)",
+                          file=str(mappings_dir / "collect"))
+    for name in names:
+        load_profile(mappings_dir, name)
+    for name in opinion_form_names(mappings_dir):
+        # Not through the cache: a file edited since it was last loaded must be read again.
+        load_opinion_form.__wrapped__(mappings_dir, name)

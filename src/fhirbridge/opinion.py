@@ -18,29 +18,41 @@ from .mappings_load import OpinionForm
 
 
 class AnswerError(FhirbridgeError):
+    """The reviewer's answer file cannot become an opinion. Exit code 2, like every other problem with a file
+    the user wrote: the fix is to edit the file, whatever was wrong with it."""
+
     exit_code = 2
 
     def __init__(self, file: str, problems: list[str]):
-        self.problems = problems
+        self.file, self.problems = file, problems
         super().__init__(f"{file}: the answer is not complete:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class AnswerFileError(AnswerError):
+    """The answer file itself is unusable (missing, not UTF-8, not TOML/JSON, not a table): one problem."""
+
+    def __init__(self, file: str, problem: str):
+        self.file, self.problems = file, [problem]
+        FhirbridgeError.__init__(self, f"{file}: {problem}")
+
+
 def load_answer(path: Path) -> dict:
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FhirbridgeError(f"{path}: no such file") from None
+        raise AnswerFileError(str(path), "no such file") from None
     except UnicodeDecodeError:
-        raise FhirbridgeError(f"{path}: not UTF-8 text; save the answer as UTF-8") from None
+        raise AnswerFileError(str(path), "not UTF-8 text; save the answer as UTF-8") from None
     except OSError as exc:
-        raise FhirbridgeError(f"{path}: cannot read: {exc.strerror}") from None
+        raise AnswerFileError(str(path), f"cannot read: {exc.strerror}") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
     try:
-        data = jsonutil.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        data = jsonutil.loads(text) if kind == "JSON" else tomllib.loads(text)
     except Exception as exc:  # noqa: BLE001 - TOML and JSON raise different types
-        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
-        raise FhirbridgeError(f"{path}: not valid {kind}: {exc}") from None
+        raise AnswerFileError(str(path), f"not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
-        raise FhirbridgeError(f"{path}: the answer must be a table/object of fields")
+        raise AnswerFileError(str(path), "the answer must be a table/object of fields")
     return data
 
 

@@ -1,9 +1,15 @@
 """The reviewer's side: open a package, and answer it with a sealed opinion.
 
-A reviewer holds its private JWKS (`--key`) and the public keys of the hospitals it trusts (`--trust`,
-by default `trusted.jwks.json` next to the key file). A package is accepted only if it is signed by a
-trusted hospital key and decrypts with the reviewer's key; every separately encrypted attachment is
-checked against the SHA-256 the signed manifest gives for it.
+A reviewer holds its private JWKS (`--key`) and the public keys of the hospitals it trusts (`--trust`):
+either ONE hospital's public JWKS file, or a directory holding one `<hospital>.jwks.json` file per hospital
+(default: `trusted.jwks.json` or `trusted/` next to the key file). Each file is one hospital: a package is
+verified only with the keys of the file holding the key that signed it, and the opinion is sealed only to
+that same file's encryption keys. A merged file of two hospitals would let either sign packages the other
+could be answered about, and seal every opinion to both (one hospital reading the other's patients), so
+keys are never pooled across files and a kid found in two files is refused.
+
+A package is accepted only if it is signed by a trusted hospital key and decrypts with the reviewer's key;
+every separately encrypted attachment is checked against the SHA-256 the signed manifest gives for it.
 """
 from __future__ import annotations
 
@@ -17,12 +23,95 @@ from pathlib import Path
 from . import envelope
 from .crypto import jwe, jws
 from .crypto.keys import KeyRing
-from .errors import SealError
+from .errors import ConfigError, SealError
 from .mappings_load import load_opinion_form
 from .opinion import AnswerError, build_opinion_document, check_answer, load_answer, reviewer_organization
 
 TRUST_FILE = "trusted.jwks.json"
+TRUST_DIR = "trusted"
+TRUST_SUFFIX = ".jwks.json"
 OPINION_LIFETIME = 30 * 86400
+
+
+def _show(kid: object) -> str:
+    """A kid from an untrusted token, safe to print (bounded, no control characters)."""
+    text = kid if isinstance(kid, str) else repr(kid)
+    return text if text.isprintable() and len(text) <= 128 else repr(text)[:80]
+
+
+class TrustStore:
+    """The hospitals a reviewer trusts: one PUBLIC key set per hospital, each from its own file.
+
+    `hospitals` are the per-hospital KeyRings; `keyring_for(token, claims)` (the envelope.KeyResolver
+    protocol) picks the one whose file holds the kid in the claims JWS header.
+    """
+
+    def __init__(self, hospitals: list[KeyRing] | tuple[KeyRing, ...], *, source: str):
+        if not hospitals:
+            raise ConfigError(f"no trusted hospital key files (*{TRUST_SUFFIX})", file=source)
+        owner: dict[str, KeyRing] = {}
+        for ring in hospitals:
+            if ring.has_private:
+                # A private JWKS is the hospital's secret: the reviewer must never hold it (it could then
+                # read every package and sign as the hospital), so it is refused, not just ignored.
+                raise ConfigError("holds private keys: a reviewer trusts only a hospital's PUBLIC keys "
+                                  "(the file `fhirbridge keys jwks` prints at the hospital)", file=ring.source)
+            signing = [kid for kid in ring.kids if ring.verification_key(kid) is not None]
+            if len(signing) != 1:
+                # One file is one hospital, and a hospital has one signing key (`fhirbridge keys jwks`). Two
+                # signing keys most likely means two hospitals' sets merged into one file, whose opinions
+                # would then be sealed to both: refused, not guessed apart.
+                raise ConfigError(f"holds {len(signing)} signing keys; a trust file must be ONE hospital's public "
+                                  "key set with its one signing key (to trust several hospitals, put one "
+                                  f"*{TRUST_SUFFIX} file per hospital in a directory and pass that)",
+                                  file=ring.source)
+            for kid in ring.kids:
+                if kid in owner:
+                    raise ConfigError(f"key {kid} is also in {owner[kid].source}: every key must belong to one "
+                                      "hospital's file (do not merge hospitals' key sets)", file=ring.source)
+                owner[kid] = ring
+        self.hospitals: tuple[KeyRing, ...] = tuple(hospitals)
+        self.source = source
+        self._owner = owner
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrustStore:
+        """A single hospital's public JWKS file, or a directory of `*.jwks.json` files, one per hospital."""
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(p for p in path.glob(f"*{TRUST_SUFFIX}") if p.is_file())
+            if not files:
+                raise ConfigError(f"no *{TRUST_SUFFIX} files here: put one public JWKS per trusted hospital "
+                                  "in this directory", file=str(path))
+            return cls([KeyRing.load(f) for f in files], source=str(path))
+        return cls([KeyRing.load(path)], source=str(path))
+
+    @classmethod
+    def of(cls, trusted: KeyRing | TrustStore) -> TrustStore:
+        """A TrustStore as is; a single KeyRing as the store of that one hospital."""
+        if isinstance(trusted, TrustStore):
+            return trusted
+        if isinstance(trusted, KeyRing):
+            return cls([trusted], source=trusted.source)
+        raise TypeError("trusted must be a KeyRing or a TrustStore")
+
+    def __repr__(self) -> str:
+        return f"TrustStore({self.source!r}, hospitals={[r.source for r in self.hospitals]!r})"
+
+    def hospital_for_kid(self, kid: object) -> KeyRing:
+        ring = self._owner.get(kid) if isinstance(kid, str) else None
+        if ring is None:
+            raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of any hospital in "
+                            f"{self.source}")
+        return ring
+
+    def keyring_for(self, token: str, claims: dict) -> KeyRing:
+        """The one hospital's key set that must verify this claims JWS (chosen by its header's kid only;
+        nothing is trusted until that key set has verified the signatures)."""
+        kid = envelope.peek_header(token).get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise SealError("signature names no key: the JWS header has no kid")
+        return self.hospital_for_kid(kid)
 
 
 @dataclass
@@ -30,6 +119,7 @@ class OpenedPackage:
     path: Path           # the package directory
     claims: dict
     document: dict
+    hospital: KeyRing | None = None   # the one hospital key set that verified it (the opinion goes to it only)
 
     @property
     def manifest(self) -> dict:
@@ -44,12 +134,26 @@ def package_paths(path: Path) -> tuple[Path, Path]:
     return path.parent, path
 
 
-def trust_for(key_path: Path, explicit: Path | None) -> KeyRing:
-    path = explicit or Path(key_path).parent / TRUST_FILE
-    if not path.exists():
-        raise SealError(f"no trusted hospital keys at {path}: pass --trust with the hospital's public JWKS "
-                        "(the file `fhirbridge keys jwks` prints at the hospital)")
-    return KeyRing.load(path)
+def trust_for(key_path: Path, explicit: Path | None) -> TrustStore:
+    """The trusted hospitals: `explicit` (file or directory), else `trusted.jwks.json` or `trusted/` next to
+    the key file."""
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise SealError(f"no trusted hospital keys at {path}: pass --trust with a hospital's public JWKS "
+                            "file or a directory of them (one per hospital)")
+        return TrustStore.load(path)
+    here = Path(key_path).parent
+    file, directory = here / TRUST_FILE, here / TRUST_DIR
+    if file.exists() and directory.is_dir():
+        # Which one was meant is not ours to guess: a forgotten old file would quietly keep a hospital trusted.
+        raise SealError(f"both {file} and {directory}/ exist: keep one (or pass --trust)")
+    if directory.is_dir():
+        return TrustStore.load(directory)
+    if file.exists():
+        return TrustStore.load(file)
+    raise SealError(f"no trusted hospital keys at {file} or {directory}/: pass --trust with the hospital's public "
+                    "JWKS (the file `fhirbridge keys jwks` prints at the hospital), or a directory of them")
 
 
 class _HashSink:
@@ -62,11 +166,16 @@ class _HashSink:
         return len(data)
 
 
-def open_package(path: Path, key: KeyRing, trusted: KeyRing, *, check_expiry: bool = True) -> OpenedPackage:
+def open_package(path: Path, key: KeyRing, trusted: KeyRing | TrustStore, *,
+                 check_expiry: bool = True) -> OpenedPackage:
+    """Open and verify a package with the keys of the one trusted hospital that signed it. `trusted` is a
+    TrustStore, or a KeyRing for a single hospital (never a private key set)."""
+    store = TrustStore.of(trusted)
     directory, env_file = package_paths(path)
-    claims, document = envelope.open_sealed(envelope.read_limited(env_file), typ=envelope.PACKAGE, decrypt=key,
-                                            trusted=trusted, check_expiry=check_expiry)
-    opened = OpenedPackage(directory, claims, document)
+    sealed = envelope.read_limited(env_file, envelope.PACKAGE)
+    opened_env = envelope.open_verified(sealed, typ=envelope.PACKAGE, decrypt=key, trusted=store,
+                                        check_expiry=check_expiry)
+    opened = OpenedPackage(directory, opened_env.claims, opened_env.document, hospital=opened_env.keys)
     for att in opened.manifest.get("attachments", []):
         verify_attachment(opened, att, key)
     return opened
@@ -108,9 +217,30 @@ def _suffix(content_type: str) -> str:
             "application/dicom": ".dcm"}.get(content_type.split(";")[0].strip(), ".bin")
 
 
-def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: KeyRing, *,
-           mappings_dir: Path, form: str = "default") -> tuple[bytes, dict]:
-    """Build, sign and seal the opinion; returns (sealed bytes, claims)."""
+def _recipient(opened: OpenedPackage, hospital: KeyRing | TrustStore | None) -> KeyRing:
+    """The key set the opinion is sealed to: the hospital that signed the package, and only it."""
+    signer = opened.hospital
+    if isinstance(hospital, KeyRing) and signer is not None and \
+            sorted(hospital.kids) != sorted(signer.kids):
+        raise SealError(f"the package was signed with the keys in {signer.source}, not {hospital.source}: an "
+                        "opinion is sealed only to the hospital that sent the package")
+    if signer is None and isinstance(hospital, KeyRing):
+        signer = TrustStore.of(hospital).hospitals[0]   # the same rules as a trust file: one hospital, public
+    if signer is None:
+        raise SealError("the package was not opened with open_package: which hospital sent it is unknown")
+    if signer.has_private:
+        raise SealError(f"{signer.source} holds private keys; an opinion is sealed to a hospital's public keys")
+    return signer
+
+
+def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
+           *, mappings_dir: Path, form: str = "default") -> tuple[bytes, dict]:
+    """Build, sign and seal the opinion; returns (sealed bytes, claims).
+
+    The opinion is encrypted to the encryption keys of the hospital whose key verified the package
+    (`opened.hospital`) and to no other. `hospital` is only a cross-check: a KeyRing that is not that
+    hospital's key set is refused; a TrustStore (what `trust_for` returns) changes nothing."""
+    recipient = _recipient(opened, hospital)
     form_def = load_opinion_form(mappings_dir, form)
     data = load_answer(answer_file)
     problems = check_answer(data, form_def)
@@ -135,5 +265,5 @@ def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: Key
                   "aud": claims["iss"], "case_id": claims["case_id"], "package_id": claims["package_id"],
                   "service_request": claims["service_request"], "patient": claims["patient"]}
     sealed = envelope.seal(typ=envelope.OPINION, claims=out_claims, document=document, signer=key,
-                           recipient=hospital)
+                           recipient=recipient)
     return sealed, out_claims
