@@ -83,23 +83,40 @@ def test_burst_of_503_with_retry_after_is_absorbed_by_retries(hospital, proxy, s
     assert proxy.count("GET", r"/Procedure\?") >= 3   # two refusals, then the answer
 
 
-def test_4xx_mid_run_fails_the_case_with_the_reason_and_retry_resumes(hospital, proxy, seeded, fhir):
+def test_access_refused_mid_run_keeps_the_case_waiting_then_it_resumes(hospital, proxy, seeded, fhir):
+    """A 403 (a scope removed, a token expired) is the hospital's to fix, not the Case's fault: the Case
+    waits with the reason and resumes by itself once access is back."""
     sr = hospital.order(seeded["patient"])
     proxy.add(method="GET", path=r"/MedicationStatement\?", status=403)
     hospital.run()
     case = hospital.case_for(sr)
-    assert case.step == "failed"
+    assert case.step == "collect" and case.next_attempt_at
     assert "403" in case.last_error and "MedicationStatement" in case.last_error
-    task = fhir.read_ref(case.task)
-    assert task["status"] == "failed" and "403" in task["statusReason"]["text"]
-
     proxy.clear()                                      # hospital IT fixes the permission
+    hospital.run(ignore_backoff=True)
+    case = hospital.app.store.get(case.id)
+    assert case.step == "await_opinion"
+    assert fhir.read_ref(case.task)["status"] == "in-progress"
+
+
+def test_other_4xx_mid_run_fails_the_case_with_the_reason_and_retry_resumes(hospital, proxy, seeded, fhir):
+    sr = hospital.order(seeded["patient"])
+    proxy.add(method="GET", path=r"/MedicationStatement\?", status=400)
+    hospital.run()
+    case = hospital.case_for(sr)
+    assert case.step == "failed"
+    assert "400" in case.last_error and "MedicationStatement" in case.last_error
+    task = fhir.read_ref(case.task)
+    assert task["status"] == "failed" and "400" in task["statusReason"]["text"]
+
+    proxy.clear()
     from fhirbridge.workflow import retry
     retry(hospital.app, case)
     hospital.run()
     case = hospital.app.store.get(case.id)
     assert case.step == "await_opinion"
-    assert fhir.read_ref(case.task)["status"] == "in-progress"
+    task = fhir.read_ref(case.task)
+    assert task["status"] == "in-progress" and "statusReason" not in task
 
 
 def test_lost_response_on_write_back_files_exactly_once(hospital, proxy, seeded, fhir):

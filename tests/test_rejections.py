@@ -226,8 +226,8 @@ def test_inbox_keeps_refused_files_with_their_reason_and_files_good_ones(hospita
     good = hospital.answer(case)
     shutil.copy(good, inbox / "good.jwe")
     (inbox / "bad.jwe").write_bytes(b'{"protected":"garbage"}')
-    accepted, refused = process_inbox(hospital.app)
-    assert len(accepted) == 1 and len(refused) == 1
+    result = process_inbox(hospital.app)
+    assert len(result.accepted) == 1 and len(result.refused) == 1 and not result.deferred
     assert (inbox / "refused" / "bad.jwe").exists()
     assert "refused" in (inbox / "refused" / "bad.jwe.reason.txt").read_text()
     assert (inbox / "accepted" / "good.jwe").exists()

@@ -6,7 +6,6 @@ killed `fhirbridge run` leaves behind. The next run must take the Case over at o
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 
 import pytest
@@ -15,6 +14,7 @@ from fhirbridge import collect as collect_mod
 from fhirbridge import deliver as deliver_mod
 from fhirbridge import envelope as envelope_mod
 from fhirbridge.receive import receive_file
+from fhirbridge.store import LOCAL_PREFIX
 from fhirbridge.writeback import OPINION_ID_SYSTEM
 
 
@@ -36,7 +36,7 @@ def _die(*_a, **_k):
 
 
 def _as_if_killed(hospital, case_id):
-    hospital.app.store.update(case_id, claimed_by=f"{socket.gethostname()}:{_dead_pid()}")
+    hospital.app.store.update(case_id, claimed_by=f"{LOCAL_PREFIX}{_dead_pid()}")
 
 
 
@@ -92,6 +92,6 @@ def test_a_live_claim_is_not_taken_over(hospital, seeded):
     sr = hospital.order(seeded["patient"])
     hospital.run(case_id="none")
     case = hospital.case_for(sr)
-    hospital.app.store.claim(case_id=case.id, worker=f"{socket.gethostname()}:1", lease_seconds=600)  # pid 1 lives
+    hospital.app.store.claim(case_id=case.id, worker=f"{LOCAL_PREFIX}1", lease_seconds=600)  # pid 1 lives
     assert hospital.run().steps_done == 0
     assert hospital.app.store.get(case.id).step == "collect"

@@ -45,19 +45,27 @@ def cmd_order(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .mappings_load import check_all
     from .receive import process_inbox
     from .workflow import run_pending
     with _app(args) as app:
-        accepted, refused = process_inbox(app)
-        for path, reason in refused:
+        # A typo in a mapping stops the run before any Case is touched; a missing key file is reported and
+        # only the Cases that need it wait.
+        check_all(app.config.mappings_dir)
+        for problem in config.check_files(app.config):
+            print(f"warning: {problem}", file=sys.stderr)
+        inbox = process_inbox(app)
+        for path, reason in inbox.refused:
             print(f"refused {path.name}: {reason}", file=sys.stderr)
+        for path, reason in inbox.deferred:
+            print(f"kept {path.name} in the inbox for the next run: {reason}", file=sys.stderr)
         report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
                              ignore_backoff=args.now)
-    print(f"done: {report.opened} case(s) opened, {len(accepted)} opinion(s) received, "
+    print(f"done: {report.opened} case(s) opened, {len(inbox.accepted)} opinion(s) received, "
           f"{report.steps_done} step(s) completed, {len(report.errors)} error(s)")
     for e in report.errors:
         print(f"  {e}", file=sys.stderr)
-    return 1 if report.errors or refused else 0
+    return 1 if report.errors or inbox.refused or inbox.deferred else 0
 
 
 def _case_id(app: App, prefix: str | None) -> str | None:

@@ -39,6 +39,8 @@ FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation
                 "Specimen", "Location")
 FOLLOW_DEPTH = 2
 ID_BATCH = 50
+# Reasons starting with this are kept by the hospital (collected.jwe) but never shown to the reviewer.
+POLICY = "policy: "
 
 
 @dataclass
@@ -58,6 +60,11 @@ class Collected:
     @classmethod
     def from_dict(cls, d: dict) -> "Collected":
         return cls(**d)
+
+    def disclosable_withheld(self) -> list[dict]:
+        """What the reviewer may be told was withheld. Records withheld for a sensitivity label are left
+        out entirely: "Condition/x withheld: HIV label" would disclose exactly what withholding protects."""
+        return [w for w in self.withheld if not w["reason"].startswith(POLICY)]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -128,7 +135,7 @@ def withhold_reason(res: dict, rule: ResourceRule, profile: Profile, cutoff: dat
     labels = {(s.get("system"), s.get("code")) for s in res.get("meta", {}).get("security", [])}
     hit = [f"{s}|{c}" for s, c in profile.withhold_labels if (s, c) in labels]
     if hit:
-        return f"sensitive record (security label {hit[0]}) is never disclosed under profile {profile.name}"
+        return f"{POLICY}sensitive record (security label {hit[0]}) is never disclosed under profile {profile.name}"
     status = record_status(res)
     if status in rule.statuses_excluded:
         return f"status {status}"
@@ -246,7 +253,7 @@ def _follow_withhold(res: dict, profile: Profile) -> str | None:
     labels = {(s.get("system"), s.get("code")) for s in res.get("meta", {}).get("security", [])}
     for s, c in profile.withhold_labels:
         if (s, c) in labels:
-            return f"sensitive record (security label {s}|{c}) is never disclosed under profile {profile.name}"
+            return f"{POLICY}sensitive record (security label {s}|{c}) is never disclosed under profile {profile.name}"
     if record_status(res) == "entered-in-error":
         return "status entered-in-error"
     return None

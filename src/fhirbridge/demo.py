@@ -170,8 +170,8 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
 
 def opened_opinion(app: App, case) -> dict:
     from .envelope import OPINION, open_sealed
-    from .receive import OPINION_FILE
-    data = (app.case_dir(case.id) / OPINION_FILE).read_bytes()
+    from .receive import opinion_path
+    data = opinion_path(app, case).read_bytes()
     _claims, document = open_sealed(data, typ=OPINION, decrypt=app.hospital_keys,
                                     trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
     return document

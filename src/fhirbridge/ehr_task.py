@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from .context import App
+from .errors import FhirError
 from .store import Case
 
 TASK_CODE = {"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill",
@@ -41,8 +42,15 @@ def case_identifier(case_id: str) -> dict:
                                  "display": "Filler Identifier"}]}}
 
 
+class TaskClosed(Exception):
+    """Someone closed the Task in the EHR (cancelled or rejected it): the referral must stop, not be revived."""
+
+
+# Statuses only a person (or the reviewer, later) puts on the Task; we never overwrite them.
+CLOSED_ELSEWHERE = ("cancelled", "rejected")
+
+
 def build_task(app: App, case: Case, service_request: dict) -> dict:
-    reviewer = app.config.reviewer(case.reviewer)
     status, code, display = STATUS["opened"]
     task = {
         "resourceType": "Task",
@@ -60,9 +68,10 @@ def build_task(app: App, case: Case, service_request: dict) -> dict:
         "for": {"reference": case.patient},
         "authoredOn": now_iso(),
         "lastModified": now_iso(),
-        "owner": reviewer.organization_ref(),
         "description": "Second opinion referral",
     }
+    if case.reviewer in app.config.reviewers:  # unrouted Cases (failed at intake) have no owner yet
+        task["owner"] = app.config.reviewer(case.reviewer).organization_ref()
     if service_request.get("requester"):
         task["requester"] = {"reference": service_request["requester"]["reference"]} \
             if service_request["requester"].get("reference") else service_request["requester"]
@@ -87,19 +96,39 @@ def ensure_task(app: App, case: Case, service_request: dict) -> str:
 
 def set_task_status(app: App, case: Case, step: str, *, reason: str | None = None,
                     output: list | None = None) -> dict | None:
-    """Bring the Task in line with the Case step. Reads the current Task and writes only if it differs."""
+    """Bring the Task in line with the Case step. Reads the Task, writes only if it differs, and writes with
+    If-Match on the version read (FHIR R4 http.html#concurrency) so an edit made in the EHR meanwhile is
+    never overwritten: on a conflict it reads again once. A Task cancelled or rejected in the EHR raises
+    TaskClosed unless we are cancelling too."""
     if not case.task:
         return None
     status, code, display = STATUS[step]
-    task = app.ehr.read_ref(case.task)
-    current_code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
-    if task.get("status") == status and current_code == code and not reason and not output:
-        return task
+    for attempt in (1, 2):
+        task = app.ehr.read_ref(case.task)
+        if task.get("status") in CLOSED_ELSEWHERE and status != task.get("status"):
+            raise TaskClosed(f"the Task was {task['status']} in the EHR"
+                             + (f": {task['statusReason'].get('text')}" if task.get("statusReason", {}).get("text")
+                                else ""))
+        current_code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
+        if task.get("status") == status and current_code == code and not reason and not output:
+            return task
+        _apply(task, status, code, display, reason, output)
+        try:
+            return app.ehr.update(task, if_match=task.get("meta", {}).get("versionId"))
+        except FhirError as exc:
+            if exc.status not in (409, 412) or attempt == 2:
+                raise
+    return None
+
+
+def _apply(task: dict, status: str, code: str, display: str, reason: str | None, output: list | None) -> None:
     task["status"] = status
     task["businessStatus"] = _business(code, display)
     task["lastModified"] = now_iso()
     if reason:
         task["statusReason"] = {"text": reason}
+    else:
+        task.pop("statusReason", None)
     if output:
         task["output"] = output
     period = task.setdefault("executionPeriod", {})
@@ -108,4 +137,5 @@ def set_task_status(app: App, case: Case, step: str, *, reason: str | None = Non
     if status in ("completed", "failed", "cancelled"):
         period.setdefault("start", now_iso())
         period["end"] = now_iso()
-    return app.ehr.update(task)
+    elif "end" in period:
+        del period["end"]  # resumed after a failure

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from . import ehr_task
 from .context import App, log
+from .errors import FhirError
 from .mappings_load import profile_names
 from .store import Case
 
@@ -52,37 +53,96 @@ def run_intake(app: App) -> IntakeResult:
 
 def open_case(app: App, sr: dict) -> tuple[Case, bool]:
     ref = f"ServiceRequest/{sr['id']}"
-    existing = app.store.find_by_order(app.config.hospital.key, ref)
+    hospital = app.config.hospital.key
+    existing = app.store.find_by_order(hospital, ref)
     if existing:
         return existing, False
+    case_id = case_id_for(app, ref)
     patient = sr.get("subject", {}).get("reference", "")
     profile = profile_for(app, sr)
-    reviewer, route_error = route(app, sr, profile)
-    problems = []
-    if not patient.startswith("Patient/"):
-        problems.append(f"{ref} has no Patient subject")
-    if profile not in profile_names(app.config.mappings_dir):
-        problems.append(f"{ref} asks for collection profile {profile!r}, which is not in "
-                        f"{app.config.mappings_dir / 'collect'}")
-    if route_error:
-        problems.append(route_error)
-    case, created = app.store.open_case(case_id=case_id_for(app, ref), hospital=app.config.hospital.key,
-                                        service_request=ref, patient=patient or "unknown", reviewer=reviewer or "",
-                                        profile=profile)
+    reviewer, problems = _route_and_check(app, sr, profile)
+    prior = _existing_task(app, case_id)
+    case, created = app.store.open_case(case_id=case_id, hospital=hospital, service_request=ref,
+                                        patient=patient or "unknown", reviewer=reviewer or "", profile=profile)
     if not created:
         return case, False
     log.info("case %s opened for %s (reviewer %s, profile %s)", case.id, ref, reviewer, profile)
+    if prior is not None:
+        return _adopt(app, case, prior), True
     if problems:
-        case = app.store.update(case.id, step="failed", last_error="; ".join(problems), event_kind="failed",
-                                detail={"error": "; ".join(problems)})
-        return case, True
+        message = "; ".join(problems)
+        case = app.store.update(case.id, step="failed", last_error=message, data={"failed_step": "intake"},
+                                event_kind="failed", detail={"error": message})
     # The Task is created here when the EHR is reachable; if this fails the collect step creates it.
     try:
         task = ehr_task.ensure_task(app, case, sr)
         case = app.store.update(case.id, task=task, event_kind="task.created", detail={"task": task})
+        if case.step == "failed":
+            ehr_task.set_task_status(app, case, "failed", reason=case.last_error)
     except Exception as exc:  # noqa: BLE001 - recorded; the next run retries through the collect step
         app.store.add_event(case.id, "task.deferred", {"error": str(exc)})
     return case, True
+
+
+def _route_and_check(app: App, sr: dict, profile: str) -> tuple[str | None, list[str]]:
+    ref = f"ServiceRequest/{sr['id']}"
+    problems = []
+    if not sr.get("subject", {}).get("reference", "").startswith("Patient/"):
+        problems.append(f"{ref} has no Patient subject")
+    if profile not in profile_names(app.config.mappings_dir):
+        problems.append(f"{ref} asks for collection profile {profile!r}, which is not in "
+                        f"{app.config.mappings_dir / 'collect'}")
+    reviewer, route_error = route(app, sr, profile)
+    if route_error:
+        problems.append(route_error)
+    return reviewer, problems
+
+
+def _existing_task(app: App, case_id: str) -> dict | None:
+    """A referral Task for this order that the store does not know: the store was lost or restored from an
+    older backup. Found by the Case identifier (deterministic), so nothing already sent is sent again."""
+    for task in app.ehr.search("Task", {"identifier": f"{ehr_task.CASE_ID_SYSTEM}|{case_id}"}):
+        if task.get("resourceType") == "Task":
+            code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
+            if code not in (None, "received", "collecting", "packaging"):
+                return task
+    return None
+
+
+def _adopt(app: App, case: Case, task: dict) -> Case:
+    code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
+    task_ref = f"Task/{task['id']}"
+    if task.get("status") == "completed":
+        output = next((o.get("valueReference", {}).get("reference") for o in task.get("output", [])), None)
+        return app.store.update(case.id, step="done", task=task_ref, document_reference=output,
+                                event_kind="adopted", detail={"task": task_ref, "task_status": "completed"})
+    if task.get("status") in ("cancelled", "rejected"):
+        return app.store.update(case.id, step="cancelled", task=task_ref, last_error=f"Task {task['status']} in the EHR",
+                                event_kind="adopted", detail={"task": task_ref, "task_status": task["status"]})
+    message = (f"the EHR already has this referral's {task_ref} at {code!r} but this service has no record of it "
+               "(was the store lost or restored from an old backup?); nothing was sent again. Check with the "
+               "reviewer, then `fhirbridge retry` to send it anew or `fhirbridge cancel`")
+    return app.store.update(case.id, step="failed", task=task_ref, last_error=message, data={"failed_step": "collect"},
+                            event_kind="adopted", detail={"task": task_ref, "task_status": task.get("status")})
+
+
+def reroute(app: App, case: Case) -> Case:
+    """Route a Case that failed at intake again (after the config was fixed) and send it on its way."""
+    sr = app.ehr.read_ref(case.service_request)
+    profile = profile_for(app, sr)
+    reviewer, problems = _route_and_check(app, sr, profile)
+    if problems:
+        return app.store.update(case.id, last_error="; ".join(problems), event_kind="retry.failed",
+                                detail={"error": "; ".join(problems)})
+    case = app.store.update(case.id, step="collect", reviewer=reviewer, profile=profile, attempts=0,
+                            last_error=None, next_attempt_at=None, event_kind="retry",
+                            detail={"step": "collect", "reviewer": reviewer})
+    if case.task:
+        task = app.ehr.read_ref(case.task)
+        task["owner"] = app.config.reviewer(reviewer).organization_ref()
+        app.ehr.update(task, if_match=task.get("meta", {}).get("versionId"))
+        ehr_task.set_task_status(app, case, "opened")
+    return case
 
 
 def profile_for(app: App, sr: dict) -> str:
@@ -100,17 +160,30 @@ def profile_for(app: App, sr: dict) -> str:
 
 
 def route(app: App, sr: dict, profile: str) -> tuple[str | None, str | None]:
-    """The reviewer named on the order (performer identifier), else one serving the profile, else the
-    configured default. Returns (reviewer name, error)."""
+    """The reviewer named on the order, else one serving the profile, else the configured default.
+    Returns (reviewer name, error).
+
+    An order that names a performer goes to that reviewer or to nobody: falling back to routing by profile
+    would send a patient's records to an organisation the physician did not choose."""
     cfg = app.config
+    ref = f"ServiceRequest/{sr['id']}"
     for performer in sr.get("performer", []):
-        ident = performer.get("identifier") or {}
-        if ident.get("value"):
+        identifiers = [performer["identifier"]] if performer.get("identifier") else []
+        target = performer.get("reference", "")
+        if target.startswith("Organization/") and not identifiers:
+            try:
+                identifiers = app.ehr.read_ref(target).get("identifier", [])
+            except FhirError as exc:
+                if exc.transient:
+                    raise
+                return None, f"{ref} names performer {target}, which the EHR cannot return ({exc.status})"
+        for ident in identifiers:
             named = cfg.reviewer_by_identifier(ident.get("system"), ident.get("value"))
-            if named is None:
-                return None, (f"ServiceRequest/{sr['id']} names reviewer {ident.get('value')!r}, "
-                              "which is not configured in [[reviewers]]")
-            return named.name, None
+            if named:
+                return named.name, None
+        who = target or performer.get("display") or (identifiers[0].get("value") if identifiers else "?")
+        return None, (f"{ref} names performer {who!r}, which is not a configured reviewer "
+                      "(match is by organisation identifier in [[reviewers]].identifier)")
     serving = [r.name for r in cfg.reviewers.values() if profile in r.profiles]
     if serving:
         return serving[0], None

@@ -17,6 +17,8 @@ from .collect import Collected, question_of
 LOINC = "http://loinc.org"
 REFERRAL_NOTE = {"system": LOINC, "code": "57133-1", "display": "Referral note"}
 EMPTY_REASON = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
+POLICY_NOTE = ("Records that the hospital's disclosure policy does not allow to be shared are neither included "
+               "nor listed.")
 
 # (section title, LOINC section code, resource types it lists)
 SECTIONS = (
@@ -43,6 +45,7 @@ def build_document(collected: Collected, *, package_id: str, base_url: str, hosp
     for r in collected.resources:
         by_type.setdefault(r["resourceType"], []).append(r)
     org_url = f"urn:uuid:{hospital_org['id']}"
+    withheld_shown = collected.disclosable_withheld()
     sections = []
     for title, (code, display), types in SECTIONS:
         if types == ("ServiceRequest",):
@@ -51,7 +54,7 @@ def build_document(collected: Collected, *, package_id: str, base_url: str, hosp
                                      f"<p>{_esc(question)}</p>"))
             continue
         items = [r for t in types for r in by_type.get(t, [])]
-        withheld = sum(1 for w in collected.withheld if w["reference"].split("/")[0] in types)
+        withheld = sum(1 for w in withheld_shown if w["reference"].split("/")[0] in types)
         if items:
             rows = "".join(f"<li>{_esc(summary_line(r))}</li>" for r in items)
             sections.append(_section(title, code, display, [full_url(base_url, r) for r in items],
@@ -62,13 +65,15 @@ def build_document(collected: Collected, *, package_id: str, base_url: str, hosp
             s = _section(title, code, display, [], f"<p>{text}</p>")
             s["emptyReason"] = {"coding": [{"system": EMPTY_REASON, "code": reason}]}
             sections.append(s)
-    if collected.withheld:
-        reasons: dict[str, int] = {}
-        for w in collected.withheld:
-            reasons[w["reason"]] = reasons.get(w["reason"], 0) + 1
-        rows = "".join(f"<li>{n} record(s): {_esc(r)}</li>" for r, n in sorted(reasons.items()))
-        sections.append({"title": "Records withheld",
-                         "text": _narrative(f"<p>This record is partial. Withheld:</p><ul>{rows}</ul>")})
+    reasons: dict[str, int] = {}
+    for w in withheld_shown:
+        reasons[w["reason"]] = reasons.get(w["reason"], 0) + 1
+    rows = "".join(f"<li>{n} record(s): {_esc(r)}</li>" for r, n in sorted(reasons.items()))
+    listed = f"<p>This record is partial. Withheld:</p><ul>{rows}</ul>" if rows else ""
+    # The same sentence in every package, whether or not anything was withheld by policy, so that its
+    # presence tells the reviewer nothing about this patient.
+    sections.append({"title": "Records withheld",
+                     "text": _narrative(f"{listed}<p>{POLICY_NOTE}</p>")})
 
     composition_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:uuid:{package_id}#composition"))
     composition = {

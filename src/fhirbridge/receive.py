@@ -11,18 +11,19 @@ the file step can be retried, and are re-verified there before filing.
 """
 from __future__ import annotations
 
+import re
 import shutil
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import envelope
 from .context import App
 from .crypto.keys import KeyRing
-from .errors import RejectedOpinion, SealError
+from .errors import CaseError, RejectedOpinion, SealError
 from .fhir.validate import validate as validate_resource
 from .store import Case
 
-OPINION_FILE = "opinion.jwe"
 CONSULT_NOTE = ("http://loinc.org", "11488-4")
 
 
@@ -42,6 +43,10 @@ def opinion_keys(app: App) -> callable:
     return trusted
 
 
+def opinion_path(app: App, case: Case, opinion_id: str | None = None) -> Path:
+    return app.case_dir(case.id) / f"opinion-{opinion_id or case.opinion_id}.jwe"
+
+
 def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received:
     try:
         claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
@@ -50,13 +55,13 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
         raise SealError(f"{source}: refused: {exc}") from None
     case = app.store.get(claims["case_id"])
     reviewer = app.config.reviewer(case.reviewer)
+    jti = str(claims["jti"])
     _refuse_unless(case.step != "done",
                    f"Case {case.id[:8]} already has its opinion filed as {case.document_reference}; nothing written")
-    _refuse_unless(not (case.step == "file" and case.opinion_id == claims["jti"]),
+    _refuse_unless(not (case.step == "file" and case.opinion_id == jti),
                    f"this opinion was already received for Case {case.id[:8]} and is being filed; nothing written")
-    _refuse_unless(not app.store.message_seen(claims["jti"]),
-                   f"opinion {claims['jti']} was received before (a replay); nothing written")
-    _refuse_unless(case.step == "await_opinion",
+    _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
+    _refuse_unless(case.step in ("await_opinion", "deliver"),
                    f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
     _refuse_unless(claims.get("package_id") == case.package_id,
                    f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
@@ -65,14 +70,31 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(iss.get("value") == reviewer.identifier_value,
                    f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
                    f"{reviewer.identifier_value!r}; nothing written")
+    _refuse_unless(claims.get("patient") == case.patient and claims.get("service_request") == case.service_request,
+                   f"the opinion's claims name another patient or order than Case {case.id[:8]}; nothing written")
+    # The document's identifier becomes the note's identifier in the chart: it must be the signed message
+    # id, a UUID, so a reviewer can neither reuse another note's identifier nor choose what it overwrites.
+    _refuse_unless(_is_uuid(jti) and document.get("identifier", {}) == {"system": "urn:ietf:rfc:3986",
+                                                                      "value": f"urn:uuid:{jti}"},
+                   "the opinion document's identifier must be urn:uuid:<its message id>; nothing written")
     check_document(app, case, document)
-    path = app.case_dir(case.id) / OPINION_FILE
+    path = opinion_path(app, case, jti)
     envelope.write_atomic(path, data)
-    if not app.store.remember_message(claims["jti"], case.id):
-        raise RejectedOpinion(f"opinion {claims['jti']} was received before (a replay); nothing written")
-    case = app.store.update(case.id, step="file", opinion_id=claims["jti"], event_kind="opinion.received",
-                            detail={"opinion_id": claims["jti"], "from": reviewer.name})
-    return Received(case=case, opinion_id=claims["jti"])
+    accepted = app.store.accept_opinion(case.id, jti=jti, package_id=case.package_id,
+                                        detail={"opinion_id": jti, "from": reviewer.name})
+    if accepted is None:
+        path.unlink(missing_ok=True)
+        now = app.store.get(case.id)
+        raise RejectedOpinion(f"Case {case.id[:8]} took another opinion meanwhile (it is {now.step}) or this one "
+                              "was seen before; nothing written")
+    return Received(case=accepted, opinion_id=jti)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
 
 
 def _refuse_unless(ok: bool, message: str) -> None:
@@ -81,7 +103,7 @@ def _refuse_unless(ok: bool, message: str) -> None:
 
 
 def check_document(app: App, case: Case, document: dict) -> None:
-    """The opinion must be a valid Consult note about this Case's patient and order."""
+    """The opinion must be a valid Consult note about this Case's patient and order, with safe narrative."""
     problems = []
     for i, entry in enumerate(document.get("entry", [])):
         res = entry.get("resource", {})
@@ -101,9 +123,55 @@ def check_document(app: App, case: Case, document: dict) -> None:
         raise RejectedOpinion("the opinion's Composition is not a Consult note (LOINC 11488-4); nothing written")
     if not same_ref(comp.get("subject", {}).get("reference", ""), case.patient, app):
         raise RejectedOpinion(f"the opinion is about a different patient than Case {case.id[:8]}; nothing written")
-    foci = {s.get("focus", {}).get("reference") for s in comp.get("section", []) if s.get("focus")}
-    if foci and not any(same_ref(f, case.service_request, app) for f in foci):
+    foci = [s["focus"].get("reference", "") for s in comp.get("section", []) if s.get("focus")]
+    if not all(same_ref(f, case.service_request, app) for f in foci):
         raise RejectedOpinion(f"the opinion answers a different order than Case {case.id[:8]}; nothing written")
+    for entry in document["entry"]:
+        res = entry.get("resource", {})
+        if res.get("resourceType") == "Patient" and f"Patient/{res.get('id')}" != case.patient:
+            raise RejectedOpinion(f"the opinion carries another patient's record than Case {case.id[:8]}; "
+                                  "nothing written")
+    unsafe = [p for div in _narratives(document) for p in narrative_problems(div)]
+    if unsafe:
+        raise RejectedOpinion("the opinion's narrative is not safe XHTML (FHIR R4 narrative rules txt-1/txt-2): "
+                              + "; ".join(sorted(set(unsafe))[:5]) + "; nothing written")
+
+
+def _narratives(document: dict):
+    for entry in document.get("entry", []):
+        res = entry.get("resource", {})
+        if isinstance(res.get("text"), dict):
+            yield res["text"].get("div", "")
+        for section in res.get("section", []) if res.get("resourceType") == "Composition" else []:
+            yield from _section_narratives(section)
+
+
+def _section_narratives(section: dict):
+    if isinstance(section.get("text"), dict):
+        yield section["text"].get("div", "")
+    for sub in section.get("section", []):
+        yield from _section_narratives(sub)
+
+
+# FHIR R4 narrative.html: the XHTML may contain only basic HTML formatting - no script, no forms, no
+# frames or embedded objects, no event attributes (txt-1), and must be a <div> with non-empty content (txt-2).
+_BAD_ELEMENT = re.compile(r"<\s*(script|style|iframe|frame|frameset|object|embed|applet|form|input|button|"
+                          r"textarea|select|base|link|meta)\b", re.I)
+_BAD_ATTR = re.compile(r"\son[a-z]+\s*=", re.I)
+_BAD_URL = re.compile(r"(href|src)\s*=\s*[\"']?\s*(javascript|vbscript|data):", re.I)
+
+
+def narrative_problems(div: str) -> list[str]:
+    problems = []
+    if not re.match(r"\s*<div\b", div or ""):
+        problems.append("narrative is not a <div>")
+    if m := _BAD_ELEMENT.search(div or ""):
+        problems.append(f"<{m.group(1).lower()}> is not allowed")
+    if _BAD_ATTR.search(div or ""):
+        problems.append("event attributes (on...=) are not allowed")
+    if _BAD_URL.search(div or ""):
+        problems.append("script or data URLs are not allowed")
+    return problems
 
 
 def same_ref(ref: str, local: str, app: App) -> bool:
@@ -115,22 +183,33 @@ def receive_file(app: App, path: Path) -> Received:
     return receive_bytes(app, envelope.read_limited(path), source=str(path))
 
 
-def process_inbox(app: App) -> tuple[list[Received], list[tuple[Path, str]]]:
+@dataclass
+class InboxResult:
+    accepted: list[Received] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)   # moved to inbox/refused/ with a reason
+    deferred: list[tuple[Path, str]] = field(default_factory=list)  # left in the inbox: our problem, not the file's
+
+
+def process_inbox(app: App) -> InboxResult:
     """Receive every *.jwe in the inbox. Accepted files move to inbox/accepted/, refused ones to
-    inbox/refused/ with a .reason.txt beside them: nothing is deleted, nothing is lost."""
+    inbox/refused/ with a .reason.txt beside them. A file that fails for a reason of ours (a reviewer's key
+    file missing, a full disk) stays in the inbox for the next run. Nothing is deleted, nothing is lost,
+    and one bad file never stops the rest of the run."""
+    result = InboxResult()
     inbox = app.config.inbox
     if not inbox.is_dir():
-        return [], []
-    accepted, refused = [], []
+        return result
     for path in sorted(inbox.glob("*.jwe")):
         try:
-            accepted.append(receive_file(app, path))
+            result.accepted.append(receive_file(app, path))
             _move(path, inbox / "accepted")
-        except (RejectedOpinion, SealError) as exc:
-            refused.append((path, str(exc)))
+        except (RejectedOpinion, SealError, CaseError) as exc:
+            result.refused.append((path, str(exc)))
             dest = _move(path, inbox / "refused")
             dest.with_name(dest.name + ".reason.txt").write_text(str(exc) + "\n", encoding="utf-8")
-    return accepted, refused
+        except Exception as exc:  # noqa: BLE001 - kept for the next run, reported now
+            result.deferred.append((path, f"{exc.__class__.__name__}: {exc}"))
+    return result
 
 
 def _move(path: Path, folder: Path) -> Path:

@@ -64,9 +64,11 @@ def render_package(claims: dict, document: dict) -> str:
     files = {a["url"]: a for a in m.get("attachments", [])}
     block("Clinical notes", t.get("DocumentReference", []), lambda r: _note_detail(r, files))
     withheld = m.get("withheld", [])
-    lines.append(f"Withheld ({len(withheld)}): the record is partial" if withheld else "Withheld: nothing")
+    lines.append(f"Withheld ({len(withheld)}): the record is partial" if withheld else "Withheld: nothing listed")
     for w in withheld:
         lines.append(f"  - {w['reference']}: {w['reason']}")
+    if m.get("policy_note"):
+        lines.append(f"  {m['policy_note']}")
     return "\n".join(lines) + "\n"
 
 
@@ -116,13 +118,16 @@ def _div_text(div: str) -> str:
     return "\n".join(line.rstrip() for line in unescape(text).splitlines() if line.strip())
 
 
-def render_opinion(document: dict) -> str:
+def render_opinion(document: dict, *, with_patient: bool = True) -> str:
+    """`with_patient=False` for the copy filed in the chart: the note sits on the patient there, and the
+    Patient in the document is the reviewer's copy, which nothing vouches for."""
     entries = _entries(document)
     comp = entries[0] if entries and entries[0]["resourceType"] == "Composition" else {}
     author = next((r.get("name") for r in entries if r["resourceType"] == "Organization"), "")
-    patient = next((patient_line(r) for r in entries if r["resourceType"] == "Patient"), "")
-    lines = [comp.get("title", "Second opinion"), f"Reviewer: {author}", f"Patient: {patient}",
-             f"Date: {comp.get('date', '')}", ""]
+    lines = [comp.get("title", "Second opinion"), f"Reviewer: {author}"]
+    if with_patient:
+        lines.append(f"Patient: {next((patient_line(r) for r in entries if r['resourceType'] == 'Patient'), '')}")
+    lines += [f"Date: {comp.get('date', '')}", ""]
     for s in comp.get("section", []):
         lines.append(s.get("title", ""))
         lines.append("-" * len(s.get("title", "")))

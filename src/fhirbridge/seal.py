@@ -22,10 +22,15 @@ from . import envelope
 from .collect import Collected, question_of
 from .context import App
 from .crypto import jwe, jws
-from .package import build_document, hospital_organization
-from .store import Case
+from .package import POLICY_NOTE, build_document, hospital_organization
+from .errors import SealError
+from .store import Case, worker_id
 
 ATTACHMENT_TYP = "fhirbridge-attachment+jwe"
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
 def package_dir(app: App, case: Case) -> Path:
@@ -39,7 +44,8 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     reviewer_keys = app.reviewer_keys(case.reviewer)
     recipients = reviewer_keys.encryption_keys()
     package_id = str(uuid.uuid4())
-    staging = app.case_dir(case.id) / "package.staging"
+    # Per worker: two workers that both believe they hold the Case (a lapsed lease) never share a directory.
+    staging = app.case_dir(case.id) / f"package.staging-{_safe(worker_id())}"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "attachments").mkdir(parents=True, mode=0o700)
 
@@ -75,7 +81,8 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         "lookback_days": collected.lookback_days,
         "question": question_of(collected.service_request),
         "shared": [f"{r['resourceType']}/{r['id']}" for r in collected.resources],
-        "withheld": collected.withheld,
+        "withheld": collected.disclosable_withheld(),
+        "policy_note": POLICY_NOTE,
         "attachments": files,
         "inline_attachments": [f"Binary/{b['id']}" for b in inline],
     }
@@ -89,6 +96,11 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     }
     data = envelope.seal(typ=envelope.PACKAGE, claims=claims, document=document, signer=app.hospital_keys,
                          recipient=reviewer_keys)
+    limit = envelope.max_envelope_bytes(envelope.PACKAGE)
+    if len(data) > limit:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SealError(f"the package envelope would be {len(data)} bytes, more than a reviewer accepts ({limit}); "
+                        "lower fhirbridge.inline_attachment_limit so attachments travel as separate files")
     envelope.write_atomic(staging / envelope.ENVELOPE_FILE, data)
     final = app.case_dir(case.id) / "package" / package_id
     final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -102,8 +102,19 @@ def _case(row) -> Case:
     return Case(**values)
 
 
+def _pid_namespace() -> str:
+    """Containers can share a hostname and reuse pids; the pid namespace tells them apart."""
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
+
+
+LOCAL_PREFIX = f"{socket.gethostname()}:{_pid_namespace()}:"
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{LOCAL_PREFIX}{os.getpid()}"
 
 
 class Store:
@@ -227,6 +238,63 @@ class Store:
             row = conn.execute(stmt).first()
         return _case(row) if row else None
 
+    def finish_step(self, case_id: str, *, worker: str | None, expect_step: str, event_kind: str,
+                    detail: dict | None = None, data: dict | None = None, **values) -> Case | None:
+        """Record a step's outcome only if this worker still holds the Case at that step (compare-and-set).
+
+        A worker whose lease lapsed, or whose Case was cancelled meanwhile, gets None and its result is
+        dropped: the newer state wins and nothing is sent or filed twice."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            if data is not None:
+                current = conn.execute(select(cases.c.data).where(cases.c.id == case_id)).scalar_one()
+                values["data"] = {**(current or {}), **data}
+            result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker,
+                                                           cases.c.step == expect_step))
+                                  .values(updated_at=now, claimed_by=None, claimed_until=None, **values))
+            if result.rowcount != 1:
+                return None
+            conn.execute(insert(events).values(case_id=case_id, at=now, kind=event_kind, detail=detail or {}))
+        return self.get(case_id)
+
+    def cancel(self, case_id: str, reason: str) -> Case | None:
+        """Cancel unless finished; clears any claim so the holder's late result is dropped."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.step.not_in(FINAL_STEPS)))
+                                  .values(step="cancelled", last_error=reason, updated_at=now, claimed_by=None,
+                                          claimed_until=None))
+            if result.rowcount != 1:
+                return None
+            conn.execute(insert(events).values(case_id=case_id, at=now, kind="cancelled", detail={"reason": reason}))
+        return self.get(case_id)
+
+    def renew(self, case_id: str, worker: str, lease_seconds: float) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
+                                  .values(claimed_until=time.time() + lease_seconds))
+        return result.rowcount == 1
+
+    def accept_opinion(self, case_id: str, *, jti: str, package_id: str, detail: dict) -> Case | None:
+        """Atomically: record the message id (replay guard) and move the Case from awaiting (or still
+        delivering: the reviewer can answer before we recorded the delivery) to `file`. None if the Case
+        was not in such a state or the id was seen: nothing is recorded then."""
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(seen_messages).values(jti=jti, case_id=case_id, at=now))
+                result = conn.execute(update(cases).where(and_(
+                    cases.c.id == case_id, cases.c.step.in_(("await_opinion", "deliver")),
+                    cases.c.package_id == package_id))
+                    .values(step="file", opinion_id=jti, updated_at=now, attempts=0, last_error=None,
+                            next_attempt_at=None, claimed_by=None, claimed_until=None))
+                if result.rowcount != 1:
+                    raise _NotAccepted()
+                conn.execute(insert(events).values(case_id=case_id, at=now, kind="opinion.received", detail=detail))
+        except (_NotAccepted, IntegrityError):
+            return None
+        return self.get(case_id)
+
     def release(self, case_id: str, worker: str | None = None) -> None:
         worker = worker or worker_id()
         with self.engine.begin() as conn:
@@ -236,11 +304,10 @@ class Store:
     def release_dead_local_claims(self) -> list[str]:
         """Free Cases claimed by a process of this host that no longer exists (a `fhirbridge run` that was
         killed), so the next run on this machine resumes them at once instead of waiting out the lease."""
-        host = socket.gethostname()
         now = time.time()
         with self.engine.connect() as conn:
             rows = conn.execute(select(cases.c.id, cases.c.claimed_by).where(and_(
-                cases.c.claimed_by.startswith(f"{host}:", autoescape=True), cases.c.claimed_until > now))).all()
+                cases.c.claimed_by.startswith(LOCAL_PREFIX, autoescape=True), cases.c.claimed_until > now))).all()
         freed = []
         for case_id, worker in rows:
             pid = worker.rsplit(":", 1)[1]
@@ -276,6 +343,10 @@ class Store:
     def message_seen(self, jti: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(seen_messages.c.jti).where(seen_messages.c.jti == jti)).first() is not None
+
+
+class _NotAccepted(Exception):
+    pass
 
 
 def _pid_alive(pid: int) -> bool:

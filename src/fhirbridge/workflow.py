@@ -15,6 +15,7 @@ order the EHR says is invalid) marks the Case failed with the reason; `fhirbridg
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,15 +27,16 @@ from .context import App
 from .crypto import jwe
 from .deliver import deliver
 from .envelope import write_atomic
-from .errors import FhirbridgeError
+from .errors import CaseError, FhirbridgeError, FhirError
 from .intake import run_intake
 from .seal import package_dir, seal_case
-from .store import Case
+from .store import FINAL_STEPS, Case, worker_id
 
 log = logging.getLogger("fhirbridge.workflow")
 NEXT = {"collect": "seal", "seal": "deliver", "deliver": "await_opinion", "file": "done"}
 CANCELLING_STATUSES = ("revoked", "entered-in-error")
 MAX_BACKOFF = 3600.0
+LEASE_SECONDS = 300.0
 COLLECTED_FILE = "collected.jwe"
 
 
@@ -64,16 +66,46 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
         app.store.add_event(freed, "resumed", {"reason": "the run holding it had stopped"})
     if ignore_backoff:
         app.store.clear_backoff(case_id)
-    while (case := app.store.claim(case_id=case_id)) is not None:
+    worker = worker_id()
+    while (case := app.store.claim(case_id=case_id, worker=worker, lease_seconds=LEASE_SECONDS)) is not None:
         ok = run_step(app, case)
+        fresh = app.store.get(case.id)
         if ok:
             report.steps_done += 1
-            fresh = app.store.get(case.id)
             if fresh.step in ("done", "await_opinion", "cancelled"):
                 report.finished.append(case.id)
         else:
-            report.errors.append(f"case {case.id[:8]} at {case.step}: {app.store.get(case.id).last_error}")
+            report.errors.append(f"case {case.id[:8]} at {case.step}: {fresh.last_error}")
     return report
+
+
+class _LeaseKeeper:
+    """Renews the claim while a step runs, so a slow step (a slow EHR, a large attachment) is not taken
+    over by another worker half-way; stops when the step ends or the claim is lost."""
+
+    def __init__(self, app: App, case: Case):
+        self.app, self.case, self.stop = app, case, threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"lease-{case.id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(LEASE_SECONDS / 3):
+            try:
+                if not self.app.store.renew(self.case.id, self.case.claimed_by, LEASE_SECONDS):
+                    return
+            except Exception:  # noqa: BLE001 - a store hiccup: the next tick tries again
+                log.warning("case %s: could not renew its lease", self.case.id)
+
+    def __enter__(self) -> "_LeaseKeeper":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+class _Withdrawn(Exception):
+    """The order was revoked, or the Task cancelled or rejected, in the EHR: the Case must stop."""
 
 
 def run_step(app: App, case: Case) -> bool:
@@ -81,32 +113,37 @@ def run_step(app: App, case: Case) -> bool:
     app.progress(f"case {case.id[:8]}: {step}")
     started = time.monotonic()
     try:
-        if not case.task:
-            case = _ensure_task(app, case)
-        if step == "collect":
-            detail = _collect(app, case)
-        elif step == "seal":
-            detail = _seal(app, case)
-        elif step == "deliver":
-            detail = _deliver(app, case)
-        elif step == "file":
-            from .writeback import file_opinion  # imported here: writeback imports workflow helpers
-            detail = file_opinion(app, case)
-        else:
-            app.store.release(case.id)
-            return True
+        with _LeaseKeeper(app, case):
+            if not case.task:
+                case = _ensure_task(app, case)
+            if step == "collect":
+                detail = _collect(app, case)
+            elif step == "seal":
+                detail = _seal(app, case)
+            elif step == "deliver":
+                detail = _deliver(app, case)
+            elif step == "file":
+                from .writeback import file_opinion  # imported here: writeback imports workflow helpers
+                detail = file_opinion(app, case)
+            else:
+                app.store.release(case.id, case.claimed_by)
+                return True
+    except _Withdrawn as exc:
+        cancel(app, case, str(exc), worker=case.claimed_by)
+        return True
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the Case, none is lost
         _record_failure(app, case, exc)
         return False
-    if detail.get("cancelled"):
-        return True
     nxt = detail.pop("next", NEXT[step])
     detail["seconds"] = round(time.monotonic() - started, 3)
     extra = detail.pop("columns", {})
-    case = app.store.update(case.id, step=nxt, attempts=0, last_error=None, next_attempt_at=None,
-                            claimed_by=None, claimed_until=None, event_kind=f"{step}.done", detail=detail,
-                            **extra)
-    _sync_task(app, case)
+    done = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=step, event_kind=f"{step}.done",
+                                 detail=detail, step=nxt, attempts=0, last_error=None, next_attempt_at=None, **extra)
+    if done is None:
+        # Someone else moved the Case on (our lease lapsed, or it was cancelled): our result is dropped.
+        app.store.add_event(case.id, "step.discarded", {"step": step, "reason": "the claim was lost meanwhile"})
+        return True
+    _sync_task(app, done)
     return True
 
 
@@ -118,16 +155,19 @@ def _record_failure(app: App, case: Case, exc: Exception) -> None:
     attempts = case.attempts + 1
     if transient:
         delay = min(30.0 * 2 ** (attempts - 1), MAX_BACKOFF)
-        app.store.update(case.id, attempts=attempts, last_error=message, next_attempt_at=time.time() + delay,
-                         claimed_by=None, claimed_until=None, event_kind="error",
-                         detail={"step": case.step, "error": message, "transient": True, "retry_in": delay})
-        app.progress(f"  will retry: {message}")
+        recorded = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=case.step, event_kind="error",
+                                         detail={"step": case.step, "error": message, "transient": True,
+                                                 "retry_in": delay},
+                                         attempts=attempts, last_error=message, next_attempt_at=time.time() + delay)
+        if recorded:
+            app.progress(f"  will retry: {message}")
     else:
-        failed = app.store.update(case.id, step="failed", attempts=attempts, last_error=message,
-                                  claimed_by=None, claimed_until=None, data={"failed_step": case.step},
-                                  event_kind="failed", detail={"step": case.step, "error": message})
-        app.progress(f"  failed: {message}")
-        _sync_task(app, failed)
+        failed = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=case.step, event_kind="failed",
+                                       detail={"step": case.step, "error": message}, data={"failed_step": case.step},
+                                       step="failed", attempts=attempts, last_error=message)
+        if failed:
+            app.progress(f"  failed: {message}")
+            _sync_task(app, failed)
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -141,8 +181,19 @@ def _sync_task(app: App, case: Case, **kw) -> None:
     try:
         ehr_task.set_task_status(app, case, case.step, reason=case.last_error if case.step == "failed" else None,
                                  **kw)
+    except ehr_task.TaskClosed as exc:
+        cancel(app, case, str(exc))
     except Exception as exc:  # noqa: BLE001
         app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+
+
+def _check_order(app: App, case: Case) -> dict:
+    """Re-read the order before each outbound step: a revoked order must not be sent (BSeR: revoking the
+    ServiceRequest cancels the referral)."""
+    sr = app.ehr.read_ref(case.service_request)
+    if sr.get("status") in CANCELLING_STATUSES:
+        raise _Withdrawn(f"the order is {sr['status']} in the EHR")
+    return sr
 
 
 def _ensure_task(app: App, case: Case) -> Case:
@@ -151,12 +202,21 @@ def _ensure_task(app: App, case: Case) -> Case:
     return app.store.update(case.id, task=task, event_kind="task.created", detail={"task": task})
 
 
+def _sync_before_step(app: App, case: Case) -> None:
+    """Show the step on the Task; a Task cancelled or rejected in the EHR stops the Case instead."""
+    try:
+        ehr_task.set_task_status(app, case, case.step)
+    except ehr_task.TaskClosed as exc:
+        raise _Withdrawn(str(exc)) from None
+    except FhirError as exc:
+        if exc.transient:
+            raise
+        app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+
+
 def _collect(app: App, case: Case) -> dict:
-    sr = app.ehr.read_ref(case.service_request)
-    if sr.get("status") in CANCELLING_STATUSES:
-        cancel(app, case, f"the order is {sr['status']} in the EHR")
-        return {"cancelled": True}
-    _sync_task(app, case)
+    sr = _check_order(app, case)
+    _sync_before_step(app, case)
     collected = collect(app, sr, app.profile(case.profile))
     path = app.case_dir(case.id) / COLLECTED_FILE
     # Clinical content at rest is encrypted to the hospital's own key.
@@ -175,25 +235,37 @@ def load_collected(app: App, case: Case) -> Collected:
 
 
 def _seal(app: App, case: Case) -> dict:
-    _sync_task(app, case)
+    _check_order(app, case)
+    _sync_before_step(app, case)
     package_id, summary = seal_case(app, case, load_collected(app, case))
     summary["columns"] = {"package_id": package_id}
     return summary
 
 
 def _deliver(app: App, case: Case) -> dict:
-    _sync_task(app, case)
+    _check_order(app, case)
+    _sync_before_step(app, case)
     return deliver(app.config.reviewer(case.reviewer), package_dir(app, case), case.package_id)
 
 
-def cancel(app: App, case: Case, reason: str) -> Case:
-    case = app.store.update(case.id, step="cancelled", last_error=reason, claimed_by=None, claimed_until=None,
-                            event_kind="cancelled", detail={"reason": reason})
+def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> Case:
+    """Cancel a Case that is not finished. From a worker (order revoked, Task cancelled in the EHR) only if it
+    still holds the Case; from a person, whoever holds it: the holder's result is then dropped (finish_step)."""
+    if worker:
+        cancelled = app.store.finish_step(case.id, worker=worker, expect_step=case.step, event_kind="cancelled",
+                                          detail={"reason": reason}, step="cancelled", last_error=reason)
+    else:
+        cancelled = app.store.cancel(case.id, reason)
+    if cancelled is None:
+        current = app.store.get(case.id)
+        if current.step in FINAL_STEPS:
+            raise CaseError(f"Case {case.id[:8]} is already {current.step}; nothing to cancel")
+        return current
     try:
-        ehr_task.set_task_status(app, case, "cancelled", reason=reason)
+        ehr_task.set_task_status(app, cancelled, "cancelled", reason=reason)
     except Exception as exc:  # noqa: BLE001
         app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
-    return case
+    return cancelled
 
 
 def retry(app: App, case: Case) -> Case:
@@ -201,5 +273,9 @@ def retry(app: App, case: Case) -> Case:
     if case.step != "failed":
         return app.store.update(case.id, next_attempt_at=None, event_kind="retry", detail={"step": case.step})
     step = case.data.get("failed_step") or "collect"
+    if step == "intake":
+        # It failed before it could be routed (unknown reviewer or profile): route it again now.
+        from .intake import reroute
+        return reroute(app, case)
     return app.store.update(case.id, step=step, next_attempt_at=None, attempts=0, event_kind="retry",
                             detail={"step": step})

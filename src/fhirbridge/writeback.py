@@ -10,7 +10,8 @@ signature), and the Task set to `completed` with `output`.
 Why a Binary with a client-assigned id rather than a `Bundle` resource: a document Bundle holds its own
 urn:uuid fullUrls, which some servers try to resolve as transaction references and reject; and not every
 server rewrites urn:uuid in `attachment.url` (R4 http.html#trules asks it to), so the Binary gets an id we
-choose (the opinion's UUID) and the DocumentReference names it as `Binary/<id>` directly.
+choose and the DocumentReference names it as `Binary/<id>` directly. The id is derived here from the Case
+and the message id, never taken from the reviewer's document: a chosen id could overwrite any Binary.
 
 Why it can never file twice:
 - the Task entry is a PUT with `ifMatch` on the version we read: a second identical transaction (a retry
@@ -31,8 +32,8 @@ import uuid
 from . import envelope, jsonutil
 from .context import App
 from .ehr_task import BUSINESS_SYSTEM, STATUS, now_iso
-from .errors import FhirError
-from .receive import OPINION_FILE
+from .errors import FhirbridgeError, FhirError
+from .receive import opinion_path
 from .render import render_opinion
 from .store import Case
 
@@ -43,20 +44,31 @@ PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type
 US_CORE_PARTICIPANT = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
 
 
-def find_filed(app: App, identifier_value: str) -> str | None:
+def find_filed(app: App, case: Case, identifier_value: str) -> str | None:
+    """The DocumentReference already filed for this opinion, if any. It must be this Case's (patient and
+    order): an identifier found on another patient's note is a collision to stop at, not a filed opinion."""
     for res in app.ehr.search("DocumentReference", {"identifier": f"{OPINION_ID_SYSTEM}|{identifier_value}"}):
-        if res.get("resourceType") == "DocumentReference":
+        if res.get("resourceType") != "DocumentReference":
+            continue
+        related = {r.get("reference") for r in res.get("context", {}).get("related", [])}
+        if res.get("subject", {}).get("reference") == case.patient and case.service_request in related:
             return f"DocumentReference/{res['id']}"
+        raise FhirbridgeError(f"DocumentReference/{res['id']} already carries opinion identifier "
+                              f"{identifier_value} but belongs to another patient or order; not filing")
     return None
 
 
+def binary_id_for(case: Case, opinion_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:fhirbridge:case:{case.id}/opinion/{opinion_id}"))
+
+
 def file_opinion(app: App, case: Case) -> dict:
-    data = (app.case_dir(case.id) / OPINION_FILE).read_bytes()
+    data = opinion_path(app, case).read_bytes()
     # Re-verified at rest: the file could have been altered since it was received.
     claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
                                             trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
-    ident = document["identifier"]["value"]
-    filed = find_filed(app, ident)
+    ident = f"urn:uuid:{case.opinion_id}"   # receive checked that the document's identifier is exactly this
+    filed = find_filed(app, case, ident)
     if filed:
         return {"columns": {"document_reference": filed}, "document_reference": filed, "already_filed": True}
     task = app.ehr.read_ref(case.task)
@@ -68,7 +80,7 @@ def file_opinion(app: App, case: Case) -> dict:
         response = app.ehr.transaction(tx)
     except FhirError as exc:
         if exc.status in (409, 412):
-            filed = find_filed(app, ident)
+            filed = find_filed(app, case, ident)
             if filed:
                 return {"columns": {"document_reference": filed}, "document_reference": filed,
                         "already_filed": True}
@@ -97,13 +109,13 @@ def _location(response: dict, index: int, rtype: str) -> str | None:
 
 
 def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
-    ident_value = document["identifier"]["value"]
+    ident_value = f"urn:uuid:{case.opinion_id}"
     identifier = {"system": OPINION_ID_SYSTEM, "value": ident_value}
-    binary_id = ident_value.removeprefix("urn:uuid:")
+    binary_id = binary_id_for(case, case.opinion_id)
     binary_ref = f"Binary/{binary_id}"
     docref_url, prov_url = (f"urn:uuid:{uuid.uuid4()}" for _ in range(2))
     doc_json = jsonutil.dumps(document)
-    text = render_opinion(document).encode("utf-8")
+    text = render_opinion(document, with_patient=False).encode("utf-8")
     comp = document["entry"][0]["resource"]
     reviewer = app.config.reviewer(case.reviewer)
     created = now_iso()
@@ -119,7 +131,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
         "type": comp["type"],
         "category": comp.get("category", []),
         "subject": {"reference": case.patient},
-        "date": comp.get("date", created),
+        "date": created,  # an instant in R4 (Composition.date may be a bare date)
         "author": [reviewer.organization_ref()],
         "custodian": app.config.hospital.organization_ref(),
         "description": f"Second opinion from {reviewer.display}",

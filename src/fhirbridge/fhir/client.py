@@ -358,7 +358,10 @@ class FhirClient:
         if diagnostics:
             message += f": {diagnostics}"
         # 408 Request Timeout is the server timing out on us: as transient as our own read timeout.
-        transient = status in (408, 429) or status >= 500
+        # 401/403 are about our credentials or permissions, not about the Case: an expired token or a
+        # revoked scope fixed by hospital IT must let every waiting Case resume on its own, rather than
+        # fail them all one by one.
+        transient = status in (401, 403, 408, 429) or status >= 500
         return FhirError(message, status=status, transient=transient, outcome=outcome)
 
     def _stored(self, resp: requests.Response, type_: str, what: str) -> dict:
