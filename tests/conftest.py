@@ -56,3 +56,12 @@ def hospital(tmp_path, ehr):
     h = TestHospital(tmp_path, ehr.base_url)
     yield h
     h.close()
+
+
+@pytest.fixture
+def two_reviewers(tmp_path, ehr):
+    """A hospital with two reviewers: spine-center (serves spine/default) and a second one."""
+    from loopkit import TestHospital
+    h = TestHospital(tmp_path, ehr.base_url, reviewers=("spine-center", "other-center"))
+    yield h
+    h.close()

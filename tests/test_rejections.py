@@ -21,16 +21,14 @@ from fhirbridge.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.receive import process_inbox, receive_bytes, receive_file
 from fhirbridge.reviewer import open_package
 
-from loopkit import SAMPLE_ANSWER, TestHospital
+from loopkit import SAMPLE_ANSWER, TestHospital  # noqa: F401 - craft_opinion's type
 
 pytestmark = pytest.mark.sekmet
 
 
 @pytest.fixture
-def hospital(tmp_path, ehr):
-    h = TestHospital(tmp_path, ehr.base_url, reviewers=("spine-center", "other-center"))
-    yield h
-    h.close()
+def hospital(two_reviewers):
+    return two_reviewers
 
 
 @pytest.fixture
