@@ -21,7 +21,7 @@ from fhirbridge.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.receive import process_inbox, receive_bytes, receive_file
 from fhirbridge.reviewer import open_package
 
-from loopkit import SAMPLE_ANSWER, TestHospital  # noqa: F401 - craft_opinion's type
+from loopkit import SAMPLE_ANSWER, TestHospital
 
 pytestmark = pytest.mark.sekmet
 
