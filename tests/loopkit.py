@@ -94,7 +94,7 @@ class TestHospital:
         return run_pending(app or self.app, **kw)
 
     def case_for(self, sr: dict):
-        return self.app.store.find_by_order(self.app.config.hospital.key, f"ServiceRequest/{sr['id']}")
+        return self.app.store.find_by_order(self.app.hospital.key, f"ServiceRequest/{sr['id']}")
 
     # --- the reviewer ------------------------------------------------------------------------------
     def package_path(self, case) -> Path:

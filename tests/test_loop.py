@@ -120,7 +120,7 @@ def test_package_is_a_valid_signed_document_with_manifest(hospital, seeded):
     studies = [e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "ImagingStudy"]
     assert studies and all(s["series"][0]["uid"] for s in studies)
     for s in studies:
-        endpoint = by_url[f"{hospital.app.config.hospital.fhir_base_url}/{s['endpoint'][0]['reference']}"]
+        endpoint = by_url[f"{hospital.app.hospital.fhir_base_url}/{s['endpoint'][0]['reference']}"]
         assert endpoint["connectionType"]["code"] == "dicom-wado-rs" and endpoint["address"].startswith("https://")
     kinds = {e["resource"]["resourceType"] for e in doc["entry"]}
     assert {"Patient", "ServiceRequest", "Condition", "DiagnosticReport", "ImagingStudy", "Procedure",
@@ -144,7 +144,7 @@ def test_renaming_the_hospital_reopens_no_case(hospital, seeded):
     hospital.config_path.write_text(cfg.replace('name = "Test Hospital', 'name = "Renamed Test Hospital', 1))
     renamed = hospital.new_app()
     try:
-        assert renamed.config.hospital.name.startswith("Renamed")
+        assert renamed.hospital.name.startswith("Renamed")
         assert hospital.run(app=renamed, case_id="none").opened == 0
         assert len([c for c in renamed.store.list() if c.service_request == f"ServiceRequest/{sr['id']}"]) == 1
     finally:

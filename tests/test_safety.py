@@ -302,8 +302,8 @@ def test_after_losing_the_store_nothing_is_sent_again(hospital, seeded, fhir, tm
     fresh = hospital.new_app(FHIRBRIDGE_FHIRBRIDGE__STORE_URL=f"sqlite:///{tmp_path / 'restored.db'}")
     try:
         hospital.run(app=fresh)
-        again_sent = fresh.store.find_by_order(fresh.config.hospital.key, sent.service_request)
-        again_filed = fresh.store.find_by_order(fresh.config.hospital.key, filed.service_request)
+        again_sent = fresh.store.find_by_order(fresh.hospital.key, sent.service_request)
+        again_filed = fresh.store.find_by_order(fresh.hospital.key, filed.service_request)
         assert again_sent.step == "failed" and "no record of it" in again_sent.last_error
         assert again_filed.step == "done"
         assert sorted(p.name for p in outbox.iterdir()) == before   # nothing new went to the reviewer

@@ -17,7 +17,8 @@ def _progress(msg: str) -> None:
 
 
 def _app(args, *, progress: bool = True) -> App:
-    return App(config.load(args.config), progress=_progress if progress else (lambda _m: None))
+    return App(config.load(args.config), progress=_progress if progress else (lambda _m: None),
+               hospital_name=getattr(args, "hospital", None))
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -48,24 +49,39 @@ def cmd_run(args) -> int:
     from .mappings_load import check_all
     from .receive import process_inbox
     from .workflow import run_pending
-    with _app(args) as app:
-        # A typo in a mapping stops the run before any Case is touched; a missing key file is reported and
-        # only the Cases that need it wait.
-        check_all(app.config.mappings_dir)
-        for problem in config.check_files(app.config):
-            print(f"warning: {problem}", file=sys.stderr)
-        inbox = process_inbox(app)
+    cfg = config.load(args.config)
+    # A typo in a mapping stops the run before any Case is touched; a missing key file is reported and
+    # only the Cases that need it wait.
+    check_all(cfg.mappings_dir)
+    for problem in config.check_files(cfg):
+        print(f"warning: {problem}", file=sys.stderr)
+    apps = ([App(cfg, progress=_progress, hospital_name=args.hospital)] if args.hospital
+            else App.per_hospital(cfg, progress=_progress))
+    errors, opened, steps = [], 0, 0
+    try:
+        inbox = process_inbox(apps[0], apps=apps)
         for path, reason in inbox.refused:
             print(f"refused {path.name}: {reason}", file=sys.stderr)
         for path, reason in inbox.deferred:
             print(f"kept {path.name} in the inbox for the next run: {reason}", file=sys.stderr)
-        report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
-                             ignore_backoff=args.now)
-    print(f"done: {report.opened} case(s) opened, {len(inbox.accepted)} opinion(s) received, "
-          f"{report.steps_done} step(s) completed, {len(report.errors)} error(s)")
-    for e in report.errors:
+        for app in apps:
+            if len(apps) > 1:
+                print(f"== {app.hospital.name}", flush=True)
+            report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
+                                 ignore_backoff=args.now)
+            errors += report.errors
+            opened += report.opened
+            steps += report.steps_done
+    finally:
+        for app in apps:
+            app.close()
+        if apps and apps[0].shared_store is not None:
+            apps[0].shared_store.close()
+    print(f"done: {opened} case(s) opened, {len(inbox.accepted)} opinion(s) received, "
+          f"{steps} step(s) completed, {len(errors)} error(s)")
+    for e in errors:
         print(f"  {e}", file=sys.stderr)
-    return 1 if report.errors or inbox.refused or inbox.deferred else 0
+    return 1 if errors or inbox.refused or inbox.deferred else 0
 
 
 def _case_id(app: App, prefix: str | None) -> str | None:
@@ -217,6 +233,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fhirbridge", description="Second-opinion referrals over HL7 FHIR R4.")
     p.add_argument("--config", help="configuration file (default: $FHIRBRIDGE_CONFIG or ./fhirbridge.toml)")
+    p.add_argument("--hospital", help="which configured hospital (when the config has several [[hospitals]])")
     p.add_argument("-v", "--verbose", action="store_true", help="log more (never clinical content)")
     p.add_argument("--version", action="version", version=f"fhirbridge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

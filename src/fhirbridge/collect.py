@@ -262,7 +262,7 @@ def _follow_withhold(res: dict, profile: Profile) -> str | None:
 def _local_ref(app: App, ref: str) -> tuple[str, str, str]:
     """'Type/id' or '<base>/Type/id' -> (Type, '/', id); anything else (urn:, #contained, other servers)
     -> ('', '', '')."""
-    base = app.config.hospital.fhir_base_url.rstrip("/") + "/"
+    base = app.hospital.fhir_base_url.rstrip("/") + "/"
     if ref.startswith(base):
         ref = ref[len(base):]
     if ref.startswith(("http:", "https:", "urn:", "#")):

@@ -105,12 +105,32 @@ class Config:
     store_url: str
     mappings_dir: Path
     inbox: Path
-    hospital: Hospital
+    hospitals: dict[str, Hospital]
     reviewers: dict[str, Reviewer]
     default_reviewer: str | None
     inline_attachment_limit: int = 256 * 1024
     max_attachment_bytes: int = 512 * 1024 * 1024
     package_lifetime_days: int = 30
+
+    @property
+    def hospital(self) -> Hospital:
+        """The hospital, when the deployment serves one; with several, name one (hospital_named)."""
+        if len(self.hospitals) != 1:
+            raise ConfigError(f"{len(self.hospitals)} hospitals are configured: name one with --hospital "
+                              f"({', '.join(self.hospitals)})", file=str(self.file), key="hospitals")
+        return next(iter(self.hospitals.values()))
+
+    def hospital_named(self, name: str | None) -> Hospital:
+        if name is None:
+            return self.hospital
+        for h in self.hospitals.values():
+            if name in (h.name, h.key, env_name(h.name)):
+                return h
+        raise ConfigError(f"no hospital named {name!r} (configured: {', '.join(self.hospitals)})",
+                          file=str(self.file), key="hospitals")
+
+    def hospital_by_key(self, key: str) -> Hospital | None:
+        return next((h for h in self.hospitals.values() if h.key == key), None)
 
     def reviewer(self, name: str) -> Reviewer:
         try:
@@ -202,37 +222,40 @@ def _file_problems(cfg: Config) -> list[ConfigError]:
         if not any(kr.verification_key(kid) for kid in kr.kids):
             problems.append(ConfigError(f"{r.jwks} has no signature verification key: opinions from {r.name} "
                                         "cannot be verified", file=file, key=key))
-    kr = ring(cfg.hospital.keys, "hospital.keys")
-    if kr is not None:
+    for i, h in enumerate(cfg.hospitals.values()):
+        key = "hospital.keys" if len(cfg.hospitals) == 1 else f"hospitals[{i}].keys"
+        kr = ring(h.keys, key)
+        if kr is None:
+            continue
         if not kr.has_private:
-            problems.append(ConfigError(f"{cfg.hospital.keys} holds only public keys; the hospital needs its "
-                                        "private key set (made by `fhirbridge init`)", file=file,
-                                        key="hospital.keys"))
-        else:
-            if not any(kr.decryption_key(kid) for kid in kr.kids):
-                problems.append(ConfigError(f"{cfg.hospital.keys} has no private encryption key: opinions "
-                                            "could not be decrypted", file=file, key="hospital.keys"))
-            try:
-                kr.signing_key()
-            except SealError:
-                problems.append(ConfigError(f"{cfg.hospital.keys} has no private signing key: packages could "
-                                            "not be signed", file=file, key="hospital.keys"))
+            problems.append(ConfigError(f"{h.keys} holds only public keys; the hospital needs its "
+                                        "private key set (made by `fhirbridge init`)", file=file, key=key))
+            continue
+        if not any(kr.decryption_key(kid) for kid in kr.kids):
+            problems.append(ConfigError(f"{h.keys} has no private encryption key: opinions "
+                                        "could not be decrypted", file=file, key=key))
+        try:
+            kr.signing_key()
+        except SealError:
+            problems.append(ConfigError(f"{h.keys} has no private signing key: packages could "
+                                        "not be signed", file=file, key=key))
     return problems
 
 
 def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
-    """Overlay FHIRBRIDGE_A__B__C=value onto raw["a"]["b"]["c"]; reviewers are addressed by name."""
+    """Overlay FHIRBRIDGE_A__B__C=value onto raw["a"]["b"]["c"]. Entries of [[reviewers]] and [[hospitals]]
+    are addressed by name, written as an env name: lower case, anything but letters and digits as "_"
+    (reviewer "spine-center" -> FHIRBRIDGE_REVIEWERS__SPINE_CENTER__..)."""
     for name, value in environ.items():
         if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         node: Any = raw
-        if parts[0] == "reviewers" and len(parts) >= 3:
-            wanted = parts[1].replace("_", "-")
-            match = [r for r in raw.get("reviewers", []) if str(r.get("name", "")).lower() in (parts[1], wanted)]
+        if parts[0] in LIST_SECTIONS and len(parts) >= 3:
+            match = [r for r in raw.get(parts[0], []) if isinstance(r, dict) and env_name(r.get("name")) == parts[1]]
             if not match:
-                raise ConfigError(f"environment variable {name} names reviewer {parts[1]!r}, which the file "
-                                  "does not define", file=str(file), key="reviewers")
+                raise ConfigError(f"environment variable {name} names {LIST_SECTIONS[parts[0]]} {parts[1]!r}, which "
+                                  "the file does not define", file=str(file), key=parts[0])
             node, parts = match[0], parts[2:]
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -241,6 +264,13 @@ def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
                                   key=".".join(parts))
         # Kept as text: the reader converts it to the type the key needs (a digits-only token stays text).
         node[parts[-1]] = EnvValue(value)
+
+
+LIST_SECTIONS = {"reviewers": "reviewer", "hospitals": "hospital"}
+
+
+def env_name(name: object) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(name or "").lower())
 
 
 class EnvValue(str):
@@ -346,7 +376,7 @@ def _build(raw: dict, file: Path) -> Config:
     inbox = _path(base, fb.get("inbox", str, "var/inbox"))
     fb.finish()
 
-    hospital = _hospital(top.sub("hospital"), base)
+    hospitals = _hospitals(top, base, file)
     reviewers = _reviewers(top, base, file)
     routing = top.sub("routing")
     default_reviewer = routing.get("default_reviewer", str, None)
@@ -355,9 +385,32 @@ def _build(raw: dict, file: Path) -> Config:
     routing.finish()
     top.finish()
     return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
-                  inbox=inbox, hospital=hospital, reviewers=reviewers, default_reviewer=default_reviewer,
+                  inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime)
+
+
+def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:
+    """One `[hospital]` table, or several `[[hospitals]]` served by one deployment."""
+    if "hospital" in top.data and "hospitals" in top.data:
+        raise ConfigError("use either [hospital] or [[hospitals]], not both", file=str(file), key="hospitals")
+    if "hospitals" not in top.data:
+        h = _hospital(top.sub("hospital"), base)
+        return {h.name: h}
+    top.used.add("hospitals")
+    items = top.data["hospitals"]
+    if not isinstance(items, list) or not items:
+        raise ConfigError("must be a non-empty array of tables ([[hospitals]])", file=str(file), key="hospitals")
+    out: dict[str, Hospital] = {}
+    for i, item in enumerate(items):
+        h = _hospital(_Section(item, file, f"hospitals[{i}]"), base)
+        if h.name in out:
+            raise ConfigError(f"hospital {h.name!r} is defined twice", file=str(file), key=f"hospitals[{i}].name")
+        if any(o.key == h.key for o in out.values()):
+            raise ConfigError("two hospitals share one organisation identifier", file=str(file),
+                              key=f"hospitals[{i}].identifier")
+        out[h.name] = h
+    return out
 
 
 def _hospital(sec: _Section, base: Path) -> Hospital:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import mappings_load
-from .config import Config
+from .config import Config, Hospital
 from .crypto.keys import KeyRing
 from .fhir.auth import make_auth
 from .fhir.client import FhirClient
@@ -23,23 +23,37 @@ def _quiet(_msg: str) -> None:
 
 @dataclass
 class App:
+    """Everything a step needs, for ONE hospital. A deployment serving several hospitals makes one App per
+    hospital (`App.per_hospital`), all sharing one Case store; each works only its own hospital's Cases."""
+
     config: Config
     progress: Callable[[str], None] = field(default=_quiet)
+    hospital_name: str | None = None
+    shared_store: Store | None = None
+
+    @cached_property
+    def hospital(self) -> Hospital:
+        return self.config.hospital_named(self.hospital_name)
+
+    @classmethod
+    def per_hospital(cls, config: Config, **kw) -> list["App"]:
+        store = Store(config.store_url)
+        return [cls(config, hospital_name=name, shared_store=store, **kw) for name in config.hospitals]
 
     @cached_property
     def store(self) -> Store:
-        return Store(self.config.store_url)
+        return self.shared_store or Store(self.config.store_url)
 
     @cached_property
     def ehr(self) -> FhirClient:
-        h = self.config.hospital
+        h = self.hospital
         return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict()),
                           timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
                           max_retry_after=h.http.max_retry_after, page_size=h.http.page_size)
 
     @cached_property
     def hospital_keys(self) -> KeyRing:
-        return KeyRing.load(self.config.hospital.keys)
+        return KeyRing.load(self.hospital.keys)
 
     @cached_property
     def order_codes(self) -> mappings_load.OrderCodes:
@@ -65,5 +79,5 @@ class App:
     def close(self) -> None:
         if "ehr" in self.__dict__:
             self.ehr.close()
-        if "store" in self.__dict__:
+        if "store" in self.__dict__ and self.shared_store is None:
             self.store.close()

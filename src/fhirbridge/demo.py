@@ -115,7 +115,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
 
         step("fhirbridge run: intake, collect, seal (sign + encrypt), deliver to the outbox")
         report = run_pending(app)
-        case = app.store.find_by_order(app.config.hospital.key, f"ServiceRequest/{sr['id']}")
+        case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
         if case is None or case.step != "await_opinion":
             raise FhirbridgeError(f"the demo Case did not reach the reviewer: {report.errors}")
         package = directory / "outbox" / case.package_id

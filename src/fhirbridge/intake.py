@@ -27,7 +27,7 @@ class IntakeResult:
 
 
 def case_id_for(app: App, service_request_ref: str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.config.hospital.key}/{service_request_ref}"))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.hospital.key}/{service_request_ref}"))
 
 
 def run_intake(app: App) -> IntakeResult:
@@ -53,7 +53,7 @@ def run_intake(app: App) -> IntakeResult:
 
 def open_case(app: App, sr: dict) -> tuple[Case, bool]:
     ref = f"ServiceRequest/{sr['id']}"
-    hospital = app.config.hospital.key
+    hospital = app.hospital.key
     existing = app.store.find_by_order(hospital, ref)
     if existing:
         return existing, False

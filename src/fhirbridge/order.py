@@ -25,7 +25,7 @@ def place_order(app: App, *, patient: str, question: str, reviewer: str | None =
         app.ehr.read_ref(patient_ref)
     except FhirError as exc:
         if exc.status == 404:
-            raise FhirbridgeError(f"{patient_ref} does not exist in the EHR at {app.config.hospital.fhir_base_url}") \
+            raise FhirbridgeError(f"{patient_ref} does not exist in the EHR at {app.hospital.fhir_base_url}") \
                 from None
         raise
     codes = app.order_codes

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 from . import envelope
 from .context import App
 from .crypto.keys import KeyRing
@@ -175,12 +177,34 @@ def narrative_problems(div: str) -> list[str]:
 
 
 def same_ref(ref: str, local: str, app: App) -> bool:
-    base = app.config.hospital.fhir_base_url.rstrip("/") + "/"
+    base = app.hospital.fhir_base_url.rstrip("/") + "/"
     return ref == local or ref == base + local
 
 
+def recipient_kids(data: bytes) -> set[str]:
+    """The key ids a JWE is encrypted to, read without decrypting (to pick the hospital it is for)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return set()
+    recipients = obj.get("recipients") if isinstance(obj, dict) else None
+    if not isinstance(recipients, list):
+        recipients = [obj] if isinstance(obj, dict) else []
+    return {str(r.get("header", {}).get("kid")) for r in recipients if isinstance(r, dict)}
+
+
+def app_for(apps: list[App], data: bytes) -> App:
+    """Of the hospitals this deployment serves, the one an envelope is encrypted to (the first if none)."""
+    if len(apps) > 1:
+        kids = recipient_kids(data)
+        for app in apps:
+            if any(app.hospital_keys.decryption_key(k) for k in kids):
+                return app
+    return apps[0]
+
+
 def receive_file(app: App, path: Path) -> Received:
-    return receive_bytes(app, envelope.read_limited(path), source=str(path))
+    return receive_bytes(app, envelope.read_limited(path, envelope.OPINION), source=str(path))
 
 
 @dataclass
@@ -190,7 +214,7 @@ class InboxResult:
     deferred: list[tuple[Path, str]] = field(default_factory=list)  # left in the inbox: our problem, not the file's
 
 
-def process_inbox(app: App) -> InboxResult:
+def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
     """Receive every *.jwe in the inbox. Accepted files move to inbox/accepted/, refused ones to
     inbox/refused/ with a .reason.txt beside them. A file that fails for a reason of ours (a reviewer's key
     file missing, a full disk) stays in the inbox for the next run. Nothing is deleted, nothing is lost,
@@ -201,7 +225,9 @@ def process_inbox(app: App) -> InboxResult:
         return result
     for path in sorted(inbox.glob("*.jwe")):
         try:
-            result.accepted.append(receive_file(app, path))
+            data = envelope.read_limited(path, envelope.OPINION)
+            target = app_for(apps or [app], data)
+            result.accepted.append(receive_bytes(target, data, source=str(path)))
             _move(path, inbox / "accepted")
         except (RejectedOpinion, SealError, CaseError) as exc:
             result.refused.append((path, str(exc)))

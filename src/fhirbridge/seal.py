@@ -70,7 +70,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
 
     now = datetime.now(timezone.utc)
     timestamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
-    h = cfg.hospital
+    h = app.hospital
     org = hospital_organization(h.name, h.identifier_system, h.identifier_value)
     document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
                               timestamp=timestamp, inline_binaries=inline)

@@ -214,7 +214,7 @@ class Store:
     # --- work claiming -----------------------------------------------------------------------------
 
     def claim(self, *, steps: tuple[str, ...] = WORK_STEPS, lease_seconds: float = 300.0,
-              worker: str | None = None, case_id: str | None = None) -> Case | None:
+              worker: str | None = None, case_id: str | None = None, hospital: str | None = None) -> Case | None:
         """Claim one Case that has work due, with a lease, in ONE atomic UPDATE ... RETURNING.
 
         The claim condition appears in the outer WHERE as well as the subquery: under PostgreSQL READ
@@ -229,6 +229,8 @@ class Store:
         cond = and_(cases.c.step.in_(steps), free, due)
         if case_id is not None:
             cond = and_(cond, cases.c.id == case_id)
+        if hospital is not None:
+            cond = and_(cond, cases.c.hospital == hospital)
         pick = select(cases.c.id).where(cond).order_by(cases.c.updated_at).limit(1)
         if self.engine.dialect.name == "postgresql":
             pick = pick.with_for_update(skip_locked=True)

@@ -67,7 +67,8 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
     if ignore_backoff:
         app.store.clear_backoff(case_id)
     worker = worker_id()
-    while (case := app.store.claim(case_id=case_id, worker=worker, lease_seconds=LEASE_SECONDS)) is not None:
+    while (case := app.store.claim(case_id=case_id, worker=worker, lease_seconds=LEASE_SECONDS,
+                                   hospital=app.hospital.key)) is not None:
         ok = run_step(app, case)
         fresh = app.store.get(case.id)
         if ok:

@@ -133,7 +133,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
         "subject": {"reference": case.patient},
         "date": created,  # an instant in R4 (Composition.date may be a bare date)
         "author": [reviewer.organization_ref()],
-        "custodian": app.config.hospital.organization_ref(),
+        "custodian": app.hospital.organization_ref(),
         "description": f"Second opinion from {reviewer.display}",
         "content": [
             {"attachment": {**_attachment("application/fhir+json", doc_json, "Second opinion (FHIR document)",
@@ -154,7 +154,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
              "who": reviewer.organization_ref()},
             # US Core Provenance: the system that sent the data on the author's behalf is the transmitter.
             {"type": {"coding": [{"system": US_CORE_PARTICIPANT, "code": "transmitter", "display": "Transmitter"}]},
-             "who": {"display": "fhirbridge"}, "onBehalfOf": app.config.hospital.organization_ref()},
+             "who": {"display": "fhirbridge"}, "onBehalfOf": app.hospital.organization_ref()},
         ],
         "entity": [{"role": "source", "what": {"identifier": {"system": OPINION_ID_SYSTEM,
                                                               "value": f"urn:uuid:{claims['jti']}"},
