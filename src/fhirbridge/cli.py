@@ -223,6 +223,45 @@ def cmd_reviewer_answer(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Exec gunicorn with the project's config: the HTTP API plus, in each worker, the scheduler."""
+    import os
+    import shutil
+    cfg_path = config.find_config_file(args.config).resolve()
+    config.load(cfg_path)  # a bad config fails here with its clear message, not in every worker
+    env = dict(os.environ, FHIRBRIDGE_CONFIG=str(cfg_path))
+    if args.bind:
+        env["FHIRBRIDGE_BIND"] = args.bind
+    if args.workers:
+        env["FHIRBRIDGE_WORKERS"] = str(args.workers)
+    if args.no_scheduler:
+        env["FHIRBRIDGE_SCHEDULER"] = "off"
+    exe = Path(sys.executable).with_name("gunicorn")
+    gunicorn = str(exe) if exe.exists() else shutil.which("gunicorn")
+    if not gunicorn:
+        raise FhirbridgeError("gunicorn is not installed next to this Python; reinstall fhirbridge")
+    conf = Path(__file__).with_name("gunicorn_conf.py")
+    os.execve(gunicorn, [gunicorn, "-c", str(conf), "fhirbridge.web:create_app()"], env)
+    return 0  # not reached
+
+
+def cmd_worker(args) -> int:
+    """The scheduler without HTTP: for worker-only replicas. Stops cleanly on SIGTERM/SIGINT."""
+    import signal
+    import threading
+    from .service import Service
+    svc = Service(config.load(args.config))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_a: done.set())
+    svc.start()
+    print(f"fhirbridge worker {svc.worker} running ({len(svc.apps)} hospital(s)); SIGTERM stops it", flush=True)
+    done.wait()
+    print("stopping: finishing the step in hand, taking nothing new", flush=True)
+    svc.stop(wait=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(Path(args.dir), keep_ehr=args.keep_ehr)
@@ -309,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
             s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
             s.set_defaults(func=cmd_reviewer_answer)
+
+    s = sub.add_parser("serve", help="run the service: HTTP API + scheduler, under gunicorn")
+    s.add_argument("--bind", help="host:port (default 127.0.0.1:8080, or $FHIRBRIDGE_BIND)")
+    s.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
+    s.add_argument("--no-scheduler", action="store_true", help="serve HTTP only (run `fhirbridge worker` elsewhere)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("worker", help="run the scheduler only (intake, steps, inbox, overdue), no HTTP")
+    s.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("demo", help="run the whole loop against a local demo EHR (needs fhirbridge[demo])")
     s.add_argument("--dir", default="fhirbridge-demo", help="where to put the demo's files (default: ./fhirbridge-demo)")

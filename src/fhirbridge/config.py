@@ -91,10 +91,21 @@ class Reviewer:
     jwks: Path
     transport: Transport
     profiles: tuple[str, ...] = ()
+    turnaround_days: float = 14.0     # target from delivery to opinion; later Cases are flagged overdue
+    api_token: str | None = None      # for the pull API (transport "pull"); from the environment
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},
                 "display": self.display}
+
+
+@dataclass(frozen=True)
+class ServiceTimes:
+    """How often the service's scheduler ticks, in seconds."""
+    poll_seconds: float = 60.0        # intake poll of each EHR (also catches missed subscription events)
+    work_seconds: float = 5.0         # claim and run due steps
+    inbox_seconds: float = 30.0       # receive opinions dropped in the inbox
+    overdue_seconds: float = 600.0    # flag Cases past their reviewer's turnaround target
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,9 @@ class Config:
     hospitals: dict[str, Hospital]
     reviewers: dict[str, Reviewer]
     default_reviewer: str | None
+    service: ServiceTimes = field(default_factory=ServiceTimes)
+    api_tokens: tuple[str, ...] = ()
+    public_url: str | None = None
     inline_attachment_limit: int = 256 * 1024
     max_attachment_bytes: int = 512 * 1024 * 1024
     package_lifetime_days: int = 30
@@ -281,6 +295,8 @@ def _from_env(value: EnvValue, typ: type | tuple) -> Any:
     types = typ if isinstance(typ, tuple) else (typ,)
     if str in types:
         return str(value)
+    if list in types:  # FHIRBRIDGE_API__TOKENS="a,b"
+        return [v.strip() for v in value.split(",") if v.strip()]
     if bool in types and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.strip().lower() in ("true", "1", "yes")
     for t in (int, float):
@@ -378,6 +394,18 @@ def _build(raw: dict, file: Path) -> Config:
 
     hospitals = _hospitals(top, base, file)
     reviewers = _reviewers(top, base, file)
+    svc = top.sub("service")
+    service = ServiceTimes(**{k: _positive(svc, k, float, getattr(ServiceTimes, k))
+                              for k in ("poll_seconds", "work_seconds", "inbox_seconds", "overdue_seconds")})
+    public_url = svc.get("public_url", str, None)
+    if public_url and not public_url.startswith(("http://", "https://")):
+        raise svc.err("public_url", "must be the http(s) URL at which the EHR reaches this service")
+    svc.finish()
+    api = top.sub("api")
+    tokens = api.get("tokens", list, [])
+    if not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
+        raise api.err("tokens", "must be a list of tokens of at least 16 characters (FHIRBRIDGE_API__TOKENS=a,b)")
+    api.finish()
     routing = top.sub("routing")
     default_reviewer = routing.get("default_reviewer", str, None)
     if default_reviewer and default_reviewer not in reviewers:
@@ -387,7 +415,8 @@ def _build(raw: dict, file: Path) -> Config:
     return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
                   inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
-                  package_lifetime_days=lifetime)
+                  package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
+                  public_url=public_url.rstrip("/") if public_url else None)
 
 
 def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:
@@ -484,8 +513,11 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
             if not _https_or_loopback(url):
                 raise t.err("url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
             transport = Transport("https", url=url, token=t.get("token", str))
+        elif ttype == "pull":
+            # The reviewer has no endpoint of its own: it fetches packages from our reviewer API.
+            transport = Transport("pull")
         else:
-            raise t.err("type", f"{ttype!r} is not one of outbox, https")
+            raise t.err("type", f"{ttype!r} is not one of outbox, https, pull")
         t.finish()
         profiles = sec.get("profiles", list, [])
         if not all(isinstance(p, str) for p in profiles):
@@ -494,7 +526,12 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
                              identifier_system=ident.get("system", str, required=True),
                              identifier_value=ident.get("value", str, required=True),
                              jwks=_path(base, sec.get("jwks", str, required=True)),
-                             transport=transport, profiles=tuple(profiles))
+                             transport=transport, profiles=tuple(profiles),
+                             turnaround_days=_positive(sec, "turnaround_days", float, 14.0),
+                             api_token=sec.get("api_token", str))
+        if transport.type == "pull" and not out[name].api_token:
+            raise sec.err("api_token", "a pull reviewer needs an api_token to fetch its packages "
+                                       f"(FHIRBRIDGE_REVIEWERS__{env_name(name).upper()}__API_TOKEN)")
         ident.finish()
         sec.finish()
     return out

@@ -38,6 +38,9 @@ class DeliveryError(FhirbridgeError):
 def deliver(reviewer: Reviewer, package_dir: Path, package_id: str) -> dict:
     if reviewer.transport.type == "outbox":
         return _to_outbox(reviewer.transport.path, package_dir, package_id)
+    if reviewer.transport.type == "pull":
+        # Nothing to send: the sealed package waits in the Case directory for the reviewer API.
+        return {"transport": "pull", "available": True}
     return _to_https(reviewer, package_dir, package_id)
 
 

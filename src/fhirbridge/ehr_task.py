@@ -25,10 +25,12 @@ STATUS = {
     "seal": ("in-progress", "packaging", "Packaging records"),
     "deliver": ("in-progress", "sending", "Sending to reviewer"),
     "await_opinion": ("in-progress", "sent-to-reviewer", "Sent to reviewer, awaiting opinion"),
+    "overdue": ("in-progress", "overdue", "Awaiting opinion, past the reviewer's turnaround target"),
     "file": ("in-progress", "opinion-received", "Opinion received, filing"),
     "done": ("completed", "opinion-filed", "Opinion filed in the chart"),
     "failed": ("failed", "failed", "Referral failed; see the service's status for the reason"),
     "cancelled": ("cancelled", "cancelled", "Referral cancelled"),
+    "declined": ("rejected", "declined", "The reviewer declined the referral"),
 }
 
 

@@ -13,7 +13,7 @@ from . import ehr_task
 from .context import App, log
 from .errors import FhirError
 from .mappings_load import profile_names
-from .store import Case
+from .store import FINAL_STEPS, Case
 
 # Statuses in which an order still wants a second opinion (FHIR request-status).
 ACTIVE = ("active",)
@@ -49,6 +49,70 @@ def run_intake(app: App) -> IntakeResult:
         else:
             result.existing += 1
     return result
+
+
+CURSOR = "service-requests"
+WITHDRAWN = ("revoked", "entered-in-error")
+
+
+@dataclass
+class PollResult:
+    polled: bool                      # False: another worker holds this hospital's poll
+    opened: list[Case]
+    cancelled: list[Case]
+    seen: int
+    cursor: str | None
+
+
+def poll(app: App, *, worker: str, lease_seconds: float = 300.0) -> PollResult:
+    """Incremental intake: second-opinion ServiceRequests changed since the last poll (`_lastUpdated`
+    cursor per hospital, claimed so only one replica polls it at a time). New active orders open a Case;
+    a revoked or entered-in-error order cancels its Case (BSeR). The first poll takes every active order.
+
+    `ge` rather than `gt` on the cursor: two orders can share a timestamp, and intake is idempotent, so
+    seeing the newest one again costs nothing while skipping its twin would lose an order."""
+    key = app.hospital.key
+    claimed, cursor = app.store.claim_cursor(key, CURSOR, worker=worker, lease_seconds=lease_seconds)
+    if not claimed:
+        return PollResult(False, [], [], 0, cursor)
+    result = PollResult(True, [], [], 0, cursor)
+    try:
+        params = {"code": app.order_codes.search_token(), "_sort": "_lastUpdated"}
+        if cursor:
+            params["_lastUpdated"] = f"ge{cursor}"
+        else:
+            params["status"] = ",".join(ACTIVE)
+        newest = cursor
+        for sr in app.ehr.search("ServiceRequest", params):
+            if sr.get("resourceType") != "ServiceRequest" or not app.order_codes.matches(sr):
+                continue
+            result.seen += 1
+            stamp = sr.get("meta", {}).get("lastUpdated")
+            if stamp and (newest is None or stamp > newest):
+                newest = stamp
+            handled = order_changed(app, sr)
+            if handled is not None:
+                (result.opened if handled[1] == "opened" else result.cancelled).append(handled[0])
+        result.cursor = newest
+    except BaseException:
+        app.store.release_cursor(key, CURSOR, worker=worker)
+        raise
+    app.store.save_cursor(key, CURSOR, worker=worker, value=newest)
+    return result
+
+
+def order_changed(app: App, sr: dict) -> tuple[Case, str] | None:
+    """One order seen by polling or by a subscription notification: the same idempotent step for both."""
+    status = sr.get("status")
+    if status in ACTIVE and sr.get("intent") in ("order", "original-order", "instance-order", "filler-order"):
+        case, created = open_case(app, sr)
+        return (case, "opened") if created else None
+    if status in WITHDRAWN:
+        case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
+        if case and case.step not in FINAL_STEPS:
+            from .workflow import cancel  # workflow imports intake
+            return cancel(app, case, f"the order is {status} in the EHR"), "cancelled"
+    return None
 
 
 def open_case(app: App, sr: dict) -> tuple[Case, bool]:

@@ -47,7 +47,20 @@ cases = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("data", JSON, nullable=False, default=dict),         # step outputs: ids, counts, no PHI
+    Column("due_at", Float),                                   # delivery + the reviewer's turnaround target
+    Column("overdue_at", Float),                               # when it was flagged overdue
     UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
+)
+
+# Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
+cursors = Table(
+    "cursors", metadata,
+    Column("hospital", String(200), primary_key=True),
+    Column("name", String(80), primary_key=True),
+    Column("value", String(64)),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("updated_at", Float),
 )
 
 events = Table(
@@ -70,7 +83,8 @@ seen_messages = Table(
 # Steps in order. A Case is claimable in any of WORK_STEPS; await_opinion waits for the reviewer.
 STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done")
 WORK_STEPS = ("collect", "seal", "deliver", "file")
-FINAL_STEPS = ("done", "failed", "cancelled")
+# Closed for good; "failed" is not among them: it can be retried or cancelled.
+FINAL_STEPS = ("done", "cancelled", "declined")
 
 
 @dataclass
@@ -94,6 +108,8 @@ class Case:
     created_at: float
     updated_at: float
     data: dict[str, Any]
+    due_at: float | None = None
+    overdue_at: float | None = None
 
 
 def _case(row) -> Case:
@@ -330,6 +346,61 @@ class Store:
     def iter_claims(self, **kw) -> Iterator[Case]:
         while (case := self.claim(**kw)) is not None:
             yield case
+
+    # --- polling cursors ---------------------------------------------------------------------------
+
+    def claim_cursor(self, hospital: str, name: str, *, worker: str, lease_seconds: float) -> tuple[bool, str | None]:
+        """(claimed, value): only one worker at a time may poll a source; the value is where it left off."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            exists = conn.execute(select(cursors.c.name).where(and_(cursors.c.hospital == hospital,
+                                                                    cursors.c.name == name))).first()
+            if exists is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(cursors).values(hospital=hospital, name=name, value=None, updated_at=now))
+                except IntegrityError:
+                    pass  # another worker created it first
+            row = conn.execute(update(cursors).where(and_(
+                cursors.c.hospital == hospital, cursors.c.name == name,
+                or_(cursors.c.claimed_until.is_(None), cursors.c.claimed_until < now, cursors.c.claimed_by == worker)))
+                .values(claimed_by=worker, claimed_until=now + lease_seconds).returning(cursors.c.value)).first()
+        return (row is not None), (row[0] if row else None)
+
+    def save_cursor(self, hospital: str, name: str, *, worker: str, value: str | None) -> bool:
+        """Store where polling got to and release the claim; False if the claim was lost meanwhile."""
+        with self.engine.begin() as conn:
+            result = conn.execute(update(cursors).where(and_(cursors.c.hospital == hospital, cursors.c.name == name,
+                                                             cursors.c.claimed_by == worker))
+                                  .values(value=value, claimed_by=None, claimed_until=None, updated_at=time.time()))
+        return result.rowcount == 1
+
+    def release_cursor(self, hospital: str, name: str, *, worker: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(cursors).where(and_(cursors.c.hospital == hospital, cursors.c.name == name,
+                                                    cursors.c.claimed_by == worker))
+                         .values(claimed_by=None, claimed_until=None))
+
+    def get_cursor(self, hospital: str, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(cursors.c.value).where(and_(cursors.c.hospital == hospital,
+                                                                   cursors.c.name == name))).scalar()
+
+    # --- turnaround --------------------------------------------------------------------------------
+
+    def newly_overdue(self, hospital: str | None = None) -> list[Case]:
+        """Cases awaiting an opinion past their due time that were not flagged yet; flags them (once)."""
+        now = time.time()
+        cond = and_(cases.c.step == "await_opinion", cases.c.due_at.is_not(None), cases.c.due_at < now,
+                    cases.c.overdue_at.is_(None))
+        if hospital:
+            cond = and_(cond, cases.c.hospital == hospital)
+        with self.engine.begin() as conn:
+            rows = conn.execute(update(cases).where(cond).values(overdue_at=now).returning(*cases.c)).all()
+            for r in rows:
+                conn.execute(insert(events).values(case_id=r.id, at=now, kind="overdue",
+                                                   detail={"due_at": r.due_at}))
+        return [_case(r) for r in rows]
 
     # --- replay guard ------------------------------------------------------------------------------
 

@@ -49,7 +49,9 @@ class RunReport:
 
 
 def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
-                ignore_backoff: bool = False) -> RunReport:
+                ignore_backoff: bool = False, stop: threading.Event | None = None) -> RunReport:
+    """Take in new orders (unless intake=False) and run every due step once. `stop`, when set, ends the loop
+    after the step in hand (a service shutting down finishes what it started and takes nothing new)."""
     report = RunReport()
     if intake:
         app.progress("intake: looking for second-opinion orders in the EHR")
@@ -67,8 +69,8 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
     if ignore_backoff:
         app.store.clear_backoff(case_id)
     worker = worker_id()
-    while (case := app.store.claim(case_id=case_id, worker=worker, lease_seconds=LEASE_SECONDS,
-                                   hospital=app.hospital.key)) is not None:
+    while not (stop and stop.is_set()) and (case := app.store.claim(
+            case_id=case_id, worker=worker, lease_seconds=LEASE_SECONDS, hospital=app.hospital.key)) is not None:
         ok = run_step(app, case)
         fresh = app.store.get(case.id)
         if ok:
@@ -246,7 +248,21 @@ def _seal(app: App, case: Case) -> dict:
 def _deliver(app: App, case: Case) -> dict:
     _check_order(app, case)
     _sync_before_step(app, case)
-    return deliver(app.config.reviewer(case.reviewer), package_dir(app, case), case.package_id)
+    reviewer = app.config.reviewer(case.reviewer)
+    detail = deliver(reviewer, package_dir(app, case), case.package_id)
+    detail["columns"] = {"due_at": time.time() + reviewer.turnaround_days * 86400}
+    return detail
+
+
+def flag_overdue(app: App) -> list[Case]:
+    """Cases past their reviewer's turnaround target: flagged once, in the store and on the Task."""
+    flagged = app.store.newly_overdue(app.hospital.key)
+    for case in flagged:
+        try:
+            ehr_task.set_task_status(app, case, "overdue")
+        except Exception as exc:  # noqa: BLE001 - the flag is in the store; the Task catches up later
+            app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+    return flagged
 
 
 def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> Case:
@@ -267,6 +283,22 @@ def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> C
     except Exception as exc:  # noqa: BLE001
         app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
     return cancelled
+
+
+def decline(app: App, case: Case, reason: str) -> Case:
+    """The reviewer will not give this opinion: the Case ends and the Task becomes `rejected` with the
+    reason (FHIR task-status: the potential performer refused), so the physician can refer elsewhere."""
+    if case.step not in ("await_opinion", "deliver"):
+        raise CaseError(f"Case {case.id[:8]} is {case.step}; only a Case awaiting an opinion can be declined")
+    declined = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=case.step, event_kind="declined",
+                                     detail={"reason": reason}, step="declined", last_error=f"declined: {reason}")
+    if declined is None:
+        raise CaseError(f"Case {case.id[:8]} changed meanwhile; try again")
+    try:
+        ehr_task.set_task_status(app, declined, "declined", reason=reason)
+    except Exception as exc:  # noqa: BLE001
+        app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+    return declined
 
 
 def retry(app: App, case: Case) -> Case:

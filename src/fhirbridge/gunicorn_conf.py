@@ -1,0 +1,33 @@
+"""gunicorn configuration for `fhirbridge serve` (deploy/gunicorn.conf.py re-exports it).
+
+Each gunicorn worker builds the app (`fhirbridge.web:create_app()`, config from FHIRBRIDGE_CONFIG) and, once
+initialised, starts its own scheduler; the Case store's claims keep workers and replicas from doing the
+same work. On SIGTERM gunicorn stops accepting requests and each worker's `worker_exit` stops its
+scheduler: the step in hand finishes (up to graceful_timeout), nothing new is claimed, and an unfinished
+step's lease lapses so another replica resumes it. Settings come from FHIRBRIDGE_* variables.
+"""
+import os
+
+bind = os.environ.get("FHIRBRIDGE_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("FHIRBRIDGE_WORKERS", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("FHIRBRIDGE_THREADS", "4"))
+timeout = int(os.environ.get("FHIRBRIDGE_TIMEOUT", "120"))
+graceful_timeout = int(os.environ.get("FHIRBRIDGE_GRACEFUL_TIMEOUT", "60"))
+keepalive = 5
+accesslog = "-"
+# No query strings in the access log: they could carry identifiers.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+errorlog = "-"
+loglevel = os.environ.get("FHIRBRIDGE_LOG_LEVEL", "info")
+
+
+def post_worker_init(worker):
+    if os.environ.get("FHIRBRIDGE_SCHEDULER", "on") != "off":
+        worker.wsgi.extensions["fhirbridge"].start()
+
+
+def worker_exit(server, worker):
+    svc = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("fhirbridge")
+    if svc is not None:
+        svc.stop(wait=True)

@@ -1,0 +1,101 @@
+"""The long-running service: one scheduler per process ticking intake, work, inbox and overdue checks.
+
+APScheduler 3.x BackgroundScheduler, in-memory job store, `coalesce` and `max_instances=1`: a tick that
+overruns its interval is not run twice at once, and missed ticks collapse into one. Every replica and
+every gunicorn worker runs the same ticks; the database decides who does what (claimed steps, a claimed
+polling cursor per hospital), so adding replicas needs no coordination beyond the shared store.
+
+Shutdown (SIGTERM from gunicorn or the orchestrator): `stop()` sets a flag that ends each work loop after
+the step in hand, then waits for running ticks. A step that cannot finish in time is abandoned with its
+lease, and another replica takes it over when the lease lapses.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from .config import Config
+from .context import App
+from .intake import poll
+from .receive import process_inbox
+from .store import worker_id
+from .workflow import LEASE_SECONDS, flag_overdue, run_pending
+
+log = logging.getLogger("fhirbridge.service")
+
+
+class Service:
+    def __init__(self, config: Config, *, progress: Callable[[str], None] | None = None):
+        self.config = config
+        kw = {"progress": progress} if progress else {}
+        self.apps = App.per_hospital(config, **kw)
+        self.store = self.apps[0].store
+        self.worker = worker_id()
+        self.stopping = threading.Event()
+        self.scheduler: BackgroundScheduler | None = None
+
+    def app_for(self, hospital: str | None) -> App:
+        if hospital is None and len(self.apps) == 1:
+            return self.apps[0]
+        wanted = self.config.hospital_named(hospital)
+        return next(a for a in self.apps if a.hospital.key == wanted.key)
+
+    def app_for_key(self, key: str) -> App | None:
+        return next((a for a in self.apps if a.hospital.key == key), None)
+
+    # --- ticks: each safe to run in any replica at any time ------------------------------------------
+
+    def tick_poll(self) -> None:
+        for app in self.apps:
+            self._guard("poll", app, lambda a=app: poll(a, worker=self.worker, lease_seconds=LEASE_SECONDS))
+
+    def tick_work(self) -> None:
+        for app in self.apps:
+            if self.stopping.is_set():
+                return
+            self._guard("work", app, lambda a=app: run_pending(a, intake=False, stop=self.stopping))
+
+    def tick_inbox(self) -> None:
+        self._guard("inbox", self.apps[0], lambda: process_inbox(self.apps[0], apps=self.apps))
+
+    def tick_overdue(self) -> None:
+        for app in self.apps:
+            self._guard("overdue", app, lambda a=app: flag_overdue(a))
+
+    def _guard(self, what: str, app: App, fn: Callable[[], object]) -> None:
+        """A tick never dies: an EHR that is down now is polled again at the next tick."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - logged without clinical content; next tick retries
+            log.warning("%s tick for %s failed: %s", what, app.hospital.name, exc)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.scheduler is not None:
+            return
+        times = self.config.service
+        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        from datetime import datetime
+        now = datetime.now()
+        for name, fn, seconds in (("poll", self.tick_poll, times.poll_seconds),
+                                  ("work", self.tick_work, times.work_seconds),
+                                  ("inbox", self.tick_inbox, times.inbox_seconds),
+                                  ("overdue", self.tick_overdue, times.overdue_seconds)):
+            sched.add_job(fn, "interval", seconds=seconds, id=name, name=name, next_run_time=now)
+        sched.start()
+        self.scheduler = sched
+        log.info("service %s started: %d hospital(s)", self.worker, len(self.apps))
+
+    def stop(self, wait: bool = True) -> None:
+        self.stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=wait)
+            self.scheduler = None
+        for app in self.apps:
+            app.close()
+        self.store.close()
+        log.info("service %s stopped", self.worker)

@@ -1,0 +1,340 @@
+"""The web application: one Flask app factory, served by gunicorn (`fhirbridge serve`).
+
+    /api/...       hospital staff: place orders (for EHRs that cannot write ServiceRequests), list and read
+                   Cases with their events, retry, cancel. Bearer token from `[api] tokens`.
+    /reviewer/...  reviewers without an endpoint of their own (transport "pull"): list their Cases, fetch
+                   sealed package files, submit sealed opinions, decline. Bearer `reviewers[].api_token`;
+                   each reviewer sees only its own Cases.
+    /fhir/...      FHIR-facing: subscription notifications from the EHR (answers are OperationOutcome).
+    /healthz /readyz /openapi.json /docs
+
+Every error is a JSON body with a clear message ({"error": {"status", "message"}}); FHIR-facing endpoints
+answer with an OperationOutcome instead. Nothing clinical is ever in a response of /api or /reviewer
+except the sealed (encrypted) files themselves.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+
+from . import config as config_mod
+from .errors import CaseError, ConfigError, FhirbridgeError, FhirError, RejectedOpinion, SealError
+from .service import Service
+from .store import ping
+
+log = logging.getLogger("fhirbridge.web")
+MAX_OPINION_UPLOAD = 8 * 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+        super().__init__(message)
+
+
+def service() -> Service:
+    return current_app.extensions["fhirbridge"]
+
+
+def _json_error(status: int, message: str):
+    return jsonify({"error": {"status": status, "message": message}}), status
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+# --- staff API ----------------------------------------------------------------------------------------
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+@api.before_request
+def _staff_only():
+    tokens = service().config.api_tokens
+    if not tokens:
+        raise ApiError(401, "the staff API is closed: no tokens are configured ([api] tokens, or "
+                            "FHIRBRIDGE_API__TOKENS)")
+    given = _bearer()
+    if not given or not any(_same(given, t) for t in tokens):
+        raise ApiError(401, "a valid staff bearer token is required (Authorization: Bearer ...)")
+
+
+def _case_json(case, *, events: list | None = None) -> dict:
+    out = {k: getattr(case, k) for k in ("id", "step", "service_request", "patient", "reviewer", "profile", "task",
+                                          "package_id", "opinion_id", "document_reference", "attempts",
+                                          "last_error", "created_at", "updated_at", "due_at", "overdue_at")}
+    out["hospital"] = case.hospital
+    out["overdue"] = case.overdue_at is not None
+    if events is not None:
+        out["events"] = [{"at": e["at"], "kind": e["kind"], "detail": e["detail"]} for e in events]
+    return out
+
+
+def _body() -> dict:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object (Content-Type: application/json)")
+    return data
+
+
+def _find_case(case_id: str):
+    try:
+        return service().store.get(case_id)
+    except CaseError:
+        raise ApiError(404, f"no Case {case_id}") from None
+
+
+@api.post("/orders")
+def create_order():
+    from .intake import order_changed
+    from .order import place_order
+    body = _body()
+    unknown = set(body) - {"hospital", "patient", "question", "reviewer", "profile", "requester", "priority"}
+    if unknown:
+        raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
+    for field in ("patient", "question"):
+        if not isinstance(body.get(field), str) or not body[field].strip():
+            raise ApiError(400, f"{field} is required (a non-empty string)")
+    if body.get("priority", "routine") not in ("routine", "urgent", "asap", "stat"):
+        raise ApiError(400, "priority must be one of routine, urgent, asap, stat")
+    app = _hospital_app(body.get("hospital"))
+    sr = place_order(app, patient=body["patient"], question=body["question"], reviewer=body.get("reviewer"),
+                     profile=body.get("profile"), requester=body.get("requester"),
+                     priority=body.get("priority", "routine"))
+    order_changed(app, sr)  # take it in now rather than at the next poll
+    case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
+    return jsonify({"service_request": f"ServiceRequest/{sr['id']}", "case": _case_json(case)}), 201
+
+
+def _hospital_app(name: str | None):
+    try:
+        return service().app_for(name)
+    except ConfigError as exc:
+        raise ApiError(400, exc.detail) from None
+
+
+@api.get("/cases")
+def list_cases():
+    step = request.args.get("step")
+    cases = service().store.list(steps=(step,) if step else None)
+    hospital = request.args.get("hospital")
+    if hospital:
+        key = _hospital_app(hospital).hospital.key
+        cases = [c for c in cases if c.hospital == key]
+    if request.args.get("overdue") == "true":
+        cases = [c for c in cases if c.overdue_at is not None]
+    return jsonify({"cases": [_case_json(c) for c in cases]})
+
+
+@api.get("/cases/<case_id>")
+def read_case(case_id: str):
+    case = _find_case(case_id)
+    return jsonify(_case_json(case, events=service().store.events(case.id)))
+
+
+@api.post("/cases/<case_id>/retry")
+def retry_case(case_id: str):
+    from .workflow import retry
+    case = _find_case(case_id)
+    return jsonify(_case_json(retry(_app_of(case), case)))
+
+
+@api.post("/cases/<case_id>/cancel")
+def cancel_case(case_id: str):
+    from .workflow import cancel
+    reason = _body().get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ApiError(400, "reason is required: say why the referral is cancelled")
+    case = _find_case(case_id)
+    try:
+        return jsonify(_case_json(cancel(_app_of(case), case, reason.strip())))
+    except CaseError as exc:
+        raise ApiError(409, str(exc)) from None
+
+
+def _app_of(case):
+    app = service().app_for_key(case.hospital)
+    if app is None:
+        raise ApiError(409, "this Case belongs to a hospital that is no longer configured")
+    return app
+
+
+# --- reviewer API (transport "pull") -----------------------------------------------------------------
+
+reviewer_api = Blueprint("reviewer_api", __name__, url_prefix="/reviewer")
+
+
+@reviewer_api.before_request
+def _reviewer_only():
+    given = _bearer()
+    for r in service().config.reviewers.values():
+        if r.api_token and given and _same(given, r.api_token):
+            g.reviewer = r
+            return None
+    raise ApiError(401, "a valid reviewer bearer token is required")
+
+
+def _own_case(case_id: str):
+    case = _find_case(case_id)
+    if case.reviewer != g.reviewer.name:
+        raise ApiError(404, f"no Case {case_id}")  # another reviewer's Case does not exist for this one
+    return case
+
+
+@reviewer_api.get("/cases")
+def reviewer_cases():
+    cases = [c for c in service().store.list(steps=("await_opinion",)) if c.reviewer == g.reviewer.name]
+    return jsonify({"cases": [{"id": c.id, "package_id": c.package_id, "due_at": c.due_at,
+                               "files": _package_files(c)} for c in cases]})
+
+
+def _package_dir(case) -> Path:
+    return service().config.data_dir / "cases" / case.id / "package" / str(case.package_id)
+
+
+def _package_files(case) -> list[str]:
+    d = _package_dir(case)
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) if d.is_dir() else []
+
+
+@reviewer_api.get("/cases/<case_id>/package/<path:name>")
+def reviewer_file(case_id: str, name: str):
+    case = _own_case(case_id)
+    if case.step not in ("await_opinion", "file", "done"):
+        raise ApiError(409, f"Case {case_id} has no package to fetch (it is {case.step})")
+    if name not in _package_files(case):
+        raise ApiError(404, f"no file {name!r} in this package")
+    return send_file(_package_dir(case) / name, mimetype="application/jose+json", as_attachment=True,
+                     download_name=Path(name).name)
+
+
+@reviewer_api.post("/opinions")
+def reviewer_opinion():
+    from .receive import app_for, receive_bytes
+    if (request.content_length or 0) > MAX_OPINION_UPLOAD:
+        raise ApiError(413, f"an opinion is at most {MAX_OPINION_UPLOAD} bytes")
+    data = request.get_data(cache=False)
+    if len(data) > MAX_OPINION_UPLOAD:
+        raise ApiError(413, f"an opinion is at most {MAX_OPINION_UPLOAD} bytes")
+    app = app_for(service().apps, data)
+    received = receive_bytes(app, data, source="uploaded opinion")
+    if received.case.reviewer != g.reviewer.name:  # signature was checked against the Case's reviewer already
+        raise ApiError(403, "this opinion is for a Case of another reviewer")
+    return jsonify({"case": received.case.id, "opinion": received.opinion_id, "status": "accepted; filing"}), 202
+
+
+@reviewer_api.post("/cases/<case_id>/decline")
+def reviewer_decline(case_id: str):
+    from .workflow import decline
+    reason = _body().get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ApiError(400, "reason is required: the referring physician needs to know why")
+    case = _own_case(case_id)
+    try:
+        return jsonify({"case": decline(_app_of(case), case, reason.strip()).id, "status": "declined"})
+    except CaseError as exc:
+        raise ApiError(409, str(exc)) from None
+
+
+# --- health --------------------------------------------------------------------------------------------
+
+health = Blueprint("health", __name__)
+_READY_CACHE: dict = {}
+
+
+@health.get("/healthz")
+def healthz():
+    return jsonify({"status": "alive"})
+
+
+@health.get("/readyz")
+def readyz():
+    """Store reachable and every hospital's EHR answering /metadata; cached for 5 s so probes are cheap."""
+    cached = _READY_CACHE.get("result")
+    if cached and time.monotonic() - cached[0] < 5:
+        body, status = cached[1], cached[2]
+        return jsonify(body), status
+    checks, ok = {}, True
+    try:
+        ping(service().store)
+        checks["store"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
+    for app in service().apps:
+        try:
+            app.ehr.capabilities()
+            checks[f"ehr:{app.hospital.name}"] = "ok"
+        except FhirError as exc:
+            checks[f"ehr:{app.hospital.name}"], ok = f"unreachable: {exc}", False
+    body = {"status": "ready" if ok else "not ready", "checks": checks}
+    status = 200 if ok else 503
+    _READY_CACHE["result"] = (time.monotonic(), body, status)
+    return jsonify(body), status
+
+
+# --- the factory -----------------------------------------------------------------------------------------
+
+def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | None = None) -> Flask:
+    """The app for gunicorn (`fhirbridge.web:create_app()` reads FHIRBRIDGE_CONFIG). The scheduler is not
+    started here: gunicorn's post_worker_init starts it in each worker (gunicorn_conf.py), and tests start
+    it when they want it."""
+    app = Flask("fhirbridge")
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+    app.extensions["fhirbridge"] = svc or Service(config_mod.load(config_path))
+    app.register_blueprint(api)
+    app.register_blueprint(reviewer_api)
+    app.register_blueprint(health)
+    from .notify import notify
+    from .openapi import docs
+    app.register_blueprint(notify)
+    app.register_blueprint(docs)
+    _errors(app)
+    return app
+
+
+def _errors(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api(exc: ApiError):
+        return _json_error(exc.status, exc.message)
+
+    @app.errorhandler(RejectedOpinion)
+    def _rejected(exc: RejectedOpinion):
+        return _json_error(409, str(exc))
+
+    @app.errorhandler(SealError)
+    def _seal(exc: SealError):
+        return _json_error(400, str(exc))
+
+    @app.errorhandler(FhirError)
+    def _fhir(exc: FhirError):
+        return _json_error(503 if exc.transient else 502, str(exc))
+
+    @app.errorhandler(FhirbridgeError)
+    def _ours(exc: FhirbridgeError):
+        return _json_error(400, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        return _json_error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _json_error(500, f"internal error ({exc.__class__.__name__}); see the service log")
+
+
+def json_response(obj: dict, status: int = 200, content_type: str = "application/json") -> Response:
+    from .jsonutil import dumps
+    return Response(dumps(obj), status=status, content_type=content_type)
