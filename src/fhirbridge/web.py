@@ -251,7 +251,6 @@ def reviewer_decline(case_id: str):
 # --- health --------------------------------------------------------------------------------------------
 
 health = Blueprint("health", __name__)
-_READY_CACHE: dict = {}
 
 
 @health.get("/healthz")
@@ -262,7 +261,8 @@ def healthz():
 @health.get("/readyz")
 def readyz():
     """Store reachable and every hospital's EHR answering /metadata; cached for 5 s so probes are cheap."""
-    cached = _READY_CACHE.get("result")
+    cache = current_app.extensions.setdefault("fhirbridge.ready", {})  # per app, never shared between apps
+    cached = cache.get("result")
     if cached and time.monotonic() - cached[0] < 5:
         body, status = cached[1], cached[2]
         return jsonify(body), status
@@ -280,7 +280,7 @@ def readyz():
             checks[f"ehr:{app.hospital.name}"], ok = f"unreachable: {exc}", False
     body = {"status": "ready" if ok else "not ready", "checks": checks}
     status = 200 if ok else 503
-    _READY_CACHE["result"] = (time.monotonic(), body, status)
+    cache["result"] = (time.monotonic(), body, status)
     return jsonify(body), status
 
 
