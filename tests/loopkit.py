@@ -32,6 +32,21 @@ answer = "Yes."
 '''
 
 
+def unique_mappings(root: Path) -> tuple[Path, str]:
+    """A copy of the shipped mappings whose second-opinion order code is unique to this test."""
+    mappings = root / "mappings"
+    shutil.copytree(config.PACKAGE_MAPPINGS, mappings)
+    code = f"SO-{uuid.uuid4().hex[:10]}"
+    orders = mappings / "codes" / "orders.toml"
+    text = orders.read_text()
+    text = text.replace('system = "http://terminology.hl7.org/CodeSystem/v2-0336"\ncode = "S"',
+                        f'system = "urn:test:orders"\ncode = "{code}"', 1)
+    text = text.replace('code = { system = "http://terminology.hl7.org/CodeSystem/v2-0336", code = "S",',
+                        f'code = {{ system = "urn:test:orders", code = "{code}",', 1)
+    orders.write_text(text)
+    return mappings, code
+
+
 class TestReviewer:
     __test__ = False
 
@@ -54,16 +69,7 @@ class TestHospital:
                  env: dict[str, str] | None = None):
         self.root = root
         self.env = env or {}
-        mappings = root / "mappings"
-        shutil.copytree(config.PACKAGE_MAPPINGS, mappings)
-        self.order_code = f"SO-{uuid.uuid4().hex[:10]}"
-        orders = mappings / "codes" / "orders.toml"
-        text = orders.read_text()
-        text = text.replace('system = "http://terminology.hl7.org/CodeSystem/v2-0336"\ncode = "S"',
-                            f'system = "urn:test:orders"\ncode = "{self.order_code}"', 1)
-        text = text.replace('code = { system = "http://terminology.hl7.org/CodeSystem/v2-0336", code = "S",',
-                            f'code = {{ system = "urn:test:orders", code = "{self.order_code}",', 1)
-        orders.write_text(text)
+        mappings, self.order_code = unique_mappings(root)
         self.reviewers = {name: TestReviewer(root / "reviewers" / name, name) for name in reviewers}
         blocks = [{"name": name, "display": name.replace("-", " ").title(), "jwks": str(r.files["public_keys"]),
                    "profiles": ["spine", "default"] if i == 0 else [], "system": "urn:ietf:rfc:3986",
