@@ -262,6 +262,38 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_subscribe(args) -> int:
+    """Register (or bring up to date) each hospital's Subscriptions Backport subscription on its EHR."""
+    from .subscribe import subscribe
+    cfg = config.load(args.config)
+    apps = ([App(cfg, hospital_name=args.hospital)] if args.hospital else App.per_hospital(cfg))
+    status = 0
+    try:
+        for app in apps:
+            result = subscribe(app, payload=args.payload, heartbeat=args.heartbeat, topic=args.topic)
+            for warning in result.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            for off in result.turned_off:
+                print(f"{off}: turned off (replaced by this one)")
+            beat = f"heartbeat {result.heartbeat} s" if result.heartbeat else "no heartbeat"
+            print(f"{result.subscription}: {result.status} ({result.action}; {app.hospital.name}; topic "
+                  f"{result.topic}; {result.payload}; {beat}; notifies {result.endpoint})")
+            if result.status == "error":
+                print(f"error: the EHR put {result.subscription} in error: {result.error or 'no reason given'}. "
+                      f"Is fhirbridge serving {result.endpoint} (`fhirbridge serve`) and can the EHR reach it? "
+                      "Then run `fhirbridge subscribe` again", file=sys.stderr)
+                status = 1
+            elif result.status == "requested":
+                print(f"note: the EHR has not confirmed the handshake yet; check {result.subscription} later",
+                      file=sys.stderr)
+    finally:
+        for app in apps:
+            app.close()
+        if apps and apps[0].shared_store is not None:
+            apps[0].shared_store.close()
+    return status
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(Path(args.dir), keep_ehr=args.keep_ehr)
@@ -357,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("worker", help="run the scheduler only (intake, steps, inbox, overdue), no HTTP")
     s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("subscribe", help="have the EHR notify this service of new and revoked orders (FHIR R4 "
+                                         "Subscriptions Backport, rest-hook to [service] public_url)")
+    # SUPPRESS: without the option here, the global --hospital (given before the command) stays in effect.
+    s.add_argument("--hospital", default=argparse.SUPPRESS, help="only this hospital (default: every one configured)")
+    s.add_argument("--payload", choices=["id-only", "full-resource"], default="id-only",
+                   help="what each notification carries: the order's id (read back from the EHR) or the order "
+                        "itself (default: id-only)")
+    s.add_argument("--heartbeat", type=int, default=120, metavar="SECONDS",
+                   help="ask the EHR for a heartbeat this often, so missed events show (0: none; default 120)")
+    s.add_argument("--topic", help="the EHR's SubscriptionTopic canonical URL (default: discovered from the EHR)")
+    s.set_defaults(func=cmd_subscribe)
 
     s = sub.add_parser("demo", help="run the whole loop against a local demo EHR (needs fhirbridge[demo])")
     s.add_argument("--dir", default="fhirbridge-demo", help="where to put the demo's files (default: ./fhirbridge-demo)")

@@ -36,6 +36,8 @@ class Service:
         self.worker = worker_id()
         self.stopping = threading.Event()
         self.scheduler: BackgroundScheduler | None = None
+        self._catch_up: dict[str, bool] = {}  # hospital key -> asked again while its catch-up poll ran
+        self._catch_up_lock = threading.Lock()
 
     def app_for(self, hospital: str | None) -> App:
         if hospital is None and len(self.apps) == 1:
@@ -64,6 +66,31 @@ class Service:
     def tick_overdue(self) -> None:
         for app in self.apps:
             self._guard("overdue", app, lambda a=app: flag_overdue(a))
+
+    def catch_up(self, app: App) -> None:
+        """Poll one hospital now, off the caller's thread: a subscription notification showed missed events
+        (notify.py) and the EHR is waiting for our answer. One catch-up per hospital at a time in this
+        process; asked again meanwhile, it polls once more afterwards, so nothing changed during the first
+        poll is missed. Another replica holding the poll claim makes this a no-op: the next tick polls."""
+        key = app.hospital.key
+        with self._catch_up_lock:
+            if key in self._catch_up:
+                self._catch_up[key] = True
+                return
+            self._catch_up[key] = False
+        threading.Thread(target=self._catch_up_loop, args=(app,), daemon=True, name="catch-up-poll").start()
+
+    def _catch_up_loop(self, app: App) -> None:
+        key = app.hospital.key
+        while True:
+            if not self.stopping.is_set():
+                # poll()'s own default lease: this stays independent of how the tick configures its lease.
+                self._guard("catch-up poll", app, lambda: poll(app, worker=self.worker))
+            with self._catch_up_lock:
+                if not self._catch_up.get(key) or self.stopping.is_set():
+                    self._catch_up.pop(key, None)
+                    return
+                self._catch_up[key] = False
 
     def _guard(self, what: str, app: App, fn: Callable[[], object]) -> None:
         """A tick never dies: an EHR that is down now is polled again at the next tick."""
