@@ -294,6 +294,30 @@ def cmd_subscribe(args) -> int:
     return status
 
 
+def cmd_db(args) -> int:
+    """The store's schema: `upgrade` migrates it to this version's newest revision (every start does that
+    too), `current` shows where it is without changing anything."""
+    from . import migrations
+    from .store import Store
+    cfg = config.load(args.config)
+    store = Store(cfg.store_url, create=False)
+    try:
+        if args.db_cmd == "upgrade":
+            before, after = store.upgrade()
+            print(f"store schema at {after} (head)" if before == after
+                  else f"store schema upgraded from {before or 'none'} to {after} (head)")
+            return 0
+        rev, newest = store.schema_revision(), migrations.head()
+        if rev == newest:
+            print(f"store schema at {rev} (head)")
+        else:
+            print(f"store schema at {rev or 'none (empty, or made before migrations)'}; newest is {newest}: "
+                  "`fhirbridge db upgrade` (or any start) migrates it")
+        return 0
+    finally:
+        store.close()
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(Path(args.dir), keep_ehr=args.keep_ehr)
@@ -401,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask the EHR for a heartbeat this often, so missed events show (0: none; default 120)")
     s.add_argument("--topic", help="the EHR's SubscriptionTopic canonical URL (default: discovered from the EHR)")
     s.set_defaults(func=cmd_subscribe)
+
+    db = sub.add_parser("db", help="the Case store's schema (migrations)").add_subparsers(dest="db_cmd", required=True)
+    s = db.add_parser("upgrade", help="migrate the store to the newest schema (also done at every start)")
+    s.set_defaults(func=cmd_db)
+    s = db.add_parser("current", help="show the store's schema revision, changing nothing")
+    s.set_defaults(func=cmd_db)
 
     s = sub.add_parser("demo", help="run the whole loop against a local demo EHR (needs fhirbridge[demo])")
     s.add_argument("--dir", default="fhirbridge-demo", help="where to put the demo's files (default: ./fhirbridge-demo)")

@@ -106,6 +106,9 @@ class ServiceTimes:
     work_seconds: float = 5.0         # claim and run due steps
     inbox_seconds: float = 30.0       # receive opinions dropped in the inbox
     overdue_seconds: float = 600.0    # flag Cases past their reviewer's turnaround target
+    # How long a claimed step (or polling cursor) stays a worker's without renewal: a killed replica's work
+    # is taken over after this. None: workflow.LEASE_SECONDS (300 s).
+    lease_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -395,8 +398,12 @@ def _build(raw: dict, file: Path) -> Config:
     hospitals = _hospitals(top, base, file)
     reviewers = _reviewers(top, base, file)
     svc = top.sub("service")
+    lease = svc.get("lease_seconds", float, None)
+    if lease is not None and lease <= 0:
+        raise svc.err("lease_seconds", "must be greater than 0")
     service = ServiceTimes(**{k: _positive(svc, k, float, getattr(ServiceTimes, k))
-                              for k in ("poll_seconds", "work_seconds", "inbox_seconds", "overdue_seconds")})
+                              for k in ("poll_seconds", "work_seconds", "inbox_seconds", "overdue_seconds")},
+                           lease_seconds=lease)
     public_url = svc.get("public_url", str, None)
     if public_url and not public_url.startswith(("http://", "https://")):
         raise svc.err("public_url", "must be the http(s) URL at which the EHR reaches this service")

@@ -22,7 +22,7 @@ from .context import App
 from .intake import poll
 from .receive import process_inbox
 from .store import worker_id
-from .workflow import LEASE_SECONDS, flag_overdue, run_pending
+from .workflow import flag_overdue, lease_seconds, run_pending
 
 log = logging.getLogger("fhirbridge.service")
 
@@ -52,7 +52,7 @@ class Service:
 
     def tick_poll(self) -> None:
         for app in self.apps:
-            self._guard("poll", app, lambda a=app: poll(a, worker=self.worker, lease_seconds=LEASE_SECONDS))
+            self._guard("poll", app, lambda a=app: poll(a, worker=self.worker, lease_seconds=lease_seconds(a)))
 
     def tick_work(self) -> None:
         for app in self.apps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -135,10 +136,26 @@ def worker_id() -> str:
 
 class Store:
     def __init__(self, url: str, *, create: bool = True):
+        """Open the store; unless create=False, bring its schema to the newest revision first (Alembic,
+        safe when several replicas start at once: see fhirbridge.migrations)."""
         self.url = url
         self.engine: Engine = _engine(url)
         if create:
-            metadata.create_all(self.engine)
+            try:
+                self.upgrade()
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Migrate the schema to `revision`; returns (before, after)."""
+        from . import migrations  # the migration scripts import this module for its metadata
+        return migrations.upgrade(self.engine, revision)
+
+    def schema_revision(self) -> str | None:
+        """The schema revision the database is at (None: empty, or made before migrations)."""
+        from . import migrations
+        return migrations.current(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -446,12 +463,27 @@ def _engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL: readers don't block the writer; FULL sync: no lost step
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
         return engine
     return create_engine(url, pool_pre_ping=True, json_serializer=_json_dumps)
+
+
+def _wal(cur, wait: float = 30.0) -> None:
+    """Switch to WAL, waiting for other processes. Switching a database that is not yet in WAL mode (a new
+    file) fails at once with "database is locked" while another connection writes, whatever busy_timeout
+    says: several replicas or gunicorn workers starting on a fresh file hit exactly that."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _json_dumps(obj) -> str:

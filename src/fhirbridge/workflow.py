@@ -40,6 +40,11 @@ LEASE_SECONDS = 300.0
 COLLECTED_FILE = "collected.jwe"
 
 
+def lease_seconds(app: App) -> float:
+    """The lease on a claimed step: `[service] lease_seconds`, else LEASE_SECONDS."""
+    return app.config.service.lease_seconds or LEASE_SECONDS
+
+
 @dataclass
 class RunReport:
     opened: int = 0
@@ -70,7 +75,7 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
         app.store.clear_backoff(case_id)
     worker = worker_id()
     while not (stop and stop.is_set()) and (case := app.store.claim(
-            case_id=case_id, worker=worker, lease_seconds=LEASE_SECONDS, hospital=app.hospital.key)) is not None:
+            case_id=case_id, worker=worker, lease_seconds=lease_seconds(app), hospital=app.hospital.key)) is not None:
         ok = run_step(app, case)
         fresh = app.store.get(case.id)
         if ok:
@@ -88,12 +93,13 @@ class _LeaseKeeper:
 
     def __init__(self, app: App, case: Case):
         self.app, self.case, self.stop = app, case, threading.Event()
+        self.lease = lease_seconds(app)
         self.thread = threading.Thread(target=self._run, name=f"lease-{case.id[:8]}", daemon=True)
 
     def _run(self) -> None:
-        while not self.stop.wait(LEASE_SECONDS / 3):
+        while not self.stop.wait(self.lease / 3):
             try:
-                if not self.app.store.renew(self.case.id, self.case.claimed_by, LEASE_SECONDS):
+                if not self.app.store.renew(self.case.id, self.case.claimed_by, self.lease):
                     return
             except Exception:  # noqa: BLE001 - a store hiccup: the next tick tries again
                 log.warning("case %s: could not renew its lease", self.case.id)
