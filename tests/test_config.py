@@ -491,3 +491,13 @@ def test_errors_do_not_echo_secret_values(tmp_path):
     err = config_error(path, {"FHIRBRIDGE_HOSPITAL__AUTH__TYPE": "basic",
                               "FHIRBRIDGE_HOSPITAL__AUTH__TOKEN": "tok-SECRET-1"})
     assert "tok-SECRET-1" not in str(err)
+
+
+def test_service_lease_seconds(tmp_path):
+    """[service] lease_seconds sets how long a claimed step is held; 0 or less is refused, env overrides."""
+    path = make(tmp_path)
+    path.write_text(path.read_text() + "\n[service]\nlease_seconds = 12.5\n")
+    assert config.load(path, environ={}).service.lease_seconds == 12.5
+    assert config.load(path, environ={"FHIRBRIDGE_SERVICE__LEASE_SECONDS": "3"}).service.lease_seconds == 3.0
+    path.write_text(path.read_text().replace("lease_seconds = 12.5", "lease_seconds = 0"))
+    assert_names(config_error(path), path, "service.lease_seconds")

@@ -1,12 +1,10 @@
 """Two hospitals, each with its own EHR and keys, served by one deployment and one reviewer."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 from fhirbridge import config
-from fhirbridge.context import App
 from fhirbridge.crypto import keys
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.init_config import write_reviewer_keys

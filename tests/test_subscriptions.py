@@ -27,37 +27,22 @@ from fhirbridge.subscribe import (
     subscribe,
     turn_off,
 )
+from fhirbridge.localehr import ORDER_TOPIC as TOPIC
 from fhirbridge.web import create_app
 
 pytestmark = pytest.mark.sekmet
 
-XV = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic"
-TOPIC = "http://example.org/fhir/SubscriptionTopic/servicerequest-status"
 SEKMET_NEW_ORDER = "http://sekmet.dev/fhir/SubscriptionTopic/servicerequest-new"
 WAIT = 15.0
 
 
 @pytest.fixture(scope="module")
 def sr_topic(ehr):
-    """A ServiceRequest topic as an EHR publishes it for R4: Basic with R5 cross-version extensions."""
+    """The order topic the demo EHR publishes (fhirbridge.localehr.publish_order_topic)."""
     from fhirbridge.fhir.client import FhirClient
-    trigger = [{"url": "description", "valueMarkdown": "A ServiceRequest was created or changed status"},
-               {"url": "resource", "valueUri": "http://hl7.org/fhir/StructureDefinition/ServiceRequest"},
-               {"url": "supportedInteraction", "valueCode": "create"},
-               {"url": "supportedInteraction", "valueCode": "update"},
-               {"url": "fhirPathCriteria", "valueString": "%previous.empty() or %previous.status != %current.status"}]
-    basic = {"resourceType": "Basic", "id": "topic-servicerequest-status",
-             "modifierExtension": [{"url": f"{XV}.status", "valueCode": "active"}],
-             "extension": [{"url": f"{XV}.url", "valueUri": TOPIC},
-                           {"url": f"{XV}.title", "valueString": "Order created or status changed"},
-                           {"url": f"{XV}.resourceTrigger", "extension": trigger},
-                           *[{"url": f"{XV}.canFilterBy", "extension": [
-                               {"url": "resource", "valueUri": "ServiceRequest"},
-                               {"url": "filterParameter", "valueString": p}]} for p in ("code", "status", "patient")]],
-             "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]}}
+    from fhirbridge.localehr import publish_order_topic
     with FhirClient(ehr.base_url) as client:
-        client.update(basic)
-    return TOPIC
+        return publish_order_topic(client)
 
 
 class Served:

@@ -88,6 +88,7 @@ def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
 
 
 def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
+    from .localehr import publish_order_topic
     step("Configuring fhirbridge for the hospital, and keys for a sample reviewer")
     hospital_dir, reviewer_dir = directory / "hospital", directory / "reviewer"
     reviewer_files = write_reviewer_keys(reviewer_dir, None)
@@ -102,6 +103,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
     try:
         step("Seeding a patient: imaging with reports, labs, procedures, medications, notes")
         seeded = seed_patient(ehr, app.ehr, profile="spine")
+        publish_order_topic(app.ehr)  # lets `fhirbridge subscribe` work against a kept demo EHR
         print(f"    {seeded['patient']}: {len(seeded['diagnostic_reports'])} reports, "
               f"{len(seeded['imaging_studies'])} imaging studies, {len(seeded['procedures'])} procedures, "
               f"{len(seeded['medication_requests']) + len(seeded['medication_statements'])} medications, "

@@ -19,6 +19,9 @@ accesslog = "-"
 # No query strings in the access log: they could carry identifiers.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
+# gunicorn 27's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl): two servers on
+# one host would share it, and a read-only home would break start-up. fhirbridge does not use it.
+control_socket_disable = True
 loglevel = os.environ.get("FHIRBRIDGE_LOG_LEVEL", "info")
 
 

@@ -385,6 +385,33 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
     return ids
 
 
+# The demo EHR publishes, as an R4 EHR does (R5 SubscriptionTopic as Basic with cross-version extensions,
+# Subscriptions R5 Backport IG), a topic that fires when a ServiceRequest is created or changes status and
+# can be filtered by code: what `fhirbridge subscribe` needs. sekmet's own seeded topic fires on create
+# only and cannot filter by code.
+ORDER_TOPIC = "http://example.org/fhir/SubscriptionTopic/servicerequest-status"
+_XV = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic"
+
+
+def publish_order_topic(client: FhirClient) -> str:
+    trigger = [{"url": "description", "valueMarkdown": "A ServiceRequest was created or changed status"},
+               {"url": "resource", "valueUri": "http://hl7.org/fhir/StructureDefinition/ServiceRequest"},
+               {"url": "supportedInteraction", "valueCode": "create"},
+               {"url": "supportedInteraction", "valueCode": "update"},
+               {"url": "fhirPathCriteria", "valueString": "%previous.empty() or %previous.status != %current.status"}]
+    client.update({
+        "resourceType": "Basic", "id": "topic-servicerequest-status",
+        "modifierExtension": [{"url": f"{_XV}.status", "valueCode": "active"}],
+        "extension": [{"url": f"{_XV}.url", "valueUri": ORDER_TOPIC},
+                      {"url": f"{_XV}.title", "valueString": "Order created or status changed"},
+                      {"url": f"{_XV}.resourceTrigger", "extension": trigger},
+                      *[{"url": f"{_XV}.canFilterBy", "extension": [
+                          {"url": "resource", "valueUri": "ServiceRequest"},
+                          {"url": "filterParameter", "valueString": p}]} for p in ("code", "status", "patient")]],
+        "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]}})
+    return ORDER_TOPIC
+
+
 PACS_IDENTIFIER = ("urn:fhirbridge:demo:endpoint", "pacs-dicomweb")
 
 
