@@ -53,7 +53,7 @@ def served(tmp_path, ehr):
                 pass
             assert time.monotonic() < deadline, f"no /healthz in 30 s:\n{log.read_text(errors='replace')}"
             time.sleep(0.1)
-        yield base, proc, log
+        yield base, proc, log, hospital
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -81,7 +81,7 @@ def _resolve(spec: dict, ref: str):
 
 
 def test_served_by_gunicorn_end_to_end(served, seeded):
-    base, proc, log = served
+    base, proc, log, _hospital = served
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     ready = requests.get(f"{base}/readyz", timeout=30)
@@ -143,3 +143,29 @@ def test_served_by_gunicorn_end_to_end(served, seeded):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=GRACEFUL_SECONDS + 10) == 0, log.read_text(errors="replace")
     assert "Shutting down" in log.read_text(errors="replace")
+
+
+def test_order_written_in_the_ehr_is_delivered_by_the_served_process_alone(served, seeded, ehr):
+    """The issue's acceptance: a ServiceRequest created in the EHR (as a physician's order is) becomes a
+    delivered package with no command but `serve`, and the Task's history in the EHR shows each step."""
+    base, proc, log, hospital = served
+    sr = hospital.order(seeded["patient"], "Laminectomy or conservative care?")   # written to the EHR only
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    deadline = time.monotonic() + 60
+    case = None
+    while time.monotonic() < deadline:
+        cases = requests.get(f"{base}/api/cases", headers=auth, timeout=10).json()["cases"]
+        case = next((c for c in cases if c["service_request"] == f"ServiceRequest/{sr['id']}"), None)
+        if case and case["step"] == "await_opinion":
+            break
+        time.sleep(0.5)
+    assert case and case["step"] == "await_opinion", case
+    assert (hospital.root / "outbox" / case["reviewer"] / case["package_id"] / "package.jwe").exists()
+    history = requests.get(f"{ehr.base_url}/{case['task']}/_history", params={"_count": 100}, timeout=10,
+                           headers={"Accept": "application/fhir+json"}).json()
+    codes = [e["resource"]["businessStatus"]["coding"][0]["code"] for e in history.get("entry", [])
+             if e.get("resource", {}).get("businessStatus")]
+    for step in ("received", "collecting", "packaging", "sending", "sent-to-reviewer"):
+        assert step in codes, (step, codes)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=GRACEFUL_SECONDS + 10) == 0, log.read_text(errors="replace")
