@@ -309,3 +309,49 @@ def test_after_losing_the_store_nothing_is_sent_again(hospital, seeded, fhir, tm
         assert sorted(p.name for p in outbox.iterdir()) == before   # nothing new went to the reviewer
     finally:
         fresh.close()
+
+
+def test_the_same_opinion_received_twice_at_once_is_filed_once_and_keeps_its_file(hospital, seeded):
+    import threading
+    from fhirbridge.receive import opinion_path, process_inbox
+    case = hospital.delivered_case(seeded["patient"])
+    data = hospital.answer(case).read_bytes()
+    barrier, results = threading.Barrier(2), []
+
+    def receive():
+        barrier.wait()
+        try:
+            receive_bytes(hospital.app, data)
+            results.append("accepted")
+        except RejectedOpinion:
+            results.append("refused")
+
+    threads = [threading.Thread(target=receive) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["accepted", "refused"]
+    case = hospital.app.store.get(case.id)
+    assert case.step == "file" and opinion_path(hospital.app, case).exists()
+    hospital.run(intake=False)
+    assert hospital.app.store.get(case.id).step == "done"
+
+    # Two inbox passes racing over one file: exactly one takes it.
+    second = hospital.delivered_case(seeded["patient"])
+    inbox = hospital.app.config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "answer.jwe").write_bytes(hospital.answer(second).read_bytes())
+    passes, barrier2 = [], threading.Barrier(2)
+
+    def sweep():
+        barrier2.wait()
+        passes.append(process_inbox(hospital.app))
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(p.accepted) for p in passes) == 1 and not any(p.refused or p.deferred for p in passes)
+    assert [f.name for f in (inbox / "accepted").iterdir()] == ["answer.jwe"]

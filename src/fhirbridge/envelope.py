@@ -13,6 +13,7 @@ Opening checks all of it before anything is trusted.
 from __future__ import annotations
 
 import os
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: 
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temp name of our own: two writers of the same file must not rename each other's half-written copy.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -11,8 +11,9 @@ the file step can be retried, and are re-verified there before filing.
 """
 from __future__ import annotations
 
+import os
 import re
-import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(claims.get("package_id") == case.package_id,
                    f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
                    f"package {case.package_id}; nothing written")
+    aud = claims.get("aud") or {}
+    _refuse_unless(case.hospital == app.hospital.key and aud.get("value") == app.hospital.identifier_value,
+                   "the opinion is addressed to another hospital than the one that decrypted it; nothing written")
     iss = claims.get("iss") or {}
     _refuse_unless(iss.get("value") == reviewer.identifier_value,
                    f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
@@ -81,12 +85,15 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
                    "the opinion document's identifier must be urn:uuid:<its message id>; nothing written")
     check_document(app, case, document)
     path = opinion_path(app, case, jti)
+    # The file is written before the Case moves (so an accepted opinion always has its file), under a name
+    # that only this jti uses: two workers receiving the same opinion write the same bytes to it.
     envelope.write_atomic(path, data)
     accepted = app.store.accept_opinion(case.id, jti=jti, package_id=case.package_id,
                                         detail={"opinion_id": jti, "from": reviewer.name})
     if accepted is None:
-        path.unlink(missing_ok=True)
         now = app.store.get(case.id)
+        if now.opinion_id != jti:  # never delete the file of an opinion another worker accepted
+            path.unlink(missing_ok=True)
         raise RejectedOpinion(f"Case {case.id[:8]} took another opinion meanwhile (it is {now.step}) or this one "
                               "was seen before; nothing written")
     return Received(case=accepted, opinion_id=jti)
@@ -223,27 +230,46 @@ def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
     inbox = app.config.inbox
     if not inbox.is_dir():
         return result
-    for path in sorted(inbox.glob("*.jwe")):
+    processing = inbox / "processing"
+    processing.mkdir(exist_ok=True)
+    for found in sorted(inbox.glob("*.jwe")):
+        # Claim the file by renaming it: of several workers ticking at once, exactly one gets each file.
+        path = processing / f"{found.name}.{worker_tag()}"
+        try:
+            os.rename(found, path)
+        except FileNotFoundError:
+            continue
         try:
             data = envelope.read_limited(path, envelope.OPINION)
             target = app_for(apps or [app], data)
-            result.accepted.append(receive_bytes(target, data, source=str(path)))
-            _move(path, inbox / "accepted")
+            result.accepted.append(receive_bytes(target, data, source=found.name))
+            _move(path, inbox / "accepted", found.name)
         except (RejectedOpinion, SealError, CaseError) as exc:
-            result.refused.append((path, str(exc)))
-            dest = _move(path, inbox / "refused")
+            result.refused.append((found, str(exc)))
+            dest = _move(path, inbox / "refused", found.name)
             dest.with_name(dest.name + ".reason.txt").write_text(str(exc) + "\n", encoding="utf-8")
         except Exception as exc:  # noqa: BLE001 - kept for the next run, reported now
-            result.deferred.append((path, f"{exc.__class__.__name__}: {exc}"))
+            result.deferred.append((found, f"{exc.__class__.__name__}: {exc}"))
+            _move(path, inbox, found.name)
+    # A worker killed mid-file leaves it in processing/: put such files back for the next pass.
+    for stale in processing.glob("*.jwe.*"):
+        if time.time() - stale.stat().st_mtime > 600:
+            _move(stale, inbox, stale.name.rsplit(".", 1)[0])
     return result
 
 
-def _move(path: Path, folder: Path) -> Path:
+def _move(path: Path, folder: Path, name: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / path.name
+    name = name or path.name
+    dest = folder / name
+    stem, dot, suffix = name.partition(".")
     n = 1
     while dest.exists():
-        dest = folder / f"{path.stem}.{n}{path.suffix}"
+        dest = folder / f"{stem}.{n}{dot}{suffix}"
         n += 1
-    shutil.move(str(path), dest)
+    os.replace(path, dest)
     return dest
+
+
+def worker_tag() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
