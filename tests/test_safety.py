@@ -355,3 +355,44 @@ def test_the_same_opinion_received_twice_at_once_is_filed_once_and_keeps_its_fil
         t.join()
     assert sum(len(p.accepted) for p in passes) == 1 and not any(p.refused or p.deferred for p in passes)
     assert [f.name for f in (inbox / "accepted").iterdir()] == ["answer.jwe"]
+
+
+def test_a_replica_on_another_data_dir_refuses_to_start(hospital, tmp_path):
+    from fhirbridge import config as config_mod
+    from fhirbridge.errors import ConfigError
+    from fhirbridge.service import Service
+    first = Service(config_mod.load(hospital.config_path))          # registers its data_dir with the store
+    first.stop()
+    again = Service(config_mod.load(hospital.config_path))          # same data_dir: fine
+    again.stop()
+    store_url = f"sqlite:///{hospital.app.config.data_dir / 'fhirbridge.db'}"
+    elsewhere = config_mod.load(hospital.config_path, environ={
+        "FHIRBRIDGE_FHIRBRIDGE__DATA_DIR": str(tmp_path / "local-disk"), "FHIRBRIDGE_FHIRBRIDGE__STORE_URL": store_url})
+    with pytest.raises(ConfigError, match="must share one data_dir"):
+        Service(elsewhere)
+
+
+def test_a_case_whose_work_file_is_gone_collects_again_instead_of_waiting_forever(hospital, seeded):
+    from fhirbridge.workflow import COLLECTED_FILE
+    sr = hospital.order(seeded["patient"])
+    hospital.run(case_id="none")
+    case = hospital.case_for(sr)
+    hospital.app.store.update(case.id, step="seal")                 # as if collected on a lost disk
+    assert not (hospital.app.case_dir(case.id) / COLLECTED_FILE).exists()
+    hospital.run(intake=False)
+    case = hospital.app.store.get(case.id)
+    assert case.step == "await_opinion"
+    assert [e["kind"] for e in hospital.app.store.events(case.id)].count("collect.done") == 1
+
+
+def test_overdue_flag_never_reopens_a_completed_task(hospital, seeded, fhir):
+    from fhirbridge import ehr_task
+    case = hospital.delivered_case(seeded["patient"])
+    receive_file(hospital.app, hospital.answer(case))
+    hospital.run(intake=False)
+    case = hospital.app.store.get(case.id)
+    before = fhir.read_ref(case.task)
+    ehr_task.set_task_status(hospital.app, case, "overdue", only_from=("sent-to-reviewer",))  # a late flag
+    ehr_task.set_task_status(hospital.app, case, "await_opinion")                           # a late sync
+    after = fhir.read_ref(case.task)
+    assert after["status"] == "completed" and after["meta"]["versionId"] == before["meta"]["versionId"]

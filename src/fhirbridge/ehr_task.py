@@ -97,7 +97,7 @@ def ensure_task(app: App, case: Case, service_request: dict) -> str:
 
 
 def set_task_status(app: App, case: Case, step: str, *, reason: str | None = None,
-                    output: list | None = None) -> dict | None:
+                    output: list | None = None, only_from: tuple[str, ...] | None = None) -> dict | None:
     """Bring the Task in line with the Case step. Reads the Task, writes only if it differs, and writes with
     If-Match on the version read (FHIR R4 http.html#concurrency) so an edit made in the EHR meanwhile is
     never overwritten: on a conflict it reads again once. A Task cancelled or rejected in the EHR raises
@@ -113,6 +113,12 @@ def set_task_status(app: App, case: Case, step: str, *, reason: str | None = Non
                                 else ""))
         current_code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
         if task.get("status") == status and current_code == code and not reason and not output:
+            return task
+        # A completed Task (the opinion is filed) is never reopened by a late sync or flag; a conditional
+        # update (only_from) applies only while the Task still shows one of those finer steps.
+        if task.get("status") == "completed" and status != "completed":
+            return task
+        if only_from is not None and current_code not in only_from:
             return task
         _apply(task, status, code, display, reason, output)
         try:

@@ -27,12 +27,42 @@ from .workflow import flag_overdue, lease_seconds, run_pending
 log = logging.getLogger("fhirbridge.service")
 
 
+MARKER = ".fhirbridge-data-dir"
+
+
+def check_shared_data_dir(config: Config, store) -> None:
+    """Every replica must work on ONE data_dir (a shared volume): a Case collected on one replica is sealed,
+    delivered or filed by whichever claims its next step, from files in data_dir. The store remembers the
+    id of the data_dir it belongs to; a replica whose data_dir lacks that id (another volume, a local disk)
+    refuses to start instead of stranding Cases half-way."""
+    from .errors import ConfigError
+    from .store import new_id
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    marker = config.data_dir / MARKER
+
+    def on_disk() -> str | None:
+        return marker.read_text().strip() if marker.exists() else None
+
+    if store.get_cursor("*", "data-dir-id") is None:       # first start of this store: register our data_dir
+        ident = on_disk() or new_id()
+        claimed, _ = store.claim_cursor("*", "data-dir-id", worker="setup", lease_seconds=60)
+        if claimed:
+            store.save_cursor("*", "data-dir-id", worker="setup", value=ident)
+            if on_disk() is None:
+                marker.write_text(ident + "\n")
+    if on_disk() != store.get_cursor("*", "data-dir-id"):
+        raise ConfigError(f"{config.data_dir} is not the data_dir the other replicas of this store use: all "
+                          "replicas must share one data_dir (mount the same volume)", file=str(config.file),
+                          key="fhirbridge.data_dir")
+
+
 class Service:
     def __init__(self, config: Config, *, progress: Callable[[str], None] | None = None):
         self.config = config
         kw = {"progress": progress} if progress else {}
         self.apps = App.per_hospital(config, **kw)
         self.store = self.apps[0].store
+        check_shared_data_dir(config, self.store)
         self.worker = worker_id()
         self.stopping = threading.Event()
         self.scheduler: BackgroundScheduler | None = None

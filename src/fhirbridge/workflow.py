@@ -146,7 +146,8 @@ def run_step(app: App, case: Case) -> bool:
     nxt = detail.pop("next", NEXT[step])
     detail["seconds"] = round(time.monotonic() - started, 3)
     extra = detail.pop("columns", {})
-    done = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=step, event_kind=f"{step}.done",
+    kind = f"{step}.done" if nxt == NEXT[step] else f"{step}.back"  # sent back a step (a work file was gone)
+    done = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=step, event_kind=kind,
                                  detail=detail, step=nxt, attempts=0, last_error=None, next_attempt_at=None, **extra)
     if done is None:
         # Someone else moved the Case on (our lease lapsed, or it was cancelled): our result is dropped.
@@ -245,6 +246,9 @@ def load_collected(app: App, case: Case) -> Collected:
 
 def _seal(app: App, case: Case) -> dict:
     _check_order(app, case)
+    if not (app.case_dir(case.id) / COLLECTED_FILE).exists():
+        # Its work file is gone (a restored volume, a replica not on the shared data_dir): collect again.
+        return {"next": "collect", "reason": "collected records missing from data_dir; collecting again"}
     _sync_before_step(app, case)
     package_id, summary = seal_case(app, case, load_collected(app, case))
     summary["columns"] = {"package_id": package_id}
@@ -255,6 +259,8 @@ def _deliver(app: App, case: Case) -> dict:
     _check_order(app, case)
     _sync_before_step(app, case)
     reviewer = app.config.reviewer(case.reviewer)
+    if not (package_dir(app, case) / "package.jwe").exists():
+        return {"next": "seal", "reason": "sealed package missing from data_dir; sealing again"}
     detail = deliver(reviewer, package_dir(app, case), case.package_id)
     detail["columns"] = {"due_at": time.time() + reviewer.turnaround_days * 86400}
     return detail
@@ -265,7 +271,7 @@ def flag_overdue(app: App) -> list[Case]:
     flagged = app.store.newly_overdue(app.hospital.key)
     for case in flagged:
         try:
-            ehr_task.set_task_status(app, case, "overdue")
+            ehr_task.set_task_status(app, case, "overdue", only_from=("sent-to-reviewer",))
         except Exception as exc:  # noqa: BLE001 - the flag is in the store; the Task catches up later
             app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
     return flagged

@@ -63,7 +63,11 @@ def binary_id_for(case: Case, opinion_id: str) -> str:
 
 
 def file_opinion(app: App, case: Case) -> dict:
-    data = opinion_path(app, case).read_bytes()
+    path = opinion_path(app, case)
+    if not path.exists():
+        raise FhirbridgeError(f"the received opinion {case.opinion_id} is missing from {path.parent}; restore it "
+                              "from backup (replicas must share data_dir), then `fhirbridge retry`")
+    data = path.read_bytes()
     # Re-verified at rest: the file could have been altered since it was received.
     claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
                                             trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
