@@ -247,3 +247,24 @@ def test_case_past_its_turnaround_target_is_flagged_once(hospital, seeded, fhir)
         assert [e["kind"] for e in svc.store.events(case.id)].count("overdue") == 1
     finally:
         svc.stop()
+
+
+def test_one_failing_order_does_not_stop_polling_of_the_others(hospital, seeded, monkeypatch):
+    import fhirbridge.intake as intake
+    bad = hospital.order(seeded["patient"])
+    good = hospital.order(seeded["patient"])
+    real = intake.order_changed
+
+    def poisoned(app, sr):
+        if sr["id"] == bad["id"]:
+            raise intake.FhirError("EHR answered 403 Forbidden to GET Organization/x", status=403, transient=True)
+        return real(app, sr)
+
+    monkeypatch.setattr(intake, "order_changed", poisoned)
+    first = intake.poll(hospital.app, worker="w")
+    assert [c.service_request for c in first.opened] == [f"ServiceRequest/{good['id']}"]
+    assert len(first.errors) == 1 and "403" in first.errors[0]
+    assert first.cursor <= bad["meta"]["lastUpdated"]          # not past the order that failed
+    monkeypatch.setattr(intake, "order_changed", real)         # the cause is fixed
+    second = intake.poll(hospital.app, worker="w")
+    assert [c.service_request for c in second.opened] == [f"ServiceRequest/{bad['id']}"]

@@ -7,7 +7,7 @@ intake twice, or on two machines, opens no second Case and no second Task.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import ehr_task
 from .context import App, log
@@ -52,6 +52,7 @@ def run_intake(app: App) -> IntakeResult:
 
 
 CURSOR = "service-requests"
+POLL_OVERLAP = 120.0  # seconds the cursor stays behind the newest stamp seen
 WITHDRAWN = ("revoked", "entered-in-error")
 
 
@@ -62,6 +63,7 @@ class PollResult:
     cancelled: list[Case]
     seen: int
     cursor: str | None
+    errors: list[str] = field(default_factory=list)
 
 
 def poll(app: App, *, worker: str, lease_seconds: float = 300.0) -> PollResult:
@@ -76,6 +78,7 @@ def poll(app: App, *, worker: str, lease_seconds: float = 300.0) -> PollResult:
     if not claimed:
         return PollResult(False, [], [], 0, cursor)
     result = PollResult(True, [], [], 0, cursor)
+    failed_at: str | None = None
     try:
         params = {"code": app.order_codes.search_token(), "_sort": "_lastUpdated"}
         if cursor:
@@ -90,15 +93,40 @@ def poll(app: App, *, worker: str, lease_seconds: float = 300.0) -> PollResult:
             stamp = sr.get("meta", {}).get("lastUpdated")
             if stamp and (newest is None or stamp > newest):
                 newest = stamp
-            handled = order_changed(app, sr)
+            try:
+                handled = order_changed(app, sr)
+            except Exception as exc:  # noqa: BLE001 - one bad order must not stop intake of the others
+                log.warning("intake of ServiceRequest/%s failed: %s", sr.get("id"), exc)
+                result.errors.append(f"ServiceRequest/{sr.get('id')}: {exc}")
+                if stamp and (failed_at is None or stamp < failed_at):
+                    failed_at = stamp
+                continue
             if handled is not None:
                 (result.opened if handled[1] == "opened" else result.cancelled).append(handled[0])
-        result.cursor = newest
+        result.cursor = _next_cursor(cursor, newest, failed_at)
     except BaseException:
         app.store.release_cursor(key, CURSOR, worker=worker)
         raise
-    app.store.save_cursor(key, CURSOR, worker=worker, value=newest)
+    app.store.save_cursor(key, CURSOR, worker=worker, value=result.cursor)
     return result
+
+
+def _next_cursor(old: str | None, newest: str | None, failed_at: str | None) -> str | None:
+    """Where the next poll starts: a safety window behind the newest stamp seen, because a server may stamp
+    an order when its transaction starts and make it visible only when it commits, after a later-stamped
+    one was already seen; never past an order that failed (it is seen again next time); never backwards."""
+    if newest is None:
+        return old
+    candidate = _minus(newest, POLL_OVERLAP)
+    if failed_at is not None and failed_at < candidate:
+        candidate = failed_at
+    return candidate if old is None or candidate > old else old
+
+
+def _minus(stamp: str, seconds: float) -> str:
+    from datetime import datetime, timedelta
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (parsed - timedelta(seconds=seconds)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def order_changed(app: App, sr: dict) -> tuple[Case, str] | None:
