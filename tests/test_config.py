@@ -501,3 +501,38 @@ def test_service_lease_seconds(tmp_path):
     assert config.load(path, environ={"FHIRBRIDGE_SERVICE__LEASE_SECONDS": "3"}).service.lease_seconds == 3.0
     path.write_text(path.read_text().replace("lease_seconds = 12.5", "lease_seconds = 0"))
     assert_names(config_error(path), path, "service.lease_seconds")
+
+
+def test_hospitals_must_not_share_an_ehr_or_an_env_name(tmp_path):
+    (tmp_path / "collect").mkdir()
+    hospital = """
+[[hospitals]]
+name = "{name}"
+keys = "k.json"
+fhir_base_url = "{url}"
+[hospitals.identifier]
+system = "urn:ietf:rfc:3986"
+value = "{value}"
+"""
+    path = tmp_path / "fhirbridge.toml"
+
+    def write(second_name: str, second_url: str) -> ConfigError:
+        path.write_text(hospital.format(name="General Hospital", url="http://127.0.0.1:8090/fhir", value="urn:oid:1")
+                        + hospital.format(name=second_name, url=second_url, value="urn:oid:2"))
+        return config_error(path)
+
+    err = write("Second Hospital", "http://127.0.0.1:8090/fhir")
+    assert "share one EHR" in err.detail and err.key == "hospitals[1].fhir_base_url"
+    err = write("General-Hospital", "http://127.0.0.1:8091/fhir")
+    assert "become 'general_hospital'" in err.detail and err.key == "hospitals[1].name"
+
+
+def test_reviewer_api_tokens_must_be_long_and_distinct(tmp_path):
+    path = make(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace('profiles = ["spine"', 'api_token = "short"\nprofiles = ["spine"', 1))
+    assert "at least 16" in config_error(path).detail
+    token = "x" * 20
+    text2 = text.replace('profiles = [', f'api_token = "{token}"\nprofiles = [')
+    path.write_text(text2)
+    assert "same as another reviewer" in config_error(path).detail

@@ -445,8 +445,25 @@ def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:
         if any(o.key == h.key for o in out.values()):
             raise ConfigError("two hospitals share one organisation identifier", file=str(file),
                               key=f"hospitals[{i}].identifier")
+        if any(o.fhir_base_url == h.fhir_base_url for o in out.values()):
+            # Both would poll the same EHR and each order would be sent twice, once signed by the wrong hospital.
+            raise ConfigError("two hospitals share one EHR (fhir_base_url): one [[hospitals]] entry per EHR",
+                              file=str(file), key=f"hospitals[{i}].fhir_base_url")
+        _unique_env_name(h.name, [o.name for o in out.values()], file, f"hospitals[{i}].name")
         out[h.name] = h
     return out
+
+
+def _unique_env_name(name: str, others: list[str], file: Path, key: str) -> None:
+    """Names are addressed in environment variables and URLs by their env form: it must be unique and
+    must not contain the "__" that separates levels."""
+    en = env_name(name)
+    if "__" in en or not en.strip("_"):
+        raise ConfigError(f"{name!r} cannot be addressed from the environment ({en!r}): use letters, digits and "
+                          "single separators", file=str(file), key=key)
+    if any(env_name(o) == en for o in others):
+        raise ConfigError(f"{name!r} and another name both become {en!r} in environment variables and URLs",
+                          file=str(file), key=key)
 
 
 def _hospital(sec: _Section, base: Path) -> Hospital:
@@ -536,6 +553,12 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
                              transport=transport, profiles=tuple(profiles),
                              turnaround_days=_positive(sec, "turnaround_days", float, 14.0),
                              api_token=sec.get("api_token", str))
+        _unique_env_name(name, [o for o in out if o != name], file, f"reviewers[{i}].name")
+        token = out[name].api_token
+        if token is not None and len(token) < 16:
+            raise sec.err("api_token", "must be at least 16 characters")
+        if token is not None and any(o.api_token == token for n, o in out.items() if n != name):
+            raise sec.err("api_token", "is the same as another reviewer's: each reviewer needs its own")
         if transport.type == "pull" and not out[name].api_token:
             raise sec.err("api_token", "a pull reviewer needs an api_token to fetch its packages "
                                        f"(FHIRBRIDGE_REVIEWERS__{env_name(name).upper()}__API_TOKEN)")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +98,9 @@ def _find_case(case_id: str):
         raise ApiError(404, f"no Case {case_id}") from None
 
 
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
 @api.post("/orders")
 def create_order():
     from .intake import order_changed
@@ -107,22 +112,40 @@ def create_order():
     for field in ("patient", "question"):
         if not isinstance(body.get(field), str) or not body[field].strip():
             raise ApiError(400, f"{field} is required (a non-empty string)")
+    for field in ("hospital", "reviewer", "profile", "requester", "priority"):
+        if field in body and not isinstance(body[field], str):
+            raise ApiError(400, f"{field} must be a string")
+    patient = body["patient"].removeprefix("Patient/")
+    if not _ID.fullmatch(patient):
+        raise ApiError(400, "patient must be a Patient id or Patient/<id>")
+    requester = body.get("requester")
+    if requester and not re.fullmatch(r"(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}", requester):
+        raise ApiError(400, "requester must be Practitioner/<id> or PractitionerRole/<id>")
     if body.get("priority", "routine") not in ("routine", "urgent", "asap", "stat"):
         raise ApiError(400, "priority must be one of routine, urgent, asap, stat")
     app = _hospital_app(body.get("hospital"))
-    sr = place_order(app, patient=body["patient"], question=body["question"], reviewer=body.get("reviewer"),
-                     profile=body.get("profile"), requester=body.get("requester"),
-                     priority=body.get("priority", "routine"))
-    order_changed(app, sr)  # take it in now rather than at the next poll
-    case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
-    return jsonify({"service_request": f"ServiceRequest/{sr['id']}", "case": _case_json(case)}), 201
+    if body.get("reviewer") and body["reviewer"] not in app.config.reviewers:
+        raise ApiError(400, f"no reviewer {body['reviewer']!r} (configured: {', '.join(app.config.reviewers)})")
+    sr = place_order(app, patient=patient, question=body["question"], reviewer=body.get("reviewer"),
+                     profile=body.get("profile"), requester=requester, priority=body.get("priority", "routine"))
+    ref = f"ServiceRequest/{sr['id']}"
+    # The order exists in the EHR from here on: whatever happens next, answer 201 so a client does not
+    # retry and create a second order; the poll takes it in if taking it in now fails.
+    try:
+        order_changed(app, sr)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("order %s written but not yet taken in: %s", ref, exc)
+    case = app.store.find_by_order(app.hospital.key, ref)
+    return jsonify({"service_request": ref, "case": _case_json(case) if case else None,
+                    **({} if case else {"note": "the order is in the EHR; the next poll takes it in"})}), 201
 
 
 def _hospital_app(name: str | None):
     try:
         return service().app_for(name)
-    except ConfigError as exc:
-        raise ApiError(400, exc.detail) from None
+    except ConfigError:
+        names = ", ".join(service().config.hospitals)
+        raise ApiError(400, f"say which hospital: \"hospital\" must be one of {names}") from None
 
 
 @api.get("/cases")
@@ -261,28 +284,38 @@ def healthz():
 
 @health.get("/readyz")
 def readyz():
-    """Store reachable and every hospital's EHR answering /metadata; cached for 5 s so probes are cheap."""
+    """Ready when the store answers: every replica can then take API calls and notifications and work the
+    Cases of any EHR that is up. Each EHR is checked too, quickly (no retries, 2 s + 3 s) and reported, but
+    one hospital's EHR being down must not take every replica out of the load balancer. Cached 5 s."""
     cache = current_app.extensions.setdefault("fhirbridge.ready", {})  # per app, never shared between apps
-    cached = cache.get("result")
-    if cached and time.monotonic() - cached[0] < 5:
-        body, status = cached[1], cached[2]
-        return jsonify(body), status
-    checks, ok = {}, True
-    try:
-        ping(service().store)
-        checks["store"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
-    for app in service().apps:
+    with cache.setdefault("lock", threading.Lock()):
+        cached = cache.get("result")
+        if cached and time.monotonic() - cached[0] < 5:
+            return jsonify(cached[1]), cached[2]
+        checks, ok = {}, True
         try:
-            app.ehr.capabilities()
-            checks[f"ehr:{app.hospital.name}"] = "ok"
-        except FhirError as exc:
-            checks[f"ehr:{app.hospital.name}"], ok = f"unreachable: {exc}", False
-    body = {"status": "ready" if ok else "not ready", "checks": checks}
-    status = 200 if ok else 503
-    cache["result"] = (time.monotonic(), body, status)
-    return jsonify(body), status
+            ping(service().store)
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
+        for app in service().apps:
+            checks[f"ehr:{app.hospital.name}"] = _quick_ehr_check(app)
+        degraded = [k for k, v in checks.items() if k.startswith("ehr:") and v != "ok"]
+        body = {"status": ("degraded" if degraded else "ready") if ok else "not ready", "checks": checks}
+        status = 200 if ok else 503
+        cache["result"] = (time.monotonic(), body, status)
+        return jsonify(body), status
+
+
+def _quick_ehr_check(app) -> str:
+    import requests as rq
+    from .fhir.auth import make_auth
+    try:
+        r = rq.get(f"{app.hospital.fhir_base_url}/metadata", timeout=(2, 3), auth=make_auth(app.hospital.auth.as_dict()),
+                   headers={"Accept": "application/fhir+json"})
+    except rq.RequestException as exc:
+        return f"unreachable: {exc.__class__.__name__}"
+    return "ok" if r.status_code == 200 else f"unreachable: HTTP {r.status_code}"
 
 
 # --- the factory -----------------------------------------------------------------------------------------
