@@ -396,3 +396,27 @@ def test_overdue_flag_never_reopens_a_completed_task(hospital, seeded, fhir):
     ehr_task.set_task_status(hospital.app, case, "await_opinion")                           # a late sync
     after = fhir.read_ref(case.task)
     assert after["status"] == "completed" and after["meta"]["versionId"] == before["meta"]["versionId"]
+
+
+def test_workers_starting_together_on_a_fresh_volume_all_agree(tmp_path):
+    import threading
+    from types import SimpleNamespace
+    from fhirbridge.service import check_shared_data_dir
+    errors = []
+    cfg = SimpleNamespace(data_dir=tmp_path / "shared", file=tmp_path / "fhirbridge.toml")
+    stores = [Store(f"sqlite:///{tmp_path / 's.db'}") for _ in range(4)]
+    barrier = threading.Barrier(4)
+
+    def start(store):
+        barrier.wait()
+        try:
+            check_shared_data_dir(cfg, store)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

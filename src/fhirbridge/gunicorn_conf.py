@@ -33,4 +33,5 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     svc = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("fhirbridge")
     if svc is not None:
-        svc.stop(wait=True)
+        # Finish the step in hand if it can be done well within graceful_timeout, then release claims.
+        svc.stop(wait=True, deadline=max(1.0, graceful_timeout - 15))

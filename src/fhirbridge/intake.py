@@ -52,7 +52,8 @@ def run_intake(app: App) -> IntakeResult:
 
 
 CURSOR = "service-requests"
-POLL_OVERLAP = 120.0  # seconds the cursor stays behind the newest stamp seen
+POLL_OVERLAP = 120.0
+INTAKE_HOLD = 60.0    # seconds a just-opened Case is kept from workers while intake finishes with it  # seconds the cursor stays behind the newest stamp seen
 WITHDRAWN = ("revoked", "entered-in-error")
 
 
@@ -155,7 +156,10 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
     reviewer, problems = _route_and_check(app, sr, profile)
     prior = _existing_task(app, case_id)
     case, created = app.store.open_case(case_id=case_id, hospital=hospital, service_request=ref,
-                                        patient=patient or "unknown", reviewer=reviewer or "", profile=profile)
+                                        patient=patient or "unknown", reviewer=reviewer or "", profile=profile,
+                                        # One lease at most: if intake dies here, the Case waits no longer
+                                        # than a claimed step would.
+                                        hold_seconds=min(INTAKE_HOLD, app.config.service.lease_seconds or INTAKE_HOLD))
     if not created:
         return case, False
     log.info("case %s opened for %s (reviewer %s, profile %s)", case.id, ref, reviewer, profile)
@@ -173,6 +177,8 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
             ehr_task.set_task_status(app, case, "failed", reason=case.last_error)
     except Exception as exc:  # noqa: BLE001 - recorded; the next run retries through the collect step
         app.store.add_event(case.id, "task.deferred", {"error": str(exc)})
+    if case.step == "collect":
+        case = app.store.update(case.id, next_attempt_at=None)  # intake is done with it: workers may start
     return case, True
 
 

@@ -12,7 +12,9 @@ lease, and another replica takes it over when the lease lapses.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -25,6 +27,9 @@ from .store import worker_id
 from .workflow import flag_overdue, lease_seconds, run_pending
 
 log = logging.getLogger("fhirbridge.service")
+STEPS_PER_TICK = 20
+# Below gunicorn's default graceful_timeout (60 s, FHIRBRIDGE_GRACEFUL_TIMEOUT): time is left to release claims.
+STOP_DEADLINE = float(os.environ.get("FHIRBRIDGE_STOP_DEADLINE", "45"))
 
 
 MARKER = ".fhirbridge-data-dir"
@@ -43,13 +48,26 @@ def check_shared_data_dir(config: Config, store) -> None:
     def on_disk() -> str | None:
         return marker.read_text().strip() if marker.exists() else None
 
-    if store.get_cursor("*", "data-dir-id") is None:       # first start of this store: register our data_dir
-        ident = on_disk() or new_id()
-        claimed, _ = store.claim_cursor("*", "data-dir-id", worker="setup", lease_seconds=60)
+    # The marker file is made before the store records it, and exclusively (O_EXCL): workers starting
+    # together on a fresh volume all end up with the one id that won, and the store never names an id
+    # whose file is not on disk yet.
+    for _attempt in range(50):
+        in_store = store.get_cursor("*", "data-dir-id")
+        if in_store is not None:
+            break
+        if on_disk() is None:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(new_id() + "\n")
+            except FileExistsError:
+                pass
+        ident = on_disk()
+        claimed, _ = store.claim_cursor("*", "data-dir-id", worker="setup", lease_seconds=30)
         if claimed:
             store.save_cursor("*", "data-dir-id", worker="setup", value=ident)
-            if on_disk() is None:
-                marker.write_text(ident + "\n")
+        else:
+            time.sleep(0.1)  # another worker is recording it right now
     if on_disk() != store.get_cursor("*", "data-dir-id"):
         raise ConfigError(f"{config.data_dir} is not the data_dir the other replicas of this store use: all "
                           "replicas must share one data_dir (mount the same volume)", file=str(config.file),
@@ -65,6 +83,7 @@ class Service:
         check_shared_data_dir(config, self.store)
         self.worker = worker_id()
         self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
         self.scheduler: BackgroundScheduler | None = None
         self._catch_up: dict[str, bool] = {}  # hospital key -> asked again while its catch-up poll ran
         self._catch_up_lock = threading.Lock()
@@ -85,10 +104,12 @@ class Service:
             self._guard("poll", app, lambda a=app: poll(a, worker=self.worker, lease_seconds=lease_seconds(a)))
 
     def tick_work(self) -> None:
+        # A bounded number of steps per hospital per tick, so one hospital's backlog cannot starve the others.
         for app in self.apps:
             if self.stopping.is_set():
                 return
-            self._guard("work", app, lambda a=app: run_pending(a, intake=False, stop=self.stopping))
+            self._guard("work", app, lambda a=app: run_pending(a, intake=False, stop=self.stopping,
+                                                               max_steps=STEPS_PER_TICK))
 
     def tick_inbox(self) -> None:
         self._guard("inbox", self.apps[0], lambda: process_inbox(self.apps[0], apps=self.apps))
@@ -108,14 +129,16 @@ class Service:
                 self._catch_up[key] = True
                 return
             self._catch_up[key] = False
-        threading.Thread(target=self._catch_up_loop, args=(app,), daemon=True, name="catch-up-poll").start()
+        thread = threading.Thread(target=self._catch_up_loop, args=(app,), daemon=True, name="catch-up-poll")
+        self._threads.append(thread)
+        thread.start()
 
     def _catch_up_loop(self, app: App) -> None:
         key = app.hospital.key
         while True:
             if not self.stopping.is_set():
-                # poll()'s own default lease: this stays independent of how the tick configures its lease.
-                self._guard("catch-up poll", app, lambda: poll(app, worker=self.worker))
+                self._guard("catch-up poll", app,
+                            lambda: poll(app, worker=self.worker, lease_seconds=lease_seconds(app)))
             with self._catch_up_lock:
                 if not self._catch_up.get(key) or self.stopping.is_set():
                     self._catch_up.pop(key, None)
@@ -147,11 +170,27 @@ class Service:
         self.scheduler = sched
         log.info("service %s started: %d hospital(s)", self.worker, len(self.apps))
 
-    def stop(self, wait: bool = True) -> None:
+    def stop(self, wait: bool = True, deadline: float | None = None) -> None:
+        """Stop taking work, let the step in hand finish for up to `deadline` seconds, then release every
+        claim this worker still holds (Cases and polling cursors): another replica resumes them at once
+        instead of waiting out the lease. A step still running then has its result discarded
+        (compare-and-set), so nothing is done twice."""
+        deadline = STOP_DEADLINE if deadline is None else deadline
         self.stopping.set()
+        ends = time.monotonic() + deadline
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=wait)
+            closer = threading.Thread(target=self.scheduler.shutdown, kwargs={"wait": wait}, daemon=True)
+            closer.start()
+            closer.join(max(0.0, ends - time.monotonic()))
             self.scheduler = None
+        for thread in self._threads:
+            thread.join(max(0.0, ends - time.monotonic()))
+        try:
+            released = self.store.release_worker(self.worker)
+            if released:
+                log.info("service %s released %d claim(s) on stopping", self.worker, released)
+        except Exception as exc:  # noqa: BLE001 - the leases lapse anyway
+            log.warning("could not release claims on stopping: %s", exc)
         for app in self.apps:
             app.close()
         self.store.close()

@@ -163,13 +163,14 @@ class Store:
     # --- cases -------------------------------------------------------------------------------------
 
     def open_case(self, *, case_id: str, hospital: str, service_request: str, patient: str, reviewer: str,
-                  profile: str, data: dict | None = None) -> tuple[Case, bool]:
+                  profile: str, data: dict | None = None, hold_seconds: float = 0.0) -> tuple[Case, bool]:
         """Insert the Case for an order unless one exists: (case, created). The unique constraint on
         (hospital, service_request) makes this safe when two intakes race."""
         now = time.time()
+        # hold_seconds: not claimable until intake has finished with it (its Task, or adopting an older one).
         row = dict(id=case_id, hospital=hospital, service_request=service_request, patient=patient,
                    reviewer=reviewer, profile=profile, step="collect", attempts=0, created_at=now,
-                   updated_at=now, data=data or {})
+                   updated_at=now, data=data or {}, next_attempt_at=(now + hold_seconds) if hold_seconds else None)
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(cases).values(**row))
@@ -329,6 +330,15 @@ class Store:
         except (_NotAccepted, IntegrityError):
             return None
         return self.get(case_id)
+
+    def release_worker(self, worker: str) -> int:
+        """Drop every claim `worker` holds (it is stopping); returns how many were released."""
+        with self.engine.begin() as conn:
+            n = conn.execute(update(cases).where(cases.c.claimed_by == worker)
+                             .values(claimed_by=None, claimed_until=None)).rowcount
+            n += conn.execute(update(cursors).where(cursors.c.claimed_by == worker)
+                              .values(claimed_by=None, claimed_until=None)).rowcount
+        return n
 
     def release(self, case_id: str, worker: str | None = None) -> None:
         worker = worker or worker_id()

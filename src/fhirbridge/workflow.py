@@ -54,7 +54,8 @@ class RunReport:
 
 
 def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
-                ignore_backoff: bool = False, stop: threading.Event | None = None) -> RunReport:
+                ignore_backoff: bool = False, stop: threading.Event | None = None,
+                max_steps: int | None = None) -> RunReport:
     """Take in new orders (unless intake=False) and run every due step once. `stop`, when set, ends the loop
     after the step in hand (a service shutting down finishes what it started and takes nothing new)."""
     report = RunReport()
@@ -74,7 +75,8 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
     if ignore_backoff:
         app.store.clear_backoff(case_id)
     worker = worker_id()
-    while not (stop and stop.is_set()) and (case := app.store.claim(
+    while not (stop and stop.is_set()) and (max_steps is None or report.steps_done + len(report.errors) < max_steps) \
+            and (case := app.store.claim(
             case_id=case_id, worker=worker, lease_seconds=lease_seconds(app), hospital=app.hospital.key)) is not None:
         ok = run_step(app, case)
         fresh = app.store.get(case.id)
