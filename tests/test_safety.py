@@ -420,3 +420,19 @@ def test_workers_starting_together_on_a_fresh_volume_all_agree(tmp_path):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_stopping_service_releases_the_claims_it_holds(hospital, seeded):
+    from fhirbridge import config as config_mod
+    from fhirbridge.service import Service
+    sr = hospital.order(seeded["patient"])
+    hospital.run(case_id="none")
+    case = hospital.case_for(sr)
+    svc = Service(config_mod.load(hospital.config_path))
+    svc.store.claim(case_id=case.id, worker=svc.worker, lease_seconds=600)   # as if a step were in hand
+    svc.store.claim_cursor(hospital.app.hospital.key, "service-requests", worker=svc.worker, lease_seconds=600)
+    svc.stop(deadline=1)
+    fresh = hospital.app.store.get(case.id)
+    assert fresh.claimed_by is None and fresh.claimed_until is None
+    assert hospital.app.store.claim_cursor(hospital.app.hospital.key, "service-requests", worker="next",
+                                           lease_seconds=5)[0]

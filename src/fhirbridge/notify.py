@@ -33,6 +33,7 @@ from .jsonutil import dumps, loads
 
 log = logging.getLogger("fhirbridge.notify")
 notify = Blueprint("notify", __name__, url_prefix="/fhir")
+MAX_COUNT = 10 ** 18
 
 FHIR_JSON = "application/fhir+json"
 MAX_NOTIFICATION = 8 * 1024 * 1024
@@ -152,7 +153,7 @@ def parse(body: dict) -> Notification:
         raise NotifyError(400, "invalid", "expected a notification Bundle of type history (Subscriptions Backport IG)")
     entries = body.get("entry") if isinstance(body.get("entry"), list) else []
     first = (entries[0].get("resource") if entries and isinstance(entries[0], dict) else None) or {}
-    if first.get("resourceType") != "Parameters":
+    if not isinstance(first, dict) or first.get("resourceType") != "Parameters":
         raise NotifyError(400, "invalid", "the first entry must be the SubscriptionStatus Parameters resource")
     params = [p for p in first.get("parameter") or [] if isinstance(p, dict)]
     kind = _one(params, "type", "valueCode")
@@ -196,11 +197,12 @@ def _number(value, what: str) -> int | None:
     """R4 has no integer64: the backport IG sends these counts as valueString (R4B/R5 servers: integers)."""
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    # Bounded: a count of hundreds of digits would not fit the store and would switch gap detection off.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT:
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
         return int(value.strip())
-    raise NotifyError(400, "invalid", f"{what} must be a whole number")
+    raise NotifyError(400, "invalid", f"{what} must be a whole number below {MAX_COUNT}")
 
 
 def _split(ref: str) -> tuple[str | None, str | None, str | None]:

@@ -86,7 +86,7 @@ SPEC = {
             "summary": "Resume a failed Case at the step that failed (or retry a waiting one now)",
             "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {**_ok("The Case", CASE), **_errors(401, 404, 409)}}},
+            "responses": {**_ok("The Case", CASE), **_errors(401, 404, 409, 502, 503)}}},
         "/api/cases/{case_id}/cancel": {"post": {
             "summary": "Cancel a Case (its Task in the EHR becomes cancelled)", "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -109,12 +109,22 @@ SPEC = {
             "security": [{"reviewer": []}],
             "requestBody": {"required": True, "content": {"application/jose+json": {"schema": {"type": "string"}}}},
             "responses": {**_ok("Accepted; it is being filed", {"type": "object"}, "202"),
-                          **_errors(400, 401, 403, 409, 413)}}},
+                          **_errors(400, 401, 409, 413)}}},
         "/reviewer/cases/{case_id}/decline": {"post": {
             "summary": "Decline a Case (its Task becomes rejected with the reason)", "security": [{"reviewer": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
             "responses": {**_ok("Declined", {"type": "object"}), **_errors(400, 401, 404, 409)}}},
+        "/fhir/notify/{hospital}": {"post": {
+            "summary": "FHIR Subscription notifications from the EHR (R4 Subscriptions Backport, rest-hook)",
+            "description": "Bearer token set by `fhirbridge subscribe`. Answers are FHIR OperationOutcome.",
+            "parameters": [{"name": "hospital", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "the hospital's name in environment-variable form"}],
+            "requestBody": {"required": True, "content": {"application/fhir+json": {"schema": {"type": "object"}}}},
+            "responses": {str(c): {"description": d, "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
+                          for c, d in ((200, "Taken in (OperationOutcome)"), (400, "Not a notification Bundle"),
+                                       (401, "Missing or wrong subscription token"), (404, "Unknown hospital"),
+                                       (413, "Too large"), (415, "Not FHIR JSON"))}}},
         "/healthz": {"get": {"summary": "The process is alive", "responses": _ok("Alive", {"type": "object"})}},
         "/readyz": {"get": {"summary": "The store and every hospital's EHR are reachable",
                             "responses": {**_ok("Ready", {"type": "object"}),
