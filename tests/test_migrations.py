@@ -27,7 +27,7 @@ from fhirbridge.store import Store, metadata
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-TABLES = {"cases", "cursors", "events", "seen_messages"}
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events"}
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0001"
+    assert migrations.head() == "0002"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -81,6 +81,7 @@ def test_a_fresh_database_is_brought_to_head(url):
         for name in TABLES:
             assert [c["name"] for c in insp.get_columns(name)] == [c.name for c in metadata.tables[name].columns]
         assert [ix["column_names"] for ix in insp.get_indexes("events")] == [["case_id"]]
+        assert sorted(ix["column_names"] for ix in insp.get_indexes("audit_events")) == [["case_id"], ["patient"]]
         assert [uq["name"] for uq in insp.get_unique_constraints("cases")] == ["uq_case_per_order"]
         assert differences(store.engine) == []
         case, created = store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1",
@@ -118,6 +119,34 @@ def test_the_initial_revision_downgrades_to_nothing_and_back(url):
         assert store.schema_revision() is None
         assert store.upgrade() == (None, migrations.head())
         assert differences(store.engine) == []
+    finally:
+        store.close()
+
+
+def test_the_audit_revision_upgrades_a_0001_database_keeping_its_data_and_downgrades(url):
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0001") == (None, "0001")
+        assert "audit_events" not in inspect(store.engine).get_table_names()
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert store.upgrade() == ("0001", "0002")
+        assert store.get("c1").step == "collect"
+        assert differences(store.engine) == []
+        assert store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
+                               recipient="s|v", resource={"resourceType": "AuditEvent"})
+        assert not store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
+                                   recipient="s|v", resource={"resourceType": "AuditEvent"})
+        [row] = store.list_audit(patient="Patient/1", unsent=True)
+        assert row["resource"] == {"resourceType": "AuditEvent"} and row["sent_to_ehr"] is False
+        store.mark_audit("a1", sent=True)
+        assert store.list_audit(unsent=True) == [] and store.list_audit(patient="Patient/2") == []
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0001")
+            conn.commit()
+        assert "audit_events" not in inspect(store.engine).get_table_names()
+        assert store.schema_revision() == "0001" and store.get("c1").step == "collect"
     finally:
         store.close()
 

@@ -151,6 +151,36 @@ def cmd_receive(args) -> int:
     return status
 
 
+def cmd_audit(args) -> int:
+    """The accounting of disclosures for one patient: every package sent about them (when, to whom, for
+    which order, what kinds and counts of records) and every opinion filed back."""
+    from .audit import accounting
+    patient = args.patient if "/" in args.patient else f"Patient/{args.patient}"
+    with _app(args, progress=False) as app:
+        rows = accounting(app, patient)
+    if args.json:
+        print(jsonutil.dumps({"patient": patient, "events": rows}, pretty=True).decode())
+        return 0
+    if not rows:
+        print(f"no disclosures recorded for {patient}")
+        return 0
+    print(f"accounting of disclosures for {patient}")
+    for r in rows:
+        what = "sent package" if r["kind"] == "disclosure" else "opinion filed"
+        print(f"{_fmt(r['at'])}  {what:<13}  {r['recipient']} ({r['recipient_identifier']})")
+        print(f"{'':21}case {r['case'][:8]}  order {r['order']}")
+        if r["kind"] == "disclosure":
+            d = r["details"]
+            print(f"{'':21}package {r['package']}")
+            print(f"{'':21}records: {d.get('records shared', '?')} shared ({d.get('record types', '?')}), "
+                  f"{d.get('records withheld', '?')} withheld, {d.get('attachment files', '0')} attachment file(s)")
+        else:
+            print(f"{'':21}opinion {r['package']} filed as {r['document_reference'] or '-'}")
+        if not r["sent_to_ehr"] and app.config.audit.write_to_ehr:
+            print(f"{'':21}not yet in the EHR: {r['ehr_error'] or 'pending'}")
+    return 0
+
+
 def cmd_retry(args) -> int:
     from .workflow import retry
     with _app(args) as app:
@@ -363,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("receive", help="receive sealed opinion file(s) and file them in the EHR")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_receive)
+
+    s = sub.add_parser("audit", help="the accounting of disclosures for one patient (what was sent, to whom)")
+    s.add_argument("--patient", required=True, help="Patient id or Patient/id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("retry", help="resume a failed Case at the step that failed")
     s.add_argument("case")

@@ -29,13 +29,26 @@ PACKAGE_MAPPINGS = Path(__file__).resolve().parent / "mappings"
 
 @dataclass(frozen=True)
 class Auth:
-    type: str = "none"  # none | basic | bearer (SMART Backend Services arrives with the security issue)
+    type: str = "none"  # none | basic | bearer | smart (SMART Backend Services)
     username: str | None = None
     password: str | None = None
     token: str | None = None
+    # smart: the client registered at the EHR, the private JWKS that signs its client assertions (default:
+    # the hospital's own keys), the token endpoint (default: discovered), scopes (default: what fhirbridge
+    # needs, fhir.auth.DEFAULT_SCOPES) and the assertion's algorithm (default: from the key type).
+    client_id: str | None = None
+    keys: Path | None = None
+    token_url: str | None = None
+    scopes: tuple[str, ...] | None = None
+    alg: str | None = None
+    fhir_base_url: str | None = None  # set from the hospital: the SMART configuration is found under it
 
     def as_dict(self) -> dict:
-        return {"type": self.type, "username": self.username, "password": self.password, "token": self.token}
+        d = {"type": self.type, "username": self.username, "password": self.password, "token": self.token}
+        if self.type == "smart":
+            d.update(client_id=self.client_id, keys=self.keys, token_url=self.token_url, scopes=self.scopes,
+                     alg=self.alg, fhir_base_url=self.fhir_base_url)
+        return d
 
     def __repr__(self) -> str:  # never show secrets
         return f"Auth(type={self.type!r})"
@@ -112,6 +125,12 @@ class ServiceTimes:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """[audit]: also write each AuditEvent (disclosure, opinion filed) to the hospital's EHR."""
+    write_to_ehr: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path | None
     base_dir: Path
@@ -128,6 +147,7 @@ class Config:
     inline_attachment_limit: int = 256 * 1024
     max_attachment_bytes: int = 512 * 1024 * 1024
     package_lifetime_days: int = 30
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def hospital(self) -> Hospital:
@@ -256,7 +276,31 @@ def _file_problems(cfg: Config) -> list[ConfigError]:
         except SealError:
             problems.append(ConfigError(f"{h.keys} has no private signing key: packages could "
                                         "not be signed", file=file, key=key))
+    for i, h in enumerate(cfg.hospitals.values()):
+        if h.auth.type == "smart":
+            problems += _smart_key_problems(h, "hospital.auth" if len(cfg.hospitals) == 1 else f"hospitals[{i}].auth",
+                                            file)
     return problems
+
+
+def _smart_key_problems(h: Hospital, prefix: str, file: str | None) -> list[ConfigError]:
+    """The SMART client assertion needs a private signing key that fits `alg` (RS384: RSA, ES384: EC P-384)."""
+    from .crypto.keys import KeyRing
+    key_name = f"{prefix}.keys"
+    try:
+        signing = KeyRing.load(h.auth.keys).signing_key()
+    except ConfigError as exc:
+        return [ConfigError(f"{h.auth.keys}: {exc.detail}", file=file, key=key_name)]
+    except SealError:
+        return [ConfigError(f"{h.auth.keys} has no private signing key for the SMART client assertion",
+                            file=file, key=key_name)]
+    alg = h.auth.alg or ("RS384" if signing.key_type == "RSA" else "ES384")
+    if alg == "RS384" and signing.key_type != "RSA":
+        return [ConfigError(f"{h.auth.keys}: alg RS384 needs an RSA signing key", file=file, key=f"{prefix}.alg")]
+    if alg == "ES384" and (signing.key_type != "EC" or signing.as_dict(private=False).get("crv") != "P-384"):
+        return [ConfigError(f"{h.auth.keys}: alg ES384 needs an EC P-384 signing key", file=file,
+                            key=f"{prefix}.alg")]
+    return []
 
 
 def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
@@ -418,12 +462,15 @@ def _build(raw: dict, file: Path) -> Config:
     if default_reviewer and default_reviewer not in reviewers:
         raise routing.err("default_reviewer", f"names {default_reviewer!r}, which is not in [[reviewers]]")
     routing.finish()
+    audit_sec = top.sub("audit")
+    audit = AuditSettings(write_to_ehr=audit_sec.get("write_to_ehr", bool, False))
+    audit_sec.finish()
     top.finish()
     return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
                   inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
-                  public_url=public_url.rstrip("/") if public_url else None)
+                  public_url=public_url.rstrip("/") if public_url else None, audit=audit)
 
 
 def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:
@@ -466,16 +513,49 @@ def _unique_env_name(name: str, others: list[str], file: Path, key: str) -> None
                           file=str(file), key=key)
 
 
+SMART_KEYS = ("client_id", "keys", "token_url", "scopes", "alg")
+
+
+def _smart_auth(sec: _Section, auth_type: str, base: Path, hospital_keys: Path, fhir_base_url: str) -> dict:
+    """The SMART Backend Services keys of [hospital.auth] (an error when set for another auth type)."""
+    if auth_type != "smart":
+        for name in SMART_KEYS:
+            if name in sec.data:
+                raise sec.err(name, f"only used with type = \"smart\" (type is {auth_type!r})")
+        return {}
+    client_id = sec.get("client_id", str)
+    if not client_id or not client_id.strip():
+        raise sec.err("client_id", "smart auth needs the client_id the EHR registered for fhirbridge")
+    keys_value = sec.get("keys", str, None)
+    token_url = sec.get("token_url", str, None)
+    if token_url is not None and (not token_url.startswith(("http://", "https://")) or not _hostname(token_url)):
+        raise sec.err("token_url", "must be the http(s) URL of the EHR's OAuth token endpoint")
+    raw_scopes = sec.get("scopes", (str, list), None)
+    scopes = None
+    if raw_scopes is not None:
+        items = raw_scopes.split() if isinstance(raw_scopes, str) else raw_scopes
+        if not items or not all(isinstance(x, str) and x.strip() and " " not in x.strip() for x in items):
+            raise sec.err("scopes", "must be a non-empty list of SMART scopes (or one space-separated string)")
+        scopes = tuple(x.strip() for x in items)
+    alg = sec.get("alg", str, None)
+    if alg is not None and alg not in ("RS384", "ES384"):
+        raise sec.err("alg", f"{alg!r} is not one of RS384, ES384")
+    return {"client_id": client_id.strip(), "keys": _path(base, keys_value) if keys_value else hospital_keys,
+            "token_url": token_url.rstrip("/") if token_url else None, "scopes": scopes, "alg": alg,
+            "fhir_base_url": fhir_base_url}
+
+
 def _hospital(sec: _Section, base: Path) -> Hospital:
     url = sec.get("fhir_base_url", str, required=True).rstrip("/")
     if not url.startswith(("http://", "https://")) or not _hostname(url):
         raise sec.err("fhir_base_url", "must start with http:// or https:// and name a host")
+    keys = _path(base, sec.get("keys", str, required=True))
     auth_sec = sec.sub("auth")
     auth_type = auth_sec.get("type", str, "none")
-    if auth_type not in ("none", "basic", "bearer"):
-        raise auth_sec.err("type", f"{auth_type!r} is not one of none, basic, bearer")
+    if auth_type not in ("none", "basic", "bearer", "smart"):
+        raise auth_sec.err("type", f"{auth_type!r} is not one of none, basic, bearer, smart")
     auth = Auth(type=auth_type, username=auth_sec.get("username", str), password=auth_sec.get("password", str),
-                token=auth_sec.get("token", str))
+                token=auth_sec.get("token", str), **_smart_auth(auth_sec, auth_type, base, keys, url))
     if auth_type == "basic" and not (auth.username and auth.password):
         raise auth_sec.err("password", "basic auth needs username and password "
                                        "(set the password with FHIRBRIDGE_HOSPITAL__AUTH__PASSWORD)")
@@ -493,8 +573,7 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     hospital = Hospital(name=sec.get("name", str, required=True),
                         identifier_system=ident.get("system", str, required=True),
                         identifier_value=ident.get("value", str, required=True),
-                        fhir_base_url=url, keys=_path(base, sec.get("keys", str, required=True)),
-                        auth=auth, http=http)
+                        fhir_base_url=url, keys=keys, auth=auth, http=http)
     ident.finish()
     sec.finish()
     return hospital

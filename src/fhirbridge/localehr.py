@@ -65,11 +65,17 @@ class LocalEhr:
     # ------------------------------------------------------------------ start / stop
 
     @classmethod
-    def start(cls, data_dir: Path, *, port: int | None = None, startup_timeout: float = 60) -> LocalEhr:
+    def start(cls, data_dir: Path, *, port: int | None = None, startup_timeout: float = 60,
+              smart_client: dict | None = None, token_lifetime: int | None = None) -> LocalEhr:
         """Start sekmet with its settings and database under `data_dir`; return once it answers FHIR.
 
         With `port=None` a free port is picked (and re-picked if another process grabs it first).
         Raises FhirbridgeError when sekmet is missing, exits, or does not answer within `startup_timeout`.
+
+        `smart_client` ({"client_id", "jwks", "scopes"}: a JWKS, public or private - only its public parts are
+        written; scopes a list or space-separated string, default "system/*.*") makes the server enforce SMART
+        Backend Services on /fhir with that one client registered; without it the server needs no auth.
+        `token_lifetime` (seconds) sets how long its access tokens live (sekmet's default: 3600).
         """
         data_dir = Path(data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +83,7 @@ class LocalEhr:
         attempts = 1 if port is not None else _PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             chosen = port if port is not None else free_port()
-            ehr = cls._launch(data_dir, chosen, exe)
+            ehr = cls._launch(data_dir, chosen, exe, smart_client, token_lifetime)
             try:
                 ehr._wait_ready(startup_timeout)
                 return ehr
@@ -92,8 +98,9 @@ class LocalEhr:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _launch(cls, data_dir: Path, port: int, exe: str) -> LocalEhr:
-        settings = _write_settings(data_dir, port)
+    def _launch(cls, data_dir: Path, port: int, exe: str, smart_client: dict | None = None,
+                token_lifetime: int | None = None) -> LocalEhr:
+        settings = _write_settings(data_dir, port, smart_client, token_lifetime)
         log_path = data_dir / "sekmet.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
         try:
@@ -214,9 +221,10 @@ class _PortTaken(Exception):
     pass
 
 
-def _write_settings(data_dir: Path, port: int) -> Path:
+def _write_settings(data_dir: Path, port: int, smart_client: dict | None = None,
+                    token_lifetime: int | None = None) -> Path:
     # JSON is valid YAML: no YAML dependency here and no quoting surprises with odd paths.
-    settings = {
+    settings: dict[str, Any] = {
         "base_url": f"http://127.0.0.1:{port}/fhir",
         "host": "127.0.0.1",
         "port": port,
@@ -226,9 +234,33 @@ def _write_settings(data_dir: Path, port: int) -> Path:
         "simulator": {"enabled": False},
         "log_inbound": False,  # its traffic log would keep every request body
     }
+    server_auth = _smart_server_auth(smart_client) if smart_client is not None else {}
+    if token_lifetime is not None:
+        server_auth["token_lifetime"] = int(token_lifetime)
+    if server_auth:
+        settings["server_auth"] = server_auth
     path = data_dir / "settings.yaml"
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _smart_server_auth(client: dict) -> dict:
+    """sekmet's server_auth enforcing SMART Backend Services for one registered client."""
+    # Imported here: the demo EHR itself needs no crypto.
+    from fhirbridge.crypto.keys import public_jwks
+    client_id = client.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise ValueError("smart_client needs a client_id")
+    jwks = client.get("jwks")
+    if not isinstance(jwks, dict):
+        raise ValueError("smart_client needs a jwks (the client's key set; only its public keys are registered)")
+    # Only signature keys: the server verifies client assertions with them and cannot use encryption keys.
+    keys = [k for k in public_jwks(jwks)["keys"] if k.get("use", "sig") == "sig"]
+    scopes = client.get("scopes") or "system/*.*"
+    if not isinstance(scopes, str):
+        scopes = " ".join(scopes)
+    return {"types": ["smart"], "enforce_scopes": True,
+            "smart_clients": [{"client_id": client_id, "jwks": {"keys": keys}, "scopes": scopes}]}
 
 
 def _sekmet_env(settings: Path) -> dict[str, str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import orjson
-from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
+from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
                         create_engine, event, insert, or_, select, text, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -79,6 +79,23 @@ seen_messages = Table(
     Column("jti", String(200), primary_key=True),
     Column("case_id", String(64), nullable=False),
     Column("at", Float, nullable=False),
+)
+
+# One row per disclosure (a package delivered) and per opinion filed: the accounting of disclosures
+# (audit.py). `resource` is the BALP AuditEvent; it names the patient by reference only. The id is the
+# AuditEvent's id, derived from the Case and the package/opinion, so recording twice keeps one row.
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("hospital", String(200), nullable=False),
+    Column("patient", String(200), nullable=False, index=True),
+    Column("case_id", String(64), nullable=False, index=True),
+    Column("kind", String(20), nullable=False),                 # disclosure | filed
+    Column("recipient", String(200), nullable=False),           # system|value of the receiving organisation
+    Column("resource", JSON, nullable=False),
+    Column("sent_to_ehr", Boolean, nullable=False, default=False),
+    Column("ehr_error", Text),                                  # why the last write to the EHR failed
 )
 
 # Steps in order. A Case is claimable in any of WORK_STEPS; await_opinion waits for the reviewer.
@@ -428,6 +445,42 @@ class Store:
                 conn.execute(insert(events).values(case_id=r.id, at=now, kind="overdue",
                                                    detail={"due_at": r.due_at}))
         return [_case(r) for r in rows]
+
+    # --- audit trail -------------------------------------------------------------------------------
+
+    def add_audit(self, *, id: str, hospital: str, patient: str, case_id: str, kind: str, recipient: str,
+                  resource: dict, at: float | None = None) -> bool:
+        """Record an AuditEvent; False (and nothing changed) if one with this id is already recorded."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(audit_events).values(id=id, at=at or time.time(), hospital=hospital,
+                                                         patient=patient, case_id=case_id, kind=kind,
+                                                         recipient=recipient, resource=resource,
+                                                         sent_to_ehr=False))
+            return True
+        except IntegrityError:
+            return False
+
+    def list_audit(self, *, patient: str | None = None, case_id: str | None = None,
+                     hospital: str | None = None, unsent: bool = False) -> list[dict]:
+        """Recorded AuditEvents, oldest first, filtered by patient reference, Case, hospital, or not yet in
+        the EHR."""
+        q = select(audit_events).order_by(audit_events.c.at, audit_events.c.id)
+        if patient is not None:
+            q = q.where(audit_events.c.patient == patient)
+        if case_id is not None:
+            q = q.where(audit_events.c.case_id == case_id)
+        if hospital is not None:
+            q = q.where(audit_events.c.hospital == hospital)
+        if unsent:
+            q = q.where(audit_events.c.sent_to_ehr.is_(False))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def mark_audit(self, audit_id: str, *, sent: bool, error: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(audit_events).where(audit_events.c.id == audit_id)
+                         .values(sent_to_ehr=sent, ehr_error=None if sent else error))
 
     # --- replay guard ------------------------------------------------------------------------------
 

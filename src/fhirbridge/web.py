@@ -315,6 +315,8 @@ def _quick_ehr_check(app) -> str:
                    headers={"Accept": "application/fhir+json"})
     except rq.RequestException as exc:
         return f"unreachable: {exc.__class__.__name__}"
+    except FhirbridgeError as exc:  # SMART: the token endpoint refused or could not be reached
+        return f"unreachable: {exc}"
     return "ok" if r.status_code == 200 else f"unreachable: HTTP {r.status_code}"
 
 

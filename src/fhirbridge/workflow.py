@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from . import ehr_task, jsonutil
+from . import audit, ehr_task, jsonutil
 from .collect import Collected, collect
 from .context import App
 from .crypto import jwe
@@ -74,6 +74,10 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
         app.store.add_event(freed, "resumed", {"reason": "the run holding it had stopped"})
     if ignore_backoff:
         app.store.clear_backoff(case_id)
+    try:
+        audit.send_pending(app)   # AuditEvents an earlier run could not write to the EHR
+    except Exception as exc:  # noqa: BLE001 - the audit copy in the EHR never holds up the Cases
+        log.warning("audit: could not send pending AuditEvents: %s", exc)
     worker = worker_id()
     while not (stop and stop.is_set()) and (max_steps is None or report.steps_done + len(report.errors) < max_steps) \
             and (case := app.store.claim(
@@ -136,6 +140,8 @@ def run_step(app: App, case: Case) -> bool:
             elif step == "file":
                 from .writeback import file_opinion  # imported here: writeback imports workflow helpers
                 detail = file_opinion(app, case)
+                # The accounting of the write-back, before the step is recorded: once per opinion.
+                audit.record_filed(app, case, detail.get("document_reference"))
             else:
                 app.store.release(case.id, case.claimed_by)
                 return True
@@ -264,6 +270,9 @@ def _deliver(app: App, case: Case) -> dict:
     if not (package_dir(app, case) / "package.jwe").exists():
         return {"next": "seal", "reason": "sealed package missing from data_dir; sealing again"}
     detail = deliver(reviewer, package_dir(app, case), case.package_id)
+    # The accounting of this disclosure (BALP), recorded before the step is: once per package, even when
+    # the step is repeated; written to the EHR too when [audit] write_to_ehr (a failure there is retried).
+    audit.record_disclosure(app, case, detail)
     detail["columns"] = {"due_at": time.time() + reviewer.turnaround_days * 86400}
     return detail
 

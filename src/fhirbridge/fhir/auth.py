@@ -5,8 +5,24 @@ key, never a username, password or token.
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
 import requests
+from joserfc import jwk
+from joserfc import jwt as jose_jwt
 from requests.auth import AuthBase, HTTPBasicAuth
+
+from fhirbridge.errors import FhirError
+
+log = logging.getLogger(__name__)
 
 
 class BearerAuth(AuthBase):
@@ -34,11 +50,14 @@ class BasicAuth(HTTPBasicAuth):
 
 
 def make_auth(cfg: dict | None) -> AuthBase | None:
-    """Build the auth for `cfg` ({"type": "none" | "basic" | "bearer", ...}); None means no auth."""
+    """Build the auth for `cfg` ({"type": "none" | "basic" | "bearer" | "smart", ...}); None means no auth.
+
+    "smart" needs client_id, fhir_base_url and keys (a private JWKS file); token_url, scopes and alg are
+    optional. It returns one shared SmartBackendAuth per configuration, so all clients share the token."""
     if not cfg:
         return None
     if not isinstance(cfg, dict):
-        raise ValueError("auth must be a mapping with a 'type' key (none, basic or bearer)")
+        raise ValueError("auth must be a mapping with a 'type' key (none, basic, bearer or smart)")
     kind = cfg.get("type", "none")
     if kind == "none":
         return None
@@ -46,8 +65,10 @@ def make_auth(cfg: dict | None) -> AuthBase | None:
         return BasicAuth(_required(cfg, "username", kind), _required(cfg, "password", kind))
     if kind == "bearer":
         return BearerAuth(_required(cfg, "token", kind))
+    if kind == "smart":
+        return _smart(cfg)
     # The type is a config word, not a secret, but a mistyped file could put anything here: cap it.
-    raise ValueError(f"unknown auth type {str(kind)[:40]!r}: use one of none, basic, bearer")
+    raise ValueError(f"unknown auth type {str(kind)[:40]!r}: use one of none, basic, bearer, smart")
 
 
 def _required(cfg: dict, key: str, kind: str) -> str:
@@ -55,3 +76,294 @@ def _required(cfg: dict, key: str, kind: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"auth type {kind} needs a non-empty '{key}'")
     return value
+
+
+# ====================================================================== SMART Backend Services
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+SMART_ALGS = ("RS384", "ES384")  # SMART Backend Services: the client SHALL support RS384 or ES384
+ASSERTION_LIFETIME = 300  # seconds; SMART says exp SHALL be no more than five minutes in the future
+REFUSED_AFTER_REAUTH = ("the EHR refused our SMART token after re-authorisation: check client registration "
+                        "and scopes")
+
+# Every resource type fhirbridge reads (intake, collection, subscriptions) and what it writes.
+READ_TYPES = ("Patient", "ServiceRequest", "Condition", "DiagnosticReport", "ImagingStudy", "Procedure",
+              "MedicationStatement", "MedicationRequest", "DocumentReference", "Binary", "Observation",
+              "Practitioner", "PractitionerRole", "Organization", "Medication", "Endpoint", "Specimen",
+              "Location", "Task", "Subscription", "Basic")
+WRITE_SCOPES = ("system/Task.cu", "system/DocumentReference.c", "system/Binary.cu", "system/Provenance.c",
+                "system/ServiceRequest.c", "system/Subscription.cru")
+DEFAULT_SCOPES = tuple(f"system/{t}.rs" for t in READ_TYPES) + WRITE_SCOPES
+
+_V2_PERMS = re.compile(r"^c?r?u?d?s?$")
+_MAX_ERROR_TEXT = 300
+_TOKEN_ERROR_BODY = 64 * 1024
+
+
+def v1_scopes(scopes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """SMART v2 scopes (system/Patient.rs) as v1 (system/Patient.read, .write), for servers without v2."""
+    out: list[str] = []
+    for scope in scopes:
+        ctx, _, rest = scope.partition("/")
+        rtype, dot, perms = rest.partition(".")
+        perms = perms.split("?", 1)[0]
+        if not dot or not perms or not _V2_PERMS.match(perms):
+            out.append(scope)  # already v1 (or something we do not understand): keep as written
+            continue
+        if set(perms) & set("rs"):
+            out.append(f"{ctx}/{rtype}.read")
+        if set(perms) & set("cud"):
+            out.append(f"{ctx}/{rtype}.write")
+    return tuple(dict.fromkeys(out))
+
+
+def _only_v1(smart_config: dict) -> bool:
+    """True when the server's smart-configuration shows SMART v1 scopes only (no v2 permission letters)."""
+    caps = smart_config.get("capabilities")
+    if isinstance(caps, list) and "permission-v2" in caps:
+        return False
+    supported = smart_config.get("scopes_supported")
+    if not isinstance(supported, list) or not supported:
+        return False
+    for scope in supported:
+        perms = str(scope).partition("/")[2].partition(".")[2].split("?", 1)[0]
+        if perms and perms != "*" and _V2_PERMS.match(perms):
+            return False
+    return True
+
+
+def _clean(text: Any) -> str:
+    """Text from the token endpoint for an error message: printable, short."""
+    s = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    return s[:_MAX_ERROR_TEXT] + ("…" if len(s) > _MAX_ERROR_TEXT else "")
+
+
+class SmartBackendAuth(AuthBase):
+    """SMART Backend Services (client_credentials with a private_key_jwt client assertion).
+
+    The access token is cached and shared by every request (and thread) using this object; it is minted again
+    shortly before `expires_in` runs out. A 401 from the FHIR server drops the token, mints a new one and
+    retries the request once; a second 401 raises FhirError(REFUSED_AFTER_REAUTH). Neither the token nor key
+    material ever reaches a log line, a repr or an error message.
+    """
+
+    def __init__(self, *, client_id: str, fhir_base_url: str, signing_key: jwk.Key, kid: str,
+                 alg: str | None = None, token_url: str | None = None, scopes: tuple[str, ...] | None = None,
+                 timeout: tuple[float, float] = (5.0, 30.0), clock: Callable[[], float] = time.time):
+        if not client_id:
+            raise ValueError("auth type smart needs a non-empty 'client_id'")
+        self.client_id = client_id
+        self.fhir_base_url = fhir_base_url.rstrip("/")
+        self.alg = alg or _default_alg(signing_key)
+        _check_alg(self.alg, signing_key)
+        self._key = signing_key
+        self._kid = kid
+        self.token_url = token_url
+        self._explicit_scopes = tuple(scopes) if scopes else None
+        self.scopes: tuple[str, ...] = self._explicit_scopes or DEFAULT_SCOPES
+        self._discovered = False
+        self.timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self.token_requests = 0  # how many times a token was minted (for tests and metrics)
+        self.granted_scope: str | None = None
+        self._http = requests.Session()  # token endpoint and discovery; never carries our access token
+        self._http.headers.update({"Accept": "application/json", "User-Agent": "fhirbridge/0.1"})
+
+    @classmethod
+    def from_keys(cls, *, keys: str | os.PathLike, **kw: Any) -> SmartBackendAuth:
+        """Sign with the first private signing key of the JWKS file `keys`."""
+        from fhirbridge.crypto.keys import KeyRing
+        from fhirbridge.errors import SealError
+        ring = KeyRing.load(keys)
+        try:
+            key = ring.signing_key()
+        except SealError:
+            raise ValueError(f"auth type smart: the key set {os.fspath(keys)} has no private signing key") from None
+        return cls(signing_key=key, kid=key.kid or ring.kids[0], **kw)
+
+    def __repr__(self) -> str:
+        return f"SmartBackendAuth(client_id={self.client_id!r}, token=***)"
+
+    # ------------------------------------------------------------------ requests hooks
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self.access_token()}"
+        body = request.body
+        position = None
+        if body is not None and hasattr(body, "tell"):
+            try:
+                position = body.tell()
+            except OSError:
+                position = None
+        request.register_hook("response", self._make_hook(position))
+        return request
+
+    def _make_hook(self, position: int | None) -> Callable[..., requests.Response]:
+        def on_response(resp: requests.Response, **kwargs: Any) -> requests.Response:
+            return self._on_response(resp, position, **kwargs)
+        return on_response
+
+    def _on_response(self, resp: requests.Response, position: int | None, **kwargs: Any) -> requests.Response:
+        if resp.status_code != 401:
+            return resp
+        prep = resp.request.copy()
+        body = prep.body
+        if body is not None and not isinstance(body, (bytes, str)):
+            if position is None or not hasattr(body, "seek"):
+                return resp  # a one-shot stream cannot be sent again; the client reports the 401
+            body.seek(position)
+        used = (resp.request.headers.get("Authorization") or "").removeprefix("Bearer ")
+        self.invalidate(used)
+        log.info("EHR answered 401 to a request with our SMART token; re-authorising once")
+        resp.content  # noqa: B018 - drain so the connection can be reused
+        resp.close()
+        prep.headers["Authorization"] = f"Bearer {self.access_token()}"
+        prep.hooks = {"response": []}  # the retry is not retried again
+        retry = resp.connection.send(prep, **kwargs)
+        retry.history.append(resp)
+        retry.request = prep
+        if retry.status_code == 401:
+            retry.close()
+            raise FhirError(REFUSED_AFTER_REAUTH, status=401, transient=True)
+        return retry
+
+    # ------------------------------------------------------------------ tokens
+
+    def invalidate(self, token: str | None = None) -> None:
+        """Forget the cached token (only if it is still `token`, when given: another thread may have renewed)."""
+        with self._lock:
+            if token is None or token == self._token:
+                self._token = None
+                self._expires_at = 0.0
+
+    def access_token(self) -> str:
+        with self._lock:
+            if self._token is None or self._clock() >= self._expires_at:
+                self._mint()
+            assert self._token is not None
+            return self._token
+
+    def _mint(self) -> None:
+        """Get a new access token (caller holds the lock)."""
+        self._discover()
+        assert self.token_url is not None
+        form = {"grant_type": "client_credentials", "scope": " ".join(self.scopes),
+                "client_assertion_type": ASSERTION_TYPE, "client_assertion": self.client_assertion()}
+        where = f"SMART token endpoint {self.token_url}"
+        try:
+            resp = self._http.post(self.token_url, data=form, timeout=self.timeout)
+        except requests.Timeout:
+            raise FhirError(f"{where} did not answer in time", transient=True) from None
+        except requests.RequestException as exc:
+            raise FhirError(f"could not reach the {where} ({type(exc).__name__})", transient=True) from None
+        self.token_requests += 1
+        try:
+            data = resp.json() if len(resp.content) <= _TOKEN_ERROR_BODY else None
+        except ValueError:
+            data = None
+        finally:
+            resp.close()
+        if resp.status_code != 200:
+            detail = ""
+            if isinstance(data, dict) and data.get("error"):
+                detail = f": {_clean(data['error'])}"
+                if data.get("error_description"):
+                    detail += f" ({_clean(data['error_description'])})"
+            transient = resp.status_code in (408, 429) or resp.status_code >= 500
+            raise FhirError(f"{where} refused client {self.client_id!r} (HTTP {resp.status_code}){detail}",
+                            status=resp.status_code, transient=transient)
+        token = data.get("access_token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise FhirError(f"{where} answered without an access_token", status=resp.status_code, transient=False)
+        token_type = data.get("token_type", "bearer")
+        if str(token_type).lower() != "bearer":
+            raise FhirError(f"{where} issued a {_clean(token_type)!r} token; only bearer is supported",
+                            transient=False)
+        expires_in = data.get("expires_in")
+        if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
+            expires_in = 300  # RFC 6749 5.1 makes it optional; SMART says it SHALL be there (300 is typical)
+        # Renew before it runs out: 20% of its life, at most a minute, so a request never leaves with a token
+        # that expires on the way.
+        self._token = token
+        self._expires_at = self._clock() + expires_in - min(60.0, expires_in * 0.2)
+        self.granted_scope = data.get("scope") if isinstance(data.get("scope"), str) else None
+        log.info("obtained a SMART access token from %s for client %s (expires in %ss)",
+                 self.token_url, self.client_id, expires_in)
+
+    def client_assertion(self) -> str:
+        """A fresh signed client assertion (RFC 7523 section 3; SMART Backend Services)."""
+        assert self.token_url is not None
+        now = int(time.time())  # real time even under a test clock: the server checks iat and exp
+        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+                  "exp": now + ASSERTION_LIFETIME, "iat": now, "jti": uuid.uuid4().hex + secrets.token_hex(8)}
+        header = {"alg": self.alg, "kid": self._kid, "typ": "JWT"}
+        return jose_jwt.encode(header, claims, self._key, algorithms=[self.alg])
+
+    def _discover(self) -> None:
+        """Token endpoint (when not configured) and scope version from <base>/.well-known/smart-configuration."""
+        if self._discovered or (self.token_url and self._explicit_scopes):
+            return
+        url = f"{self.fhir_base_url}/.well-known/smart-configuration"
+        try:
+            resp = self._http.get(url, timeout=self.timeout)
+            doc = resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError) as exc:
+            if self.token_url:
+                self._discovered = True  # the scopes stay v2; the token endpoint is configured
+                return
+            transient = isinstance(exc, requests.RequestException)
+            raise FhirError(f"could not read {url} to find the SMART token endpoint ({type(exc).__name__}); "
+                            "set [hospital.auth] token_url", transient=transient) from None
+        if not isinstance(doc, dict):
+            if self.token_url:
+                self._discovered = True
+                return
+            raise FhirError(f"{url} answered HTTP {resp.status_code} without a SMART configuration; set "
+                            "[hospital.auth] token_url", status=resp.status_code, transient=resp.status_code >= 500)
+        if not self.token_url:
+            endpoint = doc.get("token_endpoint")
+            if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+                raise FhirError(f"{url} names no http(s) token_endpoint; set [hospital.auth] token_url",
+                                transient=False)
+            self.token_url = endpoint
+        if not self._explicit_scopes and _only_v1(doc):
+            self.scopes = v1_scopes(DEFAULT_SCOPES)
+        self._discovered = True
+
+
+def _default_alg(key: jwk.Key) -> str:
+    return "RS384" if key.key_type == "RSA" else "ES384"
+
+
+def _check_alg(alg: str, key: jwk.Key) -> None:
+    if alg not in SMART_ALGS:
+        raise ValueError(f"auth type smart: alg must be one of {', '.join(SMART_ALGS)}")
+    if alg == "RS384" and key.key_type != "RSA":
+        raise ValueError("auth type smart: alg RS384 needs an RSA signing key")
+    if alg == "ES384" and (key.key_type != "EC" or key.as_dict(private=False).get("crv") != "P-384"):
+        raise ValueError("auth type smart: alg ES384 needs an EC P-384 signing key")
+
+
+_shared: dict[tuple, SmartBackendAuth] = {}
+_shared_lock = threading.Lock()
+
+
+def _smart(cfg: dict) -> SmartBackendAuth:
+    client_id = _required(cfg, "client_id", "smart")
+    base = _required(cfg, "fhir_base_url", "smart")
+    keys = cfg.get("keys")
+    if not keys:
+        raise ValueError("auth type smart needs 'keys' (a private JWKS to sign the client assertion with)")
+    scopes = tuple(cfg.get("scopes") or ()) or None
+    key = (client_id, base, os.fspath(keys), cfg.get("token_url"), scopes, cfg.get("alg"))
+    # One object per configuration and process: every client (and thread) shares its token.
+    with _shared_lock:
+        auth = _shared.get(key)
+        if auth is None:
+            auth = SmartBackendAuth.from_keys(keys=keys, client_id=client_id, fhir_base_url=base,
+                                              token_url=cfg.get("token_url"), scopes=scopes, alg=cfg.get("alg"))
+            _shared[key] = auth
+        return auth
