@@ -222,7 +222,8 @@ def accounting(app: App, patient: str) -> list[dict]:
     """The accounting of disclosures for one patient (`Patient/<id>`), oldest first: when, to whom, which
     order and package, what kinds and counts of records."""
     out = []
-    for row in app.store.list_audit(patient=patient):
+    # Patient ids belong to one EHR: only this hospital's records (the store may serve several).
+    for row in app.store.list_audit(patient=patient, hospital=app.hospital.key):
         ev = row["resource"]
         package = next((e for e in ev.get("entity", []) if e.get("what", {}).get("identifier")), {})
         details = {d["type"]: d.get("valueString") for d in package.get("detail", [])}

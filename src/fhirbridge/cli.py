@@ -197,17 +197,20 @@ def cmd_cancel(args) -> int:
     return 0
 
 
-def cmd_keys_jwks(args) -> int:
-    with _app(args, progress=False) as app:
-        print(jsonutil.dumps(app.hospital_keys.public_jwks(), pretty=True).decode())
-    return 0
-
-
 def cmd_reviewer_keys(args) -> int:
     from .init_config import write_reviewer_keys
     out = write_reviewer_keys(Path(args.dir), Path(args.trust) if args.trust else None)
     for k, p in out.items():
         print(f"wrote {p} ({k.replace('_', ' ')})")
+    return 0
+
+
+def cmd_reviewer_token(args) -> int:
+    """One token per request: the hospital refuses a token it has seen before."""
+    from .api_auth import mint_reviewer_token
+    from .crypto.keys import KeyRing
+    print(mint_reviewer_token(KeyRing.load(Path(args.key)), issuer=args.issuer, audience=args.audience,
+                              lifetime=args.lifetime))
     return 0
 
 
@@ -408,9 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", required=True)
     s.set_defaults(func=cmd_cancel)
 
-    keys = sub.add_parser("keys", help="the hospital's keys").add_subparsers(dest="keys_cmd", required=True)
-    s = keys.add_parser("jwks", help="print the hospital's public JWKS (for reviewers)")
-    s.set_defaults(func=cmd_keys_jwks)
+    from .keys_cli import add_parsers as add_keys_parsers
+    add_keys_parsers(sub)
 
     rev = sub.add_parser("reviewer", help="the reviewer's side: open a package, answer it").add_subparsers(
         dest="reviewer_cmd", required=True)
@@ -420,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several hospitals, use a DIR/trusted/ directory with one <hospital>.jwks.json "
                                    "file each instead)")
     s.set_defaults(func=cmd_reviewer_keys)
+    s = rev.add_parser("token", help="print a short-lived signed token for the hospital's reviewer API")
+    s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+    s.add_argument("--issuer", required=True, help="your organisation identifier value, as the hospital has it")
+    s.add_argument("--audience", required=True, help="the hospital's reviewer API: <its public URL>/reviewer")
+    s.add_argument("--lifetime", type=int, default=120, help="seconds (at most 300)")
+    s.set_defaults(func=cmd_reviewer_token)
     for name, helptext in (("open", "verify, decrypt and summarise a package"),
                            ("answer", "turn a structured answer into a sealed opinion")):
         s = rev.add_parser(name, help=helptext)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +102,12 @@ class Reviewer:
     display: str
     identifier_system: str
     identifier_value: str
-    jwks: Path
+    jwks: Path | None                 # the reviewer's public keys in a file ...
     transport: Transport
     profiles: tuple[str, ...] = ()
     turnaround_days: float = 14.0     # target from delivery to opinion; later Cases are flagged overdue
-    api_token: str | None = None      # for the pull API (transport "pull"); from the environment
+    api_token: str | None = None      # static token for the reviewer API (optional: signed JWTs need none)
+    jwks_url: str | None = None       # ... or published at a URL (cached, refreshed on an unknown kid)
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},
@@ -122,6 +124,31 @@ class ServiceTimes:
     # How long a claimed step (or polling cursor) stays a worker's without renewal: a killed replica's work
     # is taken over after this. None: workflow.LEASE_SECONDS (300 s).
     lease_seconds: float | None = None
+
+
+STAFF_SCOPES = ("orders:write", "cases:read", "cases:write", "audit:read")
+
+
+@dataclass(frozen=True, repr=False)
+class ApiKey:
+    """A scoped staff API key: only its SHA-256 is configured (the key itself is shown once when made)."""
+    name: str
+    sha256: str
+    scopes: tuple[str, ...]
+    hospitals: tuple[str, ...] = ()   # empty: every hospital of the deployment
+
+    def __repr__(self) -> str:
+        return f"ApiKey(name={self.name!r}, scopes={self.scopes!r})"
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    """[api.oauth]: staff bearer tokens are JWT access tokens from the hospital's identity provider."""
+    issuer: str
+    audience: str
+    jwks: Path | None = None
+    jwks_url: str | None = None
+    scope_claim: str = "scope"        # space-separated string (RFC 8693 "scope") or a list ("scp")
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,8 @@ class Config:
     max_attachment_bytes: int = 512 * 1024 * 1024
     package_lifetime_days: int = 30
     audit: AuditSettings = field(default_factory=AuditSettings)
+    api_keys: tuple[ApiKey, ...] = ()
+    oauth: OAuthSettings | None = None
 
     @property
     def hospital(self) -> Hospital:
@@ -233,7 +262,7 @@ def check_files(cfg: Config) -> list[str]:
 
 def _file_problems(cfg: Config) -> list[ConfigError]:
     # Imported here: reading the configuration alone needs no cryptography.
-    from .crypto.keys import KeyRing
+    from .crypto.keys import KeyRing, mixed_generations
     file = str(cfg.file) if cfg.file else None
     problems: list[ConfigError] = []
 
@@ -246,6 +275,8 @@ def _file_problems(cfg: Config) -> list[ConfigError]:
 
     for i, r in enumerate(cfg.reviewers.values()):
         key = f"reviewers[{i}].jwks"
+        if r.jwks is None:
+            continue  # published at jwks_url: fetched and checked when first needed
         kr = ring(r.jwks, key)
         if kr is None:
             continue
@@ -253,6 +284,8 @@ def _file_problems(cfg: Config) -> list[ConfigError]:
             problems.append(ConfigError(f"{r.jwks} holds private keys; a reviewer's jwks must be its PUBLIC key "
                                         "set (and its private keys should never have left the reviewer)",
                                         file=file, key=key))
+        if (mixed := mixed_generations(kr)) is not None:
+            problems.append(ConfigError(f"{r.jwks} {mixed}", file=file, key=key))
         if not kr.encryption_keys():
             problems.append(ConfigError(f"{r.jwks} has no encryption key: packages for {r.name} cannot be "
                                         "sealed", file=file, key=key))
@@ -456,6 +489,8 @@ def _build(raw: dict, file: Path) -> Config:
     tokens = api.get("tokens", list, [])
     if not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
         raise api.err("tokens", "must be a list of tokens of at least 16 characters (FHIRBRIDGE_API__TOKENS=a,b)")
+    api_keys = _api_keys(api, file, hospitals)
+    oauth = _oauth(api, base)
     api.finish()
     routing = top.sub("routing")
     default_reviewer = routing.get("default_reviewer", str, None)
@@ -470,7 +505,54 @@ def _build(raw: dict, file: Path) -> Config:
                   inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
-                  public_url=public_url.rstrip("/") if public_url else None, audit=audit)
+                  public_url=public_url.rstrip("/") if public_url else None, audit=audit,
+                  api_keys=api_keys, oauth=oauth)
+
+
+def _api_keys(api: _Section, file: Path, hospitals: dict) -> tuple[ApiKey, ...]:
+    api.used.add("keys")
+    items = api.data.get("keys", [])
+    if not isinstance(items, list):
+        raise api.err("keys", "must be an array of tables ([[api.keys]])")
+    out: list[ApiKey] = []
+    for i, item in enumerate(items):
+        sec = _Section(item, file, f"api.keys[{i}]")
+        name = sec.get("name", str, required=True)
+        digest = sec.get("sha256", str, required=True).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise sec.err("sha256", "must be the 64 hex digits of the key's SHA-256 (`fhirbridge keys api-key`)")
+        scopes = sec.get("scopes", list, required=True)
+        bad = [x for x in scopes if x not in STAFF_SCOPES]
+        if not scopes or bad:
+            raise sec.err("scopes", f"{bad[0]!r} is not a scope; use some of {', '.join(STAFF_SCOPES)}" if bad
+                          else f"name at least one of {', '.join(STAFF_SCOPES)}")
+        names = sec.get("hospitals", list, [])
+        unknown = [h for h in names if h not in hospitals]
+        if unknown:
+            raise sec.err("hospitals", f"{unknown[0]!r} is not a configured hospital")
+        if any(k.name == name for k in out) or any(k.sha256 == digest for k in out):
+            raise sec.err("name", "two API keys share a name or a key")
+        out.append(ApiKey(name=name, sha256=digest, scopes=tuple(dict.fromkeys(scopes)), hospitals=tuple(names)))
+        sec.finish()
+    return tuple(out)
+
+
+def _oauth(api: _Section, base: Path) -> OAuthSettings | None:
+    if "oauth" not in api.data:
+        return None
+    sec = api.sub("oauth")
+    issuer = sec.get("issuer", str, required=True)
+    audience = sec.get("audience", str, required=True)
+    jwks = sec.get("jwks", str, None)
+    jwks_url = sec.get("jwks_url", str, None)
+    if (jwks is None) == (jwks_url is None):
+        raise sec.err("jwks", "set exactly one of jwks (a file with the issuer's public keys) and jwks_url")
+    if jwks_url is not None and not _https_or_loopback(jwks_url):
+        raise sec.err("jwks_url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
+    claim = sec.get("scope_claim", str, "scope")
+    sec.finish()
+    return OAuthSettings(issuer=issuer.rstrip("/"), audience=audience, jwks=_path(base, jwks) if jwks else None,
+                         jwks_url=jwks_url, scope_claim=claim)
 
 
 def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:
@@ -595,6 +677,16 @@ def _https_or_loopback(url: str) -> bool:
     return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1") and not parts.username
 
 
+def _reviewer_jwks(sec: _Section, base: Path) -> Path | None:
+    path, url = sec.get("jwks", str, None), sec.data.get("jwks_url")
+    if (path is None) == (url is None):
+        raise sec.err("jwks", "set exactly one of jwks (a file with the reviewer's public keys) and jwks_url "
+                              "(where the reviewer publishes them)")
+    if url is not None and not (isinstance(url, str) and _https_or_loopback(url)):
+        raise sec.err("jwks_url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
+    return _path(base, path) if path is not None else None
+
+
 def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
     top.used.add("reviewers")
     items = top.data.get("reviewers", [])
@@ -628,19 +720,16 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
         out[name] = Reviewer(name=name, display=sec.get("display", str, name),
                              identifier_system=ident.get("system", str, required=True),
                              identifier_value=ident.get("value", str, required=True),
-                             jwks=_path(base, sec.get("jwks", str, required=True)),
+                             jwks=_reviewer_jwks(sec, base),
                              transport=transport, profiles=tuple(profiles),
                              turnaround_days=_positive(sec, "turnaround_days", float, 14.0),
-                             api_token=sec.get("api_token", str))
+                             api_token=sec.get("api_token", str), jwks_url=sec.get("jwks_url", str, None))
         _unique_env_name(name, [o for o in out if o != name], file, f"reviewers[{i}].name")
         token = out[name].api_token
         if token is not None and len(token) < 16:
             raise sec.err("api_token", "must be at least 16 characters")
         if token is not None and any(o.api_token == token for n, o in out.items() if n != name):
             raise sec.err("api_token", "is the same as another reviewer's: each reviewer needs its own")
-        if transport.type == "pull" and not out[name].api_token:
-            raise sec.err("api_token", "a pull reviewer needs an api_token to fetch its packages "
-                                       f"(FHIRBRIDGE_REVIEWERS__{env_name(name).upper()}__API_TOKEN)")
         ident.finish()
         sec.finish()
     return out

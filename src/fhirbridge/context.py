@@ -59,8 +59,16 @@ class App:
     def order_codes(self) -> mappings_load.OrderCodes:
         return mappings_load.load_order_codes(self.config.mappings_dir)
 
-    def reviewer_keys(self, name: str) -> KeyRing:
-        return KeyRing.load(self.config.reviewer(name).jwks)
+    def reviewer_keys(self, name: str, kid: object = None) -> KeyRing:
+        """The reviewer's public keys: its file, or its published JWKS (cached; fetched again when `kid`,
+        the key that signed what is being checked, is not in the cached copy)."""
+        reviewer = self.config.reviewer(name)
+        if reviewer.jwks is not None:
+            return KeyRing.load(reviewer.jwks)
+        from .config import env_name
+        from .crypto.remote_jwks import RemoteJwks
+        cache = self.config.data_dir / "jwks-cache" / f"reviewer-{env_name(name)}.jwks.json"
+        return RemoteJwks.shared(reviewer.jwks_url, cache).keys(kid)
 
     def profile(self, name: str) -> mappings_load.Profile:
         return mappings_load.load_profile(self.config.mappings_dir, name)

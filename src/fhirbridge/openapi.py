@@ -32,9 +32,16 @@ SPEC = {
              "description": "Second-opinion referrals over HL7 FHIR R4: staff API, reviewer pull API, health. "
                             "Errors are JSON `{error: {status, message}}`; FHIR endpoints answer OperationOutcome."},
     "components": {
-        "securitySchemes": {"staff": {"type": "http", "scheme": "bearer", "description": "[api] tokens"},
-                            "reviewer": {"type": "http", "scheme": "bearer",
-                                         "description": "reviewers[].api_token (each reviewer sees only its Cases)"}},
+        "securitySchemes": {"staff": {"type": "http", "scheme": "bearer",
+                                      "description": "[api] tokens (every scope), a scoped [[api.keys]] key, or an "
+                                                     "OAuth2 JWT access token from [api.oauth]'s issuer. Scopes: "
+                                                     "orders:write, cases:read, cases:write, audit:read; a missing "
+                                                     "scope is a 403"},
+                            "reviewer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                                         "description": "a JWT signed with the reviewer's registered key (iss = sub "
+                                                        "= its identifier, aud = <public_url>/reviewer, lifetime "
+                                                        "<= 300 s, unique jti: `fhirbridge reviewer token`), or its "
+                                                        "api_token; each reviewer sees only its own Cases"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["status", "message"],
@@ -70,28 +77,33 @@ SPEC = {
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
             "responses": {**_ok("The ServiceRequest written to the EHR and the Case opened for it",
                                 {"type": "object", "properties": {"service_request": {"type": "string"}, "case": CASE}},
-                                "201"), **_errors(400, 401, 502, 503)}}},
+                                "201"), **_errors(400, 401, 403, 502, 503)}}},
         "/api/cases": {"get": {
             "summary": "List Cases", "security": [{"staff": []}],
             "parameters": [{"name": "step", "in": "query", "schema": {"type": "string"}},
                            {"name": "hospital", "in": "query", "schema": {"type": "string"}},
                            {"name": "overdue", "in": "query", "schema": {"type": "string", "enum": ["true"]}}],
             "responses": {**_ok("Cases", {"type": "object", "properties": {"cases": {"type": "array", "items": CASE}}}),
-                          **_errors(400, 401)}}},
+                          **_errors(400, 401, 403)}}},
+        "/api/audit": {"get": {
+            "summary": "The accounting of disclosures for one patient (BALP AuditEvents: what was sent, to whom)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "patient", "in": "query", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("Disclosures and opinions filed", {"type": "object"}), **_errors(400, 401, 403)}}},
         "/api/cases/{case_id}": {"get": {
             "summary": "One Case with its event history", "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {**_ok("The Case", CASE), **_errors(401, 404)}}},
+            "responses": {**_ok("The Case", CASE), **_errors(401, 403, 404)}}},
         "/api/cases/{case_id}/retry": {"post": {
             "summary": "Resume a failed Case at the step that failed (or retry a waiting one now)",
             "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {**_ok("The Case", CASE), **_errors(401, 404, 409, 502, 503)}}},
+            "responses": {**_ok("The Case", CASE), **_errors(401, 403, 404, 409, 502, 503)}}},
         "/api/cases/{case_id}/cancel": {"post": {
             "summary": "Cancel a Case (its Task in the EHR becomes cancelled)", "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
-            "responses": {**_ok("The Case", CASE), **_errors(400, 401, 404, 409)}}},
+            "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
         "/reviewer/cases": {"get": {
             "summary": "The calling reviewer's Cases awaiting its opinion, with their sealed files",
             "security": [{"reviewer": []}],
@@ -125,6 +137,10 @@ SPEC = {
                           for c, d in ((200, "Taken in (OperationOutcome)"), (400, "Not a notification Bundle"),
                                        (401, "Missing or wrong subscription token"), (404, "Unknown hospital"),
                                        (413, "Too large"), (415, "Not FHIR JSON"))}}},
+        "/.well-known/jwks.json": {"get": {
+            "summary": "The hospitals' public keys (JWKS): reviewers verify packages and seal opinions with them",
+            "responses": {"200": {"description": "JWK Set", "content": {"application/jwk-set+json": {
+                "schema": {"type": "object"}}}}}}},
         "/healthz": {"get": {"summary": "The process is alive", "responses": _ok("Alive", {"type": "object"})}},
         "/readyz": {"get": {"summary": "The store and every hospital's EHR are reachable",
                             "responses": {**_ok("Ready", {"type": "object"}),

@@ -36,14 +36,19 @@ class Received:
     opinion_id: str
 
 
-def opinion_keys(app: App) -> callable:
-    def trusted(claims: dict) -> KeyRing:
-        case = app.store.find(str(claims.get("case_id", "")))
+class OpinionKeys:
+    """The key set that must verify an opinion: that of the reviewer its Case was sent to (envelope.KeyResolver).
+    The signing key's kid is passed on, so a reviewer publishing a rotated key set is re-read once."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    def keyring_for(self, token: str, claims: dict) -> KeyRing:
+        case = self.app.store.find(str(claims.get("case_id", "")))
         if case is None:
             raise RejectedOpinion(f"the opinion is for Case {claims.get('case_id')!r}, which this service does not "
                                   "know; nothing was written")
-        return app.reviewer_keys(case.reviewer)
-    return trusted
+        return self.app.reviewer_keys(case.reviewer, kid=envelope.peek_header(token).get("kid"))
 
 
 def opinion_path(app: App, case: Case, opinion_id: str | None = None) -> Path:
@@ -53,7 +58,7 @@ def opinion_path(app: App, case: Case, opinion_id: str | None = None) -> Path:
 def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received:
     try:
         claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
-                                                trusted=opinion_keys(app))
+                                                trusted=OpinionKeys(app))
     except SealError as exc:
         raise SealError(f"{source}: refused: {exc}") from None
     case = app.store.get(claims["case_id"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import envelope
 from .crypto import jwe, jws
-from .crypto.keys import KeyRing
+from .crypto.keys import KeyRing, mixed_generations
 from .errors import ConfigError, SealError
 from .mappings_load import load_opinion_form
 from .opinion import AnswerError, build_opinion_document, check_answer, load_answer, reviewer_organization
@@ -57,14 +57,13 @@ class TrustStore:
                 raise ConfigError("holds private keys: a reviewer trusts only a hospital's PUBLIC keys "
                                   "(the file `fhirbridge keys jwks` prints at the hospital)", file=ring.source)
             signing = [kid for kid in ring.kids if ring.verification_key(kid) is not None]
-            if len(signing) != 1:
-                # One file is one hospital, and a hospital has one signing key (`fhirbridge keys jwks`). Two
-                # signing keys most likely means two hospitals' sets merged into one file, whose opinions
-                # would then be sealed to both: refused, not guessed apart.
-                raise ConfigError(f"holds {len(signing)} signing keys; a trust file must be ONE hospital's public "
-                                  "key set with its one signing key (to trust several hospitals, put one "
-                                  f"*{TRUST_SUFFIX} file per hospital in a directory and pass that)",
+            if not signing:
+                raise ConfigError("holds no signing key: packages from this hospital could not be verified",
                                   file=ring.source)
+            if (mixed := mixed_generations(ring)) is not None:
+                # One file is one hospital; to trust several, one *.jwks.json per hospital in a directory.
+                raise ConfigError(f"{mixed} (to trust several hospitals, put one *{TRUST_SUFFIX} file per "
+                                  "hospital in a directory and pass that)", file=ring.source)
             for kid in ring.kids:
                 if kid in owner:
                     raise ConfigError(f"key {kid} is also in {owner[kid].source}: every key must belong to one "
@@ -111,7 +110,8 @@ class TrustStore:
         kid = envelope.peek_header(token).get("kid")
         if not isinstance(kid, str) or not kid:
             raise SealError("signature names no key: the JWS header has no kid")
-        return self.hospital_for_kid(kid)
+        # Only the keys of the generation that signed: the answer is sealed to them and no others.
+        return self.hospital_for_kid(kid).only_generation(kid)
 
 
 @dataclass
@@ -221,7 +221,7 @@ def _recipient(opened: OpenedPackage, hospital: KeyRing | TrustStore | None) -> 
     """The key set the opinion is sealed to: the hospital that signed the package, and only it."""
     signer = opened.hospital
     if isinstance(hospital, KeyRing) and signer is not None and \
-            sorted(hospital.kids) != sorted(signer.kids):
+            not set(signer.kids) <= set(hospital.kids):
         raise SealError(f"the package was signed with the keys in {signer.source}, not {hospital.source}: an "
                         "opinion is sealed only to the hospital that sent the package")
     if signer is None and isinstance(hospital, KeyRing):

@@ -41,7 +41,9 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     """Build the package; returns (package_id, summary for the event log - counts only, no PHI)."""
     cfg = app.config
     reviewer = cfg.reviewer(case.reviewer)
-    reviewer_keys = app.reviewer_keys(case.reviewer)
+    # The reviewer's newest key generation only: after it rotated, its old keys stay published for a while
+    # but new packages go to the new ones (and never to keys of a file that merged two reviewers).
+    reviewer_keys = app.reviewer_keys(case.reviewer).current()
     recipients = reviewer_keys.encryption_keys()
     package_id = str(uuid.uuid4())
     # Per worker: two workers that both believe they hold the Case (a lapsed lease) never share a directory.

@@ -493,6 +493,21 @@ class Store:
         except IntegrityError:
             return False
 
+    def remember_token(self, jti: str, who: str, *, keep_seconds: float = 900.0) -> bool:
+        """Record the jti of a short-lived API token (a reviewer's signed JWT); False if it was used before.
+        Rows of tokens that have long expired are dropped as new ones arrive: the table never grows with the
+        API traffic, only with the opinions it guards."""
+        now = time.time()
+        key = f"token:{jti}"[:200]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id.like("token:%"),
+                                                               seen_messages.c.at < now - keep_seconds)))
+                conn.execute(insert(seen_messages).values(jti=key, case_id=f"token:{who}"[:64], at=now))
+            return True
+        except IntegrityError:
+            return False
+
     def message_seen(self, jti: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(seen_messages.c.jti).where(seen_messages.c.jti == jti)).first() is not None

@@ -62,15 +62,51 @@ def _same(a: str, b: str) -> bool:
 api = Blueprint("api", __name__, url_prefix="/api")
 
 
+# The scope each staff endpoint needs. An endpoint missing here is refused to everyone (fail closed), and
+# a test checks that every /api route is listed.
+STAFF_ENDPOINT_SCOPES = {
+    "api.create_order": "orders:write",
+    "api.list_cases": "cases:read",
+    "api.read_case": "cases:read",
+    "api.retry_case": "cases:write",
+    "api.cancel_case": "cases:write",
+    "api.audit_accounting": "audit:read",
+}
+
+
 @api.before_request
 def _staff_only():
-    tokens = service().config.api_tokens
-    if not tokens:
-        raise ApiError(401, "the staff API is closed: no tokens are configured ([api] tokens, or "
-                            "FHIRBRIDGE_API__TOKENS)")
+    from .api_auth import Unauthorized, staff_from_token
+    cfg = service().config
+    if not (cfg.api_tokens or cfg.api_keys or cfg.oauth):
+        raise ApiError(401, "the staff API is closed: no tokens are configured ([api] tokens, [[api.keys]] or "
+                            "[api.oauth])")
     given = _bearer()
-    if not given or not any(_same(given, t) for t in tokens):
+    if not given:
         raise ApiError(401, "a valid staff bearer token is required (Authorization: Bearer ...)")
+    try:
+        g.staff = staff_from_token(given, cfg, oauth_keys=_oauth_keys)
+    except Unauthorized as exc:
+        raise ApiError(401, str(exc)) from None
+    needed = STAFF_ENDPOINT_SCOPES.get(request.endpoint or "")
+    if needed is None or needed not in g.staff.scopes:
+        raise ApiError(403, f"this token lacks the scope {needed or '(none defined)'} that "
+                            f"{request.method} {request.path} needs")
+
+
+def _oauth_keys(kid):
+    from .crypto.keys import KeyRing
+    from .crypto.remote_jwks import RemoteJwks
+    cfg = service().config
+    if cfg.oauth.jwks is not None:
+        return KeyRing.load(cfg.oauth.jwks)
+    return RemoteJwks.shared(cfg.oauth.jwks_url, cfg.data_dir / "jwks-cache" / "oauth-issuer.jwks.json",
+                             needs_encryption=False).keys(kid)
+
+
+def _visible(case) -> bool:
+    app = service().app_for_key(case.hospital)
+    return app is not None and g.staff.may_see(app.hospital.name)
 
 
 def _case_json(case, *, events: list | None = None) -> dict:
@@ -93,9 +129,12 @@ def _body() -> dict:
 
 def _find_case(case_id: str):
     try:
-        return service().store.get(case_id)
+        case = service().store.get(case_id)
     except CaseError:
         raise ApiError(404, f"no Case {case_id}") from None
+    if "staff" in g and not _visible(case):
+        raise ApiError(404, f"no Case {case_id}")   # another hospital's Case does not exist for this token
+    return case
 
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -124,6 +163,8 @@ def create_order():
     if body.get("priority", "routine") not in ("routine", "urgent", "asap", "stat"):
         raise ApiError(400, "priority must be one of routine, urgent, asap, stat")
     app = _hospital_app(body.get("hospital"))
+    if not g.staff.may_see(app.hospital.name):
+        raise ApiError(403, f"this token may not place orders for {app.hospital.name}")
     if body.get("reviewer") and body["reviewer"] not in app.config.reviewers:
         raise ApiError(400, f"no reviewer {body['reviewer']!r} (configured: {', '.join(app.config.reviewers)})")
     sr = place_order(app, patient=patient, question=body["question"], reviewer=body.get("reviewer"),
@@ -158,7 +199,22 @@ def list_cases():
         cases = [c for c in cases if c.hospital == key]
     if request.args.get("overdue") == "true":
         cases = [c for c in cases if c.overdue_at is not None]
-    return jsonify({"cases": [_case_json(c) for c in cases]})
+    return jsonify({"cases": [_case_json(c) for c in cases if _visible(c)]})
+
+
+@api.get("/audit")
+def audit_accounting():
+    """The accounting of disclosures for one patient (what `fhirbridge audit --patient` prints)."""
+    from .audit import accounting
+    patient = request.args.get("patient", "")
+    patient = patient if patient.startswith("Patient/") else f"Patient/{patient}"
+    if not _ID.fullmatch(patient.removeprefix("Patient/")):
+        raise ApiError(400, "patient is required: ?patient=<Patient id>")
+    rows = []
+    for app in service().apps:
+        if g.staff.may_see(app.hospital.name):
+            rows += [dict(r, hospital=app.hospital.name) for r in accounting(app, patient)]
+    return jsonify({"patient": patient, "events": rows})
 
 
 @api.get("/cases/<case_id>")
@@ -201,12 +257,31 @@ reviewer_api = Blueprint("reviewer_api", __name__, url_prefix="/reviewer")
 
 @reviewer_api.before_request
 def _reviewer_only():
+    """A signed JWT from the reviewer's registered key (api_auth), or its static api_token where configured."""
+    from .api_auth import Unauthorized, _looks_like_jwt, reviewer_from_jwt
     given = _bearer()
+    if given and _looks_like_jwt(given):
+        svc = service()
+        try:
+            g.reviewer = reviewer_from_jwt(
+                given, svc.config, audiences=reviewer_audiences(),
+                keys_for=lambda r, kid: svc.apps[0].reviewer_keys(r.name, kid),
+                remember=lambda jti, r: svc.store.remember_token(jti, r.name))
+        except Unauthorized as exc:
+            raise ApiError(401, str(exc)) from None
+        return None
     for r in service().config.reviewers.values():
         if r.api_token and given and _same(given, r.api_token):
             g.reviewer = r
             return None
-    raise ApiError(401, "a valid reviewer bearer token is required")
+    raise ApiError(401, "a valid reviewer token is required: a JWT signed with your registered key "
+                        "(`fhirbridge reviewer token`), as Authorization: Bearer ...")
+
+
+def reviewer_audiences() -> tuple[str, ...]:
+    """The aud a reviewer token must name: <public_url>/reviewer (else this request's own base URL)."""
+    public = service().config.public_url
+    return (f"{public}/reviewer",) if public else (request.host_url.rstrip("/") + "/reviewer",)
 
 
 def _own_case(case_id: str):
@@ -275,6 +350,19 @@ def reviewer_decline(case_id: str):
 # --- health --------------------------------------------------------------------------------------------
 
 health = Blueprint("health", __name__)
+
+
+@health.get("/.well-known/jwks.json")
+def hospital_jwks():
+    """The public keys of every hospital served here: reviewers verify packages and seal opinions with them
+    (a reviewer can follow this URL instead of keeping a copy). Never a private member."""
+    from .crypto.keys import public_jwks
+    keys: list[dict] = []
+    for app in service().apps:
+        keys += public_jwks(app.hospital_keys.public_jwks())["keys"]
+    resp = json_response({"keys": keys}, content_type="application/jwk-set+json")
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    return resp
 
 
 @health.get("/healthz")

@@ -38,6 +38,8 @@ _THUMBPRINT_MEMBERS = {
 }
 _EC_CURVES = ("P-256", "P-384", "P-521")
 MIN_RSA_BITS = 2048  # NIST SP 800-131A: RSA below 2048 bits is disallowed
+GENERATION = "generation"
+ROTATED_FROM = "rotated_from"
 
 
 def thumbprint(key: dict) -> str:
@@ -68,6 +70,12 @@ def generate_jwks(*, rsa_enc: bool = False) -> dict:
     if rsa_enc:
         # 3072 bits: NIST SP 800-57 pt.1 ~128-bit strength, matching the P-256/A256 parts.
         keys.append(_describe(jwk.RSAKey.generate_key(3072), use="enc", alg="RSA-OAEP-256"))
+    # Keys made together carry the signing key's kid as their generation (an extra JWK member, which RFC 7517
+    # section 4 lets other software ignore). After a rotation a key set holds two generations; a peer then
+    # seals its answer only to the encryption keys of the generation whose signing key signed the message,
+    # so a file that merged two parties' keys can never make it encrypt to both.
+    for k in keys:
+        k[GENERATION] = keys[0]["kid"]
     return {"keys": keys}
 
 
@@ -121,10 +129,134 @@ def _atomic_write(path: str | os.PathLike, data: bytes, *, mode: int, overwrite:
             pass
 
 
-def write_private_jwks(path: str | os.PathLike, jwks: dict, *, overwrite: bool = False) -> None:
-    """Write a private JWKS, mode 0600 from creation; refuses to replace an existing file unless overwrite=True."""
+# A private key set can be kept encrypted under a passphrase: the file is then a compact JWE (RFC 7516
+# section 7.1) with PBES2-HS512+A256KW (RFC 7518 section 4.8) and A256GCM around the JWKS JSON. 210,000
+# PBKDF2-HMAC-SHA512 iterations: the OWASP Password Storage figure (joserfc caps p2c below 300,000).
+PASSPHRASE_ENV = "FHIRBRIDGE_KEY_PASSPHRASE"
+_PBES2 = "PBES2-HS512+A256KW"
+_P2C = 210_000
+_JWE_REGISTRY = None
+
+
+def _pbes2_registry():
+    global _JWE_REGISTRY
+    if _JWE_REGISTRY is None:
+        from joserfc import jwe as jose_jwe
+        _JWE_REGISTRY = jose_jwe.JWERegistry(algorithms=[_PBES2, "A256GCM"])
+    return _JWE_REGISTRY
+
+
+def _passphrase_key(passphrase: str) -> jwk.OctKey:
+    if not isinstance(passphrase, str) or len(passphrase) < 12:
+        raise ConfigError(f"a key passphrase must be at least 12 characters (set {PASSPHRASE_ENV})")
+    import warnings
+    with warnings.catch_warnings():  # joserfc warns about short "keys"; a passphrase is stretched by PBES2
+        warnings.simplefilter("ignore")
+        return jwk.OctKey.import_key(passphrase.encode())
+
+
+def encrypt_jwks_bytes(jwks: dict, passphrase: str) -> bytes:
+    from joserfc import jwe as jose_jwe
+    header = {"alg": _PBES2, "enc": "A256GCM", "p2c": _P2C, "cty": "jwk-set+json"}
+    return jose_jwe.encrypt_compact(header, dumps(jwks), _passphrase_key(passphrase),
+                                    registry=_pbes2_registry()).encode() + b"\n"
+
+
+def is_encrypted_jwks(raw: bytes) -> bool:
+    """True for a passphrase-encrypted key file (a compact JWE: five base64url parts, no JSON)."""
+    text = raw.strip()
+    return text.startswith(b"eyJ") and text.count(b".") == 4
+
+
+def decrypt_jwks_bytes(raw: bytes, passphrase: str | None, *, file: str) -> Any:
+    from joserfc import jwe as jose_jwe
+    if not passphrase:
+        raise ConfigError(f"the key file is encrypted: set {PASSPHRASE_ENV} to its passphrase", file=file)
+    try:
+        plaintext = jose_jwe.decrypt_compact(raw.strip(), _passphrase_key(passphrase),
+                                             registry=_pbes2_registry()).plaintext
+    except JoseError:
+        raise ConfigError(f"cannot decrypt the key file: wrong passphrase ({PASSPHRASE_ENV}) or a damaged file",
+                          file=file) from None
+    try:
+        return loads(plaintext or b"")
+    except orjson.JSONDecodeError:
+        raise ConfigError("the decrypted key file is not JSON", file=file) from None
+
+
+def write_private_jwks(path: str | os.PathLike, jwks: dict, *, overwrite: bool = False,
+                       passphrase: str | None = None) -> None:
+    """Write a private JWKS, mode 0600 from creation; refuses to replace an existing file unless overwrite=True.
+    With a passphrase the file is encrypted (PBES2, see above) and needs it to be read again."""
     _key_list(jwks)
-    _atomic_write(path, dumps(jwks, pretty=True) + b"\n", mode=0o600, overwrite=overwrite)
+    data = encrypt_jwks_bytes(jwks, passphrase) if passphrase else dumps(jwks, pretty=True) + b"\n"
+    _atomic_write(path, data, mode=0o600, overwrite=overwrite)
+
+
+def read_jwks(path: str | os.PathLike, passphrase: str | None = None) -> dict:
+    """The JWKS in a key file, decrypting it when it is passphrase-protected (passphrase, else the
+    FHIRBRIDGE_KEY_PASSPHRASE environment variable)."""
+    file = os.fspath(path)
+    try:
+        raw = Path(file).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("key file not found", file=file) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read key file: {err.strerror}", file=file) from None
+    if is_encrypted_jwks(raw):
+        return decrypt_jwks_bytes(raw, passphrase or os.environ.get(PASSPHRASE_ENV), file=file)
+    try:
+        return loads(raw)
+    except orjson.JSONDecodeError as err:
+        # `from None`: the decode error carries the whole document (key material) as .doc.
+        raise ConfigError(f"not valid JSON (line {err.lineno}, column {err.colno})", file=file) from None
+
+
+def public_path_for(private_path: str | os.PathLike) -> Path:
+    """Where the public half of a private key file lives: `x.private.jwks.json` -> `x.public.jwks.json`."""
+    p = Path(private_path)
+    if ".private." in p.name:
+        return p.with_name(p.name.replace(".private.", ".public.", 1))
+    return p.with_name(p.name.removesuffix(".json") + ".public.json")
+
+
+def rotate_jwks(jwks: dict) -> tuple[dict, list[str]]:
+    """A new signing key and encryption key(s) in front of the old ones; returns (new set, new kids).
+
+    The first private signing key signs, so the new one takes over at once; the old keys stay so that
+    opinions sealed to them (a reviewer still using the previous public keys) still open and packages
+    signed with them still verify. `retire_key` removes one once no reviewer uses it any more."""
+    old = [dict(k) for k in _key_list(jwks)]
+    ring = KeyRing({"keys": old})
+    current = ring.current()
+    signer = next((kid for kid in current.kids if current.verification_key(kid) is not None), None)
+    if signer is None:
+        raise ConfigError("this key set has no signing key to rotate from")
+    previous = current.generation_of(signer) or signer
+    for k in old:   # a set made before generations existed: its keys become one generation now
+        if k.get("kid") in current.kids and not k.get(GENERATION):
+            k[GENERATION] = previous
+    rsa = any(k.get("kty") == "RSA" and "enc" in _purposes(k) for k in old)
+    new = generate_jwks(rsa_enc=rsa)["keys"]
+    for k in new:
+        k[ROTATED_FROM] = previous   # the chain that tells a rotated set from two parties' sets merged
+    return {"keys": new + old}, [k["kid"] for k in new]
+
+
+def retire_key(jwks: dict, kid: str) -> dict:
+    """The key set without `kid`; refuses to retire the active signing key or the last encryption key."""
+    keys = _key_list(jwks)
+    if not any(isinstance(k, dict) and k.get("kid") == kid for k in keys):
+        raise ConfigError(f"no key {kid} in this key set")
+    ring = KeyRing(jwks)
+    active = next((e.kid for e in ring._entries if e.private is not None and "sig" in e.purposes), None)
+    if kid == active:
+        raise ConfigError(f"{kid} is the active signing key: rotate first (`fhirbridge keys rotate`), then retire "
+                          "the old key")
+    rest = [k for k in keys if not (isinstance(k, dict) and k.get("kid") == kid)]
+    if not any("enc" in _purposes(k) for k in rest if isinstance(k, dict)):
+        raise ConfigError(f"{kid} is the last encryption key: opinions could no longer be sealed to you")
+    return {"keys": rest}
 
 
 def write_public_jwks(path: str | os.PathLike, jwks: dict) -> None:
@@ -231,20 +363,9 @@ class KeyRing:
         self._entries = entries
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> KeyRing:
+    def load(cls, path: str | os.PathLike, passphrase: str | None = None) -> KeyRing:
         file = os.fspath(path)
-        try:
-            raw = Path(file).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError("key file not found", file=file) from None
-        except OSError as err:
-            raise ConfigError(f"cannot read key file: {err.strerror}", file=file) from None
-        try:
-            data = loads(raw)
-        except orjson.JSONDecodeError as err:
-            # `from None`: the decode error carries the whole document (key material) as .doc.
-            raise ConfigError(f"not valid JSON (line {err.lineno}, column {err.colno})", file=file) from None
-        ring = cls(data, source=file)
+        ring = cls(read_jwks(file, passphrase), source=file)
         if ring.has_private:
             _warn_if_exposed(file)
         return ring
@@ -262,6 +383,39 @@ class KeyRing:
 
     def public_jwks(self) -> dict:
         return {"keys": [dict(e.public_dict) for e in self._entries]}
+
+    def has_kid(self, kid: object) -> bool:
+        return isinstance(kid, str) and self._find(kid) is not None
+
+    def generation_of(self, kid: str) -> str | None:
+        e = self._find(kid)
+        gen = e.public_dict.get(GENERATION) if e is not None else None
+        return gen if isinstance(gen, str) and gen else None
+
+    def rotated_from(self, kid: str) -> str | None:
+        e = self._find(kid)
+        prev = e.public_dict.get(ROTATED_FROM) if e is not None else None
+        return prev if isinstance(prev, str) and prev else None
+
+    def generations(self) -> dict[str | None, list[str]]:
+        out: dict[str | None, list[str]] = {}
+        for e in self._entries:
+            out.setdefault(self.generation_of(e.kid), []).append(e.kid)
+        return out
+
+    def current(self) -> KeyRing:
+        """The newest generation: the one of the first signing key (rotation puts new keys first)."""
+        first = next((e.kid for e in self._entries if "sig" in e.purposes), None)
+        return self.only_generation(first) if first is not None else self
+
+    def only_generation(self, kid: str) -> KeyRing:
+        """The keys made together with `kid` (its generation); the whole set when keys carry no generation."""
+        gen = self.generation_of(kid)
+        if gen is None:
+            return self
+        return KeyRing({"keys": [dict(e.public_dict) if e.private is None else e.private.as_dict(private=True)
+                                 for e in self._entries if self.generation_of(e.kid) == gen]},
+                       source=self.source)
 
     def signing_key(self) -> jwk.Key:
         for e in self._entries:
@@ -282,6 +436,25 @@ class KeyRing:
 
     def _find(self, kid: str) -> _Entry | None:
         return next((e for e in self._entries if e.kid == kid), None)
+
+
+def mixed_generations(ring: KeyRing) -> str | None:
+    """Why this public key set may not be ONE party's (None when it is fine).
+
+    Several signing keys are fine after a rotation, when each key names its generation and each generation
+    has one signing key: a message is then sealed only to the generation that signed what it answers, or to
+    the newest one. Untagged signing keys most likely mean two parties' sets merged into one file, and a
+    message sealed to it would go to both: refused rather than guessed apart."""
+    signing = [kid for kid in ring.kids if ring.verification_key(kid) is not None]
+    if len(signing) <= 1:
+        return None
+    gens = ring.generations()
+    roots = [g for g, kids in gens.items() if not any(ring.rotated_from(k) in gens for k in kids)]
+    if None in gens or len(roots) != 1 or any(sum(1 for k in kids if k in signing) != 1 for kids in gens.values()):
+        return (f"holds {len(signing)} signing keys that are not generations of one key set: a key file must be "
+                "ONE party's keys (after `fhirbridge keys rotate` every key names its generation and the one it "
+                "replaced)")
+    return None
 
 
 def _warn_if_exposed(path: str) -> None:
