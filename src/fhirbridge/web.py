@@ -337,10 +337,10 @@ def reviewer_opinion():
 @reviewer_api.post("/cases/<case_id>/decline")
 def reviewer_decline(case_id: str):
     from .workflow import decline
+    case = _own_case(case_id)   # first: another reviewer's Case is a 404 whatever the body says
     reason = _body().get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise ApiError(400, "reason is required: the referring physician needs to know why")
-    case = _own_case(case_id)
     try:
         return jsonify({"case": decline(_app_of(case), case, reason.strip()).id, "status": "declined"})
     except CaseError as exc:

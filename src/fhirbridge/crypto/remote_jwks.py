@@ -39,6 +39,7 @@ class RemoteJwks:
         self._ring: KeyRing | None = None
         self._fetched_at = -1e18
         self._tried_at = -1e18
+        self._kid_refresh_at = -1e18
         self.fetches = 0  # how many times the URL was read (tests, metrics)
 
     @classmethod
@@ -58,8 +59,15 @@ class RemoteJwks:
                 self._ring = self._from_cache()
             stale = self._ring is None or now - self._fetched_at > self.ttl
             unknown = kid is not None and self._ring is not None and not self._ring.has_kid(kid)
-            if (stale or unknown) and now - self._tried_at >= self.min_refresh:
+            # A stale copy is fetched again at most once per min_refresh (the peer may be down); so is a copy
+            # lacking a kid, counted separately: the first new kid after a fetch is a rotation, a stream of
+            # them a forger, who gets one fetch a minute.
+            due = (stale and now - self._tried_at >= self.min_refresh) or \
+                  (unknown and now - self._kid_refresh_at >= self.min_refresh)
+            if due:
                 self._tried_at = now
+                if unknown:
+                    self._kid_refresh_at = now
                 try:
                     self._ring = self._fetch()
                     self._fetched_at = now
