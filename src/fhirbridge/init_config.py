@@ -34,9 +34,13 @@ system = {identifier_system}
 value = {identifier_value}
 
 [hospital.auth]
-type = "none"                          # none | basic | bearer
+type = "none"                          # none | basic | bearer | smart
 # username = "fhirbridge"               # basic; password from FHIRBRIDGE_HOSPITAL__AUTH__PASSWORD
 # token from FHIRBRIDGE_HOSPITAL__AUTH__TOKEN for bearer
+# smart (SMART Backend Services): register the public keys (`fhirbridge keys jwks`) at the EHR, then
+# client_id = "fhirbridge"              # what the EHR registered; the token endpoint is discovered
+# token_url = "https://ehr.example.org/oauth2/token"   # only when the EHR does not publish it
+# scopes = ["system/Patient.rs", ...]   # default: what fhirbridge reads and writes (docs/architecture.md)
 
 [hospital.http]
 timeout_connect = 5.0
@@ -44,6 +48,17 @@ timeout_read = 30.0
 retries = 4                            # for 429/502/503/504 and connection errors
 max_retry_after = 30.0                 # cap on a server's Retry-After, in seconds
 page_size = 100                        # _count for searches
+
+# [api]                                # who may call the staff API (fhirbridge serve)
+# tokens = []                           # admin tokens: FHIRBRIDGE_API__TOKENS=... (every scope, every hospital)
+# [[api.keys]]                          # scoped keys: `fhirbridge keys api-key NAME --scopes ...` prints a block
+# [api.oauth]                           # or OAuth2 access tokens from the hospital's identity provider
+# issuer = "https://idp.example.org"
+# audience = "fhirbridge"
+# jwks_url = "https://idp.example.org/.well-known/jwks.json"
+
+# [audit]
+# write_to_ehr = false                  # also write each AuditEvent (disclosure, opinion filed) to the EHR
 
 [routing]
 {default_reviewer_line}
