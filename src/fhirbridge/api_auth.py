@@ -92,20 +92,9 @@ def reviewer_from_jwt(token: str, cfg: Config, *, audiences: tuple[str, ...], ke
                     None)
     if reviewer is None:
         raise Unauthorized("the token's iss is not a registered reviewer's identifier")
-    alg, kid = header.get("alg"), header.get("kid")
-    if alg not in REVIEWER_JWT_ALGS:
-        raise Unauthorized(f"the token's alg must be one of {', '.join(REVIEWER_JWT_ALGS)}")
-    try:
-        ring = keys_for(reviewer, kid)
-    except (ConfigError, SealError) as exc:
-        raise Unauthorized(f"the reviewer's keys are not available: {exc}") from None
-    key = ring.verification_key(kid) if isinstance(kid, str) else None
-    if key is None:
-        raise Unauthorized("the token is not signed by a signing key registered for this reviewer")
-    try:
-        verified = jose_jwt.decode(token, key, algorithms=[alg]).claims
-    except (JoseError, ValueError):
-        raise Unauthorized("the token's signature is not valid") from None
+    verified = _verified_claims(token, header, REVIEWER_JWT_ALGS, lambda kid: keys_for(reviewer, kid),
+                                what="the token", keys_of="the reviewer's keys",
+                                not_ours="not signed by a signing key registered for this reviewer")
     _check_times(verified, max_lifetime=MAX_TOKEN_LIFETIME)
     if verified.get("sub") != issuer:
         raise Unauthorized("the token's sub must equal its iss (the reviewer's identifier)")
@@ -118,6 +107,26 @@ def reviewer_from_jwt(token: str, cfg: Config, *, audiences: tuple[str, ...], ke
     if not remember(jti, reviewer):
         raise Unauthorized("this token was used before (a replay): sign a new one for each request")
     return reviewer
+
+
+def _verified_claims(token: str, header: dict, algs: tuple[str, ...], ring_for, *, what: str, keys_of: str,
+                     not_ours: str) -> dict:
+    """The claims of a JWT whose signature a key of `ring_for(kid)` verifies (alg from an allow-list: never
+    "none", never an HMAC that a public key could be mistaken for)."""
+    alg, kid = header.get("alg"), header.get("kid")
+    if alg not in algs:
+        raise Unauthorized(f"{what}'s alg must be one of {', '.join(algs)}")
+    try:
+        ring = ring_for(kid)
+    except (ConfigError, SealError) as exc:
+        raise Unauthorized(f"{keys_of} are not available: {exc}") from None
+    key = ring.verification_key(kid) if isinstance(kid, str) else None
+    if key is None:
+        raise Unauthorized(f"{what} is {not_ours}")
+    try:
+        return jose_jwt.decode(token, key, algorithms=[alg]).claims
+    except (JoseError, ValueError):
+        raise Unauthorized(f"{what}'s signature is not valid") from None
 
 
 def _check_times(claims: dict, *, max_lifetime: float | None) -> None:
@@ -161,20 +170,9 @@ def _staff_from_oauth(token: str, cfg: Config, oauth_keys) -> Staff:
         header = peek_header(token)
     except SealError:
         raise Unauthorized("the access token is not a signed JWT") from None
-    alg, kid = header.get("alg"), header.get("kid")
-    if alg not in OAUTH_ALGS:
-        raise Unauthorized(f"the access token's alg must be one of {', '.join(OAUTH_ALGS)}")
-    try:
-        ring = oauth_keys(kid)
-    except (ConfigError, SealError) as exc:
-        raise Unauthorized(f"the identity provider's keys are not available: {exc}") from None
-    key = ring.verification_key(kid) if isinstance(kid, str) else None
-    if key is None:
-        raise Unauthorized("the access token is not signed by a key of the configured issuer")
-    try:
-        claims = jose_jwt.decode(token, key, algorithms=[alg]).claims
-    except (JoseError, ValueError):
-        raise Unauthorized("the access token's signature is not valid") from None
+    claims = _verified_claims(token, header, OAUTH_ALGS, oauth_keys, what="the access token",
+                              keys_of="the identity provider's keys",
+                              not_ours="not signed by a key of the configured issuer")
     if str(claims.get("iss", "")).rstrip("/") != oauth.issuer:
         raise Unauthorized("the access token is from another issuer")
     aud = claims.get("aud")
