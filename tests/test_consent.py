@@ -83,9 +83,9 @@ def test_root_deny_stops_the_case_and_nothing_is_sent(hospital, patient, fhir):
 @pytest.mark.sekmet
 def test_opt_out_without_provisions_stops_the_case(hospital, patient, fhir):
     stored, _ = fhir.create(consent_resource(patient["patient"], policy="OPTOUT"))
-    case = hospital.case_for(hospital.order(patient["patient"]))
+    sr = hospital.order(patient["patient"])
     hospital.run()
-    case = hospital.app.store.get(case.id)
+    case = hospital.case_for(sr)
     assert case.step == "failed" and f"Consent/{stored['id']} denies disclosure" in case.last_error
     assert _outbox(hospital) == []
 
@@ -152,9 +152,9 @@ def test_deny_for_another_organisation_has_no_effect(hospital, patient, fhir):
 @pytest.mark.sekmet
 def test_deny_naming_the_reviewer_stops_the_case(hospital, patient, fhir):
     fhir.create(consent_resource(patient["patient"], {"type": "deny", "actor": [actor(REVIEWER)]}))
-    case = hospital.case_for(hospital.order(patient["patient"]))
+    sr = hospital.order(patient["patient"])
     hospital.run()
-    case = hospital.app.store.get(case.id)
+    case = hospital.case_for(sr)
     assert case.step == "failed" and "denies disclosure to this reviewer (Spine Center)" in case.last_error
 
 
@@ -173,11 +173,12 @@ def test_inactive_or_expired_consent_has_no_effect(hospital, patient, fhir):
 def test_invalid_consent_stops_the_case(hospital, patient, fhir):
     # sekmet stores it as it is; fhirbridge must not read "unknown" as "allowed".
     stored, _ = fhir.create(consent_resource(patient["patient"], {"type": "perhaps"}))
-    case = hospital.case_for(hospital.order(patient["patient"]))
+    sr = hospital.order(patient["patient"])
     hospital.run()
-    case = hospital.app.store.get(case.id)
+    case = hospital.case_for(sr)
     assert case.step == "failed"
-    assert f"patient consent Consent/{stored['id']} is not valid FHIR" in case.last_error
+    assert f"patient consent Consent/{stored['id']} has a provision whose type is neither permit nor deny" \
+        in case.last_error
     assert "cannot be evaluated, so nothing was sent" in case.last_error
     assert _outbox(hospital) == []
 
@@ -357,6 +358,19 @@ def test_several_consents_all_apply():
     c = rules({"type": "permit", "provision": [{"type": "deny", "class": classes("Condition")}]},
               {"type": "permit", "provision": [{"type": "deny", "class": classes("MedicationRequest")}]})
     assert "Consent/c0" in c.withhold_reason(COND) and "Consent/c1" in c.withhold_reason(MED)
+    # a record denied by type in one Consent and by code in another is not named
+    c = rules({"type": "permit", "provision": [{"type": "deny", "class": classes("Condition")}]},
+              {"type": "permit", "provision": [{"type": "deny", "code": [COND["code"]]}]})
+    assert c.withhold_reason(COND) == f"{POLICY}patient consent (Consent/c1) denies disclosure of this record"
+
+
+def test_profile_urls_as_class():
+    url = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition"
+    c = rules({"type": "permit", "provision": [{"type": "deny", "class": [{"system": "urn:ietf:rfc:3986",
+                                                                           "code": url}]}]})
+    assert c.withhold_reason(dict(COND, meta={"profile": [url]})) == \
+        "patient consent (Consent/c0) denies disclosure of us-core-condition records"
+    assert c.withhold_reason(COND) is None
 
 
 def test_consents_about_something_else_are_ignored():
@@ -370,6 +384,8 @@ def test_consents_about_something_else_are_ignored():
     {"type": "perhaps"},
     {"type": "permit", "provision": [{"class": classes("Condition")}]},     # an exception without a type
     {"type": "deny", "period": {"start": "last spring"}},
+    {"type": "permit", "provision": [{"type": "deny", "class": [{"system": "http://loinc.org", "code": "x"}]}]},
+    {"type": "permit", "provision": [{"type": "deny", "code": [{"text": "mental health"}]}]},
 ])
 def test_a_consent_that_cannot_be_evaluated_stops_the_case(provision):
     assert "cannot be evaluated, so nothing was sent" in denied(provision)

@@ -131,8 +131,10 @@ def parse(consent: dict, d: Disclosure) -> ConsentRule | None:
 
 
 def _provision(p: dict, ptype: str | None, d: Disclosure) -> Provision:
+    if ptype is None:
+        raise _Unclear("has a nested provision without a type (permit or deny)")
     if ptype not in ("permit", "deny"):
-        raise _Unclear("has a provision without a type (permit or deny)")
+        raise _Unclear("has a provision whose type is neither permit nor deny")
     deny = ptype == "deny"
     recipients, parties = [], []
     for actor in p.get("actor", []):
@@ -147,13 +149,19 @@ def _provision(p: dict, ptype: str | None, d: Disclosure) -> Provision:
                and (not recipients or any(r is True or (deny and r is None) for r in recipients))
                and (not purposes or PURPOSE in purposes)
                and _concerns_disclosure(actions, deny))
+    # A criterion we cannot compare records with would silently widen a permit, or turn a category deny
+    # into one about everything: unclear instead.
+    for c in p.get("class", []):
+        if not (c.get("system") in (None, RESOURCE_TYPES) or "/StructureDefinition/" in (c.get("code") or "")):
+            raise _Unclear(f"restricts by a class from {c.get('system')}, which fhirbridge cannot match")
+    if any(not _codings(cc) for cc in p.get("code", [])) or any(not c.get("code") for c in p.get("securityLabel", [])):
+        raise _Unclear("restricts by a code or security label without a coding")
     data_period = None
     if p.get("dataPeriod"):
         data_period = (_when(p["dataPeriod"].get("start")), _when(p["dataPeriod"].get("end"), end=True))
     return Provision(
         type=ptype, applies=applies,
-        classes=frozenset(c.get("code") for c in p.get("class", [])
-                          if c.get("system") in (None, RESOURCE_TYPES) or "/StructureDefinition/" in c.get("code", "")),
+        classes=frozenset(c.get("code") for c in p.get("class", [])),
         codes=frozenset(sc for cc in p.get("code", []) for sc in _codings(cc)),
         labels=frozenset((c.get("system"), c.get("code")) for c in p.get("securityLabel", [])),
         data=tuple((x.get("meaning"), _rel(x.get("reference", {}).get("reference"))) for x in p.get("data", [])),
@@ -292,15 +300,17 @@ class Consents:
         Records kept back by resource type or date are named to the reviewer (the issue: the manifest names
         them), like records outside the profile. Records kept back by code, security label, instance or
         person are not (POLICY, like sensitivity labels in collect.py): a patient singles records out that
-        way because of what they say, and naming them would point the reviewer at exactly that."""
+        way because of what they say, and naming them would point the reviewer at exactly that. When
+        several Consents deny a record, an unnamed reason wins for the same reason."""
+        reasons = []
         for rule in self.rules:
             path = decide(rule, res)
             if path[-1].type != "deny":
                 continue
             if any(p.sensitive for p in path):
                 return f"{POLICY}patient consent ({rule.ref}) denies disclosure of this record"
-            return f"patient consent ({rule.ref}) denies disclosure of {_what(path)}"
-        return None
+            reasons.append(f"patient consent ({rule.ref}) denies disclosure of {_what(path)}")
+        return reasons[0] if reasons else None
 
     def denies_any(self, resources: list[dict]) -> bool:
         return any(self.withhold_reason(r) for r in resources)
