@@ -301,7 +301,10 @@ def test_purpose_and_action():
     collect_only = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction",
                                  "code": "collect"}]}]
     assert rules({"type": "deny", "action": collect_only}).rules == []
-    denied({"type": "deny", "action": [{"text": "share"}]})   # an action we cannot read counts for a deny
+    denied({"type": "deny", "action": [{"text": "share"}]})   # an action we cannot read counts for a deny...
+    denied({"type": "deny", "provision": [{"type": "permit", "action": [{"text": "share"}]}]})  # not a permit
+    disclose = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "disclose"}]}]
+    assert rules({"type": "deny", "provision": [{"type": "permit", "action": disclose}]}).rules
 
 
 def test_periods():

@@ -48,8 +48,8 @@ PRIVACY = (SCOPE_SYSTEM, "patient-privacy")
 OPT_OUT = {(ACT_CODE, "OPTOUT"), (ACT_CODE, "OPTOUTE")}
 PURPOSE = (ACT_REASON, "TREAT")
 RECIPIENT_ROLES = {"IRCP", "PRCP"}              # information recipient, primary information recipient
-DISCLOSING_ACTIONS = {"disclose", "access", "use"}
-OTHER_ACTIONS = {"collect", "correct"}          # never about sending records out
+DISCLOSING_ACTIONS = {(CONSENT_ACTION, c) for c in ("disclose", "access", "use")}
+OTHER_ACTIONS = {(CONSENT_ACTION, c) for c in ("collect", "correct")}   # never about sending records out
 # Where a record keeps the codes a provision's `code` is compared with.
 CODE_FIELDS = ("category", "code", "type", "medicationCodeableConcept")
 _ORG_REF = re.compile(r"(?:^|/)Organization/[A-Za-z0-9\-.]{1,64}$")
@@ -144,7 +144,7 @@ def _provision(p: dict, ptype: str | None, d: Disclosure) -> Provision:
         else:
             recipients.append(_is_recipient(actor.get("reference", {}), d))
     purposes = {(c.get("system"), c.get("code")) for c in p.get("purpose", [])}
-    actions = {sc for cc in p.get("action", []) for sc in _codings(cc)} or None
+    actions = [_codings(cc) for cc in p.get("action", [])]
     applies = (_covers(p.get("period"), d.now)
                and (not recipients or any(r is True or (deny and r is None) for r in recipients))
                and (not purposes or PURPOSE in purposes)
@@ -170,12 +170,14 @@ def _provision(p: dict, ptype: str | None, d: Disclosure) -> Provision:
         children=[_provision(c, c.get("type"), d) for c in p.get("provision", [])])
 
 
-def _concerns_disclosure(actions: set | None, deny: bool) -> bool:
-    if actions is None:
+def _concerns_disclosure(actions: list[set], deny: bool) -> bool:
+    """A deny counts unless every action is one that never sends records out; a permit only when an action
+    is one that does (an action given as text alone is known to neither)."""
+    if not actions:
         return True
-    if deny:  # a deny counts unless it is only about actions that never send records out
-        return not all(s == CONSENT_ACTION and c in OTHER_ACTIONS for s, c in actions)
-    return any(s == CONSENT_ACTION and c in DISCLOSING_ACTIONS for s, c in actions)
+    if deny:
+        return not all(codes and codes <= OTHER_ACTIONS for codes in actions)
+    return any(codes & DISCLOSING_ACTIONS for codes in actions)
 
 
 def _is_recipient(ref: dict, d: Disclosure) -> bool | None:
