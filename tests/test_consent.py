@@ -270,6 +270,8 @@ def test_opt_out_policy_is_the_base_rule():
     c = rules(consent_resource("Patient/1", {"type": "permit", "class": classes("Condition")}, policy="OPTOUT",
                                id="x"))
     assert c.withhold_reason(COND) is None and c.withhold_reason(MED) is not None
+    # opted out, and a deny about some records on top: still nothing may go
+    denied(consent_resource("Patient/1", {"type": "deny", "class": classes("Condition")}, policy="OPTOUT", id="x"))
 
 
 def test_actor_recipient_matching():

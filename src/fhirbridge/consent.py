@@ -233,7 +233,13 @@ def whole_denial(rule: ConsentRule) -> Provision | None:
     root = rule.root
     if root is None or not root.applies:
         return rule.base if rule.base.type == "deny" else None
-    return None if root.restricted else _whole(root)
+    if root.restricted:  # about some records; for the rest the base rule holds
+        return rule.base if rule.base.type == "deny" and not _permits_any(root) else None
+    return _whole(root)
+
+
+def _permits_any(p: Provision) -> bool:
+    return p.type == "permit" or any(c.applies and _permits_any(c) for c in p.children)
 
 
 def _whole(p: Provision) -> Provision | None:
