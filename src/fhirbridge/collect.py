@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .context import App
 from .errors import FhirbridgeError
 from .fhir.validate import validate as validate_resource
 from .mappings_load import Profile, ResourceRule
+
+if TYPE_CHECKING:
+    from .consent import Consents
 
 # Where each type keeps the date a lookback window is measured against, first present wins.
 DATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -83,7 +86,9 @@ def question_of(service_request: dict) -> str:
     return "\n".join(r for r in reasons if r)
 
 
-def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None) -> Collected:
+def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None,
+            consents: Consents | None = None) -> Collected:
+    """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld."""
     now = now or datetime.now(timezone.utc)
     patient_ref = service_request["subject"]["reference"]
     patient = app.ehr.read_ref(patient_ref)
@@ -103,12 +108,12 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
             if ref in seen:
                 continue
             seen.add(ref)
-            reason = withhold_reason(res, rule, profile, cutoff)
+            reason = _with_consent(withhold_reason(res, rule, profile, cutoff), res, consents)
             if reason:
                 out.withheld.append({"reference": ref, "reason": reason})
             else:
                 out.resources.append(res)
-    _follow_references(app, out, profile, seen)
+    _follow_references(app, out, profile, seen, consents)
     # Invalid resources are reported, not silently dropped and not sent: the reviewer sees them listed as
     # withheld with the validation reasons, and the Case's event log records them.
     invalid = {e.where: e.reasons for e in app.ehr.invalid[invalid_before:]}
@@ -129,6 +134,14 @@ def _check_valid(resource: dict, where: str) -> None:
     reasons = validate_resource(resource)
     if reasons:
         raise FhirbridgeError(f"the EHR returned an invalid {where}: {'; '.join(reasons[:3])}")
+
+
+def _with_consent(reason: str | None, res: dict, consents: Consents | None) -> str | None:
+    """The patient's consent comes before the profile's reasons, but never before a sensitivity label: that
+    reason must stay the one the reviewer is not told about."""
+    if consents is None or (reason or "").startswith(POLICY):
+        return reason
+    return consents.withhold_reason(res) or reason
 
 
 def withhold_reason(res: dict, rule: ResourceRule, profile: Profile, cutoff: datetime) -> str | None:
@@ -215,7 +228,8 @@ def iter_references(obj: Any) -> Iterator[str]:
             yield from iter_references(v)
 
 
-def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str]) -> None:
+def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
+                       consents: Consents | None = None) -> None:
     frontier = out.resources + [out.service_request, out.patient]
     for _depth in range(FOLLOW_DEPTH):
         wanted: dict[str, set[str]] = {}
@@ -236,7 +250,7 @@ def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str
                     if res.get("resourceType") != rtype or ref in seen:
                         continue
                     seen.add(ref)
-                    reason = _follow_withhold(res, profile)
+                    reason = _with_consent(_follow_withhold(res, profile), res, consents)
                     if reason:
                         out.withheld.append({"reference": ref, "reason": reason})
                         continue

@@ -62,3 +62,12 @@ class RejectedOpinion(FhirbridgeError):
 
 class CaseError(FhirbridgeError):
     """A Case cannot do what was asked (unknown id, wrong state)."""
+
+
+class ConsentDenied(FhirbridgeError):
+    """A patient's Consent forbids this disclosure, or cannot be evaluated: the Case stops before anything is
+    sent (permanent: trying again changes nothing until the Consent does). `consent` is "Consent/<id>"."""
+
+    def __init__(self, message: str, *, consent: str):
+        self.consent = consent
+        super().__init__(message)

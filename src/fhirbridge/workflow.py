@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import requests
 
-from . import audit, ehr_task, jsonutil
+from . import audit, consent, ehr_task, jsonutil
 from .collect import Collected, collect
 from .context import App
 from .crypto import jwe
 from .deliver import deliver
 from .envelope import write_atomic
-from .errors import CaseError, FhirbridgeError, FhirError
+from .errors import CaseError, ConsentDenied, FhirbridgeError, FhirError
 from .intake import run_intake
 from .seal import package_dir, seal_case
 from .store import FINAL_STEPS, Case, worker_id
@@ -235,7 +235,8 @@ def _sync_before_step(app: App, case: Case) -> None:
 def _collect(app: App, case: Case) -> dict:
     sr = _check_order(app, case)
     _sync_before_step(app, case)
-    collected = collect(app, sr, app.profile(case.profile))
+    consents = _check_consent(app, case, sr)
+    collected = collect(app, sr, app.profile(case.profile), consents=consents)
     path = app.case_dir(case.id) / COLLECTED_FILE
     # Clinical content at rest is encrypted to the hospital's own key.
     write_atomic(path, jwe.encrypt_bytes(jsonutil.dumps(collected.as_dict()),
@@ -243,8 +244,22 @@ def _collect(app: App, case: Case) -> dict:
     for w in collected.withheld:
         if w["reason"].startswith("invalid FHIR"):
             app.store.add_event(case.id, "invalid_resource", w)
-    return {"counts": collected.counts(), "withheld": len(collected.withheld),
-            "attachments": len(collected.attachments)}
+    detail = {"counts": collected.counts(), "withheld": len(collected.withheld),
+              "attachments": len(collected.attachments)}
+    if consents.refs:
+        detail["consents"] = consents.refs
+    return detail
+
+
+def _check_consent(app: App, case: Case, sr: dict) -> consent.Consents:
+    """The patient's Consents for sending to this Case's reviewer. A whole denial (or a Consent that cannot be
+    evaluated) is logged as `consent.denied` and raised: a permanent failure, so the Case ends failed with
+    the reason on the Task, and nothing is sent."""
+    try:
+        return consent.check(app, sr["subject"]["reference"], app.config.reviewer(case.reviewer))
+    except ConsentDenied as exc:
+        app.store.add_event(case.id, "consent.denied", {"step": case.step, "consent": exc.consent})
+        raise
 
 
 def load_collected(app: App, case: Case) -> Collected:
@@ -264,11 +279,18 @@ def _seal(app: App, case: Case) -> dict:
 
 
 def _deliver(app: App, case: Case) -> dict:
-    _check_order(app, case)
+    sr = _check_order(app, case)
     _sync_before_step(app, case)
     reviewer = app.config.reviewer(case.reviewer)
     if not (package_dir(app, case) / "package.jwe").exists():
         return {"next": "seal", "reason": "sealed package missing from data_dir; sealing again"}
+    # A Consent recorded since collect must still stop the disclosure, or keep records back: one search,
+    # and the collected records are only opened when the patient has a Consent that concerns this reviewer.
+    consents = _check_consent(app, case, sr)
+    if consents.rules and (not (app.case_dir(case.id) / COLLECTED_FILE).exists()
+                           or consents.denies_any(load_collected(app, case).resources)):
+        return {"next": "collect", "reason": "a patient Consent now keeps back records in the package; "
+                                             "collecting again", "consents": consents.refs}
     detail = deliver(reviewer, package_dir(app, case), case.package_id)
     # The accounting of this disclosure (BALP), recorded before the step is: once per package, even when
     # the step is repeated; written to the EHR too when [audit] write_to_ehr (a failure there is retried).

@@ -90,7 +90,7 @@ REFUSED_AFTER_REAUTH = ("the EHR refused our SMART token after re-authorisation:
 READ_TYPES = ("Patient", "ServiceRequest", "Condition", "DiagnosticReport", "ImagingStudy", "Procedure",
               "MedicationStatement", "MedicationRequest", "DocumentReference", "Binary", "Observation",
               "Practitioner", "PractitionerRole", "Organization", "Medication", "Endpoint", "Specimen",
-              "Location", "Task", "Subscription", "Basic")
+              "Location", "Task", "Subscription", "Basic", "Consent")
 WRITE_SCOPES = ("system/Task.cu", "system/DocumentReference.c", "system/Binary.cu", "system/Provenance.c",
                 "system/ServiceRequest.c", "system/Subscription.cru")
 DEFAULT_SCOPES = tuple(f"system/{t}.rs" for t in READ_TYPES) + WRITE_SCOPES
