@@ -225,3 +225,32 @@ def test_the_matrix_covers_every_endpoint(served):
     # And every staff endpoint has a scope in the server's own table (an unlisted one is refused to all).
     staff_endpoints = {r.endpoint for r in app.url_map.iter_rules() if r.rule.startswith("/api/")}
     assert staff_endpoints == set(STAFF_ENDPOINT_SCOPES)
+
+
+# --- a pull reviewer fetching after the patient withdrew consent --------------------------------------
+
+def test_a_pull_fetch_after_a_denying_consent_is_withdrawn(served, ehr):
+    from fhirbridge.fhir.client import FhirClient
+    from fhirbridge.localehr import seed_patient
+    h, svc, client, _case = served
+    with FhirClient(ehr.base_url) as fhir:
+        own = seed_patient(ehr, fhir, profile="spine")    # this test's own patient: its Consent stays its own
+        case = h.delivered_case(own["patient"])
+        token = lambda: bearer(mint_reviewer_token(h.reviewers["spine-center"].key, issuer=SPINE_ID,  # noqa: E731
+                                                   audience=AUD))
+        assert client.get(f"/reviewer/cases/{case.id}/package/package.jwe", headers=token()).status_code == 200
+        fhir.create({"resourceType": "Consent", "status": "active", "patient": {"reference": own["patient"]},
+                     "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                           "code": "patient-privacy"}]},
+                     "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                     "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                                "code": "OPTIN"}]},
+                     "provision": {"type": "deny"}})
+        r = client.get(f"/reviewer/cases/{case.id}/package/package.jwe", headers=token())
+        refused(r, 410, "withdrawn by the hospital")
+        assert "Consent/" not in r.get_json()["error"]["message"]
+        after = svc.store.get(case.id)
+        assert after.step == "cancelled" and "denies disclosure" in after.last_error
+        assert fhir.read_ref(after.task)["status"] == "cancelled"
+        listed = client.get("/reviewer/cases", headers=token()).get_json()["cases"]
+        assert case.id not in [c["id"] for c in listed]

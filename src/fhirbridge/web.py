@@ -314,8 +314,29 @@ def reviewer_file(case_id: str, name: str):
         raise ApiError(409, f"Case {case_id} has no package to fetch (it is {case.step})")
     if name not in _package_files(case):
         raise ApiError(404, f"no file {name!r} in this package")
+    if case.step == "await_opinion":
+        _consent_still_allows(case)
     return send_file(_package_dir(case) / name, mimetype="application/jose+json", as_attachment=True,
                      download_name=Path(name).name)
+
+
+def _consent_still_allows(case) -> None:
+    """For a pull reviewer, "delivered" means "made available": a Consent recorded since then must still stop
+    the disclosure, so each fetch looks again (every file: attachments decrypt on their own). Fails closed:
+    without an answer from the EHR nothing is handed out."""
+    from . import consent
+    from .errors import ConsentDenied
+    from .workflow import cancel
+    app = _app_of(case)
+    try:
+        consent.check(app, case.patient, app.config.reviewer(case.reviewer))
+    except ConsentDenied as exc:
+        app.store.add_event(case.id, "consent.denied", {"step": "fetch", "consent": exc.consent})
+        cancel(app, case, str(exc))
+        raise ApiError(410, "this package has been withdrawn by the hospital; do not use any copy of it") from None
+    except FhirbridgeError as exc:
+        raise ApiError(503, f"the hospital cannot release this package right now ({exc.__class__.__name__}); "
+                            "try again later") from None
 
 
 @reviewer_api.post("/opinions")
