@@ -1,0 +1,62 @@
+"""Server-rendered pages for people: the reviewer portal, the physician's ordering app, the IT dashboard.
+
+Flask + Jinja, little JavaScript, every asset shipped in the package (no CDN at run time). Shared here: the
+`ui` blueprint (templates and the stylesheet), signed session cookies with a CSRF token for forms, and
+the template context every page gets.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from flask import Blueprint, Flask, abort, request, session
+
+from .. import __version__
+
+ui = Blueprint("ui", __name__, template_folder="templates", static_folder="static", static_url_path="/ui-static")
+
+
+def install(app: Flask, *, secret: bytes) -> None:
+    """Register the shared blueprint once, and make session cookies safe for pages that hold PHI."""
+    if "ui" not in app.blueprints:
+        app.register_blueprint(ui)
+    app.secret_key = secret
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+                      SESSION_COOKIE_NAME="fhirbridge_session",
+                      SESSION_COOKIE_SECURE=app.config.get("SESSION_COOKIE_SECURE", False))
+
+    @app.context_processor
+    def _common():
+        return {"version": __version__, "csrf_token": csrf_token}
+
+    @app.after_request
+    def _no_store(resp):
+        # Pages show patient data: never cache them, never frame them, no third-party anything.
+        if resp.mimetype == "text/html":
+            resp.headers.setdefault("Cache-Control", "no-store")
+            resp.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+            resp.headers.setdefault("Content-Security-Policy",
+                                    "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                    "frame-ancestors 'self'; form-action 'self'; object-src 'self'")
+            resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        return resp
+
+
+def derive_secret(material: bytes, purpose: str) -> bytes:
+    """A stable secret for signing cookies, derived from key material every worker and replica already
+    shares (so sessions survive a worker restart and work behind a load balancer without new config)."""
+    return hmac.new(material, f"fhirbridge/{purpose}".encode(), hashlib.sha256).digest()
+
+
+def csrf_token() -> str:
+    if "_csrf" not in session:
+        session["_csrf"] = secrets.token_urlsafe(24)
+    return session["_csrf"]
+
+
+def check_csrf() -> None:
+    """Every state-changing form carries the session's token (SameSite=Strict cookies are the first line)."""
+    sent = request.form.get("csrf_token", "")
+    if not sent or not hmac.compare_digest(sent, session.get("_csrf", "")):
+        abort(400, "the form expired or did not come from this page: reload it and try again")
