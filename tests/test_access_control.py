@@ -44,6 +44,7 @@ REVIEWER_ENDPOINTS = [
     ("GET", "/reviewer/cases/{case}/package/package.jwe"),
     ("POST", "/reviewer/opinions"),
     ("POST", "/reviewer/cases/{case}/decline"),
+    ("POST", "/reviewer/cases/{case}/requests"),
 ]
 
 
@@ -254,3 +255,22 @@ def test_a_pull_fetch_after_a_denying_consent_is_withdrawn(served, ehr):
         assert fhir.read_ref(after.task)["status"] == "cancelled"
         listed = client.get("/reviewer/cases", headers=token()).get_json()["cases"]
         assert case.id not in [c["id"] for c in listed]
+
+
+def test_a_reviewer_asks_for_more_records(served, fhir):
+    h, svc, client, case = served
+    token = lambda: bearer(mint_reviewer_token(h.reviewers["spine-center"].key, issuer=SPINE_ID,  # noqa: E731
+                                               audience=AUD))
+    url = f"/reviewer/cases/{case.id}/requests"
+    refused(client.post(url, headers=token(), json={"text": "<b>x</b>"}), 400, "no markup")
+    refused(client.post(url, headers=token(), json={"text": " "}), 400, "say which records")
+    r = client.post(url, headers=token(), json={"text": "The MRI of 2023 and the operative note, please."})
+    assert r.status_code == 201, r.get_json()
+    task = fhir.read_ref(r.get_json()["task"])
+    assert task["code"]["coding"][0]["code"] == "data-request" and task["status"] == "requested"
+    assert task["partOf"] == [{"reference": case.task}] and task["for"] == {"reference": case.patient}
+    assert task["input"][0]["valueCodeableConcept"]["text"].startswith("The MRI of 2023")
+    assert task["requester"]["identifier"]["value"] == SPINE_ID
+    assert "records.requested" in [e["kind"] for e in svc.store.events(case.id)]
+    # Not about the words: the event log holds the Task reference only.
+    assert "MRI" not in str(svc.store.events(case.id))

@@ -122,6 +122,15 @@ SPEC = {
             "requestBody": {"required": True, "content": {"application/jose+json": {"schema": {"type": "string"}}}},
             "responses": {**_ok("Accepted; it is being filed", {"type": "object"}, "202"),
                           **_errors(400, 401, 409, 413)}}},
+        "/reviewer/cases/{case_id}/requests": {"post": {
+            "summary": "Ask the hospital for more records (a CDex data-request Task, part of the referral)",
+            "security": [{"reviewer": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["text"],
+                "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 2000}}}}}},
+            "responses": {**_ok("The data request Task", {"type": "object"}, "201"),
+                          **_errors(400, 401, 404, 409, 502, 503)}}},
         "/reviewer/cases/{case_id}/decline": {"post": {
             "summary": "Decline a Case (its Task becomes rejected with the reason)", "security": [{"reviewer": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -355,6 +355,18 @@ def reviewer_opinion():
     return jsonify({"case": received.case.id, "opinion": received.opinion_id, "status": "accepted; filing"}), 202
 
 
+@reviewer_api.post("/cases/<case_id>/requests")
+def reviewer_data_request(case_id: str):
+    """Ask the hospital for more records (a CDex-style data request Task in the EHR, part of the referral)."""
+    from .data_request import BadRequest, request_records
+    case = _own_case(case_id)
+    try:
+        ref = request_records(_app_of(case), case, _body().get("text"))
+    except BadRequest as exc:
+        raise ApiError(409 if "awaits" in str(exc) else 400, str(exc)) from None
+    return jsonify({"case": case.id, "task": ref, "status": "requested"}), 201
+
+
 @reviewer_api.post("/cases/<case_id>/decline")
 def reviewer_decline(case_id: str):
     from .workflow import decline
