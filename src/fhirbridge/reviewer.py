@@ -240,12 +240,18 @@ def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: Key
     The opinion is encrypted to the encryption keys of the hospital whose key verified the package
     (`opened.hospital`) and to no other. `hospital` is only a cross-check: a KeyRing that is not that
     hospital's key set is refused; a TrustStore (what `trust_for` returns) changes nothing."""
+    return answer_data(opened, load_answer(answer_file), key, hospital, mappings_dir=mappings_dir, form=form,
+                       source=str(answer_file))
+
+
+def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
+                *, mappings_dir: Path, form: str = "default", source: str = "the answer") -> tuple[bytes, dict]:
+    """`answer` for an answer already read (the portal's form): checked against the form, then sealed."""
     recipient = _recipient(opened, hospital)
     form_def = load_opinion_form(mappings_dir, form)
-    data = load_answer(answer_file)
     problems = check_answer(data, form_def)
     if problems:
-        raise AnswerError(str(answer_file), problems)
+        raise AnswerError(source, problems)
     claims = opened.claims
     entries = {f"{e['resource']['resourceType']}/{e['resource'].get('id')}": e for e in opened.document["entry"]}
     patient_entry = entries.get(claims["patient"])
