@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -476,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+    # A long-running worker says what it does; a one-off command only what goes wrong (unless -v).
+    logs.setup(level="INFO" if args.verbose or args.command == "worker" else "WARNING")
     try:
         return args.func(args)
     except FhirbridgeError as exc:
