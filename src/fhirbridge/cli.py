@@ -323,6 +323,15 @@ def cmd_subscribe(args) -> int:
     return status
 
 
+def cmd_doctor(args) -> int:
+    """Check one hospital's EHR connection (and the reviewers): a pass/fail table with a fix for each failure."""
+    from .doctor import render, run
+    cfg = config.load(args.config)
+    report = run(cfg, cfg.hospital_named(args.hospital), timeout=(args.timeout, args.timeout * 3))
+    print(jsonutil.dumps(report.as_dict(), pretty=True).decode() if args.json else render(report))
+    return 0 if report.ok else 1
+
+
 def cmd_db(args) -> int:
     """The store's schema: `upgrade` migrates it to this version's newest revision (every start does that
     too), `current` shows where it is without changing anything."""
@@ -459,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask the EHR for a heartbeat this often, so missed events show (0: none; default 120)")
     s.add_argument("--topic", help="the EHR's SubscriptionTopic canonical URL (default: discovered from the EHR)")
     s.set_defaults(func=cmd_subscribe)
+
+    s = sub.add_parser("doctor", help="check the EHR connection (TLS, capabilities, SMART token and scopes, write-back) "
+                                      "and the reviewers; prints each failure's fix, exits 1 on any")
+    s.add_argument("--json", action="store_true", help="the results as JSON (for automation)")
+    s.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="connect timeout per request (default 5)")
+    s.set_defaults(func=cmd_doctor)
 
     db = sub.add_parser("db", help="the Case store's schema (migrations)").add_subparsers(dest="db_cmd", required=True)
     s = db.add_parser("upgrade", help="migrate the store to the newest schema (also done at every start)")
