@@ -135,8 +135,9 @@ def _tls(hospital: Hospital, report: Report) -> None:
     url = hospital.fhir_base_url
     if url.startswith("https://"):
         report.add("tls", "pass", "https")
-    elif _loopback(url):
-        report.add("tls", "warn", "plain http to this machine (a demo or test EHR)",
+    elif _loopback(url) or "." not in (urlsplit(url).hostname or "."):
+        # A single-label host (a compose or pod-local service name) never leaves the private network.
+        report.add("tls", "warn", "plain http, to this machine or a container on its private network (a demo EHR)",
                    "use the EHR's https:// base URL for anything but a local test server")
     else:
         report.add("tls", "fail", f"plain http to {urlsplit(url).hostname}: patient records would cross the network "

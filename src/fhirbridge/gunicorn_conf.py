@@ -52,7 +52,9 @@ def worker_exit(server, worker):
 
 def on_starting(server):
     # Counters of an earlier run of this server must not be added to this one's.
-    for f in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+    metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for f in metrics_dir.glob("*.db"):
         f.unlink()
 
 
