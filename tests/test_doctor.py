@@ -165,3 +165,16 @@ def test_missing_reviewer_key_fails_with_its_fix(hospital, capsys):
     check = by_name(json.loads(out))["reviewer spine-center: keys"]
     assert code == 1 and check["status"] == "fail"
     assert "fhirbridge reviewer keys" in check["fix"]
+
+
+def test_every_check_is_explained_in_troubleshooting():
+    """docs/troubleshoot.md has a row for each check doctor can report."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "src" / "fhirbridge" / "doctor.py").read_text()
+    names = set(re.findall(r'report\.add\(\s*"([^"]+)"', source))
+    names |= {"search TYPE", "reviewer NAME: keys", "reviewer NAME: transport"}
+    names -= {"searches", "reviewers"}   # "skipped" notes and "no reviewers configured" explain themselves
+    page = (root / "docs" / "troubleshoot.md").read_text()
+    missing = sorted(n for n in names if f"`{n}`" not in page)
+    assert not missing, missing
