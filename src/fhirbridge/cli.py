@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -327,6 +326,15 @@ def cmd_subscribe(args) -> int:
     return status
 
 
+def cmd_doctor(args) -> int:
+    """Check one hospital's EHR connection (and the reviewers): a pass/fail table with a fix for each failure."""
+    from .doctor import render, run
+    cfg = config.load(args.config)
+    report = run(cfg, cfg.hospital_named(args.hospital), timeout=(args.timeout, args.timeout * 3))
+    print(jsonutil.dumps(report.as_dict(), pretty=True).decode() if args.json else render(report))
+    return 0 if report.ok else 1
+
+
 def cmd_db(args) -> int:
     """The store's schema: `upgrade` migrates it to this version's newest revision (every start does that
     too), `current` shows where it is without changing anything."""
@@ -469,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topic", help="the EHR's SubscriptionTopic canonical URL (default: discovered from the EHR)")
     s.set_defaults(func=cmd_subscribe)
 
+    s = sub.add_parser("doctor", help="check the EHR connection (TLS, capabilities, SMART token and scopes, write-back) "
+                                      "and the reviewers; prints each failure's fix, exits 1 on any")
+    s.add_argument("--json", action="store_true", help="the results as JSON (for automation)")
+    s.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="connect timeout per request (default 5)")
+    s.set_defaults(func=cmd_doctor)
+
     db = sub.add_parser("db", help="the Case store's schema (migrations)").add_subparsers(dest="db_cmd", required=True)
     s = db.add_parser("upgrade", help="migrate the store to the newest schema (also done at every start)")
     s.set_defaults(func=cmd_db)
@@ -484,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+    # A long-running worker says what it does; a one-off command only what goes wrong (unless -v).
+    logs.setup(level="INFO" if args.verbose or args.command == "worker" else "WARNING")
     try:
         return args.func(args)
     except FhirbridgeError as exc:

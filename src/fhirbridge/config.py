@@ -158,6 +158,16 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: Prometheus metrics at /metrics (metrics.py); a bearer token, when set, guards them."""
+    enabled: bool = True
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"MetricsSettings(enabled={self.enabled!r})"
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path | None
     base_dir: Path
@@ -177,6 +187,7 @@ class Config:
     audit: AuditSettings = field(default_factory=AuditSettings)
     api_keys: tuple[ApiKey, ...] = ()
     oauth: OAuthSettings | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def hospital(self) -> Hospital:
@@ -500,13 +511,14 @@ def _build(raw: dict, file: Path) -> Config:
     audit_sec = top.sub("audit")
     audit = AuditSettings(write_to_ehr=audit_sec.get("write_to_ehr", bool, False))
     audit_sec.finish()
+    metrics = _metrics(top.sub("metrics"))
     top.finish()
     return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
                   inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
                   public_url=public_url.rstrip("/") if public_url else None, audit=audit,
-                  api_keys=api_keys, oauth=oauth)
+                  api_keys=api_keys, oauth=oauth, metrics=metrics)
 
 
 def _api_keys(api: _Section, file: Path, hospitals: dict) -> tuple[ApiKey, ...]:
@@ -553,6 +565,15 @@ def _oauth(api: _Section, base: Path) -> OAuthSettings | None:
     sec.finish()
     return OAuthSettings(issuer=issuer.rstrip("/"), audience=audience, jwks=_path(base, jwks) if jwks else None,
                          jwks_url=jwks_url, scope_claim=claim)
+
+
+def _metrics(sec: _Section) -> MetricsSettings:
+    token = sec.get("token", str, None)
+    if token is not None and len(token) < 16:
+        raise sec.err("token", "must be at least 16 characters (FHIRBRIDGE_METRICS__TOKEN)")
+    settings = MetricsSettings(enabled=sec.get("enabled", bool, True), token=token)
+    sec.finish()
+    return settings
 
 
 def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from . import mappings_load
+from . import mappings_load, metrics
 from .config import Config, Hospital
 from .crypto.keys import KeyRing
 from .fhir.auth import make_auth
@@ -49,7 +49,8 @@ class App:
         h = self.hospital
         return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict()),
                           timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
-                          max_retry_after=h.http.max_retry_after, page_size=h.http.page_size)
+                          max_retry_after=h.http.max_retry_after, page_size=h.http.page_size,
+                          observer=metrics.ehr_observer(h.name, h.fhir_base_url))
 
     @cached_property
     def hospital_keys(self) -> KeyRing:

@@ -162,7 +162,8 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
                                         hold_seconds=min(INTAKE_HOLD, app.config.service.lease_seconds or INTAKE_HOLD))
     if not created:
         return case, False
-    log.info("case %s opened for %s (reviewer %s, profile %s)", case.id, ref, reviewer, profile)
+    log.info("case %s opened for %s (reviewer %s, profile %s)", case.id, ref, reviewer, profile,
+             extra={"case_id": case.id})
     if prior is not None:
         return _adopt(app, case, prior), True
     if problems:

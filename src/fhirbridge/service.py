@@ -19,6 +19,7 @@ from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from . import metrics
 from .config import Config
 from .context import App
 from .intake import poll
@@ -150,6 +151,7 @@ class Service:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - logged without clinical content; next tick retries
+            metrics.tick_failed(what)
             log.warning("%s tick for %s failed: %s", what, app.hospital.name, exc)
 
     # --- lifecycle ---------------------------------------------------------------------------------------

@@ -457,6 +457,9 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     from .openapi import docs
     app.register_blueprint(notify)
     app.register_blueprint(docs)
+    from . import logs, metrics
+    logs.init_app(app)
+    metrics.init_app(app)
     _errors(app)
     return app
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from . import audit, consent, ehr_task, jsonutil
+from . import audit, consent, ehr_task, jsonutil, logs, metrics
 from .collect import Collected, collect
 from .context import App
 from .crypto import jwe
@@ -82,8 +82,13 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
     while not (stop and stop.is_set()) and (max_steps is None or report.steps_done + len(report.errors) < max_steps) \
             and (case := app.store.claim(
             case_id=case_id, worker=worker, lease_seconds=lease_seconds(app), hospital=app.hospital.key)) is not None:
-        ok = run_step(app, case)
+        started = time.monotonic()
+        with logs.case_context(case.id):
+            ok = run_step(app, case)
         fresh = app.store.get(case.id)
+        metrics.step_finished(app, case, fresh, ok, time.monotonic() - started)
+        log.info("%s: %s -> %s", case.step, "ok" if ok else "error", fresh.step,
+                 extra={"case_id": case.id, "seconds": round(time.monotonic() - started, 3)})
         if ok:
             report.steps_done += 1
             if fresh.step in ("done", "await_opinion", "cancelled"):
@@ -108,7 +113,7 @@ class _LeaseKeeper:
                 if not self.app.store.renew(self.case.id, self.case.claimed_by, self.lease):
                     return
             except Exception:  # noqa: BLE001 - a store hiccup: the next tick tries again
-                log.warning("case %s: could not renew its lease", self.case.id)
+                log.warning("case %s: could not renew its lease", self.case.id, extra={"case_id": self.case.id})
 
     def __enter__(self) -> "_LeaseKeeper":
         self.thread.start()

@@ -27,7 +27,7 @@ import http
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit
 
@@ -101,7 +101,7 @@ class FhirClient:
     def __init__(self, base_url: str, *, auth: requests.auth.AuthBase | None = None,
                  timeout: tuple[float, float] = (5.0, 30.0), retries: int = 4, max_retry_after: float = 30.0,
                  backoff: float = 0.5, page_size: int = 100, validate: bool = True,
-                 user_agent: str = "fhirbridge/0.1"):
+                 user_agent: str = "fhirbridge/0.1", observer: Callable[..., None] | None = None):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("FHIR base URL must be an absolute http(s) URL")
@@ -110,6 +110,8 @@ class FhirClient:
         self.page_size = page_size
         self.validate = validate
         self.invalid: list[InvalidResource] = []
+        # Called after every request as observer(method, url, status or None, seconds, retries): metrics.
+        self._observer = observer
         self._origin = (parts.scheme, parts.netloc)
         retry = FhirRetry(
             total=retries, connect=retries, read=retries, status=retries, other=0,
@@ -308,6 +310,7 @@ class FhirClient:
         """Send one request (urllib3 retries underneath); non-2xx and transport failures become FhirError."""
         url = self._url(path_or_url)
         started = time.monotonic()
+        resp = None
         try:
             resp = self._session.request(method, url, params=params, data=data, headers=headers,
                                          timeout=self.timeout, stream=stream)
@@ -319,6 +322,9 @@ class FhirClient:
                             transient=True) from exc
         except requests.RequestException as exc:
             raise FhirError(f"request {what} to the EHR failed ({type(exc).__name__})", transient=False) from exc
+        finally:
+            if self._observer is not None:
+                self._observe(method, url, resp, time.monotonic() - started)
         log.debug("%s -> %s in %.0f ms", what, resp.status_code, (time.monotonic() - started) * 1000)
         if not 200 <= resp.status_code < 300:
             try:
@@ -326,6 +332,13 @@ class FhirClient:
             finally:
                 resp.close()
         return resp
+
+    def _observe(self, method: str, url: str, resp: requests.Response | None, seconds: float) -> None:
+        try:
+            self._observer(method, url, resp.status_code if resp is not None else None, seconds,
+                           _retries_used(resp) if resp is not None else 0)
+        except Exception:  # noqa: BLE001 - metrics never break a request
+            log.debug("request observer failed", exc_info=True)
 
     def _get_json(self, path_or_url: str, what: str, *, params: Any = None, headers: dict | None = None) -> Any:
         return self._parse(self._request("GET", path_or_url, what, params=params, headers=headers), what)
