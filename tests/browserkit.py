@@ -46,11 +46,11 @@ def page(browser):
     context.close()
 
 
-def shot(page, name: str) -> Path:
-    """Save a full-page screenshot named for the page it shows."""
+def shot(page, name: str, *, full_page: bool = True) -> Path:
+    """Save a screenshot named for the page it shows (the whole page, or what the window shows now)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     return path
 
 

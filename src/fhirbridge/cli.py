@@ -204,6 +204,31 @@ def cmd_reviewer_keys(args) -> int:
     return 0
 
 
+def cmd_reviewer_serve(args) -> int:
+    """The portal for the reviewer's staff; it holds the private key, so it listens on loopback by default
+    (put it behind the site's TLS proxy to reach it from elsewhere)."""
+    from werkzeug.serving import make_server
+
+    from .reviewer import TRUST_DIR, TRUST_FILE
+    from .ui.reviewer_portal import PortalSettings, create_portal
+    key = Path(args.key)
+    trust = Path(args.trust) if args.trust else (key.parent / TRUST_DIR if (key.parent / TRUST_DIR).is_dir()
+                                                 else key.parent / TRUST_FILE)
+    settings = PortalSettings(key=key, trust=trust, work_dir=Path(args.work),
+                              mappings_dir=Path(args.mappings) if args.mappings else config.PACKAGE_MAPPINGS,
+                              packages_dir=Path(args.packages) if args.packages else None,
+                              answers_dir=Path(args.answers) if args.answers else None,
+                              pull=args.pull, issuer=args.issuer, form=args.form)
+    host, _, port = args.bind.rpartition(":")
+    server = make_server(host or "127.0.0.1", int(port), create_portal(settings), threaded=True)
+    print(f"reviewer portal on http://{args.bind}/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_reviewer_token(args) -> int:
     """One token per request: the hospital refuses a token it has seen before."""
     from .api_auth import mint_reviewer_token
@@ -430,6 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several hospitals, use a DIR/trusted/ directory with one <hospital>.jwks.json "
                                    "file each instead)")
     s.set_defaults(func=cmd_reviewer_keys)
+    s = rev.add_parser("serve", help="the reviewer portal: read packages and answer them in a browser")
+    s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+    s.add_argument("--trust", help="trusted hospitals' public JWKS (file or directory; default next to --key)")
+    s.add_argument("--packages", help="directory where packages are delivered to you (outbox / https transport)")
+    s.add_argument("--answers", help="directory for sealed opinions of delivered packages (the hospital's inbox)")
+    s.add_argument("--pull", action="append", default=[], metavar="URL",
+                   help="a hospital's reviewer API (<its public URL>/reviewer); repeatable")
+    s.add_argument("--issuer", help="your organisation identifier value, as the hospitals have it (for --pull)")
+    s.add_argument("--work", default="reviewer-portal", help="working directory (pulled packages, answers sent)")
+    s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
+    s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
+    s.add_argument("--bind", default="127.0.0.1:8090", help="host:port (default 127.0.0.1:8090)")
+    s.set_defaults(func=cmd_reviewer_serve)
     s = rev.add_parser("token", help="print a short-lived signed token for the hospital's reviewer API")
     s.add_argument("--key", required=True, help="the reviewer's private JWKS")
     s.add_argument("--issuer", required=True, help="your organisation identifier value, as the hospital has it")

@@ -203,7 +203,7 @@ def read_form(form_def, questions: list[str], form) -> tuple[dict, dict[str, str
         v = data.get(f.name)
         if f.kind == "answers":
             if any(not a["answer"] for a in v):
-                errors[f.name] = "answer each question the referring physician asked"
+                errors[f.name] = "Answer each question the referring physician asked"
         elif f.required and not v:
             errors[f.name] = f"{f.label} is required" + (": choose one" if f.kind == "choice" else "")
         elif f.kind == "choice" and v and v not in f.choices:
