@@ -17,7 +17,7 @@ from fhirbridge.localehr import LocalEhr, find_sekmet, free_port
 pytestmark = pytest.mark.sekmet
 
 CLIENT_ID = "fhirbridge-doctor-test"
-AUTH_LINE = 'type = "none"                          # none | basic | bearer'
+AUTH_LINE = 'type = "none"                          # none | basic | bearer | smart'
 
 
 def run_cli(capsys, config_path: Path, *extra: str) -> tuple[int, str]:

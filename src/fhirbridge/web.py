@@ -32,6 +32,7 @@ from .store import ping
 
 log = logging.getLogger("fhirbridge.web")
 MAX_OPINION_UPLOAD = 8 * 1024 * 1024
+PAGE_PREFIXES = ("/dashboard", "/physician")
 
 
 class ApiError(Exception):
@@ -457,11 +458,23 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     from .openapi import docs
     app.register_blueprint(notify)
     app.register_blueprint(docs)
+    _pages(app)
     from . import logs, metrics
     logs.init_app(app)
     metrics.init_app(app)
     _errors(app)
     return app
+
+
+def _pages(app: Flask) -> None:
+    """The pages for people (ui/): sessions signed with a secret derived from the first hospital's private
+    signing key, which every worker and replica already holds."""
+    from . import jsonutil, ui
+    from .ui.dashboard import dashboard
+    svc = app.extensions["fhirbridge"]
+    material = jsonutil.dumps(svc.apps[0].hospital_keys.signing_key().as_dict(private=True))
+    ui.install(app, secret=ui.derive_secret(material, "service-pages-session"))
+    app.register_blueprint(dashboard)
 
 
 def _errors(app: Flask) -> None:
@@ -487,6 +500,11 @@ def _errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
+        if request.path.startswith(PAGE_PREFIXES):   # a person in a browser: a page, not JSON
+            from flask import render_template
+            return render_template("error.html", title=exc.name, message=exc.description or exc.name,
+                                   back=request.referrer if (request.referrer or "").startswith(request.host_url)
+                                   else None), exc.code or 500
         return _json_error(exc.code or 500, exc.description or exc.name)
 
     @app.errorhandler(Exception)

@@ -1,0 +1,257 @@
+"""The hospital IT dashboard (/dashboard on the service): Cases by state, overdue and failed Cases (with their
+error and a retry button), turnaround per reviewer, and what the second opinions concluded.
+
+Staff sign in with the same credentials as the staff API (an admin token, a scoped key, or an OAuth2 access
+token); the session keeps only who they are and their scopes. Seeing needs `cases:read`, retrying
+`cases:write`; a scoped key limited to some hospitals sees only those hospitals' Cases.
+
+What the opinions concluded (concordance, recommendation) is not in the store, which holds no clinical
+content: it is read from the accepted opinions themselves (kept encrypted to the hospital in data_dir) and
+cached per process, counted, and only the counts are shown.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import Counter
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
+
+from .. import jsonutil
+from ..crypto import jwe
+from ..errors import CaseError, FhirbridgeError
+from . import check_csrf
+from .charts import bar_chart
+
+log = logging.getLogger("fhirbridge.dashboard")
+dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
+SESSION_HOURS = 8
+OPINION_CODES = "urn:fhirbridge:codes:opinion"
+STATE_ORDER = ("collect", "seal", "deliver", "await_opinion", "file", "done", "failed", "cancelled", "declined")
+STATE_LABELS = {"collect": "Collecting", "seal": "Packaging", "deliver": "Sending", "await_opinion": "With reviewer",
+                "file": "Filing", "done": "Filed", "failed": "Failed", "cancelled": "Cancelled",
+                "declined": "Declined"}
+STATE_COLORS = {"Filed": "#1e7a46", "Failed": "#b3261e", "With reviewer": "#1f5fa8", "Cancelled": "#6b7280",
+                "Declined": "#9a6200"}
+# How a recommendation relates to the plan the referring physician had (usually surgery).
+PLAN_EFFECT = {"proceed-as-planned": "Confirmed the plan", "less-invasive-procedure": "Changed: less invasive",
+               "non-surgical-care": "Changed: no surgery", "watchful-waiting": "Changed: no surgery",
+               "further-diagnostics": "More diagnostics first"}
+_conclusions: dict[str, dict] = {}     # case id -> {"concordance", "recommendation"} (per process)
+
+
+def _svc():
+    return current_app.extensions["fhirbridge"]
+
+
+def _staff() -> dict | None:
+    s = session.get("staff")
+    if not s or s.get("until", 0) < time.time():
+        return None
+    return s
+
+
+@dashboard.before_request
+def _signed_in():
+    if request.endpoint in ("dashboard.login",):
+        return None
+    s = _staff()
+    if s is None:
+        return redirect(url_for("dashboard.login", next=request.path))
+    if "cases:read" not in s["scopes"]:
+        abort(403, "your credentials do not include cases:read")
+    return None
+
+
+def _visible(case) -> bool:
+    s = _staff()
+    app = _svc().app_for_key(case.hospital)
+    return app is not None and (s["hospitals"] is None or app.hospital.name in s["hospitals"])
+
+
+def _nav(current: str) -> list:
+    return [("Overview", url_for("dashboard.overview"), current == "overview")]
+
+
+@dashboard.route("/login", methods=["GET", "POST"])
+def login():
+    from ..api_auth import Unauthorized, staff_from_token
+    from ..web import _oauth_keys
+    error = None
+    if request.method == "POST":
+        check_csrf()
+        try:
+            staff = staff_from_token(request.form.get("token", "").strip(), _svc().config, oauth_keys=_oauth_keys)
+        except Unauthorized:
+            staff = None
+            error = "Those credentials are not valid here. Use a staff token, an API key or an access token."
+        if staff is not None and "cases:read" not in staff.scopes:
+            error = "Those credentials do not include the cases:read scope the dashboard needs."
+        elif staff is not None:
+            csrf = session.get("_csrf")
+            session.clear()
+            session["_csrf"] = csrf
+            session["staff"] = {"name": staff.name, "scopes": sorted(staff.scopes),
+                                "hospitals": sorted(staff.hospitals) if staff.hospitals is not None else None,
+                                "until": time.time() + SESSION_HOURS * 3600}
+            nxt = request.args.get("next", "")
+            return redirect(nxt if nxt.startswith("/dashboard") else url_for("dashboard.overview"))
+    return render_template("dashboard/login.html", title="Sign in", error=error, where="Hospital IT dashboard"), \
+        401 if error else 200
+
+
+@dashboard.post("/logout")
+def logout():
+    check_csrf()
+    session.pop("staff", None)
+    return redirect(url_for("dashboard.login"))
+
+
+@dashboard.get("/")
+def overview():
+    svc = _svc()
+    cases = [c for c in svc.store.list() if _visible(c)]
+    now = time.time()
+    counts = Counter(c.step for c in cases)
+    states = [(STATE_LABELS.get(s, s), counts.get(s, 0)) for s in STATE_ORDER if counts.get(s, 0) or s in
+              ("await_opinion", "done", "failed")]
+    overdue = sorted((c for c in cases if c.overdue_at is not None and c.step == "await_opinion"),
+                     key=lambda c: c.due_at or 0)
+    failed = sorted((c for c in cases if c.step == "failed"), key=lambda c: -c.updated_at)
+    waiting = sorted((c for c in cases if c.step in ("collect", "seal", "deliver", "file") and c.last_error),
+                     key=lambda c: -c.updated_at)
+    reviewers = _turnaround(svc, cases)
+    concl = _conclusion_counts(svc, [c for c in cases if c.step == "done"])
+    staff = _staff()
+    return render_template(
+        "dashboard/overview.html", title="Referrals", where="Hospital IT dashboard", nav=_nav("overview"),
+        who=staff["name"], can_retry="cases:write" in staff["scopes"], total=len(cases), states=states,
+        state_chart=bar_chart(states, title="Cases by state", colors=STATE_COLORS), overdue=overdue, failed=failed, waiting=waiting,
+        reviewers=reviewers, concl=concl,
+        concordance_chart=bar_chart(concl["concordance"], title="Concordance with the referring diagnosis"),
+        plan_chart=bar_chart(concl["plan"], title="What the second opinion meant for the planned treatment"),
+        app_name=lambda c: (svc.app_for_key(c.hospital).hospital.name if svc.app_for_key(c.hospital) else "?"),
+        fmt=_fmt, ago=lambda t: _days(now - t) if t else "", step_label=lambda s: STATE_LABELS.get(s, s))
+
+
+@dashboard.get("/cases/<case_id>")
+def case(case_id: str):
+    svc = _svc()
+    try:
+        c = svc.store.get(case_id)
+    except CaseError:
+        abort(404)
+    if not _visible(c):
+        abort(404)
+    staff = _staff()
+    return render_template("dashboard/case.html", title=f"Case {c.id[:8]}", where="Hospital IT dashboard",
+                           nav=_nav("case"), who=staff["name"], c=c, events=svc.store.events(c.id),
+                           can_retry="cases:write" in staff["scopes"], fmt=_fmt,
+                           step_label=lambda s: STATE_LABELS.get(s, s))
+
+
+@dashboard.post("/cases/<case_id>/retry")
+def retry(case_id: str):
+    from ..workflow import retry as retry_case
+    check_csrf()
+    if "cases:write" not in _staff()["scopes"]:
+        abort(403, "your credentials do not include cases:write")
+    svc = _svc()
+    try:
+        c = svc.store.get(case_id)
+    except CaseError:
+        abort(404)
+    if not _visible(c):
+        abort(404)
+    try:
+        after = retry_case(svc.app_for_key(c.hospital), c)
+        flash(f"Case {c.id[:8]} will be retried at {STATE_LABELS.get(after.step, after.step)}.", "ok")
+    except FhirbridgeError as exc:
+        flash(f"Case {c.id[:8]} was not retried: {exc}", "error")
+    target = request.form.get("back", "")
+    return redirect(target if target.startswith("/dashboard") else url_for("dashboard.overview"))
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+def _turnaround(svc, cases) -> list[dict]:
+    """Per reviewer: Cases sent, filed, overdue, declined; days from delivery to the filed opinion."""
+    out = []
+    for name, reviewer in svc.config.reviewers.items():
+        mine = [c for c in cases if c.reviewer == name]
+        sent = [c for c in mine if c.due_at is not None]
+        days = []
+        for c in sent:
+            if c.step == "done":
+                delivered = c.due_at - reviewer.turnaround_days * 86400   # due_at was set at delivery
+                days.append(max(0.0, (c.updated_at - delivered) / 86400))
+        out.append({"name": reviewer.display, "target": reviewer.turnaround_days, "sent": len(sent),
+                    "filed": sum(c.step == "done" for c in mine),
+                    "open": sum(c.step == "await_opinion" for c in mine),
+                    "overdue": sum(c.overdue_at is not None and c.step == "await_opinion" for c in mine),
+                    "declined": sum(c.step == "declined" for c in mine),
+                    "median": round(statistics.median(days), 1) if days else None,
+                    "p90": round(sorted(days)[max(0, int(len(days) * 0.9 + 0.5) - 1)], 1) if days else None})
+    return out
+
+
+def _conclusion_counts(svc, done) -> dict:
+    conc, plan, unread = Counter(), Counter(), 0
+    for c in done:
+        found = _conclusion(svc, c)
+        if found is None:
+            unread += 1
+            continue
+        if found.get("concordance"):
+            conc[found["concordance"]] += 1
+        if found.get("recommendation"):
+            plan[PLAN_EFFECT.get(found["recommendation"], found["recommendation"])] += 1
+    conc_labels = {"concordant": "Concordant", "partially-concordant": "Partially concordant",
+                   "discordant": "Discordant"}
+    changed = sum(v for k, v in plan.items() if k.startswith("Changed"))
+    total = sum(plan.values())
+    return {"concordance": [(conc_labels.get(k, k), conc.get(k, 0)) for k in conc_labels],
+            "plan": sorted(plan.items(), key=lambda kv: -kv[1]), "filed": len(done), "unread": unread,
+            "changed_share": round(100 * changed / total) if total else None}
+
+
+def _conclusion(svc, case) -> dict | None:
+    """The coded concordance and recommendation of a filed opinion, from the opinion file as accepted."""
+    if case.id in _conclusions:
+        return _conclusions[case.id]
+    app = svc.app_for_key(case.hospital)
+    path = svc.config.data_dir / "cases" / case.id / f"opinion-{case.opinion_id}.jwe"
+    if app is None or not case.opinion_id or not path.exists():
+        return None
+    try:
+        _hdr, plaintext = jwe.decrypt_bytes_with_header(path.read_bytes(), app.hospital_keys,
+                                                        max_plaintext=32 * 1024 * 1024)
+        document = jsonutil.loads(plaintext)["document"]
+    except (FhirbridgeError, ValueError, KeyError, OSError) as exc:
+        log.warning("dashboard: cannot read the opinion of Case %s: %s", case.id, type(exc).__name__)
+        return None
+    found = {}
+    for e in document.get("entry", []):
+        r = e.get("resource", {})
+        if r.get("resourceType") != "Observation":
+            continue
+        code = next((c.get("code") for c in r.get("code", {}).get("coding", []) if c.get("system") == OPINION_CODES),
+                    None)
+        value = next((c.get("code") for c in r.get("valueCodeableConcept", {}).get("coding", [])), None)
+        if code in ("concordance", "recommendation", "urgency") and value:
+            found[code] = value
+    _conclusions[case.id] = found
+    return found
+
+
+def _fmt(epoch) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(epoch)) if epoch else ""
+
+
+def _days(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
