@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from browserkit import browser, page  # noqa: F401 - the browser fixtures, defined once for the session
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.localehr import LocalEhr, find_sekmet, seed_patient

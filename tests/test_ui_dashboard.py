@@ -6,7 +6,7 @@ import hashlib
 import re
 
 import pytest
-from browserkit import LiveServer, browser, page, shot  # noqa: F401 - fixtures
+from browserkit import LiveServer, shot
 from loopkit import SAMPLE_ANSWER
 from playwright.sync_api import expect
 
@@ -47,13 +47,13 @@ def dashboard_site(hospital, seeded):
     svc.stop(wait=True)
 
 
-def sign_in(page, url, token):  # noqa: F811
+def sign_in(page, url, token):
     page.goto(url + "/dashboard/")
     page.get_by_label("Staff token, API key or access token").fill(token)
     page.get_by_role("button", name="Sign in").click()
 
 
-def test_dashboard_shows_the_flow_and_retries_a_failed_case(dashboard_site, page):  # noqa: F811
+def test_dashboard_shows_the_flow_and_retries_a_failed_case(dashboard_site, page):
     h, svc, server, filed = dashboard_site
     failed = next(c for c in svc.store.list() if c.step == "failed" and c.hospital == h.app.hospital.key)
     assert "1000" in failed.last_error or "larger" in failed.last_error, failed.last_error
@@ -96,7 +96,7 @@ def test_dashboard_shows_the_flow_and_retries_a_failed_case(dashboard_site, page
     shot(page, "dashboard-4-case")
 
 
-def test_a_read_only_key_sees_but_cannot_retry(dashboard_site, page):  # noqa: F811
+def test_a_read_only_key_sees_but_cannot_retry(dashboard_site, page):
     _h, _svc, server, _filed = dashboard_site
     sign_in(page, server.url, READER)
     expect(page.get_by_role("heading", level=1)).to_have_text("Second-opinion referrals")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 from playwright.sync_api import expect
-from browserkit import LiveServer, browser, page, shot  # noqa: F401 - fixtures
+from browserkit import LiveServer, shot
 
 from fhirbridge import config
 from fhirbridge.service import Service
@@ -45,7 +45,7 @@ def portal(hospital_served, tmp_path):
     live.close()
 
 
-def test_reviewer_reads_answers_and_the_opinion_lands_in_the_ehr(hospital_served, portal, page, seeded, fhir):  # noqa: F811
+def test_reviewer_reads_answers_and_the_opinion_lands_in_the_ehr(hospital_served, portal, page, seeded, fhir):
     h, svc, _server = hospital_served
     case = h.delivered_case(seeded["patient"], question="Is surgery indicated now?\nWould physiotherapy first be "
                                                         "reasonable?")
