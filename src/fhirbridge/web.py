@@ -445,6 +445,8 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     from .openapi import docs
     app.register_blueprint(notify)
     app.register_blueprint(docs)
+    from .ui.physician import install as install_physician
+    install_physician(app)   # only when [physician_app] is configured
     _errors(app)
     return app
 
