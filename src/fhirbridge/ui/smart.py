@@ -14,6 +14,7 @@ refresh, and fhirbridge reads the EHR with its own client (App.ehr). The access 
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import requests
 from requests.adapters import HTTPAdapter
 
+# fhirclient warns that it ignores the id_token on every launch; we verify and read it ourselves (_fhir_user).
+logging.getLogger("fhirclient.client").setLevel(logging.ERROR)
 TIMEOUT = (5, 15)
 PENDING_SECONDS = 600         # an authorize round trip must come back within this
 ID_PART = r"[A-Za-z0-9\-.]{1,64}"
