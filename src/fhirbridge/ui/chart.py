@@ -26,8 +26,8 @@ def when(epoch: float | None) -> str:
     return time.strftime("%d %b %Y, %H:%M UTC", time.gmtime(epoch)) if epoch else ""
 
 
-def day(value: str | None) -> str:
-    return (value or "")[:10]
+def day_of(epoch: float | None) -> str:
+    return time.strftime("%d %b %Y", time.gmtime(epoch)) if epoch else ""
 
 
 @dataclass
@@ -41,8 +41,9 @@ def banner(patient: dict) -> Banner:
     text = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip() or "(no name)"
     mrn = next((i.get("value") for i in patient.get("identifier", [])
                 if any(c.get("code") == "MR" for c in i.get("type", {}).get("coding", []))), None)
+    mrn_text = (mrn if mrn.upper().startswith("MRN") else f"MRN {mrn}") if mrn else ""
     details = [patient.get("gender", "").capitalize(),
-               f"Born {patient['birthDate']}" if patient.get("birthDate") else "", f"MRN {mrn}" if mrn else ""]
+               f"Born {patient['birthDate']}" if patient.get("birthDate") else "", mrn_text]
     return Banner(name=text, details=[d for d in details if d])
 
 
@@ -80,14 +81,22 @@ def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
             offered += [i["ref"] for i in items]
     for r in got.resources:
         if r["resourceType"] not in primary:
-            supporting[r["resourceType"]] = supporting.get(r["resourceType"], 0) + 1
+            kind = SUPPORTING.get(r["resourceType"], r["resourceType"])
+            supporting[kind] = supporting.get(kind, 0) + 1
     return Preview(groups=groups, supporting=supporting, withheld=_withheld(app, got.withheld), offered=offered)
 
 
 def _item(r: dict) -> dict:
-    moment = clinical_date(r)
-    return {"ref": f"{r['resourceType']}/{r['id']}", "summary": summary_line(r),
-            "date": moment.strftime("%d %b %Y") if moment else ""}
+    moment, summary = clinical_date(r), summary_line(r)
+    shown = moment is not None and moment.strftime("%Y-%m-%d") not in summary   # most summaries say when
+    return {"ref": f"{r['resourceType']}/{r['id']}", "summary": summary,
+            "date": moment.strftime("%d %b %Y") if shown else ""}
+
+
+# What the supporting records are, in words a physician uses.
+SUPPORTING = {"Practitioner": "clinicians", "PractitionerRole": "clinicians' roles", "Organization": "organisations",
+              "Observation": "results", "Medication": "medications", "Endpoint": "image archive addresses",
+              "Specimen": "specimens", "Location": "locations"}
 
 
 def _withheld(app: App, withheld: list[dict]) -> list[dict]:
@@ -143,7 +152,7 @@ def order_summary(sr: dict, app: App) -> dict:
             "held_back": [summary_line(found[r]) if r in found else r for r in held_back]}
 
 
-def timeline(app: App, case: Case, reviewer_display: str) -> list[dict]:
+def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None = None) -> list[dict]:
     """The referral's milestones, each done (with when), in progress, or still to come."""
     events = app.store.events(case.id)
     first = {}
@@ -152,21 +161,24 @@ def timeline(app: App, case: Case, reviewer_display: str) -> list[dict]:
     collected = first.get("collect.done", {}).get("detail", {})
     shared = sum((collected.get("counts") or {}).values())
     due = f"answer due by {when(case.due_at)}" if case.due_at else ""
+    # (key, label once done, label while in progress, event, detail, the Case steps during which it is current)
     steps = [
-        ("ordered", "Ordered", first.get("opened"), "", ()),
-        ("collected", "Records collected", first.get("collect.done"),
+        ("ordered", "Ordered", "Ordered", first.get("opened"), f"by {ordered_by}" if ordered_by else "", ()),
+        ("collected", "Records collected", "Collecting the records", first.get("collect.done"),
          f"{shared} records shared, {collected.get('withheld', 0)} withheld" if collected else "", ("collect",)),
-        ("sent", f"Sent to {reviewer_display}", first.get("deliver.done"), due, ("seal", "deliver")),
-        ("received", "Opinion received", first.get("opinion.received"), "", ("await_opinion",)),
-        ("filed", "Filed in the chart", first.get("file.done"), "", ("file",)),
+        ("sent", f"Sent to {reviewer_display}", f"Sealing and sending to {reviewer_display}",
+         first.get("deliver.done"), due, ("seal", "deliver")),
+        ("received", "Opinion received", "Waiting for the reviewer's opinion", first.get("opinion.received"),
+         "", ("await_opinion",)),
+        ("filed", "Filed in the chart", "Filing the opinion in the chart", first.get("file.done"), "", ("file",)),
     ]
     out = []
-    for key, label, event, detail, current_steps in steps:
+    for key, done_label, current_label, event, detail, current_steps in steps:
         state = "done" if event else ("current" if case.step in current_steps else "pending")
         if key == "received" and state == "current":
-            detail = f"Waiting for the reviewer; {due}" if due else "Waiting for the reviewer"
-        out.append({"key": key, "label": label, "state": state, "at": when(event["at"]) if event else "",
-                    "detail": detail if state != "pending" else ""})
+            detail = due
+        out.append({"key": key, "label": current_label if state == "current" else done_label, "state": state,
+                    "at": when(event["at"]) if event else "", "detail": detail if state != "pending" else ""})
     return out
 
 

@@ -176,7 +176,7 @@ def landing(patient: str):
     cases = chart.cases_for(app, patient)
     orders = chart.read_many(app, [c.service_request for c in cases[:50]])
     rows = [{"case": c, "status": chart.status_of(c), "reviewer": _reviewer_display(app, c.reviewer),
-             "ordered": chart.when(c.created_at),
+             "ordered": chart.day_of(c.created_at),
              "question": chart.question_of(orders[c.service_request]) if c.service_request in orders else "",
              "url": url_for(".case_page", patient=patient, case_id=c.id)} for c in cases[:50]]
     return _page("physician/landing.html", patient=patient, ctx=ctx, app=app, current="landing",
@@ -301,8 +301,14 @@ def case_page(patient: str, case_id: str):
     return _page("physician/case.html", patient=patient, ctx=ctx, app=app, current="case",
                  title=f"Second opinion from {reviewer}", case=case, reviewer=reviewer,
                  status=chart.status_of(case), order=chart.order_summary(sr, app),
-                 timeline=chart.timeline(app, case, reviewer), opinion=chart.filed_opinion(app, case),
+                 timeline=chart.timeline(app, case, reviewer, _requester_name(app, sr)),
+                 opinion=chart.filed_opinion(app, case),
                  profile=dict(_profiles(app)).get(case.profile, case.profile), when=chart.when)
+
+
+def _requester_name(app: App, sr: dict) -> str | None:
+    ref = sr.get("requester", {}).get("reference")
+    return _user_name(app, ref) if ref and ref.startswith("Practitioner/") else None
 
 
 # --- errors: pages, not JSON ------------------------------------------------------------------------------
