@@ -50,6 +50,8 @@ def install(app: Flask) -> None:
     if svc.config.physician_app is None:
         return
     if not app.secret_key:
+        # Served over https (public_url): cookies never go over plain http.
+        app.config["SESSION_COOKIE_SECURE"] = (svc.config.public_url or "").startswith("https://")
         key = svc.apps[0].hospital_keys.signing_key().as_dict(private=True)
         install_ui(app, secret=derive_secret(jsonutil.canonical(key), "ui-session"))
     app.register_blueprint(bp)
