@@ -30,9 +30,7 @@ from .. import jsonutil
 from ..context import App
 from ..errors import FhirbridgeError, FhirError
 from ..mappings_load import profile_names
-from . import chart, smart
-from . import check_csrf
-from . import derive_secret
+from . import chart, check_csrf, derive_secret, smart
 from . import install as install_ui
 
 bp = Blueprint("physician", __name__, url_prefix="/physician")
