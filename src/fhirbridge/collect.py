@@ -19,6 +19,7 @@ from .context import App
 from .errors import FhirbridgeError
 from .fhir.validate import validate as validate_resource
 from .mappings_load import Profile, ResourceRule
+from .order import excluded_records
 
 if TYPE_CHECKING:
     from .consent import Consents
@@ -44,6 +45,7 @@ FOLLOW_DEPTH = 2
 ID_BATCH = 50
 # Reasons starting with this are kept by the hospital (collected.jwe) but never shown to the reviewer.
 POLICY = "policy: "
+DESELECTED = "deselected by the referring physician"
 
 
 @dataclass
@@ -93,11 +95,12 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
     patient_ref = service_request["subject"]["reference"]
     patient = app.ehr.read_ref(patient_ref)
     _check_valid(patient, patient_ref)
-    out = Collected(service_request=service_request, patient=patient, profile=profile.name,
+    out = Collected(service_request=_without_exclusions(service_request), patient=patient, profile=profile.name,
                     lookback_days=profile.lookback_days,
                     collected_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"))
     cutoff = now - timedelta(days=profile.lookback_days)
     invalid_before = len(app.ehr.invalid)
+    excluded = excluded_records(service_request)
     seen: set[str] = {patient_ref, f"ServiceRequest/{service_request['id']}"}
     for rtype, rule in profile.rules.items():
         app.progress(f"  searching {rtype}")
@@ -109,11 +112,13 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
                 continue
             seen.add(ref)
             reason = _with_consent(withhold_reason(res, rule, profile, cutoff), res, consents)
+            if not reason and ref in excluded:
+                reason = DESELECTED
             if reason:
                 out.withheld.append({"reference": ref, "reason": reason})
             else:
                 out.resources.append(res)
-    _follow_references(app, out, profile, seen, consents)
+    _follow_references(app, out, profile, seen, consents, excluded)
     # Invalid resources are reported, not silently dropped and not sent: the reviewer sees them listed as
     # withheld with the validation reasons, and the Case's event log records them.
     invalid = {e.where: e.reasons for e in app.ehr.invalid[invalid_before:]}
@@ -128,6 +133,16 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
         out.resources = keep
     out.attachments = list(find_attachments(app, out.resources))
     return out
+
+
+def _without_exclusions(service_request: dict) -> dict:
+    """The order as the reviewer gets it: without the list of records the physician held back. The manifest
+    names those withheld for that reason; the list itself could name a record withheld for a sensitivity
+    label, which must never be named to the reviewer (POLICY)."""
+    from .order import EXCLUDED_RECORD
+    kept = [e for e in service_request.get("extension", []) if e.get("url") != EXCLUDED_RECORD]
+    out = {k: v for k, v in service_request.items() if k != "extension"}
+    return {**out, "extension": kept} if kept else out
 
 
 def _check_valid(resource: dict, where: str) -> None:
@@ -229,7 +244,7 @@ def iter_references(obj: Any) -> Iterator[str]:
 
 
 def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
-                       consents: Consents | None = None) -> None:
+                       consents: Consents | None = None, excluded: set[str] = frozenset()) -> None:
     frontier = out.resources + [out.service_request, out.patient]
     for _depth in range(FOLLOW_DEPTH):
         wanted: dict[str, set[str]] = {}
@@ -251,6 +266,8 @@ def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str
                         continue
                     seen.add(ref)
                     reason = _with_consent(_follow_withhold(res, profile), res, consents)
+                    if not reason and ref in excluded:
+                        reason = DESELECTED
                     if reason:
                         out.withheld.append({"reference": ref, "reason": reason})
                         continue

@@ -168,6 +168,24 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class PhysicianApp:
+    """[physician_app]: the SMART on FHIR EHR-launch ordering app (ui/physician.py). `issuers` maps each EHR
+    FHIR base URL allowed to launch it (the SMART `iss`) to the configured hospital whose orders it places;
+    without entries, a hospital's own fhir_base_url is the only issuer for it."""
+    client_id: str
+    issuers: tuple[tuple[str, str], ...] = ()     # (iss, hospital name)
+    # Besides "launch", which is always asked for (fhirclient adds it): who the user is (SMART fhirUser in an
+    # OpenID Connect id_token) and read access to the patient in context.
+    scope: str = "openid fhirUser patient/Patient.rs"
+
+    def hospital_for(self, iss: str, hospitals: dict[str, "Hospital"]) -> str | None:
+        iss = iss.rstrip("/")
+        if self.issuers:
+            return next((h for url, h in self.issuers if url == iss), None)
+        return next((h.name for h in hospitals.values() if h.fhir_base_url == iss), None)
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path | None
     base_dir: Path
@@ -188,6 +206,7 @@ class Config:
     api_keys: tuple[ApiKey, ...] = ()
     oauth: OAuthSettings | None = None
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    physician_app: PhysicianApp | None = None
 
     @property
     def hospital(self) -> Hospital:
@@ -512,13 +531,14 @@ def _build(raw: dict, file: Path) -> Config:
     audit = AuditSettings(write_to_ehr=audit_sec.get("write_to_ehr", bool, False))
     audit_sec.finish()
     metrics = _metrics(top.sub("metrics"))
+    physician_app = _physician_app(top, hospitals)
     top.finish()
     return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
                   inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
                   public_url=public_url.rstrip("/") if public_url else None, audit=audit,
-                  api_keys=api_keys, oauth=oauth, metrics=metrics)
+                  api_keys=api_keys, oauth=oauth, metrics=metrics, physician_app=physician_app)
 
 
 def _api_keys(api: _Section, file: Path, hospitals: dict) -> tuple[ApiKey, ...]:
@@ -574,6 +594,35 @@ def _metrics(sec: _Section) -> MetricsSettings:
     settings = MetricsSettings(enabled=sec.get("enabled", bool, True), token=token)
     sec.finish()
     return settings
+
+
+def _physician_app(top: _Section, hospitals: dict[str, Hospital]) -> PhysicianApp | None:
+    if "physician_app" not in top.data:
+        return None
+    sec = top.sub("physician_app")
+    client_id = sec.get("client_id", str, required=True).strip()
+    scope = " ".join(s for s in sec.get("scope", str, PhysicianApp.scope).split() if s != "launch")
+    sec.used.add("issuers")
+    items = sec.data.get("issuers", [])
+    if not isinstance(items, list):
+        raise sec.err("issuers", "must be an array of tables ([[physician_app.issuers]] url = ..., hospital = ...)")
+    issuers = []
+    for i, item in enumerate(items):
+        it = _Section(item, sec.file, f"physician_app.issuers[{i}]")
+        url = it.get("url", str, required=True).rstrip("/")
+        # The issuer is where tokens and the launch context come from: a typo here must not let another
+        # server launch the app, and plain http only on loopback (tests).
+        if not _https_or_loopback(url):
+            raise it.err("url", "must be the https:// FHIR base URL of the EHR that launches the app")
+        name = it.get("hospital", str, None)
+        if name is None and len(hospitals) == 1:
+            name = next(iter(hospitals))
+        if name not in hospitals:
+            raise it.err("hospital", f"must name a configured hospital ({', '.join(hospitals)})")
+        it.finish()
+        issuers.append((url, name))
+    sec.finish()
+    return PhysicianApp(client_id=client_id, issuers=tuple(issuers), scope=scope)
 
 
 def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:

@@ -39,7 +39,8 @@ _API = {"tokens": ["t" * 20],
 SAMPLES = [
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"}, "auth": _SMART}, "reviewers": _REVIEWERS,
-     "api": _API},
+     "api": _API, "physician_app": {"client_id": "fhirbridge-physician", "scope": "openid fhirUser",
+                                     "issuers": [{"url": "https://ehr.example/fhir", "hospital": "H"}]}},
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"}},
      "reviewers": _REVIEWERS, "api": {"oauth": {"issuer": "https://idp.example", "audience": "fhirbridge",
@@ -70,6 +71,8 @@ TABLES = {
     "routing": "Which reviewer gets an order that names none.",
     "audit": "The accounting of disclosures (BALP AuditEvents).",
     "metrics": "Prometheus metrics at /metrics (docs/operate.md).",
+    "physician_app": "The physician's SMART on FHIR EHR-launch ordering app at /physician (unset: not served).",
+    "physician_app.issuers[]": "EHRs allowed to launch the app: one `[[physician_app.issuers]]` table each.",
 }
 
 MEANINGS = {
@@ -146,6 +149,11 @@ MEANINGS = {
     "routing.default_reviewer": "The reviewer for orders whose profile no reviewer lists.",
     "audit.write_to_ehr": "Also write each AuditEvent to the EHR.",
     "metrics.enabled": "Serve /metrics.",
+    "physician_app.client_id": "The client id the EHR registered for the app (a public client using PKCE).",
+    "physician_app.scope": "Scopes asked for besides `launch` (who the user is, read access to the patient).",
+    "physician_app.issuers[].url": "The EHR's FHIR base URL as it sends it in `iss` (https).",
+    "physician_app.issuers[].hospital": "The configured hospital whose orders a launch from it places (unset: "
+                                        "the only one).",
     "metrics.token": "When set, /metrics wants `Authorization: Bearer <token>` (at least 16 characters; from the "
                      "environment: `FHIRBRIDGE_METRICS__TOKEN`).",
 }

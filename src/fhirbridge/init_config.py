@@ -60,6 +60,12 @@ page_size = 100                        # _count for searches
 # [audit]
 # write_to_ehr = false                  # also write each AuditEvent (disclosure, opinion filed) to the EHR
 
+# [physician_app]                      # the SMART on FHIR ordering app at <public_url>/physician/launch
+# client_id = "fhirbridge-physician"    # registered at the EHR with redirect <public_url>/physician/callback
+# [[physician_app.issuers]]             # EHR FHIR base URLs allowed to launch it (default: fhir_base_url)
+# url = "https://ehr.example.org/fhir"
+# hospital = "General Hospital"         # whose orders it places (optional with one hospital)
+
 [routing]
 {default_reviewer_line}
 

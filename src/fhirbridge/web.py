@@ -462,6 +462,8 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     from . import logs, metrics
     logs.init_app(app)
     metrics.init_app(app)
+    from .ui.physician import install as install_physician
+    install_physician(app)   # only when [physician_app] is configured
     _errors(app)
     return app
 
@@ -472,6 +474,8 @@ def _pages(app: Flask) -> None:
     from . import jsonutil, ui
     from .ui.dashboard import dashboard
     svc = app.extensions["fhirbridge"]
+    # Served over https (public_url): the session cookie never travels over plain http.
+    app.config["SESSION_COOKIE_SECURE"] = (svc.config.public_url or "").startswith("https://")
     material = jsonutil.dumps(svc.apps[0].hospital_keys.signing_key().as_dict(private=True))
     ui.install(app, secret=ui.derive_secret(material, "service-pages-session"))
     app.register_blueprint(dashboard)
