@@ -70,6 +70,17 @@ def _visible(case) -> bool:
     return app is not None and (s["hospitals"] is None or app.hospital.name in s["hospitals"])
 
 
+def _visible_case(case_id: str):
+    """The Case, if this sign-in may see it; otherwise 404, as if it did not exist."""
+    try:
+        c = _svc().store.get(case_id)
+    except CaseError:
+        abort(404)
+    if not _visible(c):
+        abort(404)
+    return c
+
+
 def _nav(current: str) -> list:
     return [("Overview", url_for("dashboard.overview"), current == "overview")]
 
@@ -137,13 +148,7 @@ def overview():
 
 @dashboard.get("/cases/<case_id>")
 def case(case_id: str):
-    svc = _svc()
-    try:
-        c = svc.store.get(case_id)
-    except CaseError:
-        abort(404)
-    if not _visible(c):
-        abort(404)
+    svc, c = _svc(), _visible_case(case_id)
     staff = _staff()
     return render_template("dashboard/case.html", title=f"Case {c.id[:8]}", where="Hospital IT dashboard",
                            nav=_nav("case"), who=staff["name"], c=c, events=svc.store.events(c.id),
@@ -157,13 +162,7 @@ def retry(case_id: str):
     check_csrf()
     if "cases:write" not in _staff()["scopes"]:
         abort(403, "your credentials do not include cases:write")
-    svc = _svc()
-    try:
-        c = svc.store.get(case_id)
-    except CaseError:
-        abort(404)
-    if not _visible(c):
-        abort(404)
+    svc, c = _svc(), _visible_case(case_id)
     try:
         after = retry_case(svc.app_for_key(c.hospital), c)
         flash(f"Case {c.id[:8]} will be retried at {STATE_LABELS.get(after.step, after.step)}.", "ok")

@@ -342,29 +342,31 @@ def create_portal(settings: PortalSettings) -> Flask:
         flash(f"Signed and sent: {where}.", "ok")
         return redirect(url_for("case", pid=pid))
 
-    @app.post("/cases/<pid>/decline")
-    def decline(pid: str):
+    def _to_hospital(pid: str, field: str, what: str, body_key: str, missing: str):
+        """Decline or ask for records: a short text the hospital's API takes; the form again if it is empty."""
         check_csrf()
         pc = portal.cases.get(pid) or abort(404)
-        reason = request.form.get("reason", "").strip()
-        if not reason:
-            return _case_page(pid, values=request.form.to_dict(),
-                              errors={"decline_reason": "say why you decline, for the referring physician"},
-                              status=422)
-        _hospital_call(pc, "decline", {"reason": reason})
+        text = request.form.get(field, "").strip()
+        if not text:
+            return None, _case_page(pid, values=request.form.to_dict(), errors={field: missing}, status=422)
+        _hospital_call(pc, what, {body_key: text})
+        return pc, None
+
+    @app.post("/cases/<pid>/decline")
+    def decline(pid: str):
+        pc, page = _to_hospital(pid, "decline_reason", "decline", "reason",
+                                "say why you decline, for the referring physician")
+        if page is not None:
+            return page
         portal.mark_answered(pid, {"declined": True, "where": "declined"})
         flash("Declined; the hospital has been told why.", "ok")
         return redirect(url_for("inbox"))
 
     @app.post("/cases/<pid>/request")
     def ask(pid: str):
-        check_csrf()
-        pc = portal.cases.get(pid) or abort(404)
-        text = request.form.get("request_text", "").strip()
-        if not text:
-            return _case_page(pid, values=request.form.to_dict(),
-                              errors={"request_text": "say which records you need"}, status=422)
-        _hospital_call(pc, "requests", {"text": text})
+        _pc, page = _to_hospital(pid, "request_text", "requests", "text", "say which records you need")
+        if page is not None:
+            return page
         flash("Your request for more records was sent to the hospital.", "ok")
         return redirect(url_for("case", pid=pid))
 
