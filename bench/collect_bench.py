@@ -16,28 +16,17 @@ import requests
 
 from fhirbridge.collect import FOLLOW_DEPTH, FOLLOW_TYPES, collect, iter_references
 
-from . import synth
+from . import synth, traffic
 from .common import Bench, side_by_side
 
 BOUND_THREADS = 8
 
 
 def record_urls(fn) -> list[str]:
-    """The URL of every request sent through any `requests` session while `fn` runs (fhirbridge's client
-    and the sibling clients it fetches with in parallel). Patching Session.send is the instrument here."""
-    urls: list[str] = []
-    real = requests.Session.send
-
-    def send(self, request, **kw):
-        urls.append(request.url)
-        return real(self, request, **kw)
-
-    requests.Session.send = send
-    try:
+    """The URL of every GET fhirbridge sends (its client and the sibling clients it fetches with) in `fn`."""
+    with traffic.urls() as seen:
         fn()
-    finally:
-        requests.Session.send = real
-    return urls
+    return seen
 
 
 class Replayer:
@@ -98,6 +87,27 @@ def naive_fhirclient(base_url: str, patient_id: str, types: list[str]) -> int:
     return len(got)
 
 
+def diagnose(app, patient, profile, now) -> dict:
+    """Where fhirbridge's time goes, measured after the side-by-side run: the CPU one collect costs this
+    process, and how much of it is structural validation (fhir.resources) of the records received."""
+    import time
+
+    from fhirbridge.fhir.validate import validate
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    collected = collect(app, patient.service_request, profile, now=now)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    records = [collected.patient, *collected.resources]
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        for r in records:
+            validate(r)
+        best = min(best, time.process_time() - started)
+    return {"collect_wall_s": round(wall, 4), "collect_cpu_s": round(cpu, 4), "validate_cpu_s": round(best, 4),
+            "validate_us_per_resource": round(best / len(records) * 1e6, 1)}
+
+
 def run(bench: Bench, sizes: list[int], repeats: dict[int, int], *, naive: bool = True,
         page_sizes: tuple[int | None, ...] = (None,), log=print) -> dict:
     app_by_page = {ps: (bench.app(**({"FHIRBRIDGE_HOSPITAL__HTTP__PAGE_SIZE": str(ps)} if ps else {})))
@@ -142,6 +152,7 @@ def run(bench: Bench, sizes: list[int], repeats: dict[int, int], *, naive: bool 
                 row["vs_bound"][label] = round(t.ratio(label, bound_label), 3)
                 if naive:
                     row["naive_over"][label] = round(t.ratio("naive fhirclient", label), 2)
+            row["diagnosis"] = diagnose(app_by_page[page_sizes[0]], patient, profile, now)
             log(f"  collect {size}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["median_s"].items())
                 + f"; vs bound {row['vs_bound']}; naive/fb {row['naive_over']}")
             results.append(row)
