@@ -6,7 +6,8 @@ Contenders, interleaved, on the same table (every claim released between repetit
   LOCKED) RETURNING *), 4 processes, each with its own Store, claiming until nothing is left;
 * bound: the same claim as one hand-written statement through psycopg (no SQLAlchemy, returning only
   the id), 4 processes: the database's own speed at handing out rows;
-* fhirbridge, 1 worker: how far 4 workers scale.
+* fhirbridge, 1 worker: how far 4 workers scale;
+* diagnostic: fhirbridge, 4 workers, with SQLAlchemy's pool pre-ping off (one of the causes measured).
 
 Workers connect and warm up first, then wait for one start signal; the time runs from the signal to the
 last worker finding nothing left. Each worker returns the ids it claimed, so a Case handed out twice is
@@ -31,9 +32,14 @@ def _schema_url(url: str, schema: str) -> str:
 
 def _worker(kind: str, url: str, name: str, ready, go, out) -> None:
     ids: list[str] = []
-    if kind == "fhirbridge":
+    if kind.startswith("fhirbridge"):
         from fhirbridge.store import Store
         store = Store(url, create=False)
+        if kind == "fhirbridge-no-ping":
+            # Diagnostic only: the same Store with SQLAlchemy's pre-ping (a SELECT 1 on every checkout) off.
+            from sqlalchemy import create_engine as _ce
+            store.engine.dispose()
+            store.engine = _ce(url, pool_pre_ping=False)
         store.claim(worker=name, case_id="warm-up-none", lease_seconds=600)   # connects; claims nothing
         claim = lambda: store.claim(worker=name, lease_seconds=600)  # noqa: E731
         ready.put(name)
@@ -84,6 +90,34 @@ def _one_run(kind: str, url: str, workers: int) -> dict:
             "per_worker": [len(r[2]) for r in results]}
 
 
+def statements_per_claim(url: str) -> dict:
+    """What one Store.claim sends to PostgreSQL: statements SQLAlchemy executes, pre-ping checks and
+    transaction ends, counted with engine events over 20 claims (a fresh schema, so nothing is claimable
+    after the table is gone: run before it is dropped)."""
+    from sqlalchemy import event
+
+    from fhirbridge.store import Store
+
+    store = Store(url, create=False)
+    counts = Counter()
+    event.listen(store.engine, "before_cursor_execute", lambda *a, **k: counts.update(["statement"]))
+    event.listen(store.engine, "commit", lambda *a, **k: counts.update(["commit"]))
+    event.listen(store.engine, "checkout", lambda *a, **k: counts.update(["checkout"]))
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE cases SET claimed_by = NULL, claimed_until = NULL"))
+    counts.clear()
+    n = 20
+    for i in range(n):
+        store.claim(worker="count", lease_seconds=600)
+    # pool_pre_ping sends its own "SELECT 1" on checkout, outside before_cursor_execute: one per checkout.
+    pings = counts["checkout"] if getattr(store.engine.pool, "_pre_ping", False) else 0
+    per = {k: v / n for k, v in counts.items()}
+    per["pre_ping"] = pings / n
+    per["round_trips"] = per.get("statement", 0) + per.get("commit", 0) + per["pre_ping"]
+    store.close()
+    return per
+
+
 def run(cases: int, repeats: int, url: str = DEFAULT_URL, log=print) -> dict:
     from fhirbridge.store import Store
 
@@ -110,8 +144,10 @@ def run(cases: int, repeats: int, url: str = DEFAULT_URL, log=print) -> dict:
 
         contenders = {"fhirbridge 4 workers": lambda: _one_run("fhirbridge", surl, 4),
                       "bound 4 workers (raw SQL)": lambda: _one_run("raw", surl, 4),
-                      "fhirbridge 1 worker": lambda: _one_run("fhirbridge", surl, 1)}
+                      "fhirbridge 1 worker": lambda: _one_run("fhirbridge", surl, 1),
+                      "diagnostic: fhirbridge 4 workers, pre-ping off": lambda: _one_run("fhirbridge-no-ping", surl, 4)}
         t = side_by_side(contenders, repeats, warmup=0, setup=reset)
+        spc = statements_per_claim(surl)
         store.close()
     finally:
         with admin.begin() as conn:
@@ -125,10 +161,11 @@ def run(cases: int, repeats: int, url: str = DEFAULT_URL, log=print) -> dict:
                    "duplicates": sum(r["duplicates"] for r in res),
                    "missed": sum(cases - r["distinct"] for r in res),
                    "per_worker_last": res[-1]["per_worker"]}
-    out = {"cases": cases, "rows": rows,
+    out = {"cases": cases, "rows": rows, "statements_per_claim": spc,
            "fhirbridge_vs_bound": round(t.ratio("fhirbridge 4 workers", "bound 4 workers (raw SQL)"), 2),
            "scaling_4_over_1": round(t.ratio("fhirbridge 1 worker", "fhirbridge 4 workers"), 2)}
     log("  claims: " + ", ".join(f"{n} {r['claims_per_second']}/s (dup {r['duplicates']}, missed {r['missed']})"
                                  for n, r in rows.items())
-        + f"; fhirbridge/bound time {out['fhirbridge_vs_bound']}, 4 workers vs 1: {out['scaling_4_over_1']}x")
+        + f"; fhirbridge/bound time {out['fhirbridge_vs_bound']}, 4 workers vs 1: {out['scaling_4_over_1']}x;"
+        f" per claim {spc}")
     return out

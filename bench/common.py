@@ -157,13 +157,15 @@ class Bench(Hospital):
 # --- peak memory in a process of its own ------------------------------------------------------------
 
 def run_isolated(module: str, func: str, args: dict) -> dict:
-    """Run `module.func(**args)` in a fresh interpreter; it returns a JSON-able dict. The child reports its
-    own peak RSS before and after the work (ru_maxrss), so contenders' peaks never mix."""
-    code = ("import json,sys,resource,importlib;"
+    """Run `module.func(**args)` in a fresh interpreter; it returns a JSON-able dict (with "baseline_rss"
+    taken by `reset_peak()` just before its work). The child adds its peak RSS since then, so contenders'
+    peaks never mix."""
+    code = ("import json,sys,importlib;"
             "sys.path.insert(0, sys.argv[1]);"
+            "from bench.common import peak_rss;"
             "m=importlib.import_module(sys.argv[2]);a=json.loads(sys.argv[4]);"
             "out=getattr(m,sys.argv[3])(**a);"
-            "out['peak_rss']=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024;"
+            "out['peak_rss']=peak_rss();"
             "print(json.dumps(out))")
     done = subprocess.run([sys.executable, "-c", code, str(REPO), module, func, json.dumps(args)],
                           capture_output=True, text=True, check=False)
@@ -172,8 +174,34 @@ def run_isolated(module: str, func: str, args: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> int:
+    """Start measuring peak memory from now; returns the current RSS (the baseline). On Linux, writing 5 to
+    /proc/self/clear_refs resets the high-water mark (VmHWM), so set-up before this point (imports, the
+    parsed record) does not hide the work's own peak. Elsewhere: ru_maxrss, a lifetime peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status("VmRSS") or rss_now()
+    except OSError:
+        return rss_now()
+
+
+def peak_rss() -> int:
+    """Peak RSS since `reset_peak()` (Linux VmHWM), else the lifetime peak (ru_maxrss)."""
+    return _status("VmHWM") or rss_now()
+
+
 def rss_now() -> int:
-    """Peak RSS of this process so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    """Lifetime peak RSS of this process, in bytes (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 
 from . import synth
-from .common import Hospital, rss_now, run_isolated, side_by_side
+from .common import Hospital, reset_peak, run_isolated, side_by_side
 
 CHUNK = 1 << 20
 ALGORITHMS = ["ECDH-ES+A256KW", "RSA-OAEP-256", "A256GCM", "DEF"]
@@ -110,7 +110,7 @@ def seal_fhirbridge(root: str, keep_plaintext: bool = False) -> dict:
     app.hospital_keys, app.reviewer_keys(case.reviewer)     # keys loaded before the baseline
     shutil.rmtree(app.case_dir(case.id), ignore_errors=True)
     gc.collect()
-    base = rss_now()
+    base = reset_peak()
     started = time.perf_counter()
     package_id, summary = seal_case(app, case, collected)
     seconds = time.perf_counter() - started
@@ -137,7 +137,7 @@ def seal_bound(root: str) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
     gc.collect()
-    base = rss_now()
+    base = reset_peak()
     started = time.perf_counter()
     total = 0
     for src_path in _inputs(root_p):
@@ -172,7 +172,7 @@ def seal_joserfc(root: str) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
     gc.collect()
-    base = rss_now()
+    base = reset_peak()
     started = time.perf_counter()
     total = 0
     for src_path in _inputs(root_p):
