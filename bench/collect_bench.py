@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 import requests
 
+from fhirbridge import collect as collect_mod
 from fhirbridge.collect import FOLLOW_DEPTH, FOLLOW_TYPES, collect, iter_references
 
 from . import synth, traffic
@@ -133,6 +134,16 @@ def run(bench: Bench, sizes: list[int], repeats: dict[int, int], *, naive: bool 
                 contenders[label] = lambda a=app: collect(a, patient.service_request, profile, now=now)
                 bound_label = "bound" if ps is None else f"bound page_size={ps}"
                 contenders[bound_label] = lambda u=urls_by[label]: replayer.fetch(u)
+            # fhirbridge as it was before issue #7: one request at a time (FETCH_THREADS = 1).
+            base_app = app_by_page[page_sizes[0]]
+
+            def sequential(a=base_app):
+                saved, collect_mod.FETCH_THREADS = collect_mod.FETCH_THREADS, 1
+                try:
+                    collect(a, patient.service_request, profile, now=now)
+                finally:
+                    collect_mod.FETCH_THREADS = saved
+            contenders["fhirbridge 1 fetch thread"] = sequential
             if naive:
                 fetched = naive_fhirclient(bench.ehr.base_url, patient.id, list(profile.rules))
                 if fetched != size:
@@ -146,6 +157,7 @@ def run(bench: Bench, sizes: list[int], repeats: dict[int, int], *, naive: bool 
                    "spread": {k: round(t.spread(k), 3) for k in contenders},
                    "runs": {k: [round(x, 4) for x in v] for k, v in t.runs.items()},
                    "vs_bound": {}, "naive_over": {}}
+            row["parallel_speedup"] = round(t.ratio("fhirbridge 1 fetch thread", "fhirbridge"), 2)
             for ps in page_sizes:
                 label = "fhirbridge" if ps is None else f"fhirbridge page_size={ps}"
                 bound_label = "bound" if ps is None else f"bound page_size={ps}"
