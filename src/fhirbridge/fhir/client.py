@@ -27,6 +27,7 @@ import http
 import logging
 import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +119,12 @@ class FhirClient:
         self._origin = (parts.scheme, parts.netloc)
         self._settings = dict(auth=auth, timeout=timeout, retries=retries, max_retry_after=max_retry_after,
                               backoff=backoff, page_size=page_size, validate=validate, user_agent=user_agent)
+        # map_parallel's helpers, made on first use and kept: sibling clients (idle ones queued) and threads.
         self._siblings: list[FhirClient] = []
+        self._idle: queue.SimpleQueue[FhirClient] = queue.SimpleQueue()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_threads = 0
+        self._helpers_lock = threading.Lock()
         retry = FhirRetry(
             total=retries, connect=retries, read=retries, status=retries, other=0,
             allowed_methods=IDEMPOTENT_METHODS,  # read-timeout retries: only where a repeat is harmless
@@ -138,9 +144,13 @@ class FhirClient:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        for sibling in self._siblings:
+        with self._helpers_lock:
+            executor, self._executor = self._executor, None
+            siblings, self._siblings = self._siblings, []
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for sibling in siblings:
             sibling.close()
-        self._siblings.clear()
         self._session.close()
 
     def __enter__(self) -> FhirClient:
@@ -227,36 +237,56 @@ class FhirClient:
         """`[fn(client, item) for item in items]`, run on up to `threads` clients at once; results in item order.
 
         Why: a sequential pull leaves the server idle while we parse and validate, and us idle while it
-        answers; a few requests in flight overlap the two. Each thread gets a sibling client of its own (same
-        settings and auth, its own Session, kept for later calls), per the one-client-per-thread rule. What
-        the siblings record in `invalid` is appended to this client's `invalid`, in item order, so a caller
-        sees the same as from a sequential loop. The first error (in item order) is raised once all are done.
+        answers; a few requests in flight overlap the two. Each running item gets a sibling client of its own
+        (same settings and auth, its own Session), per the one-client-per-thread rule; siblings and threads
+        are kept for later calls, so a small patient does not pay for starting them. What the siblings record
+        in `invalid` is appended to this client's `invalid`, in item order, so a caller sees the same as from
+        a sequential loop. The first error (in item order) is raised once all items are done.
         """
         items = list(items)
         if threads <= 1 or len(items) <= 1:
             return [fn(self, item) for item in items]
-        n = min(threads, len(items))
-        while len(self._siblings) < n:
-            self._siblings.append(FhirClient(self.base_url, **self._settings))
-        free: queue.SimpleQueue[FhirClient] = queue.SimpleQueue()
-        for sibling in self._siblings[:n]:
-            free.put(sibling)
+        executor = self._executor_for(threads)
 
         def run(item: _T) -> tuple[_R, list[InvalidResource]]:
-            client = free.get()
+            client = self._checkout()
             try:
                 return fn(client, item), client.invalid[:]
             finally:
                 client.invalid.clear()
-                free.put(client)
+                self._idle.put(client)
 
-        with ThreadPoolExecutor(n, thread_name_prefix="fhir") as pool:
-            done = list(pool.map(run, items))
-        out = []
-        for value, invalid in done:
+        futures = [executor.submit(run, item) for item in items]
+        out, error = [], None
+        for future in futures:
+            try:
+                value, invalid = future.result()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after every item has finished
+                error = error or exc
+                continue
             self.invalid.extend(invalid)
             out.append(value)
+        if error is not None:
+            raise error
         return out
+
+    def _executor_for(self, threads: int) -> ThreadPoolExecutor:
+        with self._helpers_lock:
+            if self._executor is None or self._executor_threads < threads:
+                old, self._executor = self._executor, ThreadPoolExecutor(threads, thread_name_prefix="fhir")
+                self._executor_threads = threads
+                if old is not None:
+                    old.shutdown(wait=False)  # its running items finish; new ones go to the new pool
+            return self._executor
+
+    def _checkout(self) -> FhirClient:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            sibling = FhirClient(self.base_url, **self._settings)
+            with self._helpers_lock:
+                self._siblings.append(sibling)
+            return sibling
 
     # ------------------------------------------------------------------ writes
 
