@@ -498,3 +498,44 @@ def test_sekmet_download_binary(fhir: FhirClient, seeded: dict):
     assert dst.getvalue() == expected
     with pytest.raises(FhirError, match="larger than the limit"):
         fhir.download_binary(seeded["binaries"][0], io.BytesIO(), max_bytes=100 * 1024)
+
+
+# --- map_parallel ------------------------------------------------------------------------------------
+
+def test_map_parallel_keeps_item_order_uses_sibling_clients_and_merges_invalid_in_order():
+    client = FhirClient("http://127.0.0.1:9/fhir")
+    used: set[int] = set()
+
+    def fn(c: FhirClient, i: int) -> int:
+        used.add(id(c))
+        time.sleep(0.01 * (5 - i % 5))           # later items finish first
+        c.invalid.append(InvalidResource(f"Observation/{i}", ["bad"]))
+        return i * 2
+
+    try:
+        assert client.map_parallel(fn, range(10), threads=4) == [i * 2 for i in range(10)]
+        assert [e.where for e in client.invalid] == [f"Observation/{i}" for i in range(10)]
+        assert id(client) not in used and 1 < len(used) <= 4   # one client per thread, never the caller's
+        client.invalid.clear()
+        assert client.map_parallel(fn, range(3), threads=4) == [0, 2, 4]   # siblings reused
+        assert len(used) <= 4
+    finally:
+        client.close()
+
+
+def test_map_parallel_raises_the_first_error_after_every_item_ran():
+    client = FhirClient("http://127.0.0.1:9/fhir")
+    ran: list[int] = []
+
+    def fn(_c: FhirClient, i: int) -> int:
+        ran.append(i)
+        if i in (2, 5):
+            raise FhirError(f"item {i}", transient=True)
+        return i
+
+    try:
+        with pytest.raises(FhirError, match="item 2"):
+            client.map_parallel(fn, range(8), threads=3)
+        assert sorted(ran) == list(range(8))
+    finally:
+        client.close()

@@ -43,6 +43,9 @@ FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation
                 "Specimen", "Location")
 FOLLOW_DEPTH = 2
 ID_BATCH = 50
+# Requests in flight at once (searches by type, then reads by _id): enough to keep the server busy while we
+# validate what it sent, few enough not to crowd a hospital's EHR (see bench/ and docs/performance.md).
+FETCH_THREADS = 4
 # Reasons starting with this are kept by the hospital (collected.jwe) but never shown to the reviewer.
 POLICY = "policy: "
 DESELECTED = "deselected by the referring physician"
@@ -102,9 +105,11 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
     invalid_before = len(app.ehr.invalid)
     excluded = excluded_records(service_request)
     seen: set[str] = {patient_ref, f"ServiceRequest/{service_request['id']}"}
-    for rtype, rule in profile.rules.items():
-        app.progress(f"  searching {rtype}")
-        for res in app.ehr.search(rtype, {"patient": patient_ref}):
+    app.progress(f"  searching {', '.join(profile.rules)}")
+    found = app.ehr.map_parallel(lambda ehr, rtype: list(ehr.search(rtype, {"patient": patient_ref})),
+                                 profile.rules, threads=FETCH_THREADS)
+    for (rtype, rule), results in zip(profile.rules.items(), found):
+        for res in results:
             if res.get("resourceType") != rtype:
                 continue  # an _include'd or OperationOutcome entry
             ref = f"{rtype}/{res['id']}"
@@ -256,28 +261,29 @@ def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str
         if not wanted:
             return
         frontier = []
-        for rtype, ids in wanted.items():
-            ids_sorted = sorted(ids)
-            for i in range(0, len(ids_sorted), ID_BATCH):
-                batch = ids_sorted[i:i + ID_BATCH]
-                for res in app.ehr.search(rtype, {"_id": ",".join(batch)}):
-                    ref = f"{res.get('resourceType')}/{res.get('id')}"
-                    if res.get("resourceType") != rtype or ref in seen:
-                        continue
-                    seen.add(ref)
-                    reason = _with_consent(_follow_withhold(res, profile), res, consents)
-                    if not reason and ref in excluded:
-                        reason = DESELECTED
-                    if reason:
-                        out.withheld.append({"reference": ref, "reason": reason})
-                        continue
-                    out.resources.append(res)
-                    frontier.append(res)
-                for rid in batch:
-                    if f"{rtype}/{rid}" not in seen:
-                        seen.add(f"{rtype}/{rid}")
-                        out.withheld.append({"reference": f"{rtype}/{rid}",
-                                             "reason": "referenced but not found in the EHR"})
+        batches = [(rtype, ids_sorted[i:i + ID_BATCH]) for rtype, ids in wanted.items()
+                   for ids_sorted in [sorted(ids)] for i in range(0, len(ids_sorted), ID_BATCH)]
+        found = app.ehr.map_parallel(lambda ehr, b: list(ehr.search(b[0], {"_id": ",".join(b[1])})),
+                                     batches, threads=FETCH_THREADS)
+        for (rtype, batch), results in zip(batches, found):
+            for res in results:
+                ref = f"{res.get('resourceType')}/{res.get('id')}"
+                if res.get("resourceType") != rtype or ref in seen:
+                    continue
+                seen.add(ref)
+                reason = _with_consent(_follow_withhold(res, profile), res, consents)
+                if not reason and ref in excluded:
+                    reason = DESELECTED
+                if reason:
+                    out.withheld.append({"reference": ref, "reason": reason})
+                    continue
+                out.resources.append(res)
+                frontier.append(res)
+            for rid in batch:
+                if f"{rtype}/{rid}" not in seen:
+                    seen.add(f"{rtype}/{rid}")
+                    out.withheld.append({"reference": f"{rtype}/{rid}",
+                                         "reason": "referenced but not found in the EHR"})
 
 
 def _follow_withhold(res: dict, profile: Profile) -> str | None:

@@ -25,10 +25,13 @@ import binascii
 import hashlib
 import http
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -60,6 +63,9 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # Statuses that mean "not processed, try later" and so are safe to retry even for POST.
 NOT_PROCESSED_STATUSES = frozenset({429, 503})
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class FhirRetry(Retry):
@@ -113,6 +119,15 @@ class FhirClient:
         # Called after every request as observer(method, url, status or None, seconds, retries): metrics.
         self._observer = observer
         self._origin = (parts.scheme, parts.netloc)
+        self._settings = dict(auth=auth, timeout=timeout, retries=retries, max_retry_after=max_retry_after,
+                              backoff=backoff, page_size=page_size, validate=validate, user_agent=user_agent,
+                              observer=observer)   # siblings' requests count in the metrics too
+        # map_parallel's helpers, made on first use and kept: sibling clients (idle ones queued) and threads.
+        self._siblings: list[FhirClient] = []
+        self._idle: queue.SimpleQueue[FhirClient] = queue.SimpleQueue()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_threads = 0
+        self._helpers_lock = threading.Lock()
         retry = FhirRetry(
             total=retries, connect=retries, read=retries, status=retries, other=0,
             allowed_methods=IDEMPOTENT_METHODS,  # read-timeout retries: only where a repeat is harmless
@@ -132,6 +147,13 @@ class FhirClient:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        with self._helpers_lock:
+            executor, self._executor = self._executor, None
+            siblings, self._siblings = self._siblings, []
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for sibling in siblings:
+            sibling.close()
         self._session.close()
 
     def __enter__(self) -> FhirClient:
@@ -213,6 +235,61 @@ class FhirClient:
                 raise FhirError(f"EHR's paging for {type_} loops (a next link repeats); stopped", transient=False)
             seen.add(url)
             query = None  # the next link carries the whole query
+
+    def map_parallel(self, fn: Callable[[FhirClient, _T], _R], items: Iterable[_T], *, threads: int = 4) -> list[_R]:
+        """`[fn(client, item) for item in items]`, run on up to `threads` clients at once; results in item order.
+
+        Why: a sequential pull leaves the server idle while we parse and validate, and us idle while it
+        answers; a few requests in flight overlap the two. Each running item gets a sibling client of its own
+        (same settings and auth, its own Session), per the one-client-per-thread rule; siblings and threads
+        are kept for later calls, so a small patient does not pay for starting them. What the siblings record
+        in `invalid` is appended to this client's `invalid`, in item order, so a caller sees the same as from
+        a sequential loop. The first error (in item order) is raised once all items are done.
+        """
+        items = list(items)
+        if threads <= 1 or len(items) <= 1:
+            return [fn(self, item) for item in items]
+        executor = self._executor_for(threads)
+
+        def run(item: _T) -> tuple[_R, list[InvalidResource]]:
+            client = self._checkout()
+            try:
+                return fn(client, item), client.invalid[:]
+            finally:
+                client.invalid.clear()
+                self._idle.put(client)
+
+        futures = [executor.submit(run, item) for item in items]
+        out, error = [], None
+        for future in futures:
+            try:
+                value, invalid = future.result()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after every item has finished
+                error = error or exc
+                continue
+            self.invalid.extend(invalid)
+            out.append(value)
+        if error is not None:
+            raise error
+        return out
+
+    def _executor_for(self, threads: int) -> ThreadPoolExecutor:
+        with self._helpers_lock:
+            if self._executor is None or self._executor_threads < threads:
+                old, self._executor = self._executor, ThreadPoolExecutor(threads, thread_name_prefix="fhir")
+                self._executor_threads = threads
+                if old is not None:
+                    old.shutdown(wait=False)  # its running items finish; new ones go to the new pool
+            return self._executor
+
+    def _checkout(self) -> FhirClient:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            sibling = FhirClient(self.base_url, **self._settings)
+            with self._helpers_lock:
+                self._siblings.append(sibling)
+            return sibling
 
     # ------------------------------------------------------------------ writes
 

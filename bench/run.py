@@ -1,0 +1,201 @@
+"""Run the benchmarks, print one table, write the results as JSON.
+
+    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,loop,claims] [--json FILE]
+
+See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import claims_bench, collect_bench, loop_bench, seal_bench, writeback_bench
+from .common import Bench, machine
+
+SECTIONS = ("collect", "seal", "writeback", "loop", "claims")
+
+# What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
+# 100 MiB of attachments and more repetitions.
+PLANS = {
+    "quick": {"collect_sizes": [10, 100, 1000], "collect_repeats": {10: 5, 100: 5, 1000: 3},
+              "seal": [{"name": "document", "resources": 1000, "attachment_mb": []},
+                       {"name": "attachments", "resources": 100, "attachment_mb": [20]}], "seal_repeats": 3,
+              "writeback_repeats": 5, "loop_sizes": [10, 100, 1000], "loop_repeats": 2,
+              "claims_cases": 1000, "claims_repeats": 2},
+    "full": {"collect_sizes": [10, 100, 1000, 10000], "collect_repeats": {10: 9, 100: 9, 1000: 7, 10000: 5},
+             "seal": [{"name": "document", "resources": 10000, "attachment_mb": []},
+                      {"name": "attachments", "resources": 100, "attachment_mb": [100]}], "seal_repeats": 5,
+             "writeback_repeats": 11, "loop_sizes": [10, 100, 1000, 10000], "loop_repeats": 3,
+             "claims_cases": 4000, "claims_repeats": 3},
+}
+PAGE_SIZE_VARIANT = 1000   # collect is also measured with this _count, beside the configured default (100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions (a few minutes)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--json", default="bench-results.json", help="where to write the results (default: %(default)s)")
+    ap.add_argument("--postgres-url", default=os.environ.get("FHIRBRIDGE_BENCH_POSTGRES_URL", claims_bench.DEFAULT_URL),
+                    help="PostgreSQL for the claims benchmark; a fresh schema is made and dropped "
+                         "(default: $FHIRBRIDGE_BENCH_POSTGRES_URL or %(default)s)")
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    mode = "quick" if args.quick else "full"
+    plan = PLANS[mode]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr, table on stdout
+    results: dict = {"mode": mode, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "sections": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fhirbridge-bench-") as tmp:
+        root = Path(tmp)
+        for section in SECTIONS:
+            if section not in only:
+                continue
+            log(f"[{section}]")
+            t0 = time.perf_counter()
+            results["sections"][section] = _run_section(section, root / section, plan, args, log)
+            results["sections"][section]["section_seconds"] = round(time.perf_counter() - t0, 1)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["goals"] = goals(results["sections"])
+    print(table(results))
+    Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    log(f"results written to {args.json} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
+    root.mkdir(parents=True)
+    if section == "seal":
+        return seal_bench.run(root, plan["seal"], plan["seal_repeats"], log=log)
+    if section == "claims":
+        return claims_bench.run(plan["claims_cases"], plan["claims_repeats"], url=args.postgres_url, log=log)
+    bench = Bench(root)   # a sekmet of its own per section: each measures against only its own data
+    try:
+        if section == "collect":
+            return collect_bench.run(bench, plan["collect_sizes"], plan["collect_repeats"],
+                                     page_sizes=(None, PAGE_SIZE_VARIANT), log=log)
+        if section == "writeback":
+            return writeback_bench.run(bench, plan["writeback_repeats"], log=log)
+        return loop_bench.run(bench, plan["loop_sizes"], plan["loop_repeats"], log=log)
+    finally:
+        bench.close()
+
+
+# --- goals and the table ----------------------------------------------------------------------------
+
+def goals(sections: dict) -> list[dict]:
+    """Each goal of issue #7 with the measured figure and whether it is met."""
+    out: list[dict] = []
+
+    def add(section, figure, value, goal, met):
+        out.append({"section": section, "figure": figure, "value": value, "goal": goal, "met": met})
+
+    if "collect" in sections:
+        rows = sections["collect"]["rows"]
+        for row in rows:
+            for label, ratio in row["vs_bound"].items():
+                add("collect", f"{label} / bound, {row['size']} resources", f"{ratio:.2f}x", "<= 1.15x", ratio <= 1.15)
+            for label, ratio in row["naive_over"].items():
+                add("collect", f"naive fhirclient / {label}, {row['size']} resources", f"{ratio:.1f}x", ">= 3x",
+                    ratio >= 3)
+        if len(rows) >= 2:
+            a, b = rows[-2], rows[-1]
+            for label in a["vs_bound"]:
+                growth = (b["median_s"][label] / a["median_s"][label]) / (b["size"] / a["size"])
+                add("collect", f"{label}: cost per resource at {b['size']} vs {a['size']}", f"{growth:.2f}x",
+                    "linear (<= 1.3x)", growth <= 1.3)
+    if "seal" in sections:
+        for row in sections["seal"]["rows"]:
+            add("seal", f"fhirbridge / bound, {row['scenario']} ({row['payload_bytes'] / 2**20:.1f} MiB)",
+                f"{row['fhirbridge_vs_bound']:.2f}x", "<= 1.5x", row["fhirbridge_vs_bound"] <= 1.5)
+            if row["attachment_mb"]:
+                for n, v in row["peak_over_payload"].items():
+                    add("seal", f"peak memory / payload, {n}", f"{v:.2f}x",
+                        "<= 1.5x" if n == "fhirbridge" else "(reference)", v <= 1.5 if n == "fhirbridge" else None)
+    if "writeback" in sections:
+        wb = sections["writeback"]
+        add("writeback", "HTTP round trips per filed opinion (file_opinion)", wb["round_trips"]["file_opinion"],
+            "1 transaction + <= 1 read", wb["round_trips"]["file_opinion"] <= 2)
+        add("writeback", "HTTP round trips per filed opinion (whole file step)", wb["round_trips"]["file step"],
+            "1 transaction + <= 1 read", wb["round_trips"]["file step"] <= 2)
+        for n, v in wb["vs_raw"].items():
+            add("writeback", f"{n} / raw transaction POST", f"{v:.2f}x", "(reported)", None)
+    if "loop" in sections:
+        rows = sections["loop"]["rows"]
+        for row in rows:
+            add("loop", f"Cases per hour, {row['size']} resources", row["cases_per_hour"], "(reported)", None)
+        if len(rows) >= 2:
+            a, b = rows[-2], rows[-1]
+            growth = (b["seconds_per_case"] / a["seconds_per_case"]) / (b["size"] / a["size"])
+            add("loop", f"cost per resource at {b['size']} vs {a['size']}", f"{growth:.2f}x", "(reported)", None)
+    if "claims" in sections:
+        c = sections["claims"]
+        for n, r in c["rows"].items():
+            add("claims", f"claims/s, {n}", r["claims_per_second"], "(reported)", None)
+            add("claims", f"duplicate claims, {n}", r["duplicates"], "0", r["duplicates"] == 0)
+        add("claims", "fhirbridge / raw SQL bound (time, 4 workers)", f"{c['fhirbridge_vs_bound']:.2f}x", "(reported)", None)
+    return out
+
+
+def table(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"fhirbridge benchmarks ({results['mode']} run, {results['seconds']:.0f} s) on {m['nproc']} x {m['cpu']}, "
+             f"{m['memory']}, Python {m['python']}, sekmet-fhir {m['packages']['sekmet-fhir']}, "
+             f"load average at start {m['load_average']}", ""]
+    s = results["sections"]
+    if "collect" in s:
+        lines += ["Collect (median ms; ratios are medians of per-repetition ratios)",
+                  _grid(["resources", "requests", *s["collect"]["rows"][0]["median_s"].keys(), "fb/bound", "naive/fb"],
+                        [[r["size"], r["requests"].get("fhirbridge"), *[f"{v * 1000:.1f}" for v in r["median_s"].values()],
+                          r["vs_bound"].get("fhirbridge"), r["naive_over"].get("fhirbridge")]
+                         for r in s["collect"]["rows"]]), ""]
+    if "seal" in s:
+        names = list(s["seal"]["rows"][0]["median_s"])
+        lines += ["Seal (median s; peak = extra RSS over the process before sealing)",
+                  _grid(["scenario", "payload MiB", *[f"{n} s" for n in names], *[f"{n} peak MiB" for n in names],
+                         "fb/bound"],
+                        [[r["scenario"], f"{r['payload_bytes'] / 2**20:.1f}", *[r["median_s"][n] for n in names],
+                          *[f"{r['peak_extra_rss_bytes'][n] / 2**20:.0f}" for n in names], r["fhirbridge_vs_bound"]]
+                         for r in s["seal"]["rows"]]), ""]
+    if "writeback" in s:
+        wb = s["writeback"]
+        lines += ["Write-back (median ms, HTTP round trips)",
+                  _grid(["contender", "ms", "round trips"],
+                        [[n, f"{v * 1000:.1f}", wb["round_trips"][k]] for (n, v), k in
+                         zip(wb["median_s"].items(), ("file_opinion", "file step", "raw"))]), ""]
+    if "loop" in s:
+        lines += ["Whole loop (one worker; seconds per Case, fhirbridge's work only)",
+                  _grid(["resources", "s/Case", "Cases/hour", "x smallest", "collect", "seal", "deliver", "file",
+                         "reviewer s"],
+                        [[r["size"], r["seconds_per_case"], r["cases_per_hour"], r["vs_smallest"],
+                          *[r["step_seconds"].get(k, "") for k in ("collect", "seal", "deliver", "file")],
+                          r["reviewer_seconds"]] for r in s["loop"]["rows"]]), ""]
+    if "claims" in s:
+        c = s["claims"]
+        lines += [f"Claims on PostgreSQL ({c['cases']} Cases per run)",
+                  _grid(["contender", "claims/s", "duplicates", "missed"],
+                        [[n, r["claims_per_second"], r["duplicates"], r["missed"]] for n, r in c["rows"].items()]), ""]
+    lines += ["Goals", _grid(["section", "figure", "measured", "goal", "met"],
+                             [[g["section"], g["figure"], g["value"], g["goal"],
+                               "" if g["met"] is None else ("yes" if g["met"] else "NO")] for g in results["goals"]])]
+    return "\n".join(lines)
+
+
+def _grid(header: list, rows: list[list]) -> str:
+    cells = [[str(h) for h in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, cells[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
