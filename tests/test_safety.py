@@ -53,21 +53,32 @@ def test_filed_binary_id_is_chosen_by_the_hospital(hospital, seeded, fhir):
     assert fhir.read_ref(binary_ref)["securityContext"]["reference"] == case.patient
 
 
-def test_identifier_already_on_another_patients_note_is_not_taken_as_filed(hospital, seeded, fhir):
-    """A note elsewhere that carries this opinion's identifier must not complete this Case (its opinion would
-    be lost): the Case stops with the reason instead."""
+def test_identifier_already_on_another_patients_note_is_neither_matched_nor_touched(hospital, seeded, fhir):
+    """A note elsewhere that carries this opinion's identifier must not be taken for ours (the opinion would
+    be lost, the Task would point at another patient's note) nor changed: ours is filed on our patient under
+    its own derived id, and the other note stays as it was."""
     case = hospital.delivered_case(seeded["patient"])
     opinion = hospital.answer(case)
     received = receive_file(hospital.app, opinion)
     other_patient = fhir.create({"resourceType": "Patient", "name": [{"family": "Other"}]})[0]
-    fhir.create({"resourceType": "DocumentReference", "status": "current",
-                 "identifier": [{"system": OPINION_ID_SYSTEM, "value": f"urn:uuid:{received.opinion_id}"}],
-                 "subject": {"reference": f"Patient/{other_patient['id']}"},
-                 "content": [{"attachment": {"contentType": "text/plain", "data": base64.b64encode(b"x").decode()}}]})
+    other, _ = fhir.create({"resourceType": "DocumentReference", "status": "current",
+                            "identifier": [{"system": OPINION_ID_SYSTEM, "value": f"urn:uuid:{received.opinion_id}"}],
+                            "subject": {"reference": f"Patient/{other_patient['id']}"},
+                            "content": [{"attachment": {"contentType": "text/plain",
+                                                        "data": base64.b64encode(b"x").decode()}}]})
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
-    assert case.step == "failed" and "belongs to another patient" in case.last_error
-    assert fhir.read_ref(case.task)["status"] == "failed"
+    assert case.step == "done", case.last_error
+    assert case.document_reference != f"DocumentReference/{other['id']}"
+    ours = fhir.read_ref(case.document_reference)
+    assert ours["subject"]["reference"] == case.patient
+    assert ours["context"]["related"] == [{"reference": case.service_request}]
+    task = fhir.read_ref(case.task)
+    assert task["status"] == "completed"
+    assert [o["valueReference"]["reference"] for o in task["output"]] == [case.document_reference]
+    after = fhir.read("DocumentReference", other["id"])
+    assert after["subject"]["reference"] == f"Patient/{other_patient['id']}"
+    assert after["meta"]["versionId"] == other["meta"]["versionId"]
 
 
 # --- routing: the reviewer the physician chose, or nobody -----------------------------------------

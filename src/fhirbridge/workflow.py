@@ -156,6 +156,8 @@ def run_step(app: App, case: Case) -> bool:
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the Case, none is lost
         _record_failure(app, case, exc)
         return False
+    # The write-back transaction completed the Task itself: reading it back to sync would cost a round trip.
+    task_current = bool(detail.pop("task_completed", False))
     nxt = detail.pop("next", NEXT[step])
     detail["seconds"] = round(time.monotonic() - started, 3)
     extra = detail.pop("columns", {})
@@ -166,7 +168,8 @@ def run_step(app: App, case: Case) -> bool:
         # Someone else moved the Case on (our lease lapsed, or it was cancelled): our result is dropped.
         app.store.add_event(case.id, "step.discarded", {"step": step, "reason": "the claim was lost meanwhile"})
         return True
-    _sync_task(app, done)
+    if not task_current:
+        _sync_task(app, done)
     return True
 
 

@@ -13,13 +13,18 @@ server rewrites urn:uuid in `attachment.url` (R4 http.html#trules asks it to), s
 choose and the DocumentReference names it as `Binary/<id>` directly. The id is derived here from the Case
 and the message id, never taken from the reviewer's document: a chosen id could overwrite any Binary.
 
-Why it can never file twice:
+Why it can never file twice, in one read and one transaction:
+- the Binary and the DocumentReference are PUTs to ids derived here from the Case and the opinion id, so the
+  same opinion always lands on the same two resources (a repeat overwrites them with the same content);
 - the Task entry is a PUT with `ifMatch` on the version we read: a second identical transaction (a retry
   after a lost response, a second worker) fails as a whole with 409/412 (FHIR R4 http.html#concurrency and
-  #transaction: any failure rolls back every entry);
-- the DocumentReference is a conditional create on the opinion identifier, the Binary a PUT to a fixed id;
-- before writing, and after any conflict, we look for a DocumentReference with that identifier: found
-  means filed, and the step completes without writing anything.
+  #transaction: any failure rolls back every entry), so the Provenance is never posted twice;
+- the one read is the Task's: the transaction completes it with an output naming our DocumentReference, so
+  a completed Task naming it means filed; after a conflict we read our DocumentReference by its id.
+*Changed:* the DocumentReference used to be a conditional create on the opinion identifier, preceded by a
+search for it. That cost a round trip per opinion, and a note elsewhere carrying the same identifier would
+have been matched by the condition (the Task then pointing at another patient's note). With a derived id
+nothing of anyone else's can ever be matched or overwritten.
 The identifier is put in `identifier` as well as `masterIdentifier` because the R4 `identifier` search
 parameter of some servers covers only the former.
 """
@@ -62,6 +67,10 @@ def binary_id_for(case: Case, opinion_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:fhirbridge:case:{case.id}/opinion/{opinion_id}"))
 
 
+def docref_id_for(case: Case, opinion_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:fhirbridge:case:{case.id}/opinion/{opinion_id}/note"))
+
+
 def file_opinion(app: App, case: Case) -> dict:
     path = opinion_path(app, case)
     if not path.exists():
@@ -72,44 +81,51 @@ def file_opinion(app: App, case: Case) -> dict:
     claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
                                             trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
     ident = f"urn:uuid:{case.opinion_id}"   # receive checked that the document's identifier is exactly this
-    filed = find_filed(app, case, ident)
-    if filed:
-        return {"columns": {"document_reference": filed}, "document_reference": filed, "already_filed": True}
+    ours = f"DocumentReference/{docref_id_for(case, case.opinion_id)}"
     task = app.ehr.read_ref(case.task)
+    filed = _filed_per_task(task, ours)
+    if filed is None and task.get("status") == "completed":
+        filed = find_filed(app, case, ident)   # completed some other way (by hand, or an older fhirbridge)
+    if filed:
+        return {"columns": {"document_reference": filed}, "document_reference": filed, "already_filed": True,
+                "task_completed": True}
     version = task.get("meta", {}).get("versionId")
     tx = build_transaction(app, case, claims, document, task)
     if version:
         tx["entry"][-1]["request"]["ifMatch"] = f'W/"{version}"'
     try:
-        response = app.ehr.transaction(tx)
+        app.ehr.transaction(tx)
     except FhirError as exc:
         if exc.status in (409, 412):
-            filed = find_filed(app, case, ident)
-            if filed:
-                return {"columns": {"document_reference": filed}, "document_reference": filed,
+            if _is_ours(app, case, ours):
+                return {"columns": {"document_reference": ours}, "document_reference": ours,
                         "already_filed": True}
             # The Task changed under us (someone edited it): nothing was written; retry with a fresh read.
             raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
                             transient=True) from None
         raise
-    docref = _location(response, 1, "DocumentReference")
-    return {"columns": {"document_reference": docref}, "document_reference": docref,
-            "binary": _location(response, 0, "Binary"), "provenance": _location(response, 2, "Provenance")}
+    return {"columns": {"document_reference": ours}, "document_reference": ours,
+            "binary": f"Binary/{binary_id_for(case, case.opinion_id)}", "task_completed": True}
 
 
-def _location(response: dict, index: int, rtype: str) -> str | None:
-    try:
-        entry = response["entry"][index]
-    except (KeyError, IndexError):
+def _filed_per_task(task: dict, docref: str) -> str | None:
+    """`docref` if the Task is completed with an output naming it (our transaction did that)."""
+    if task.get("status") != "completed":
         return None
-    if entry.get("resource", {}).get("id"):
-        return f"{rtype}/{entry['resource']['id']}"
-    loc = entry.get("response", {}).get("location", "")
-    parts = loc.split("/")
-    if rtype in parts:
-        i = parts.index(rtype)
-        return f"{rtype}/{parts[i + 1]}" if i + 1 < len(parts) else None
-    return None
+    refs = {(o.get("valueReference") or {}).get("reference") for o in task.get("output", [])}
+    return docref if docref in refs else None
+
+
+def _is_ours(app: App, case: Case, docref: str) -> bool:
+    """Our DocumentReference exists, on this Case's patient and order (read by its derived id)."""
+    try:
+        res = app.ehr.read_ref(docref)
+    except FhirError as exc:
+        if exc.status in (404, 410):
+            return False
+        raise
+    related = {r.get("reference") for r in res.get("context", {}).get("related", [])}
+    return res.get("subject", {}).get("reference") == case.patient and case.service_request in related
 
 
 def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
@@ -117,7 +133,8 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
     identifier = {"system": OPINION_ID_SYSTEM, "value": ident_value}
     binary_id = binary_id_for(case, case.opinion_id)
     binary_ref = f"Binary/{binary_id}"
-    docref_url, prov_url = (f"urn:uuid:{uuid.uuid4()}" for _ in range(2))
+    docref_ref = f"DocumentReference/{docref_id_for(case, case.opinion_id)}"
+    prov_url = f"urn:uuid:{uuid.uuid4()}"
     doc_json = jsonutil.dumps(document)
     text = render_opinion(document, with_patient=False).encode("utf-8")
     comp = document["entry"][0]["resource"]
@@ -129,6 +146,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
 
     docref = {
         "resourceType": "DocumentReference",
+        "id": docref_ref.split("/")[1],
         "masterIdentifier": identifier,
         "identifier": [identifier],
         "status": "current", "docStatus": "final",
@@ -149,7 +167,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
     }
     provenance = {
         "resourceType": "Provenance",
-        "target": [{"reference": docref_url}, {"reference": binary_ref}],
+        "target": [{"reference": docref_ref}, {"reference": binary_ref}],
         "recorded": created,
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": "CREATE", "display": "create"}]},
@@ -170,16 +188,15 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
     task.update({"status": status, "lastModified": created,
                  "businessStatus": {"coding": [{"system": BUSINESS_SYSTEM, "code": code, "display": display}],
                                     "text": display},
-                 "output": [{"type": {"text": "Second opinion"}, "valueReference": {"reference": docref_url}}]})
+                 "output": [{"type": {"text": "Second opinion"},
+                             "valueReference": {"reference": docref_ref}}]})
     period = task.setdefault("executionPeriod", {})
     period.setdefault("start", created)
     period["end"] = created
     task.pop("meta", None)
-    search = f"identifier={OPINION_ID_SYSTEM}|{ident_value}"
     return {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": binary, "request": {"method": "PUT", "url": binary_ref}},
-        {"fullUrl": docref_url, "resource": docref,
-         "request": {"method": "POST", "url": "DocumentReference", "ifNoneExist": search}},
+        {"resource": docref, "request": {"method": "PUT", "url": docref_ref}},
         {"fullUrl": prov_url, "resource": provenance, "request": {"method": "POST", "url": "Provenance"}},
         {"resource": task, "request": {"method": "PUT", "url": f"Task/{task['id']}"}},
     ]}
