@@ -227,3 +227,12 @@ def test_jcs_matches_rfc8785_example():
     expected = ('{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
                 '"string":"\u20ac$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}').encode("utf-8")
     assert canonical(json.loads(source)) == expected
+
+
+def test_sign_with_digest_gives_the_digest_of_the_signed_bundle_and_leaves_the_input_alone(ours, trusted):
+    original = _bundle()
+    before = copy.deepcopy(original)
+    signed, digest = jws.sign_bundle_with_digest(original, ours, who={"display": "H"}, when="2024-05-01T10:00:00Z")
+    assert digest == jws.bundle_digest(signed) == jws.bundle_digest(original)
+    assert original == before and "signature" not in original
+    jws.verify_bundle(signed, trusted)

@@ -64,11 +64,14 @@ def max_plaintext_bytes(typ: str) -> int:
     return _caps(typ)[1]
 
 
-def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: KeyRing) -> bytes:
+def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: KeyRing,
+         document_sha256: str | None = None) -> bytes:
+    """`document_sha256`: the document's `jws.bundle_digest` when the caller has it already
+    (`jws.sign_bundle_with_digest`), so a large document is not canonicalised twice."""
     recipients = recipient.encryption_keys()
     if not recipients:
         raise SealError(f"{recipient.source} has no public encryption key to seal to")
-    claims = {**claims, "typ": typ, "document_sha256": jws.bundle_digest(document)}
+    claims = {**claims, "typ": typ, "document_sha256": document_sha256 or jws.bundle_digest(document)}
     max_file, max_plain = _caps(typ)
     token = jws.sign_compact(claims, signer, typ=typ)
     plaintext = jsonutil.dumps({"claims": token, "document": document})

@@ -76,7 +76,8 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     org = hospital_organization(h.name, h.identifier_system, h.identifier_value)
     document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
                               timestamp=timestamp, inline_binaries=inline)
-    document = jws.sign_bundle(document, app.hospital_keys, who=h.organization_ref(), when=timestamp)
+    document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
+                                                   when=timestamp)
     issued = int(time.time())
     manifest = {
         "profile": collected.profile,
@@ -97,7 +98,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         "package_id": package_id, "manifest": manifest,
     }
     data = envelope.seal(typ=envelope.PACKAGE, claims=claims, document=document, signer=app.hospital_keys,
-                         recipient=reviewer_keys)
+                         recipient=reviewer_keys, document_sha256=digest)
     limit = envelope.max_envelope_bytes(envelope.PACKAGE)
     if len(data) > limit:
         shutil.rmtree(staging, ignore_errors=True)

@@ -192,8 +192,16 @@ def bundle_digest(bundle: dict) -> str:
 
 def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str) -> dict:
     """A copy of `bundle` carrying Bundle.signature (FHIR R4 Signature datatype, JWS detached)."""
-    token = sign_detached(_bundle_signed_bytes(bundle), keyring)
-    signed = copy.deepcopy(bundle)
+    return sign_bundle_with_digest(bundle, keyring, who=who, when=when)[0]
+
+
+def sign_bundle_with_digest(bundle: dict, keyring: KeyRing, *, who: dict, when: str) -> tuple[dict, str]:
+    """`sign_bundle`, also returning `bundle_digest` of the result, from the one canonicalisation both need
+    (RFC 8785 of a large document is the costliest part of sealing). The copy is shallow: its entries are
+    the caller's, so neither side may change them afterwards."""
+    signed_bytes = _bundle_signed_bytes(bundle)
+    token = sign_detached(signed_bytes, keyring)
+    signed = dict(bundle)
     signed["signature"] = {
         "type": [dict(AUTHOR_SIGNATURE)],
         "when": when,
@@ -203,7 +211,8 @@ def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str) -> dict
         # Signature.data is base64Binary: standard base64 (with padding) of the JWS text.
         "data": base64.b64encode(token.encode("ascii")).decode("ascii"),
     }
-    return signed
+    # The signature is excluded from what is signed, so the digest of the signed Bundle is that of the input.
+    return signed, sha256_hex(signed_bytes)
 
 
 def verify_bundle(bundle: dict, trusted: KeyRing) -> dict:
