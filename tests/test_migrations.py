@@ -67,7 +67,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0002"
+    assert migrations.head() == "0003"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -131,9 +131,8 @@ def test_the_audit_revision_upgrades_a_0001_database_keeping_its_data_and_downgr
         assert "audit_events" not in inspect(store.engine).get_table_names()
         store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
                         reviewer="r", profile="default")
-        assert store.upgrade() == ("0001", "0002")
+        assert store.upgrade("0002") == ("0001", "0002")
         assert store.get("c1").step == "collect"
-        assert differences(store.engine) == []
         assert store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
                                recipient="s|v", resource={"resourceType": "AuditEvent"})
         assert not store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
@@ -288,3 +287,23 @@ def test_the_migrations_ship_in_the_package_data():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     for pattern in ("migrations/env.py", "migrations/script.py.mako", "migrations/versions/*.py"):
         assert pattern in pyproject
+
+
+def test_the_claim_index_revision_upgrades_and_downgrades(url):
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0002") == (None, "0002")
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        assert store.upgrade() == ("0002", "0003")
+        assert "ix_cases_claim" in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        assert differences(store.engine) == []
+        assert store.claim(hospital="h").id == "c1"
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0002")
+            conn.commit()
+        assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+    finally:
+        store.close()

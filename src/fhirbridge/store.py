@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import orjson
-from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
+from sqlalchemy import (JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
                         create_engine, event, insert, or_, select, text, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +51,9 @@ cases = Table(
     Column("due_at", Float),                                   # delivery + the reviewer's turnaround target
     Column("overdue_at", Float),                               # when it was flagged overdue
     UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
+    # The claim query: a hospital's Cases at a work step, oldest update first (migration 0003). Without it
+    # every claim scanned every Case, done ones included (docs/performance.md, claims).
+    Index("ix_cases_claim", "hospital", "step", "updated_at"),
 )
 
 # Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
