@@ -6,7 +6,10 @@ test never picks up another test's orders from the shared EHR (exactly how hospi
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -126,3 +129,28 @@ class TestHospital:
         case = self.case_for(sr)
         assert case is not None and case.step == "await_opinion", (case and case.last_error)
         return case
+
+
+class Worker:
+    """A real `fhirbridge worker` process (the scheduler without HTTP) for this hospital, logging to a file."""
+    __test__ = False
+
+    def __init__(self, hospital: TestHospital, env: dict[str, str], n: int | str):
+        self.log = hospital.root / f"worker-{n}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "worker"],
+                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self) -> str:
+        return f"--- worker pid {self.pid} (exit {self.proc.returncode}) ---\n" + \
+            self.log.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)   # reaped: a zombie would still look alive to the survivors

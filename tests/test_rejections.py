@@ -242,3 +242,22 @@ def test_bad_answer_file_lists_every_problem(hospital, case, tmp_path):
     text = str(err.value)
     assert "concordance: 'maybe' is not one of: concordant, partially-concordant, discordant" in text
     assert "urgency: required" in text
+
+
+def test_opinion_claimed_by_a_killed_worker_is_put_back_at_once(hospital, case):
+    """A worker killed (SIGKILL) while receiving leaves the opinion in inbox/processing/: the next pass puts it
+    back at once when the claiming process was on this host and is gone (it used to wait ten minutes), and
+    leaves alone a file held by a live process or by another host until the ten minutes are up."""
+    import subprocess
+    from fhirbridge.receive import _HOST_TAG
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    processing = hospital.app.config.inbox / "processing"
+    processing.mkdir(parents=True)
+    shutil.copy(hospital.answer(case), processing / f"good.jwe.{_HOST_TAG}-{dead.pid}-abc123")
+    (processing / f"live.jwe.{_HOST_TAG}-1-abc123").write_bytes(b"{}")      # pid 1 lives
+    (processing / f"far.jwe.0badc0de-{dead.pid}-abc123").write_bytes(b"{}")  # another host's claim
+    assert not process_inbox(hospital.app).accepted          # put back at the end of this pass...
+    assert (hospital.app.config.inbox / "good.jwe").exists()
+    assert len(process_inbox(hospital.app).accepted) == 1     # ...and received by the next
+    assert sorted(p.name.partition(".")[0] for p in processing.iterdir()) == ["far", "live"]

@@ -7,15 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from loopkit import TestHospital
+from loopkit import TestHospital, Worker
 
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
@@ -42,28 +40,6 @@ def pg_schema():
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
-
-
-class Worker:
-    def __init__(self, hospital: TestHospital, env: dict[str, str], n: int):
-        self.log = hospital.root / f"worker-{n}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "worker"],
-                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def tail(self) -> str:
-        return f"--- worker pid {self.pid} (exit {self.proc.returncode}) ---\n" + \
-            self.log.read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)   # reaped: a zombie would still look alive to the survivors
 
 
 def _holders(store) -> dict[str, tuple[str, str]]:

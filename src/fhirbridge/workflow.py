@@ -31,6 +31,7 @@ from .errors import CaseError, ConsentDenied, FhirbridgeError, FhirError
 from .intake import run_intake
 from .seal import package_dir, seal_case
 from .store import FINAL_STEPS, Case, worker_id
+from .testhook import crash_point
 
 log = logging.getLogger("fhirbridge.workflow")
 NEXT = {"collect": "seal", "seal": "deliver", "deliver": "await_opinion", "file": "done"}
@@ -129,6 +130,7 @@ def run_step(app: App, case: Case) -> bool:
     started = time.monotonic()
     try:
         with _LeaseKeeper(app, case):
+            crash_point(f"{step}.begin")
             if not case.task:
                 case = _ensure_task(app, case)
             if step == "collect":
@@ -151,6 +153,7 @@ def run_step(app: App, case: Case) -> bool:
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the Case, none is lost
         _record_failure(app, case, exc)
         return False
+    crash_point(f"{step}.end")
     nxt = detail.pop("next", NEXT[step])
     detail["seconds"] = round(time.monotonic() - started, 3)
     extra = detail.pop("columns", {})
@@ -161,6 +164,7 @@ def run_step(app: App, case: Case) -> bool:
         # Someone else moved the Case on (our lease lapsed, or it was cancelled): our result is dropped.
         app.store.add_event(case.id, "step.discarded", {"step": step, "reason": "the claim was lost meanwhile"})
         return True
+    crash_point(f"{step}.recorded")
     _sync_task(app, done)
     return True
 

@@ -36,6 +36,7 @@ from .errors import FhirbridgeError, FhirError
 from .receive import opinion_path
 from .render import render_opinion
 from .store import Case
+from .testhook import crash_point
 
 OPINION_ID_SYSTEM = "urn:ietf:rfc:3986"
 FORMAT_CODE = {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
@@ -92,6 +93,7 @@ def file_opinion(app: App, case: Case) -> dict:
             raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
                             transient=True) from None
         raise
+    crash_point("file.committed")
     docref = _location(response, 1, "DocumentReference")
     return {"columns": {"document_reference": docref}, "document_reference": docref,
             "binary": _location(response, 0, "Binary"), "provenance": _location(response, 2, "Provenance")}
