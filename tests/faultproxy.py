@@ -4,7 +4,10 @@ Rules match requests by method and a path regex and then, for the next `times` m
 with probability `chance`, drawn from the proxy's seeded generator), answer with a status (and headers),
 delay before forwarding, drop the connection without answering, forward and then drop the answer (the
 server did the work; the client never hears: a lost response), forward and send only part of the body
-(`truncate`: the Content-Length promises more, then the connection is reset), or just forward. `before`
+(`truncate`: the Content-Length promises more, then the connection is reset), forward and answer late
+(`slow-response`: the server did the work, the answer comes after `delay`), or just forward. A rule that
+fires goes on firing for its next `burst - 1` matches whatever its chance (bursts of 503). `rewrite_request`
+changes the body sent upstream (a request the real server then rejects). `before`
 and `after` are called with the request path before forwarding and once the upstream answered (the crash
 suite kills a worker there: mid-transaction). Unmatched requests are forwarded unchanged. Absolute upstream URLs in responses (paging links,
 Location) are rewritten to the proxy so that every request goes through it.
@@ -16,6 +19,7 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,11 +33,15 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 class Rule:
     method: str | None = None          # None: any
     path: str = ".*"                   # regex searched in the path+query
-    action: str = "status"             # status | delay | drop | lose-response | rewrite | truncate | forward
+    action: str = "status"   # status | delay | drop | lose-response | rewrite | truncate | slow-response | forward
     rewrite: object = None             # rewrite: callable(bytes) -> bytes applied to the upstream body
+    rewrite_request: object = None     # callable(bytes) -> bytes applied to the body sent upstream
     before: object = None              # callable(path), run before forwarding
     after: object = None               # callable(path), run after the upstream answered, before we answer
     chance: float = 1.0                # probability that a matching request is hit
+    burst: int = 1                     # once hit, also hit the next burst - 1 matching requests
+    kind: str = ""                     # a name for the fault in the log (default: the action)
+    _burst_left: int = 0
     status: int = 503
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
@@ -51,6 +59,7 @@ class FaultProxy:
         self.upstream_root = re.match(r"(https?://[^/]+)", self.upstream).group(1)
         self.rules: list[Rule] = []
         self.log: list[tuple[str, str, int | str]] = []
+        self.injected: Counter = Counter()   # faults injected, by rule kind (or action)
         self.lock = threading.Lock()
         proxy = self
 
@@ -96,8 +105,12 @@ class FaultProxy:
     def _rule_for(self, method: str, path: str) -> Rule | None:
         with self.lock:
             for rule in self.rules:
-                if rule.matches(method, path) and (rule.chance >= 1 or self.random.random() < rule.chance):
+                if not rule.matches(method, path):
+                    continue
+                if rule._burst_left > 0 or rule.chance >= 1 or self.random.random() < rule.chance:
+                    rule._burst_left = rule._burst_left - 1 if rule._burst_left > 0 else rule.burst - 1
                     rule.hits += 1
+                    self.injected[rule.kind or rule.action] += 1
                     return rule
         return None
 
@@ -124,6 +137,8 @@ class FaultProxy:
             time.sleep(rule.delay)
         if rule and rule.before:
             rule.before(h.path)
+        if rule and rule.rewrite_request:
+            body = rule.rewrite_request(body)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
             r = requests.request(h.command, self.upstream_root + h.path, data=body or None, headers=headers,
@@ -138,6 +153,8 @@ class FaultProxy:
             self.log.append((h.command, h.path, "lost"))
             _drop(h)
             return
+        if rule and rule.action == "slow-response":
+            time.sleep(rule.delay)
         content = r.content.replace(self.upstream_root.encode(), self.root.encode())
         if rule and rule.action == "rewrite":
             content = rule.rewrite(content)

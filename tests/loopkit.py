@@ -17,6 +17,7 @@ from fhirbridge import config
 from fhirbridge.context import App
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.init_config import write_reviewer_keys, write_starter
+from fhirbridge.localehr import LocalEhr
 from fhirbridge.order import place_order
 from fhirbridge.reviewer import OpenedPackage, answer, open_package
 from fhirbridge.workflow import run_pending
@@ -33,6 +34,14 @@ free_text = "Agree with the plan."
 question = "Is surgery indicated now?"
 answer = "Yes."
 '''
+
+
+def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime: int) -> LocalEhr:
+    """A sekmet that accepts only SMART tokens, for one client whose signing keys are in `keys`; the client may
+    ask for anything (system/*.*), so what a token allows is what fhirbridge asks for."""
+    jwks = KeyRing.load(keys).public_jwks()
+    return LocalEhr.start(directory, token_lifetime=token_lifetime,
+                          smart_client={"client_id": client_id, "jwks": jwks, "scopes": "system/*.*"})
 
 
 def unique_mappings(root: Path) -> tuple[Path, str]:
@@ -85,6 +94,21 @@ class TestHospital:
         cfg = paths["config"].read_text().replace('# mappings_dir = "mappings"', f'mappings_dir = "{mappings}"')
         paths["config"].write_text(cfg)
         self.config_path = paths["config"]
+        self.app = self.new_app()
+
+    def use_smart(self, client_id: str, keys: Path, token_url: str | None = None) -> None:
+        """Authorise at the EHR with SMART Backend Services as `client_id`, signing with `keys` (token endpoint:
+        `token_url`, else discovered)."""
+        from fhirbridge.fhir.auth import DEFAULT_SCOPES
+        text = self.config_path.read_text()
+        old = next(line for line in text.splitlines() if line.startswith('type = "none"'))
+        # sekmet authorises a transaction (POST to the base) as a create of "*": filing the opinion needs
+        # system/*.c there on top of the default scopes (a server checking each entry would not).
+        scopes = " ".join((*DEFAULT_SCOPES, "system/*.c"))
+        self.config_path.write_text(text.replace(
+            old, f'type = "smart"\nclient_id = "{client_id}"\nkeys = "{keys}"\nscopes = "{scopes}"'
+                 + (f'\ntoken_url = "{token_url}"' if token_url else "")))
+        self.app.close()
         self.app = self.new_app()
 
     def new_app(self, **env) -> App:
