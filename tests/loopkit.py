@@ -6,18 +6,24 @@ test never picks up another test's orders from the shared EHR (exactly how hospi
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
-from fhirbridge import config
+from fhirbridge import config, envelope
 from fhirbridge.context import App
+from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.init_config import write_reviewer_keys, write_starter
 from fhirbridge.localehr import LocalEhr
+from fhirbridge.mappings_load import load_opinion_form
+from fhirbridge.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.order import place_order
 from fhirbridge.reviewer import OpenedPackage, answer, open_package
 from fhirbridge.workflow import run_pending
@@ -153,6 +159,36 @@ class TestHospital:
         case = self.case_for(sr)
         assert case is not None and case.step == "await_opinion", (case and case.last_error)
         return case
+
+
+def craft_opinion(hospital: TestHospital, case, *, signer: KeyRing | None = None, recipient: KeyRing | None = None,
+                  doc=None, claims=None, opened: OpenedPackage | None = None) -> bytes:
+    """A sealed opinion built step by step, so one part at a time can be made wrong (`opened`: the Case's
+    package, already opened)."""
+    r = hospital.reviewers[case.reviewer]
+    opened = opened or hospital.open(case)
+    c = opened.claims
+    # A copy: `doc` may change the entries in place, and `opened` may serve many opinions.
+    entries = {f"{e['resource']['resourceType']}/{e['resource']['id']}": copy.deepcopy(e) for e in opened.document["entry"]}
+    answer = {"concordance": "discordant", "recommendation": "further-diagnostics", "risks_benefits": "x",
+              "urgency": "urgent"}
+    opinion_id = str(uuid.uuid4())
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    document = build_opinion_document(answer, load_opinion_form(hospital.app.config.mappings_dir),
+                                      opinion_id=opinion_id, timestamp=now, patient_entry=entries[c["patient"]],
+                                      service_request_entry=entries[c["service_request"]],
+                                      reviewer_org=reviewer_organization(c["aud"]))
+    if doc:
+        doc(document)
+    signer = signer or r.key
+    document = jws.sign_bundle(document, signer, who={"display": "x"}, when=now)
+    t = int(time.time())
+    out = {"jti": opinion_id, "iat": t, "exp": t + 3600, "iss": c["aud"], "aud": c["iss"], "case_id": case.id,
+           "package_id": c["package_id"], "service_request": c["service_request"], "patient": c["patient"]}
+    if claims:
+        claims(out)
+    return envelope.seal(typ=envelope.OPINION, claims=out, document=document, signer=signer,
+                         recipient=recipient or r.trusted)
 
 
 class Worker:

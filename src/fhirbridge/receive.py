@@ -76,10 +76,12 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(claims.get("package_id") == case.package_id,
                    f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
                    f"package {case.package_id}; nothing written")
-    aud = claims.get("aud") or {}
+    # The claims are signed by the reviewer, but a reviewer's tool can still be wrong: a member of the wrong
+    # type is a refusal with the reason, never a crash that would leave the file in the inbox for ever.
+    aud = claims.get("aud") if isinstance(claims.get("aud"), dict) else {}
     _refuse_unless(case.hospital == app.hospital.key and aud.get("value") == app.hospital.identifier_value,
                    "the opinion is addressed to another hospital than the one that decrypted it; nothing written")
-    iss = claims.get("iss") or {}
+    iss = claims.get("iss") if isinstance(claims.get("iss"), dict) else {}
     _refuse_unless(iss.get("value") == reviewer.identifier_value,
                    f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
                    f"{reviewer.identifier_value!r}; nothing written")
