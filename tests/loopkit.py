@@ -6,6 +6,7 @@ test never picks up another test's orders from the shared EHR (exactly how hospi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -40,6 +41,26 @@ free_text = "Agree with the plan."
 question = "Is surgery indicated now?"
 answer = "Yes."
 '''
+
+
+PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
+
+
+@contextlib.contextmanager
+def pg_schema(prefix: str = "fb"):
+    """A store URL (FHIRBRIDGE_TEST_POSTGRES_URL) whose search_path is a fresh, empty schema, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime: int) -> LocalEhr:
@@ -214,3 +235,38 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)   # reaped: a zombie would still look alive to the survivors
+
+
+class Served:
+    """`fhirbridge serve` (gunicorn: the HTTP API plus each worker's scheduler) on a free 127.0.0.1 port, for this
+    hospital, logging to a file; ready once /healthz answers."""
+    __test__ = False
+
+    def __init__(self, hospital: TestHospital, env: dict[str, str], *, workers: int = 2, startup: float = 30):
+        import requests
+        from fhirbridge.localehr import free_port
+        self.log = hospital.root / "serve.log"
+        self.base = f"http://127.0.0.1:{free_port()}"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "serve",
+                 "--bind", self.base.removeprefix("http://"), "--workers", str(workers)],
+                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup
+        while True:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.tail()}"
+            try:
+                if requests.get(f"{self.base}/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"no /healthz in {startup} s:\n{self.tail()}"
+            time.sleep(0.1)
+
+    def tail(self, chars: int = 5000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
