@@ -43,6 +43,14 @@ answer = "Yes."
 '''
 
 
+def docrefs(fhir, case) -> int:
+    """How many DocumentReferences the EHR holds with this Case's opinion identifier."""
+    from fhirbridge.writeback import OPINION_ID_SYSTEM
+    return sum(1 for r in fhir.search("DocumentReference",
+                                      {"identifier": f"{OPINION_ID_SYSTEM}|urn:uuid:{case.opinion_id}"})
+               if r["resourceType"] == "DocumentReference")
+
+
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 
 

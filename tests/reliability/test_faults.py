@@ -22,10 +22,9 @@ from fhirbridge.fhir.client import FhirClient
 from fhirbridge.localehr import seed_patient
 from fhirbridge.receive import receive_file
 from fhirbridge.workflow import retry
-from fhirbridge.writeback import OPINION_ID_SYSTEM
 
 from faultproxy import FaultProxy
-from loopkit import TestHospital, start_smart_ehr
+from loopkit import TestHospital, docrefs, start_smart_ehr
 from relkit import duplicates, ehr_copies, size
 
 pytestmark = pytest.mark.sekmet
@@ -50,23 +49,10 @@ CHAOS = [
 
 
 @pytest.fixture
-def proxy(ehr):
-    p = FaultProxy(ehr.base_url, seed=SEED)
-    yield p
-    p.close()
-
-
-@pytest.fixture
 def hospital(tmp_path, proxy):
     h = TestHospital(tmp_path, proxy.base_url, env=ENV)
     yield h
     h.close()
-
-
-def _docrefs(fhir, case) -> int:
-    return sum(1 for r in fhir.search("DocumentReference",
-                                      {"identifier": f"{OPINION_ID_SYSTEM}|urn:uuid:{case.opinion_id}"})
-               if r["resourceType"] == "DocumentReference")
 
 
 def _filed_case(hospital, patient):
@@ -81,6 +67,7 @@ def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospita
     started = time.monotonic()
     store = hospital.app.store
     orders = {f"ServiceRequest/{hospital.order(seeded['patient'])['id']}" for _ in range(CASES)}
+    proxy.random.seed(SEED)
     for fault in CHAOS:
         proxy.add(**fault)
     answered: dict[str, str] = {}
@@ -141,7 +128,7 @@ def test_429_with_retry_after_on_the_write_back_is_waited_out_and_files_once(hos
     case = hospital.app.store.get(case.id)
     assert case.step == "done" and not report.errors
     assert [s for m, p, s in proxy.log if m == "POST" and p.rstrip("/") == "/fhir"] == [429, 429, 200]
-    assert _docrefs(fhir, case) == 1
+    assert docrefs(fhir, case) == 1
 
 
 @pytest.mark.parametrize("where", ["search", "transaction"])
@@ -163,14 +150,14 @@ def test_truncated_answer_is_transient_and_nothing_is_written_twice(hospital, pr
         hospital.run(intake=False)
         case = hospital.app.store.get(case.id)
         assert case.step == "file" and case.next_attempt_at and "broke off" in case.last_error
-        assert _docrefs(fhir, case) == 1                # committed before the answer broke off
+        assert docrefs(fhir, case) == 1                # committed before the answer broke off
     proxy.clear()
     hospital.run(ignore_backoff=True)
     case = hospital.app.store.get(case.id)
     if where == "search":
         assert case.step == "await_opinion", case.last_error
     else:
-        assert case.step == "done" and _docrefs(fhir, case) == 1
+        assert case.step == "done" and docrefs(fhir, case) == 1
         assert proxy.count("POST", TX) == 1             # found filed: no second transaction
 
 
@@ -182,10 +169,10 @@ def test_reset_before_the_transaction_reaches_the_server_is_not_resent_blindly(h
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
     assert case.step == "file" and "could not reach the EHR" in case.last_error
-    assert proxy.count("POST", TX) == 1 and _docrefs(fhir, case) == 0
+    assert proxy.count("POST", TX) == 1 and docrefs(fhir, case) == 0
     hospital.run(intake=False, ignore_backoff=True)
     case = hospital.app.store.get(case.id)
-    assert case.step == "done" and _docrefs(fhir, case) == 1
+    assert case.step == "done" and docrefs(fhir, case) == 1
 
 
 def test_slow_transaction_committed_after_we_gave_up_is_not_filed_twice(hospital, proxy, seeded, fhir):
@@ -201,7 +188,7 @@ def test_slow_transaction_committed_after_we_gave_up_is_not_filed_twice(hospital
     time.sleep(3.5)                                   # the delayed one has reached the server by now
     hospital.run(intake=False, ignore_backoff=True)
     case = hospital.app.store.get(case.id)
-    assert case.step == "done" and _docrefs(fhir, case) == 1
+    assert case.step == "done" and docrefs(fhir, case) == 1
     statuses = [s for m, p, s in proxy.log if m == "POST" and p.rstrip("/") == "/fhir"]
     assert len(statuses) == 2 and sorted(statuses, key=str)[0] == 200, statuses   # both reached the server
 
@@ -221,13 +208,13 @@ def test_transaction_rejected_by_the_server_fails_the_case_with_its_reason_then_
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
     assert case.step == "failed" and case.last_error.startswith("EHR answered 4"), case.last_error
-    assert _docrefs(fhir, case) == 0
+    assert docrefs(fhir, case) == 0
     task = fhir.read_ref(case.task)
     assert task["status"] == "failed" and task["statusReason"]["text"] == case.last_error
     retry(hospital.app, case)
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
-    assert case.step == "done" and _docrefs(fhir, case) == 1
+    assert case.step == "done" and docrefs(fhir, case) == 1
     assert fhir.read_ref(case.task)["status"] == "completed"
 
 
