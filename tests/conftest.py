@@ -51,6 +51,15 @@ def testdata_dir() -> Path:
 
 
 @pytest.fixture
+def proxy(ehr):
+    """The fault-injecting proxy (tests/faultproxy.py) in front of the session EHR."""
+    from faultproxy import FaultProxy
+    p = FaultProxy(ehr.base_url)
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def hospital(tmp_path, ehr):
     """A hospital configured against the session EHR with one reviewer (see tests/loopkit.py)."""
     from loopkit import TestHospital

@@ -6,14 +6,25 @@ test never picks up another test's orders from the shared EHR (exactly how hospi
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
 import shutil
+import subprocess
+import sys
+import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
-from fhirbridge import config
+from fhirbridge import config, envelope
 from fhirbridge.context import App
+from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.init_config import write_reviewer_keys, write_starter
+from fhirbridge.localehr import LocalEhr
+from fhirbridge.mappings_load import load_opinion_form
+from fhirbridge.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.order import place_order
 from fhirbridge.reviewer import OpenedPackage, answer, open_package
 from fhirbridge.workflow import run_pending
@@ -30,6 +41,42 @@ free_text = "Agree with the plan."
 question = "Is surgery indicated now?"
 answer = "Yes."
 '''
+
+
+def docrefs(fhir, case) -> int:
+    """How many DocumentReferences the EHR holds with this Case's opinion identifier."""
+    from fhirbridge.writeback import OPINION_ID_SYSTEM
+    return sum(1 for r in fhir.search("DocumentReference",
+                                      {"identifier": f"{OPINION_ID_SYSTEM}|urn:uuid:{case.opinion_id}"})
+               if r["resourceType"] == "DocumentReference")
+
+
+PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
+
+
+@contextlib.contextmanager
+def pg_schema(prefix: str = "fb"):
+    """A store URL (FHIRBRIDGE_TEST_POSTGRES_URL) whose search_path is a fresh, empty schema, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime: int) -> LocalEhr:
+    """A sekmet that accepts only SMART tokens, for one client whose signing keys are in `keys`; the client may
+    ask for anything (system/*.*), so what a token allows is what fhirbridge asks for."""
+    jwks = KeyRing.load(keys).public_jwks()
+    return LocalEhr.start(directory, token_lifetime=token_lifetime,
+                          smart_client={"client_id": client_id, "jwks": jwks, "scopes": "system/*.*"})
 
 
 def unique_mappings(root: Path) -> tuple[Path, str]:
@@ -84,6 +131,21 @@ class TestHospital:
         self.config_path = paths["config"]
         self.app = self.new_app()
 
+    def use_smart(self, client_id: str, keys: Path, token_url: str | None = None) -> None:
+        """Authorise at the EHR with SMART Backend Services as `client_id`, signing with `keys` (token endpoint:
+        `token_url`, else discovered)."""
+        from fhirbridge.fhir.auth import DEFAULT_SCOPES
+        text = self.config_path.read_text()
+        old = next(line for line in text.splitlines() if line.startswith('type = "none"'))
+        # sekmet authorises a transaction (POST to the base) as a create of "*": filing the opinion needs
+        # system/*.c there on top of the default scopes (a server checking each entry would not).
+        scopes = " ".join((*DEFAULT_SCOPES, "system/*.c"))
+        self.config_path.write_text(text.replace(
+            old, f'type = "smart"\nclient_id = "{client_id}"\nkeys = "{keys}"\nscopes = "{scopes}"'
+                 + (f'\ntoken_url = "{token_url}"' if token_url else "")))
+        self.app.close()
+        self.app = self.new_app()
+
     def new_app(self, **env) -> App:
         merged = {**self.env, **{k.upper(): v for k, v in env.items()}}
         return App(config.load(self.config_path, environ=merged))
@@ -126,3 +188,93 @@ class TestHospital:
         case = self.case_for(sr)
         assert case is not None and case.step == "await_opinion", (case and case.last_error)
         return case
+
+
+def craft_opinion(hospital: TestHospital, case, *, signer: KeyRing | None = None, recipient: KeyRing | None = None,
+                  doc=None, claims=None, opened: OpenedPackage | None = None) -> bytes:
+    """A sealed opinion built step by step, so one part at a time can be made wrong (`opened`: the Case's
+    package, already opened)."""
+    r = hospital.reviewers[case.reviewer]
+    opened = opened or hospital.open(case)
+    c = opened.claims
+    # A copy: `doc` may change the entries in place, and `opened` may serve many opinions.
+    entries = {f"{e['resource']['resourceType']}/{e['resource']['id']}": copy.deepcopy(e) for e in opened.document["entry"]}
+    answer = {"concordance": "discordant", "recommendation": "further-diagnostics", "risks_benefits": "x",
+              "urgency": "urgent"}
+    opinion_id = str(uuid.uuid4())
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    document = build_opinion_document(answer, load_opinion_form(hospital.app.config.mappings_dir),
+                                      opinion_id=opinion_id, timestamp=now, patient_entry=entries[c["patient"]],
+                                      service_request_entry=entries[c["service_request"]],
+                                      reviewer_org=reviewer_organization(c["aud"]))
+    if doc:
+        doc(document)
+    signer = signer or r.key
+    document = jws.sign_bundle(document, signer, who={"display": "x"}, when=now)
+    t = int(time.time())
+    out = {"jti": opinion_id, "iat": t, "exp": t + 3600, "iss": c["aud"], "aud": c["iss"], "case_id": case.id,
+           "package_id": c["package_id"], "service_request": c["service_request"], "patient": c["patient"]}
+    if claims:
+        claims(out)
+    return envelope.seal(typ=envelope.OPINION, claims=out, document=document, signer=signer,
+                         recipient=recipient or r.trusted)
+
+
+class Worker:
+    """A real `fhirbridge worker` process (the scheduler without HTTP) for this hospital, logging to a file."""
+    __test__ = False
+
+    def __init__(self, hospital: TestHospital, env: dict[str, str], n: int | str):
+        self.log = hospital.root / f"worker-{n}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "worker"],
+                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self) -> str:
+        return f"--- worker pid {self.pid} (exit {self.proc.returncode}) ---\n" + \
+            self.log.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)   # reaped: a zombie would still look alive to the survivors
+
+
+class Served:
+    """`fhirbridge serve` (gunicorn: the HTTP API plus each worker's scheduler) on a free 127.0.0.1 port, for this
+    hospital, logging to a file; ready once /healthz answers."""
+    __test__ = False
+
+    def __init__(self, hospital: TestHospital, env: dict[str, str], *, workers: int = 2, startup: float = 30):
+        import requests
+        from fhirbridge.localehr import free_port
+        self.log = hospital.root / "serve.log"
+        self.base = f"http://127.0.0.1:{free_port()}"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "serve",
+                 "--bind", self.base.removeprefix("http://"), "--workers", str(workers)],
+                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup
+        while True:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.tail()}"
+            try:
+                if requests.get(f"{self.base}/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"no /healthz in {startup} s:\n{self.tail()}"
+            time.sleep(0.1)
+
+    def tail(self, chars: int = 5000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

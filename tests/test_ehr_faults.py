@@ -7,10 +7,8 @@ from __future__ import annotations
 import pytest
 
 from fhirbridge.receive import receive_file
-from fhirbridge.writeback import OPINION_ID_SYSTEM
 
-from faultproxy import FaultProxy
-from loopkit import TestHospital
+from loopkit import TestHospital, docrefs
 
 pytestmark = pytest.mark.sekmet
 
@@ -20,23 +18,10 @@ FAST = {"FHIRBRIDGE_HOSPITAL__HTTP__RETRIES": "2", "FHIRBRIDGE_HOSPITAL__HTTP__M
 
 
 @pytest.fixture
-def proxy(ehr):
-    p = FaultProxy(ehr.base_url)
-    yield p
-    p.close()
-
-
-@pytest.fixture
 def hospital(tmp_path, proxy):
     h = TestHospital(tmp_path, proxy.base_url, env=FAST)
     yield h
     h.close()
-
-
-def _docrefs(fhir, case) -> int:
-    return sum(1 for r in fhir.search("DocumentReference",
-                                      {"identifier": f"{OPINION_ID_SYSTEM}|urn:uuid:{case.opinion_id}"})
-               if r["resourceType"] == "DocumentReference")
 
 
 def test_ehr_down_mid_run_then_case_resumes(hospital, proxy, seeded):
@@ -128,12 +113,12 @@ def test_lost_response_on_write_back_files_exactly_once(hospital, proxy, seeded,
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
     assert case.step == "file" and case.last_error     # we don't know yet that it was filed
-    assert _docrefs(fhir, case) == 1                  # ... but the EHR has it
+    assert docrefs(fhir, case) == 1                  # ... but the EHR has it
 
     hospital.run(intake=False, ignore_backoff=True)
     case = hospital.app.store.get(case.id)
     assert case.step == "done" and case.document_reference
-    assert _docrefs(fhir, case) == 1
+    assert docrefs(fhir, case) == 1
     assert proxy.count("POST", r"^/fhir/?$") == 1     # no second transaction was sent
     assert fhir.read_ref(case.task)["status"] == "completed"
 
@@ -145,11 +130,11 @@ def test_write_back_rejected_by_server_leaves_case_waiting_and_nothing_written(h
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
     assert case.step == "file" and "500" in case.last_error
-    assert _docrefs(fhir, case) == 0
+    assert docrefs(fhir, case) == 0
     proxy.clear()
     hospital.run(intake=False, ignore_backoff=True)
     case = hospital.app.store.get(case.id)
-    assert case.step == "done" and _docrefs(fhir, case) == 1
+    assert case.step == "done" and docrefs(fhir, case) == 1
 
 
 def test_invalid_resource_from_the_ehr_is_reported_not_sent_and_not_fatal(hospital, proxy, seeded):

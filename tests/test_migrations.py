@@ -5,13 +5,11 @@ SQLite always; PostgreSQL (one fresh schema per test) when FHIRBRIDGE_TEST_POSTG
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -24,26 +22,12 @@ from fhirbridge import cli, migrations
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.store import Store, metadata
 
+from loopkit import pg_schema
+
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
 TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events"}
-
-
-@contextlib.contextmanager
-def pg_schema():
-    """A store URL whose search_path is a fresh, empty schema, dropped afterwards."""
-    schema = f"fb_mig_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -51,7 +35,7 @@ def url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
     else:
-        with pg_schema() as u:
+        with pg_schema("fb_mig") as u:
             yield u
 
 

@@ -6,22 +6,16 @@ and the EHR got nothing (no DocumentReference for the opinion, Task unchanged).
 from __future__ import annotations
 
 import shutil
-import time
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
-from fhirbridge import envelope
-from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing, generate_jwks
 from fhirbridge.errors import RejectedOpinion, SealError
-from fhirbridge.mappings_load import load_opinion_form
-from fhirbridge.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.receive import process_inbox, receive_bytes, receive_file
 from fhirbridge.reviewer import open_package
 
-from loopkit import SAMPLE_ANSWER, TestHospital
+from loopkit import SAMPLE_ANSWER, craft_opinion
 
 pytestmark = pytest.mark.sekmet
 
@@ -45,34 +39,6 @@ def _flip(data: bytes, at: int) -> bytes:
 
 def _ciphertext_offset(data: bytes) -> int:
     return data.index(b'"ciphertext":"') + len(b'"ciphertext":"') + 10
-
-
-def craft_opinion(hospital: TestHospital, case, *, signer: KeyRing | None = None, recipient: KeyRing | None = None,
-                  doc=None, claims=None) -> bytes:
-    """A sealed opinion built step by step, so one part at a time can be made wrong."""
-    r = hospital.reviewers[case.reviewer]
-    opened = hospital.open(case)
-    c = opened.claims
-    entries = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e for e in opened.document["entry"]}
-    answer = {"concordance": "discordant", "recommendation": "further-diagnostics", "risks_benefits": "x",
-              "urgency": "urgent"}
-    opinion_id = str(uuid.uuid4())
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    document = build_opinion_document(answer, load_opinion_form(hospital.app.config.mappings_dir),
-                                      opinion_id=opinion_id, timestamp=now, patient_entry=entries[c["patient"]],
-                                      service_request_entry=entries[c["service_request"]],
-                                      reviewer_org=reviewer_organization(c["aud"]))
-    if doc:
-        doc(document)
-    signer = signer or r.key
-    document = jws.sign_bundle(document, signer, who={"display": "x"}, when=now)
-    t = int(time.time())
-    out = {"jti": opinion_id, "iat": t, "exp": t + 3600, "iss": c["aud"], "aud": c["iss"], "case_id": case.id,
-           "package_id": c["package_id"], "service_request": c["service_request"], "patient": c["patient"]}
-    if claims:
-        claims(out)
-    return envelope.seal(typ=envelope.OPINION, claims=out, document=document, signer=signer,
-                         recipient=recipient or r.trusted)
 
 
 def assert_nothing_written(hospital, case, fhir, task_version):
@@ -242,3 +208,37 @@ def test_bad_answer_file_lists_every_problem(hospital, case, tmp_path):
     text = str(err.value)
     assert "concordance: 'maybe' is not one of: concordant, partially-concordant, discordant" in text
     assert "urgency: required" in text
+
+
+def test_opinion_claimed_by_a_killed_worker_is_put_back_at_once(hospital, case):
+    """A worker killed (SIGKILL) while receiving leaves the opinion in inbox/processing/: the next pass puts it
+    back at once when the claiming process was on this host and is gone (it used to wait ten minutes), and
+    leaves alone a file held by a live process or by another host until the ten minutes are up."""
+    import subprocess
+    from fhirbridge.receive import _HOST_TAG
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    processing = hospital.app.config.inbox / "processing"
+    processing.mkdir(parents=True)
+    shutil.copy(hospital.answer(case), processing / f"good.jwe.{_HOST_TAG}-{dead.pid}-abc123")
+    (processing / f"live.jwe.{_HOST_TAG}-1-abc123").write_bytes(b"{}")      # pid 1 lives
+    (processing / f"far.jwe.0badc0de-{dead.pid}-abc123").write_bytes(b"{}")  # another host's claim
+    assert not process_inbox(hospital.app).accepted          # put back at the end of this pass...
+    assert (hospital.app.config.inbox / "good.jwe").exists()
+    assert len(process_inbox(hospital.app).accepted) == 1     # ...and received by the next
+    assert sorted(p.name.partition(".")[0] for p in processing.iterdir()) == ["far", "live"]
+
+
+@pytest.mark.parametrize("claim, value, error, words", [
+    ("aud", True, RejectedOpinion, "addressed to another hospital"),
+    ("iss", "urn:oid:2.999.9.1", RejectedOpinion, "says it is from None"),
+    ("exp", None, SealError, "exp is not a NumericDate"),
+    ("iat", False, SealError, "iat is not a NumericDate"),
+])
+def test_signed_claims_of_the_wrong_type_are_refused_not_a_crash(hospital, case, fhir, task_version, claim, value,
+                                                                  error, words):
+    """Found by the bad-input suite: a claim of the wrong JSON type crashed receive (AttributeError,
+    TypeError), which kept the file in the inbox for ever, or was taken as a time (false is 1970)."""
+    with pytest.raises(error, match=words):
+        receive_bytes(hospital.app, craft_opinion(hospital, case, claims=lambda c: c.update({claim: value})))
+    assert_nothing_written(hospital, case, fhir, task_version)

@@ -4,20 +4,13 @@ with one package in the outbox; the survivors stop cleanly on SIGTERM.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
-import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from loopkit import TestHospital
+from loopkit import PG_URL, TestHospital, Worker, pg_schema
 
-PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                                 "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
 
@@ -26,44 +19,6 @@ WORKERS = 3
 DONE_KINDS = ("collect.done", "seal.done", "deliver.done")
 SETTLE_SECONDS = 120      # every Case at await_opinion within this
 GRACEFUL_SECONDS = 30     # a worker told to stop finishes its step and exits within this
-
-
-@contextlib.contextmanager
-def pg_schema():
-    """A store URL whose search_path is a fresh, empty schema, dropped afterwards."""
-    schema = f"fb_rep_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-class Worker:
-    def __init__(self, hospital: TestHospital, env: dict[str, str], n: int):
-        self.log = hospital.root / f"worker-{n}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "worker"],
-                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def tail(self) -> str:
-        return f"--- worker pid {self.pid} (exit {self.proc.returncode}) ---\n" + \
-            self.log.read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)   # reaped: a zombie would still look alive to the survivors
 
 
 def _holders(store) -> dict[str, tuple[str, str]]:
@@ -77,7 +32,7 @@ def _done_steps(store) -> int:
 
 
 def test_replicas_survive_a_killed_worker_and_work_every_case_once(tmp_path, ehr, seeded):
-    with pg_schema() as store_url:
+    with pg_schema("fb_rep") as store_url:
         env = {"FHIRBRIDGE_FHIRBRIDGE__STORE_URL": store_url,
                "FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.5", "FHIRBRIDGE_SERVICE__POLL_SECONDS": "1",
                "FHIRBRIDGE_SERVICE__INBOX_SECONDS": "5",

@@ -4,28 +4,18 @@ by the served process's own scheduler, and a clean exit on SIGTERM.
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from loopkit import TestHospital
+from loopkit import Served, TestHospital
 
 TOKEN = "staff-token-" + "x" * 20
 GRACEFUL_SECONDS = 20
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -33,31 +23,13 @@ def served(tmp_path, ehr):
     env = {"FHIRBRIDGE_API__TOKENS": TOKEN, "FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.5",
            "FHIRBRIDGE_SERVICE__POLL_SECONDS": "2", "FHIRBRIDGE_SERVICE__INBOX_SECONDS": "5"}
     hospital = TestHospital(tmp_path, ehr.base_url, env=env)
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fhirbridge", "--config", str(hospital.config_path), "serve",
-             "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-            env={**os.environ, **env, "FHIRBRIDGE_GRACEFUL_TIMEOUT": str(GRACEFUL_SECONDS)},
-            stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    served = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"serve exited {proc.returncode}:\n{log.read_text(errors='replace')}"
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"no /healthz in 30 s:\n{log.read_text(errors='replace')}"
-            time.sleep(0.1)
-        yield base, proc, log, hospital
+        served = Served(hospital, {**env, "FHIRBRIDGE_GRACEFUL_TIMEOUT": str(GRACEFUL_SECONDS)})
+        yield served.base, served.proc, served.log, hospital
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        if served:
+            served.kill()
         hospital.close()
 
 

@@ -284,3 +284,13 @@ def test_order_fields_are_checked_before_anything_is_written(served):
     for body, message in cases:
         r = client.post("/api/orders", headers=staff(), json=body)
         assert r.status_code == 400 and message in r.get_json()["error"]["message"], (body, r.get_json())
+
+
+def test_case_list_filters_are_checked(served):
+    """Found by the bad-input suite: a mistyped filter answered as if it had filtered (?overdue=yes listed every
+    Case, ?step=awaiting none), so a person could read the wrong list as the answer."""
+    _h, _svc, client = served
+    for query, message in (("overdue=yes", 'overdue must be "true"'), ("step=awaiting", "step must be one of")):
+        r = client.get(f"/api/cases?{query}", headers=staff())
+        assert r.status_code == 400 and message in r.get_json()["error"]["message"], r.get_json()
+    assert client.get("/api/cases?step=await_opinion&overdue=true", headers=staff()).status_code == 200

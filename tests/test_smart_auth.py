@@ -39,15 +39,13 @@ def smart_keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smart_ehr(tmp_path_factory, smart_keys):
-    """A second sekmet that accepts only SMART tokens; our client may ask for anything (system/*.*), so what
-    a token allows is what fhirbridge asks for."""
+    """A second sekmet that accepts only SMART tokens (loopkit.start_smart_ehr)."""
+    from loopkit import start_smart_ehr
     try:
         find_sekmet()
     except FhirbridgeError as exc:
         pytest.skip(str(exc))
-    jwks = KeyRing.load(smart_keys).public_jwks()
-    server = LocalEhr.start(tmp_path_factory.mktemp("smart-ehr"), token_lifetime=TOKEN_LIFETIME,
-                            smart_client={"client_id": CLIENT_ID, "jwks": jwks, "scopes": "system/*.*"})
+    server = start_smart_ehr(tmp_path_factory.mktemp("smart-ehr"), CLIENT_ID, smart_keys, TOKEN_LIFETIME)
     try:
         yield server
     finally:
@@ -303,15 +301,7 @@ def test_whole_loop_with_smart_enforced(tmp_path, smart_ehr, smart_keys, smart_s
 
     hospital = TestHospital(tmp_path, smart_ehr.base_url)
     try:
-        text = hospital.config_path.read_text()
-        old = next(line for line in text.splitlines() if line.startswith('type = "none"'))
-        # sekmet authorises a transaction (POST to the base) as a create of "*": filing the opinion needs
-        # system/*.c there on top of the default scopes (a server checking each entry would not).
-        scopes = " ".join((*DEFAULT_SCOPES, "system/*.c"))
-        hospital.config_path.write_text(text.replace(
-            old, f'type = "smart"\nclient_id = "{CLIENT_ID}"\nkeys = "{smart_keys}"\nscopes = "{scopes}"'))
-        hospital.app.close()
-        hospital.app = hospital.new_app()
+        hospital.use_smart(CLIENT_ID, smart_keys)
         assert isinstance(hospital.app.ehr._session.auth, SmartBackendAuth)
 
         sr = hospital.order(smart_seeded["patient"], "Is the planned L4-L5 decompression indicated?")

@@ -179,6 +179,10 @@ def open_verified(data: bytes, *, typ: str, decrypt: KeyRing,
     for field in ("jti", "iat", "exp"):
         if field not in claims:
             raise SealError(f"claims lack {field}")
+    for field in ("iat", "exp"):
+        # RFC 7519 NumericDate: a number of seconds (a JSON true or a string is not a time, and must not crash us)
+        if isinstance(claims[field], bool) or not isinstance(claims[field], (int, float)):
+            raise SealError(f"claims {field} is not a NumericDate (seconds since 1970)")
     if check_expiry and claims["exp"] + CLOCK_SKEW < now:
         raise SealError(f"expired at {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))}")
     if claims["iat"] - CLOCK_SKEW > now:

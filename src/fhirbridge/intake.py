@@ -14,6 +14,7 @@ from .context import App, log
 from .errors import FhirError
 from .mappings_load import profile_names
 from .store import FINAL_STEPS, Case
+from .testhook import crash_point
 
 # Statuses in which an order still wants a second opinion (FHIR request-status).
 ACTIVE = ("active",)
@@ -162,6 +163,7 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
                                         hold_seconds=min(INTAKE_HOLD, app.config.service.lease_seconds or INTAKE_HOLD))
     if not created:
         return case, False
+    crash_point("intake.opened")
     log.info("case %s opened for %s (reviewer %s, profile %s)", case.id, ref, reviewer, profile,
              extra={"case_id": case.id})
     if prior is not None:

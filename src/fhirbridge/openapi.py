@@ -12,6 +12,7 @@ from . import __version__
 docs = Blueprint("docs", __name__)
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+CASE_STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done", "failed", "cancelled", "declined")
 CASE = {"$ref": "#/components/schemas/Case"}
 
 
@@ -48,8 +49,7 @@ SPEC = {
                 "properties": {"status": {"type": "integer"}, "message": {"type": "string"}}}}},
             "Case": {"type": "object", "required": ["id", "step"], "properties": {
                 "id": {"type": "string"}, "hospital": {"type": "string"},
-                "step": {"type": "string", "enum": ["collect", "seal", "deliver", "await_opinion", "file", "done",
-                                                    "failed", "cancelled", "declined"]},
+                "step": {"type": "string", "enum": list(CASE_STEPS)},
                 "service_request": {"type": "string"}, "patient": {"type": "string"},
                 "reviewer": {"type": "string"}, "profile": {"type": "string"},
                 "task": {"type": ["string", "null"]}, "package_id": {"type": ["string", "null"]},
@@ -80,7 +80,7 @@ SPEC = {
                                 "201"), **_errors(400, 401, 403, 502, 503)}}},
         "/api/cases": {"get": {
             "summary": "List Cases", "security": [{"staff": []}],
-            "parameters": [{"name": "step", "in": "query", "schema": {"type": "string"}},
+            "parameters": [{"name": "step", "in": "query", "schema": {"type": "string", "enum": list(CASE_STEPS)}},
                            {"name": "hospital", "in": "query", "schema": {"type": "string"}},
                            {"name": "overdue", "in": "query", "schema": {"type": "string", "enum": ["true"]}}],
             "responses": {**_ok("Cases", {"type": "object", "properties": {"cases": {"type": "array", "items": CASE}}}),

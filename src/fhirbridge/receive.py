@@ -11,6 +11,7 @@ the file step can be retried, and are re-verified there before filing.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -25,7 +26,8 @@ from .context import App
 from .crypto.keys import KeyRing
 from .errors import CaseError, RejectedOpinion, SealError
 from .fhir.validate import validate as validate_resource
-from .store import Case
+from .store import LOCAL_PREFIX, Case, _pid_alive
+from .testhook import crash_point
 
 CONSULT_NOTE = ("http://loinc.org", "11488-4")
 
@@ -74,10 +76,12 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(claims.get("package_id") == case.package_id,
                    f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
                    f"package {case.package_id}; nothing written")
-    aud = claims.get("aud") or {}
+    # The claims are signed by the reviewer, but a reviewer's tool can still be wrong: a member of the wrong
+    # type is a refusal with the reason, never a crash that would leave the file in the inbox for ever.
+    aud = claims.get("aud") if isinstance(claims.get("aud"), dict) else {}
     _refuse_unless(case.hospital == app.hospital.key and aud.get("value") == app.hospital.identifier_value,
                    "the opinion is addressed to another hospital than the one that decrypted it; nothing written")
-    iss = claims.get("iss") or {}
+    iss = claims.get("iss") if isinstance(claims.get("iss"), dict) else {}
     _refuse_unless(iss.get("value") == reviewer.identifier_value,
                    f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
                    f"{reviewer.identifier_value!r}; nothing written")
@@ -93,6 +97,7 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     # The file is written before the Case moves (so an accepted opinion always has its file), under a name
     # that only this jti uses: two workers receiving the same opinion write the same bytes to it.
     envelope.write_atomic(path, data)
+    crash_point("receive.written")
     accepted = app.store.accept_opinion(case.id, jti=jti, package_id=case.package_id,
                                         detail={"opinion_id": jti, "from": reviewer.name})
     if accepted is None:
@@ -244,10 +249,12 @@ def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
             os.rename(found, path)
         except FileNotFoundError:
             continue
+        os.utime(path)  # the claim's age, not the file's: a copy that kept an old mtime is not "stale" at once
         try:
             data = envelope.read_limited(path, envelope.OPINION)
             target = app_for(apps or [app], data)
             result.accepted.append(receive_bytes(target, data, source=found.name))
+            crash_point("receive.accepted")
             _move(path, inbox / "accepted", found.name)
         except (RejectedOpinion, SealError, CaseError) as exc:
             result.refused.append((found, str(exc)))
@@ -256,11 +263,23 @@ def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
         except Exception as exc:  # noqa: BLE001 - kept for the next run, reported now
             result.deferred.append((found, f"{exc.__class__.__name__}: {exc}"))
             _move(path, inbox, found.name)
-    # A worker killed mid-file leaves it in processing/: put such files back for the next pass.
+    # A worker killed mid-file leaves it in processing/: put such files back for the next pass, at once
+    # when the process that claimed it was on this host and is gone, else after ten minutes (another host's).
     for stale in processing.glob("*.jwe.*"):
-        if time.time() - stale.stat().st_mtime > 600:
-            _move(stale, inbox, stale.name.rsplit(".", 1)[0])
+        try:
+            if _abandoned(stale):
+                _move(stale, inbox, stale.name.rsplit(".", 1)[0])
+        except FileNotFoundError:
+            continue  # another worker put it back first
     return result
+
+
+def _abandoned(path: Path) -> bool:
+    host, _, rest = path.name.rsplit(".", 1)[1].partition("-")
+    pid = rest.partition("-")[0]
+    if host == _HOST_TAG and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    return time.time() - path.stat().st_mtime > 600
 
 
 def _move(path: Path, folder: Path, name: str | None = None) -> Path:
@@ -276,5 +295,9 @@ def _move(path: Path, folder: Path, name: str | None = None) -> Path:
     return dest
 
 
+# This host (and pid namespace), as a name-safe tag: a claimed inbox file names the host and pid that claimed it.
+_HOST_TAG = hashlib.sha256(LOCAL_PREFIX.encode()).hexdigest()[:8]
+
+
 def worker_tag() -> str:
-    return f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -193,6 +193,12 @@ def _hospital_app(name: str | None):
 @api.get("/cases")
 def list_cases():
     step = request.args.get("step")
+    # A mistyped filter must not answer as if it had filtered (an empty list, or every Case for "overdue").
+    from .openapi import CASE_STEPS
+    if step is not None and step not in CASE_STEPS:
+        raise ApiError(400, f"step must be one of {', '.join(CASE_STEPS)}")
+    if request.args.get("overdue") not in (None, "true"):
+        raise ApiError(400, 'overdue must be "true" (or left out)')
     cases = service().store.list(steps=(step,) if step else None)
     hospital = request.args.get("hospital")
     if hospital:

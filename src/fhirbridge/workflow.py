@@ -31,6 +31,7 @@ from .errors import CaseError, ConsentDenied, FhirbridgeError, FhirError
 from .intake import run_intake
 from .seal import package_dir, seal_case
 from .store import FINAL_STEPS, Case, worker_id
+from .testhook import crash_point
 
 log = logging.getLogger("fhirbridge.workflow")
 NEXT = {"collect": "seal", "seal": "deliver", "deliver": "await_opinion", "file": "done"}
@@ -134,6 +135,7 @@ def run_step(app: App, case: Case) -> bool:
     started = time.monotonic()
     try:
         with _LeaseKeeper(app, case):
+            crash_point(f"{step}.begin")
             if not case.task:
                 case = _ensure_task(app, case)
             if step == "collect":
@@ -158,6 +160,7 @@ def run_step(app: App, case: Case) -> bool:
         return False
     # The write-back transaction completed the Task itself: reading it back to sync would cost a round trip.
     task_current = bool(detail.pop("task_completed", False))
+    crash_point(f"{step}.end")
     nxt = detail.pop("next", NEXT[step])
     detail["seconds"] = round(time.monotonic() - started, 3)
     extra = detail.pop("columns", {})
@@ -168,6 +171,7 @@ def run_step(app: App, case: Case) -> bool:
         # Someone else moved the Case on (our lease lapsed, or it was cancelled): our result is dropped.
         app.store.add_event(case.id, "step.discarded", {"step": step, "reason": "the claim was lost meanwhile"})
         return True
+    crash_point(f"{step}.recorded")
     if not task_current:
         _sync_task(app, done)
     return True

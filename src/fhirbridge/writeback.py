@@ -41,6 +41,7 @@ from .errors import FhirbridgeError, FhirError
 from .receive import opinion_path
 from .render import render_opinion
 from .store import Case
+from .testhook import crash_point
 
 OPINION_ID_SYSTEM = "urn:ietf:rfc:3986"
 FORMAT_CODE = {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
@@ -104,6 +105,7 @@ def file_opinion(app: App, case: Case) -> dict:
             raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
                             transient=True) from None
         raise
+    crash_point("file.committed")
     return {"columns": {"document_reference": ours}, "document_reference": ours,
             "binary": f"Binary/{binary_id_for(case, case.opinion_id)}", "task_completed": True}
 

@@ -1,0 +1,35 @@
+"""Crash-suite test hook: inert unless FHIRBRIDGE_TEST_CRASH_AT is set.
+
+`FHIRBRIDGE_TEST_CRASH_AT=<point>[:n]` makes this process SIGKILL itself the n-th time (default: the first) it
+reaches the named point, e.g. `seal.end` (the package is sealed, the step not yet recorded). A kill from
+outside cannot land on a step boundary reliably; this lands on it every time, so the crash suite
+(tests/reliability/test_crash.py) can prove that every boundary resumes without loss or duplication.
+The points are listed in POINTS; nothing else in fhirbridge reads the variable.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+VARIABLE = "FHIRBRIDGE_TEST_CRASH_AT"
+# <step>.begin: claimed, nothing done; <step>.end: done, not recorded; <step>.recorded: recorded, Task not synced.
+POINTS = ("intake.opened", "receive.written", "receive.accepted", "file.committed") + tuple(
+    f"{step}.{at}" for step in ("collect", "seal", "deliver", "file") for at in ("begin", "end", "recorded"))
+
+_hits: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get(VARIABLE)
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    with _lock:
+        _hits[name] = _hits.get(name, 0) + 1
+        hit = _hits[name]
+    if hit == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,53 @@
+"""Shared by the reliability suites: the size knob and the figures they record (see conftest.py)."""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+from fhirbridge.ehr_task import CASE_ID_SYSTEM
+
+FULL = os.environ.get("FHIRBRIDGE_RELIABILITY", "").lower() == "full"
+FIGURES: dict = {}
+
+
+def size(ci, full):
+    """The CI value, or the full-form value under FHIRBRIDGE_RELIABILITY=full."""
+    return full if FULL else ci
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of values; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ehr_copies(fhir, cases) -> dict[str, Counter]:
+    """What the EHR itself holds for each Case, by searching it (never by trusting our store): referral Tasks
+    by the Case identifier, consult notes (LOINC 11488-4) whose context names the Case's order, and the
+    Provenances that target each note. {"Task": Counter(case id -> n), "DocumentReference": ..., "Provenance": ...}"""
+    by_order = {c.service_request: c.id for c in cases}
+    out = {"Task": Counter(), "DocumentReference": Counter(), "Provenance": Counter()}
+    for case in cases:
+        out["Task"][case.id] = sum(1 for r in fhir.search("Task", {"identifier": f"{CASE_ID_SYSTEM}|{case.id}"})
+                                   if r["resourceType"] == "Task")
+    for patient in {c.patient for c in cases}:
+        for doc in fhir.search("DocumentReference", {"patient": patient, "type": "http://loinc.org|11488-4"}):
+            if doc["resourceType"] != "DocumentReference":
+                continue
+            for related in doc.get("context", {}).get("related", []):
+                case_id = by_order.get(related.get("reference"))
+                if case_id:
+                    out["DocumentReference"][case_id] += 1
+                    out["Provenance"][case_id] += sum(
+                        1 for r in fhir.search("Provenance", {"target": f"DocumentReference/{doc['id']}"})
+                        if r["resourceType"] == "Provenance")
+    return out
+
+
+def duplicates(copies: dict[str, Counter]) -> dict[str, int]:
+    """Copies beyond the first, per resource type."""
+    return {kind: sum(max(0, n - 1) for n in counter.values()) for kind, counter in copies.items()}

@@ -1,0 +1,182 @@
+"""Crash suite: a real `fhirbridge worker` process is killed (SIGKILL) at every step boundary and in the
+middle of the write-back transaction, round after round. After the restarts every Case completes, no
+opinion is lost, and the EHR, searched directly, holds exactly one Task, one DocumentReference and one
+Provenance per Case.
+
+The boundaries are hit exactly with the test hook FHIRBRIDGE_TEST_CRASH_AT (src/fhirbridge/testhook.py):
+`<step>.begin` (claimed, nothing done), `<step>.end` (done, not recorded), `<step>.recorded` (recorded, the
+Task not yet brought in line), `intake.opened` (Case opened, no Task yet), `receive.written` (opinion file
+kept, not accepted), `receive.accepted` (accepted, inbox file not yet moved), `file.committed` (the EHR
+answered the transaction). The transaction itself is interrupted by the fault proxy: `tx.before-commit`
+kills the worker while its transaction is on the way (the server then commits it for a client that is
+gone), `tx.after-commit` once the server committed it, before the answer reaches the worker.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from fhirbridge.testhook import POINTS, VARIABLE
+
+from faultproxy import FaultProxy
+from loopkit import TestHospital, Worker
+from relkit import duplicates, ehr_copies, size
+
+pytestmark = pytest.mark.sekmet
+
+# In pipeline order, so that each point has a Case that can still reach it.
+SEQUENCE = ("intake.opened", "collect.begin", "collect.end", "collect.recorded", "seal.begin", "seal.end",
+            "seal.recorded", "deliver.begin", "deliver.end", "deliver.recorded", "receive.written",
+            "receive.accepted", "file.begin", "file.committed", "file.end", "file.recorded",
+            "tx.before-commit", "tx.after-commit")
+CASES_PER_ROUND = 5           # enough for every file-step point to find a Case whose transaction is unsent
+ROUNDS = size(1, 3)           # kills: 18 per round
+KILL_WITHIN = 60              # seconds for a worker to reach its crash point
+SETTLE = size(120, 240)       # seconds for the last, unhindered worker to finish every Case
+ENV = {"FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.3", "FHIRBRIDGE_SERVICE__POLL_SECONDS": "0.5",
+       "FHIRBRIDGE_SERVICE__INBOX_SECONDS": "0.5", "FHIRBRIDGE_SERVICE__LEASE_SECONDS": "3",
+       "FHIRBRIDGE_HOSPITAL__HTTP__RETRIES": "2", "FHIRBRIDGE_HOSPITAL__HTTP__MAX_RETRY_AFTER": "0.2"}
+TX = r"^/fhir/?$"
+
+
+def test_the_sequence_covers_every_crash_point():
+    assert set(SEQUENCE) - {"tx.before-commit", "tx.after-commit"} == set(POINTS)
+
+
+class Driver:
+    """Starts workers with one crash point each, plays the reviewer (an opinion dropped in the inbox for every
+    Case that reaches await_opinion, once), and counts the kills."""
+
+    def __init__(self, hospital: TestHospital, proxy: FaultProxy):
+        self.hospital, self.proxy, self.store = hospital, proxy, hospital.app.store
+        self.answered: dict[str, str] = {}      # Case id -> the opinion (jti) sent for it
+        self.kills: Counter = Counter()
+        self.answering = False
+        self.worker: Worker | None = None
+        self.started = 0
+
+    def start(self, env: dict) -> Worker:
+        self.started += 1
+        self.worker = Worker(self.hospital, {**ENV, **env}, self.started)
+        return self.worker
+
+    def answer_waiting(self) -> None:
+        if not self.answering:
+            return
+        inbox = self.hospital.app.config.inbox
+        inbox.mkdir(parents=True, exist_ok=True)
+        for case in self.store.list(steps=("await_opinion",)):
+            if case.id in self.answered:
+                continue
+            sealed = self.hospital.answer(case)
+            # Dropped as a transport would: written aside, renamed in, so no worker reads half a file.
+            tmp = inbox / f".{sealed.name}.part"
+            shutil.copy(sealed, tmp)
+            os.rename(tmp, inbox / sealed.name)
+            self.answered[case.id] = sealed.stem.removeprefix("opinion-")
+
+    def states(self) -> list:
+        return sorted((c.step, (c.last_error or "")[:80]) for c in self.store.list())
+
+    def kill_run(self, point: str) -> None:
+        rule = None
+        if point == "tx.before-commit":
+            rule = self.proxy.add(method="POST", path=TX, action="forward", before=lambda _p: self.worker.kill(),
+                                  times=1)
+        elif point == "tx.after-commit":
+            rule = self.proxy.add(method="POST", path=TX, action="lose-response", after=lambda _p: self.worker.kill(),
+                                  times=1)
+        worker = self.start({} if rule else {VARIABLE: point})
+        deadline = time.monotonic() + KILL_WITHIN
+        while worker.proc.poll() is None:
+            self.answer_waiting()
+            assert time.monotonic() < deadline, f"{point} not reached in {KILL_WITHIN} s: {self.states()}\n" \
+                                                f"{worker.tail()}"
+            time.sleep(0.1)
+        worker.proc.wait()
+        assert worker.proc.returncode == -signal.SIGKILL, worker.tail()
+        if rule:
+            assert rule.hits == 1
+            self.proxy.rules.remove(rule)
+        self.kills[point] += 1
+
+    def settle(self) -> None:
+        """One worker without a crash point until every Case is done; then a clean stop."""
+        self.answering = True
+        worker = self.start({})
+        deadline = time.monotonic() + SETTLE
+        while True:
+            self.answer_waiting()
+            cases = self.store.list()
+            stuck = [(c.id[:8], c.step, c.last_error) for c in cases if c.step in ("failed", "cancelled")]
+            assert not stuck, stuck
+            if all(c.step == "done" for c in cases):
+                break
+            assert worker.proc.poll() is None, worker.tail()
+            assert time.monotonic() < deadline, f"not done in {SETTLE} s: {self.states()}\n{worker.tail()}"
+            time.sleep(0.2)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=60) == 0, worker.tail()
+
+
+def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path, ehr, seeded, fhir, figures):
+    started = time.monotonic()
+    proxy = FaultProxy(ehr.base_url)
+    hospital = TestHospital(tmp_path, proxy.base_url, env=ENV)
+    driver = Driver(hospital, proxy)
+    orders: set[str] = set()
+    try:
+        for _round in range(ROUNDS):
+            driver.answering = False
+            orders |= {f"ServiceRequest/{hospital.order(seeded['patient'])['id']}" for _ in range(CASES_PER_ROUND)}
+            for i, point in enumerate(SEQUENCE):
+                driver.answering = i >= SEQUENCE.index("receive.written")
+                driver.kill_run(point)
+        driver.settle()
+    except BaseException:
+        if driver.worker:
+            driver.worker.kill()
+            print(driver.worker.tail())
+        raise
+    finally:
+        if driver.worker:
+            driver.worker.kill()
+        proxy.close()
+
+    store = hospital.app.store
+    cases = store.list()
+    # Every order is one Case, finished with the opinion that was sent for it: none lost, none swapped.
+    assert {c.service_request for c in cases} == orders and len(cases) == len(orders)
+    lost = [c.id[:8] for c in cases if c.step != "done" or c.opinion_id != driver.answered.get(c.id)
+            or not c.document_reference]
+    assert not lost, lost
+    # Each step's result recorded once, however often the step was cut short and redone.
+    for c in cases:
+        kinds = Counter(e["kind"] for e in store.events(c.id))
+        assert [kinds[f"{s}.done"] for s in ("collect", "seal", "deliver", "file")] == [1, 1, 1, 1], (c.id[:8], kinds)
+        assert sorted(a["kind"] for a in store.list_audit(case_id=c.id)) == ["disclosure", "filed"]
+    # One package per Case in the outbox, nothing half-copied.
+    outbox = hospital.root / "outbox" / "spine-center"
+    assert sorted(p.name for p in outbox.iterdir()) == sorted(c.package_id for c in cases)
+    # The inbox is drained: every opinion file accepted, or refused as one received before (its redelivery).
+    inbox = hospital.app.config.inbox
+    assert not list(inbox.glob("*.jwe")) and not list((inbox / "processing").glob("*"))
+    for reason in (inbox / "refused").glob("*.reason.txt") if (inbox / "refused").exists() else []:
+        assert "nothing written" in reason.read_text() and ("already" in reason.read_text()
+                                                           or "received before" in reason.read_text())
+    # The EHR itself: exactly one Task, one consult note and one Provenance per Case, and the Task completed.
+    copies = ehr_copies(fhir, cases)
+    assert all(copies[kind][c.id] == 1 for kind in copies for c in cases), copies
+    assert all(fhir.read_ref(c.task)["status"] == "completed" for c in cases)
+
+    figures["crash"] = {"kills": sum(driver.kills.values()), "kills_per_point": dict(driver.kills),
+                        "worker_starts": driver.started, "cases": len(cases),
+                        "opinions_sent": len(driver.answered), "opinions_filed": sum(c.step == "done" for c in cases),
+                        "opinions_lost": len(lost), "ehr_duplicates": duplicates(copies),
+                        "seconds": round(time.monotonic() - started, 1)}
+    assert sum(driver.kills.values()) == ROUNDS * len(SEQUENCE)
