@@ -10,8 +10,7 @@ from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.localehr import LocalEhr, find_sekmet, seed_patient
 
-SEEDED_FAMILY = "Zeltwanger-Testpatient"
-SEEDED_GIVEN = "Anna"
+from loopkit import SEEDED_FAMILY, SEEDED_GIVEN  # noqa: E402 - the seeded patient's name, shared
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,11 @@ from fhirbridge.order import place_order
 from fhirbridge.reviewer import OpenedPackage, answer, open_package
 from fhirbridge.workflow import run_pending
 
+# The session's seeded patient (conftest.seeded); tests that scan for PHI look for this name. Kept here, not
+# in conftest: `from conftest import` is ambiguous once tests/reliability has a conftest of its own.
+SEEDED_FAMILY = "Zeltwanger-Testpatient"
+SEEDED_GIVEN = "Anna"
+
 SAMPLE_ANSWER = '''\
 concordance = "concordant"
 recommendation = "proceed-as-planned"

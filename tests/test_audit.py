@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SEEDED_FAMILY, SEEDED_GIVEN
+from loopkit import SEEDED_FAMILY, SEEDED_GIVEN
 
 from fhirbridge import audit, cli, jsonutil
 from fhirbridge.errors import FhirError

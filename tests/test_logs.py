@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from conftest import SEEDED_FAMILY, SEEDED_GIVEN
+from loopkit import SEEDED_FAMILY, SEEDED_GIVEN
 from fhirbridge import config, logs
 from fhirbridge.errors import FhirError
 from fhirbridge.receive import receive_file
