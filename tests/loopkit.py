@@ -30,7 +30,7 @@ from fhirbridge.reviewer import OpenedPackage, answer, open_package
 from fhirbridge.workflow import run_pending
 
 # The session's seeded patient (conftest.seeded); tests that scan for PHI look for this name. Kept here, not
-# in conftest: `from conftest import` is ambiguous once tests/reliability has a conftest of its own.
+# in conftest: `from conftest import` breaks as soon as a test folder has a conftest.py of its own.
 SEEDED_FAMILY = "Zeltwanger-Testpatient"
 SEEDED_GIVEN = "Anna"
 

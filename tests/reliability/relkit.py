@@ -1,4 +1,9 @@
-"""Shared by the reliability suites: the size knob and the figures they record (see conftest.py)."""
+"""Shared by the reliability suites: the size knob and what they count with.
+
+`FHIRBRIDGE_RELIABILITY=full` selects the full form (the figures in docs/reliability.md); unset, each suite
+runs a reduced but real form that fits CI. The suites record their figures in the `figures` fixture
+(tests/conftest.py), printed at the end of the run and written as JSON to FHIRBRIDGE_RELIABILITY_OUT.
+"""
 from __future__ import annotations
 
 import math
@@ -8,7 +13,6 @@ from collections import Counter
 from fhirbridge.ehr_task import CASE_ID_SYSTEM
 
 FULL = os.environ.get("FHIRBRIDGE_RELIABILITY", "").lower() == "full"
-FIGURES: dict = {}
 
 
 def size(ci, full):
