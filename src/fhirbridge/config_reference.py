@@ -176,6 +176,8 @@ ENVIRONMENT = {
                                            "line."),
     "FHIRBRIDGE_PORTAL_TOKEN": ("unset", "`reviewer serve`: the token the reviewer's staff sign in to the portal "
                                          "with (at least 16 characters)."),
+    "FHIRBRIDGE_TEST_CRASH_AT": ("unset", "Tests only (the crash suite): `<point>[:n]` makes the process kill itself "
+                                          "the n-th time it reaches that point. Never set it in production."),
     "PROMETHEUS_MULTIPROC_DIR": ("a new temporary directory", "`serve`: where workers keep their metrics; a "
                                  "directory of its own per server (the Kubernetes manifest uses an emptyDir)."),
 }

@@ -47,23 +47,33 @@ def check_shared_data_dir(config: Config, store) -> None:
     marker = config.data_dir / MARKER
 
     def on_disk() -> str | None:
-        return marker.read_text().strip() if marker.exists() else None
+        try:
+            return marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
-    # The marker file is made before the store records it, and exclusively (O_EXCL): workers starting
-    # together on a fresh volume all end up with the one id that won, and the store never names an id
-    # whose file is not on disk yet.
+    # The marker file is made before the store records it, and exclusively: written whole to a temp file,
+    # then hard-linked into place (link fails if the marker exists), so no worker ever reads it half-written
+    # (an O_EXCL create was visible empty for a moment, and a worker reading then recorded an empty id).
+    # Workers starting together on a fresh volume all end up with the one id that won, and the store never
+    # names an id whose file is not on disk yet.
     for _attempt in range(50):
         in_store = store.get_cursor("*", "data-dir-id")
         if in_store is not None:
             break
         if on_disk() is None:
+            tmp = config.data_dir / f".{MARKER}.{os.getpid()}.{new_id()}"
+            tmp.write_text(new_id() + "\n")
             try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "w") as f:
-                    f.write(new_id() + "\n")
+                os.link(tmp, marker)
             except FileExistsError:
                 pass
+            finally:
+                tmp.unlink()
         ident = on_disk()
+        if ident is None:
+            time.sleep(0.1)
+            continue
         claimed, _ = store.claim_cursor("*", "data-dir-id", worker="setup", lease_seconds=30)
         if claimed:
             store.save_cursor("*", "data-dir-id", worker="setup", value=ident)
