@@ -135,3 +135,21 @@ def test_portal_refuses_without_login_and_forged_forms(portal, hospital_served, 
     assert r.status_code == 400 and "form expired" in r.text
     r = requests.get(portal.url + "/ui-static/fhirbridge.css", timeout=10)          # assets need no login
     assert r.status_code == 200 and "text/css" in r.headers["Content-Type"]
+
+
+def test_a_decline_the_hospital_does_not_take_keeps_the_reason(hospital_served, portal, page, seeded):
+    h, svc, server = hospital_served
+    case = h.delivered_case(seeded["patient"], question="Is the fusion needed?")
+    page.goto(portal.url + "/login")
+    page.get_by_label("Portal token").fill(PORTAL_TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("tbody tr", has_text="Is the fusion needed?").get_by_role("link").click()
+    server.close()                                        # the hospital's API goes away
+    page.locator("summary", has_text="Decline this Case").click()
+    reason = "Outside our expertise: paediatric spine."
+    page.get_by_label("Why do you decline?").fill(reason)
+    page.get_by_role("button", name="Decline").click()
+    expect(page.get_by_text("Not sent:")).to_be_visible()
+    page.locator("summary", has_text="Decline this Case").click()
+    assert page.get_by_label("Why do you decline?").input_value() == reason
+    assert svc.store.get(case.id).step == "await_opinion"

@@ -149,9 +149,33 @@ def _check_times(claims: dict, *, max_lifetime: float | None) -> None:
 
 # --- staff --------------------------------------------------------------------------------------------
 
+def reviewer_from_bearer(token: str | None, cfg: Config, *, audiences: tuple[str, ...], keys_for,
+                         remember) -> Reviewer:
+    """The reviewer behind a bearer token: a signed JWT (`reviewer_from_jwt`), or the static `api_token` of a
+    reviewer that has one. Unauthorized otherwise."""
+    if token and _looks_like_jwt(token):
+        return reviewer_from_jwt(token, cfg, audiences=audiences, keys_for=keys_for, remember=remember)
+    for r in cfg.reviewers.values():
+        if r.api_token and token and _same(token, r.api_token):
+            return r
+    raise Unauthorized("a valid reviewer token is required: a JWT signed with your registered key "
+                       "(`fhirbridge reviewer token`), as Authorization: Bearer ...")
+
+
+def oauth_keyring(cfg: Config, kid: object) -> KeyRing:
+    """The identity provider's public keys ([api.oauth]): its file, or its published set (cached, re-read on
+    an unknown kid)."""
+    from .crypto.remote_jwks import RemoteJwks
+    if cfg.oauth.jwks is not None:
+        return KeyRing.load(cfg.oauth.jwks)
+    return RemoteJwks.shared(cfg.oauth.jwks_url, cfg.data_dir / "jwks-cache" / "oauth-issuer.jwks.json",
+                             needs_encryption=False).keys(kid)
+
+
 def staff_from_token(token: str, cfg: Config, *, oauth_keys=None) -> Staff:
     """The staff principal behind a bearer token, or Unauthorized. `oauth_keys(kid)` gives the identity
-    provider's KeyRing when [api.oauth] is configured."""
+    provider's KeyRing when [api.oauth] is configured (default: `oauth_keyring`)."""
+    oauth_keys = oauth_keys or (lambda kid: oauth_keyring(cfg, kid))
     for admin in cfg.api_tokens:
         if _same(token, admin):
             return Staff("api token", frozenset(STAFF_SCOPES), None)

@@ -236,10 +236,15 @@ class Store:
             raise CaseError(f"Case id prefix {prefix} is ambiguous; type more of it")
         return _case(rows[0])
 
-    def list(self, *, steps: tuple[str, ...] | None = None) -> list[Case]:
+    def list(self, *, steps: tuple[str, ...] | None = None, hospital: str | None = None,
+             patient: str | None = None) -> list[Case]:
         q = select(cases).order_by(cases.c.created_at)
         if steps:
             q = q.where(cases.c.step.in_(steps))
+        if hospital is not None:
+            q = q.where(cases.c.hospital == hospital)
+        if patient is not None:
+            q = q.where(cases.c.patient == patient)
         with self.engine.connect() as conn:
             return [_case(r) for r in conn.execute(q)]
 
@@ -502,10 +507,15 @@ class Store:
         API traffic, only with the opinions it guards."""
         now = time.time()
         key = f"token:{jti}"[:200]
+        # The sweep of expired token rows runs at most once a minute per process, not on every API call.
+        sweep = now >= getattr(self, "_token_sweep_at", 0.0)
+        if sweep:
+            self._token_sweep_at = now + 60
         try:
             with self.engine.begin() as conn:
-                conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id.like("token:%"),
-                                                               seen_messages.c.at < now - keep_seconds)))
+                if sweep:
+                    conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id.like("token:%"),
+                                                                   seen_messages.c.at < now - keep_seconds)))
                 conn.execute(insert(seen_messages).values(jti=key, case_id=f"token:{who}"[:64], at=now))
             return True
         except IntegrityError:

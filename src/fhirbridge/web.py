@@ -14,7 +14,6 @@ except the sealed (encrypted) files themselves.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import re
@@ -54,10 +53,6 @@ def _bearer() -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 # --- staff API ----------------------------------------------------------------------------------------
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -86,23 +81,13 @@ def _staff_only():
     if not given:
         raise ApiError(401, "a valid staff bearer token is required (Authorization: Bearer ...)")
     try:
-        g.staff = staff_from_token(given, cfg, oauth_keys=_oauth_keys)
+        g.staff = staff_from_token(given, cfg)
     except Unauthorized as exc:
         raise ApiError(401, str(exc)) from None
     needed = STAFF_ENDPOINT_SCOPES.get(request.endpoint or "")
     if needed is None or needed not in g.staff.scopes:
         raise ApiError(403, f"this token lacks the scope {needed or '(none defined)'} that "
                             f"{request.method} {request.path} needs")
-
-
-def _oauth_keys(kid):
-    from .crypto.keys import KeyRing
-    from .crypto.remote_jwks import RemoteJwks
-    cfg = service().config
-    if cfg.oauth.jwks is not None:
-        return KeyRing.load(cfg.oauth.jwks)
-    return RemoteJwks.shared(cfg.oauth.jwks_url, cfg.data_dir / "jwks-cache" / "oauth-issuer.jwks.json",
-                             needs_encryption=False).keys(kid)
 
 
 def _visible(case) -> bool:
@@ -199,11 +184,9 @@ def list_cases():
         raise ApiError(400, f"step must be one of {', '.join(CASE_STEPS)}")
     if request.args.get("overdue") not in (None, "true"):
         raise ApiError(400, 'overdue must be "true" (or left out)')
-    cases = service().store.list(steps=(step,) if step else None)
     hospital = request.args.get("hospital")
-    if hospital:
-        key = _hospital_app(hospital).hospital.key
-        cases = [c for c in cases if c.hospital == key]
+    cases = service().store.list(steps=(step,) if step else None,
+                                 hospital=_hospital_app(hospital).hospital.key if hospital else None)
     if request.args.get("overdue") == "true":
         cases = [c for c in cases if c.overdue_at is not None]
     return jsonify({"cases": [_case_json(c) for c in cases if _visible(c)]})
@@ -265,24 +248,14 @@ reviewer_api = Blueprint("reviewer_api", __name__, url_prefix="/reviewer")
 @reviewer_api.before_request
 def _reviewer_only():
     """A signed JWT from the reviewer's registered key (api_auth), or its static api_token where configured."""
-    from .api_auth import Unauthorized, _looks_like_jwt, reviewer_from_jwt
-    given = _bearer()
-    if given and _looks_like_jwt(given):
-        svc = service()
-        try:
-            g.reviewer = reviewer_from_jwt(
-                given, svc.config, audiences=reviewer_audiences(),
-                keys_for=lambda r, kid: svc.apps[0].reviewer_keys(r.name, kid),
-                remember=lambda jti, r: svc.store.remember_token(jti, r.name))
-        except Unauthorized as exc:
-            raise ApiError(401, str(exc)) from None
-        return None
-    for r in service().config.reviewers.values():
-        if r.api_token and given and _same(given, r.api_token):
-            g.reviewer = r
-            return None
-    raise ApiError(401, "a valid reviewer token is required: a JWT signed with your registered key "
-                        "(`fhirbridge reviewer token`), as Authorization: Bearer ...")
+    from .api_auth import Unauthorized, reviewer_from_bearer
+    svc = service()
+    try:
+        g.reviewer = reviewer_from_bearer(_bearer(), svc.config, audiences=reviewer_audiences(),
+                                          keys_for=lambda r, kid: svc.apps[0].reviewer_keys(r.name, kid),
+                                          remember=lambda jti, r: svc.store.remember_token(jti, r.name))
+    except Unauthorized as exc:
+        raise ApiError(401, str(exc)) from None
 
 
 def reviewer_audiences() -> tuple[str, ...]:

@@ -400,7 +400,7 @@ class FhirClient:
         except requests.exceptions.ChunkedEncodingError as exc:
             # The answer was cut off before its end (a reset connection, a proxy giving up): a broken transfer
             # that a later attempt gets past, not a fault of the Case. A write may have been applied: the
-            # caller's own checks (conditional create, the filed-opinion search) decide what to do again.
+            # caller's own checks (conditional create, the Task read before filing) decide what to do again.
             raise FhirError(f"EHR's answer to {what} broke off before its end", transient=True) from exc
         except requests.RequestException as exc:
             raise FhirError(f"request {what} to the EHR failed ({type(exc).__name__})", transient=False) from exc

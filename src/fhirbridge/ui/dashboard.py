@@ -88,12 +88,11 @@ def _nav(current: str) -> list:
 @dashboard.route("/login", methods=["GET", "POST"])
 def login():
     from ..api_auth import Unauthorized, staff_from_token
-    from ..web import _oauth_keys
     error = None
     if request.method == "POST":
         check_csrf()
         try:
-            staff = staff_from_token(request.form.get("token", "").strip(), _svc().config, oauth_keys=_oauth_keys)
+            staff = staff_from_token(request.form.get("token", "").strip(), _svc().config)
         except Unauthorized:
             staff = None
             error = "Those credentials are not valid here. Use a staff token, an API key or an access token."

@@ -26,12 +26,12 @@ from flask import (Blueprint, Flask, abort, current_app, flash, make_response, r
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.exceptions import HTTPException
 
-from .. import jsonutil
 from ..context import App
 from ..errors import FhirbridgeError, FhirError
 from ..mappings_load import profile_names
-from . import chart, check_csrf, derive_secret, smart
-from . import install as install_ui
+from ..collect import question_of
+from . import check_csrf, smart
+from . import physician_view as view
 
 bp = Blueprint("physician", __name__, url_prefix="/physician")
 PENDING_COOKIE = "fhirbridge_launch"
@@ -42,17 +42,10 @@ REF = re.compile(r"[A-Z][A-Za-z]{1,40}/[A-Za-z0-9\-.]{1,64}")
 
 
 def install(app: Flask) -> None:
-    """Register the app when `[physician_app]` is configured. The cookie secret is derived from the first
-    hospital's private signing key, which every worker and replica already has."""
-    svc = app.extensions["fhirbridge"]
-    if svc.config.physician_app is None:
-        return
-    if not app.secret_key:
-        # Served over https (public_url): cookies never go over plain http.
-        app.config["SESSION_COOKIE_SECURE"] = (svc.config.public_url or "").startswith("https://")
-        key = svc.apps[0].hospital_keys.signing_key().as_dict(private=True)
-        install_ui(app, secret=derive_secret(jsonutil.canonical(key), "ui-session"))
-    app.register_blueprint(bp)
+    """Register the app when `[physician_app]` is configured. Sessions, the cookie secret and the shared
+    templates are set up for every page by `web._pages`."""
+    if app.extensions["fhirbridge"].config.physician_app is not None:
+        app.register_blueprint(bp)
 
 
 def _svc():
@@ -164,8 +157,8 @@ def _page(template: str, *, patient: str, ctx: dict, app: App, current: str, **k
     p = app.ehr.read_ref(f"Patient/{patient}")
     nav = [("Second opinions", url_for(".landing", patient=patient), current == "landing"),
            ("New order", url_for(".order", patient=patient), current == "order")]
-    return render_template(template, patient_id=patient, banner=chart.banner(p) if ctx["banner"] else None,
-                           patient_name=chart.banner(p).name, nav=nav, where=app.hospital.name,
+    return render_template(template, patient_id=patient, banner=view.banner(p) if ctx["banner"] else None,
+                           patient_name=view.banner(p).name, nav=nav, where=app.hospital.name,
                            who=ctx.get("user_name") or ctx.get("user") or "Signed in from the EHR",
                            **kw)
 
@@ -173,11 +166,11 @@ def _page(template: str, *, patient: str, ctx: dict, app: App, current: str, **k
 @bp.get("/patients/<patient>")
 def landing(patient: str):
     ctx, app = _context(patient)
-    cases = chart.cases_for(app, patient)
-    orders = chart.read_many(app, [c.service_request for c in cases[:50]])
-    rows = [{"case": c, "status": chart.status_of(c), "reviewer": _reviewer_display(app, c.reviewer),
-             "ordered": chart.day_of(c.created_at),
-             "question": chart.question_of(orders[c.service_request]) if c.service_request in orders else "",
+    cases = view.cases_for(app, patient)
+    orders = view.read_many(app, [c.service_request for c in cases[:50]])
+    rows = [{"case": c, "status": view.status_of(c), "reviewer": _reviewer_display(app, c.reviewer),
+             "ordered": view.day_of(c.created_at),
+             "question": question_of(orders[c.service_request]) if c.service_request in orders else "",
              "url": url_for(".case_page", patient=patient, case_id=c.id)} for c in cases[:50]]
     return _page("physician/landing.html", patient=patient, ctx=ctx, app=app, current="landing",
                  title="Second opinions", rows=rows)
@@ -240,7 +233,7 @@ def order(patient: str):
         # The list follows the chosen specialty and reviewer (their rules, the patient's Consents for that
         # reviewer); once shown it stays, with the boxes as the physician left them.
         if not ({"profile", "reviewer"} & set(errors)) and (not errors or had_preview):
-            preview = chart.preview(app, patient, form["profile"], form["reviewer"])
+            preview = view.preview(app, patient, form["profile"], form["reviewer"])
             if not previewed:   # a new list: all ticked, but what was unticked stays unticked
                 form["share"] = set(preview.offered) - (set(form["shown"]) - form["share"])
             form["preview_for"] = choice
@@ -253,7 +246,7 @@ def order(patient: str):
     try:
         sr = _place(app, patient, ctx, form, exclude)
     except FhirbridgeError as exc:
-        preview = chart.preview(app, patient, form["profile"], form["reviewer"])
+        preview = view.preview(app, patient, form["profile"], form["reviewer"])
         return _order_page(patient, ctx, app, form, {}, preview, notice=f"The order was not placed: {exc}",
                            status=502)
     case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
@@ -300,10 +293,10 @@ def case_page(patient: str, case_id: str):
     sr = app.ehr.read_ref(case.service_request)
     return _page("physician/case.html", patient=patient, ctx=ctx, app=app, current="case",
                  title=f"Second opinion from {reviewer}", case=case, reviewer=reviewer,
-                 status=chart.status_of(case), order=chart.order_summary(sr, app),
-                 timeline=chart.timeline(app, case, reviewer, _requester_name(app, sr)),
-                 opinion=chart.filed_opinion(app, case),
-                 profile=dict(_profiles(app)).get(case.profile, case.profile), when=chart.when)
+                 status=view.status_of(case), order=view.order_summary(sr, app),
+                 timeline=view.timeline(app, case, reviewer, _requester_name(app, sr)),
+                 opinion=view.filed_opinion(app, case),
+                 profile=dict(_profiles(app)).get(case.profile, case.profile), when=view.when)
 
 
 def _requester_name(app: App, sr: dict) -> str | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import requests
 from flask import (Flask, Response, abort, flash, redirect, render_template, request, session, url_for)
+from werkzeug.exceptions import HTTPException
 
 from .. import envelope, jsonutil
 from ..api_auth import mint_reviewer_token
@@ -349,7 +350,12 @@ def create_portal(settings: PortalSettings) -> Flask:
         text = request.form.get(field, "").strip()
         if not text:
             return None, _case_page(pid, values=request.form.to_dict(), errors={field: missing}, status=422)
-        _hospital_call(pc, what, {body_key: text})
+        try:
+            _hospital_call(portal, pc, what, {body_key: text})
+        except (requests.RequestException, FhirbridgeError) as exc:
+            # The hospital did not take it: say so, and keep what the reviewer wrote for another try.
+            flash(f"Not sent: {exc}. What you wrote is kept below; try again.", "error")
+            return None, _case_page(pid, values=request.form.to_dict(), status=502)
         return pc, None
 
     @app.post("/cases/<pid>/decline")
@@ -369,6 +375,11 @@ def create_portal(settings: PortalSettings) -> Flask:
             return page
         flash("Your request for more records was sent to the hospital.", "ok")
         return redirect(url_for("case", pid=pid))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        return render_template("reviewer/error.html", title=exc.name, message=exc.description or exc.name,
+                               nav=nav(""), where="Reviewer portal"), exc.code or 500
 
     @app.errorhandler(SealError)
     def _sealed(exc: SealError):
@@ -392,15 +403,13 @@ def _send(portal: Portal, pc: PortalCase, sealed: bytes, claims: dict) -> str:
     return f"written to {portal.s.answers_dir}"
 
 
-def _hospital_call(pc: PortalCase, what: str, body: dict) -> None:
-    from flask import current_app
-    portal: Portal = current_app.extensions["portal"]
+def _hospital_call(portal: Portal, pc: PortalCase, what: str, body: dict) -> None:
     if not pc.api or not pc.case_id:
-        abort(409, "only for Cases pulled from a hospital's reviewer API")
+        raise FhirbridgeError("only Cases pulled from a hospital's reviewer API can be declined or asked about here")
     r = requests.post(f"{pc.api}/cases/{pc.case_id}/{what}", json=body, headers=portal._auth(pc.api),
                       timeout=PULL_TIMEOUT)
     if r.status_code not in (200, 201):
-        abort(502, f"the hospital answered HTTP {r.status_code}: {_message(r)}")
+        raise FhirbridgeError(f"the hospital answered HTTP {r.status_code}: {_message(r)}")
 
 
 def _fmt(epoch) -> str:

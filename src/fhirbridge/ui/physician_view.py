@@ -127,8 +127,7 @@ def read_many(app: App, refs: list[str]) -> dict[str, dict]:
 # --- Cases -----------------------------------------------------------------------------------------------
 
 def cases_for(app: App, patient: str) -> list[Case]:
-    ref = f"Patient/{patient}"
-    return sorted((c for c in app.store.list() if c.hospital == app.hospital.key and c.patient == ref),
+    return sorted(app.store.list(hospital=app.hospital.key, patient=f"Patient/{patient}"),
                   key=lambda c: c.created_at, reverse=True)
 
 
