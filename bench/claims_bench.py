@@ -33,7 +33,7 @@ def _schema_url(url: str, schema: str) -> str:
 def _worker(kind: str, url: str, name: str, ready, go, out) -> None:
     ids: list[str] = []
     if kind.startswith("fhirbridge"):
-        from fhirbridge.store import Store
+        from fhirbridge.store.store import Store
         store = Store(url, create=False)
         if kind == "fhirbridge-no-ping":
             # Diagnostic only: the same Store with SQLAlchemy's pre-ping (a SELECT 1 on every checkout) off.
@@ -96,7 +96,7 @@ def statements_per_claim(url: str) -> dict:
     after the table is gone: run before it is dropped)."""
     from sqlalchemy import event
 
-    from fhirbridge.store import Store
+    from fhirbridge.store.store import Store
 
     store = Store(url, create=False)
     counts = Counter()
@@ -119,7 +119,7 @@ def statements_per_claim(url: str) -> dict:
 
 
 def run(cases: int, repeats: int, url: str = DEFAULT_URL, log=print) -> dict:
-    from fhirbridge.store import Store
+    from fhirbridge.store.store import Store
 
     from .common import side_by_side
 

@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 
 import requests
 
-from fhirbridge import collect as collect_mod
-from fhirbridge.collect import FOLLOW_DEPTH, FOLLOW_TYPES, collect, iter_references
+from fhirbridge.loop import collect as collect_mod
+from fhirbridge.loop.collect import FOLLOW_DEPTH, FOLLOW_TYPES, collect, iter_references
 
 from . import synth, traffic
 from .common import Bench, side_by_side

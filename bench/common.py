@@ -17,11 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from fhirbridge import config
-from fhirbridge.context import App
+from fhirbridge.config import loader as config
+from fhirbridge.ehr.context import App
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.init_config import write_reviewer_keys, write_starter
-from fhirbridge.localehr import LocalEhr
+from fhirbridge.config.starter import write_reviewer_keys, write_starter
+from fhirbridge.demo.localehr import LocalEhr
 
 REPO = Path(__file__).resolve().parents[1]
 

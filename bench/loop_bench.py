@@ -11,9 +11,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from fhirbridge.order import place_order
-from fhirbridge.receive import receive_file
-from fhirbridge.workflow import run_pending
+from fhirbridge.ehr.order import place_order
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.loop.runner import run_pending
 
 from . import synth
 from .common import Bench, side_by_side

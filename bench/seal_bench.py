@@ -85,9 +85,9 @@ class _LocalBinaries:
 
 
 def _app_and_case(root: Path):
-    from fhirbridge import config
-    from fhirbridge.context import App
-    from fhirbridge.store import Case
+    from fhirbridge.config import loader as config
+    from fhirbridge.ehr.context import App
+    from fhirbridge.store.store import Case
 
     app = App(config.load(root / "hospital" / "fhirbridge.toml", environ={}))
     app.__dict__["ehr"] = _LocalBinaries(root / "attachments")   # the cached_property, replaced
@@ -100,9 +100,9 @@ def _app_and_case(root: Path):
 
 
 def seal_fhirbridge(root: str, keep_plaintext: bool = False) -> dict:
-    from fhirbridge.collect import Collected
+    from fhirbridge.loop.collect import Collected
     from fhirbridge.crypto import jwe
-    from fhirbridge.seal import seal_case
+    from fhirbridge.loop.seal import seal_case
 
     root_p = Path(root)
     app, case = _app_and_case(root_p)
@@ -197,8 +197,8 @@ def diagnose(root: Path) -> dict:
     import orjson
 
     from fhirbridge import jsonutil
-    from fhirbridge.collect import Collected
-    from fhirbridge.package import build_document, hospital_organization
+    from fhirbridge.loop.collect import Collected
+    from fhirbridge.loop.document import build_document, hospital_organization
 
     collected = Collected.from_dict(json.loads((root / "collected.json").read_text()))
     doc = build_document(collected, package_id="00000000-0000-0000-0000-000000000000",

@@ -17,13 +17,15 @@ import statistics
 
 import requests
 
-from fhirbridge import envelope, jsonutil
-from fhirbridge.order import place_order
-from fhirbridge.receive import opinion_path, receive_file
-from fhirbridge.reviewer import answer, open_package
-from fhirbridge.store import worker_id
-from fhirbridge.workflow import run_pending, run_step
-from fhirbridge.writeback import build_transaction, file_opinion
+from fhirbridge import jsonutil
+
+from fhirbridge.exchange import envelope
+from fhirbridge.ehr.order import place_order
+from fhirbridge.loop.receive import opinion_path, receive_file
+from fhirbridge.exchange.reviewer import answer, open_package
+from fhirbridge.store.store import worker_id
+from fhirbridge.loop.runner import run_pending, run_step
+from fhirbridge.loop.writeback import build_transaction, file_opinion
 
 from . import synth, traffic
 from .common import Bench, side_by_side

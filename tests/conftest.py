@@ -12,7 +12,7 @@ import pytest
 from browserkit import browser, page  # noqa: F401 - the browser fixtures, defined once for the session
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import LocalEhr, find_sekmet, seed_patient
+from fhirbridge.demo.localehr import LocalEhr, find_sekmet, seed_patient
 
 from loopkit import SEEDED_FAMILY, SEEDED_GIVEN  # noqa: E402 - the seeded patient's name, shared
 
@@ -39,7 +39,7 @@ def fhir(ehr: LocalEhr):
 
 @pytest.fixture(scope="session")
 def seeded(ehr: LocalEhr) -> dict:
-    """One spine-surgery patient (see fhirbridge.localehr.seed_patient), created once per session."""
+    """One spine-surgery patient (see fhirbridge.demo.localehr.seed_patient), created once per session."""
     with FhirClient(ehr.base_url) as client:
         return seed_patient(ehr, client, family=SEEDED_FAMILY, given=SEEDED_GIVEN, profile="spine")
 

@@ -17,17 +17,19 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fhirbridge import config, envelope
-from fhirbridge.context import App
+from fhirbridge.config import loader as config
+
+from fhirbridge.exchange import envelope
+from fhirbridge.ehr.context import App
 from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.init_config import write_reviewer_keys, write_starter
-from fhirbridge.localehr import LocalEhr
-from fhirbridge.mappings_load import load_opinion_form
-from fhirbridge.opinion import build_opinion_document, reviewer_organization
-from fhirbridge.order import place_order
-from fhirbridge.reviewer import OpenedPackage, answer, open_package
-from fhirbridge.workflow import run_pending
+from fhirbridge.config.starter import write_reviewer_keys, write_starter
+from fhirbridge.demo.localehr import LocalEhr
+from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.exchange.opinion import build_opinion_document, reviewer_organization
+from fhirbridge.ehr.order import place_order
+from fhirbridge.exchange.reviewer import OpenedPackage, answer, open_package
+from fhirbridge.loop.runner import run_pending
 
 # The session's seeded patient (conftest.seeded); tests that scan for PHI look for this name. Kept here, not
 # in conftest: `from conftest import` breaks as soon as a test folder has a conftest.py of its own.
@@ -50,7 +52,7 @@ answer = "Yes."
 
 def docrefs(fhir, case) -> int:
     """How many DocumentReferences the EHR holds with this Case's opinion identifier."""
-    from fhirbridge.writeback import OPINION_ID_SYSTEM
+    from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
     return sum(1 for r in fhir.search("DocumentReference",
                                       {"identifier": f"{OPINION_ID_SYSTEM}|urn:uuid:{case.opinion_id}"})
                if r["resourceType"] == "DocumentReference")
@@ -257,7 +259,7 @@ class Served:
 
     def __init__(self, hospital: TestHospital, env: dict[str, str], *, workers: int = 2, startup: float = 30):
         import requests
-        from fhirbridge.localehr import free_port
+        from fhirbridge.demo.localehr import free_port
         self.log = hospital.root / "serve.log"
         self.base = f"http://127.0.0.1:{free_port()}"
         with open(self.log, "wb") as out:

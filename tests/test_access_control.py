@@ -15,11 +15,11 @@ import uuid
 import pytest
 from joserfc import jwt as jose_jwt
 
-from fhirbridge import config
-from fhirbridge.api_auth import mint_reviewer_token
+from fhirbridge.config import loader as config
+from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_public_jwks
-from fhirbridge.service import Service
-from fhirbridge.web import STAFF_ENDPOINT_SCOPES, create_app
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import STAFF_ENDPOINT_SCOPES, create_app
 
 pytestmark = pytest.mark.sekmet
 
@@ -232,7 +232,7 @@ def test_the_matrix_covers_every_endpoint(served):
 
 def test_a_pull_fetch_after_a_denying_consent_is_withdrawn(served, ehr):
     from fhirbridge.fhir.client import FhirClient
-    from fhirbridge.localehr import seed_patient
+    from fhirbridge.demo.localehr import seed_patient
     h, svc, client, _case = served
     with FhirClient(ehr.base_url) as fhir:
         own = seed_patient(ehr, fhir, profile="spine")    # this test's own patient: its Consent stays its own

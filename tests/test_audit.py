@@ -7,10 +7,14 @@ import json
 import pytest
 from loopkit import SEEDED_FAMILY, SEEDED_GIVEN
 
-from fhirbridge import audit, cli, jsonutil
+from fhirbridge import jsonutil
+
+from fhirbridge.ehr import audit
+
+from fhirbridge.cli import main as cli
 from fhirbridge.errors import FhirError
 from fhirbridge.fhir.validate import validate
-from fhirbridge.receive import receive_file
+from fhirbridge.loop.receive import receive_file
 
 pytestmark = pytest.mark.sekmet
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fhirbridge.errors import FhirbridgeError
-from fhirbridge.localehr import find_sekmet
+from fhirbridge.demo.localehr import find_sekmet
 
 pytestmark = pytest.mark.sekmet
 # bench/ is not an installed package: it is imported from the repository root, however pytest was started.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge import cli
+from fhirbridge.cli import main as cli
 from fhirbridge.crypto.keys import KeyRing
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fhirbridge.cli import main
+from fhirbridge.cli.main import main
 
 from loopkit import SAMPLE_ANSWER
 

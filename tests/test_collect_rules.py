@@ -5,9 +5,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fhirbridge import config
-from fhirbridge.collect import clinical_date, iter_references, parse_fhir_date, question_of, withhold_reason
-from fhirbridge.mappings_load import Profile, ResourceRule, load_profile
+from fhirbridge.config import loader as config
+from fhirbridge.loop.collect import clinical_date, iter_references, parse_fhir_date, question_of, withhold_reason
+from fhirbridge.config.mappings import Profile, ResourceRule, load_profile
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 V3 = "http://terminology.hl7.org/CodeSystem/v3-ActCode"

@@ -1,13 +1,13 @@
-"""fhirbridge.config.load: values, path resolution, every error naming file + dotted key, env overrides."""
+"""fhirbridge.config.loader.load: values, path resolution, every error naming file + dotted key, env overrides."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from fhirbridge import config
+from fhirbridge.config import loader as config
 from fhirbridge.errors import ConfigError
-from fhirbridge.init_config import write_starter
+from fhirbridge.config.starter import write_starter
 
 SPINE = {"name": "spine-center", "display": "Spine Center", "jwks": "keys/spine.public.jwks.json",
          "profiles": ["spine", "default"], "system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.1.2",

@@ -4,7 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fhirbridge import config, config_reference
+from fhirbridge.config import loader as config
+
+from fhirbridge.config import reference as config_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +24,7 @@ def test_every_key_the_loader_reads_has_a_meaning_and_no_other():
 def test_docs_configure_md_is_up_to_date():
     page = (ROOT / "docs" / "configure.md").read_text()
     assert page == config_reference.generate(), \
-        "docs/configure.md is stale: run `python -m fhirbridge.config_reference > docs/configure.md`"
+        "docs/configure.md is stale: run `python -m fhirbridge.config.reference > docs/configure.md`"
 
 
 def test_defaults_in_the_reference_are_the_loaders(tmp_path):

@@ -7,11 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fhirbridge.collect import POLICY, Collected
-from fhirbridge.consent import (ACT_CODE, ACT_REASON, PARTICIPATION, RESOURCE_TYPES, SCOPE_SYSTEM, Disclosure,
+from fhirbridge.loop.collect import POLICY, Collected
+from fhirbridge.loop.consent import (ACT_CODE, ACT_REASON, PARTICIPATION, RESOURCE_TYPES, SCOPE_SYSTEM, Disclosure,
                                 evaluate)
 from fhirbridge.errors import ConsentDenied
-from fhirbridge.localehr import seed_patient
+from fhirbridge.demo.localehr import seed_patient
 
 REVIEWER = ("urn:ietf:rfc:3986", "urn:oid:2.999.9.1")      # spine-center in tests/loopkit.py
 OTHER_ORG = ("urn:ietf:rfc:3986", "urn:oid:2.999.8.77")

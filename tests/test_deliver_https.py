@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge.reviewer import open_package
+from fhirbridge.exchange.reviewer import open_package
 
 from loopkit import TestHospital
 
@@ -113,8 +113,8 @@ def test_https_delivery_posts_each_file_once_with_idempotency_keys(tmp_path, ehr
         assert len(opened.manifest["attachments"]) == 1
 
         # Delivering again (a retry after a lost acknowledgement) creates nothing new at the reviewer.
-        from fhirbridge.deliver import deliver
-        from fhirbridge.seal import package_dir
+        from fhirbridge.exchange.transport import deliver
+        from fhirbridge.loop.seal import package_dir
         before = sorted(p.relative_to(endpoint.root) for p in endpoint.root.rglob("*") if p.is_file())
         deliver(h.app.config.reviewer(case.reviewer), package_dir(h.app, case), case.package_id)
         after = sorted(p.relative_to(endpoint.root) for p in endpoint.root.rglob("*") if p.is_file())

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from fhirbridge.cli import main
-from fhirbridge.localehr import find_sekmet
+from fhirbridge.cli.main import main
+from fhirbridge.demo.localehr import find_sekmet
 
 pytestmark = pytest.mark.sekmet
 

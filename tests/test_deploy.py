@@ -18,8 +18,8 @@ import pytest
 import requests
 import yaml
 
-from fhirbridge import config
-from fhirbridge.localehr import free_port
+from fhirbridge.config import loader as config
+from fhirbridge.demo.localehr import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -147,8 +147,8 @@ def test_kubernetes_deployment_has_what_operations_need(hospital):
     spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
     assert spec["replicas"] == 2
     c = pod["containers"][0]
-    routes = {r.rule for r in __import__("fhirbridge.web", fromlist=["x"]).create_app(
-        svc=__import__("fhirbridge.service", fromlist=["x"]).Service(config.load(hospital.config_path))).url_map
+    routes = {r.rule for r in __import__("fhirbridge.service.app", fromlist=["x"]).create_app(
+        svc=__import__("fhirbridge.service.scheduler", fromlist=["x"]).Service(config.load(hospital.config_path))).url_map
         .iter_rules()}
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and "/healthz" in routes
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in routes
@@ -212,14 +212,14 @@ def test_no_private_key_material_anywhere_in_deploy():
 
 def test_gunicorn_conf_re_exports_the_project_settings():
     text = (DEPLOY / "gunicorn.conf.py").read_text()
-    assert "from fhirbridge.gunicorn_conf import *" in text
+    assert "from fhirbridge.service.gunicorn_conf import *" in text
     # Loaded in a child, as gunicorn does (it sets the metrics directory in its environment).
     code = ("import runpy, os; ns = runpy.run_path('deploy/gunicorn.conf.py'); "
             "print(ns['logger_class'], ns['worker_class'], 'PROMETHEUS_MULTIPROC_DIR' in os.environ, "
             "callable(ns['child_exit']), callable(ns['post_worker_init'])); "
             "import shutil; shutil.rmtree(os.environ['PROMETHEUS_MULTIPROC_DIR'])")
     result = run(sys.executable, "-c", code, cwd=ROOT)
-    assert result.stdout.split() == ["fhirbridge.logs.GunicornLogger", "gthread", "True", "True", "True"], result.stderr
+    assert result.stdout.split() == ["fhirbridge.ops.logs.GunicornLogger", "gthread", "True", "True", "True"], result.stderr
 
 
 # --- gunicorn boots the app: the demo run ------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", str(DEPLOY / "gunicorn.conf.py"), "fhirbridge.web:create_app()"],
+            [str(BIN / "gunicorn"), "-c", str(DEPLOY / "gunicorn.conf.py"), "fhirbridge.service.app:create_app()"],
             cwd=tmp_path, stdout=o, stderr=e,
             env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env,
                  "FHIRBRIDGE_CONFIG": str(hospital.config_path), "FHIRBRIDGE_BIND": f"127.0.0.1:{port}",
@@ -288,7 +288,7 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
 
     # Logs: every line on both streams is JSON; step lines carry the Case id, access lines the request id.
     lines = [json.loads(line) for f in (out, err) for line in f.read_text().splitlines() if line.strip()]
-    steps = [x for x in lines if x["logger"] == "fhirbridge.workflow"]
+    steps = [x for x in lines if x["logger"] == "fhirbridge.loop.runner"]
     assert {x["message"] for x in steps} >= {"collect: ok -> seal", "seal: ok -> deliver",
                                              "deliver: ok -> await_opinion"}
     assert all(x["case_id"] == case_id for x in steps)

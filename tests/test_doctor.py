@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge import cli, config, doctor
+from fhirbridge.cli import main as cli
+
+from fhirbridge.config import loader as config
+
+from fhirbridge.ops import doctor
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.auth import DEFAULT_SCOPES
-from fhirbridge.localehr import LocalEhr, find_sekmet, free_port
+from fhirbridge.demo.localehr import LocalEhr, find_sekmet, free_port
 
 pytestmark = pytest.mark.sekmet
 
@@ -171,7 +175,7 @@ def test_every_check_is_explained_in_troubleshooting():
     """docs/troubleshoot.md has a row for each check doctor can report."""
     import re
     root = Path(__file__).resolve().parents[1]
-    source = (root / "src" / "fhirbridge" / "doctor.py").read_text()
+    source = (root / "src" / "fhirbridge" / "ops" / "doctor.py").read_text()
     names = set(re.findall(r'report\.add\(\s*"([^"]+)"', source))
     names |= {"search TYPE", "reviewer NAME: keys", "reviewer NAME: transport"}
     names -= {"searches", "reviewers"}   # "skipped" notes and "no reviewers configured" explain themselves

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fhirbridge.receive import receive_file
+from fhirbridge.loop.receive import receive_file
 
 from loopkit import TestHospital, docrefs
 
@@ -95,7 +95,7 @@ def test_other_4xx_mid_run_fails_the_case_with_the_reason_and_retry_resumes(hosp
     assert task["status"] == "failed" and "400" in task["statusReason"]["text"]
 
     proxy.clear()
-    from fhirbridge.workflow import retry
+    from fhirbridge.loop.runner import retry
     retry(hospital.app, case)
     hospital.run()
     case = hospital.app.store.get(case.id)

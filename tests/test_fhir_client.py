@@ -17,7 +17,7 @@ import pytest
 from fhirbridge.errors import FhirError, InvalidResource
 from fhirbridge.fhir.auth import make_auth
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import _demo_pdf, free_port
+from fhirbridge.demo.localehr import _demo_pdf, free_port
 
 # ---------------------------------------------------------------------- scripted server
 

@@ -10,14 +10,16 @@ import threading
 
 import pytest
 
-from fhirbridge import cli, config
+from fhirbridge.cli import main as cli
+
+from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import (GENERATION, PASSPHRASE_ENV, PRIVATE_MEMBERS, KeyRing, public_path_for,
                                    read_jwks)
 from fhirbridge.errors import ConfigError, SealError
-from fhirbridge.receive import receive_file
-from fhirbridge.reviewer import TrustStore, open_package
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.exchange.reviewer import TrustStore, open_package
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 
 PASSPHRASE = "correct horse battery staple"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge import localehr
+from fhirbridge.demo import localehr
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import LocalEhr
+from fhirbridge.demo.localehr import LocalEhr
 
 
 def _fake_sekmet(tmp_path: Path, script: str) -> str:

@@ -9,11 +9,12 @@ import logging
 import pytest
 
 from loopkit import SEEDED_FAMILY, SEEDED_GIVEN
-from fhirbridge import config, logs
+from fhirbridge.config import loader as config
+from fhirbridge.ops import logs
 from fhirbridge.errors import FhirError
-from fhirbridge.receive import receive_file
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 
 pytestmark = pytest.mark.sekmet
 
@@ -47,7 +48,7 @@ def test_a_referral_logs_json_with_case_ids_and_no_phi(captured, hospital, seede
 
     got = lines(captured)   # every line is one JSON object (json.loads would fail otherwise)
     assert got and all({"time", "level", "logger", "message"} <= set(line) for line in got)
-    steps = [line for line in got if line["logger"] == "fhirbridge.workflow"]
+    steps = [line for line in got if line["logger"] == "fhirbridge.loop.runner"]
     assert len(steps) >= 4 and all(line["case_id"] == case.id for line in steps)
     assert [line["message"] for line in steps][:4] == ["collect: ok -> seal", "seal: ok -> deliver",
                                                        "deliver: ok -> await_opinion", "file: ok -> done"]
@@ -115,7 +116,7 @@ def test_text_on_a_terminal_json_otherwise(monkeypatch):
     monkeypatch.setenv("FHIRBRIDGE_LOG_FORMAT", "xml")
     with pytest.raises(ValueError, match="FHIRBRIDGE_LOG_FORMAT"):
         logs.formatter()
-    record = logging.LogRecord("fhirbridge.workflow", logging.INFO, __file__, 1, "collect: ok -> seal", (), None)
+    record = logging.LogRecord("fhirbridge.loop.runner", logging.INFO, __file__, 1, "collect: ok -> seal", (), None)
     record.case_id = "3f2a"
     line = logs.TextFormatter().format(record)
     assert "INFO" in line and "[case=3f2a]" in line and line.endswith("collect: ok -> seal")

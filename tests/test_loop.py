@@ -7,11 +7,11 @@ import pytest
 
 from fhirbridge import jsonutil
 from fhirbridge.crypto import jws
-from fhirbridge.ehr_task import CASE_ID_SYSTEM
+from fhirbridge.ehr.task import CASE_ID_SYSTEM
 from fhirbridge.errors import RejectedOpinion
 from fhirbridge.fhir.validate import validate
-from fhirbridge.receive import receive_file
-from fhirbridge.writeback import OPINION_ID_SYSTEM
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 
 
 pytestmark = pytest.mark.sekmet

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge import config
+from fhirbridge.config import loader as config
 from fhirbridge.errors import ConfigError
-from fhirbridge.mappings_load import (COLLECTABLE, load_opinion_form, load_order_codes, load_profile,
+from fhirbridge.config.mappings import (COLLECTABLE, load_opinion_form, load_order_codes, load_profile,
                                       profile_names)
 
 SHIPPED = config.PACKAGE_MAPPINGS
@@ -355,7 +355,7 @@ def test_opinion_form_values_of_the_wrong_shape_are_errors(tmp_path, old, new, k
 
 
 def test_check_all_loads_every_mapping_file():
-    from fhirbridge.mappings_load import check_all
+    from fhirbridge.config.mappings import check_all
     check_all(SHIPPED)   # the shipped mappings are all fine
 
 
@@ -365,7 +365,7 @@ def test_check_all_loads_every_mapping_file():
     ("opinion/default.toml", 'label = "Urgency"', 'lable = "Urgency"', "fields.urgency.lable"),
 ])
 def test_check_all_finds_a_typo_in_any_mapping_file(tmp_path, rel, old, new, key):
-    from fhirbridge.mappings_load import check_all
+    from fhirbridge.config.mappings import check_all
     m = copy_mappings(tmp_path)
     edit(m / rel, old, new)
     with pytest.raises(ConfigError) as info:
@@ -374,7 +374,7 @@ def test_check_all_finds_a_typo_in_any_mapping_file(tmp_path, rel, old, new, key
 
 
 def test_check_all_reads_every_opinion_form_not_just_the_default(tmp_path):
-    from fhirbridge.mappings_load import check_all
+    from fhirbridge.config.mappings import check_all
     m = copy_mappings(tmp_path)
     extra = m / "opinion" / "short.toml"
     extra.write_text((m / "opinion" / "default.toml").read_text().replace("\nrequired = true", "\nrequried = true", 1))
@@ -384,7 +384,7 @@ def test_check_all_reads_every_opinion_form_not_just_the_default(tmp_path):
 
 
 def test_check_all_needs_a_default_profile(tmp_path):
-    from fhirbridge.mappings_load import check_all
+    from fhirbridge.config.mappings import check_all
     m = copy_mappings(tmp_path)
     (m / "collect" / "default.toml").rename(m / "collect" / "general.toml")
     with pytest.raises(ConfigError) as info:

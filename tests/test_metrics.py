@@ -7,13 +7,15 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fhirbridge import config, metrics
+from fhirbridge.config import loader as config
+
+from fhirbridge.ops import metrics
 from fhirbridge.errors import FhirError
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import free_port
-from fhirbridge.receive import receive_file
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.demo.localehr import free_port
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 
 pytestmark = pytest.mark.sekmet
 
@@ -108,7 +110,7 @@ def test_store_gauges_show_the_queue_and_the_oldest_pending_step(served):
         assert created
         ids.append(case.id)
     from sqlalchemy import update
-    from fhirbridge.store import cases, events
+    from fhirbridge.store.store import cases, events
     with store.engine.begin() as conn:
         # One has waited ten minutes at collect, one is running, one backs off after an error, one is due.
         conn.execute(update(events).where(events.c.case_id == ids[0]).values(at=now - 600))

@@ -18,9 +18,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
                         event, inspect, text)
 
-from fhirbridge import cli, migrations
+from fhirbridge.cli import main as cli
+
+from fhirbridge.store import migrations
 from fhirbridge.errors import FhirbridgeError
-from fhirbridge.store import Store, metadata
+from fhirbridge.store.store import Store, metadata
 
 from loopkit import pg_schema
 
@@ -215,7 +217,7 @@ def test_a_database_from_a_newer_version_is_refused_with_a_clear_message(tmp_pat
 
 STARTER = textwrap.dedent("""
     import sys, time
-    from fhirbridge.store import Store
+    from fhirbridge.store.store import Store
     url, at = sys.argv[1], float(sys.argv[2])
     while time.time() < at:      # everyone imported: start together
         time.sleep(0.001)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fhirbridge import config
+from fhirbridge.config import loader as config
 from fhirbridge.crypto import keys
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.init_config import write_reviewer_keys
-from fhirbridge.localehr import LocalEhr, seed_patient
-from fhirbridge.order import place_order
-from fhirbridge.reviewer import answer, open_package, trust_for
-from fhirbridge.service import Service
-from fhirbridge.writeback import OPINION_ID_SYSTEM
+from fhirbridge.config.starter import write_reviewer_keys
+from fhirbridge.demo.localehr import LocalEhr, seed_patient
+from fhirbridge.ehr.order import place_order
+from fhirbridge.exchange.reviewer import answer, open_package, trust_for
+from fhirbridge.service.scheduler import Service
+from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 
 from loopkit import SAMPLE_ANSWER, unique_mappings
 

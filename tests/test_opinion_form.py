@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from fhirbridge import config
+from fhirbridge.config import loader as config
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.validate import validate
-from fhirbridge.mappings_load import load_opinion_form
-from fhirbridge.opinion import (AnswerError, build_opinion_document, check_answer, load_answer,
+from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.exchange.opinion import (AnswerError, build_opinion_document, check_answer, load_answer,
                                 reviewer_organization)
 
 PATIENT_URL = "urn:uuid:6f1c3a52-0d4e-4c7b-9b1e-2f0a7d1e9c11"

@@ -8,12 +8,14 @@ import time
 
 import pytest
 
-from fhirbridge import cli, envelope
+from fhirbridge.cli import main as cli
+
+from fhirbridge.exchange import envelope
 from fhirbridge.errors import SealError
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import seed_patient
-from fhirbridge.receive import receive_file
-from fhirbridge.reviewer import open_package
+from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.exchange.reviewer import open_package
 
 pytestmark = pytest.mark.sekmet
 

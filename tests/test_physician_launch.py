@@ -11,12 +11,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from fhirbridge import config
-from fhirbridge.collect import DESELECTED
+from fhirbridge.config import loader as config
+from fhirbridge.loop.collect import DESELECTED
 from fhirbridge.errors import ConfigError
-from fhirbridge.order import excluded_records
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.ehr.order import excluded_records
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 from smart_launch_server import SmartLaunchServer
 
 pytestmark = pytest.mark.sekmet

@@ -12,8 +12,8 @@ import pytest
 
 from fhirbridge.crypto.keys import KeyRing, generate_jwks
 from fhirbridge.errors import RejectedOpinion, SealError
-from fhirbridge.receive import process_inbox, receive_bytes, receive_file
-from fhirbridge.reviewer import open_package
+from fhirbridge.loop.receive import process_inbox, receive_bytes, receive_file
+from fhirbridge.exchange.reviewer import open_package
 
 from loopkit import SAMPLE_ANSWER, craft_opinion
 
@@ -202,7 +202,7 @@ def test_inbox_keeps_refused_files_with_their_reason_and_files_good_ones(hospita
 def test_bad_answer_file_lists_every_problem(hospital, case, tmp_path):
     bad = SAMPLE_ANSWER.replace('concordance = "concordant"', 'concordance = "maybe"').replace(
         'urgency = "routine"\n', "")
-    from fhirbridge.opinion import AnswerError
+    from fhirbridge.exchange.opinion import AnswerError
     with pytest.raises(AnswerError) as err:
         hospital.answer(case, bad)
     text = str(err.value)
@@ -215,7 +215,7 @@ def test_opinion_claimed_by_a_killed_worker_is_put_back_at_once(hospital, case):
     back at once when the claiming process was on this host and is gone (it used to wait ten minutes), and
     leaves alone a file held by a live process or by another host until the ten minutes are up."""
     import subprocess
-    from fhirbridge.receive import _HOST_TAG
+    from fhirbridge.loop.receive import _HOST_TAG
     dead = subprocess.Popen(["true"])
     dead.wait()
     processing = hospital.app.config.inbox / "processing"

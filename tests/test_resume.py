@@ -10,12 +10,12 @@ import subprocess
 
 import pytest
 
-from fhirbridge import collect as collect_mod
-from fhirbridge import deliver as deliver_mod
-from fhirbridge import envelope as envelope_mod
-from fhirbridge.receive import receive_file
-from fhirbridge.store import LOCAL_PREFIX
-from fhirbridge.writeback import OPINION_ID_SYSTEM
+from fhirbridge.loop import collect as collect_mod
+from fhirbridge.exchange import transport as deliver_mod
+from fhirbridge.exchange import envelope as envelope_mod
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.store.store import LOCAL_PREFIX
+from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 
 
 pytestmark = pytest.mark.sekmet

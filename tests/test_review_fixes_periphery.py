@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge import cli, config, envelope
+from fhirbridge.cli import main as cli
+
+from fhirbridge.config import loader as config
+
+from fhirbridge.exchange import envelope
 from fhirbridge.crypto import jwe, jws
 from fhirbridge.crypto.keys import (
     KeyRing,
@@ -21,11 +25,11 @@ from fhirbridge.crypto.keys import (
     write_private_jwks,
     write_public_jwks,
 )
-from fhirbridge.deliver import DeliveryError, deliver
+from fhirbridge.exchange.transport import DeliveryError, deliver
 from fhirbridge.errors import ConfigError, SealError
-from fhirbridge.init_config import write_reviewer_keys
-from fhirbridge.opinion import AnswerError, load_answer
-from fhirbridge.reviewer import TrustStore, answer, open_package, trust_for
+from fhirbridge.config.starter import write_reviewer_keys
+from fhirbridge.exchange.opinion import AnswerError, load_answer
+from fhirbridge.exchange.reviewer import TrustStore, answer, open_package, trust_for
 
 MiB = 1024 * 1024
 
@@ -423,7 +427,7 @@ def test_init_refuses_a_url_without_echoing_credentials(tmp_path, capsys):
 
 
 def test_check_files_reports_reviewer_key_problems(tmp_path):
-    from fhirbridge.init_config import write_starter
+    from fhirbridge.config.starter import write_starter
     good = write_reviewer_keys(tmp_path / "good", None)
     private_only = tmp_path / "leaked.private.jwks.json"
     write_private_jwks(private_only, generate_jwks())
@@ -449,7 +453,7 @@ def test_check_files_reports_reviewer_key_problems(tmp_path):
 
 
 def test_check_files_is_empty_for_a_good_configuration(tmp_path):
-    from fhirbridge.init_config import write_starter
+    from fhirbridge.config.starter import write_starter
     good = write_reviewer_keys(tmp_path / "good", None)
     path = write_starter(tmp_path / "site", reviewers=[{
         "name": "good", "display": "R", "jwks": str(good["public_keys"]), "profiles": [],
@@ -458,7 +462,7 @@ def test_check_files_is_empty_for_a_good_configuration(tmp_path):
 
 
 def test_all_waits_of_one_delivery_share_a_budget(tmp_path, monkeypatch):
-    import fhirbridge.deliver as d
+    import fhirbridge.exchange.transport as d
     monkeypatch.setattr(d, "MAX_TOTAL_WAIT", 1.5)    # e.g. Retry-After: 1 on every attempt
     e = Endpoint(503, {"Retry-After": "1"})
     try:

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from fhirbridge import collect as collect_mod
+from fhirbridge.loop import collect as collect_mod
 from fhirbridge.errors import CaseError, RejectedOpinion
-from fhirbridge.receive import receive_bytes, receive_file
-from fhirbridge.store import Store
-from fhirbridge.workflow import cancel, retry
-from fhirbridge.writeback import OPINION_ID_SYSTEM
+from fhirbridge.loop.receive import receive_bytes, receive_file
+from fhirbridge.store.store import Store
+from fhirbridge.loop.runner import cancel, retry
+from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 
 from test_rejections import craft_opinion
 
@@ -125,7 +125,7 @@ def test_order_naming_an_unknown_reviewer_is_not_sent_anywhere_and_retry_routes_
 # --- sensitive records are neither sent nor named --------------------------------------------------
 
 def test_sensitive_records_are_neither_sent_nor_listed(hospital, ehr, fhir):
-    from fhirbridge.localehr import seed_patient
+    from fhirbridge.demo.localehr import seed_patient
     seeded = seed_patient(ehr, fhir, family="Sensitive", given="Case")
     hiv = fhir.create({"resourceType": "Condition", "subject": {"reference": seeded["patient"]},
                        "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
@@ -139,7 +139,7 @@ def test_sensitive_records_are_neither_sent_nor_listed(hospital, ehr, fhir):
     assert "HIV" not in everything and "immunodeficiency" not in everything
     assert "disclosure policy" in opened.manifest["policy_note"]
     # The hospital itself still knows what it withheld and why (in its encrypted work file).
-    from fhirbridge.workflow import load_collected
+    from fhirbridge.loop.runner import load_collected
     held = {w["reference"]: w["reason"] for w in load_collected(hospital.app, case).withheld}
     assert "HIV" in held[ref]
 
@@ -158,7 +158,7 @@ def test_a_worker_that_lost_its_claim_does_not_overwrite_the_newer_state(hospita
         app.store.update(case.id, claimed_by="other-host:1:1", claimed_until=time.time() + 600)
         return out
 
-    monkeypatch.setattr("fhirbridge.workflow.collect", slow_collect)
+    monkeypatch.setattr("fhirbridge.loop.runner.collect", slow_collect)
     hospital.run(intake=False)
     after = hospital.app.store.get(case.id)
     assert after.step == "collect" and after.claimed_by == "other-host:1:1"
@@ -166,7 +166,7 @@ def test_a_worker_that_lost_its_claim_does_not_overwrite_the_newer_state(hospita
 
 
 def test_lease_is_renewed_while_a_slow_step_runs(hospital, seeded, monkeypatch):
-    import fhirbridge.workflow as wf
+    import fhirbridge.loop.runner as wf
     monkeypatch.setattr(wf, "LEASE_SECONDS", 0.6)
     sr = hospital.order(seeded["patient"])
     hospital.run(case_id="none")
@@ -198,7 +198,7 @@ def test_cancel_during_a_step_is_not_undone_by_the_worker(hospital, seeded, monk
         cancel(app, app.store.get(case.id), "physician withdrew the order")
         return out
 
-    monkeypatch.setattr("fhirbridge.workflow.collect", collect_then_cancelled)
+    monkeypatch.setattr("fhirbridge.loop.runner.collect", collect_then_cancelled)
     hospital.run(intake=False)
     monkeypatch.undo()
     hospital.run(intake=False)
@@ -324,7 +324,7 @@ def test_after_losing_the_store_nothing_is_sent_again(hospital, seeded, fhir, tm
 
 def test_the_same_opinion_received_twice_at_once_is_filed_once_and_keeps_its_file(hospital, seeded):
     import threading
-    from fhirbridge.receive import opinion_path, process_inbox
+    from fhirbridge.loop.receive import opinion_path, process_inbox
     case = hospital.delivered_case(seeded["patient"])
     data = hospital.answer(case).read_bytes()
     barrier, results = threading.Barrier(2), []
@@ -369,9 +369,9 @@ def test_the_same_opinion_received_twice_at_once_is_filed_once_and_keeps_its_fil
 
 
 def test_a_replica_on_another_data_dir_refuses_to_start(hospital, tmp_path):
-    from fhirbridge import config as config_mod
+    from fhirbridge.config import loader as config_mod
     from fhirbridge.errors import ConfigError
-    from fhirbridge.service import Service
+    from fhirbridge.service.scheduler import Service
     first = Service(config_mod.load(hospital.config_path))          # registers its data_dir with the store
     first.stop()
     again = Service(config_mod.load(hospital.config_path))          # same data_dir: fine
@@ -384,7 +384,7 @@ def test_a_replica_on_another_data_dir_refuses_to_start(hospital, tmp_path):
 
 
 def test_a_case_whose_work_file_is_gone_collects_again_instead_of_waiting_forever(hospital, seeded):
-    from fhirbridge.workflow import COLLECTED_FILE
+    from fhirbridge.loop.runner import COLLECTED_FILE
     sr = hospital.order(seeded["patient"])
     hospital.run(case_id="none")
     case = hospital.case_for(sr)
@@ -397,7 +397,7 @@ def test_a_case_whose_work_file_is_gone_collects_again_instead_of_waiting_foreve
 
 
 def test_overdue_flag_never_reopens_a_completed_task(hospital, seeded, fhir):
-    from fhirbridge import ehr_task
+    from fhirbridge.ehr import task as ehr_task
     case = hospital.delivered_case(seeded["patient"])
     receive_file(hospital.app, hospital.answer(case))
     hospital.run(intake=False)
@@ -412,7 +412,7 @@ def test_overdue_flag_never_reopens_a_completed_task(hospital, seeded, fhir):
 def test_workers_starting_together_on_a_fresh_volume_all_agree(tmp_path):
     import threading
     from types import SimpleNamespace
-    from fhirbridge.service import check_shared_data_dir
+    from fhirbridge.service.scheduler import check_shared_data_dir
     errors = []
     cfg = SimpleNamespace(data_dir=tmp_path / "shared", file=tmp_path / "fhirbridge.toml")
     stores = [Store(f"sqlite:///{tmp_path / 's.db'}") for _ in range(4)]
@@ -434,8 +434,8 @@ def test_workers_starting_together_on_a_fresh_volume_all_agree(tmp_path):
 
 
 def test_stopping_service_releases_the_claims_it_holds(hospital, seeded):
-    from fhirbridge import config as config_mod
-    from fhirbridge.service import Service
+    from fhirbridge.config import loader as config_mod
+    from fhirbridge.service.scheduler import Service
     sr = hospital.order(seeded["patient"])
     hospital.run(case_id="none")
     case = hospital.case_for(sr)

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from fhirbridge import config
-from fhirbridge.reviewer import open_package
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.config import loader as config
+from fhirbridge.exchange.reviewer import open_package
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 
 pytestmark = pytest.mark.sekmet
 
@@ -199,7 +199,7 @@ def test_readiness_says_which_ehr_is_down(two_reviewers):
 # --- polling intake ----------------------------------------------------------------------------------
 
 def test_polling_opens_one_case_per_order_and_cancels_revoked_ones(hospital, seeded, fhir):
-    from fhirbridge.intake import CURSOR, poll
+    from fhirbridge.loop.intake import CURSOR, poll
     app = hospital.app
     first = hospital.order(seeded["patient"])
     r1 = poll(app, worker="w1")
@@ -220,7 +220,7 @@ def test_polling_opens_one_case_per_order_and_cancels_revoked_ones(hospital, see
 
 
 def test_only_one_worker_polls_a_hospital_at_a_time(hospital):
-    from fhirbridge.intake import CURSOR, poll
+    from fhirbridge.loop.intake import CURSOR, poll
     key = hospital.app.hospital.key
     claimed, _ = hospital.app.store.claim_cursor(key, CURSOR, worker="busy", lease_seconds=60)
     assert claimed
@@ -253,7 +253,7 @@ def test_case_past_its_turnaround_target_is_flagged_once(hospital, seeded, fhir)
 
 
 def test_one_failing_order_does_not_stop_polling_of_the_others(hospital, seeded, monkeypatch):
-    import fhirbridge.intake as intake
+    import fhirbridge.loop.intake as intake
     bad = hospital.order(seeded["patient"])
     good = hospital.order(seeded["patient"])
     real = intake.order_changed

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs
 import pytest
 from joserfc import jwt as jose_jwt
 
-from fhirbridge import config
+from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
 from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError
 from fhirbridge.fhir.auth import (
@@ -22,7 +22,7 @@ from fhirbridge.fhir.auth import (
     v1_scopes,
 )
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import LocalEhr, find_sekmet, seed_patient
+from fhirbridge.demo.localehr import LocalEhr, find_sekmet, seed_patient
 
 pytestmark = pytest.mark.sekmet
 
@@ -297,7 +297,7 @@ def test_config_smart_alg_must_fit_the_key(tmp_path):
 def test_whole_loop_with_smart_enforced(tmp_path, smart_ehr, smart_keys, smart_seeded):
     from loopkit import TestHospital
 
-    from fhirbridge.receive import receive_file
+    from fhirbridge.loop.receive import receive_file
 
     hospital = TestHospital(tmp_path, smart_ehr.base_url)
     try:

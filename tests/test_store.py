@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fhirbridge.errors import CaseError
-from fhirbridge.store import Store, new_id
+from fhirbridge.store.store import Store, new_id
 
 HOSPITAL = "urn:ietf:rfc:3986|urn:oid:2.999.1.1"
 

@@ -15,20 +15,20 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from fhirbridge import config
-from fhirbridge.cli import main
-from fhirbridge.config import env_name
-from fhirbridge.intake import poll
-from fhirbridge.service import Service
-from fhirbridge.subscribe import (
+from fhirbridge.config import loader as config
+from fhirbridge.cli.main import main
+from fhirbridge.config.loader import env_name
+from fhirbridge.loop.intake import poll
+from fhirbridge.service.scheduler import Service
+from fhirbridge.ehr.subscriptions import (
     PROFILE,
     discover_topic,
     load_state,
     subscribe,
     turn_off,
 )
-from fhirbridge.localehr import ORDER_TOPIC as TOPIC
-from fhirbridge.web import create_app
+from fhirbridge.demo.localehr import ORDER_TOPIC as TOPIC
+from fhirbridge.service.app import create_app
 
 pytestmark = pytest.mark.sekmet
 
@@ -38,9 +38,9 @@ WAIT = 15.0
 
 @pytest.fixture(scope="module")
 def sr_topic(ehr):
-    """The order topic the demo EHR publishes (fhirbridge.localehr.publish_order_topic)."""
+    """The order topic the demo EHR publishes (fhirbridge.demo.localehr.publish_order_topic)."""
     from fhirbridge.fhir.client import FhirClient
-    from fhirbridge.localehr import publish_order_topic
+    from fhirbridge.demo.localehr import publish_order_topic
     with FhirClient(ehr.base_url) as client:
         return publish_order_topic(client)
 

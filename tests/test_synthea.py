@@ -13,7 +13,7 @@ import pytest
 
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.fhir.validate import validate
-from fhirbridge.receive import receive_file
+from fhirbridge.loop.receive import receive_file
 
 from loopkit import TestHospital
 

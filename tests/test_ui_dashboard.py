@@ -10,10 +10,10 @@ from browserkit import LiveServer, shot
 from loopkit import SAMPLE_ANSWER
 from playwright.sync_api import expect
 
-from fhirbridge import config
-from fhirbridge.receive import receive_file
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.config import loader as config
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 
 pytestmark = pytest.mark.sekmet
 

@@ -13,13 +13,13 @@ import re
 import pytest
 
 from browserkit import LiveServer, shot
-from fhirbridge import config
-from fhirbridge.collect import DESELECTED
+from fhirbridge.config import loader as config
+from fhirbridge.loop.collect import DESELECTED
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import seed_patient
-from fhirbridge.receive import receive_file
-from fhirbridge.service import Service
-from fhirbridge.web import create_app
+from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import create_app
 from smart_launch_server import SmartLaunchServer
 from test_physician_launch import CLIENT_ID, configure
 

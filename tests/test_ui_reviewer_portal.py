@@ -9,11 +9,11 @@ import pytest
 from playwright.sync_api import expect
 from browserkit import LiveServer, shot
 
-from fhirbridge import config
-from fhirbridge.service import Service
+from fhirbridge.config import loader as config
+from fhirbridge.service.scheduler import Service
 from fhirbridge.ui.reviewer_portal import PortalSettings, create_portal
-from fhirbridge.web import create_app
-from fhirbridge.workflow import run_pending
+from fhirbridge.service.app import create_app
+from fhirbridge.loop.runner import run_pending
 
 pytestmark = pytest.mark.sekmet
 

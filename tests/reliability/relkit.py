@@ -10,7 +10,7 @@ import math
 import os
 from collections import Counter
 
-from fhirbridge.ehr_task import CASE_ID_SYSTEM
+from fhirbridge.ehr.task import CASE_ID_SYSTEM
 
 FULL = os.environ.get("FHIRBRIDGE_RELIABILITY", "").lower() == "full"
 

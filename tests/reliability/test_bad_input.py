@@ -34,18 +34,22 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from fhirbridge import config, envelope, subscribe
-from fhirbridge.api_auth import mint_reviewer_token
-from fhirbridge.cli import main
-from fhirbridge.config import env_name
+from fhirbridge.config import loader as config
+
+from fhirbridge.exchange import envelope
+
+from fhirbridge.ehr import subscriptions as subscribe
+from fhirbridge.access.tokens import mint_reviewer_token
+from fhirbridge.cli.main import main
+from fhirbridge.config.loader import env_name
 from fhirbridge.crypto.keys import KeyRing, generate_jwks
 from fhirbridge.errors import ConfigError, FhirbridgeError, RejectedOpinion, SealError
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.receive import receive_bytes, receive_file
-from fhirbridge.reviewer import open_package
-from fhirbridge.seal import package_dir
-from fhirbridge.service import Service
-from fhirbridge.web import MAX_OPINION_UPLOAD, create_app
+from fhirbridge.loop.receive import receive_bytes, receive_file
+from fhirbridge.exchange.reviewer import open_package
+from fhirbridge.loop.seal import package_dir
+from fhirbridge.service.scheduler import Service
+from fhirbridge.service.app import MAX_OPINION_UPLOAD, create_app
 
 from loopkit import TestHospital, craft_opinion
 from relkit import FULL, size

@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 
-from fhirbridge.testhook import POINTS, VARIABLE
+from fhirbridge.ops.crashpoints import POINTS, VARIABLE
 
 from faultproxy import FaultProxy
 from loopkit import TestHospital, Worker

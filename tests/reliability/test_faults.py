@@ -19,9 +19,9 @@ import pytest
 from fhirbridge.crypto.keys import generate_jwks, write_private_jwks
 from fhirbridge.fhir.auth import SmartBackendAuth
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.localehr import seed_patient
-from fhirbridge.receive import receive_file
-from fhirbridge.workflow import retry
+from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.loop.receive import receive_file
+from fhirbridge.loop.runner import retry
 
 from faultproxy import FaultProxy
 from loopkit import TestHospital, docrefs, start_smart_ehr

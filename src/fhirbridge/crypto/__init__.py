@@ -1,6 +1,14 @@
-"""Keys (JWKS), signatures (JWS) and encryption (JWE) for sealed packages and opinions."""
-from . import jwe, jws, keys
-from .keys import KeyRing, generate_jwks, public_jwks, write_private_jwks, write_public_jwks
+"""crypto: keys (JWKS), signatures (JWS) and encryption (JWE) for sealed packages and opinions.
+
+`keys` (KeyRing, generation and rotation, files 0600, optional passphrase), `jws` (detached and compact
+JWS over RFC 8785 canonical JSON), `jwe` (JWE General JSON, and the streamed form for large attachments),
+`remote_jwks` (a reviewer's published JWKS, cached).
+
+Rule: the bottom of the stack: may import only the root modules (errors, jsonutil) and the JOSE libraries.
+Never config, the store, FHIR, the EHR or anything above.
+"""
+from fhirbridge.crypto import jwe, jws, keys
+from fhirbridge.crypto.keys import KeyRing, generate_jwks, public_jwks, write_private_jwks, write_public_jwks
 
 __all__ = ["KeyRing", "generate_jwks", "jwe", "jws", "keys", "public_jwks", "write_private_jwks",
            "write_public_jwks"]

@@ -18,8 +18,8 @@ import orjson
 from joserfc import jwk
 from joserfc.errors import JoseError
 
-from ..errors import ConfigError, SealError
-from ..jsonutil import b64url, canonical, dumps, loads
+from fhirbridge.errors import ConfigError, SealError
+from fhirbridge.jsonutil import b64url, canonical, dumps, loads
 
 log = logging.getLogger(__name__)
 

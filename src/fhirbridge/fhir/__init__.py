@@ -1,4 +1,12 @@
-"""FHIR R4 access to the hospital EHR: REST client, authentication, structural validation."""
+"""fhir: FHIR R4 over HTTP, and reading FHIR JSON.
+
+`client` (one requests Session, explicit timeouts, urllib3 Retry, paging, transactions, streamed Binary,
+validation on read), `auth` (SMART Backend Services, bearer/basic), `validate` (fhir.resources R4B
+models), `elements` (public helpers over FHIR JSON: codings, dates, references, display text).
+
+Rule: knows FHIR, not fhirbridge: no Case, no store, no config model (auth gets a plain dict). May import
+`crypto` (to sign the SMART client assertion) and the root modules. Never Flask or any layer above.
+"""
 from fhirbridge.fhir.auth import make_auth
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.fhir.validate import check, validate

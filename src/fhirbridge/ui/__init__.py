@@ -3,6 +3,10 @@
 Flask + Jinja, little JavaScript, every asset shipped in the package (no CDN at run time). Shared here: the
 `ui` blueprint (templates and the stylesheet), signed session cookies with a CSRF token for forms, and
 the template context every page gets.
+
+Rule: pages call the loop, the EHR layer, `access` and `exchange`; they never reimplement a step. May import
+Flask and every layer below the service; never `service` (it mounts the pages, not the reverse), the CLI or
+the demo. Every page is rendered on the server with no CDN, `no-store` and a CSRF token on every form.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import secrets
 
 from flask import Blueprint, Flask, abort, request, session
 
-from .. import __version__
+from fhirbridge import __version__
 
 ui = Blueprint("ui", __name__, template_folder="templates", static_folder="static", static_url_path="/ui-static")
 

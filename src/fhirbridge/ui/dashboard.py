@@ -18,11 +18,11 @@ from collections import Counter
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 
-from .. import jsonutil
-from ..crypto import jwe
-from ..errors import CaseError, FhirbridgeError
-from . import check_csrf
-from .charts import bar_chart
+from fhirbridge import jsonutil
+from fhirbridge.crypto import jwe
+from fhirbridge.errors import CaseError, FhirbridgeError
+from fhirbridge.ui import check_csrf
+from fhirbridge.ui.charts import bar_chart
 
 log = logging.getLogger("fhirbridge.dashboard")
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
@@ -87,7 +87,7 @@ def _nav(current: str) -> list:
 
 @dashboard.route("/login", methods=["GET", "POST"])
 def login():
-    from ..api_auth import Unauthorized, staff_from_token
+    from fhirbridge.access.tokens import Unauthorized, staff_from_token
     error = None
     if request.method == "POST":
         check_csrf()
@@ -157,7 +157,7 @@ def case(case_id: str):
 
 @dashboard.post("/cases/<case_id>/retry")
 def retry(case_id: str):
-    from ..workflow import retry as retry_case
+    from fhirbridge.loop.runner import retry as retry_case
     check_csrf()
     if "cases:write" not in _staff()["scopes"]:
         abort(403, "your credentials do not include cases:write")

@@ -26,12 +26,12 @@ from flask import (Blueprint, Flask, abort, current_app, flash, make_response, r
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.exceptions import HTTPException
 
-from ..context import App
-from ..errors import FhirbridgeError, FhirError
-from ..mappings_load import profile_names
-from ..collect import question_of
-from . import check_csrf, smart
-from . import physician_view as view
+from fhirbridge.ehr.context import App
+from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.config.mappings import profile_names
+from fhirbridge.loop.collect import question_of
+from fhirbridge.ui import check_csrf, smart
+from fhirbridge.ui import physician_view as view
 
 bp = Blueprint("physician", __name__, url_prefix="/physician")
 PENDING_COOKIE = "fhirbridge_launch"
@@ -258,8 +258,8 @@ def order(patient: str):
 
 
 def _place(app: App, patient: str, ctx: dict, form: dict, exclude: list[str]) -> dict:
-    from ..intake import order_changed
-    from ..order import place_order
+    from fhirbridge.loop.intake import order_changed
+    from fhirbridge.ehr.order import place_order
     sr = place_order(app, patient=patient, question=form["question"], reviewer=form["reviewer"],
                      profile=form["profile"], requester=ctx.get("user"), priority=form["priority"], exclude=exclude)
     # As the staff API does: the order is in the EHR from here on; if taking it in fails now, the poll does.

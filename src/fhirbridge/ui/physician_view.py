@@ -10,12 +10,12 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from ..collect import POLICY, Collected, clinical_date, collect, question_of
-from ..context import App
-from ..order import excluded_records
-from ..package import SECTIONS, concept_text, summary_line
-from ..store import Case
-from .sanitize import safe_xhtml
+from fhirbridge.loop.collect import POLICY, Collected, clinical_date, collect, question_of
+from fhirbridge.ehr.context import App
+from fhirbridge.ehr.order import excluded_records
+from fhirbridge.loop.document import SECTIONS, concept_text, summary_line
+from fhirbridge.store.store import Case
+from fhirbridge.ui.sanitize import safe_xhtml
 
 # The records a physician can deselect: those the profile's searches find (the package's sections), not
 # the Practitioners, Organizations, results and Medications they point at, which travel to make them legible.
@@ -61,8 +61,8 @@ class Preview:
 def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
     """Run the real collection rules (and the patient's Consents for this reviewer) on a draft order: what
     the collect step would share if the order were placed now."""
-    from .. import consent
-    from ..errors import ConsentDenied
+    from fhirbridge.loop import consent
+    from fhirbridge.errors import ConsentDenied
     draft = {"resourceType": "ServiceRequest", "id": "draft", "subject": {"reference": f"Patient/{patient}"}}
     note = None
     try:

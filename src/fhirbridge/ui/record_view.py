@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..collect import clinical_date
-from ..package import concept_text, summary_line
-from ..render import _imaging_detail, _report_detail, patient_line
+from fhirbridge.loop.collect import clinical_date
+from fhirbridge.loop.document import concept_text, summary_line
+from fhirbridge.exchange.render import _imaging_detail, _report_detail, patient_line
 
 KIND_LABELS = {"Condition": "Problem", "DiagnosticReport": "Report", "ImagingStudy": "Imaging",
                "Procedure": "Procedure", "MedicationStatement": "Medication", "MedicationRequest": "Medication",

@@ -27,17 +27,19 @@ import requests
 from flask import (Flask, Response, abort, flash, redirect, render_template, request, session, url_for)
 from werkzeug.exceptions import HTTPException
 
-from .. import envelope, jsonutil
-from ..api_auth import mint_reviewer_token
-from ..crypto import jwe
-from ..crypto.keys import KeyRing
-from ..errors import FhirbridgeError, SealError
-from ..mappings_load import load_opinion_form
-from ..opinion import AnswerError, build_opinion_document, reviewer_organization
-from ..render import render_opinion
-from ..reviewer import OpenedPackage, TrustStore, answer_data, open_package
-from . import check_csrf, derive_secret, install
-from .record_view import attachments_of, build, questions_of
+from fhirbridge import jsonutil
+
+from fhirbridge.exchange import envelope
+from fhirbridge.access.tokens import mint_reviewer_token
+from fhirbridge.crypto import jwe
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.errors import FhirbridgeError, SealError
+from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
+from fhirbridge.exchange.render import render_opinion
+from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, answer_data, open_package
+from fhirbridge.ui import check_csrf, derive_secret, install
+from fhirbridge.ui.record_view import attachments_of, build, questions_of
 
 log = logging.getLogger("fhirbridge.portal")
 TOKEN_ENV = "FHIRBRIDGE_PORTAL_TOKEN"

@@ -60,7 +60,7 @@ def _session() -> requests.Session:
 
 
 def _allowed_url(url: object) -> bool:
-    from ..config import _https_or_loopback
+    from fhirbridge.config.loader import _https_or_loopback
     return isinstance(url, str) and _https_or_loopback(url)
 
 

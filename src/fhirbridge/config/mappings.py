@@ -1,0 +1,305 @@
+"""Loads and checks the declarative mappings (mappings/*.toml): order codes, collection profiles, opinion form.
+
+A mistake in a mapping file is a ConfigError naming the file and key, found at start-up rather than
+half-way through a Case.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from fhirbridge.errors import ConfigError
+
+COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "MedicationStatement",
+               "MedicationRequest", "DocumentReference")
+FIELD_KINDS = ("choice", "text", "list", "answers")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("mapping file not found", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text (TOML files must be UTF-8)", file=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
+
+
+def _no_unknown(table: dict, allowed: set[str], path: Path, prefix: str = "") -> None:
+    """A misspelt key in a mapping must not be ignored: `security_label` for `security_labels` would
+    disclose the records it was meant to withhold."""
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError("unknown key (check the spelling)", file=str(path), key=prefix + unknown[0])
+
+
+def _str_list(value, path: Path, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("must be a list of strings", file=str(path), key=key)
+    return tuple(value)
+
+
+def _coding(value, path: Path, key: str) -> dict:
+    if not isinstance(value, dict) or not value.get("system") or not value.get("code"):
+        raise ConfigError("must be a table with system and code", file=str(path), key=key)
+    return {k: value[k] for k in ("system", "code", "display") if value.get(k)}
+
+
+def _token_list(value, path: Path, key: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and "|" in v for v in value):
+        raise ConfigError('must be a list of "system|code" strings', file=str(path), key=key)
+    return tuple(tuple(v.split("|", 1)) for v in value)  # type: ignore[misc]
+
+
+# --- order codes ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OrderCodes:
+    match: tuple[dict, ...]
+    order_code: dict
+    order_category: dict
+    profile_system: str
+    profile_by_specialty: dict[tuple[str, str], str]
+
+    def search_token(self) -> str:
+        return ",".join(f"{c['system']}|{c['code']}" for c in self.match)
+
+    def matches(self, service_request: dict) -> bool:
+        wanted = {(c["system"], c["code"]) for c in self.match}
+        codings = service_request.get("code", {}).get("coding", [])
+        return any((c.get("system"), c.get("code")) in wanted for c in codings)
+
+
+def load_order_codes(mappings_dir: Path) -> OrderCodes:
+    path = mappings_dir / "codes" / "orders.toml"
+    raw = _read(path)
+    items = raw.get("order_codes")
+    if not isinstance(items, list) or not items:
+        raise ConfigError("needs at least one [[order_codes]] entry", file=str(path), key="order_codes")
+    match = tuple(_coding(c, path, f"order_codes[{i}]") for i, c in enumerate(items))
+    order = raw.get("order", {})
+    profile = raw.get("profile", {})
+    _no_unknown(raw, {"order_codes", "order", "profile"}, path)
+    _no_unknown(profile, {"order_detail_system", "by_specialty"}, path, "profile.")
+    known_profiles = set(profile_names(mappings_dir))
+    by_spec = {}
+    for i, item in enumerate(profile.get("by_specialty", [])):
+        c = _coding(item, path, f"profile.by_specialty[{i}]")
+        name = str(item.get("profile") or "default")
+        if name not in known_profiles:
+            raise ConfigError(f"names profile {name!r}, which is not in {mappings_dir / 'collect'}",
+                              file=str(path), key=f"profile.by_specialty[{i}].profile")
+        by_spec[(c["system"], c["code"])] = name
+    return OrderCodes(match=match, order_code=_coding(order.get("code"), path, "order.code"),
+                      order_category=_coding(order.get("category"), path, "order.category"),
+                      profile_system=str(profile.get("order_detail_system", "urn:fhirbridge:collection-profile")),
+                      profile_by_specialty=by_spec)
+
+
+# --- collection profiles -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResourceRule:
+    type: str
+    lookback: bool = True
+    categories: tuple[tuple[str, str], ...] = ()
+    types: tuple[tuple[str, str], ...] = ()
+    modalities: tuple[str, ...] = ()
+    statuses_excluded: tuple[str, ...] = ("entered-in-error",)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    lookback_days: int
+    rules: dict[str, ResourceRule]
+    withhold_labels: tuple[tuple[str, str], ...] = field(default=())
+    file: Path | None = None
+
+
+def load_profile(mappings_dir: Path, name: str) -> Profile:
+    path = mappings_dir / "collect" / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in (mappings_dir / "collect").glob("*.toml")))
+        raise ConfigError(f"no collection profile {name!r} (known: {known})", file=str(path))
+    return _profile(path, _read(path))
+
+
+def _profile(path: Path, raw: dict) -> Profile:
+    _no_unknown(raw, {"name", "description", "lookback_days", "withhold", "resources"}, path)
+    lookback = raw.get("lookback_days", 730)
+    if not isinstance(lookback, int) or lookback <= 0:
+        raise ConfigError("must be a positive number of days", file=str(path), key="lookback_days")
+    resources = raw.get("resources")
+    if not isinstance(resources, dict) or not resources:
+        raise ConfigError("needs at least one [resources.<Type>] table", file=str(path), key="resources")
+    rules = {}
+    allowed_keys = {"lookback", "categories", "types", "modalities", "statuses_excluded"}
+    for rtype, spec in resources.items():
+        key = f"resources.{rtype}"
+        if rtype not in COLLECTABLE:
+            raise ConfigError(f"cannot collect {rtype}; collectable: {', '.join(COLLECTABLE)}", file=str(path),
+                              key=key)
+        spec = spec or {}
+        unknown = set(spec) - allowed_keys
+        if unknown:
+            raise ConfigError("unknown key", file=str(path), key=f"{key}.{sorted(unknown)[0]}")
+        lookback_flag = spec.get("lookback", True)
+        if not isinstance(lookback_flag, bool):
+            raise ConfigError("must be true or false", file=str(path), key=f"{key}.lookback")
+        rules[rtype] = ResourceRule(
+            type=rtype, lookback=lookback_flag,
+            categories=_token_list(spec.get("categories", []), path, f"{key}.categories"),
+            types=_token_list(spec.get("types", []), path, f"{key}.types"),
+            modalities=_str_list(spec.get("modalities", []), path, f"{key}.modalities"),
+            statuses_excluded=_str_list(spec.get("statuses_excluded", ["entered-in-error"]), path,
+                                        f"{key}.statuses_excluded"))
+    withhold = raw.get("withhold", {})
+    if not isinstance(withhold, dict):
+        raise ConfigError("must be a table", file=str(path), key="withhold")
+    _no_unknown(withhold, {"security_labels"}, path, "withhold.")
+    return Profile(name=str(raw.get("name", path.stem)), description=str(raw.get("description", "")),
+                   lookback_days=lookback, rules=rules,
+                   withhold_labels=_token_list(withhold.get("security_labels", []), path,
+                                               "withhold.security_labels"),
+                   file=path)
+
+
+def profile_names(mappings_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (mappings_dir / "collect").glob("*.toml"))
+
+
+# --- opinion form --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpinionField:
+    name: str
+    kind: str
+    label: str
+    section: str
+    required: bool
+    choices: dict[str, dict]
+    observation_code: dict | None
+
+
+@dataclass(frozen=True)
+class OpinionForm:
+    doc_type: dict
+    doc_category: dict
+    title: str
+    section_codes: dict[str, dict]
+    fields: dict[str, OpinionField]
+    file: Path
+
+
+FORM_KEYS = {"document", "sections", "fields"}
+DOCUMENT_KEYS = {"type", "category", "title"}
+FIELD_KEYS = {"kind", "required", "label", "section", "observation", "observation_code", "choices"}
+CODING_KEYS = {"system", "code", "display"}
+
+
+def _table(value, path: Path, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a table, got {type(value).__name__}", file=str(path), key=key)
+    return value
+
+
+def _form_coding(value, path: Path, key: str) -> dict:
+    """A coding in the opinion form: a misspelt `dispaly` would silently drop the text the EHR shows."""
+    coding = _coding(value, path, key)
+    _no_unknown(value, CODING_KEYS, path, f"{key}.")
+    for k in CODING_KEYS & set(value):
+        if not isinstance(value[k], str):
+            raise ConfigError("must be text", file=str(path), key=f"{key}.{k}")
+    return coding
+
+
+def _typed(spec: dict, name: str, typ: type, default, path: Path, key: str):
+    value = spec.get(name, default)
+    if not isinstance(value, typ):
+        # `required = "false"` must not count as true (and `required = 1` is not a boolean either).
+        want = {bool: "true or false", str: "text"}.get(typ, typ.__name__)
+        raise ConfigError(f"must be {want}", file=str(path), key=f"{key}.{name}")
+    return value
+
+
+def _form_field(fname: str, spec, path: Path) -> OpinionField:
+    key = f"fields.{fname}"
+    spec = _table(spec, path, key)
+    kind = spec.get("kind")
+    if kind not in FIELD_KINDS:
+        raise ConfigError(f"kind must be one of {', '.join(FIELD_KINDS)}", file=str(path), key=f"{key}.kind")
+    choices = {}
+    if kind == "choice":
+        raw_choices = spec.get("choices")
+        if not isinstance(raw_choices, dict) or not raw_choices:
+            raise ConfigError("a choice field needs [choices]", file=str(path), key=f"{key}.choices")
+        choices = {k: _form_coding(v, path, f"{key}.choices.{k}") for k, v in raw_choices.items()}
+    elif "choices" in spec:
+        raise ConfigError(f"only a choice field has choices (this one is {kind!r})", file=str(path),
+                          key=f"{key}.choices")
+    observation = _typed(spec, "observation", bool, False, path, key)
+    obs = None
+    if observation:
+        if kind != "choice":
+            raise ConfigError("only a choice field can be recorded as an Observation", file=str(path),
+                              key=f"{key}.observation")
+        obs = _form_coding(spec.get("observation_code"), path, f"{key}.observation_code")
+    elif "observation_code" in spec:
+        raise ConfigError("observation_code without observation = true would never be used", file=str(path),
+                          key=f"{key}.observation_code")
+    required = _typed(spec, "required", bool, False, path, key)
+    label = _typed(spec, "label", str, fname, path, key)
+    section = _typed(spec, "section", str, "Comments", path, key)
+    # Checked after the keys above, so a misspelt required key is reported as that key being missing.
+    _no_unknown(spec, FIELD_KEYS, path, f"{key}.")
+    return OpinionField(name=fname, kind=kind, label=label, section=section, required=required, choices=choices,
+                        observation_code=obs)
+
+
+@lru_cache(maxsize=8)
+def load_opinion_form(mappings_dir: Path, name: str = "default") -> OpinionForm:
+    """Load mappings/opinion/<name>.toml. Unknown keys are errors at every level: a misspelt `requried`
+    ignored would quietly make a required field of the opinion optional."""
+    path = mappings_dir / "opinion" / f"{name}.toml"
+    raw = _read(path)
+    doc = _table(raw.get("document", {}), path, "document")
+    fields = {fname: _form_field(fname, spec, path)
+              for fname, spec in _table(raw.get("fields", {}), path, "fields").items()}
+    if not fields:
+        raise ConfigError("defines no [fields.*]", file=str(path), key="fields")
+    sections = {title: _form_coding(c, path, f"sections.{title}")
+                for title, c in _table(raw.get("sections", {}), path, "sections").items()}
+    form = OpinionForm(doc_type=_form_coding(doc.get("type"), path, "document.type"),
+                       doc_category=_form_coding(doc.get("category"), path, "document.category"),
+                       title=_typed(doc, "title", str, "Second opinion", path, "document"),
+                       section_codes=sections, fields=fields, file=path)
+    _no_unknown(doc, DOCUMENT_KEYS, path, "document.")
+    _no_unknown(raw, FORM_KEYS, path)
+    return form
+
+
+def opinion_form_names(mappings_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (mappings_dir / "opinion").glob("*.toml"))
+
+
+# --- everything at once ----------------------------------------------------------------------------
+
+def check_all(mappings_dir: Path) -> None:
+    """Load every mapping file (order codes, each collection profile, each opinion form), so a mistake in
+    any of them is a ConfigError at start-up rather than half-way through a Case that happens to use it."""
+    mappings_dir = Path(mappings_dir)
+    load_order_codes(mappings_dir)
+    names = profile_names(mappings_dir)
+    if "default" not in names:
+        raise ConfigError("no default.toml collection profile (used when an order names none)",
+                          file=str(mappings_dir / "collect"))
+    for name in names:
+        load_profile(mappings_dir, name)
+    for name in opinion_form_names(mappings_dir):
+        # Not through the cache: a file edited since it was last loaded must be read again.
+        load_opinion_form.__wrapped__(mappings_dir, name)

@@ -1,0 +1,243 @@
+"""The audit trail: one AuditEvent per disclosure and one per opinion filed (IHE BALP).
+
+- **Disclosure** (a package delivered to a reviewer): IHE Basic Audit Log Patterns "Privacy Disclosure at
+  Source" (https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PrivacyDisclosure.Source):
+  type DICOM 110106 "Export", subtype ISO 21089 `disclose`, action R, purposeOfEvent v3 ActReason TREAT,
+  outcome 0. Agents: the hospital as source (DICOM 110153 "Source Role ID") and custodian, the reviewer
+  organisation as recipient (DICOM 110152 "Destination Role ID"), both by identifier. Entities: the Patient
+  (type 1 Person, role 1 Patient), the ServiceRequest (role 4 Domain Resource) and the package (role 3
+  Report: the document's identifier `urn:uuid:<package id>`, with the kinds and counts of records shared
+  and withheld as entity details; never their content).
+- **Filed** (the reviewer's opinion written back): "Privacy Disclosure at Recipient" (the reviewer
+  discloses its opinion to the hospital): type DICOM 110107 "Import", subtype `disclose`, action C; the
+  reviewer is the source, the hospital the recipient; entities the Patient, the ServiceRequest, the
+  DocumentReference filed and the opinion's identifier.
+
+The AuditEvent names the patient by reference only (`Patient/123`): no name, no clinical text. Its id is a
+UUIDv5 of the Case and the package (or opinion), so recording the same disclosure twice (a step repeated
+after a lost lease) keeps one record, and writing it to the EHR is a PUT that can be repeated.
+
+With `[audit] write_to_ehr = true` each AuditEvent is also written to the hospital's EHR. A failed write
+never fails the Case: the record stays in the store with `sent_to_ehr` false and the error, and every run
+(and every work tick of the service) tries the unsent ones again (`send_pending`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+from fhirbridge import __version__
+from fhirbridge.ehr.context import App
+from fhirbridge.fhir.validate import validate
+from fhirbridge.store.store import Case
+
+log = logging.getLogger("fhirbridge.ehr.audit")
+
+BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+LIFECYCLE = "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+URI = "urn:ietf:rfc:3986"
+NAMESPACE = uuid.UUID("6f1d7c8e-3f0a-5b7e-9a51-2b4c0e7d9a10")
+
+DISCLOSURE, FILED = "disclosure", "filed"
+
+
+def _coding(system: str, code: str, display: str) -> dict:
+    return {"system": system, "code": code, "display": display}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def audit_id(case: Case, kind: str, key: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, f"{case.id}/{kind}/{key}"))
+
+
+def _org_agent(ref: dict, code: str, display: str, *, requestor: bool = False) -> dict:
+    return {"type": {"coding": [_coding(DCM, code, display)]}, "who": ref, "requestor": requestor}
+
+
+def _entity(what: dict, type_code: str, type_display: str, role_code: str, role_display: str,
+            details: dict[str, str] | None = None) -> dict:
+    ent = {"what": what, "type": _coding(ENTITY_TYPE, type_code, type_display),
+           "role": _coding(OBJECT_ROLE, role_code, role_display)}
+    if details:
+        ent["detail"] = [{"type": k, "valueString": v} for k, v in details.items()]
+    return ent
+
+
+def _base(app: App, case: Case, *, aid: str, profile: str, type_: dict, action: str, when: float) -> dict:
+    return {
+        "resourceType": "AuditEvent",
+        "id": aid,
+        "meta": {"profile": [BALP + profile]},
+        "type": type_,
+        "subtype": [_coding(LIFECYCLE, "disclose", "Disclose Record Lifecycle Event")],
+        "action": action,
+        "recorded": _iso(when),
+        "outcome": "0",
+        "purposeOfEvent": [{"coding": [_coding(ACT_REASON, "TREAT", "treatment")]}],
+        "source": {"site": app.hospital.name,
+                   "observer": {"identifier": {"system": app.hospital.identifier_system,
+                                               "value": app.hospital.identifier_value},
+                                "display": f"fhirbridge {__version__}"},
+                   "type": [_coding(SOURCE_TYPE, "4", "Application Server")]},
+    }
+
+
+def _patient_entity(case: Case) -> dict:
+    return _entity({"reference": case.patient}, "1", "Person", "1", "Patient")
+
+
+def _order_entity(case: Case) -> dict:
+    return _entity({"reference": case.service_request}, "2", "System Object", "4", "Domain Resource")
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+
+
+def package_summary(app: App, case: Case) -> dict:
+    """What the package held, from the event log (counts only): the seal.done of this package and the
+    collect.done before it."""
+    events = app.store.events(case.id)
+    seal_at = next((i for i in range(len(events) - 1, -1, -1) if events[i]["kind"] == "seal.done"
+                    and (events[i]["detail"] or {}).get("package_id") == case.package_id), None)
+    if seal_at is None:
+        return {}
+    sealed = events[seal_at]["detail"] or {}
+    collected = next((e["detail"] or {} for e in reversed(events[:seal_at]) if e["kind"] == "collect.done"), {})
+    return {"types": collected.get("counts") or {}, "shared": sealed.get("shared"),
+            "withheld": sealed.get("withheld"), "attachment_files": sealed.get("attachment_files"),
+            "inline_attachments": sealed.get("inline_attachments")}
+
+
+def disclosure_event(app: App, case: Case, *, when: float, transport: str | None = None) -> dict:
+    reviewer = app.config.reviewer(case.reviewer)
+    summary = package_summary(app, case)
+    details = {"records shared": str(summary.get("shared", "unknown")),
+               "record types": _counts(summary.get("types") or {}),
+               "records withheld": str(summary.get("withheld", "unknown")),
+               "attachment files": str(summary.get("attachment_files", 0))}
+    if transport:
+        details["transport"] = transport
+    ev = _base(app, case, aid=audit_id(case, DISCLOSURE, str(case.package_id)),
+               profile="PrivacyDisclosure.Source", type_=_coding(DCM, "110106", "Export"), action="R", when=when)
+    ev["agent"] = [
+        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID"),
+        {"type": {"coding": [_coding(PARTICIPATION, "CST", "custodian")]}, "who": app.hospital.organization_ref(),
+         "requestor": False},
+        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID"),
+    ]
+    ev["entity"] = [
+        _patient_entity(case),
+        _order_entity(case),
+        _entity({"identifier": {"system": URI, "value": f"urn:uuid:{case.package_id}"},
+                 "display": "Sealed referral package (FHIR document)"},
+                "2", "System Object", "3", "Report", details),
+    ]
+    return ev
+
+
+def filed_event(app: App, case: Case, *, document_reference: str | None, when: float) -> dict:
+    reviewer = app.config.reviewer(case.reviewer)
+    ev = _base(app, case, aid=audit_id(case, FILED, str(case.opinion_id)),
+               profile="PrivacyDisclosure.Recipient", type_=_coding(DCM, "110107", "Import"), action="C", when=when)
+    ev["agent"] = [
+        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID"),
+        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID"),
+    ]
+    entities = [_patient_entity(case), _order_entity(case)]
+    if document_reference:
+        entities.append(_entity({"reference": document_reference}, "2", "System Object", "3", "Report"))
+    entities.append(_entity({"identifier": {"system": URI, "value": f"urn:uuid:{case.opinion_id}"},
+                             "display": "Second opinion (sealed FHIR document)"}, "2", "System Object", "3",
+                            "Report", {"answers package": f"urn:uuid:{case.package_id}"}))
+    ev["entity"] = entities
+    return ev
+
+
+def _record(app: App, case: Case, kind: str, event: dict, recipient: dict, when: float) -> bool:
+    problems = validate(event)
+    if problems:  # a bug of ours: the record is kept all the same, it is the accounting of a disclosure
+        log.error("AuditEvent %s is not valid FHIR: %s", event["id"], "; ".join(problems))
+    ident = recipient["identifier"]
+    added = app.store.add_audit(id=event["id"], hospital=app.hospital.key, patient=case.patient, case_id=case.id,
+                                kind=kind, recipient=f"{ident['system']}|{ident['value']}", resource=event, at=when)
+    if added and app.config.audit.write_to_ehr:
+        send_one(app, event)
+    return added
+
+
+def record_disclosure(app: App, case: Case, detail: dict | None = None) -> bool:
+    """After a package was delivered: record the disclosure (once per package). True if newly recorded."""
+    when = time.time()
+    event = disclosure_event(app, case, when=when, transport=(detail or {}).get("transport"))
+    return _record(app, case, DISCLOSURE, event, app.config.reviewer(case.reviewer).organization_ref(), when)
+
+
+def record_filed(app: App, case: Case, document_reference: str | None) -> bool:
+    """After the opinion was filed: record the write-back (once per opinion). True if newly recorded."""
+    when = time.time()
+    event = filed_event(app, case, document_reference=document_reference, when=when)
+    return _record(app, case, FILED, event, app.hospital.organization_ref(), when)
+
+
+def send_one(app: App, event: dict) -> bool:
+    """Write one AuditEvent to the EHR (PUT with its own id: repeatable). Never raises."""
+    try:
+        app.ehr.update(event)
+    except Exception as exc:  # noqa: BLE001 - the audit copy in the EHR must never fail a Case
+        message = str(exc) or exc.__class__.__name__
+        log.warning("AuditEvent %s not written to the EHR: %s", event["id"], message)
+        app.store.mark_audit(event["id"], sent=False, error=message[:500])
+        return False
+    app.store.mark_audit(event["id"], sent=True)
+    return True
+
+
+def send_pending(app: App) -> int:
+    """Write every AuditEvent of this hospital not yet in the EHR (when configured); returns how many
+    were written. Called at each run and work tick."""
+    if not app.config.audit.write_to_ehr:
+        return 0
+    sent = 0
+    for row in app.store.list_audit(hospital=app.hospital.key, unsent=True):
+        if send_one(app, row["resource"]):
+            sent += 1
+        else:
+            break  # the EHR is failing: try the rest at the next run
+    return sent
+
+
+def accounting(app: App, patient: str) -> list[dict]:
+    """The accounting of disclosures for one patient (`Patient/<id>`), oldest first: when, to whom, which
+    order and package, what kinds and counts of records."""
+    out = []
+    # Patient ids belong to one EHR: only this hospital's records (the store may serve several).
+    for row in app.store.list_audit(patient=patient, hospital=app.hospital.key):
+        ev = row["resource"]
+        package = next((e for e in ev.get("entity", []) if e.get("what", {}).get("identifier")), {})
+        details = {d["type"]: d.get("valueString") for d in package.get("detail", [])}
+        recipient = next((a["who"] for a in ev.get("agent", [])
+                          if a["type"]["coding"][0]["code"] == "110152"), {})
+        doc = next((e["what"]["reference"] for e in ev.get("entity", [])
+                    if e.get("what", {}).get("reference", "").startswith("DocumentReference/")), None)
+        out.append({"id": row["id"], "at": row["at"], "recorded": ev.get("recorded"), "kind": row["kind"],
+                    "case": row["case_id"], "patient": row["patient"],
+                    "recipient": recipient.get("display") or row["recipient"],
+                    "recipient_identifier": row["recipient"],
+                    "order": next((e["what"]["reference"] for e in ev.get("entity", [])
+                                   if e.get("what", {}).get("reference", "").startswith("ServiceRequest/")), None),
+                    "package": package.get("what", {}).get("identifier", {}).get("value"),
+                    "document_reference": doc, "details": details,
+                    "sent_to_ehr": bool(row["sent_to_ehr"]), "ehr_error": row["ehr_error"]})
+    return out

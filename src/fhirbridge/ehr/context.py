@@ -1,0 +1,94 @@
+"""What every step needs: configuration, the Case store, the EHR client, keys, mappings, progress output."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from fhirbridge.config import mappings as mappings_load
+
+from fhirbridge.ops import metrics
+from fhirbridge.config.loader import Config, Hospital
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.fhir.auth import make_auth
+from fhirbridge.fhir.client import FhirClient
+from fhirbridge.store.store import Store
+
+log = logging.getLogger("fhirbridge")
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass
+class App:
+    """Everything a step needs, for ONE hospital. A deployment serving several hospitals makes one App per
+    hospital (`App.per_hospital`), all sharing one Case store; each works only its own hospital's Cases."""
+
+    config: Config
+    progress: Callable[[str], None] = field(default=_quiet)
+    hospital_name: str | None = None
+    shared_store: Store | None = None
+
+    @cached_property
+    def hospital(self) -> Hospital:
+        return self.config.hospital_named(self.hospital_name)
+
+    @classmethod
+    def per_hospital(cls, config: Config, **kw) -> list["App"]:
+        store = Store(config.store_url)
+        return [cls(config, hospital_name=name, shared_store=store, **kw) for name in config.hospitals]
+
+    @cached_property
+    def store(self) -> Store:
+        return self.shared_store or Store(self.config.store_url)
+
+    @cached_property
+    def ehr(self) -> FhirClient:
+        h = self.hospital
+        return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict()),
+                          timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
+                          max_retry_after=h.http.max_retry_after, page_size=h.http.page_size,
+                          observer=metrics.ehr_observer(h.name, h.fhir_base_url))
+
+    @cached_property
+    def hospital_keys(self) -> KeyRing:
+        return KeyRing.load(self.hospital.keys)
+
+    @cached_property
+    def order_codes(self) -> mappings_load.OrderCodes:
+        return mappings_load.load_order_codes(self.config.mappings_dir)
+
+    def reviewer_keys(self, name: str, kid: object = None) -> KeyRing:
+        """The reviewer's public keys: its file, or its published JWKS (cached; fetched again when `kid`,
+        the key that signed what is being checked, is not in the cached copy)."""
+        reviewer = self.config.reviewer(name)
+        if reviewer.jwks is not None:
+            return KeyRing.load(reviewer.jwks)
+        from fhirbridge.config.loader import env_name
+        from fhirbridge.crypto.remote_jwks import RemoteJwks
+        cache = self.config.data_dir / "jwks-cache" / f"reviewer-{env_name(name)}.jwks.json"
+        return RemoteJwks.shared(reviewer.jwks_url, cache).keys(kid)
+
+    def profile(self, name: str) -> mappings_load.Profile:
+        return mappings_load.load_profile(self.config.mappings_dir, name)
+
+    def case_dir(self, case_id: str) -> Path:
+        d = self.config.data_dir / "cases" / case_id
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d
+
+    def __enter__(self) -> "App":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if "ehr" in self.__dict__:
+            self.ehr.close()
+        if "store" in self.__dict__ and self.shared_store is None:
+            self.store.close()

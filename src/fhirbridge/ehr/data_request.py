@@ -1,0 +1,71 @@
+"""A reviewer asks the hospital for more records: a Da Vinci CDex-style data request Task in the EHR.
+
+CDex (Clinical Data Exchange, "Task-based approach": https://hl7.org/fhir/us/davinci-cdex/task-based-approach.html)
+models "please send me these data" as a Task with code `data-request` (HRex temporary code system), the
+requester the party asking, the owner the party holding the data, `for` the patient, and an input saying
+what is wanted: `data-query` (a FHIR query) or `data-code` (a code, or free text in its CodeableConcept).
+A reviewer writes in words, so the request is a `data-code` input carrying the text. The Task is `partOf`
+the referral Task, so the EHR shows it with the referral; the Case's event log records that it was asked
+(not the words: they may be clinical). Hospital staff act on it in the EHR (a new order with a wider
+profile, or a document added to the chart).
+"""
+from __future__ import annotations
+
+import re
+
+from fhirbridge.ehr import task as ehr_task
+from fhirbridge.ehr.context import App
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.store.store import Case
+
+HREX_TEMP = "http://hl7.org/fhir/us/davinci-hrex/CodeSystem/hrex-temp"
+MAX_TEXT = 2000
+
+
+class BadRequest(FhirbridgeError):
+    """The request text is not acceptable (empty, too long, or markup)."""
+
+
+def clean_text(text: object) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("say which records you need (a short text)")
+    text = text.strip()
+    if len(text) > MAX_TEXT:
+        raise BadRequest(f"the request is at most {MAX_TEXT} characters")
+    if re.search(r"<\s*[a-zA-Z/!]", text):
+        raise BadRequest("the request is plain text: no markup")
+    return "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
+
+
+def build(app: App, case: Case, text: str) -> dict:
+    reviewer = app.config.reviewer(case.reviewer)
+    return {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "code": {"coding": [{"system": HREX_TEMP, "code": "data-request", "display": "Data Request"}]},
+        "identifier": [{"system": ehr_task.CASE_ID_SYSTEM + ":data-request", "value": case.id}],
+        "partOf": [{"reference": case.task}] if case.task else [],
+        "focus": {"reference": case.service_request},
+        "for": {"reference": case.patient},
+        "authoredOn": ehr_task.now_iso(),
+        "requester": reviewer.organization_ref(),
+        "owner": app.hospital.organization_ref(),
+        "reasonCode": {"text": "The second-opinion reviewer needs more records to answer"},
+        "input": [{"type": {"coding": [{"system": HREX_TEMP, "code": "data-code"}]},
+                   "valueCodeableConcept": {"text": text}}],
+    }
+
+
+def request_records(app: App, case: Case, text: str) -> str:
+    """Write the data request Task; returns its reference. Only while the Case awaits the opinion."""
+    if case.step != "await_opinion":
+        raise BadRequest(f"Case {case.id[:8]} is {case.step}: more records can be asked for only while it awaits "
+                         "your opinion")
+    task = build(app, case, clean_text(text))
+    if not task["partOf"]:
+        del task["partOf"]
+    stored, _ = app.ehr.create(task)
+    ref = f"Task/{stored['id']}"
+    app.store.add_event(case.id, "records.requested", {"task": ref})
+    return ref

@@ -1,0 +1,85 @@
+"""Place a second-opinion order in the EHR as an EHR does when a physician orders one.
+
+The ServiceRequest follows HL7 BSeR's referral request: status active, intent order, category "Patient
+referral", code from mappings/codes/orders.toml, the question in `note`, the reviewer organisation in
+`performer` (by identifier), the collection profile in `orderDetail`, a placer identifier (v2-0203 PLAC).
+"""
+from __future__ import annotations
+
+import uuid
+
+from fhirbridge.ehr.context import App
+from fhirbridge.ehr.task import now_iso
+from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.config.mappings import profile_names
+
+PLACER_SYSTEM = "urn:fhirbridge:placer-order"
+# One per record the referring physician chose not to share (valueReference "Type/id"); collect withholds
+# them. An extension (R4 extensibility.html) because no ServiceRequest element says "do not send this".
+EXCLUDED_RECORD = "urn:fhirbridge:extension:excluded-record"
+
+
+def place_order(app: App, *, patient: str, question: str, reviewer: str | None = None,
+                profile: str | None = None, requester: str | None = None, priority: str = "routine",
+                exclude: tuple[str, ...] | list[str] = ()) -> dict:
+    """`exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD)."""
+    if not question.strip():
+        raise FhirbridgeError("the question must not be empty: say what the reviewer should answer")
+    patient_ref = patient if patient.startswith("Patient/") else f"Patient/{patient}"
+    try:
+        app.ehr.read_ref(patient_ref)
+    except FhirError as exc:
+        if exc.status == 404:
+            raise FhirbridgeError(f"{patient_ref} does not exist in the EHR at {app.hospital.fhir_base_url}") \
+                from None
+        raise
+    codes = app.order_codes
+    sr = {
+        "resourceType": "ServiceRequest",
+        "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                             "code": "PLAC", "display": "Placer Identifier"}]},
+                        "system": PLACER_SYSTEM, "value": str(uuid.uuid4())}],
+        "status": "active",
+        "intent": "order",
+        "category": [{"coding": [codes.order_category]}],
+        "code": {"coding": [codes.order_code], "text": codes.order_code.get("display", "Second opinion")},
+        "priority": priority,
+        "subject": {"reference": patient_ref},
+        "authoredOn": now_iso(),
+        "note": [{"text": question.strip()}],
+    }
+    if requester:
+        sr["requester"] = {"reference": requester}
+    if reviewer:
+        sr["performer"] = [app.config.reviewer(reviewer).organization_ref()]
+    if profile:
+        if profile not in profile_names(app.config.mappings_dir):
+            raise FhirbridgeError(f"no collection profile {profile!r} (known: "
+                                  f"{', '.join(profile_names(app.config.mappings_dir))})")
+        sr["orderDetail"] = [{"coding": [{"system": codes.profile_system, "code": profile}]}]
+    if exclude:
+        return _with_exclusions(app, sr, sorted(set(exclude)))
+    stored, _ = app.ehr.create(sr)
+    return stored
+
+
+def _with_exclusions(app: App, sr: dict, exclude: list[str]) -> dict:
+    """Written as a draft first and made active only once the EHR is seen to keep every exclusion: a server
+    that drops unknown extensions would otherwise have intake send the records the physician held back
+    (intake takes active orders only, request-status)."""
+    sr["extension"] = [{"url": EXCLUDED_RECORD, "valueReference": {"reference": ref}} for ref in exclude]
+    sr["status"] = "draft"
+    stored, _ = app.ehr.create(sr)
+    if excluded_records(stored) != set(exclude):
+        stored["status"] = "revoked"
+        app.ehr.update(stored, if_match=stored.get("meta", {}).get("versionId"))
+        raise FhirbridgeError("the EHR did not keep the list of records to hold back on the order, so it was "
+                              "not placed; order again sharing every record, or ask IT")
+    stored["status"] = "active"
+    return app.ehr.update(stored, if_match=stored.get("meta", {}).get("versionId"))
+
+
+def excluded_records(sr: dict) -> set[str]:
+    """The records the referring physician deselected when ordering (EXCLUDED_RECORD extensions)."""
+    return {e.get("valueReference", {}).get("reference") for e in sr.get("extension", [])
+            if e.get("url") == EXCLUDED_RECORD and e.get("valueReference", {}).get("reference")}

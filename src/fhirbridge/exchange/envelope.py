@@ -1,0 +1,213 @@
+"""The sealed envelope both directions use: a referral package (hospital -> reviewer) and an opinion
+(reviewer -> hospital).
+
+    JWE (General JSON, A256GCM, zip DEF; to every encryption key of the recipient)
+      plaintext = {"claims": <compact JWS, signed by the sender>, "document": <FHIR document Bundle>}
+
+The document carries its own detached JWS in Bundle.signature (so any FHIR tool can verify it on its own);
+the claims JWS binds what the Bundle cannot say about itself: message id (jti), issued/expiry times,
+sender and recipient organisation, the Case, the document's canonical SHA-256, and for packages the
+manifest (what was shared, withheld and why, and the SHA-256 of each separately encrypted attachment).
+Opening checks all of it before anything is trusted.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from fhirbridge import jsonutil
+from fhirbridge.crypto import jwe, jws
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.errors import SealError
+
+PACKAGE = "fhirbridge-package"
+OPINION = "fhirbridge-opinion"
+ENVELOPE_FILE = "package.jwe"
+MiB = 1024 * 1024
+# Size caps per direction. The file cap is checked before decryption (a huge file is refused unopened); the
+# plaintext cap while inflating, because the envelope is DEFLATE-compressed (zip DEF, RFC 7516 section 4.1.3)
+# and a small file could otherwise expand to gigabytes before its signature is even looked at.
+# A package carries a patient's records (large attachments travel in their own files, so this is the
+# document with its inline Binaries); an opinion is a few sections of text and three Observations, so its
+# caps are far smaller: whoever can drop a file in the inbox must not be able to make us inflate 1.8 GB.
+MAX_PACKAGE_ENVELOPE_BYTES = 256 * MiB
+MAX_PACKAGE_PLAINTEXT_BYTES = 512 * MiB
+MAX_OPINION_ENVELOPE_BYTES = 8 * MiB
+MAX_OPINION_PLAINTEXT_BYTES = 32 * MiB
+_CAPS = {PACKAGE: (MAX_PACKAGE_ENVELOPE_BYTES, MAX_PACKAGE_PLAINTEXT_BYTES),
+         OPINION: (MAX_OPINION_ENVELOPE_BYTES, MAX_OPINION_PLAINTEXT_BYTES)}
+# Kept for callers written before the caps depended on the direction: the package (largest) caps.
+MAX_ENVELOPE_BYTES = MAX_PACKAGE_ENVELOPE_BYTES
+MAX_PLAINTEXT_BYTES = MAX_PACKAGE_PLAINTEXT_BYTES
+CLOCK_SKEW = 300
+
+
+def _caps(typ: str) -> tuple[int, int]:
+    try:
+        return _CAPS[typ]
+    except KeyError:
+        raise ValueError(f"unknown envelope type {typ!r} (expected {PACKAGE!r} or {OPINION!r})") from None
+
+
+def max_envelope_bytes(typ: str) -> int:
+    """The largest sealed file of this type (PACKAGE or OPINION) that `open_sealed` accepts; a sender checks
+    against it so it never builds what its receiver will refuse unopened."""
+    return _caps(typ)[0]
+
+
+def max_plaintext_bytes(typ: str) -> int:
+    """The most the decrypted (inflated) content of an envelope of this type may amount to."""
+    return _caps(typ)[1]
+
+
+def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: KeyRing,
+         document_sha256: str | None = None) -> bytes:
+    """`document_sha256`: the document's `jws.bundle_digest` when the caller has it already
+    (`jws.sign_bundle_with_digest`), so a large document is not canonicalised twice."""
+    recipients = recipient.encryption_keys()
+    if not recipients:
+        raise SealError(f"{recipient.source} has no public encryption key to seal to")
+    claims = {**claims, "typ": typ, "document_sha256": document_sha256 or jws.bundle_digest(document)}
+    max_file, max_plain = _caps(typ)
+    token = jws.sign_compact(claims, signer, typ=typ)
+    plaintext = jsonutil.dumps({"claims": token, "document": document})
+    # Refuse here what the receiver would refuse unopened: a clear error now beats a silent refusal there.
+    if len(plaintext) > max_plain:
+        raise SealError(f"the {typ} content is {len(plaintext)} bytes; the receiver accepts at most {max_plain} "
+                        "(move large attachments out of the document)")
+    data = jwe.encrypt_bytes(plaintext, recipients, typ=f"{typ}+jwe", cty="application/json")
+    if len(data) > max_file:
+        raise SealError(f"the sealed {typ} is {len(data)} bytes; the receiver accepts at most {max_file}")
+    return data
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    # A temp name of our own: two writers of the same file must not rename each other's half-written copy.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _peek_segment(token: str, index: int, what: str) -> dict:
+    try:
+        segment = token.split(".")
+        if len(segment) != 3:
+            raise ValueError("not three segments")
+        value = jsonutil.loads(jsonutil.b64url_decode(segment[index]))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SealError(f"the claims are not a compact JWS ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise SealError(f"the claims' {what} is not a JSON object")
+    return value
+
+
+def peek_claims(token: str) -> dict:
+    """The claims of a compact JWS before verification, only to learn whose keys should verify it."""
+    return _peek_segment(token, 1, "payload")
+
+
+def peek_header(token: str) -> dict:
+    """The protected header of a compact JWS (RFC 7515 section 7.1: its first segment) before verification,
+    only to learn which key signed it (`kid`) and so whose key set must verify it."""
+    return _peek_segment(token, 0, "header")
+
+
+class KeyResolver(Protocol):
+    """Chooses the key set that must verify an envelope from its (unverified) claims JWS: a reviewer trusting
+    several hospitals picks the one hospital whose file holds the signing key's kid."""
+
+    def keyring_for(self, token: str, claims: dict) -> KeyRing: ...
+
+
+@dataclass(frozen=True)
+class Opened:
+    claims: dict
+    document: dict
+    keys: KeyRing    # the key set that verified both signatures (so its owner is the sender)
+
+
+def open_sealed(data: bytes, *, typ: str, decrypt: KeyRing,
+                trusted: KeyRing | Callable[[dict], KeyRing] | KeyResolver,
+                now: float | None = None, check_expiry: bool = True) -> tuple[dict, dict]:
+    """Decrypt, verify and check one envelope; returns (claims, document). Raises SealError with the
+    reason (too large, wrong key, tampered, bad signature, wrong type, expired, digest mismatch).
+
+    The caps depend on `typ` (see max_envelope_bytes): the file size is checked before decrypting, the
+    plaintext size while inflating, so neither a large file nor a small compressed one costs more memory
+    than an honest envelope of this type could."""
+    opened = open_verified(data, typ=typ, decrypt=decrypt, trusted=trusted, now=now, check_expiry=check_expiry)
+    return opened.claims, opened.document
+
+
+def open_verified(data: bytes, *, typ: str, decrypt: KeyRing,
+                  trusted: KeyRing | Callable[[dict], KeyRing] | KeyResolver,
+                  now: float | None = None, check_expiry: bool = True) -> Opened:
+    """open_sealed, also returning the key set that verified the envelope."""
+    max_file, max_plain = _caps(typ)
+    if len(data) > max_file:
+        raise SealError(f"refusing a {len(data)} byte {typ} envelope (limit {max_file})")
+    header, plaintext = jwe.decrypt_bytes_with_header(data, decrypt, max_plaintext=max_plain)
+    if header.get("typ") not in (None, f"{typ}+jwe"):
+        raise SealError(f"this is a {header.get('typ')!r}, not a {typ}")
+    try:
+        body = jsonutil.loads(plaintext)
+    except Exception:  # noqa: BLE001 - orjson raises its own error type
+        raise SealError("decrypted content is not JSON") from None
+    del plaintext
+    if not isinstance(body, dict) or not isinstance(body.get("claims"), str) \
+            or not isinstance(body.get("document"), dict):
+        raise SealError("decrypted content lacks claims or document")
+    if isinstance(trusted, KeyRing):
+        keys = trusted
+    elif hasattr(trusted, "keyring_for"):
+        keys = trusted.keyring_for(body["claims"], peek_claims(body["claims"]))
+    else:
+        keys = trusted(peek_claims(body["claims"]))
+    _hdr, claims = jws.verify_compact(body["claims"], keys, typ=typ)
+    document = body["document"]
+    jws.verify_bundle(document, keys)
+    if claims.get("document_sha256") != jws.bundle_digest(document):
+        raise SealError("the document does not match the digest its sender signed")
+    now = time.time() if now is None else now
+    for field in ("jti", "iat", "exp"):
+        if field not in claims:
+            raise SealError(f"claims lack {field}")
+    for field in ("iat", "exp"):
+        # RFC 7519 NumericDate: a number of seconds (a JSON true or a string is not a time, and must not crash us)
+        if isinstance(claims[field], bool) or not isinstance(claims[field], (int, float)):
+            raise SealError(f"claims {field} is not a NumericDate (seconds since 1970)")
+    if check_expiry and claims["exp"] + CLOCK_SKEW < now:
+        raise SealError(f"expired at {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))}")
+    if claims["iat"] - CLOCK_SKEW > now:
+        raise SealError("issued in the future: check the sender's clock")
+    return Opened(claims, document, keys)
+
+
+def read_limited(path: Path, typ: str | None = None, *, limit: int | None = None) -> bytes:
+    """Read a sealed file of type `typ` (PACKAGE or OPINION), refusing it unread if it exceeds that type's
+    cap (or `limit`). A caller that names neither gets the strictest cap, so forgetting to say what is
+    being read can never let a large file through."""
+    if limit is None:
+        limit = max_envelope_bytes(typ) if typ is not None else min(c[0] for c in _CAPS.values())
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise SealError(f"{path}: refusing a {size} byte envelope (limit {limit})")
+            # At most one byte past the limit: the file may grow between fstat() and read().
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise SealError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SealError(f"{path}: is a directory, not a sealed file") from None
+    if len(data) > limit:
+        raise SealError(f"{path}: refusing an envelope larger than {limit} bytes")
+    return data

@@ -1,0 +1,136 @@
+"""Plain-text renderings: the reviewer's summary of a package, and the opinion for EHRs that show only text."""
+from __future__ import annotations
+
+import re
+import time
+from html import unescape
+
+from fhirbridge.loop.document import concept_text, summary_line
+
+
+def _entries(document: dict) -> list[dict]:
+    return [e["resource"] for e in document.get("entry", []) if "resource" in e]
+
+
+def _by_type(document: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in _entries(document):
+        out.setdefault(r["resourceType"], []).append(r)
+    return out
+
+
+def patient_line(p: dict) -> str:
+    name = next(iter(p.get("name", [])), {})
+    text = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip() or "(no name)"
+    mrn = next((i.get("value") for i in p.get("identifier", [])
+                if any(c.get("code") == "MR" for c in i.get("type", {}).get("coding", []))), None)
+    mrn = mrn or next((i.get("value") for i in p.get("identifier", [])), "")
+    parts = [text, p.get("gender", ""), f"born {p['birthDate']}" if p.get("birthDate") else "",
+             f"id {mrn}" if mrn else ""]
+    return ", ".join(x for x in parts if x)
+
+
+def _when(epoch) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch)) if epoch else "?"
+
+
+def render_package(claims: dict, document: dict) -> str:
+    m = claims.get("manifest", {})
+    t = _by_type(document)
+    lines = [f"Second-opinion referral  (package {claims.get('package_id')})",
+             f"From: {claims.get('iss', {}).get('display')}    To: {claims.get('aud', {}).get('display')}",
+             f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(claims.get('exp'))}",
+             f"Collection profile: {m.get('profile')} (lookback {m.get('lookback_days')} days)", ""]
+    for p in t.get("Patient", []):
+        lines.append(f"Patient: {patient_line(p)}")
+    lines += ["", "Question:", *[f"  {q}" for q in (m.get("question") or "(none given)").splitlines()], ""]
+    refs = {f"{r['resourceType']}/{r.get('id')}": r for r in _entries(document)}
+
+    def block(title: str, items: list[dict], detail=None) -> None:
+        lines.append(f"{title} ({len(items)}):")
+        if not items:
+            lines.append("  none")
+        for r in items:
+            lines.append(f"  - {summary_line(r)}")
+            for extra in (detail(r) if detail else []):
+                lines.append(f"      {extra}")
+        lines.append("")
+
+    block("Problems", t.get("Condition", []))
+    block("Diagnostic reports", t.get("DiagnosticReport", []), lambda r: _report_detail(r, refs))
+    block("Imaging studies", t.get("ImagingStudy", []), lambda r: _imaging_detail(r, refs))
+    block("Procedures", t.get("Procedure", []))
+    block("Medications", t.get("MedicationStatement", []) + t.get("MedicationRequest", []))
+    files = {a["url"]: a for a in m.get("attachments", [])}
+    block("Clinical notes", t.get("DocumentReference", []), lambda r: _note_detail(r, files))
+    withheld = m.get("withheld", [])
+    lines.append(f"Withheld ({len(withheld)}): the record is partial" if withheld else "Withheld: nothing listed")
+    for w in withheld:
+        lines.append(f"  - {w['reference']}: {w['reason']}")
+    if m.get("policy_note"):
+        lines.append(f"  {m['policy_note']}")
+    return "\n".join(lines) + "\n"
+
+
+def _report_detail(r: dict, refs: dict) -> list[str]:
+    out = []
+    for res in r.get("result", []):
+        obs = refs.get(res.get("reference", ""))
+        if obs:
+            q = obs.get("valueQuantity")
+            value = f"{q.get('value')} {q.get('unit', '')}".strip() if q else concept_text(obs.get("valueCodeableConcept"))
+            out.append(f"{concept_text(obs.get('code'))}: {value}")
+    for form in r.get("presentedForm", []):
+        out.append(f"report document: {form.get('title') or form.get('contentType')}")
+    return out
+
+
+def _imaging_detail(r: dict, refs: dict) -> list[str]:
+    out = []
+    for s in r.get("series", []):
+        body = concept_text({"coding": [s["bodySite"]]}) if s.get("bodySite") else ""
+        out.append(f"series {s.get('number', '')} {s.get('modality', {}).get('code', '')} uid {s.get('uid')}"
+                   f"{' - ' + body if body else ''}, {s.get('numberOfInstances', len(s.get('instance', [])))} images")
+    for e in r.get("endpoint", []):
+        ep = refs.get(e.get("reference", ""))
+        address = ep.get("address") if ep else e.get("reference")
+        out.append(f"images at: {address}")
+    return out
+
+
+def _note_detail(r: dict, files: dict) -> list[str]:
+    out = []
+    for c in r.get("content", []):
+        a = c.get("attachment", {})
+        where = "inline" if a.get("data") else files.get(a.get("url", ""), {}).get("file", a.get("url", ""))
+        out.append(f"attachment: {a.get('title') or '(untitled)'} [{a.get('contentType')}] {where}")
+    return out
+
+
+def _div_text(div: str) -> str:
+    # A line break inside a list item continues that item: indent it under the bullet.
+    div = re.sub(r"<li>(.*?)</li>", lambda m: "<li>" + re.sub(r"<br\s*/?>", "\n    ", m.group(1)) + "</li>", div,
+                 flags=re.S)
+    text = re.sub(r"<br\s*/?>", "\n", div)
+    text = re.sub(r"</(p|li|tr|h\d)>", "\n", text)
+    text = re.sub(r"<li>", "  - ", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    return "\n".join(line.rstrip() for line in unescape(text).splitlines() if line.strip())
+
+
+def render_opinion(document: dict, *, with_patient: bool = True) -> str:
+    """`with_patient=False` for the copy filed in the chart: the note sits on the patient there, and the
+    Patient in the document is the reviewer's copy, which nothing vouches for."""
+    entries = _entries(document)
+    comp = entries[0] if entries and entries[0]["resourceType"] == "Composition" else {}
+    author = next((r.get("name") for r in entries if r["resourceType"] == "Organization"), "")
+    lines = [comp.get("title", "Second opinion"), f"Reviewer: {author}"]
+    if with_patient:
+        lines.append(f"Patient: {next((patient_line(r) for r in entries if r['resourceType'] == 'Patient'), '')}")
+    lines += [f"Date: {comp.get('date', '')}", ""]
+    for s in comp.get("section", []):
+        lines.append(s.get("title", ""))
+        lines.append("-" * len(s.get("title", "")))
+        lines.append(_div_text(s.get("text", {}).get("div", "")))
+        lines.append("")
+    return "\n".join(lines)

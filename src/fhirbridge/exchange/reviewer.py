@@ -1,0 +1,275 @@
+"""The reviewer's side: open a package, and answer it with a sealed opinion.
+
+A reviewer holds its private JWKS (`--key`) and the public keys of the hospitals it trusts (`--trust`):
+either ONE hospital's public JWKS file, or a directory holding one `<hospital>.jwks.json` file per hospital
+(default: `trusted.jwks.json` or `trusted/` next to the key file). Each file is one hospital: a package is
+verified only with the keys of the file holding the key that signed it, and the opinion is sealed only to
+that same file's encryption keys. A merged file of two hospitals would let either sign packages the other
+could be answered about, and seal every opinion to both (one hospital reading the other's patients), so
+keys are never pooled across files and a kid found in two files is refused.
+
+A package is accepted only if it is signed by a trusted hospital key and decrypts with the reviewer's key;
+every separately encrypted attachment is checked against the SHA-256 the signed manifest gives for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fhirbridge.exchange import envelope
+from fhirbridge.crypto import jwe, jws
+from fhirbridge.crypto.keys import KeyRing, mixed_generations
+from fhirbridge.errors import ConfigError, SealError
+from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, check_answer, load_answer, reviewer_organization
+
+TRUST_FILE = "trusted.jwks.json"
+TRUST_DIR = "trusted"
+TRUST_SUFFIX = ".jwks.json"
+OPINION_LIFETIME = 30 * 86400
+
+
+def _show(kid: object) -> str:
+    """A kid from an untrusted token, safe to print (bounded, no control characters)."""
+    text = kid if isinstance(kid, str) else repr(kid)
+    return text if text.isprintable() and len(text) <= 128 else repr(text)[:80]
+
+
+class TrustStore:
+    """The hospitals a reviewer trusts: one PUBLIC key set per hospital, each from its own file.
+
+    `hospitals` are the per-hospital KeyRings; `keyring_for(token, claims)` (the envelope.KeyResolver
+    protocol) picks the one whose file holds the kid in the claims JWS header.
+    """
+
+    def __init__(self, hospitals: list[KeyRing] | tuple[KeyRing, ...], *, source: str):
+        if not hospitals:
+            raise ConfigError(f"no trusted hospital key files (*{TRUST_SUFFIX})", file=source)
+        owner: dict[str, KeyRing] = {}
+        for ring in hospitals:
+            if ring.has_private:
+                # A private JWKS is the hospital's secret: the reviewer must never hold it (it could then
+                # read every package and sign as the hospital), so it is refused, not just ignored.
+                raise ConfigError("holds private keys: a reviewer trusts only a hospital's PUBLIC keys "
+                                  "(the file `fhirbridge keys jwks` prints at the hospital)", file=ring.source)
+            signing = [kid for kid in ring.kids if ring.verification_key(kid) is not None]
+            if not signing:
+                raise ConfigError("holds no signing key: packages from this hospital could not be verified",
+                                  file=ring.source)
+            if (mixed := mixed_generations(ring)) is not None:
+                # One file is one hospital; to trust several, one *.jwks.json per hospital in a directory.
+                raise ConfigError(f"{mixed} (to trust several hospitals, put one *{TRUST_SUFFIX} file per "
+                                  "hospital in a directory and pass that)", file=ring.source)
+            for kid in ring.kids:
+                if kid in owner:
+                    raise ConfigError(f"key {kid} is also in {owner[kid].source}: every key must belong to one "
+                                      "hospital's file (do not merge hospitals' key sets)", file=ring.source)
+                owner[kid] = ring
+        self.hospitals: tuple[KeyRing, ...] = tuple(hospitals)
+        self.source = source
+        self._owner = owner
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrustStore:
+        """A single hospital's public JWKS file, or a directory of `*.jwks.json` files, one per hospital."""
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(p for p in path.glob(f"*{TRUST_SUFFIX}") if p.is_file())
+            if not files:
+                raise ConfigError(f"no *{TRUST_SUFFIX} files here: put one public JWKS per trusted hospital "
+                                  "in this directory", file=str(path))
+            return cls([KeyRing.load(f) for f in files], source=str(path))
+        return cls([KeyRing.load(path)], source=str(path))
+
+    @classmethod
+    def of(cls, trusted: KeyRing | TrustStore) -> TrustStore:
+        """A TrustStore as is; a single KeyRing as the store of that one hospital."""
+        if isinstance(trusted, TrustStore):
+            return trusted
+        if isinstance(trusted, KeyRing):
+            return cls([trusted], source=trusted.source)
+        raise TypeError("trusted must be a KeyRing or a TrustStore")
+
+    def __repr__(self) -> str:
+        return f"TrustStore({self.source!r}, hospitals={[r.source for r in self.hospitals]!r})"
+
+    def hospital_for_kid(self, kid: object) -> KeyRing:
+        ring = self._owner.get(kid) if isinstance(kid, str) else None
+        if ring is None:
+            raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of any hospital in "
+                            f"{self.source}")
+        return ring
+
+    def keyring_for(self, token: str, claims: dict) -> KeyRing:
+        """The one hospital's key set that must verify this claims JWS (chosen by its header's kid only;
+        nothing is trusted until that key set has verified the signatures)."""
+        kid = envelope.peek_header(token).get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise SealError("signature names no key: the JWS header has no kid")
+        # Only the keys of the generation that signed: the answer is sealed to them and no others.
+        return self.hospital_for_kid(kid).only_generation(kid)
+
+
+@dataclass
+class OpenedPackage:
+    path: Path           # the package directory
+    claims: dict
+    document: dict
+    hospital: KeyRing | None = None   # the one hospital key set that verified it (the opinion goes to it only)
+
+    @property
+    def manifest(self) -> dict:
+        return self.claims.get("manifest", {})
+
+
+def package_paths(path: Path) -> tuple[Path, Path]:
+    """Accept the package directory or its package.jwe; return (directory, envelope file)."""
+    path = Path(path)
+    if path.is_dir():
+        return path, path / envelope.ENVELOPE_FILE
+    return path.parent, path
+
+
+def trust_for(key_path: Path, explicit: Path | None) -> TrustStore:
+    """The trusted hospitals: `explicit` (file or directory), else `trusted.jwks.json` or `trusted/` next to
+    the key file."""
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise SealError(f"no trusted hospital keys at {path}: pass --trust with a hospital's public JWKS "
+                            "file or a directory of them (one per hospital)")
+        return TrustStore.load(path)
+    here = Path(key_path).parent
+    file, directory = here / TRUST_FILE, here / TRUST_DIR
+    if file.exists() and directory.is_dir():
+        # Which one was meant is not ours to guess: a forgotten old file would quietly keep a hospital trusted.
+        raise SealError(f"both {file} and {directory}/ exist: keep one (or pass --trust)")
+    if directory.is_dir():
+        return TrustStore.load(directory)
+    if file.exists():
+        return TrustStore.load(file)
+    raise SealError(f"no trusted hospital keys at {file} or {directory}/: pass --trust with the hospital's public "
+                    "JWKS (the file `fhirbridge keys jwks` prints at the hospital), or a directory of them")
+
+
+class _HashSink:
+    def __init__(self):
+        self.h, self.size = hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def open_package(path: Path, key: KeyRing, trusted: KeyRing | TrustStore, *,
+                 check_expiry: bool = True) -> OpenedPackage:
+    """Open and verify a package with the keys of the one trusted hospital that signed it. `trusted` is a
+    TrustStore, or a KeyRing for a single hospital (never a private key set)."""
+    store = TrustStore.of(trusted)
+    directory, env_file = package_paths(path)
+    sealed = envelope.read_limited(env_file, envelope.PACKAGE)
+    opened_env = envelope.open_verified(sealed, typ=envelope.PACKAGE, decrypt=key, trusted=store,
+                                        check_expiry=check_expiry)
+    opened = OpenedPackage(directory, opened_env.claims, opened_env.document, hospital=opened_env.keys)
+    for att in opened.manifest.get("attachments", []):
+        verify_attachment(opened, att, key)
+    return opened
+
+
+def _attachment_path(opened: OpenedPackage, att: dict) -> Path:
+    p = (opened.path / att["file"]).resolve()
+    if opened.path.resolve() not in p.parents:  # a manifest must not point outside its package
+        raise SealError(f"attachment path {att['file']!r} leaves the package")
+    return p
+
+
+def verify_attachment(opened: OpenedPackage, att: dict, key: KeyRing) -> None:
+    path = _attachment_path(opened, att)
+    if not path.exists():
+        raise SealError(f"attachment {att['file']} named in the manifest is missing")
+    sink = _HashSink()
+    with open(path, "rb") as src:
+        jwe.decrypt_stream(src, sink, key, max_plaintext=att["size"])
+    if sink.h.hexdigest() != att["sha256"] or sink.size != att["size"]:
+        raise SealError(f"attachment {att['file']} does not match the signed manifest")
+
+
+def extract_attachments(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for att in opened.manifest.get("attachments", []):
+        dst = outdir / Path(att["file"]).name.replace(".jwe", _suffix(att["content_type"]))
+        jwe.decrypt_to_path(_attachment_path(opened, att), dst, key, max_plaintext=att["size"])
+        if hashlib.sha256(dst.read_bytes()).hexdigest() != att["sha256"]:
+            dst.unlink()
+            raise SealError(f"attachment {att['file']} does not match the signed manifest")
+        written.append(dst)
+    return written
+
+
+def _suffix(content_type: str) -> str:
+    return {"application/pdf": ".pdf", "text/plain": ".txt", "image/jpeg": ".jpg", "image/png": ".png",
+            "application/dicom": ".dcm"}.get(content_type.split(";")[0].strip(), ".bin")
+
+
+def _recipient(opened: OpenedPackage, hospital: KeyRing | TrustStore | None) -> KeyRing:
+    """The key set the opinion is sealed to: the hospital that signed the package, and only it."""
+    signer = opened.hospital
+    if isinstance(hospital, KeyRing) and signer is not None and \
+            not set(signer.kids) <= set(hospital.kids):
+        raise SealError(f"the package was signed with the keys in {signer.source}, not {hospital.source}: an "
+                        "opinion is sealed only to the hospital that sent the package")
+    if signer is None and isinstance(hospital, KeyRing):
+        signer = TrustStore.of(hospital).hospitals[0]   # the same rules as a trust file: one hospital, public
+    if signer is None:
+        raise SealError("the package was not opened with open_package: which hospital sent it is unknown")
+    if signer.has_private:
+        raise SealError(f"{signer.source} holds private keys; an opinion is sealed to a hospital's public keys")
+    return signer
+
+
+def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
+           *, mappings_dir: Path, form: str = "default") -> tuple[bytes, dict]:
+    """Build, sign and seal the opinion; returns (sealed bytes, claims).
+
+    The opinion is encrypted to the encryption keys of the hospital whose key verified the package
+    (`opened.hospital`) and to no other. `hospital` is only a cross-check: a KeyRing that is not that
+    hospital's key set is refused; a TrustStore (what `trust_for` returns) changes nothing."""
+    return answer_data(opened, load_answer(answer_file), key, hospital, mappings_dir=mappings_dir, form=form,
+                       source=str(answer_file))
+
+
+def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
+                *, mappings_dir: Path, form: str = "default", source: str = "the answer") -> tuple[bytes, dict]:
+    """`answer` for an answer already read (the portal's form): checked against the form, then sealed."""
+    recipient = _recipient(opened, hospital)
+    form_def = load_opinion_form(mappings_dir, form)
+    problems = check_answer(data, form_def)
+    if problems:
+        raise AnswerError(source, problems)
+    claims = opened.claims
+    entries = {f"{e['resource']['resourceType']}/{e['resource'].get('id')}": e for e in opened.document["entry"]}
+    patient_entry = entries.get(claims["patient"])
+    sr_entry = entries.get(claims["service_request"])
+    if not patient_entry or not sr_entry:
+        raise SealError("the package's document lacks its Patient or ServiceRequest")
+    opinion_id = str(uuid.uuid4())
+    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    org = reviewer_organization(claims["aud"])
+    document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
+                                      patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org)
+    document = jws.sign_bundle(document, key, who={"identifier": {"system": claims["aud"]["system"],
+                                                                  "value": claims["aud"]["value"]},
+                                                   "display": claims["aud"].get("display")}, when=timestamp)
+    now = int(time.time())
+    out_claims = {"jti": opinion_id, "iat": now, "exp": now + OPINION_LIFETIME, "iss": claims["aud"],
+                  "aud": claims["iss"], "case_id": claims["case_id"], "package_id": claims["package_id"],
+                  "service_request": claims["service_request"], "patient": claims["patient"]}
+    sealed = envelope.seal(typ=envelope.OPINION, claims=out_claims, document=document, signer=key,
+                           recipient=recipient)
+    return sealed, out_claims

@@ -1,0 +1,332 @@
+"""Collect: gather one patient's records for a Case, per the Case's collection profile (mappings/collect).
+
+Each collectable type is searched by patient with paging; the profile's rules (lookback window,
+categories, modalities, sensitive security labels) are applied here rather than as search parameters, so
+the manifest can name every record that was withheld and why, and so a server that ignores an
+unsupported search parameter cannot widen what is disclosed. Resources the records point at
+(Practitioner, Organization, Observation, Medication, Endpoint...) are then read in batches by `_id`.
+
+Binary attachments are not downloaded here: collect records where they are; the seal step streams them
+straight into encrypted files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Iterator
+
+from fhirbridge.ehr.context import App
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.fhir.validate import validate as validate_resource
+from fhirbridge.config.mappings import Profile, ResourceRule
+from fhirbridge.ehr.order import excluded_records
+
+if TYPE_CHECKING:
+    from fhirbridge.loop.consent import Consents
+
+# Where each type keeps the date a lookback window is measured against, first present wins.
+DATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Condition": ("recordedDate", "onsetDateTime", "onsetPeriod.start"),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "ImagingStudy": ("started",),
+    "Procedure": ("performedDateTime", "performedPeriod.start", "performedPeriod.end"),
+    "MedicationStatement": ("effectiveDateTime", "effectivePeriod.end", "effectivePeriod.start", "dateAsserted"),
+    "MedicationRequest": ("authoredOn",),
+    "DocumentReference": ("date", "context.period.start"),
+}
+# A medication the patient is still taking matters however long ago it was started.
+ALWAYS_CURRENT = {"MedicationStatement": ("active", "intended", "on-hold"),
+                  "MedicationRequest": ("active", "on-hold")}
+# Referenced types worth carrying so the records make sense on their own (who reported, what was
+# measured, which drug, where the images are).
+FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation", "Medication", "Endpoint",
+                "Specimen", "Location")
+FOLLOW_DEPTH = 2
+ID_BATCH = 50
+# Requests in flight at once (searches by type, then reads by _id): enough to keep the server busy while we
+# validate what it sent, few enough not to crowd a hospital's EHR (see bench/ and docs/performance.md).
+FETCH_THREADS = 4
+# Reasons starting with this are kept by the hospital (collected.jwe) but never shown to the reviewer.
+POLICY = "policy: "
+DESELECTED = "deselected by the referring physician"
+
+
+@dataclass
+class Collected:
+    service_request: dict
+    patient: dict
+    resources: list[dict] = field(default_factory=list)      # everything to share except Patient/SR
+    withheld: list[dict] = field(default_factory=list)       # {"reference", "reason"}
+    attachments: list[dict] = field(default_factory=list)    # {"url", "owner", "path", "content_type", "title"}
+    profile: str = "default"
+    lookback_days: int = 0
+    collected_at: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Collected":
+        return cls(**d)
+
+    def disclosable_withheld(self) -> list[dict]:
+        """What the reviewer may be told was withheld. Records withheld for a sensitivity label are left
+        out entirely: "Condition/x withheld: HIV label" would disclose exactly what withholding protects."""
+        return [w for w in self.withheld if not w["reason"].startswith(POLICY)]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.resources:
+            out[r["resourceType"]] = out.get(r["resourceType"], 0) + 1
+        return out
+
+
+def question_of(service_request: dict) -> str:
+    """The clinical question: the order's notes, else its reason text."""
+    notes = [n.get("text", "") for n in service_request.get("note", []) if n.get("text")]
+    if notes:
+        return "\n".join(notes)
+    reasons = [r.get("text") or next((c.get("display") for c in r.get("coding", []) if c.get("display")), "")
+               for r in service_request.get("reasonCode", [])]
+    return "\n".join(r for r in reasons if r)
+
+
+def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None,
+            consents: Consents | None = None) -> Collected:
+    """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld."""
+    now = now or datetime.now(timezone.utc)
+    patient_ref = service_request["subject"]["reference"]
+    patient = app.ehr.read_ref(patient_ref)
+    _check_valid(patient, patient_ref)
+    out = Collected(service_request=_without_exclusions(service_request), patient=patient, profile=profile.name,
+                    lookback_days=profile.lookback_days,
+                    collected_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"))
+    cutoff = now - timedelta(days=profile.lookback_days)
+    invalid_before = len(app.ehr.invalid)
+    excluded = excluded_records(service_request)
+    seen: set[str] = {patient_ref, f"ServiceRequest/{service_request['id']}"}
+    app.progress(f"  searching {', '.join(profile.rules)}")
+    found = app.ehr.map_parallel(lambda ehr, rtype: list(ehr.search(rtype, {"patient": patient_ref})),
+                                 profile.rules, threads=FETCH_THREADS)
+    for (rtype, rule), results in zip(profile.rules.items(), found):
+        for res in results:
+            if res.get("resourceType") != rtype:
+                continue  # an _include'd or OperationOutcome entry
+            ref = f"{rtype}/{res['id']}"
+            if ref in seen:
+                continue
+            seen.add(ref)
+            reason = _with_consent(withhold_reason(res, rule, profile, cutoff), res, consents)
+            if not reason and ref in excluded:
+                reason = DESELECTED
+            if reason:
+                out.withheld.append({"reference": ref, "reason": reason})
+            else:
+                out.resources.append(res)
+    _follow_references(app, out, profile, seen, consents, excluded)
+    # Invalid resources are reported, not silently dropped and not sent: the reviewer sees them listed as
+    # withheld with the validation reasons, and the Case's event log records them.
+    invalid = {e.where: e.reasons for e in app.ehr.invalid[invalid_before:]}
+    if invalid:
+        keep = []
+        for r in out.resources:
+            ref = f"{r['resourceType']}/{r.get('id')}"
+            if ref in invalid:
+                out.withheld.append({"reference": ref, "reason": "invalid FHIR: " + "; ".join(invalid[ref][:3])})
+            else:
+                keep.append(r)
+        out.resources = keep
+    out.attachments = list(find_attachments(app, out.resources))
+    return out
+
+
+def _without_exclusions(service_request: dict) -> dict:
+    """The order as the reviewer gets it: without the list of records the physician held back. The manifest
+    names those withheld for that reason; the list itself could name a record withheld for a sensitivity
+    label, which must never be named to the reviewer (POLICY)."""
+    from fhirbridge.ehr.order import EXCLUDED_RECORD
+    kept = [e for e in service_request.get("extension", []) if e.get("url") != EXCLUDED_RECORD]
+    out = {k: v for k, v in service_request.items() if k != "extension"}
+    return {**out, "extension": kept} if kept else out
+
+
+def _check_valid(resource: dict, where: str) -> None:
+    reasons = validate_resource(resource)
+    if reasons:
+        raise FhirbridgeError(f"the EHR returned an invalid {where}: {'; '.join(reasons[:3])}")
+
+
+def _with_consent(reason: str | None, res: dict, consents: Consents | None) -> str | None:
+    """The patient's consent comes before the profile's reasons, but never before a sensitivity label: that
+    reason must stay the one the reviewer is not told about."""
+    if consents is None or (reason or "").startswith(POLICY):
+        return reason
+    return consents.withhold_reason(res) or reason
+
+
+def withhold_reason(res: dict, rule: ResourceRule, profile: Profile, cutoff: datetime) -> str | None:
+    labels = {(s.get("system"), s.get("code")) for s in res.get("meta", {}).get("security", [])}
+    hit = [f"{s}|{c}" for s, c in profile.withhold_labels if (s, c) in labels]
+    if hit:
+        return f"{POLICY}sensitive record (security label {hit[0]}) is never disclosed under profile {profile.name}"
+    status = record_status(res)
+    if status in rule.statuses_excluded:
+        return f"status {status}"
+    if rule.categories and not _has_coding(res, ("category",), rule.categories):
+        return f"category not in profile {profile.name}"
+    if rule.types and not _has_coding(res, ("type",), rule.types):
+        return f"document type not in profile {profile.name}"
+    if rule.modalities and res.get("resourceType") == "ImagingStudy":
+        mods = {m.get("code") for m in res.get("modality", [])}
+        mods |= {s.get("modality", {}).get("code") for s in res.get("series", [])}
+        if not mods & set(rule.modalities):
+            return f"imaging modality not in profile {profile.name}"
+    if rule.lookback and status not in ALWAYS_CURRENT.get(res["resourceType"], ()):
+        when = clinical_date(res)
+        if when is not None and when < cutoff:
+            return f"older than the {profile.lookback_days}-day lookback window"
+    return None
+
+
+def record_status(res: dict) -> str | None:
+    """The record's status; R4 Condition (and AllergyIntolerance) have no `status` and mark a mistaken entry
+    in verificationStatus (condition-ver-status#entered-in-error)."""
+    if res.get("status"):
+        return res["status"]
+    for c in (res.get("verificationStatus") or {}).get("coding", []):
+        if c.get("code") == "entered-in-error":
+            return "entered-in-error"
+    return None
+
+
+def _has_coding(res: dict, fields: tuple[str, ...], wanted: tuple[tuple[str, str], ...]) -> bool:
+    want = set(wanted)
+    for f in fields:
+        value = res.get(f)
+        for cc in value if isinstance(value, list) else [value] if value else []:
+            for c in cc.get("coding", []):
+                if (c.get("system"), c.get("code")) in want:
+                    return True
+    return False
+
+
+def clinical_date(res: dict) -> datetime | None:
+    for path in DATE_PATHS.get(res.get("resourceType", ""), ()):
+        value: Any = res
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            parsed = parse_fhir_date(value)
+            if parsed:
+                return parsed
+    return None
+
+
+def parse_fhir_date(value: str) -> datetime | None:
+    """FHIR date/dateTime/instant (YYYY, YYYY-MM, YYYY-MM-DD, full) -> aware datetime (UTC if no zone)."""
+    try:
+        if len(value) == 4:
+            return datetime(int(value), 1, 1, tzinfo=timezone.utc)
+        if len(value) == 7:
+            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=timezone.utc)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def iter_references(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        ref = obj.get("reference")
+        if isinstance(ref, str):
+            yield ref
+        for k, v in obj.items():
+            if k != "contained":
+                yield from iter_references(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from iter_references(v)
+
+
+def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
+                       consents: Consents | None = None, excluded: set[str] = frozenset()) -> None:
+    frontier = out.resources + [out.service_request, out.patient]
+    for _depth in range(FOLLOW_DEPTH):
+        wanted: dict[str, set[str]] = {}
+        for res in frontier:
+            for ref in iter_references(res):
+                rtype, _, rid = _local_ref(app, ref)
+                if rtype in FOLLOW_TYPES and rid and f"{rtype}/{rid}" not in seen:
+                    wanted.setdefault(rtype, set()).add(rid)
+        if not wanted:
+            return
+        frontier = []
+        batches = [(rtype, ids_sorted[i:i + ID_BATCH]) for rtype, ids in wanted.items()
+                   for ids_sorted in [sorted(ids)] for i in range(0, len(ids_sorted), ID_BATCH)]
+        found = app.ehr.map_parallel(lambda ehr, b: list(ehr.search(b[0], {"_id": ",".join(b[1])})),
+                                     batches, threads=FETCH_THREADS)
+        for (rtype, batch), results in zip(batches, found):
+            for res in results:
+                ref = f"{res.get('resourceType')}/{res.get('id')}"
+                if res.get("resourceType") != rtype or ref in seen:
+                    continue
+                seen.add(ref)
+                reason = _with_consent(_follow_withhold(res, profile), res, consents)
+                if not reason and ref in excluded:
+                    reason = DESELECTED
+                if reason:
+                    out.withheld.append({"reference": ref, "reason": reason})
+                    continue
+                out.resources.append(res)
+                frontier.append(res)
+            for rid in batch:
+                if f"{rtype}/{rid}" not in seen:
+                    seen.add(f"{rtype}/{rid}")
+                    out.withheld.append({"reference": f"{rtype}/{rid}",
+                                         "reason": "referenced but not found in the EHR"})
+
+
+def _follow_withhold(res: dict, profile: Profile) -> str | None:
+    labels = {(s.get("system"), s.get("code")) for s in res.get("meta", {}).get("security", [])}
+    for s, c in profile.withhold_labels:
+        if (s, c) in labels:
+            return f"{POLICY}sensitive record (security label {s}|{c}) is never disclosed under profile {profile.name}"
+    if record_status(res) == "entered-in-error":
+        return "status entered-in-error"
+    return None
+
+
+def _local_ref(app: App, ref: str) -> tuple[str, str, str]:
+    """'Type/id' or '<base>/Type/id' -> (Type, '/', id); anything else (urn:, #contained, other servers)
+    -> ('', '', '')."""
+    base = app.hospital.fhir_base_url.rstrip("/") + "/"
+    if ref.startswith(base):
+        ref = ref[len(base):]
+    if ref.startswith(("http:", "https:", "urn:", "#")):
+        return "", "", ""
+    parts = ref.split("/")
+    if len(parts) >= 2 and parts[0][:1].isupper():
+        return parts[0], "/", parts[1]
+    return "", "", ""
+
+
+def find_attachments(app: App, resources: list[dict]) -> Iterator[dict]:
+    """Attachments held as Binary in the EHR (DocumentReference.content, DiagnosticReport.presentedForm)."""
+    for res in resources:
+        owner = f"{res['resourceType']}/{res['id']}"
+        if res["resourceType"] == "DocumentReference":
+            items = [(f"content[{i}].attachment", c.get("attachment", {}))
+                     for i, c in enumerate(res.get("content", []))]
+        elif res["resourceType"] == "DiagnosticReport":
+            items = [(f"presentedForm[{i}]", a) for i, a in enumerate(res.get("presentedForm", []))]
+        else:
+            continue
+        for path, att in items:
+            url = att.get("url")
+            if not url or att.get("data"):
+                continue
+            rtype, _, rid = _local_ref(app, url)
+            if rtype == "Binary":
+                yield {"url": f"Binary/{rid}", "owner": owner, "path": path,
+                       "content_type": att.get("contentType", "application/octet-stream"),
+                       "title": att.get("title", ""), "size": att.get("size")}

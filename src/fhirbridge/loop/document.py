@@ -1,0 +1,163 @@
+"""Build the referral document: a FHIR document Bundle (FHIR R4 documents.html) for one reviewer.
+
+Entry 0 is a Composition (LOINC 57133-1 "Referral note") with one section per kind of record and the
+clinical question; every resource a section points at follows. Resources keep their EHR ids and their
+fullUrl is their absolute EHR URL, so relative references inside them ("Patient/123") resolve within the
+document (documents.html#content: references resolve against the fullUrl of the referencing entry).
+What was withheld is both in the signed manifest (machine-readable) and in a narrative section, so a
+reviewer reading the Bundle with any FHIR tool knows the record is partial.
+"""
+from __future__ import annotations
+
+import html
+import uuid
+
+from fhirbridge.loop.collect import Collected, question_of
+
+LOINC = "http://loinc.org"
+REFERRAL_NOTE = {"system": LOINC, "code": "57133-1", "display": "Referral note"}
+EMPTY_REASON = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
+POLICY_NOTE = ("Records that the hospital's disclosure policy does not allow to be shared are neither included "
+               "nor listed.")
+
+# (section title, LOINC section code, resource types it lists)
+SECTIONS = (
+    ("Reason for referral", ("42349-1", "Reason for referral (narrative)"), ("ServiceRequest",)),
+    ("Problems", ("11450-4", "Problem list - Reported"), ("Condition",)),
+    ("Diagnostic reports", ("30954-2", "Relevant diagnostic tests/laboratory data note"), ("DiagnosticReport",)),
+    ("Imaging studies", ("18748-4", "Diagnostic imaging study"), ("ImagingStudy",)),
+    ("Procedures", ("47519-4", "History of Procedures Document"), ("Procedure",)),
+    ("Medications", ("10160-0", "History of Medication use Narrative"),
+     ("MedicationStatement", "MedicationRequest")),
+    ("Clinical notes", ("34109-9", "Note"), ("DocumentReference",)),
+)
+
+
+def full_url(base: str, resource: dict) -> str:
+    return f"{base.rstrip('/')}/{resource['resourceType']}/{resource['id']}"
+
+
+def build_document(collected: Collected, *, package_id: str, base_url: str, hospital_org: dict,
+                   timestamp: str, inline_binaries: list[dict] = ()) -> dict:
+    """The unsigned document Bundle. `hospital_org` is an Organization resource (with id) for the author."""
+    sr, patient = collected.service_request, collected.patient
+    by_type: dict[str, list[dict]] = {}
+    for r in collected.resources:
+        by_type.setdefault(r["resourceType"], []).append(r)
+    org_url = f"urn:uuid:{hospital_org['id']}"
+    withheld_shown = collected.disclosable_withheld()
+    sections = []
+    for title, (code, display), types in SECTIONS:
+        if types == ("ServiceRequest",):
+            question = question_of(sr) or "(no question text on the order)"
+            sections.append(_section(title, code, display, [full_url(base_url, sr)],
+                                     f"<p>{_esc(question)}</p>"))
+            continue
+        items = [r for t in types for r in by_type.get(t, [])]
+        withheld = sum(1 for w in withheld_shown if w["reference"].split("/")[0] in types)
+        if items:
+            rows = "".join(f"<li>{_esc(summary_line(r))}</li>" for r in items)
+            sections.append(_section(title, code, display, [full_url(base_url, r) for r in items],
+                                     f"<ul>{rows}</ul>"))
+        else:
+            reason = "withheld" if withheld else "nilknown"
+            text = "All such records were withheld." if withheld else "None found in the period collected."
+            s = _section(title, code, display, [], f"<p>{text}</p>")
+            s["emptyReason"] = {"coding": [{"system": EMPTY_REASON, "code": reason}]}
+            sections.append(s)
+    reasons: dict[str, int] = {}
+    for w in withheld_shown:
+        reasons[w["reason"]] = reasons.get(w["reason"], 0) + 1
+    rows = "".join(f"<li>{n} record(s): {_esc(r)}</li>" for r, n in sorted(reasons.items()))
+    listed = f"<p>This record is partial. Withheld:</p><ul>{rows}</ul>" if rows else ""
+    # The same sentence in every package, whether or not anything was withheld by policy, so that its
+    # presence tells the reviewer nothing about this patient.
+    sections.append({"title": "Records withheld",
+                     "text": _narrative(f"{listed}<p>{POLICY_NOTE}</p>")})
+
+    composition_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:uuid:{package_id}#composition"))
+    composition = {
+        "resourceType": "Composition",
+        "id": composition_id,
+        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{composition_id}"},
+        "status": "final",
+        "type": {"coding": [REFERRAL_NOTE]},
+        # Absolute: the Composition's own fullUrl is a urn:uuid, against which a relative reference cannot
+        # be resolved (R4 bundle.html#references).
+        "subject": {"reference": full_url(base_url, patient)},
+        "date": timestamp,
+        "author": [{"reference": org_url}],
+        "title": "Second opinion referral",
+        "custodian": {"reference": org_url},
+        "text": _narrative(f"<p>Second opinion referral. Question: {_esc(question_of(sr))}</p>"),
+        "section": sections,
+    }
+    entries = [{"fullUrl": f"urn:uuid:{composition_id}", "resource": composition},
+               {"fullUrl": full_url(base_url, patient), "resource": patient},
+               {"fullUrl": full_url(base_url, sr), "resource": sr},
+               {"fullUrl": org_url, "resource": hospital_org}]
+    entries += [{"fullUrl": full_url(base_url, r), "resource": r} for r in collected.resources]
+    entries += [{"fullUrl": full_url(base_url, b), "resource": b} for b in inline_binaries]
+    return {"resourceType": "Bundle",
+            "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{package_id}"},
+            "type": "document", "timestamp": timestamp, "entry": entries}
+
+
+def hospital_organization(name: str, system: str, value: str) -> dict:
+    oid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{system}|{value}"))
+    return {"resourceType": "Organization", "id": oid, "identifier": [{"system": system, "value": value}],
+            "name": name, "active": True}
+
+
+def _section(title: str, code: str, display: str, refs: list[str], body: str) -> dict:
+    s = {"title": title, "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+         "text": _narrative(body)}
+    if refs:
+        s["entry"] = [{"reference": r} for r in refs]
+    return s
+
+
+def _narrative(body: str) -> dict:
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
+
+
+def _esc(text: str) -> str:
+    return html.escape(text or "", quote=False)
+
+
+def concept_text(cc: dict | None) -> str:
+    if not cc:
+        return ""
+    return cc.get("text") or next((c.get("display") or c.get("code") for c in cc.get("coding", [])
+                                   if c.get("display") or c.get("code")), "")
+
+
+def summary_line(r: dict) -> str:
+    """One human line per record, for narratives and the reviewer's summary."""
+    t = r["resourceType"]
+    if t == "DiagnosticReport":
+        when = r.get("effectiveDateTime") or r.get("issued") or ""
+        line = f"{concept_text(r.get('code'))} ({r.get('status')}, {when[:10]})"
+        return line + (f": {r['conclusion']}" if r.get("conclusion") else "")
+    if t == "ImagingStudy":
+        mods = ",".join(m.get("code", "") for m in r.get("modality", []))
+        uid = next((i["value"] for i in r.get("identifier", []) if i.get("system") == "urn:dicom:uid"), "")
+        return (f"{r.get('description') or concept_text((r.get('procedureCode') or [None])[0])} [{mods}] "
+                f"{(r.get('started') or '')[:10]} study {uid.removeprefix('urn:oid:')}, "
+                f"{r.get('numberOfSeries', len(r.get('series', [])))} series")
+    if t == "Procedure":
+        when = r.get("performedDateTime") or r.get("performedPeriod", {}).get("start", "")
+        return f"{concept_text(r.get('code'))} ({r.get('status')}, {when[:10]})"
+    if t in ("MedicationStatement", "MedicationRequest"):
+        med = concept_text(r.get("medicationCodeableConcept")) or r.get("medicationReference", {}).get("display", "")
+        dosage = "; ".join(d.get("text", "") for d in (r.get("dosage") or r.get("dosageInstruction") or [])
+                           if d.get("text"))
+        return f"{med or 'medication'} ({r.get('status')}){': ' + dosage if dosage else ''}"
+    if t == "Condition":
+        status = concept_text(r.get("clinicalStatus"))
+        return f"{concept_text(r.get('code'))}{' (' + status + ')' if status else ''}"
+    if t == "DocumentReference":
+        return f"{concept_text(r.get('type')) or r.get('description', 'document')} ({(r.get('date') or '')[:10]})"
+    if t == "ServiceRequest":
+        return question_of(r)
+    return f"{t}/{r.get('id')}"

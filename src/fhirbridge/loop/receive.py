@@ -1,0 +1,303 @@
+"""Receive a sealed opinion: check everything before the Case moves, then hand it to the file step.
+
+Refused (RejectedOpinion / SealError, nothing written, the Case unchanged) when: it does not decrypt with
+the hospital's keys; it names a Case this service does not know; it is not signed by the reviewer that
+Case was sent to; it answers another package; the Case is not awaiting an opinion (already filed,
+cancelled...); its message id was seen before (replay); it has expired; its FHIR is invalid; or its
+document is about another patient or order.
+
+Accepted opinions are kept as received (still encrypted to the hospital's key) in the Case directory, so
+the file step can be retried, and are re-verified there before filing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from fhirbridge.exchange import envelope
+from fhirbridge.ehr.context import App
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.errors import CaseError, RejectedOpinion, SealError
+from fhirbridge.fhir.validate import validate as validate_resource
+from fhirbridge.store.store import LOCAL_PREFIX, Case, _pid_alive
+from fhirbridge.ops.crashpoints import crash_point
+
+CONSULT_NOTE = ("http://loinc.org", "11488-4")
+
+
+@dataclass
+class Received:
+    case: Case
+    opinion_id: str
+
+
+class OpinionKeys:
+    """The key set that must verify an opinion: that of the reviewer its Case was sent to (envelope.KeyResolver).
+    The signing key's kid is passed on, so a reviewer publishing a rotated key set is re-read once."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    def keyring_for(self, token: str, claims: dict) -> KeyRing:
+        case = self.app.store.find(str(claims.get("case_id", "")))
+        if case is None:
+            raise RejectedOpinion(f"the opinion is for Case {claims.get('case_id')!r}, which this service does not "
+                                  "know; nothing was written")
+        return self.app.reviewer_keys(case.reviewer, kid=envelope.peek_header(token).get("kid"))
+
+
+def opinion_path(app: App, case: Case, opinion_id: str | None = None) -> Path:
+    return app.case_dir(case.id) / f"opinion-{opinion_id or case.opinion_id}.jwe"
+
+
+def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received:
+    try:
+        claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
+                                                trusted=OpinionKeys(app))
+    except SealError as exc:
+        raise SealError(f"{source}: refused: {exc}") from None
+    case = app.store.get(claims["case_id"])
+    reviewer = app.config.reviewer(case.reviewer)
+    jti = str(claims["jti"])
+    _refuse_unless(case.step != "done",
+                   f"Case {case.id[:8]} already has its opinion filed as {case.document_reference}; nothing written")
+    _refuse_unless(not (case.step == "file" and case.opinion_id == jti),
+                   f"this opinion was already received for Case {case.id[:8]} and is being filed; nothing written")
+    _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
+    _refuse_unless(case.step in ("await_opinion", "deliver"),
+                   f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
+    _refuse_unless(claims.get("package_id") == case.package_id,
+                   f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
+                   f"package {case.package_id}; nothing written")
+    # The claims are signed by the reviewer, but a reviewer's tool can still be wrong: a member of the wrong
+    # type is a refusal with the reason, never a crash that would leave the file in the inbox for ever.
+    aud = claims.get("aud") if isinstance(claims.get("aud"), dict) else {}
+    _refuse_unless(case.hospital == app.hospital.key and aud.get("value") == app.hospital.identifier_value,
+                   "the opinion is addressed to another hospital than the one that decrypted it; nothing written")
+    iss = claims.get("iss") if isinstance(claims.get("iss"), dict) else {}
+    _refuse_unless(iss.get("value") == reviewer.identifier_value,
+                   f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
+                   f"{reviewer.identifier_value!r}; nothing written")
+    _refuse_unless(claims.get("patient") == case.patient and claims.get("service_request") == case.service_request,
+                   f"the opinion's claims name another patient or order than Case {case.id[:8]}; nothing written")
+    # The document's identifier becomes the note's identifier in the chart: it must be the signed message
+    # id, a UUID, so a reviewer can neither reuse another note's identifier nor choose what it overwrites.
+    _refuse_unless(_is_uuid(jti) and document.get("identifier", {}) == {"system": "urn:ietf:rfc:3986",
+                                                                      "value": f"urn:uuid:{jti}"},
+                   "the opinion document's identifier must be urn:uuid:<its message id>; nothing written")
+    check_document(app, case, document)
+    path = opinion_path(app, case, jti)
+    # The file is written before the Case moves (so an accepted opinion always has its file), under a name
+    # that only this jti uses: two workers receiving the same opinion write the same bytes to it.
+    envelope.write_atomic(path, data)
+    crash_point("receive.written")
+    accepted = app.store.accept_opinion(case.id, jti=jti, package_id=case.package_id,
+                                        detail={"opinion_id": jti, "from": reviewer.name})
+    if accepted is None:
+        now = app.store.get(case.id)
+        if now.opinion_id != jti:  # never delete the file of an opinion another worker accepted
+            path.unlink(missing_ok=True)
+        raise RejectedOpinion(f"Case {case.id[:8]} took another opinion meanwhile (it is {now.step}) or this one "
+                              "was seen before; nothing written")
+    return Received(case=accepted, opinion_id=jti)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def _refuse_unless(ok: bool, message: str) -> None:
+    if not ok:
+        raise RejectedOpinion(message)
+
+
+def check_document(app: App, case: Case, document: dict) -> None:
+    """The opinion must be a valid Consult note about this Case's patient and order, with safe narrative."""
+    problems = []
+    for i, entry in enumerate(document.get("entry", [])):
+        res = entry.get("resource", {})
+        for reason in validate_resource(res):
+            problems.append(f"entry {i} ({res.get('resourceType', '?')}): {reason}")
+    if problems:
+        raise RejectedOpinion("the opinion is not valid FHIR; nothing written:\n  " + "\n  ".join(problems[:10]))
+    bundle_only = {k: v for k, v in document.items() if k != "entry"}
+    reasons = validate_resource({**bundle_only, "entry": []})
+    if reasons or document.get("type") != "document":
+        raise RejectedOpinion("the opinion is not a FHIR document Bundle: " + "; ".join(reasons or ["type"]))
+    comp = document["entry"][0].get("resource", {}) if document.get("entry") else {}
+    if comp.get("resourceType") != "Composition":
+        raise RejectedOpinion("the opinion document does not start with a Composition; nothing written")
+    codings = {(c.get("system"), c.get("code")) for c in comp.get("type", {}).get("coding", [])}
+    if CONSULT_NOTE not in codings:
+        raise RejectedOpinion("the opinion's Composition is not a Consult note (LOINC 11488-4); nothing written")
+    if not same_ref(comp.get("subject", {}).get("reference", ""), case.patient, app):
+        raise RejectedOpinion(f"the opinion is about a different patient than Case {case.id[:8]}; nothing written")
+    foci = [s["focus"].get("reference", "") for s in comp.get("section", []) if s.get("focus")]
+    if not all(same_ref(f, case.service_request, app) for f in foci):
+        raise RejectedOpinion(f"the opinion answers a different order than Case {case.id[:8]}; nothing written")
+    for entry in document["entry"]:
+        res = entry.get("resource", {})
+        if res.get("resourceType") == "Patient" and f"Patient/{res.get('id')}" != case.patient:
+            raise RejectedOpinion(f"the opinion carries another patient's record than Case {case.id[:8]}; "
+                                  "nothing written")
+    unsafe = [p for div in _narratives(document) for p in narrative_problems(div)]
+    if unsafe:
+        raise RejectedOpinion("the opinion's narrative is not safe XHTML (FHIR R4 narrative rules txt-1/txt-2): "
+                              + "; ".join(sorted(set(unsafe))[:5]) + "; nothing written")
+
+
+def _narratives(document: dict):
+    for entry in document.get("entry", []):
+        res = entry.get("resource", {})
+        if isinstance(res.get("text"), dict):
+            yield res["text"].get("div", "")
+        for section in res.get("section", []) if res.get("resourceType") == "Composition" else []:
+            yield from _section_narratives(section)
+
+
+def _section_narratives(section: dict):
+    if isinstance(section.get("text"), dict):
+        yield section["text"].get("div", "")
+    for sub in section.get("section", []):
+        yield from _section_narratives(sub)
+
+
+# FHIR R4 narrative.html: the XHTML may contain only basic HTML formatting - no script, no forms, no
+# frames or embedded objects, no event attributes (txt-1), and must be a <div> with non-empty content (txt-2).
+_BAD_ELEMENT = re.compile(r"<\s*(script|style|iframe|frame|frameset|object|embed|applet|form|input|button|"
+                          r"textarea|select|base|link|meta)\b", re.I)
+_BAD_ATTR = re.compile(r"\son[a-z]+\s*=", re.I)
+_BAD_URL = re.compile(r"(href|src)\s*=\s*[\"']?\s*(javascript|vbscript|data):", re.I)
+
+
+def narrative_problems(div: str) -> list[str]:
+    problems = []
+    if not re.match(r"\s*<div\b", div or ""):
+        problems.append("narrative is not a <div>")
+    if m := _BAD_ELEMENT.search(div or ""):
+        problems.append(f"<{m.group(1).lower()}> is not allowed")
+    if _BAD_ATTR.search(div or ""):
+        problems.append("event attributes (on...=) are not allowed")
+    if _BAD_URL.search(div or ""):
+        problems.append("script or data URLs are not allowed")
+    return problems
+
+
+def same_ref(ref: str, local: str, app: App) -> bool:
+    base = app.hospital.fhir_base_url.rstrip("/") + "/"
+    return ref == local or ref == base + local
+
+
+def recipient_kids(data: bytes) -> set[str]:
+    """The key ids a JWE is encrypted to, read without decrypting (to pick the hospital it is for)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return set()
+    recipients = obj.get("recipients") if isinstance(obj, dict) else None
+    if not isinstance(recipients, list):
+        recipients = [obj] if isinstance(obj, dict) else []
+    return {str(r.get("header", {}).get("kid")) for r in recipients if isinstance(r, dict)}
+
+
+def app_for(apps: list[App], data: bytes) -> App:
+    """Of the hospitals this deployment serves, the one an envelope is encrypted to (the first if none)."""
+    if len(apps) > 1:
+        kids = recipient_kids(data)
+        for app in apps:
+            if any(app.hospital_keys.decryption_key(k) for k in kids):
+                return app
+    return apps[0]
+
+
+def receive_file(app: App, path: Path) -> Received:
+    return receive_bytes(app, envelope.read_limited(path, envelope.OPINION), source=str(path))
+
+
+@dataclass
+class InboxResult:
+    accepted: list[Received] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)   # moved to inbox/refused/ with a reason
+    deferred: list[tuple[Path, str]] = field(default_factory=list)  # left in the inbox: our problem, not the file's
+
+
+def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
+    """Receive every *.jwe in the inbox. Accepted files move to inbox/accepted/, refused ones to
+    inbox/refused/ with a .reason.txt beside them. A file that fails for a reason of ours (a reviewer's key
+    file missing, a full disk) stays in the inbox for the next run. Nothing is deleted, nothing is lost,
+    and one bad file never stops the rest of the run."""
+    result = InboxResult()
+    inbox = app.config.inbox
+    if not inbox.is_dir():
+        return result
+    processing = inbox / "processing"
+    processing.mkdir(exist_ok=True)
+    for found in sorted(inbox.glob("*.jwe")):
+        # Claim the file by renaming it: of several workers ticking at once, exactly one gets each file.
+        path = processing / f"{found.name}.{worker_tag()}"
+        try:
+            os.rename(found, path)
+        except FileNotFoundError:
+            continue
+        os.utime(path)  # the claim's age, not the file's: a copy that kept an old mtime is not "stale" at once
+        try:
+            data = envelope.read_limited(path, envelope.OPINION)
+            target = app_for(apps or [app], data)
+            result.accepted.append(receive_bytes(target, data, source=found.name))
+            crash_point("receive.accepted")
+            _move(path, inbox / "accepted", found.name)
+        except (RejectedOpinion, SealError, CaseError) as exc:
+            result.refused.append((found, str(exc)))
+            dest = _move(path, inbox / "refused", found.name)
+            dest.with_name(dest.name + ".reason.txt").write_text(str(exc) + "\n", encoding="utf-8")
+        except Exception as exc:  # noqa: BLE001 - kept for the next run, reported now
+            result.deferred.append((found, f"{exc.__class__.__name__}: {exc}"))
+            _move(path, inbox, found.name)
+    # A worker killed mid-file leaves it in processing/: put such files back for the next pass, at once
+    # when the process that claimed it was on this host and is gone, else after ten minutes (another host's).
+    for stale in processing.glob("*.jwe.*"):
+        try:
+            if _abandoned(stale):
+                _move(stale, inbox, stale.name.rsplit(".", 1)[0])
+        except FileNotFoundError:
+            continue  # another worker put it back first
+    return result
+
+
+def _abandoned(path: Path) -> bool:
+    host, _, rest = path.name.rsplit(".", 1)[1].partition("-")
+    pid = rest.partition("-")[0]
+    if host == _HOST_TAG and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    return time.time() - path.stat().st_mtime > 600
+
+
+def _move(path: Path, folder: Path, name: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = name or path.name
+    dest = folder / name
+    stem, dot, suffix = name.partition(".")
+    n = 1
+    while dest.exists():
+        dest = folder / f"{stem}.{n}{dot}{suffix}"
+        n += 1
+    os.replace(path, dest)
+    return dest
+
+
+# This host (and pid namespace), as a name-safe tag: a claimed inbox file names the host and pid that claimed it.
+_HOST_TAG = hashlib.sha256(LOCAL_PREFIX.encode()).hexdigest()[:8]
+
+
+def worker_tag() -> str:
+    return f"{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,115 @@
+"""Seal step: turn a Case's collected records into a signed, encrypted package directory.
+
+    <package_id>/package.jwe             envelope: claims (manifest) + signed document Bundle
+    <package_id>/attachments/att-NNN.jwe one per large Binary, streamed: memory stays bounded
+
+Attachments up to `inline_attachment_limit` travel inside the document as Binary entries; larger ones
+are streamed from the EHR to a private temp file and from there into their own JWE, whose plaintext
+SHA-256 the signed manifest names (cf. SMART Health Links: a manifest plus encrypted files).
+The package is built in a staging directory and renamed into place, so a crash mid-seal leaves nothing
+that looks finished; a rerun starts over.
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fhirbridge.exchange import envelope
+from fhirbridge.loop.collect import Collected, question_of
+from fhirbridge.ehr.context import App
+from fhirbridge.crypto import jwe, jws
+from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization
+from fhirbridge.errors import SealError
+from fhirbridge.store.store import Case, worker_id
+
+ATTACHMENT_TYP = "fhirbridge-attachment+jwe"
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def package_dir(app: App, case: Case) -> Path:
+    return app.case_dir(case.id) / "package" / str(case.package_id)
+
+
+def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
+    """Build the package; returns (package_id, summary for the event log - counts only, no PHI)."""
+    cfg = app.config
+    reviewer = cfg.reviewer(case.reviewer)
+    # The reviewer's newest key generation only: after it rotated, its old keys stay published for a while
+    # but new packages go to the new ones (and never to keys of a file that merged two reviewers).
+    reviewer_keys = app.reviewer_keys(case.reviewer).current()
+    recipients = reviewer_keys.encryption_keys()
+    package_id = str(uuid.uuid4())
+    # Per worker: two workers that both believe they hold the Case (a lapsed lease) never share a directory.
+    staging = app.case_dir(case.id) / f"package.staging-{_safe(worker_id())}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "attachments").mkdir(parents=True, mode=0o700)
+
+    inline, files = [], []
+    for n, att in enumerate(collected.attachments, 1):
+        app.progress(f"  attachment {n}/{len(collected.attachments)} ({att['content_type']})")
+        tmp = staging / "download.tmp"
+        with open(tmp, "wb") as f:
+            info = app.ehr.download_binary(att["url"], f, max_bytes=cfg.max_attachment_bytes)
+        content_type = info.get("content_type") or att["content_type"]
+        if info["size"] <= cfg.inline_attachment_limit:
+            inline.append({"resourceType": "Binary", "id": att["url"].split("/", 1)[1],
+                           "contentType": content_type,
+                           "data": base64.b64encode(tmp.read_bytes()).decode("ascii")})
+        else:
+            name = f"attachments/att-{n:03d}.jwe"
+            jwe.encrypt_to_path(tmp, staging / name, recipients, typ=ATTACHMENT_TYP, cty=content_type)
+            files.append({"file": name, "url": att["url"], "owner": att["owner"], "path": att["path"],
+                          "content_type": content_type, "title": att["title"], "size": info["size"],
+                          "sha256": info["sha256"]})
+        tmp.unlink()
+
+    now = datetime.now(timezone.utc)
+    timestamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
+    h = app.hospital
+    org = hospital_organization(h.name, h.identifier_system, h.identifier_value)
+    document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
+                              timestamp=timestamp, inline_binaries=inline)
+    document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
+                                                   when=timestamp)
+    issued = int(time.time())
+    manifest = {
+        "profile": collected.profile,
+        "lookback_days": collected.lookback_days,
+        "question": question_of(collected.service_request),
+        "shared": [f"{r['resourceType']}/{r['id']}" for r in collected.resources],
+        "withheld": collected.disclosable_withheld(),
+        "policy_note": POLICY_NOTE,
+        "attachments": files,
+        "inline_attachments": [f"Binary/{b['id']}" for b in inline],
+    }
+    claims = {
+        "jti": package_id, "iat": issued, "exp": issued + cfg.package_lifetime_days * 86400,
+        "iss": {"system": h.identifier_system, "value": h.identifier_value, "display": h.name},
+        "aud": {"system": reviewer.identifier_system, "value": reviewer.identifier_value,
+                "display": reviewer.display},
+        "case_id": case.id, "service_request": case.service_request, "patient": case.patient,
+        "package_id": package_id, "manifest": manifest,
+    }
+    data = envelope.seal(typ=envelope.PACKAGE, claims=claims, document=document, signer=app.hospital_keys,
+                         recipient=reviewer_keys, document_sha256=digest)
+    limit = envelope.max_envelope_bytes(envelope.PACKAGE)
+    if len(data) > limit:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SealError(f"the package envelope would be {len(data)} bytes, more than a reviewer accepts ({limit}); "
+                        "lower fhirbridge.inline_attachment_limit so attachments travel as separate files")
+    envelope.write_atomic(staging / envelope.ENVELOPE_FILE, data)
+    final = app.case_dir(case.id) / "package" / package_id
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging.rename(final)
+    summary = {"package_id": package_id, "shared": len(manifest["shared"]), "withheld": len(collected.withheld),
+               "attachment_files": len(files), "inline_attachments": len(inline),
+               "envelope_bytes": len(data)}
+    return package_id, summary
+

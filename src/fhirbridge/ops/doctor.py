@@ -1,0 +1,475 @@
+"""`fhirbridge doctor`: check one hospital's EHR connection and the reviewers, and say how to fix what fails.
+
+Every check is harmless: reads of the CapabilityStatement and the SMART configuration, one access token,
+searches that match nothing (`_id=fhirbridge-doctor-probe`, with the search parameters fhirbridge really uses
+and `Prefer: handling=strict`, so an unsupported parameter shows), a read of a Binary that does not exist,
+and one EMPTY transaction Bundle (it writes nothing; it shows whether we may post transactions at all).
+Nothing is created, nothing is sent to a reviewer.
+
+Result per check: pass, warn (works, but look at it), fail (fhirbridge will not work until it is fixed; exit
+code 1) or skip (not applicable, or blocked by an earlier failure).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+import requests
+
+from fhirbridge.config import loader as config_mod
+from fhirbridge.config.loader import Config, Hospital
+
+PROBE_ID = "fhirbridge-doctor-probe"
+FHIR_JSON = "application/fhir+json"
+# Types only some features need: missing ones are warnings. Binary: attachments referenced by URL;
+# Subscription and Basic: `fhirbridge subscribe` only.
+OPTIONAL_TYPES = {"Binary": "attachments stored as Binary cannot be collected",
+                  "Subscription": "`fhirbridge subscribe` cannot register (polling still works)",
+                  "Basic": "subscription topics cannot be discovered (give --topic)"}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str        # pass | warn | fail | skip
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    hospital: str
+    fhir_base_url: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.status == "fail" for c in self.checks)
+
+    def add(self, name: str, status: str, detail: str, fix: str = "") -> Check:
+        check = Check(name, status, detail, fix if status in ("fail", "warn") else "")
+        self.checks.append(check)
+        return check
+
+    def as_dict(self) -> dict:
+        return {"hospital": self.hospital, "fhir_base_url": self.fhir_base_url, "ok": self.ok,
+                "checks": [asdict(c) for c in self.checks]}
+
+
+# --- what fhirbridge needs from the EHR -------------------------------------------------------------------
+
+def needed_searches(cfg: Config) -> dict[str, list[tuple[str, str]]]:
+    """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values."""
+    from fhirbridge.loop.collect import FOLLOW_TYPES
+    from fhirbridge.config.mappings import load_order_codes, load_profile, profile_names
+    patient = f"Patient/{PROBE_ID}"
+    codes = load_order_codes(cfg.mappings_dir).search_token()
+    needs: dict[str, list[tuple[str, str]]] = {
+        "Patient": [],
+        # intake.poll / run_intake; _sort is a result parameter but strict servers refuse it when unsupported.
+        "ServiceRequest": [("code", codes), ("status", "active"), ("_lastUpdated", "ge2000-01-01"),
+                           ("_sort", "_lastUpdated")],
+        "Task": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")],               # intake: a Case's Task
+        "DocumentReference": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")],  # writeback: already filed?
+    }
+    for name in profile_names(cfg.mappings_dir):
+        for rtype in load_profile(cfg.mappings_dir, name).rules:
+            needs.setdefault(rtype, [])
+            if ("patient", patient) not in needs[rtype]:
+                needs[rtype].append(("patient", patient))
+    for rtype in FOLLOW_TYPES:
+        needs.setdefault(rtype, [])
+    needs["Subscription"] = [("url", "https://fhirbridge.invalid/doctor")]
+    needs["Basic"] = [("code", "http://hl7.org/fhir/fhir-types|SubscriptionTopic")]
+    return needs
+
+
+# --- running the checks ----------------------------------------------------------------------------------
+
+def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0, 15.0)) -> Report:
+    report = Report(hospital.name, hospital.fhir_base_url)
+    reviewer_key_problems = _key_files(cfg, hospital, report)
+    session = requests.Session()
+    session.headers.update({"Accept": FHIR_JSON, "User-Agent": "fhirbridge-doctor"})
+    try:
+        _tls(hospital, report)
+        cs = _capabilities(hospital, session, timeout, report)
+        if cs is not None:
+            _capability_contents(cfg, cs, report)
+        auth = _auth(hospital, session, timeout, report, reachable=cs is not None)
+        if auth is not False and cs is not None:
+            session.auth = auth
+            _access(cfg, hospital, session, timeout, report)
+            _write_access(hospital, session, timeout, report)
+        elif cs is not None:
+            report.add("searches", "skip", "no usable credentials (see above)")
+        _reviewers(cfg, session, timeout, report, reviewer_key_problems)
+        _store(cfg, report)
+    finally:
+        session.close()
+    return report
+
+
+def _key_files(cfg: Config, hospital: Hospital, report: Report) -> dict:
+    """The hospital's key files (reported here) and the reviewers' problems (returned, reported with them)."""
+    # config's own checks, as ConfigErrors: their keys tell whose file each problem is about.
+    problems = config_mod._file_problems(cfg)
+    prefix = "hospital" if len(cfg.hospitals) == 1 else f"hospitals[{list(cfg.hospitals).index(hospital.name)}]"
+    mine = [p for p in problems if (p.key or "").startswith(prefix)]
+    if mine:
+        for p in mine:
+            report.add(f"keys: {p.key}", "fail", p.detail,
+                       "make the hospital's key set with `fhirbridge init DIR` (or restore it from the backup); "
+                       "its path goes in [hospital] keys")
+    else:
+        report.add("keys: hospital", "pass", f"{hospital.keys} can sign and decrypt")
+    return {p.key: p for p in problems if (p.key or "").startswith("reviewers[")}
+
+
+def _loopback(url: str) -> bool:
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _tls(hospital: Hospital, report: Report) -> None:
+    url = hospital.fhir_base_url
+    if url.startswith("https://"):
+        report.add("tls", "pass", "https")
+    elif _loopback(url) or "." not in (urlsplit(url).hostname or "."):
+        # A single-label host (a compose or pod-local service name) never leaves the private network.
+        report.add("tls", "warn", "plain http, to this machine or a container on its private network (a demo EHR)",
+                   "use the EHR's https:// base URL for anything but a local test server")
+    else:
+        report.add("tls", "fail", f"plain http to {urlsplit(url).hostname}: patient records would cross the network "
+                   "unencrypted", "set [hospital] fhir_base_url to the EHR's https:// FHIR base URL")
+
+
+def _connect_failure(exc: requests.RequestException, what: str, url: str) -> tuple[str, str]:
+    host = urlsplit(url).netloc
+    if isinstance(exc, requests.exceptions.SSLError):
+        return (f"TLS handshake with {host} failed: the certificate is not trusted or does not match the name",
+                "if the EHR uses a hospital CA, point REQUESTS_CA_BUNDLE at that CA's PEM file (or add it to the "
+                "system trust store); check the certificate's name matches the URL's host")
+    if isinstance(exc, requests.Timeout):
+        return (f"{host} did not answer {what} in time",
+                "check the EHR is up and that a firewall or proxy (HTTPS_PROXY, NO_PROXY) lets this host through")
+    return (f"cannot connect to {host} for {what} ({type(exc).__name__})",
+            "check fhir_base_url (host, port, path), DNS, and that a firewall or proxy lets this host through")
+
+
+def _capabilities(hospital: Hospital, session: requests.Session, timeout, report: Report) -> dict | None:
+    url = f"{hospital.fhir_base_url}/metadata"
+    try:
+        resp = session.get(url, timeout=timeout)
+        if resp.status_code == 401:
+            # http.html#capabilities lets a server protect /metadata; try once with our credentials.
+            resp = session.get(url, timeout=timeout, auth=_plain_auth(hospital))
+    except requests.RequestException as exc:
+        detail, fix = _connect_failure(exc, "GET metadata", url)
+        report.add("reachable", "fail", detail, fix)
+        return None
+    except Exception as exc:  # noqa: BLE001 - SMART token failures while retrying with credentials
+        report.add("reachable", "fail", f"GET metadata needed credentials, which failed: {exc}",
+                   "see the auth checks below")
+        return None
+    try:
+        cs = resp.json() if resp.status_code == 200 else None
+    except ValueError:
+        cs = None
+    if not isinstance(cs, dict) or cs.get("resourceType") != "CapabilityStatement":
+        report.add("reachable", "fail", f"GET {url} answered HTTP {resp.status_code} without a CapabilityStatement",
+                   "fhir_base_url must be the FHIR base (the URL that /metadata and /Patient hang off, often ending "
+                   "in /fhir or /R4), not the EHR's web page")
+        return None
+    report.add("reachable", "pass", f"{urlsplit(url).netloc} answered with its CapabilityStatement")
+    return cs
+
+
+def _plain_auth(hospital: Hospital):
+    from fhirbridge.fhir.auth import make_auth
+    return make_auth(hospital.auth.as_dict())
+
+
+def _server_rest(cs: dict) -> dict:
+    for rest in cs.get("rest") or []:
+        if isinstance(rest, dict) and rest.get("mode") == "server":
+            return rest
+    return {}
+
+
+def _capability_contents(cfg: Config, cs: dict, report: Report) -> None:
+    version = str(cs.get("fhirVersion") or "")
+    if version.startswith("4.0"):
+        report.add("fhir version", "pass", f"FHIR {version} (R4)")
+    else:
+        report.add("fhir version", "fail", f"the server speaks FHIR {version or '(not stated)'}, not R4 (4.0.x)",
+                   "use the EHR's FHIR R4 endpoint (vendors often serve DSTU2, STU3, R4 at different paths)")
+    rest = _server_rest(cs)
+    declared = {r.get("type"): r for r in rest.get("resource") or [] if isinstance(r, dict)}
+    needs = needed_searches(cfg)
+    missing = [t for t in needs if t not in declared and t not in OPTIONAL_TYPES]
+    if missing:
+        report.add("resource types", "fail", f"not offered: {', '.join(missing)}",
+                   "fhirbridge reads these types; ask the EHR vendor to enable them on this endpoint (or remove them "
+                   "from mappings/collect/ if the hospital does not record them)")
+    else:
+        report.add("resource types", "pass", f"all {len(needs) - len(OPTIONAL_TYPES)} types fhirbridge reads are offered")
+    # Optional types are left to their probes below: statements often omit Binary though it is served.
+    unlisted = []
+    for rtype, params in needs.items():
+        if rtype in declared:
+            names = {p.get("name") for p in declared[rtype].get("searchParam") or [] if isinstance(p, dict)}
+            # Common parameters (_id, _lastUpdated, _sort) are often left out of the statement.
+            unlisted += [f"{rtype}:{n}" for n, _v in params if not n.startswith("_") and n not in names]
+    if unlisted:
+        report.add("search parameters", "warn", f"not listed in the CapabilityStatement: {', '.join(unlisted)}",
+                   "statements are often incomplete: the searches below settle it (a parameter the server really "
+                   "lacks fails there with HTTP 400)")
+    else:
+        report.add("search parameters", "pass", "every search parameter fhirbridge uses is listed")
+    interactions = {i.get("code") for i in rest.get("interaction") or [] if isinstance(i, dict)}
+    if "transaction" in interactions:
+        report.add("transaction", "pass", "the server takes transaction Bundles (the opinion is filed in one)")
+    else:
+        report.add("transaction", "fail", "the CapabilityStatement lists no transaction interaction",
+                   "fhirbridge files an opinion (Binary, DocumentReference, Provenance, Task) in ONE transaction; "
+                   "ask the vendor to enable transactions on this endpoint")
+
+
+def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report, *, reachable: bool):
+    """The credentials to probe with: an auth object, None (no auth), or False (they do not work)."""
+    kind = hospital.auth.type
+    if kind != "smart":
+        report.add("auth", "pass" if kind != "none" else "warn",
+                   {"none": "no credentials configured", "basic": "HTTP Basic", "bearer": "a static bearer token"}[kind],
+                   "most EHRs require SMART Backend Services: set [hospital.auth] type = \"smart\" (see "
+                   "docs/connect-ehr.md)")
+        return _plain_auth(hospital)
+    if not reachable:
+        report.add("smart configuration", "skip", "the EHR is not reachable")
+        return False
+    from fhirbridge.fhir.auth import SmartBackendAuth
+    a = hospital.auth
+    url = f"{hospital.fhir_base_url}/.well-known/smart-configuration"
+    doc = None
+    try:
+        resp = session.get(url, timeout=timeout, headers={"Accept": "application/json"})
+        doc = resp.json() if resp.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        status = "warn" if a.token_url else "fail"
+        report.add("smart configuration", status, f"{url} gave no SMART configuration",
+                   "set [hospital.auth] token_url to the EHR's OAuth token endpoint (the vendor's documentation "
+                   "names it)")
+    else:
+        problems = []
+        methods = doc.get("token_endpoint_auth_methods_supported")
+        if isinstance(methods, list) and "private_key_jwt" not in methods:
+            problems.append("private_key_jwt is not among token_endpoint_auth_methods_supported")
+        grants = doc.get("grant_types_supported")
+        if isinstance(grants, list) and "client_credentials" not in grants:
+            problems.append("client_credentials is not among grant_types_supported")
+        algs = doc.get("token_endpoint_auth_signing_alg_values_supported")
+        if not a.token_url and not isinstance(doc.get("token_endpoint"), str):
+            problems.append("no token_endpoint")
+        if problems:
+            report.add("smart configuration", "fail", "; ".join(problems),
+                       "the EHR must support SMART Backend Services (client_credentials with private_key_jwt): ask "
+                       "the vendor to enable it for this endpoint")
+        else:
+            report.add("smart configuration", "pass", f"token endpoint {a.token_url or doc.get('token_endpoint')}"
+                       + (f"; signing algorithms {', '.join(map(str, algs))}" if isinstance(algs, list) else ""))
+    try:
+        smart = SmartBackendAuth.from_keys(keys=a.keys, client_id=a.client_id, fhir_base_url=hospital.fhir_base_url,
+                                           token_url=a.token_url, scopes=a.scopes, alg=a.alg, timeout=timeout)
+        smart.access_token()
+    except Exception as exc:  # noqa: BLE001 - every failure here is reported with its fix
+        text = str(exc)
+        if "invalid_client" in text or "Unknown client" in text or "(HTTP 401)" in text:
+            fix = (f"register client_id {a.client_id!r} at the EHR as a SMART backend service with the public key set "
+                   "`fhirbridge keys jwks` prints (or its URL), and check [hospital.auth] client_id and keys")
+        elif "invalid_scope" in text:
+            fix = "the EHR refused the scopes asked for: have the client's registration allow them, or set scopes"
+        else:
+            fix = "check the token endpoint is reachable from here and the client registration at the EHR"
+        report.add("smart token", "fail", text, fix)
+        return False
+    granted = (smart.granted_scope or "").split()
+    report.add("smart token", "pass", f"client {a.client_id!r} got an access token"
+               + (f" with {len(granted)} scope(s)" if granted else ""))
+    if granted:
+        missing = [s for s in smart.scopes if s not in granted and not _covered(s, granted)]
+        if missing:
+            report.add("scopes granted", "fail", f"asked for but not granted: {' '.join(missing)}",
+                       "have the EHR's registration of this client allow these scopes")
+        else:
+            report.add("scopes granted", "pass", "every scope asked for was granted")
+    return smart
+
+
+def _covered(scope: str, granted: list[str]) -> bool:
+    """A wildcard grant (system/*.rs, system/*.read, system/*.*) covers a type's scope."""
+    ctx, _, rest = scope.partition("/")
+    _rtype, _, perms = rest.partition(".")
+    for g in granted:
+        gctx, _, grest = g.partition("/")
+        gtype, _, gperms = grest.partition(".")
+        if gctx == ctx and gtype == "*" and (gperms in ("*", perms) or set(perms) <= set(gperms)):
+            return True
+    return False
+
+
+def _scope_hint(hospital: Hospital, rtype: str, perms: str) -> str:
+    if hospital.auth.type == "smart":
+        v1 = "read" if set(perms) & set("rs") else "write"
+        return f"grant scope system/{rtype}.{perms} (SMART v1: system/{rtype}.{v1}) to fhirbridge's client at the EHR"
+    return "the credentials lack this permission: have the EHR grant it to fhirbridge's account"
+
+
+def _access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
+    """One harmless search per type, with the parameters fhirbridge uses; a read for Binary."""
+    base = hospital.fhir_base_url
+    for rtype, params in needed_searches(cfg).items():
+        name = f"search {rtype}"
+        optional = rtype in OPTIONAL_TYPES
+        query = [("_id", PROBE_ID), *params, ("_count", "1")]
+        try:
+            resp = session.get(f"{base}/{rtype}", params=query, timeout=timeout, headers={"Prefer": "handling=strict"})
+        except Exception as exc:  # noqa: BLE001
+            report.add(name, "fail", f"no answer ({type(exc).__name__})", "check the EHR is reachable (above)")
+            continue
+        _probe_result(report, hospital, name, rtype, "rs", resp, optional, [n for n, _v in params])
+    try:
+        resp = session.get(f"{base}/Binary/{PROBE_ID}", timeout=timeout)
+        if resp.status_code == 404:
+            report.add("read Binary", "pass", "allowed (the probe id does not exist: 404)")
+        else:
+            _probe_result(report, hospital, "read Binary", "Binary", "r", resp, True, [])
+    except Exception as exc:  # noqa: BLE001
+        report.add("read Binary", "fail", f"no answer ({type(exc).__name__})", "check the EHR is reachable (above)")
+
+
+def _probe_result(report: Report, hospital: Hospital, name: str, rtype: str, perms: str, resp, optional: bool,
+                  params: list[str]) -> None:
+    status = resp.status_code
+    bad = "warn" if optional else "fail"
+    why = f" ({OPTIONAL_TYPES[rtype]})" if optional and rtype in OPTIONAL_TYPES else ""
+    if 200 <= status < 300:
+        report.add(name, "pass", "allowed" + (f" with {', '.join(params)}" if params else ""))
+    elif status in (401, 403):
+        report.add(name, bad, f"refused: HTTP {status}{_diagnostics(resp)}{why}", _scope_hint(hospital, rtype, perms))
+    elif status == 400:
+        report.add(name, bad, f"HTTP 400{_diagnostics(resp)}: a search parameter ({', '.join(params) or '_id'}) is "
+                   f"not supported{why}", "ask the vendor which of these parameters the endpoint supports; fhirbridge "
+                   "sends searches with handling=strict so an unsupported one cannot widen a search")
+    else:
+        report.add(name, bad, f"HTTP {status}{_diagnostics(resp)}{why}", "see the EHR's log for this request")
+
+
+def _diagnostics(resp) -> str:
+    try:
+        outcome = resp.json()
+    except ValueError:
+        return ""
+    if not isinstance(outcome, dict):
+        return ""
+    texts = [str(i.get("diagnostics") or "") for i in outcome.get("issue") or [] if isinstance(i, dict)]
+    text = " ".join(" ".join(texts).split())[:200]
+    return f": {text}" if text else ""
+
+
+def _write_access(hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
+    """An empty transaction writes nothing; a server that authorises transactions refuses it all the same
+    when fhirbridge may not post them (write-back needs that)."""
+    empty = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+    try:
+        resp = session.post(hospital.fhir_base_url, json=empty, timeout=timeout,
+                            headers={"Content-Type": FHIR_JSON})
+    except Exception as exc:  # noqa: BLE001
+        report.add("write-back (transaction)", "fail", f"no answer ({type(exc).__name__})",
+                   "check the EHR is reachable (above)")
+        return
+    if 200 <= resp.status_code < 300:
+        report.add("write-back (transaction)", "pass", "an empty transaction was accepted (nothing written)")
+    elif resp.status_code in (401, 403):
+        hint = ("grant the write scopes (system/Task.cu, system/DocumentReference.c, system/Binary.cu, "
+                "system/Provenance.c); a server that authorises a transaction as a whole (as a create on every "
+                "type) needs system/*.c in [hospital.auth] scopes as well") if hospital.auth.type == "smart" else \
+            "fhirbridge's account needs permission to post transactions and create DocumentReference, Binary, Provenance"
+        report.add("write-back (transaction)", "fail", f"refused: HTTP {resp.status_code}{_diagnostics(resp)}", hint)
+    else:
+        report.add("write-back (transaction)", "warn", f"HTTP {resp.status_code} to an empty transaction"
+                   f"{_diagnostics(resp)}: permission could not be told apart from the server disliking an empty "
+                   "Bundle", "file one test opinion against a test patient to be sure")
+
+
+def _reviewers(cfg: Config, session: requests.Session, timeout, report: Report, problems: dict) -> None:
+    if not cfg.reviewers:
+        report.add("reviewers", "fail", "no [[reviewers]] configured", "add one (docs/reviewers.md)")
+    for i, r in enumerate(cfg.reviewers.values()):
+        mine = [p for k, p in problems.items() if k.startswith(f"reviewers[{i}].")]
+        if mine:
+            report.add(f"reviewer {r.name}: keys", "fail", "; ".join(p.detail for p in mine),
+                       f"put the reviewer's PUBLIC key set (with an encryption and a signature key) at {r.jwks}; "
+                       "the reviewer makes it with `fhirbridge reviewer keys DIR`")
+        else:
+            report.add(f"reviewer {r.name}: keys", "pass", f"{r.jwks}: can seal to it and verify its opinions")
+        t = r.transport
+        name = f"reviewer {r.name}: transport"
+        if t.type == "outbox":
+            where = t.path
+            existing = next((p for p in (where, *where.parents) if p.exists()), None)
+            if existing is not None and os.access(existing, os.W_OK | os.X_OK):
+                report.add(name, "pass", f"outbox {where}" + ("" if where.exists() else " (made at first delivery)"))
+            else:
+                report.add(name, "fail", f"outbox {where} is not writable by this user",
+                           f"create {where} and give the fhirbridge user write access")
+        elif t.type == "https":
+            try:
+                resp = session.options(t.url, timeout=timeout, auth=None)
+                report.add(name, "pass", f"{urlsplit(t.url).netloc} answered over TLS (HTTP {resp.status_code})")
+            except requests.RequestException as exc:
+                detail, fix = _connect_failure(exc, "a connection", t.url)
+                report.add(name, "fail", detail, fix)
+        else:
+            report.add(name, "pass", "pull: fetches its packages from /reviewer with its own token")
+
+
+def _store(cfg: Config, report: Report) -> None:
+    from fhirbridge.store import migrations
+    from fhirbridge.store.store import Store, ping
+    try:
+        store = Store(cfg.store_url, create=False)
+    except Exception as exc:  # noqa: BLE001
+        report.add("store", "fail", f"cannot open ({type(exc).__name__})", "check [fhirbridge] store_url")
+        return
+    try:
+        ping(store)
+        rev, head = store.schema_revision(), migrations.head()
+        if rev == head:
+            report.add("store", "pass", f"answers; schema at {rev}")
+        else:
+            report.add("store", "warn", f"answers; schema at {rev or 'none'}, newest is {head}",
+                       "`fhirbridge db upgrade` (every start does it too)")
+    except Exception as exc:  # noqa: BLE001
+        report.add("store", "fail", f"does not answer ({type(exc).__name__})",
+                   "check the database is up and store_url (host, user, password via FHIRBRIDGE_FHIRBRIDGE__STORE_URL)")
+    finally:
+        store.close()
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+def render(report: Report) -> str:
+    width = max(len(c.name) for c in report.checks) if report.checks else 10
+    lines = [f"fhirbridge doctor: {report.hospital} ({report.fhir_base_url})", ""]
+    for c in report.checks:
+        lines.append(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}")
+        if c.fix:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
+    fails = sum(c.status == "fail" for c in report.checks)
+    warns = sum(c.status == "warn" for c in report.checks)
+    lines += ["", f"{fails} failure(s), {warns} warning(s)" + ("" if fails else ": fhirbridge can work with this EHR")]
+    return "\n".join(lines)
+

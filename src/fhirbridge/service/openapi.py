@@ -1,0 +1,183 @@
+"""The OpenAPI 3.1 description of the HTTP API (/openapi.json) and a docs page rendered from it (/docs).
+
+The page is plain server-rendered HTML: no JavaScript, nothing fetched from a CDN at run time."""
+from __future__ import annotations
+
+import html
+
+from flask import Blueprint, Response, jsonify
+
+from fhirbridge import __version__
+
+docs = Blueprint("docs", __name__)
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+CASE_STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done", "failed", "cancelled", "declined")
+CASE = {"$ref": "#/components/schemas/Case"}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "Bad request: the message says what is wrong", 401: "Missing or wrong bearer token",
+            403: "Not allowed", 404: "Not found", 409: "Conflicts with the Case's state",
+            413: "Too large", 502: "The EHR refused", 503: "The EHR is unreachable; try again"}
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+def _ok(description: str, schema: dict, status: str = "200") -> dict:
+    return {status: {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+
+SPEC = {
+    "openapi": "3.1.0",
+    "info": {"title": "fhirbridge", "version": __version__,
+             "description": "Second-opinion referrals over HL7 FHIR R4: staff API, reviewer pull API, health. "
+                            "Errors are JSON `{error: {status, message}}`; FHIR endpoints answer OperationOutcome."},
+    "components": {
+        "securitySchemes": {"staff": {"type": "http", "scheme": "bearer",
+                                      "description": "[api] tokens (every scope), a scoped [[api.keys]] key, or an "
+                                                     "OAuth2 JWT access token from [api.oauth]'s issuer. Scopes: "
+                                                     "orders:write, cases:read, cases:write, audit:read; a missing "
+                                                     "scope is a 403"},
+                            "reviewer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                                         "description": "a JWT signed with the reviewer's registered key (iss = sub "
+                                                        "= its identifier, aud = <public_url>/reviewer, lifetime "
+                                                        "<= 300 s, unique jti: `fhirbridge reviewer token`), or its "
+                                                        "api_token; each reviewer sees only its own Cases"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["status", "message"],
+                "properties": {"status": {"type": "integer"}, "message": {"type": "string"}}}}},
+            "Case": {"type": "object", "required": ["id", "step"], "properties": {
+                "id": {"type": "string"}, "hospital": {"type": "string"},
+                "step": {"type": "string", "enum": list(CASE_STEPS)},
+                "service_request": {"type": "string"}, "patient": {"type": "string"},
+                "reviewer": {"type": "string"}, "profile": {"type": "string"},
+                "task": {"type": ["string", "null"]}, "package_id": {"type": ["string", "null"]},
+                "opinion_id": {"type": ["string", "null"]}, "document_reference": {"type": ["string", "null"]},
+                "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
+                "created_at": {"type": "number"}, "updated_at": {"type": "number"},
+                "due_at": {"type": ["number", "null"]}, "overdue_at": {"type": ["number", "null"]},
+                "overdue": {"type": "boolean"},
+                "events": {"type": "array", "items": {"type": "object", "properties": {
+                    "at": {"type": "number"}, "kind": {"type": "string"}, "detail": {"type": "object"}}}}}},
+            "Order": {"type": "object", "required": ["patient", "question"], "additionalProperties": False,
+                      "properties": {"hospital": {"type": "string"}, "patient": {"type": "string", "minLength": 1},
+                                     "question": {"type": "string", "minLength": 1},
+                                     "reviewer": {"type": "string"}, "profile": {"type": "string"},
+                                     "requester": {"type": "string"},
+                                     "priority": {"type": "string", "enum": ["routine", "urgent", "asap", "stat"]}}},
+            "Reason": {"type": "object", "required": ["reason"],
+                       "properties": {"reason": {"type": "string", "minLength": 1}}},
+        },
+    },
+    "paths": {
+        "/api/orders": {"post": {
+            "summary": "Place a second-opinion order (for EHRs that cannot write ServiceRequests)",
+            "security": [{"staff": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
+            "responses": {**_ok("The ServiceRequest written to the EHR and the Case opened for it",
+                                {"type": "object", "properties": {"service_request": {"type": "string"}, "case": CASE}},
+                                "201"), **_errors(400, 401, 403, 502, 503)}}},
+        "/api/cases": {"get": {
+            "summary": "List Cases", "security": [{"staff": []}],
+            "parameters": [{"name": "step", "in": "query", "schema": {"type": "string", "enum": list(CASE_STEPS)}},
+                           {"name": "hospital", "in": "query", "schema": {"type": "string"}},
+                           {"name": "overdue", "in": "query", "schema": {"type": "string", "enum": ["true"]}}],
+            "responses": {**_ok("Cases", {"type": "object", "properties": {"cases": {"type": "array", "items": CASE}}}),
+                          **_errors(400, 401, 403)}}},
+        "/api/audit": {"get": {
+            "summary": "The accounting of disclosures for one patient (BALP AuditEvents: what was sent, to whom)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "patient", "in": "query", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("Disclosures and opinions filed", {"type": "object"}), **_errors(400, 401, 403)}}},
+        "/api/cases/{case_id}": {"get": {
+            "summary": "One Case with its event history", "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("The Case", CASE), **_errors(401, 403, 404)}}},
+        "/api/cases/{case_id}/retry": {"post": {
+            "summary": "Resume a failed Case at the step that failed (or retry a waiting one now)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("The Case", CASE), **_errors(401, 403, 404, 409, 502, 503)}}},
+        "/api/cases/{case_id}/cancel": {"post": {
+            "summary": "Cancel a Case (its Task in the EHR becomes cancelled)", "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
+            "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
+        "/reviewer/cases": {"get": {
+            "summary": "The calling reviewer's Cases awaiting its opinion, with their sealed files",
+            "security": [{"reviewer": []}],
+            "responses": {**_ok("Cases", {"type": "object"}), **_errors(401)}}},
+        "/reviewer/cases/{case_id}/package/{name}": {"get": {
+            "summary": "One sealed file of a Case's package (package.jwe or attachments/att-NNN.jwe)",
+            "security": [{"reviewer": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The sealed file",
+                                  "content": {"application/jose+json": {"schema": {"type": "string"}}}},
+                          **_errors(401, 404, 409)}}},
+        "/reviewer/opinions": {"post": {
+            "summary": "Submit a sealed opinion (the file `fhirbridge reviewer answer` writes)",
+            "security": [{"reviewer": []}],
+            "requestBody": {"required": True, "content": {"application/jose+json": {"schema": {"type": "string"}}}},
+            "responses": {**_ok("Accepted; it is being filed", {"type": "object"}, "202"),
+                          **_errors(400, 401, 409, 413)}}},
+        "/reviewer/cases/{case_id}/requests": {"post": {
+            "summary": "Ask the hospital for more records (a CDex data-request Task, part of the referral)",
+            "security": [{"reviewer": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["text"],
+                "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 2000}}}}}},
+            "responses": {**_ok("The data request Task", {"type": "object"}, "201"),
+                          **_errors(400, 401, 404, 409, 502, 503)}}},
+        "/reviewer/cases/{case_id}/decline": {"post": {
+            "summary": "Decline a Case (its Task becomes rejected with the reason)", "security": [{"reviewer": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
+            "responses": {**_ok("Declined", {"type": "object"}), **_errors(400, 401, 404, 409)}}},
+        "/fhir/notify/{hospital}": {"post": {
+            "summary": "FHIR Subscription notifications from the EHR (R4 Subscriptions Backport, rest-hook)",
+            "description": "Bearer token set by `fhirbridge subscribe`. Answers are FHIR OperationOutcome.",
+            "parameters": [{"name": "hospital", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "the hospital's name in environment-variable form"}],
+            "requestBody": {"required": True, "content": {"application/fhir+json": {"schema": {"type": "object"}}}},
+            "responses": {str(c): {"description": d, "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
+                          for c, d in ((200, "Taken in (OperationOutcome)"), (400, "Not a notification Bundle"),
+                                       (401, "Missing or wrong subscription token"), (404, "Unknown hospital"),
+                                       (413, "Too large"), (415, "Not FHIR JSON"))}}},
+        "/.well-known/jwks.json": {"get": {
+            "summary": "The hospitals' public keys (JWKS): reviewers verify packages and seal opinions with them",
+            "responses": {"200": {"description": "JWK Set", "content": {"application/jwk-set+json": {
+                "schema": {"type": "object"}}}}}}},
+        "/healthz": {"get": {"summary": "The process is alive", "responses": _ok("Alive", {"type": "object"})}},
+        "/readyz": {"get": {"summary": "The store and every hospital's EHR are reachable",
+                            "responses": {**_ok("Ready", {"type": "object"}),
+                                          "503": {"description": "Not ready; `checks` says what is not"}}}},
+    },
+}
+
+
+@docs.get("/openapi.json")
+def openapi_json():
+    return jsonify(SPEC)
+
+
+@docs.get("/docs")
+def docs_page():
+    rows = []
+    for path, ops in SPEC["paths"].items():
+        for method, op in ops.items():
+            auth = ", ".join(next(iter(s)) for s in op.get("security", [])) or "none"
+            codes = ", ".join(op.get("responses", {}))
+            rows.append(f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                        f"<td>{html.escape(op.get('summary', ''))}</td><td>{auth}</td><td>{codes}</td></tr>")
+    body = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fhirbridge API</title>"
+            "<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}"
+            "</style></head><body>"
+            f"<h1>fhirbridge API {__version__}</h1><p>{html.escape(SPEC['info']['description'])}</p>"
+            "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1).</p>"
+            "<table><thead><tr><th>Method</th><th>Path</th><th>What</th><th>Auth</th><th>Answers</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></body></html>")
+    return Response(body, content_type="text/html; charset=utf-8")

@@ -1,0 +1,9 @@
+"""store: the Case store (SQLite embedded, PostgreSQL to scale out) and its migrations.
+
+`tables` (the schema: Cases, events, polling cursors, seen opinions, audit rows), `store` (Case and Store:
+leased claims with one UPDATE ... RETURNING, compare-and-set step completion, events), `migrations`
+(Alembic; every start migrates).
+
+Rule: nothing clinical is stored here (references, step names, counts, errors that name resources by
+type/id). May import `steps` and the root modules only: never the EHR, the loop or anything above it.
+"""

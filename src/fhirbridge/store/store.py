@@ -1,0 +1,586 @@
+"""The Case store: one row per referral, an append-only event log, and the opinions already seen.
+
+SQLAlchemy Core over SQLite (the embedded default) or PostgreSQL. Timestamps are UTC epoch seconds
+(floats) so lease arithmetic and comparisons are the same on both engines.
+
+Nothing clinical is stored here: Cases hold references (Patient/123), step names, counts and error
+messages that name resources by type/id. Clinical content lives only in encrypted files under the
+Case's work directory (see workdir.py).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import orjson
+from sqlalchemy import (JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
+                        create_engine, event, insert, or_, select, text, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from fhirbridge.errors import CaseError
+
+metadata = MetaData()
+
+cases = Table(
+    "cases", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("hospital", String(200), nullable=False),
+    Column("service_request", String(200), nullable=False),   # "ServiceRequest/<id>" on the hospital's EHR
+    Column("patient", String(200), nullable=False),
+    Column("reviewer", String(200), nullable=False),
+    Column("profile", String(100), nullable=False),
+    Column("step", String(40), nullable=False),
+    Column("task", String(200)),                               # "Task/<id>" in the EHR
+    Column("package_id", String(64)),
+    Column("opinion_id", String(200)),
+    Column("document_reference", String(200)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("next_attempt_at", Float),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("data", JSON, nullable=False, default=dict),         # step outputs: ids, counts, no PHI
+    Column("due_at", Float),                                   # delivery + the reviewer's turnaround target
+    Column("overdue_at", Float),                               # when it was flagged overdue
+    UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
+    # The claim query: a hospital's Cases at a work step, oldest update first (migration 0003). Without it
+    # every claim scanned every Case, done ones included (docs/performance.md, claims).
+    Index("ix_cases_claim", "hospital", "step", "updated_at"),
+)
+
+# Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
+cursors = Table(
+    "cursors", metadata,
+    Column("hospital", String(200), primary_key=True),
+    Column("name", String(80), primary_key=True),
+    Column("value", String(64)),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("updated_at", Float),
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("case_id", String(64), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(80), nullable=False),
+    Column("detail", JSON, nullable=False, default=dict),
+)
+
+# jti of every opinion envelope accepted, so a replayed file is refused even after the Case is gone.
+seen_messages = Table(
+    "seen_messages", metadata,
+    Column("jti", String(200), primary_key=True),
+    Column("case_id", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+# One row per disclosure (a package delivered) and per opinion filed: the accounting of disclosures
+# (audit.py). `resource` is the BALP AuditEvent; it names the patient by reference only. The id is the
+# AuditEvent's id, derived from the Case and the package/opinion, so recording twice keeps one row.
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("hospital", String(200), nullable=False),
+    Column("patient", String(200), nullable=False, index=True),
+    Column("case_id", String(64), nullable=False, index=True),
+    Column("kind", String(20), nullable=False),                 # disclosure | filed
+    Column("recipient", String(200), nullable=False),           # system|value of the receiving organisation
+    Column("resource", JSON, nullable=False),
+    Column("sent_to_ehr", Boolean, nullable=False, default=False),
+    Column("ehr_error", Text),                                  # why the last write to the EHR failed
+)
+
+# Steps in order. A Case is claimable in any of WORK_STEPS; await_opinion waits for the reviewer.
+STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done")
+WORK_STEPS = ("collect", "seal", "deliver", "file")
+# Closed for good; "failed" is not among them: it can be retried or cancelled.
+FINAL_STEPS = ("done", "cancelled", "declined")
+
+
+@dataclass
+class Case:
+    id: str
+    hospital: str
+    service_request: str
+    patient: str
+    reviewer: str
+    profile: str
+    step: str
+    task: str | None
+    package_id: str | None
+    opinion_id: str | None
+    document_reference: str | None
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float | None
+    claimed_by: str | None
+    claimed_until: float | None
+    created_at: float
+    updated_at: float
+    data: dict[str, Any]
+    due_at: float | None = None
+    overdue_at: float | None = None
+
+
+def _case(row) -> Case:
+    values = dict(row._mapping)
+    values["data"] = values.get("data") or {}
+    return Case(**values)
+
+
+def _pid_namespace() -> str:
+    """Containers can share a hostname and reuse pids; the pid namespace tells them apart."""
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
+
+
+LOCAL_PREFIX = f"{socket.gethostname()}:{_pid_namespace()}:"
+
+
+def worker_id() -> str:
+    return f"{LOCAL_PREFIX}{os.getpid()}"
+
+
+class Store:
+    def __init__(self, url: str, *, create: bool = True):
+        """Open the store; unless create=False, bring its schema to the newest revision first (Alembic,
+        safe when several replicas start at once: see fhirbridge.store.migrations)."""
+        self.url = url
+        self.engine: Engine = _engine(url)
+        if create:
+            try:
+                self.upgrade()
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Migrate the schema to `revision`; returns (before, after)."""
+        from fhirbridge.store import migrations  # the migration scripts import this module for its metadata
+        return migrations.upgrade(self.engine, revision)
+
+    def schema_revision(self) -> str | None:
+        """The schema revision the database is at (None: empty, or made before migrations)."""
+        from fhirbridge.store import migrations
+        return migrations.current(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- cases -------------------------------------------------------------------------------------
+
+    def open_case(self, *, case_id: str, hospital: str, service_request: str, patient: str, reviewer: str,
+                  profile: str, data: dict | None = None, hold_seconds: float = 0.0) -> tuple[Case, bool]:
+        """Insert the Case for an order unless one exists: (case, created). The unique constraint on
+        (hospital, service_request) makes this safe when two intakes race."""
+        now = time.time()
+        # hold_seconds: not claimable until intake has finished with it (its Task, or adopting an older one).
+        row = dict(id=case_id, hospital=hospital, service_request=service_request, patient=patient,
+                   reviewer=reviewer, profile=profile, step="collect", attempts=0, created_at=now,
+                   updated_at=now, data=data or {}, next_attempt_at=(now + hold_seconds) if hold_seconds else None)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(cases).values(**row))
+                conn.execute(insert(events).values(case_id=case_id, at=now, kind="opened",
+                                                   detail={"service_request": service_request,
+                                                           "reviewer": reviewer, "profile": profile}))
+            return self.get(case_id), True
+        except IntegrityError:
+            existing = self.find_by_order(hospital, service_request)
+            if existing is None:
+                raise
+            return existing, False
+
+    def get(self, case_id: str) -> Case:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cases).where(cases.c.id == case_id)).first()
+        if row is None:
+            raise CaseError(f"no Case {case_id}")
+        return _case(row)
+
+    def find(self, case_id: str) -> Case | None:
+        try:
+            return self.get(case_id)
+        except CaseError:
+            return None
+
+    def find_by_order(self, hospital: str, service_request: str) -> Case | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cases).where(and_(cases.c.hospital == hospital,
+                                                        cases.c.service_request == service_request))).first()
+        return _case(row) if row else None
+
+    def find_by_prefix(self, prefix: str) -> Case:
+        """Resolve a Case id or an unambiguous prefix of one (what a person types from `status`)."""
+        if not prefix:
+            raise CaseError("give a Case id (or the first characters of one)")
+        with self.engine.connect() as conn:
+            # startswith() escapes LIKE wildcards: "abc_" must not match "abc1...".
+            rows = conn.execute(select(cases).where(cases.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
+        if not rows:
+            raise CaseError(f"no Case with id {prefix}")
+        if len(rows) > 1:
+            raise CaseError(f"Case id prefix {prefix} is ambiguous; type more of it")
+        return _case(rows[0])
+
+    def list(self, *, steps: tuple[str, ...] | None = None, hospital: str | None = None,
+             patient: str | None = None) -> list[Case]:
+        q = select(cases).order_by(cases.c.created_at)
+        if steps:
+            q = q.where(cases.c.step.in_(steps))
+        if hospital is not None:
+            q = q.where(cases.c.hospital == hospital)
+        if patient is not None:
+            q = q.where(cases.c.patient == patient)
+        with self.engine.connect() as conn:
+            return [_case(r) for r in conn.execute(q)]
+
+    def update(self, case_id: str, *, event_kind: str | None = None, detail: dict | None = None,
+               data: dict | None = None, **values) -> Case:
+        """Update columns (and merge `data`), appending an event in the same transaction."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            if data is not None:
+                current = conn.execute(select(cases.c.data).where(cases.c.id == case_id)).scalar_one()
+                values["data"] = {**(current or {}), **data}
+            conn.execute(update(cases).where(cases.c.id == case_id).values(updated_at=now, **values))
+            if event_kind:
+                conn.execute(insert(events).values(case_id=case_id, at=now, kind=event_kind, detail=detail or {}))
+        return self.get(case_id)
+
+    def add_event(self, case_id: str, kind: str, detail: dict | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(events).values(case_id=case_id, at=time.time(), kind=kind, detail=detail or {}))
+
+    def events(self, case_id: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(events).where(events.c.case_id == case_id).order_by(events.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # --- work claiming -----------------------------------------------------------------------------
+
+    def claim(self, *, steps: tuple[str, ...] = WORK_STEPS, lease_seconds: float = 300.0,
+              worker: str | None = None, case_id: str | None = None, hospital: str | None = None) -> Case | None:
+        """Claim one Case that has work due, with a lease, in ONE atomic UPDATE ... RETURNING.
+
+        The claim condition appears in the outer WHERE as well as the subquery: under PostgreSQL READ
+        COMMITTED a second worker blocked on the same row re-evaluates only the outer WHERE against the
+        committed row, so without it both would "win". SKIP LOCKED lets workers pass over rows another is
+        claiming instead of queueing on them (SQLite serialises writers and ignores it).
+        """
+        now = time.time()
+        worker = worker or worker_id()
+        free = or_(cases.c.claimed_until.is_(None), cases.c.claimed_until < now)
+        due = or_(cases.c.next_attempt_at.is_(None), cases.c.next_attempt_at <= now)
+        cond = and_(cases.c.step.in_(steps), free, due)
+        if case_id is not None:
+            cond = and_(cond, cases.c.id == case_id)
+        if hospital is not None:
+            cond = and_(cond, cases.c.hospital == hospital)
+        pick = select(cases.c.id).where(cond).order_by(cases.c.updated_at).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (update(cases).where(and_(cases.c.id == pick.scalar_subquery(), free))
+                .values(claimed_by=worker, claimed_until=now + lease_seconds).returning(*cases.c))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return _case(row) if row else None
+
+    def finish_step(self, case_id: str, *, worker: str | None, expect_step: str, event_kind: str,
+                    detail: dict | None = None, data: dict | None = None, **values) -> Case | None:
+        """Record a step's outcome only if this worker still holds the Case at that step (compare-and-set).
+
+        A worker whose lease lapsed, or whose Case was cancelled meanwhile, gets None and its result is
+        dropped: the newer state wins and nothing is sent or filed twice."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            if data is not None:
+                current = conn.execute(select(cases.c.data).where(cases.c.id == case_id)).scalar_one()
+                values["data"] = {**(current or {}), **data}
+            result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker,
+                                                           cases.c.step == expect_step))
+                                  .values(updated_at=now, claimed_by=None, claimed_until=None, **values))
+            if result.rowcount != 1:
+                return None
+            conn.execute(insert(events).values(case_id=case_id, at=now, kind=event_kind, detail=detail or {}))
+        return self.get(case_id)
+
+    def cancel(self, case_id: str, reason: str) -> Case | None:
+        """Cancel unless finished; clears any claim so the holder's late result is dropped."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.step.not_in(FINAL_STEPS)))
+                                  .values(step="cancelled", last_error=reason, updated_at=now, claimed_by=None,
+                                          claimed_until=None))
+            if result.rowcount != 1:
+                return None
+            conn.execute(insert(events).values(case_id=case_id, at=now, kind="cancelled", detail={"reason": reason}))
+        return self.get(case_id)
+
+    def renew(self, case_id: str, worker: str, lease_seconds: float) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
+                                  .values(claimed_until=time.time() + lease_seconds))
+        return result.rowcount == 1
+
+    def accept_opinion(self, case_id: str, *, jti: str, package_id: str, detail: dict) -> Case | None:
+        """Atomically: record the message id (replay guard) and move the Case from awaiting (or still
+        delivering: the reviewer can answer before we recorded the delivery) to `file`. None if the Case
+        was not in such a state or the id was seen: nothing is recorded then."""
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(seen_messages).values(jti=jti, case_id=case_id, at=now))
+                result = conn.execute(update(cases).where(and_(
+                    cases.c.id == case_id, cases.c.step.in_(("await_opinion", "deliver")),
+                    cases.c.package_id == package_id))
+                    .values(step="file", opinion_id=jti, updated_at=now, attempts=0, last_error=None,
+                            next_attempt_at=None, claimed_by=None, claimed_until=None))
+                if result.rowcount != 1:
+                    raise _NotAccepted()
+                conn.execute(insert(events).values(case_id=case_id, at=now, kind="opinion.received", detail=detail))
+        except (_NotAccepted, IntegrityError):
+            return None
+        return self.get(case_id)
+
+    def release_worker(self, worker: str) -> int:
+        """Drop every claim `worker` holds (it is stopping); returns how many were released."""
+        with self.engine.begin() as conn:
+            n = conn.execute(update(cases).where(cases.c.claimed_by == worker)
+                             .values(claimed_by=None, claimed_until=None)).rowcount
+            n += conn.execute(update(cursors).where(cursors.c.claimed_by == worker)
+                              .values(claimed_by=None, claimed_until=None)).rowcount
+        return n
+
+    def release(self, case_id: str, worker: str | None = None) -> None:
+        worker = worker or worker_id()
+        with self.engine.begin() as conn:
+            conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
+                         .values(claimed_by=None, claimed_until=None))
+
+    def release_dead_local_claims(self) -> list[str]:
+        """Free Cases claimed by a process of this host that no longer exists (a `fhirbridge run` that was
+        killed), so the next run on this machine resumes them at once instead of waiting out the lease."""
+        now = time.time()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(cases.c.id, cases.c.claimed_by).where(and_(
+                cases.c.claimed_by.startswith(LOCAL_PREFIX, autoescape=True), cases.c.claimed_until > now))).all()
+        freed = []
+        for case_id, worker in rows:
+            pid = worker.rsplit(":", 1)[1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with self.engine.begin() as conn:
+                    conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
+                                 .values(claimed_by=None, claimed_until=None))
+                freed.append(case_id)
+        return freed
+
+    def clear_backoff(self, case_id: str | None = None) -> None:
+        stmt = update(cases).where(cases.c.next_attempt_at.is_not(None))
+        if case_id:
+            stmt = stmt.where(cases.c.id == case_id)
+        with self.engine.begin() as conn:
+            conn.execute(stmt.values(next_attempt_at=None))
+
+    def iter_claims(self, **kw) -> Iterator[Case]:
+        while (case := self.claim(**kw)) is not None:
+            yield case
+
+    # --- polling cursors ---------------------------------------------------------------------------
+
+    def claim_cursor(self, hospital: str, name: str, *, worker: str, lease_seconds: float) -> tuple[bool, str | None]:
+        """(claimed, value): only one worker at a time may poll a source; the value is where it left off."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            exists = conn.execute(select(cursors.c.name).where(and_(cursors.c.hospital == hospital,
+                                                                    cursors.c.name == name))).first()
+            if exists is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(cursors).values(hospital=hospital, name=name, value=None, updated_at=now))
+                except IntegrityError:
+                    pass  # another worker created it first
+            row = conn.execute(update(cursors).where(and_(
+                cursors.c.hospital == hospital, cursors.c.name == name,
+                or_(cursors.c.claimed_until.is_(None), cursors.c.claimed_until < now, cursors.c.claimed_by == worker)))
+                .values(claimed_by=worker, claimed_until=now + lease_seconds).returning(cursors.c.value)).first()
+        return (row is not None), (row[0] if row else None)
+
+    def save_cursor(self, hospital: str, name: str, *, worker: str, value: str | None) -> bool:
+        """Store where polling got to and release the claim; False if the claim was lost meanwhile."""
+        with self.engine.begin() as conn:
+            result = conn.execute(update(cursors).where(and_(cursors.c.hospital == hospital, cursors.c.name == name,
+                                                             cursors.c.claimed_by == worker))
+                                  .values(value=value, claimed_by=None, claimed_until=None, updated_at=time.time()))
+        return result.rowcount == 1
+
+    def release_cursor(self, hospital: str, name: str, *, worker: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(cursors).where(and_(cursors.c.hospital == hospital, cursors.c.name == name,
+                                                    cursors.c.claimed_by == worker))
+                         .values(claimed_by=None, claimed_until=None))
+
+    def get_cursor(self, hospital: str, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(cursors.c.value).where(and_(cursors.c.hospital == hospital,
+                                                                   cursors.c.name == name))).scalar()
+
+    # --- turnaround --------------------------------------------------------------------------------
+
+    def newly_overdue(self, hospital: str | None = None) -> list[Case]:
+        """Cases awaiting an opinion past their due time that were not flagged yet; flags them (once)."""
+        now = time.time()
+        cond = and_(cases.c.step == "await_opinion", cases.c.due_at.is_not(None), cases.c.due_at < now,
+                    cases.c.overdue_at.is_(None))
+        if hospital:
+            cond = and_(cond, cases.c.hospital == hospital)
+        with self.engine.begin() as conn:
+            rows = conn.execute(update(cases).where(cond).values(overdue_at=now).returning(*cases.c)).all()
+            for r in rows:
+                conn.execute(insert(events).values(case_id=r.id, at=now, kind="overdue",
+                                                   detail={"due_at": r.due_at}))
+        return [_case(r) for r in rows]
+
+    # --- audit trail -------------------------------------------------------------------------------
+
+    def add_audit(self, *, id: str, hospital: str, patient: str, case_id: str, kind: str, recipient: str,
+                  resource: dict, at: float | None = None) -> bool:
+        """Record an AuditEvent; False (and nothing changed) if one with this id is already recorded."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(audit_events).values(id=id, at=at or time.time(), hospital=hospital,
+                                                         patient=patient, case_id=case_id, kind=kind,
+                                                         recipient=recipient, resource=resource,
+                                                         sent_to_ehr=False))
+            return True
+        except IntegrityError:
+            return False
+
+    def list_audit(self, *, patient: str | None = None, case_id: str | None = None,
+                     hospital: str | None = None, unsent: bool = False) -> list[dict]:
+        """Recorded AuditEvents, oldest first, filtered by patient reference, Case, hospital, or not yet in
+        the EHR."""
+        q = select(audit_events).order_by(audit_events.c.at, audit_events.c.id)
+        if patient is not None:
+            q = q.where(audit_events.c.patient == patient)
+        if case_id is not None:
+            q = q.where(audit_events.c.case_id == case_id)
+        if hospital is not None:
+            q = q.where(audit_events.c.hospital == hospital)
+        if unsent:
+            q = q.where(audit_events.c.sent_to_ehr.is_(False))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def mark_audit(self, audit_id: str, *, sent: bool, error: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(audit_events).where(audit_events.c.id == audit_id)
+                         .values(sent_to_ehr=sent, ehr_error=None if sent else error))
+
+    # --- replay guard ------------------------------------------------------------------------------
+
+    def remember_message(self, jti: str, case_id: str) -> bool:
+        """Record a message id; False if it was seen before (a replay)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(seen_messages).values(jti=jti, case_id=case_id, at=time.time()))
+            return True
+        except IntegrityError:
+            return False
+
+    def remember_token(self, jti: str, who: str, *, keep_seconds: float = 900.0) -> bool:
+        """Record the jti of a short-lived API token (a reviewer's signed JWT); False if it was used before.
+        Rows of tokens that have long expired are dropped as new ones arrive: the table never grows with the
+        API traffic, only with the opinions it guards."""
+        now = time.time()
+        key = f"token:{jti}"[:200]
+        # The sweep of expired token rows runs at most once a minute per process, not on every API call.
+        sweep = now >= getattr(self, "_token_sweep_at", 0.0)
+        if sweep:
+            self._token_sweep_at = now + 60
+        try:
+            with self.engine.begin() as conn:
+                if sweep:
+                    conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id.like("token:%"),
+                                                                   seen_messages.c.at < now - keep_seconds)))
+                conn.execute(insert(seen_messages).values(jti=key, case_id=f"token:{who}"[:64], at=now))
+            return True
+        except IntegrityError:
+            return False
+
+    def message_seen(self, jti: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(seen_messages.c.jti).where(seen_messages.c.jti == jti)).first() is not None
+
+
+class _NotAccepted(Exception):
+    pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, json_serializer=_json_dumps)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # WAL: readers don't block the writer; FULL sync: no lost step
+            cur = dbapi_conn.cursor()
+            _wal(cur)
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+        return engine
+    return create_engine(url, pool_pre_ping=True, json_serializer=_json_dumps)
+
+
+def _wal(cur, wait: float = 30.0) -> None:
+    """Switch to WAL, waiting for other processes. Switching a database that is not yet in WAL mode (a new
+    file) fails at once with "database is locked" while another connection writes, whatever busy_timeout
+    says: several replicas or gunicorn workers starting on a fresh file hit exactly that."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _json_dumps(obj) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def ping(store: Store) -> None:
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
