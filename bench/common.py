@@ -20,7 +20,8 @@ from typing import Any, Callable
 from fhirbridge.config import loader as config
 from fhirbridge.ehr.context import App
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.config.starter import write_reviewer_keys, write_starter
+from fhirbridge.config.starter import write_starter
+from fhirbridge.exchange.reviewer import write_reviewer_keys
 from fhirbridge.demo.localehr import LocalEhr
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from fhirbridge.exchange import envelope
 from fhirbridge.ehr.context import App
 from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.config.starter import write_reviewer_keys, write_starter
+from fhirbridge.config.starter import write_starter
+from fhirbridge.exchange.reviewer import write_reviewer_keys
 from fhirbridge.demo.localehr import LocalEhr
 from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.exchange.opinion import build_opinion_document, reviewer_organization

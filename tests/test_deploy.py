@@ -219,7 +219,7 @@ def test_gunicorn_conf_re_exports_the_project_settings():
             "callable(ns['child_exit']), callable(ns['post_worker_init'])); "
             "import shutil; shutil.rmtree(os.environ['PROMETHEUS_MULTIPROC_DIR'])")
     result = run(sys.executable, "-c", code, cwd=ROOT)
-    assert result.stdout.split() == ["fhirbridge.ops.logs.GunicornLogger", "gthread", "True", "True", "True"], result.stderr
+    assert result.stdout.split() == ["fhirbridge.service.gunicorn_logger.GunicornLogger", "gthread", "True", "True", "True"], result.stderr
 
 
 # --- gunicorn boots the app: the demo run ------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_other_4xx_mid_run_fails_the_case_with_the_reason_and_retry_resumes(hosp
     assert task["status"] == "failed" and "400" in task["statusReason"]["text"]
 
     proxy.clear()
-    from fhirbridge.loop.runner import retry
+    from fhirbridge.loop.actions import retry
     retry(hospital.app, case)
     hospital.run()
     case = hospital.app.store.get(case.id)

@@ -92,7 +92,7 @@ def test_intake_twice_opens_one_case_and_one_task(hospital, seeded, fhir):
     case = hospital.case_for(sr)
     # A second machine with its own empty store still finds the Task by the Case identifier.
     assert _count(fhir, "Task", {"identifier": f"{CASE_ID_SYSTEM}|{case.id}"}) == 1
-    assert len([c for c in hospital.app.store.list() if c.service_request == f"ServiceRequest/{sr['id']}"]) == 1
+    assert len([c for c in hospital.app.store.list_cases() if c.service_request == f"ServiceRequest/{sr['id']}"]) == 1
 
 
 def test_package_is_a_valid_signed_document_with_manifest(hospital, seeded):
@@ -146,6 +146,6 @@ def test_renaming_the_hospital_reopens_no_case(hospital, seeded):
     try:
         assert renamed.hospital.name.startswith("Renamed")
         assert hospital.run(app=renamed, case_id="none").opened == 0
-        assert len([c for c in renamed.store.list() if c.service_request == f"ServiceRequest/{sr['id']}"]) == 1
+        assert len([c for c in renamed.store.list_cases() if c.service_request == f"ServiceRequest/{sr['id']}"]) == 1
     finally:
         renamed.close()

@@ -110,7 +110,7 @@ def test_store_gauges_show_the_queue_and_the_oldest_pending_step(served):
         assert created
         ids.append(case.id)
     from sqlalchemy import update
-    from fhirbridge.store.store import cases, events
+    from fhirbridge.store.tables import cases, events
     with store.engine.begin() as conn:
         # One has waited ten minutes at collect, one is running, one backs off after an error, one is due.
         conn.execute(update(events).where(events.c.case_id == ids[0]).values(at=now - 600))

@@ -22,7 +22,8 @@ from fhirbridge.cli import main as cli
 
 from fhirbridge.store import migrations
 from fhirbridge.errors import FhirbridgeError
-from fhirbridge.store.store import Store, metadata
+from fhirbridge.store.store import Store
+from fhirbridge.store.tables import metadata
 
 from loopkit import pg_schema
 

@@ -7,7 +7,7 @@ import pytest
 from fhirbridge.config import loader as config
 from fhirbridge.crypto import keys
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.config.starter import write_reviewer_keys
+from fhirbridge.exchange.reviewer import write_reviewer_keys
 from fhirbridge.demo.localehr import LocalEhr, seed_patient
 from fhirbridge.ehr.order import place_order
 from fhirbridge.exchange.reviewer import answer, open_package, trust_for
@@ -80,8 +80,8 @@ path = "outbox"
         south_case = svc.store.find_by_order(south.hospital.key, f"ServiceRequest/{south_sr['id']}")
         assert north_case.step == south_case.step == "await_opinion"
         # Each hospital took in only its own EHR's order.
-        assert {c.hospital for c in svc.store.list()} == {north.hospital.key, south.hospital.key}
-        assert len(svc.store.list()) == 2
+        assert {c.hospital for c in svc.store.list_cases()} == {north.hospital.key, south.hospital.key}
+        assert len(svc.store.list_cases()) == 2
 
         key = keys.KeyRing.load(rfiles["private_keys"])
         trust = trust_for(rfiles["private_keys"], None)       # the trusted/ directory, one file per hospital

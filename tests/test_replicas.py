@@ -24,11 +24,11 @@ GRACEFUL_SECONDS = 30     # a worker told to stop finishes its step and exits wi
 def _holders(store) -> dict[str, tuple[str, str]]:
     """Case id -> (worker id holding a live lease on it, the step)."""
     now = time.time()
-    return {c.id: (c.claimed_by, c.step) for c in store.list() if c.claimed_by and (c.claimed_until or 0) > now}
+    return {c.id: (c.claimed_by, c.step) for c in store.list_cases() if c.claimed_by and (c.claimed_until or 0) > now}
 
 
 def _done_steps(store) -> int:
-    return sum(1 for c in store.list() for e in store.events(c.id) if e["kind"] in DONE_KINDS)
+    return sum(1 for c in store.list_cases() for e in store.events(c.id) if e["kind"] in DONE_KINDS)
 
 
 def test_replicas_survive_a_killed_worker_and_work_every_case_once(tmp_path, ehr, seeded):
@@ -85,7 +85,7 @@ def _run(hospital: TestHospital, env: dict[str, str], workers: list, seeded: dic
 
     # Wait (bounded) until every order is a Case awaiting its opinion.
     while True:
-        cases = store.list()
+        cases = store.list_cases()
         failed = [(c.id[:8], c.step, c.last_error) for c in cases if c.step not in ("collect", "seal", "deliver",
                                                                                       "await_opinion")]
         assert not failed, failed

@@ -27,7 +27,7 @@ from fhirbridge.crypto.keys import (
 )
 from fhirbridge.exchange.transport import DeliveryError, deliver
 from fhirbridge.errors import ConfigError, SealError
-from fhirbridge.config.starter import write_reviewer_keys
+from fhirbridge.exchange.reviewer import write_reviewer_keys
 from fhirbridge.exchange.opinion import AnswerError, load_answer
 from fhirbridge.exchange.reviewer import TrustStore, answer, open_package, trust_for
 

@@ -14,7 +14,7 @@ from fhirbridge.loop import collect as collect_mod
 from fhirbridge.errors import CaseError, RejectedOpinion
 from fhirbridge.loop.receive import receive_bytes, receive_file
 from fhirbridge.store.store import Store
-from fhirbridge.loop.runner import cancel, retry
+from fhirbridge.loop.actions import cancel, retry
 from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 
 from test_rejections import craft_opinion
@@ -139,7 +139,7 @@ def test_sensitive_records_are_neither_sent_nor_listed(hospital, ehr, fhir):
     assert "HIV" not in everything and "immunodeficiency" not in everything
     assert "disclosure policy" in opened.manifest["policy_note"]
     # The hospital itself still knows what it withheld and why (in its encrypted work file).
-    from fhirbridge.loop.runner import load_collected
+    from fhirbridge.loop.collect import load_collected
     held = {w["reference"]: w["reason"] for w in load_collected(hospital.app, case).withheld}
     assert "HIV" in held[ref]
 
@@ -158,7 +158,7 @@ def test_a_worker_that_lost_its_claim_does_not_overwrite_the_newer_state(hospita
         app.store.update(case.id, claimed_by="other-host:1:1", claimed_until=time.time() + 600)
         return out
 
-    monkeypatch.setattr("fhirbridge.loop.runner.collect", slow_collect)
+    monkeypatch.setattr("fhirbridge.loop.collect.collect", slow_collect)
     hospital.run(intake=False)
     after = hospital.app.store.get(case.id)
     assert after.step == "collect" and after.claimed_by == "other-host:1:1"
@@ -179,7 +179,7 @@ def test_lease_is_renewed_while_a_slow_step_runs(hospital, seeded, monkeypatch):
         stolen.append(app.store.claim(case_id=case.id, worker="thief", lease_seconds=60))
         return real(app, *a, **k)
 
-    monkeypatch.setattr(wf, "collect", slow_collect)
+    monkeypatch.setattr(collect_mod, "collect", slow_collect)
     hospital.run(intake=False)
     assert stolen == [None]                                 # the lease was kept alive: nobody could take it
     assert hospital.app.store.get(case.id).step == "await_opinion"
@@ -198,7 +198,7 @@ def test_cancel_during_a_step_is_not_undone_by_the_worker(hospital, seeded, monk
         cancel(app, app.store.get(case.id), "physician withdrew the order")
         return out
 
-    monkeypatch.setattr("fhirbridge.loop.runner.collect", collect_then_cancelled)
+    monkeypatch.setattr("fhirbridge.loop.collect.collect", collect_then_cancelled)
     hospital.run(intake=False)
     monkeypatch.undo()
     hospital.run(intake=False)
@@ -384,7 +384,7 @@ def test_a_replica_on_another_data_dir_refuses_to_start(hospital, tmp_path):
 
 
 def test_a_case_whose_work_file_is_gone_collects_again_instead_of_waiting_forever(hospital, seeded):
-    from fhirbridge.loop.runner import COLLECTED_FILE
+    from fhirbridge.loop.collect import COLLECTED_FILE
     sr = hospital.order(seeded["patient"])
     hospital.run(case_id="none")
     case = hospital.case_for(sr)

@@ -239,7 +239,7 @@ def test_case_past_its_turnaround_target_is_flagged_once(hospital, seeded, fhir)
         hospital.order(seeded["patient"])
         svc.tick_poll()
         svc.tick_work()
-        case = next(c for c in svc.store.list(steps=("await_opinion",)) if c.hospital == svc.apps[0].hospital.key)
+        case = next(c for c in svc.store.list_cases(steps=("await_opinion",)) if c.hospital == svc.apps[0].hospital.key)
         time.sleep(1.2)
         svc.tick_overdue()
         flagged = svc.store.get(case.id)
@@ -260,7 +260,7 @@ def test_one_failing_order_does_not_stop_polling_of_the_others(hospital, seeded,
 
     def poisoned(app, sr):
         if sr["id"] == bad["id"]:
-            raise intake.FhirError("EHR answered 403 Forbidden to GET Organization/x", status=403, transient=True)
+            raise FhirError("EHR answered 403 Forbidden to GET Organization/x", status=403, transient=True)
         return real(app, sr)
 
     monkeypatch.setattr(intake, "order_changed", poisoned)

@@ -43,7 +43,7 @@ def test_open_case_twice_for_the_same_order_gives_one_case(store):
     second, created2 = open_case(store, 7, case_id="second")
     assert (created1, created2) == (True, False)
     assert second.id == "first"
-    assert [c.id for c in store.list()] == ["first"]
+    assert [c.id for c in store.list_cases()] == ["first"]
     assert store.find("second") is None
     assert [e["kind"] for e in store.events("first")] == ["opened"]
     assert store.events("second") == []
@@ -52,7 +52,7 @@ def test_open_case_twice_for_the_same_order_gives_one_case(store):
 def test_same_order_number_at_another_hospital_is_another_case(store):
     _, a = open_case(store, 7)
     _, b = open_case(store, 7, hospital="urn:ietf:rfc:3986|urn:oid:2.999.1.99")
-    assert a and b and len(store.list()) == 2
+    assert a and b and len(store.list_cases()) == 2
 
 
 def test_get_unknown_case(store):

@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 
 from fhirbridge.config import loader as config
 from fhirbridge.cli.main import main
-from fhirbridge.config.loader import env_name
+from fhirbridge.config.model import env_name
 from fhirbridge.loop.intake import poll
 from fhirbridge.service.scheduler import Service
 from fhirbridge.ehr.subscriptions import (
@@ -109,7 +109,7 @@ def wait_for(what, fn, timeout: float = WAIT):
 
 def cases_for(h, sr) -> list:
     ref = f"ServiceRequest/{sr['id']}"
-    return [c for c in h.app.store.list() if c.service_request == ref]
+    return [c for c in h.app.store.list_cases() if c.service_request == ref]
 
 
 def notification(sub_id: str, kind: str, count: int, events=(), resources=(), base="http://ehr.example/fhir"):

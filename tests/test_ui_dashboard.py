@@ -55,7 +55,7 @@ def sign_in(page, url, token):
 
 def test_dashboard_shows_the_flow_and_retries_a_failed_case(dashboard_site, page):
     h, svc, server, filed = dashboard_site
-    failed = next(c for c in svc.store.list() if c.step == "failed" and c.hospital == h.app.hospital.key)
+    failed = next(c for c in svc.store.list_cases() if c.step == "failed" and c.hospital == h.app.hospital.key)
     assert "1000" in failed.last_error or "larger" in failed.last_error, failed.last_error
 
     page.goto(server.url + "/dashboard/")
@@ -103,7 +103,7 @@ def test_a_read_only_key_sees_but_cannot_retry(dashboard_site, page):
     assert page.get_by_role("button", name=re.compile("^Retry")).count() == 0
     # A forged retry without the scope (with the page's own CSRF token) is refused.
     token = page.locator("input[name=csrf_token]").first.get_attribute("value")
-    failed = next(c for c in _svc.store.list() if c.step == "failed")
+    failed = next(c for c in _svc.store.list_cases() if c.step == "failed")
     resp = page.request.post(server.url + f"/dashboard/cases/{failed.id}/retry", form={"csrf_token": token})
     assert resp.status == 403 and "cases:write" in resp.text()
     assert _svc.store.get(failed.id).step == "failed"

@@ -5,4 +5,5 @@ enforces them): cli · demo · service · ui · loop · ehr · access, exchange,
 crypto · and at the root what every layer shares: `steps` (the Case's steps), `errors`, `jsonutil`.
 """
 
-__version__ = "0.1.0"
+VERSION = "0.1.0"
+__version__ = VERSION

@@ -41,7 +41,7 @@ from fhirbridge.exchange import envelope
 from fhirbridge.ehr import subscriptions as subscribe
 from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.cli.main import main
-from fhirbridge.config.loader import env_name
+from fhirbridge.config.model import env_name
 from fhirbridge.crypto.keys import KeyRing, generate_jwks
 from fhirbridge.errors import ConfigError, FhirbridgeError, RejectedOpinion, SealError
 from fhirbridge.fhir.client import FhirClient
@@ -107,7 +107,7 @@ class World:
 
     def snapshot(self, fhir: FhirClient) -> dict:
         store = self.h.app.store
-        cases = store.list()
+        cases = store.list_cases()
         return {"cases": sorted((c.id, c.step, c.opinion_id, c.document_reference, c.updated_at) for c in cases),
                 "events": sum(len(store.events(c.id)) for c in cases),
                 "audit": len(store.list_audit()),

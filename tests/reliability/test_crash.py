@@ -70,7 +70,7 @@ class Driver:
             return
         inbox = self.hospital.app.config.inbox
         inbox.mkdir(parents=True, exist_ok=True)
-        for case in self.store.list(steps=("await_opinion",)):
+        for case in self.store.list_cases(steps=("await_opinion",)):
             if case.id in self.answered:
                 continue
             sealed = self.hospital.answer(case)
@@ -81,7 +81,7 @@ class Driver:
             self.answered[case.id] = sealed.stem.removeprefix("opinion-")
 
     def states(self) -> list:
-        return sorted((c.step, (c.last_error or "")[:80]) for c in self.store.list())
+        return sorted((c.step, (c.last_error or "")[:80]) for c in self.store.list_cases())
 
     def kill_run(self, point: str) -> None:
         rule = None
@@ -112,7 +112,7 @@ class Driver:
         deadline = time.monotonic() + SETTLE
         while True:
             self.answer_waiting()
-            cases = self.store.list()
+            cases = self.store.list_cases()
             stuck = [(c.id[:8], c.step, c.last_error) for c in cases if c.step in ("failed", "cancelled")]
             assert not stuck, stuck
             if all(c.step == "done" for c in cases):
@@ -149,7 +149,7 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
         proxy.close()
 
     store = hospital.app.store
-    cases = store.list()
+    cases = store.list_cases()
     # Every order is one Case, finished with the opinion that was sent for it: none lost, none swapped.
     assert {c.service_request for c in cases} == orders and len(cases) == len(orders)
     lost = [c.id[:8] for c in cases if c.step != "done" or c.opinion_id != driver.answered.get(c.id)

@@ -21,7 +21,7 @@ from fhirbridge.fhir.auth import SmartBackendAuth
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.loop.receive import receive_file
-from fhirbridge.loop.runner import retry
+from fhirbridge.loop.actions import retry
 
 from faultproxy import FaultProxy
 from loopkit import TestHospital, docrefs, start_smart_ehr
@@ -75,13 +75,13 @@ def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospita
     while passes < MAX_PASSES:
         passes += 1
         hospital.run(ignore_backoff=True)
-        for case in store.list(steps=("await_opinion",)):
+        for case in store.list_cases(steps=("await_opinion",)):
             if case.id not in answered:
                 answered[case.id] = receive_file(hospital.app, hospital.answer(case)).opinion_id
-        cases = store.list()
+        cases = store.list_cases()
         if len(cases) == CASES and all(c.step in ("done", "failed") for c in cases):
             break
-    cases = store.list()
+    cases = store.list_cases()
     assert len(cases) == CASES and all(c.step in ("done", "failed") for c in cases), \
         f"not settled in {MAX_PASSES} passes: {sorted((c.step, c.last_error or '') for c in cases)}"
     # A Case that failed says why, in the store and in its event log.
@@ -97,10 +97,10 @@ def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospita
         retry(hospital.app, c)
     for _ in range(5):
         hospital.run(ignore_backoff=True)
-        for case in store.list(steps=("await_opinion",)):
+        for case in store.list_cases(steps=("await_opinion",)):
             if case.id not in answered:
                 answered[case.id] = receive_file(hospital.app, hospital.answer(case)).opinion_id
-    cases = store.list()
+    cases = store.list_cases()
     assert {c.service_request for c in cases} == orders
     lost = [c.id[:8] for c in cases if c.step != "done" or c.opinion_id != answered.get(c.id)]
     assert not lost, [(c.step, c.last_error) for c in cases if c.step != "done"]

@@ -136,7 +136,7 @@ def _run(hospital: TestHospital, served: Served, patient: str, fhir, figures: di
     answered: dict[str, str] = {}
     deadline = started + SETTLE
     while True:
-        cases = [c for c in store.list() if c.id in set(clients.case_ids)]
+        cases = [c for c in store.list_cases() if c.id in set(clients.case_ids)]
         for case in cases:
             if case.step == "await_opinion" and case.id not in answered:
                 sealed = hospital.answer(case)

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 
-from fhirbridge.config.loader import STAFF_SCOPES, Config, Reviewer
+from fhirbridge.config.model import STAFF_SCOPES, Config, Reviewer
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.exchange.envelope import peek_claims, peek_header
+from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.errors import ConfigError, SealError
+from fhirbridge.exchange.envelope import peek_claims, peek_header
 
 REVIEWER_JWT_ALGS = ("ES384", "ES256", "RS384", "PS256")
 OAUTH_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384")
@@ -165,7 +166,6 @@ def reviewer_from_bearer(token: str | None, cfg: Config, *, audiences: tuple[str
 def oauth_keyring(cfg: Config, kid: object) -> KeyRing:
     """The identity provider's public keys ([api.oauth]): its file, or its published set (cached, re-read on
     an unknown kid)."""
-    from fhirbridge.crypto.remote_jwks import RemoteJwks
     if cfg.oauth.jwks is not None:
         return KeyRing.load(cfg.oauth.jwks)
     return RemoteJwks.shared(cfg.oauth.jwks_url, cfg.data_dir / "jwks-cache" / "oauth-issuer.jwks.json",

@@ -13,8 +13,8 @@ import secrets
 from pathlib import Path
 
 from fhirbridge import jsonutil
-
 from fhirbridge.config import loader as config
+from fhirbridge.config.model import STAFF_SCOPES
 from fhirbridge.crypto import keys
 from fhirbridge.errors import ConfigError
 
@@ -82,9 +82,9 @@ def cmd_jwks(args) -> int:
 
 def cmd_api_key(args) -> int:
     """A new staff API key: printed once, with the [[api.keys]] block (holding only its SHA-256) to add."""
-    bad = [s for s in args.scopes if s not in config.STAFF_SCOPES]
+    bad = [s for s in args.scopes if s not in STAFF_SCOPES]
     if bad:
-        raise ConfigError(f"{bad[0]!r} is not a scope; use some of {', '.join(config.STAFF_SCOPES)}")
+        raise ConfigError(f"{bad[0]!r} is not a scope; use some of {', '.join(STAFF_SCOPES)}")
     key = "fbk_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).hexdigest()
     print(f"API key (shown once; give it to the client, it cannot be recovered): {key}")
@@ -126,6 +126,6 @@ def add_parsers(sub) -> None:
     s = ks.add_parser("api-key", help="make a scoped staff API key (prints it once, and the config block)")
     s.add_argument("name")
     s.add_argument("--scopes", nargs="+", required=True, metavar="SCOPE",
-                   help=f"some of {', '.join(config.STAFF_SCOPES)}")
+                   help=f"some of {', '.join(STAFF_SCOPES)}")
     s.add_argument("--hospitals", nargs="*", default=[], help="limit it to these hospitals (default: all)")
     s.set_defaults(func=cmd_api_key)

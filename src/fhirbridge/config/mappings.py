@@ -14,6 +14,10 @@ from fhirbridge.errors import ConfigError
 
 COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "MedicationStatement",
                "MedicationRequest", "DocumentReference")
+# Referenced types worth carrying so the records make sense on their own (who reported, what was
+# measured, which drug, where the images are). Collect follows references to them; doctor checks each.
+FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation", "Medication", "Endpoint",
+                "Specimen", "Location")
 FIELD_KINDS = ("choice", "text", "list", "answers")
 
 

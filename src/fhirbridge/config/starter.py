@@ -186,31 +186,3 @@ def write_starter(directory: Path, *, fhir_base_url: str = "http://127.0.0.1:809
     keys.write_public_jwks(public, keys.public_jwks(jwks))
     cfg_path.write_text(text, encoding="utf-8")
     return {"config": cfg_path, "private_keys": private, "public_keys": public}
-
-
-def write_reviewer_keys(directory: Path, hospital_public_jwks: Path | None = None, *, rsa: bool = True) -> dict:
-    """A reviewer's key pair (EC signing, EC + RSA encryption) and, optionally, its trusted hospital keys.
-
-    The trust file is checked before any key is written, so a wrong path can simply be corrected and rerun.
-    """
-    directory = Path(directory)
-    trust = None
-    if hospital_public_jwks:
-        ring = keys.KeyRing.load(hospital_public_jwks)
-        if ring.has_private:
-            raise FhirbridgeError(f"{hospital_public_jwks} holds private keys: a reviewer must be given only the "
-                                  "hospital's PUBLIC keys (`fhirbridge keys jwks`)")
-        from fhirbridge.exchange.reviewer import TrustStore
-        TrustStore.of(ring)  # the same rules as when it is used: one hospital, one signing key
-        trust = ring.public_jwks()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    jwks = keys.generate_jwks(rsa_enc=rsa)
-    private = directory / "reviewer.private.jwks.json"
-    public = directory / "reviewer.public.jwks.json"
-    keys.write_private_jwks(private, jwks)
-    keys.write_public_jwks(public, keys.public_jwks(jwks))
-    out = {"private_keys": private, "public_keys": public}
-    if trust is not None:
-        out["trusted"] = directory / "trusted.jwks.json"
-        keys.write_public_jwks(out["trusted"], trust)
-    return out

@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from fhirbridge.crypto.keys import KeyRing, thumbprint
 from fhirbridge.errors import SealError
 from fhirbridge.jsonutil import b64url, dumps, loads
-from fhirbridge.crypto.keys import KeyRing, thumbprint
 
 ENC = "A256GCM"
 ALG_ECDH = "ECDH-ES+A256KW"

@@ -14,9 +14,9 @@ import rfc8785
 from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 
+from fhirbridge.crypto.keys import SIG_ALGS, KeyRing
 from fhirbridge.errors import SealError
 from fhirbridge.jsonutil import b64url_decode, canonical, loads, sha256_hex
-from fhirbridge.crypto.keys import SIG_ALGS, KeyRing
 
 ALLOWED_ALGS = SIG_ALGS  # never "none" or HS*: a MAC key is shared, so it cannot prove who signed
 

@@ -10,11 +10,13 @@ import logging
 import os
 import secrets
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+from joserfc import jwe as jose_jwe
 from joserfc import jwk
 from joserfc.errors import JoseError
 
@@ -141,7 +143,6 @@ _JWE_REGISTRY = None
 def _pbes2_registry():
     global _JWE_REGISTRY
     if _JWE_REGISTRY is None:
-        from joserfc import jwe as jose_jwe
         _JWE_REGISTRY = jose_jwe.JWERegistry(algorithms=[_PBES2, "A256GCM"])
     return _JWE_REGISTRY
 
@@ -149,14 +150,12 @@ def _pbes2_registry():
 def _passphrase_key(passphrase: str) -> jwk.OctKey:
     if not isinstance(passphrase, str) or len(passphrase) < 12:
         raise ConfigError(f"a key passphrase must be at least 12 characters (set {PASSPHRASE_ENV})")
-    import warnings
     with warnings.catch_warnings():  # joserfc warns about short "keys"; a passphrase is stretched by PBES2
         warnings.simplefilter("ignore")
         return jwk.OctKey.import_key(passphrase.encode())
 
 
 def encrypt_jwks_bytes(jwks: dict, passphrase: str) -> bytes:
-    from joserfc import jwe as jose_jwe
     header = {"alg": _PBES2, "enc": "A256GCM", "p2c": _P2C, "cty": "jwk-set+json"}
     return jose_jwe.encrypt_compact(header, dumps(jwks), _passphrase_key(passphrase),
                                     registry=_pbes2_registry()).encode() + b"\n"
@@ -169,7 +168,6 @@ def is_encrypted_jwks(raw: bytes) -> bool:
 
 
 def decrypt_jwks_bytes(raw: bytes, passphrase: str | None, *, file: str) -> Any:
-    from joserfc import jwe as jose_jwe
     if not passphrase:
         raise ConfigError(f"the key file is encrypted: set {PASSPHRASE_ENV} to its passphrase", file=file)
     try:

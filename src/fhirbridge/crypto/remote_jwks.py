@@ -16,9 +16,9 @@ from pathlib import Path
 
 import requests
 
+from fhirbridge.crypto.keys import KeyRing, write_public_jwks
 from fhirbridge.errors import ConfigError, SealError
 from fhirbridge.jsonutil import dumps, loads
-from fhirbridge.crypto.keys import KeyRing, write_public_jwks
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import requests
 
+from fhirbridge.crypto.keys import public_jwks
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.client import FhirClient
 
@@ -247,7 +248,6 @@ def _write_settings(data_dir: Path, port: int, smart_client: dict | None = None,
 def _smart_server_auth(client: dict) -> dict:
     """sekmet's server_auth enforcing SMART Backend Services for one registered client."""
     # Imported here: the demo EHR itself needs no crypto.
-    from fhirbridge.crypto.keys import public_jwks
     client_id = client.get("client_id")
     if not isinstance(client_id, str) or not client_id:
         raise ValueError("smart_client needs a client_id")

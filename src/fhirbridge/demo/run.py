@@ -15,14 +15,18 @@ import time
 from pathlib import Path
 
 from fhirbridge.config import loader as config
+from fhirbridge.config.starter import write_starter
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.demo.localehr import LocalEhr, publish_order_topic, seed_patient
 from fhirbridge.ehr.context import App
-from fhirbridge.errors import FhirbridgeError
-from fhirbridge.config.starter import write_reviewer_keys, write_starter
 from fhirbridge.ehr.order import place_order
-from fhirbridge.loop.receive import receive_file
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.exchange.envelope import OPINION, open_sealed
 from fhirbridge.exchange.render import render_opinion
-from fhirbridge.exchange.reviewer import answer, open_package, trust_for
+from fhirbridge.exchange.reviewer import answer, open_package, trust_for, write_reviewer_keys
+from fhirbridge.loop.receive import opinion_path, receive_file
 from fhirbridge.loop.runner import run_pending
+from fhirbridge.steps import Step
 
 MARKER = ".fhirbridge-demo"
 SAMPLE_ANSWER = '''\
@@ -68,7 +72,6 @@ def _prepare(directory: Path) -> None:
 
 
 def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
-    from fhirbridge.demo.localehr import LocalEhr, seed_patient  # needs the [demo] extra
     directory = directory.resolve()
     _prepare(directory)
     step = Steps()
@@ -88,7 +91,6 @@ def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
 
 
 def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
-    from fhirbridge.demo.localehr import publish_order_topic
     step("Configuring fhirbridge for the hospital, and keys for a sample reviewer")
     hospital_dir, reviewer_dir = directory / "hospital", directory / "reviewer"
     reviewer_files = write_reviewer_keys(reviewer_dir, None)
@@ -118,14 +120,13 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
         step("fhirbridge run: intake, collect, seal (sign + encrypt), deliver to the outbox")
         report = run_pending(app)
         case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
-        if case is None or case.step != "await_opinion":
+        if case is None or case.step != Step.AWAIT_OPINION:
             raise FhirbridgeError(f"the demo Case did not reach the reviewer: {report.errors}")
         package = directory / "outbox" / case.package_id
         print(f"    package: {package}")
 
         step("The reviewer opens the package (verify signature, decrypt)")
         key_path = reviewer_files["private_keys"]
-        from fhirbridge.crypto.keys import KeyRing
         key = KeyRing.load(key_path)
         trusted = trust_for(key_path, None)
         opened = open_package(package, key, trusted)
@@ -146,7 +147,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
         receive_file(app, opinion_file)
         run_pending(app, intake=False, case_id=case.id)
         case = app.store.get(case.id)
-        if case.step != "done":
+        if case.step != Step.DONE:
             raise FhirbridgeError(f"the opinion was not filed: {case.last_error}")
 
         step("Checking the chart")
@@ -171,8 +172,6 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
 
 
 def opened_opinion(app: App, case) -> dict:
-    from fhirbridge.exchange.envelope import OPINION, open_sealed
-    from fhirbridge.loop.receive import opinion_path
     data = opinion_path(app, case).read_bytes()
     _claims, document = open_sealed(data, typ=OPINION, decrypt=app.hospital_keys,
                                     trusted=app.reviewer_keys(case.reviewer), check_expiry=False)

@@ -28,7 +28,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from fhirbridge import __version__
+from fhirbridge import VERSION
 from fhirbridge.ehr.context import App
 from fhirbridge.fhir.validate import validate
 from fhirbridge.store.store import Case
@@ -88,7 +88,7 @@ def _base(app: App, case: Case, *, aid: str, profile: str, type_: dict, action: 
         "source": {"site": app.hospital.name,
                    "observer": {"identifier": {"system": app.hospital.identifier_system,
                                                "value": app.hospital.identifier_value},
-                                "display": f"fhirbridge {__version__}"},
+                                "display": f"fhirbridge {VERSION}"},
                    "type": [_coding(SOURCE_TYPE, "4", "Application Server")]},
     }
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 from fhirbridge.config import mappings as mappings_load
-
-from fhirbridge.ops import metrics
-from fhirbridge.config.loader import Config, Hospital
+from fhirbridge.config.model import Config, Hospital, env_name
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.fhir.auth import make_auth
 from fhirbridge.fhir.client import FhirClient
+from fhirbridge.ops import metrics
 from fhirbridge.store.store import Store
 
 log = logging.getLogger("fhirbridge")
@@ -68,8 +68,6 @@ class App:
         reviewer = self.config.reviewer(name)
         if reviewer.jwks is not None:
             return KeyRing.load(reviewer.jwks)
-        from fhirbridge.config.loader import env_name
-        from fhirbridge.crypto.remote_jwks import RemoteJwks
         cache = self.config.data_dir / "jwks-cache" / f"reviewer-{env_name(name)}.jwks.json"
         return RemoteJwks.shared(reviewer.jwks_url, cache).keys(kid)
 

@@ -16,6 +16,7 @@ import re
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
 HREX_TEMP = "http://hl7.org/fhir/us/davinci-hrex/CodeSystem/hrex-temp"
@@ -59,7 +60,7 @@ def build(app: App, case: Case, text: str) -> dict:
 
 def request_records(app: App, case: Case, text: str) -> str:
     """Write the data request Task; returns its reference. Only while the Case awaits the opinion."""
-    if case.step != "await_opinion":
+    if case.step != Step.AWAIT_OPINION:
         raise BadRequest(f"Case {case.id[:8]} is {case.step}: more records can be asked for only while it awaits "
                          "your opinion")
     task = build(app, case, clean_text(text))

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import uuid
 
+from fhirbridge.config.mappings import profile_names
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import now_iso
 from fhirbridge.errors import FhirbridgeError, FhirError
-from fhirbridge.config.mappings import profile_names
 
 PLACER_SYSTEM = "urn:fhirbridge:placer-order"
 # One per record the referring physician chose not to share (valueReference "Type/id"); collect withholds

@@ -23,11 +23,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from fhirbridge.config.loader import env_name
+from fhirbridge.config.model import env_name
 from fhirbridge.ehr.context import App, log
 from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError
 from fhirbridge.store.store import Store, cursors
@@ -360,7 +361,6 @@ def _await_handshake(app: App, sub: dict, wait: float) -> dict:
 
 
 def _loopback(url: str) -> bool:
-    from urllib.parse import urlsplit
     return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 

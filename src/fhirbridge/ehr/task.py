@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirError
+from fhirbridge.steps import FLOW
 from fhirbridge.store.store import Case
 
 TASK_CODE = {"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill",
@@ -18,19 +19,12 @@ TASK_CODE = {"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulf
 CASE_ID_SYSTEM = "urn:fhirbridge:case"
 BUSINESS_SYSTEM = "urn:fhirbridge:codes:referral-step"
 
-# Case step -> (Task.status, businessStatus code, display)
-STATUS = {
+# Case step (and two moments that are not steps) -> (Task.status, businessStatus code, display). The steps'
+# come from the one table, steps.FLOW.
+STATUS: dict[str, tuple[str, str, str]] = {
     "opened": ("requested", "received", "Order received by the second-opinion service"),
-    "collect": ("in-progress", "collecting", "Collecting records"),
-    "seal": ("in-progress", "packaging", "Packaging records"),
-    "deliver": ("in-progress", "sending", "Sending to reviewer"),
-    "await_opinion": ("in-progress", "sent-to-reviewer", "Sent to reviewer, awaiting opinion"),
+    **{step.value: (flow.task_status, flow.business, flow.display) for step, flow in FLOW.items()},
     "overdue": ("in-progress", "overdue", "Awaiting opinion, past the reviewer's turnaround target"),
-    "file": ("in-progress", "opinion-received", "Opinion received, filing"),
-    "done": ("completed", "opinion-filed", "Opinion filed in the chart"),
-    "failed": ("failed", "failed", "Referral failed; see the service's status for the reason"),
-    "cancelled": ("cancelled", "cancelled", "Referral cancelled"),
-    "declined": ("rejected", "declined", "The reviewer declined the referral"),
 }
 
 

@@ -13,8 +13,8 @@ Opening checks all of it before anything is trusted.
 from __future__ import annotations
 
 import os
-import uuid
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol

@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 
 from fhirbridge import jsonutil
-from fhirbridge.errors import FhirbridgeError
 from fhirbridge.config.mappings import OpinionForm
+from fhirbridge.errors import FhirbridgeError
 
 
 class AnswerError(FhirbridgeError):

@@ -5,7 +5,7 @@ import re
 import time
 from html import unescape
 
-from fhirbridge.loop.document import concept_text, summary_line
+from fhirbridge.fhir.elements import concept_text, summary_line
 
 
 def _entries(document: dict) -> list[dict]:
@@ -57,8 +57,8 @@ def render_package(claims: dict, document: dict) -> str:
         lines.append("")
 
     block("Problems", t.get("Condition", []))
-    block("Diagnostic reports", t.get("DiagnosticReport", []), lambda r: _report_detail(r, refs))
-    block("Imaging studies", t.get("ImagingStudy", []), lambda r: _imaging_detail(r, refs))
+    block("Diagnostic reports", t.get("DiagnosticReport", []), lambda r: report_detail(r, refs))
+    block("Imaging studies", t.get("ImagingStudy", []), lambda r: imaging_detail(r, refs))
     block("Procedures", t.get("Procedure", []))
     block("Medications", t.get("MedicationStatement", []) + t.get("MedicationRequest", []))
     files = {a["url"]: a for a in m.get("attachments", [])}
@@ -72,7 +72,7 @@ def render_package(claims: dict, document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _report_detail(r: dict, refs: dict) -> list[str]:
+def report_detail(r: dict, refs: dict) -> list[str]:
     out = []
     for res in r.get("result", []):
         obs = refs.get(res.get("reference", ""))
@@ -85,7 +85,7 @@ def _report_detail(r: dict, refs: dict) -> list[str]:
     return out
 
 
-def _imaging_detail(r: dict, refs: dict) -> list[str]:
+def imaging_detail(r: dict, refs: dict) -> list[str]:
     out = []
     for s in r.get("series", []):
         body = concept_text({"coding": [s["bodySite"]]}) if s.get("bodySite") else ""

@@ -20,12 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fhirbridge.exchange import envelope
-from fhirbridge.crypto import jwe, jws
-from fhirbridge.crypto.keys import KeyRing, mixed_generations
-from fhirbridge.errors import ConfigError, SealError
 from fhirbridge.config.mappings import load_opinion_form
-from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, check_answer, load_answer, reviewer_organization
+from fhirbridge.crypto import jwe, jws, keys
+from fhirbridge.crypto.keys import KeyRing, mixed_generations
+from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
+from fhirbridge.exchange import envelope
+from fhirbridge.exchange.opinion import (
+    AnswerError,
+    build_opinion_document,
+    check_answer,
+    load_answer,
+    reviewer_organization,
+)
 
 TRUST_FILE = "trusted.jwks.json"
 TRUST_DIR = "trusted"
@@ -273,3 +279,30 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
     sealed = envelope.seal(typ=envelope.OPINION, claims=out_claims, document=document, signer=key,
                            recipient=recipient)
     return sealed, out_claims
+
+
+def write_reviewer_keys(directory: Path, hospital_public_jwks: Path | None = None, *, rsa: bool = True) -> dict:
+    """A reviewer's key pair (EC signing, EC + RSA encryption) and, optionally, its trusted hospital keys.
+
+    The trust file is checked before any key is written, so a wrong path can simply be corrected and rerun.
+    """
+    directory = Path(directory)
+    trust = None
+    if hospital_public_jwks:
+        ring = KeyRing.load(hospital_public_jwks)
+        if ring.has_private:
+            raise FhirbridgeError(f"{hospital_public_jwks} holds private keys: a reviewer must be given only the "
+                                  "hospital's PUBLIC keys (`fhirbridge keys jwks`)")
+        TrustStore.of(ring)  # the same rules as when it is used: one hospital, one signing key
+        trust = ring.public_jwks()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jwks = keys.generate_jwks(rsa_enc=rsa)
+    private = directory / "reviewer.private.jwks.json"
+    public = directory / "reviewer.public.jwks.json"
+    keys.write_private_jwks(private, jwks)
+    keys.write_public_jwks(public, keys.public_jwks(jwks))
+    out = {"private_keys": private, "public_keys": public}
+    if trust is not None:
+        out["trusted"] = directory / "trusted.jwks.json"
+        keys.write_public_jwks(out["trusted"], trust)
+    return out

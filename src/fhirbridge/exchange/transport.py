@@ -24,9 +24,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from fhirbridge.config.loader import Reviewer
-from fhirbridge.exchange.envelope import ENVELOPE_FILE
+from fhirbridge.config.model import Reviewer
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.exchange.envelope import ENVELOPE_FILE
 
 
 class DeliveryError(FhirbridgeError):

@@ -20,7 +20,8 @@ from joserfc import jwk
 from joserfc import jwt as jose_jwt
 from requests.auth import AuthBase, HTTPBasicAuth
 
-from fhirbridge.errors import FhirError
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.errors import FhirError, SealError
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,6 @@ class SmartBackendAuth(AuthBase):
     @classmethod
     def from_keys(cls, *, keys: str | os.PathLike, **kw: Any) -> SmartBackendAuth:
         """Sign with the first private signing key of the JWKS file `keys`."""
-        from fhirbridge.crypto.keys import KeyRing
-        from fhirbridge.errors import SealError
         ring = KeyRing.load(keys)
         try:
             key = ring.signing_key()

@@ -46,6 +46,7 @@ _CHOICE_NONE_RE = re.compile(r"Expect any of field value from this list \[(.*)",
 @lru_cache(maxsize=None)
 def _model(resource_type: str):
     """The R4B model class, or None when fhir.resources does not know the type."""
+    # Imported on first use: fhir.resources takes ~0.3 s to load, which every CLI command would pay.
     from fhir.resources.R4B import get_fhir_model_class
 
     try:

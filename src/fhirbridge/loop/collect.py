@@ -13,41 +13,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
+from fhirbridge import jsonutil
+from fhirbridge.config.mappings import FOLLOW_TYPES, Profile, ResourceRule
+from fhirbridge.crypto import jwe
 from fhirbridge.ehr.context import App
+from fhirbridge.ehr.order import EXCLUDED_RECORD, excluded_records
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.exchange.envelope import write_atomic
+from fhirbridge.fhir.elements import clinical_date, has_coding, iter_references
 from fhirbridge.fhir.validate import validate as validate_resource
-from fhirbridge.config.mappings import Profile, ResourceRule
-from fhirbridge.ehr.order import excluded_records
+from fhirbridge.loop import guards
+from fhirbridge.loop.consent import POLICY, Consents
+from fhirbridge.loop.result import StepResult
+from fhirbridge.store.store import Case
 
-if TYPE_CHECKING:
-    from fhirbridge.loop.consent import Consents
-
-# Where each type keeps the date a lookback window is measured against, first present wins.
-DATE_PATHS: dict[str, tuple[str, ...]] = {
-    "Condition": ("recordedDate", "onsetDateTime", "onsetPeriod.start"),
-    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
-    "ImagingStudy": ("started",),
-    "Procedure": ("performedDateTime", "performedPeriod.start", "performedPeriod.end"),
-    "MedicationStatement": ("effectiveDateTime", "effectivePeriod.end", "effectivePeriod.start", "dateAsserted"),
-    "MedicationRequest": ("authoredOn",),
-    "DocumentReference": ("date", "context.period.start"),
-}
 # A medication the patient is still taking matters however long ago it was started.
 ALWAYS_CURRENT = {"MedicationStatement": ("active", "intended", "on-hold"),
                   "MedicationRequest": ("active", "on-hold")}
-# Referenced types worth carrying so the records make sense on their own (who reported, what was
-# measured, which drug, where the images are).
-FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation", "Medication", "Endpoint",
-                "Specimen", "Location")
 FOLLOW_DEPTH = 2
 ID_BATCH = 50
 # Requests in flight at once (searches by type, then reads by _id): enough to keep the server busy while we
 # validate what it sent, few enough not to crowd a hospital's EHR (see bench/ and docs/performance.md).
 FETCH_THREADS = 4
-# Reasons starting with this are kept by the hospital (collected.jwe) but never shown to the reviewer.
-POLICY = "policy: "
 DESELECTED = "deselected by the referring physician"
 
 
@@ -79,16 +68,6 @@ class Collected:
         for r in self.resources:
             out[r["resourceType"]] = out.get(r["resourceType"], 0) + 1
         return out
-
-
-def question_of(service_request: dict) -> str:
-    """The clinical question: the order's notes, else its reason text."""
-    notes = [n.get("text", "") for n in service_request.get("note", []) if n.get("text")]
-    if notes:
-        return "\n".join(notes)
-    reasons = [r.get("text") or next((c.get("display") for c in r.get("coding", []) if c.get("display")), "")
-               for r in service_request.get("reasonCode", [])]
-    return "\n".join(r for r in reasons if r)
 
 
 def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None,
@@ -144,7 +123,6 @@ def _without_exclusions(service_request: dict) -> dict:
     """The order as the reviewer gets it: without the list of records the physician held back. The manifest
     names those withheld for that reason; the list itself could name a record withheld for a sensitivity
     label, which must never be named to the reviewer (POLICY)."""
-    from fhirbridge.ehr.order import EXCLUDED_RECORD
     kept = [e for e in service_request.get("extension", []) if e.get("url") != EXCLUDED_RECORD]
     out = {k: v for k, v in service_request.items() if k != "extension"}
     return {**out, "extension": kept} if kept else out
@@ -172,9 +150,9 @@ def withhold_reason(res: dict, rule: ResourceRule, profile: Profile, cutoff: dat
     status = record_status(res)
     if status in rule.statuses_excluded:
         return f"status {status}"
-    if rule.categories and not _has_coding(res, ("category",), rule.categories):
+    if rule.categories and not has_coding(res, ("category",), rule.categories):
         return f"category not in profile {profile.name}"
-    if rule.types and not _has_coding(res, ("type",), rule.types):
+    if rule.types and not has_coding(res, ("type",), rule.types):
         return f"document type not in profile {profile.name}"
     if rule.modalities and res.get("resourceType") == "ImagingStudy":
         mods = {m.get("code") for m in res.get("modality", [])}
@@ -197,55 +175,6 @@ def record_status(res: dict) -> str | None:
         if c.get("code") == "entered-in-error":
             return "entered-in-error"
     return None
-
-
-def _has_coding(res: dict, fields: tuple[str, ...], wanted: tuple[tuple[str, str], ...]) -> bool:
-    want = set(wanted)
-    for f in fields:
-        value = res.get(f)
-        for cc in value if isinstance(value, list) else [value] if value else []:
-            for c in cc.get("coding", []):
-                if (c.get("system"), c.get("code")) in want:
-                    return True
-    return False
-
-
-def clinical_date(res: dict) -> datetime | None:
-    for path in DATE_PATHS.get(res.get("resourceType", ""), ()):
-        value: Any = res
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, str):
-            parsed = parse_fhir_date(value)
-            if parsed:
-                return parsed
-    return None
-
-
-def parse_fhir_date(value: str) -> datetime | None:
-    """FHIR date/dateTime/instant (YYYY, YYYY-MM, YYYY-MM-DD, full) -> aware datetime (UTC if no zone)."""
-    try:
-        if len(value) == 4:
-            return datetime(int(value), 1, 1, tzinfo=timezone.utc)
-        if len(value) == 7:
-            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=timezone.utc)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    except ValueError:
-        return None
-
-
-def iter_references(obj: Any) -> Iterator[str]:
-    if isinstance(obj, dict):
-        ref = obj.get("reference")
-        if isinstance(ref, str):
-            yield ref
-        for k, v in obj.items():
-            if k != "contained":
-                yield from iter_references(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from iter_references(v)
 
 
 def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
@@ -330,3 +259,38 @@ def find_attachments(app: App, resources: list[dict]) -> Iterator[dict]:
                 yield {"url": f"Binary/{rid}", "owner": owner, "path": path,
                        "content_type": att.get("contentType", "application/octet-stream"),
                        "title": att.get("title", ""), "size": att.get("size")}
+
+
+# --- the step ---------------------------------------------------------------------------------------------
+
+COLLECTED_FILE = "collected.jwe"
+
+
+def collect_step(app: App, case: Case) -> StepResult:
+    """Collect the Case's records into its work directory; clinical content at rest is encrypted to the
+    hospital's own key. Repeating it re-reads the EHR and overwrites the file atomically."""
+    sr = guards.check_order(app, case)
+    guards.show_step_on_task(app, case)
+    consents = guards.check_consent(app, case, sr)
+    collected = collect(app, sr, app.profile(case.profile), consents=consents)
+    write_atomic(app.case_dir(case.id) / COLLECTED_FILE,
+                 jwe.encrypt_bytes(jsonutil.dumps(collected.as_dict()), app.hospital_keys.encryption_keys(),
+                                   typ="fhirbridge-collected+jwe"))
+    for w in collected.withheld:
+        if w["reason"].startswith("invalid FHIR"):
+            app.store.add_event(case.id, "invalid_resource", w)
+    detail: dict[str, Any] = {"counts": collected.counts(), "withheld": len(collected.withheld),
+                              "attachments": len(collected.attachments)}
+    if consents.refs:
+        detail["consents"] = consents.refs
+    return StepResult(detail)
+
+
+def has_collected(app: App, case: Case) -> bool:
+    return (app.case_dir(case.id) / COLLECTED_FILE).exists()
+
+
+def load_collected(app: App, case: Case) -> Collected:
+    data = (app.case_dir(case.id) / COLLECTED_FILE).read_bytes()
+    return Collected.from_dict(jsonutil.loads(jwe.decrypt_bytes(data, app.hospital_keys)))
+

@@ -33,9 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from fhirbridge.loop.collect import POLICY, _has_coding, clinical_date, iter_references, parse_fhir_date
 from fhirbridge.errors import ConsentDenied, FhirError
+from fhirbridge.fhir.elements import clinical_date, has_coding, iter_references, parse_fhir_date
 from fhirbridge.fhir.validate import validate as validate_resource
+
+# Withheld reasons starting with this are kept by the hospital (collected.jwe) but never shown to the
+# reviewer: a record held back for a sensitivity label or singled out by a patient's Consent is not named.
+POLICY = "policy: "
 
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -270,7 +274,7 @@ def matches(p: Provision, res: dict) -> bool:
     ref = f"{res.get('resourceType')}/{res.get('id')}"
     if p.classes and not p.classes & ({res.get("resourceType")} | set(res.get("meta", {}).get("profile", []))):
         return False
-    if p.codes and not _has_coding(res, CODE_FIELDS, tuple(p.codes)):
+    if p.codes and not has_coding(res, CODE_FIELDS, tuple(p.codes)):
         return False
     if p.labels and not p.labels & {(s.get("system"), s.get("code")) for s in res.get("meta", {}).get("security", [])}:
         return False

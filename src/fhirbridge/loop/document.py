@@ -12,7 +12,8 @@ from __future__ import annotations
 import html
 import uuid
 
-from fhirbridge.loop.collect import Collected, question_of
+from fhirbridge.fhir.elements import question_of, summary_line
+from fhirbridge.loop.collect import Collected
 
 LOINC = "http://loinc.org"
 REFERRAL_NOTE = {"system": LOINC, "code": "57133-1", "display": "Referral note"}
@@ -124,40 +125,3 @@ def _narrative(body: str) -> dict:
 def _esc(text: str) -> str:
     return html.escape(text or "", quote=False)
 
-
-def concept_text(cc: dict | None) -> str:
-    if not cc:
-        return ""
-    return cc.get("text") or next((c.get("display") or c.get("code") for c in cc.get("coding", [])
-                                   if c.get("display") or c.get("code")), "")
-
-
-def summary_line(r: dict) -> str:
-    """One human line per record, for narratives and the reviewer's summary."""
-    t = r["resourceType"]
-    if t == "DiagnosticReport":
-        when = r.get("effectiveDateTime") or r.get("issued") or ""
-        line = f"{concept_text(r.get('code'))} ({r.get('status')}, {when[:10]})"
-        return line + (f": {r['conclusion']}" if r.get("conclusion") else "")
-    if t == "ImagingStudy":
-        mods = ",".join(m.get("code", "") for m in r.get("modality", []))
-        uid = next((i["value"] for i in r.get("identifier", []) if i.get("system") == "urn:dicom:uid"), "")
-        return (f"{r.get('description') or concept_text((r.get('procedureCode') or [None])[0])} [{mods}] "
-                f"{(r.get('started') or '')[:10]} study {uid.removeprefix('urn:oid:')}, "
-                f"{r.get('numberOfSeries', len(r.get('series', [])))} series")
-    if t == "Procedure":
-        when = r.get("performedDateTime") or r.get("performedPeriod", {}).get("start", "")
-        return f"{concept_text(r.get('code'))} ({r.get('status')}, {when[:10]})"
-    if t in ("MedicationStatement", "MedicationRequest"):
-        med = concept_text(r.get("medicationCodeableConcept")) or r.get("medicationReference", {}).get("display", "")
-        dosage = "; ".join(d.get("text", "") for d in (r.get("dosage") or r.get("dosageInstruction") or [])
-                           if d.get("text"))
-        return f"{med or 'medication'} ({r.get('status')}){': ' + dosage if dosage else ''}"
-    if t == "Condition":
-        status = concept_text(r.get("clinicalStatus"))
-        return f"{concept_text(r.get('code'))}{' (' + status + ')' if status else ''}"
-    if t == "DocumentReference":
-        return f"{concept_text(r.get('type')) or r.get('description', 'document')} ({(r.get('date') or '')[:10]})"
-    if t == "ServiceRequest":
-        return question_of(r)
-    return f"{t}/{r.get('id')}"

@@ -1,20 +1,23 @@
 """Intake: find active second-opinion ServiceRequests in the EHR and open exactly one Case per order.
 
-Idempotent by construction: the Case id is derived from (EHR base URL, ServiceRequest id), the store has
-a unique constraint on the order, and the Task is created conditionally on the Case identifier. Running
+Idempotent by construction: the Case id is derived from (the hospital's organisation identifier,
+ServiceRequest id) (so moving the EHR's URL or renaming the hospital reopens nothing), the store has a
+unique constraint on the order, and the Task is created conditionally on the Case identifier. Running
 intake twice, or on two machines, opens no second Case and no second Task.
 """
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App, log
-from fhirbridge.errors import FhirError
-from fhirbridge.config.mappings import profile_names
-from fhirbridge.store.store import FINAL_STEPS, Case
+from fhirbridge.loop.actions import cancel
+from fhirbridge.loop.routing import profile_for, route_and_check
 from fhirbridge.ops.crashpoints import crash_point
+from fhirbridge.steps import FINAL_STEPS, Step
+from fhirbridge.store.store import Case
 
 # Statuses in which an order still wants a second opinion (FHIR request-status).
 ACTIVE = ("active",)
@@ -53,8 +56,8 @@ def run_intake(app: App) -> IntakeResult:
 
 
 CURSOR = "service-requests"
-POLL_OVERLAP = 120.0
-INTAKE_HOLD = 60.0    # seconds a just-opened Case is kept from workers while intake finishes with it  # seconds the cursor stays behind the newest stamp seen
+POLL_OVERLAP = 120.0  # seconds the cursor stays behind the newest stamp seen (see _next_cursor)
+INTAKE_HOLD = 60.0    # seconds a just-opened Case is kept from workers while intake finishes with it
 WITHDRAWN = ("revoked", "entered-in-error")
 
 
@@ -126,7 +129,6 @@ def _next_cursor(old: str | None, newest: str | None, failed_at: str | None) -> 
 
 
 def _minus(stamp: str, seconds: float) -> str:
-    from datetime import datetime, timedelta
     parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     return (parsed - timedelta(seconds=seconds)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -140,7 +142,6 @@ def order_changed(app: App, sr: dict) -> tuple[Case, str] | None:
     if status in WITHDRAWN:
         case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
         if case and case.step not in FINAL_STEPS:
-            from fhirbridge.loop.runner import cancel  # workflow imports intake
             return cancel(app, case, f"the order is {status} in the EHR"), "cancelled"
     return None
 
@@ -154,7 +155,7 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
     case_id = case_id_for(app, ref)
     patient = sr.get("subject", {}).get("reference", "")
     profile = profile_for(app, sr)
-    reviewer, problems = _route_and_check(app, sr, profile)
+    reviewer, problems = route_and_check(app, sr, profile)
     prior = _existing_task(app, case_id)
     case, created = app.store.open_case(case_id=case_id, hospital=hospital, service_request=ref,
                                         patient=patient or "unknown", reviewer=reviewer or "", profile=profile,
@@ -170,33 +171,19 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
         return _adopt(app, case, prior), True
     if problems:
         message = "; ".join(problems)
-        case = app.store.update(case.id, step="failed", last_error=message, data={"failed_step": "intake"},
+        case = app.store.update(case.id, step=Step.FAILED.value, last_error=message, data={"failed_step": "intake"},
                                 event_kind="failed", detail={"error": message})
     # The Task is created here when the EHR is reachable; if this fails the collect step creates it.
     try:
         task = ehr_task.ensure_task(app, case, sr)
         case = app.store.update(case.id, task=task, event_kind="task.created", detail={"task": task})
-        if case.step == "failed":
-            ehr_task.set_task_status(app, case, "failed", reason=case.last_error)
+        if case.step == Step.FAILED:
+            ehr_task.set_task_status(app, case, Step.FAILED, reason=case.last_error)
     except Exception as exc:  # noqa: BLE001 - recorded; the next run retries through the collect step
         app.store.add_event(case.id, "task.deferred", {"error": str(exc)})
-    if case.step == "collect":
+    if case.step == Step.COLLECT:
         case = app.store.update(case.id, next_attempt_at=None)  # intake is done with it: workers may start
     return case, True
-
-
-def _route_and_check(app: App, sr: dict, profile: str) -> tuple[str | None, list[str]]:
-    ref = f"ServiceRequest/{sr['id']}"
-    problems = []
-    if not sr.get("subject", {}).get("reference", "").startswith("Patient/"):
-        problems.append(f"{ref} has no Patient subject")
-    if profile not in profile_names(app.config.mappings_dir):
-        problems.append(f"{ref} asks for collection profile {profile!r}, which is not in "
-                        f"{app.config.mappings_dir / 'collect'}")
-    reviewer, route_error = route(app, sr, profile)
-    if route_error:
-        problems.append(route_error)
-    return reviewer, problems
 
 
 def _existing_task(app: App, case_id: str) -> dict | None:
@@ -215,82 +202,15 @@ def _adopt(app: App, case: Case, task: dict) -> Case:
     task_ref = f"Task/{task['id']}"
     if task.get("status") == "completed":
         output = next((o.get("valueReference", {}).get("reference") for o in task.get("output", [])), None)
-        return app.store.update(case.id, step="done", task=task_ref, document_reference=output,
+        return app.store.update(case.id, step=Step.DONE.value, task=task_ref, document_reference=output,
                                 event_kind="adopted", detail={"task": task_ref, "task_status": "completed"})
     if task.get("status") in ("cancelled", "rejected"):
-        return app.store.update(case.id, step="cancelled", task=task_ref, last_error=f"Task {task['status']} in the EHR",
+        return app.store.update(case.id, step=Step.CANCELLED.value, task=task_ref, last_error=f"Task {task['status']} in the EHR",
                                 event_kind="adopted", detail={"task": task_ref, "task_status": task["status"]})
     message = (f"the EHR already has this referral's {task_ref} at {code!r} but this service has no record of it "
                "(was the store lost or restored from an old backup?); nothing was sent again. Check with the "
                "reviewer, then `fhirbridge retry` to send it anew or `fhirbridge cancel`")
-    return app.store.update(case.id, step="failed", task=task_ref, last_error=message, data={"failed_step": "collect"},
+    return app.store.update(case.id, step=Step.FAILED.value, task=task_ref, last_error=message, data={"failed_step": Step.COLLECT.value},
                             event_kind="adopted", detail={"task": task_ref, "task_status": task.get("status")})
 
 
-def reroute(app: App, case: Case) -> Case:
-    """Route a Case that failed at intake again (after the config was fixed) and send it on its way."""
-    sr = app.ehr.read_ref(case.service_request)
-    profile = profile_for(app, sr)
-    reviewer, problems = _route_and_check(app, sr, profile)
-    if problems:
-        return app.store.update(case.id, last_error="; ".join(problems), event_kind="retry.failed",
-                                detail={"error": "; ".join(problems)})
-    case = app.store.update(case.id, step="collect", reviewer=reviewer, profile=profile, attempts=0,
-                            last_error=None, next_attempt_at=None, event_kind="retry",
-                            detail={"step": "collect", "reviewer": reviewer})
-    if case.task:
-        task = app.ehr.read_ref(case.task)
-        task["owner"] = app.config.reviewer(reviewer).organization_ref()
-        app.ehr.update(task, if_match=task.get("meta", {}).get("versionId"))
-        ehr_task.set_task_status(app, case, "opened")
-    return case
-
-
-def profile_for(app: App, sr: dict) -> str:
-    codes = app.order_codes
-    for detail in sr.get("orderDetail", []):
-        for c in detail.get("coding", []):
-            if c.get("system") == codes.profile_system and c.get("code"):
-                return c["code"]
-    for ptype in [sr.get("performerType", {})]:
-        for c in ptype.get("coding", []):
-            profile = codes.profile_by_specialty.get((c.get("system"), c.get("code")))
-            if profile:
-                return profile
-    return "default"
-
-
-def route(app: App, sr: dict, profile: str) -> tuple[str | None, str | None]:
-    """The reviewer named on the order, else one serving the profile, else the configured default.
-    Returns (reviewer name, error).
-
-    An order that names a performer goes to that reviewer or to nobody: falling back to routing by profile
-    would send a patient's records to an organisation the physician did not choose."""
-    cfg = app.config
-    ref = f"ServiceRequest/{sr['id']}"
-    for performer in sr.get("performer", []):
-        identifiers = [performer["identifier"]] if performer.get("identifier") else []
-        target = performer.get("reference", "")
-        if target.startswith("Organization/") and not identifiers:
-            try:
-                identifiers = app.ehr.read_ref(target).get("identifier", [])
-            except FhirError as exc:
-                if exc.transient:
-                    raise
-                return None, f"{ref} names performer {target}, which the EHR cannot return ({exc.status})"
-        for ident in identifiers:
-            named = cfg.reviewer_by_identifier(ident.get("system"), ident.get("value"))
-            if named:
-                return named.name, None
-        who = target or performer.get("display") or (identifiers[0].get("value") if identifiers else "?")
-        return None, (f"{ref} names performer {who!r}, which is not a configured reviewer "
-                      "(match is by organisation identifier in [[reviewers]].identifier)")
-    serving = [r.name for r in cfg.reviewers.values() if profile in r.profiles]
-    if serving:
-        return serving[0], None
-    if cfg.default_reviewer:
-        return cfg.default_reviewer, None
-    if len(cfg.reviewers) == 1:
-        return next(iter(cfg.reviewers)), None
-    return None, (f"no reviewer serves profile {profile!r} and routing.default_reviewer is not set in "
-                  f"{cfg.file}")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import orjson
 
-from fhirbridge.exchange import envelope
-from fhirbridge.ehr.context import App
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.ehr.context import App
 from fhirbridge.errors import CaseError, RejectedOpinion, SealError
+from fhirbridge.exchange import envelope
 from fhirbridge.fhir.validate import validate as validate_resource
-from fhirbridge.store.store import LOCAL_PREFIX, Case, _pid_alive
 from fhirbridge.ops.crashpoints import crash_point
+from fhirbridge.steps import Step
+from fhirbridge.store.store import LOCAL_PREFIX, Case, pid_alive
 
 CONSULT_NOTE = ("http://loinc.org", "11488-4")
 
@@ -66,12 +67,12 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     case = app.store.get(claims["case_id"])
     reviewer = app.config.reviewer(case.reviewer)
     jti = str(claims["jti"])
-    _refuse_unless(case.step != "done",
+    _refuse_unless(case.step != Step.DONE,
                    f"Case {case.id[:8]} already has its opinion filed as {case.document_reference}; nothing written")
-    _refuse_unless(not (case.step == "file" and case.opinion_id == jti),
+    _refuse_unless(not (case.step == Step.FILE and case.opinion_id == jti),
                    f"this opinion was already received for Case {case.id[:8]} and is being filed; nothing written")
     _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
-    _refuse_unless(case.step in ("await_opinion", "deliver"),
+    _refuse_unless(case.step in (Step.AWAIT_OPINION, Step.DELIVER),
                    f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
     _refuse_unless(claims.get("package_id") == case.package_id,
                    f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
@@ -277,7 +278,7 @@ def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
 def _abandoned(path: Path) -> bool:
     host, _, rest = path.name.rsplit(".", 1)[1].partition("-")
     pid = rest.partition("-")[0]
-    if host == _HOST_TAG and pid.isdigit() and not _pid_alive(int(pid)):
+    if host == _HOST_TAG and pid.isdigit() and not pid_alive(int(pid)):
         return True
     return time.time() - path.stat().st_mtime > 600
 

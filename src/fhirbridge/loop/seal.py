@@ -18,12 +18,16 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fhirbridge.exchange import envelope
-from fhirbridge.loop.collect import Collected, question_of
-from fhirbridge.ehr.context import App
 from fhirbridge.crypto import jwe, jws
-from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization
+from fhirbridge.ehr.context import App
 from fhirbridge.errors import SealError
+from fhirbridge.exchange import envelope
+from fhirbridge.fhir.elements import question_of
+from fhirbridge.loop import guards
+from fhirbridge.loop.collect import Collected, has_collected, load_collected
+from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization
+from fhirbridge.loop.result import StepResult, sent_back
+from fhirbridge.steps import Step
 from fhirbridge.store.store import Case, worker_id
 
 ATTACHMENT_TYP = "fhirbridge-attachment+jwe"
@@ -112,4 +116,15 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
                "attachment_files": len(files), "inline_attachments": len(inline),
                "envelope_bytes": len(data)}
     return package_id, summary
+
+
+def seal_step(app: App, case: Case) -> StepResult:
+    """Seal the collected records into the package. Repeating it rebuilds the staging directory."""
+    guards.check_order(app, case)
+    if not has_collected(app, case):
+        # Its work file is gone (a restored volume, a replica not on the shared data_dir): collect again.
+        return sent_back(Step.COLLECT, "collected records missing from data_dir; collecting again")
+    guards.show_step_on_task(app, case)
+    package_id, summary = seal_case(app, case, load_collected(app, case))
+    return StepResult(summary, package_id=package_id)
 

@@ -33,17 +33,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import uuid
+from dataclasses import dataclass
 
 from fhirbridge import jsonutil
-
-from fhirbridge.exchange import envelope
+from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import BUSINESS_SYSTEM, STATUS, now_iso
 from fhirbridge.errors import FhirbridgeError, FhirError
-from fhirbridge.loop.receive import opinion_path
+from fhirbridge.exchange import envelope
 from fhirbridge.exchange.render import render_opinion
-from fhirbridge.store.store import Case
+from fhirbridge.loop.receive import opinion_path
+from fhirbridge.loop.result import StepResult
 from fhirbridge.ops.crashpoints import crash_point
+from fhirbridge.steps import Step
+from fhirbridge.store.store import Case
 
 OPINION_ID_SYSTEM = "urn:ietf:rfc:3986"
 FORMAT_CODE = {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
@@ -74,7 +77,25 @@ def docref_id_for(case: Case, opinion_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:fhirbridge:case:{case.id}/opinion/{opinion_id}/note"))
 
 
-def file_opinion(app: App, case: Case) -> dict:
+@dataclass(frozen=True)
+class Filed:
+    """Where the opinion is in the chart after the write-back."""
+
+    document_reference: str            # "DocumentReference/<id>": our note
+    already_filed: bool = False        # it was there before this run (a repeat after a lost answer)
+    binary: str | None = None          # the FHIR document's Binary, when this run wrote it
+    task_completed: bool = False       # the Task is completed with the note as output (in the same write)
+
+    def detail(self) -> dict[str, object]:
+        out: dict[str, object] = {"document_reference": self.document_reference}
+        if self.already_filed:
+            out["already_filed"] = True
+        if self.binary:
+            out["binary"] = self.binary
+        return out
+
+
+def file_opinion(app: App, case: Case) -> Filed:
     path = opinion_path(app, case)
     if not path.exists():
         raise FhirbridgeError(f"the received opinion {case.opinion_id} is missing from {path.parent}; restore it "
@@ -90,8 +111,7 @@ def file_opinion(app: App, case: Case) -> dict:
     if filed is None and task.get("status") == "completed":
         filed = find_filed(app, case, ident)   # completed some other way (by hand, or an older fhirbridge)
     if filed:
-        return {"columns": {"document_reference": filed}, "document_reference": filed, "already_filed": True,
-                "task_completed": True}
+        return Filed(filed, already_filed=True, task_completed=True)
     version = task.get("meta", {}).get("versionId")
     tx = build_transaction(app, case, claims, document, task)
     if version:
@@ -101,15 +121,13 @@ def file_opinion(app: App, case: Case) -> dict:
     except FhirError as exc:
         if exc.status in (409, 412):
             if _is_ours(app, case, ours):
-                return {"columns": {"document_reference": ours}, "document_reference": ours,
-                        "already_filed": True}
+                return Filed(ours, already_filed=True)
             # The Task changed under us (someone edited it): nothing was written; retry with a fresh read.
             raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
                             transient=True) from None
         raise
     crash_point("file.committed")
-    return {"columns": {"document_reference": ours}, "document_reference": ours,
-            "binary": f"Binary/{binary_id_for(case, case.opinion_id)}", "task_completed": True}
+    return Filed(ours, binary=f"Binary/{binary_id_for(case, case.opinion_id)}", task_completed=True)
 
 
 def _filed_per_task(task: dict, docref: str) -> str | None:
@@ -187,7 +205,7 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
                                                "display": "Sealed second opinion as received"}}],
         "signature": [document["signature"]] if document.get("signature") else [],
     }
-    status, code, display = STATUS["done"]
+    status, code, display = STATUS[Step.DONE]
     task = dict(task)
     task.update({"status": status, "lastModified": created,
                  "businessStatus": {"coding": [{"system": BUSINESS_SYSTEM, "code": code, "display": display}],
@@ -213,3 +231,12 @@ def _attachment(content_type: str, data: bytes, title: str, created: str, *, inl
     if inline:
         att["data"] = base64.b64encode(data).decode("ascii")
     return att
+
+
+def file_step(app: App, case: Case) -> StepResult:
+    """File the received opinion; its accounting (BALP) is recorded before the step is: once per opinion."""
+    filed = file_opinion(app, case)
+    audit.record_filed(app, case, filed.document_reference)
+    return StepResult(filed.detail(), document_reference=filed.document_reference,
+                      task_current=filed.task_completed)
+

@@ -12,10 +12,12 @@ import os
 import signal
 import threading
 
+from fhirbridge.steps import WORK_STEPS
+
 VARIABLE = "FHIRBRIDGE_TEST_CRASH_AT"
 # <step>.begin: claimed, nothing done; <step>.end: done, not recorded; <step>.recorded: recorded, Task not synced.
 POINTS = ("intake.opened", "receive.written", "receive.accepted", "file.committed") + tuple(
-    f"{step}.{at}" for step in ("collect", "seal", "deliver", "file") for at in ("begin", "end", "recorded"))
+    f"{step}.{at}" for step in WORK_STEPS for at in ("begin", "end", "recorded"))
 
 _hits: dict[str, int] = {}
 _lock = threading.Lock()

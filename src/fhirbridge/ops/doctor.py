@@ -18,7 +18,11 @@ from urllib.parse import urlsplit
 import requests
 
 from fhirbridge.config import loader as config_mod
-from fhirbridge.config.loader import Config, Hospital
+from fhirbridge.config.mappings import FOLLOW_TYPES, load_order_codes, load_profile, profile_names
+from fhirbridge.config.model import Config, Hospital
+from fhirbridge.fhir.auth import SmartBackendAuth, make_auth
+from fhirbridge.store import migrations
+from fhirbridge.store.store import Store, ping
 
 PROBE_ID = "fhirbridge-doctor-probe"
 FHIR_JSON = "application/fhir+json"
@@ -61,8 +65,6 @@ class Report:
 
 def needed_searches(cfg: Config) -> dict[str, list[tuple[str, str]]]:
     """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values."""
-    from fhirbridge.loop.collect import FOLLOW_TYPES
-    from fhirbridge.config.mappings import load_order_codes, load_profile, profile_names
     patient = f"Patient/{PROBE_ID}"
     codes = load_order_codes(cfg.mappings_dir).search_token()
     needs: dict[str, list[tuple[str, str]]] = {
@@ -186,7 +188,6 @@ def _capabilities(hospital: Hospital, session: requests.Session, timeout, report
 
 
 def _plain_auth(hospital: Hospital):
-    from fhirbridge.fhir.auth import make_auth
     return make_auth(hospital.auth.as_dict())
 
 
@@ -248,7 +249,6 @@ def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report
     if not reachable:
         report.add("smart configuration", "skip", "the EHR is not reachable")
         return False
-    from fhirbridge.fhir.auth import SmartBackendAuth
     a = hospital.auth
     url = f"{hospital.fhir_base_url}/.well-known/smart-configuration"
     doc = None
@@ -437,8 +437,6 @@ def _reviewers(cfg: Config, session: requests.Session, timeout, report: Report, 
 
 
 def _store(cfg: Config, report: Report) -> None:
-    from fhirbridge.store import migrations
-    from fhirbridge.store.store import Store, ping
     try:
         store = Store(cfg.store_url, create=False)
     except Exception as exc:  # noqa: BLE001

@@ -5,7 +5,7 @@ Two kinds of figures, kept apart on purpose:
 * **What this process did** (counters and histograms, recorded as it happens): step durations by outcome,
   EHR requests by resource type, method and status with their latency and urllib3 retries, packages sent and
   opinions filed per reviewer, failed scheduler ticks. Under gunicorn every worker records into
-  prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, set up by gunicorn_conf.py), so a
+  prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, set up by service/gunicorn_conf.py), so a
   scrape of any worker shows the whole pod. Sum them across replicas.
 * **What the store says now** (gauges, computed from the Case store when /metrics is scraped): Cases by
   hospital and step, the work queue (due, running, backing off), the age of the oldest pending step, Cases
@@ -18,23 +18,20 @@ HTTP methods and status codes, step names.
 """
 from __future__ import annotations
 
-import hmac
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, request
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import and_, func, or_, select
 
-from fhirbridge import __version__
-
-if TYPE_CHECKING:
-    from fhirbridge.ehr.context import App
-    from fhirbridge.store.store import Case
+from fhirbridge import VERSION
+from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
+from fhirbridge.store.tables import cases, events
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -56,7 +53,6 @@ OPINIONS_FILED = Counter("fhirbridge_opinions_filed", "Opinions filed in the EHR
 TICK_FAILURES = Counter("fhirbridge_tick_failures", "Scheduler ticks that failed (the next tick tries again)",
                         ["tick"])
 
-_NEXT = {"collect": "seal", "seal": "deliver", "deliver": "await_opinion", "file": "done"}
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 # Events that put a Case into the step it is at now (store events; see workflow.py and intake.py).
 _ENTERED_STEP = ("opened", "retry", "opinion.received", "adopted")
@@ -64,25 +60,17 @@ _ENTERED_STEP = ("opened", "retry", "opinion.received", "adopted")
 
 # --- recording -----------------------------------------------------------------------------------------
 
-def step_finished(app: App, case: Case, after: Case, ok: bool, seconds: float) -> None:
-    """One step run (workflow.run_pending): its duration by outcome; a delivery or a filing counts too."""
-    step, now_at = case.step, after.step
-    if now_at == _NEXT.get(step):
-        outcome = "done"
-    elif now_at in ("failed", "cancelled"):
-        outcome = now_at
-    elif not ok:
-        outcome = "retry"
-    elif step in _NEXT and now_at in _NEXT and list(_NEXT).index(now_at) < list(_NEXT).index(step):
-        outcome = "back"
-    else:
-        outcome = "other"
-    hospital = app.hospital.name
+# How one run of a step ended (the runner knows; it says so): the label values of STEP_SECONDS.
+OUTCOMES = ("done", "retry", "failed", "cancelled", "back", "other")
+
+
+def step_finished(hospital: str, reviewer: str, step: str, outcome: str, seconds: float) -> None:
+    """One step run (loop.runner): its duration by outcome; a delivery or a filing counts too."""
     STEP_SECONDS.labels(hospital, step, outcome).observe(seconds)
-    if outcome == "done" and step == "deliver":
-        PACKAGES_SENT.labels(hospital, case.reviewer).inc()
-    elif outcome == "done" and step == "file":
-        OPINIONS_FILED.labels(hospital, case.reviewer).inc()
+    if outcome == "done" and step == Step.DELIVER:
+        PACKAGES_SENT.labels(hospital, reviewer).inc()
+    elif outcome == "done" and step == Step.FILE:
+        OPINIONS_FILED.labels(hospital, reviewer).inc()
 
 
 def tick_failed(tick: str) -> None:
@@ -124,7 +112,6 @@ class StoreCollector:
         self.store, self.names = store, hospital_names
 
     def collect(self) -> Iterator[Metric]:
-        from fhirbridge.store.store import STEPS, WORK_STEPS
         up = GaugeMetricFamily("fhirbridge_store_up", "1 when the Case store answered this scrape")
         try:
             snapshot = self._snapshot()
@@ -135,13 +122,13 @@ class StoreCollector:
         up.add_metric([], 1)
         yield up
         by_step, queue, oldest, overdue = snapshot
-        cases = GaugeMetricFamily("fhirbridge_cases", "Cases by hospital and step", labels=["hospital", "step"])
-        steps = (*STEPS, "failed", "cancelled", "declined")
+        per_step = GaugeMetricFamily("fhirbridge_cases", "Cases by hospital and step", labels=["hospital", "step"])
+        steps = ALL_STEPS
         hospitals = sorted(set(self.names.values()) | {h for h, _ in by_step})
         for h in hospitals:
             for s in sorted(set(steps) | {s for hh, s in by_step if hh == h}):
-                cases.add_metric([h, s], by_step.get((h, s), 0))
-        yield cases
+                per_step.add_metric([h, s], by_step.get((h, s), 0))
+        yield per_step
         depth = GaugeMetricFamily("fhirbridge_queue_depth", "Cases with a step of ours to run (collect, seal, "
                                   f"deliver, file: {', '.join(WORK_STEPS)}) by state: due now, running (claimed), "
                                   "backoff (waiting to retry)", labels=["hospital", "state"])
@@ -164,7 +151,6 @@ class StoreCollector:
         return self.names.get(key, key)
 
     def _snapshot(self):
-        from fhirbridge.store.store import WORK_STEPS, cases, events
         now = time.time()
         c = cases.c
         entered = (select(c.id, c.hospital, func.coalesce(func.max(events.c.at), c.created_at).label("since"))
@@ -186,7 +172,7 @@ class StoreCollector:
             oldest = {self._name(h): max(0.0, now - since) for h, since in
                       conn.execute(select(entered.c.hospital, func.min(entered.c.since)).group_by(entered.c.hospital))}
             overdue = {self._name(h): n for h, n in conn.execute(
-                select(c.hospital, func.count()).where(and_(c.step == "await_opinion", c.overdue_at.is_not(None)))
+                select(c.hospital, func.count()).where(and_(c.step == Step.AWAIT_OPINION.value, c.overdue_at.is_not(None)))
                 .group_by(c.hospital))}
         return by_step, queue, oldest, overdue
 
@@ -202,13 +188,12 @@ def render(store, hospital_names: dict[str, str]) -> bytes:
     """The text exposition of every metric: this process's (or, under gunicorn, every worker's) and the store's."""
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client.multiprocess import MultiProcessCollector
         MultiProcessCollector(registry)
     else:
         registry.register(_ThisProcess())
     registry.register(StoreCollector(store, hospital_names))
     info = GaugeMetricFamily("fhirbridge_info", "fhirbridge version", labels=["version"])
-    info.add_metric([__version__], 1)
+    info.add_metric([VERSION], 1)
     registry.register(_Fixed([info]))
     return generate_latest(registry)
 
@@ -219,28 +204,3 @@ class _Fixed:
 
     def collect(self) -> list[Metric]:
         return self.metrics
-
-
-# --- the endpoint ----------------------------------------------------------------------------------------
-
-endpoint = Blueprint("metrics", __name__)
-
-
-@endpoint.get("/metrics")
-def metrics_view():
-    svc = current_app.extensions["fhirbridge"]
-    settings = svc.config.metrics
-    if not settings.enabled:
-        return Response("metrics are off ([metrics] enabled = false)\n", status=404, mimetype="text/plain")
-    if settings.token:
-        given = request.headers.get("Authorization", "")
-        if not (given.lower().startswith("bearer ")
-                and hmac.compare_digest(given[7:].strip().encode(), settings.token.encode())):
-            return Response("a valid bearer token is required ([metrics] token)\n", status=401, mimetype="text/plain",
-                            headers={"WWW-Authenticate": "Bearer"})
-    names = {h.key: h.name for h in svc.config.hospitals.values()}
-    return Response(render(svc.store, names), mimetype=CONTENT_TYPE_LATEST)
-
-
-def init_app(app) -> None:
-    app.register_blueprint(endpoint)

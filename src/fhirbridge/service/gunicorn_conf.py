@@ -13,13 +13,16 @@ from pathlib import Path
 
 from fhirbridge.ops import logs
 
-# Metrics from every worker in one place (prometheus_client multiprocess mode, see metrics.py). Set before any
+# Metrics from every worker in one place (prometheus_client multiprocess mode, see ops/metrics.py). Set before any
 # worker imports prometheus_client; a directory of our own unless the operator gives one (e.g. an emptyDir).
 _OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fhirbridge-metrics-")
+# Only now: prometheus_client picks its mode when it is first imported.
+from prometheus_client import multiprocess  # noqa: E402
+
 logs.setup(level="INFO")
-logger_class = "fhirbridge.ops.logs.GunicornLogger"
+logger_class = "fhirbridge.service.gunicorn_logger.GunicornLogger"
 
 bind = os.environ.get("FHIRBRIDGE_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("FHIRBRIDGE_WORKERS", "2"))
@@ -59,7 +62,6 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
 
 

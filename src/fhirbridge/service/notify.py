@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
 
+from fhirbridge.config.model import env_name
 from fhirbridge.ehr import subscriptions as subscribe
-from fhirbridge.config.loader import env_name
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirError
 from fhirbridge.fhir.validate import validate
-from fhirbridge.loop.intake import order_changed
 from fhirbridge.jsonutil import dumps, loads
+from fhirbridge.loop.intake import order_changed
+from fhirbridge.service.http import bearer, service
 
 log = logging.getLogger("fhirbridge.service.notify")
 notify = Blueprint("notify", __name__, url_prefix="/fhir")
@@ -83,13 +84,13 @@ def _not_post(hospital: str):
 
 @notify.post("/notify/<hospital>")
 def receive(hospital: str):
-    from fhirbridge.service.app import _bearer, service
+
     svc = service()
     app = next((a for a in svc.apps if env_name(a.hospital.name) == hospital), None)
     if app is None:
         raise NotifyError(404, "not-found", f"no hospital {hospital[:80]!r} is served here")
     # The bearer token was put in Subscription.channel.header by `fhirbridge subscribe`; only its hash is kept.
-    if not subscribe.token_ok(svc.store, app.hospital.key, _bearer()):
+    if not subscribe.token_ok(svc.store, app.hospital.key, bearer()):
         raise NotifyError(401, "login", "a valid bearer token is required: the one `fhirbridge subscribe` put in "
                                         "the Subscription's channel.header")
     note = parse(_body())

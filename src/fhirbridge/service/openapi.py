@@ -7,12 +7,13 @@ import html
 
 from flask import Blueprint, Response, jsonify
 
-from fhirbridge import __version__
+from fhirbridge import VERSION
+from fhirbridge.steps import ALL_STEPS
 
 docs = Blueprint("docs", __name__)
 
 ERROR = {"$ref": "#/components/schemas/Error"}
-CASE_STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done", "failed", "cancelled", "declined")
+CASE_STEPS = ALL_STEPS  # steps.Step, in order
 CASE = {"$ref": "#/components/schemas/Case"}
 
 
@@ -29,7 +30,7 @@ def _ok(description: str, schema: dict, status: str = "200") -> dict:
 
 SPEC = {
     "openapi": "3.1.0",
-    "info": {"title": "fhirbridge", "version": __version__,
+    "info": {"title": "fhirbridge", "version": VERSION,
              "description": "Second-opinion referrals over HL7 FHIR R4: staff API, reviewer pull API, health. "
                             "Errors are JSON `{error: {status, message}}`; FHIR endpoints answer OperationOutcome."},
     "components": {
@@ -176,7 +177,7 @@ def docs_page():
             "<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}"
             "</style></head><body>"
-            f"<h1>fhirbridge API {__version__}</h1><p>{html.escape(SPEC['info']['description'])}</p>"
+            f"<h1>fhirbridge API {VERSION}</h1><p>{html.escape(SPEC['info']['description'])}</p>"
             "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1).</p>"
             "<table><thead><tr><th>Method</th><th>Path</th><th>What</th><th>Auth</th><th>Answers</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></body></html>")

@@ -15,17 +15,20 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime
 from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from fhirbridge.ops import metrics
-from fhirbridge.config.loader import Config
+from fhirbridge.config.model import Config
 from fhirbridge.ehr.context import App
+from fhirbridge.errors import ConfigError
+from fhirbridge.loop.actions import flag_overdue
 from fhirbridge.loop.intake import poll
 from fhirbridge.loop.receive import process_inbox
-from fhirbridge.store.store import worker_id
-from fhirbridge.loop.runner import flag_overdue, lease_seconds, run_pending
+from fhirbridge.loop.runner import lease_seconds, run_pending
+from fhirbridge.ops import metrics
+from fhirbridge.store.store import new_id, worker_id
 
 log = logging.getLogger("fhirbridge.service.scheduler")
 STEPS_PER_TICK = 20
@@ -41,8 +44,6 @@ def check_shared_data_dir(config: Config, store) -> None:
     delivered or filed by whichever claims its next step, from files in data_dir. The store remembers the
     id of the data_dir it belongs to; a replica whose data_dir lacks that id (another volume, a local disk)
     refuses to start instead of stranding Cases half-way."""
-    from fhirbridge.errors import ConfigError
-    from fhirbridge.store.store import new_id
     config.data_dir.mkdir(parents=True, exist_ok=True)
     marker = config.data_dir / MARKER
 
@@ -171,7 +172,6 @@ class Service:
             return
         times = self.config.service
         sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-        from datetime import datetime
         now = datetime.now()
         for name, fn, seconds in (("poll", self.tick_poll, times.poll_seconds),
                                   ("work", self.tick_work, times.work_seconds),

@@ -5,7 +5,7 @@ SQLAlchemy Core over SQLite (the embedded default) or PostgreSQL. Timestamps are
 
 Nothing clinical is stored here: Cases hold references (Patient/123), step names, counts and error
 messages that name resources by type/id. Clinical content lives only in encrypted files under the
-Case's work directory (see workdir.py).
+Case's work directory (App.case_dir).
 """
 from __future__ import annotations
 
@@ -18,94 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import orjson
-from sqlalchemy import (JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, and_,
-                        create_engine, event, insert, or_, select, text, update)
+from sqlalchemy import and_, create_engine, event, insert, or_, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from fhirbridge.errors import CaseError
-
-metadata = MetaData()
-
-cases = Table(
-    "cases", metadata,
-    Column("id", String(64), primary_key=True),
-    Column("hospital", String(200), nullable=False),
-    Column("service_request", String(200), nullable=False),   # "ServiceRequest/<id>" on the hospital's EHR
-    Column("patient", String(200), nullable=False),
-    Column("reviewer", String(200), nullable=False),
-    Column("profile", String(100), nullable=False),
-    Column("step", String(40), nullable=False),
-    Column("task", String(200)),                               # "Task/<id>" in the EHR
-    Column("package_id", String(64)),
-    Column("opinion_id", String(200)),
-    Column("document_reference", String(200)),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text),
-    Column("next_attempt_at", Float),
-    Column("claimed_by", String(200)),
-    Column("claimed_until", Float),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    Column("data", JSON, nullable=False, default=dict),         # step outputs: ids, counts, no PHI
-    Column("due_at", Float),                                   # delivery + the reviewer's turnaround target
-    Column("overdue_at", Float),                               # when it was flagged overdue
-    UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
-    # The claim query: a hospital's Cases at a work step, oldest update first (migration 0003). Without it
-    # every claim scanned every Case, done ones included (docs/performance.md, claims).
-    Index("ix_cases_claim", "hospital", "step", "updated_at"),
-)
-
-# Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
-cursors = Table(
-    "cursors", metadata,
-    Column("hospital", String(200), primary_key=True),
-    Column("name", String(80), primary_key=True),
-    Column("value", String(64)),
-    Column("claimed_by", String(200)),
-    Column("claimed_until", Float),
-    Column("updated_at", Float),
-)
-
-events = Table(
-    "events", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("case_id", String(64), nullable=False, index=True),
-    Column("at", Float, nullable=False),
-    Column("kind", String(80), nullable=False),
-    Column("detail", JSON, nullable=False, default=dict),
-)
-
-# jti of every opinion envelope accepted, so a replayed file is refused even after the Case is gone.
-seen_messages = Table(
-    "seen_messages", metadata,
-    Column("jti", String(200), primary_key=True),
-    Column("case_id", String(64), nullable=False),
-    Column("at", Float, nullable=False),
-)
-
-# One row per disclosure (a package delivered) and per opinion filed: the accounting of disclosures
-# (audit.py). `resource` is the BALP AuditEvent; it names the patient by reference only. The id is the
-# AuditEvent's id, derived from the Case and the package/opinion, so recording twice keeps one row.
-audit_events = Table(
-    "audit_events", metadata,
-    Column("id", String(64), primary_key=True),
-    Column("at", Float, nullable=False),
-    Column("hospital", String(200), nullable=False),
-    Column("patient", String(200), nullable=False, index=True),
-    Column("case_id", String(64), nullable=False, index=True),
-    Column("kind", String(20), nullable=False),                 # disclosure | filed
-    Column("recipient", String(200), nullable=False),           # system|value of the receiving organisation
-    Column("resource", JSON, nullable=False),
-    Column("sent_to_ehr", Boolean, nullable=False, default=False),
-    Column("ehr_error", Text),                                  # why the last write to the EHR failed
-)
-
-# Steps in order. A Case is claimable in any of WORK_STEPS; await_opinion waits for the reviewer.
-STEPS = ("collect", "seal", "deliver", "await_opinion", "file", "done")
-WORK_STEPS = ("collect", "seal", "deliver", "file")
-# Closed for good; "failed" is not among them: it can be retried or cancelled.
-FINAL_STEPS = ("done", "cancelled", "declined")
+from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
+from fhirbridge.store import migrations
+from fhirbridge.store.tables import audit_events, cases, cursors, events, seen_messages
 
 
 @dataclass
@@ -169,12 +89,10 @@ class Store:
 
     def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
         """Migrate the schema to `revision`; returns (before, after)."""
-        from fhirbridge.store import migrations  # the migration scripts import this module for its metadata
         return migrations.upgrade(self.engine, revision)
 
     def schema_revision(self) -> str | None:
         """The schema revision the database is at (None: empty, or made before migrations)."""
-        from fhirbridge.store import migrations
         return migrations.current(self.engine)
 
     def close(self) -> None:
@@ -189,7 +107,7 @@ class Store:
         now = time.time()
         # hold_seconds: not claimable until intake has finished with it (its Task, or adopting an older one).
         row = dict(id=case_id, hospital=hospital, service_request=service_request, patient=patient,
-                   reviewer=reviewer, profile=profile, step="collect", attempts=0, created_at=now,
+                   reviewer=reviewer, profile=profile, step=Step.COLLECT.value, attempts=0, created_at=now,
                    updated_at=now, data=data or {}, next_attempt_at=(now + hold_seconds) if hold_seconds else None)
         try:
             with self.engine.begin() as conn:
@@ -236,7 +154,7 @@ class Store:
             raise CaseError(f"Case id prefix {prefix} is ambiguous; type more of it")
         return _case(rows[0])
 
-    def list(self, *, steps: tuple[str, ...] | None = None, hospital: str | None = None,
+    def list_cases(self, *, steps: tuple[str, ...] | None = None, hospital: str | None = None,
              patient: str | None = None) -> list[Case]:
         q = select(cases).order_by(cases.c.created_at)
         if steps:
@@ -345,9 +263,9 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(insert(seen_messages).values(jti=jti, case_id=case_id, at=now))
                 result = conn.execute(update(cases).where(and_(
-                    cases.c.id == case_id, cases.c.step.in_(("await_opinion", "deliver")),
+                    cases.c.id == case_id, cases.c.step.in_((Step.AWAIT_OPINION.value, Step.DELIVER.value)),
                     cases.c.package_id == package_id))
-                    .values(step="file", opinion_id=jti, updated_at=now, attempts=0, last_error=None,
+                    .values(step=Step.FILE.value, opinion_id=jti, updated_at=now, attempts=0, last_error=None,
                             next_attempt_at=None, claimed_by=None, claimed_until=None))
                 if result.rowcount != 1:
                     raise _NotAccepted()
@@ -381,7 +299,7 @@ class Store:
         freed = []
         for case_id, worker in rows:
             pid = worker.rsplit(":", 1)[1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 with self.engine.begin() as conn:
                     conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.claimed_by == worker))
                                  .values(claimed_by=None, claimed_until=None))
@@ -443,7 +361,7 @@ class Store:
     def newly_overdue(self, hospital: str | None = None) -> list[Case]:
         """Cases awaiting an opinion past their due time that were not flagged yet; flags them (once)."""
         now = time.time()
-        cond = and_(cases.c.step == "await_opinion", cases.c.due_at.is_not(None), cases.c.due_at < now,
+        cond = and_(cases.c.step == Step.AWAIT_OPINION.value, cases.c.due_at.is_not(None), cases.c.due_at < now,
                     cases.c.overdue_at.is_(None))
         if hospital:
             cond = and_(cond, cases.c.hospital == hospital)
@@ -530,7 +448,8 @@ class _NotAccepted(Exception):
     pass
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine (this PID namespace) still exists: a claim it holds is not abandoned."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -16,7 +16,7 @@ import secrets
 
 from flask import Blueprint, Flask, abort, request, session
 
-from fhirbridge import __version__
+from fhirbridge import VERSION
 
 ui = Blueprint("ui", __name__, template_folder="templates", static_folder="static", static_url_path="/ui-static")
 
@@ -32,7 +32,7 @@ def install(app: Flask, *, secret: bytes) -> None:
 
     @app.context_processor
     def _common():
-        return {"version": __version__, "csrf_token": csrf_token}
+        return {"version": VERSION, "csrf_token": csrf_token}
 
     @app.after_request
     def _no_store(resp):

@@ -19,8 +19,11 @@ from collections import Counter
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
 
 from fhirbridge import jsonutil
+from fhirbridge.access.tokens import Unauthorized, staff_from_token
 from fhirbridge.crypto import jwe
 from fhirbridge.errors import CaseError, FhirbridgeError
+from fhirbridge.loop.actions import retry as retry_case
+from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
 from fhirbridge.ui import check_csrf
 from fhirbridge.ui.charts import bar_chart
 
@@ -28,10 +31,10 @@ log = logging.getLogger("fhirbridge.dashboard")
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 SESSION_HOURS = 8
 OPINION_CODES = "urn:fhirbridge:codes:opinion"
-STATE_ORDER = ("collect", "seal", "deliver", "await_opinion", "file", "done", "failed", "cancelled", "declined")
-STATE_LABELS = {"collect": "Collecting", "seal": "Packaging", "deliver": "Sending", "await_opinion": "With reviewer",
-                "file": "Filing", "done": "Filed", "failed": "Failed", "cancelled": "Cancelled",
-                "declined": "Declined"}
+STATE_ORDER = ALL_STEPS
+STATE_LABELS = {Step.COLLECT: "Collecting", Step.SEAL: "Packaging", Step.DELIVER: "Sending", Step.AWAIT_OPINION: "With reviewer",
+                Step.FILE: "Filing", Step.DONE: "Filed", Step.FAILED: "Failed", Step.CANCELLED: "Cancelled",
+                Step.DECLINED: "Declined"}
 STATE_COLORS = {"Filed": "#1e7a46", "Failed": "#b3261e", "With reviewer": "#1f5fa8", "Cancelled": "#6b7280",
                 "Declined": "#9a6200"}
 # How a recommendation relates to the plan the referring physician had (usually surgery).
@@ -87,7 +90,6 @@ def _nav(current: str) -> list:
 
 @dashboard.route("/login", methods=["GET", "POST"])
 def login():
-    from fhirbridge.access.tokens import Unauthorized, staff_from_token
     error = None
     if request.method == "POST":
         check_csrf()
@@ -121,18 +123,18 @@ def logout():
 @dashboard.get("/")
 def overview():
     svc = _svc()
-    cases = [c for c in svc.store.list() if _visible(c)]
+    cases = [c for c in svc.store.list_cases() if _visible(c)]
     now = time.time()
     counts = Counter(c.step for c in cases)
     states = [(STATE_LABELS.get(s, s), counts.get(s, 0)) for s in STATE_ORDER if counts.get(s, 0) or s in
-              ("await_opinion", "done", "failed")]
-    overdue = sorted((c for c in cases if c.overdue_at is not None and c.step == "await_opinion"),
+              (Step.AWAIT_OPINION, Step.DONE, Step.FAILED)]
+    overdue = sorted((c for c in cases if c.overdue_at is not None and c.step == Step.AWAIT_OPINION),
                      key=lambda c: c.due_at or 0)
     failed = sorted((c for c in cases if c.step == "failed"), key=lambda c: -c.updated_at)
-    waiting = sorted((c for c in cases if c.step in ("collect", "seal", "deliver", "file") and c.last_error),
+    waiting = sorted((c for c in cases if c.step in WORK_STEPS and c.last_error),
                      key=lambda c: -c.updated_at)
     reviewers = _turnaround(svc, cases)
-    concl = _conclusion_counts(svc, [c for c in cases if c.step == "done"])
+    concl = _conclusion_counts(svc, [c for c in cases if c.step == Step.DONE])
     staff = _staff()
     return render_template(
         "dashboard/overview.html", title="Referrals", where="Hospital IT dashboard", nav=_nav("overview"),
@@ -157,7 +159,6 @@ def case(case_id: str):
 
 @dashboard.post("/cases/<case_id>/retry")
 def retry(case_id: str):
-    from fhirbridge.loop.runner import retry as retry_case
     check_csrf()
     if "cases:write" not in _staff()["scopes"]:
         abort(403, "your credentials do not include cases:write")
@@ -181,13 +182,13 @@ def _turnaround(svc, cases) -> list[dict]:
         sent = [c for c in mine if c.due_at is not None]
         days = []
         for c in sent:
-            if c.step == "done":
+            if c.step == Step.DONE:
                 delivered = c.due_at - reviewer.turnaround_days * 86400   # due_at was set at delivery
                 days.append(max(0.0, (c.updated_at - delivered) / 86400))
         out.append({"name": reviewer.display, "target": reviewer.turnaround_days, "sent": len(sent),
-                    "filed": sum(c.step == "done" for c in mine),
-                    "open": sum(c.step == "await_opinion" for c in mine),
-                    "overdue": sum(c.overdue_at is not None and c.step == "await_opinion" for c in mine),
+                    "filed": sum(c.step == Step.DONE for c in mine),
+                    "open": sum(c.step == Step.AWAIT_OPINION for c in mine),
+                    "overdue": sum(c.overdue_at is not None and c.step == Step.AWAIT_OPINION for c in mine),
                     "declined": sum(c.step == "declined" for c in mine),
                     "median": round(statistics.median(days), 1) if days else None,
                     "p90": round(sorted(days)[max(0, int(len(days) * 0.9 + 0.5) - 1)], 1) if days else None})

@@ -21,15 +21,28 @@ from __future__ import annotations
 import re
 import time
 
-from flask import (Blueprint, Flask, abort, current_app, flash, make_response, redirect, render_template, request,
-                   session, url_for)
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.exceptions import HTTPException
 
-from fhirbridge.ehr.context import App
-from fhirbridge.errors import FhirbridgeError, FhirError
 from fhirbridge.config.mappings import profile_names
-from fhirbridge.loop.collect import question_of
+from fhirbridge.ehr.context import App
+from fhirbridge.ehr.order import place_order
+from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.fhir.elements import question_of
+from fhirbridge.loop.intake import order_changed
 from fhirbridge.ui import check_csrf, smart
 from fhirbridge.ui import physician_view as view
 
@@ -258,8 +271,6 @@ def order(patient: str):
 
 
 def _place(app: App, patient: str, ctx: dict, form: dict, exclude: list[str]) -> dict:
-    from fhirbridge.loop.intake import order_changed
-    from fhirbridge.ehr.order import place_order
     sr = place_order(app, patient=patient, question=form["question"], reviewer=form["reviewer"],
                      profile=form["profile"], requester=ctx.get("user"), priority=form["priority"], exclude=exclude)
     # As the staff API does: the order is in the EHR from here on; if taking it in fails now, the poll does.

@@ -10,10 +10,15 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from fhirbridge.loop.collect import POLICY, Collected, clinical_date, collect, question_of
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import excluded_records
-from fhirbridge.loop.document import SECTIONS, concept_text, summary_line
+from fhirbridge.errors import ConsentDenied
+from fhirbridge.fhir.elements import clinical_date, concept_text, question_of, summary_line
+from fhirbridge.loop import consent
+from fhirbridge.loop.collect import Collected, collect
+from fhirbridge.loop.consent import POLICY
+from fhirbridge.loop.document import SECTIONS
+from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 from fhirbridge.ui.sanitize import safe_xhtml
 
@@ -61,8 +66,6 @@ class Preview:
 def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
     """Run the real collection rules (and the patient's Consents for this reviewer) on a draft order: what
     the collect step would share if the order were placed now."""
-    from fhirbridge.loop import consent
-    from fhirbridge.errors import ConsentDenied
     draft = {"resourceType": "ServiceRequest", "id": "draft", "subject": {"reference": f"Patient/{patient}"}}
     note = None
     try:
@@ -127,19 +130,19 @@ def read_many(app: App, refs: list[str]) -> dict[str, dict]:
 # --- Cases -----------------------------------------------------------------------------------------------
 
 def cases_for(app: App, patient: str) -> list[Case]:
-    return sorted(app.store.list(hospital=app.hospital.key, patient=f"Patient/{patient}"),
+    return sorted(app.store.list_cases(hospital=app.hospital.key, patient=f"Patient/{patient}"),
                   key=lambda c: c.created_at, reverse=True)
 
 
-STATUS = {"collect": ("Collecting records", ""), "seal": ("Preparing the package", ""),
-          "deliver": ("Sending", ""), "await_opinion": ("With the reviewer", ""),
-          "file": ("Opinion received", "ok"), "done": ("Opinion filed", "ok"), "failed": ("Stopped", "bad"),
-          "cancelled": ("Cancelled", "warn"), "declined": ("Declined by the reviewer", "warn")}
+STATUS = {Step.COLLECT: ("Collecting records", ""), Step.SEAL: ("Preparing the package", ""),
+          Step.DELIVER: ("Sending", ""), Step.AWAIT_OPINION: ("With the reviewer", ""),
+          Step.FILE: ("Opinion received", "ok"), Step.DONE: ("Opinion filed", "ok"), Step.FAILED: ("Stopped", "bad"),
+          Step.CANCELLED: ("Cancelled", "warn"), Step.DECLINED: ("Declined by the reviewer", "warn")}
 
 
 def status_of(case: Case) -> tuple[str, str]:
     label, tone = STATUS.get(case.step, (case.step, ""))
-    if case.overdue_at and case.step == "await_opinion":
+    if case.overdue_at and case.step == Step.AWAIT_OPINION:
         return "Overdue", "warn"
     return label, tone
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fhirbridge.loop.collect import clinical_date
-from fhirbridge.loop.document import concept_text, summary_line
-from fhirbridge.exchange.render import _imaging_detail, _report_detail, patient_line
+from fhirbridge.exchange.render import imaging_detail, patient_line, report_detail
+from fhirbridge.fhir.elements import clinical_date, concept_text, summary_line
 
 KIND_LABELS = {"Condition": "Problem", "DiagnosticReport": "Report", "ImagingStudy": "Imaging",
                "Procedure": "Procedure", "MedicationStatement": "Medication", "MedicationRequest": "Medication",
@@ -100,7 +99,7 @@ def build(opened, *, attachment_text) -> RecordView:
 
     timeline: list[Item] = []
     for r in by_type.get("DiagnosticReport", []):
-        timeline.append(item(r, _report_detail(r, refs)))
+        timeline.append(item(r, report_detail(r, refs)))
     for r in by_type.get("Procedure", []):
         timeline.append(item(r, [concept_text(b) for b in r.get("bodySite", [])]))
     for r in by_type.get("DocumentReference", []):
@@ -111,7 +110,7 @@ def build(opened, *, attachment_text) -> RecordView:
         timeline.append(it)
     imaging = []
     for r in by_type.get("ImagingStudy", []):
-        it = item(r, _imaging_detail(r, refs))
+        it = item(r, imaging_detail(r, refs))
         for e in r.get("endpoint", []):
             ep = refs.get(e.get("reference", ""))
             if ep and ep.get("address", "").startswith(("http://", "https://")):

@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-from flask import (Flask, Response, abort, flash, redirect, render_template, request, session, url_for)
+from flask import Flask, Response, abort, flash, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil
-
-from fhirbridge.exchange import envelope
 from fhirbridge.access.tokens import mint_reviewer_token
+from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.crypto import jwe
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.errors import FhirbridgeError, SealError
-from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, answer_data, open_package

@@ -20,7 +20,13 @@ import time
 from dataclasses import dataclass
 
 import requests
+from fhirclient import client as fc
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
 from requests.adapters import HTTPAdapter
+
+from fhirbridge.config.loader import https_or_loopback
 
 # fhirclient warns that it ignores the id_token on every launch; we verify and read it ourselves (_fhir_user).
 logging.getLogger("fhirclient.client").setLevel(logging.ERROR)
@@ -60,8 +66,7 @@ def _session() -> requests.Session:
 
 
 def _allowed_url(url: object) -> bool:
-    from fhirbridge.config.loader import _https_or_loopback
-    return isinstance(url, str) and _https_or_loopback(url)
+    return isinstance(url, str) and https_or_loopback(url)
 
 
 def discover(iss: str) -> dict:
@@ -88,7 +93,6 @@ def discover(iss: str) -> dict:
 
 def begin(*, iss: str, launch: str, client_id: str, scope: str, redirect_uri: str) -> tuple[str, dict]:
     """Returns (authorize URL, pending state to keep until the callback)."""
-    from fhirclient import client as fc
     smart = discover(iss)
     state = {"app_id": client_id, "scope": scope, "redirect": redirect_uri, "launch_token": launch,
              "server": {"base_uri": iss, "auth_type": "oauth2",
@@ -113,7 +117,6 @@ def _without_tokens(state: dict) -> dict:
 
 def finish(pending: dict, callback_url: str, *, client_id: str) -> Launched:
     """Check the callback against the pending launch and exchange the code (fhirclient: state, PKCE)."""
-    from fhirclient import client as fc
     if time.time() - pending.get("at", 0) > PENDING_SECONDS:
         raise LaunchError("the sign-in took too long; open the app again from the patient's chart")
     client = fc.FHIRClient(state=pending["client"], save_func=lambda _s: None)
@@ -144,9 +147,6 @@ def finish(pending: dict, callback_url: str, *, client_id: str) -> Launched:
 def _fhir_user(id_token: str, pending: dict, *, client_id: str) -> str | None:
     """The user from the OpenID Connect id_token, verified with the EHR's published keys (RS256, the
     algorithm SMART requires). A Patient or RelatedPerson user is refused: this app places orders."""
-    from joserfc import jwt
-    from joserfc.errors import JoseError
-    from joserfc.jwk import KeySet
     if not _allowed_url(pending.get("jwks_uri")) or not pending.get("issuer"):
         raise LaunchError("the EHR sent an identity token but publishes no jwks_uri/issuer to check it", 403)
     try:

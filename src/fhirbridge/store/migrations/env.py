@@ -11,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from fhirbridge.store.store import metadata
+from fhirbridge.store.tables import metadata
 
 config = context.config
 

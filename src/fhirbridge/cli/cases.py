@@ -1,0 +1,211 @@
+"""Order, run, status, receive, audit, retry, cancel: the Cases of the hospitals this config serves."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fhirbridge import jsonutil
+from fhirbridge.cli.common import app_from_args, progress
+from fhirbridge.config import loader as config
+from fhirbridge.config.mappings import check_all
+from fhirbridge.ehr.audit import accounting
+from fhirbridge.ehr.context import App
+from fhirbridge.ehr.order import place_order
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.loop.actions import cancel, retry
+from fhirbridge.loop.receive import process_inbox, receive_file
+from fhirbridge.loop.runner import run_pending
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("order", help="create a second-opinion ServiceRequest in the EHR (as the EHR would)")
+    s.add_argument("--patient", required=True, help="Patient id or Patient/id")
+    s.add_argument("--question", required=True, help="the clinical question for the reviewer")
+    s.add_argument("--reviewer", help="reviewer name from the config (default: routed by profile)")
+    s.add_argument("--profile", help="collection profile (default: from the order's specialty, else default)")
+    s.add_argument("--requester", help="ordering Practitioner reference, e.g. Practitioner/123")
+    s.add_argument("--priority", default="routine", choices=["routine", "urgent", "asap", "stat"])
+    s.set_defaults(func=cmd_order)
+
+    s = sub.add_parser("run", help="receive dropped opinions, take in new orders, and do all pending work once")
+    s.add_argument("--case", help="only this Case (id or prefix)")
+    s.add_argument("--no-intake", action="store_true", help="don't look for new orders")
+    s.add_argument("--now", action="store_true", help="retry Cases waiting out a backoff now")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="show Cases, or one Case with its event history")
+    s.add_argument("case", nargs="?", help="Case id or prefix")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("receive", help="receive sealed opinion file(s) and file them in the EHR")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(func=cmd_receive)
+
+    s = sub.add_parser("audit", help="the accounting of disclosures for one patient (what was sent, to whom)")
+    s.add_argument("--patient", required=True, help="Patient id or Patient/id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("retry", help="resume a failed Case at the step that failed")
+    s.add_argument("case")
+    s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("cancel", help="cancel a Case (the EHR Task becomes cancelled)")
+    s.add_argument("case")
+    s.add_argument("--reason", required=True)
+    s.set_defaults(func=cmd_cancel)
+
+
+def cmd_order(args) -> int:
+    with app_from_args(args) as app:
+        sr = place_order(app, patient=args.patient, question=args.question, reviewer=args.reviewer,
+                         profile=args.profile, requester=args.requester, priority=args.priority)
+    print(f"ServiceRequest/{sr['id']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = config.load(args.config)
+    # A typo in a mapping stops the run before any Case is touched; a missing key file is reported and
+    # only the Cases that need it wait.
+    check_all(cfg.mappings_dir)
+    for problem in config.check_files(cfg):
+        print(f"warning: {problem}", file=sys.stderr)
+    apps = ([App(cfg, progress=progress, hospital_name=args.hospital)] if args.hospital
+            else App.per_hospital(cfg, progress=progress))
+    errors, opened, steps = [], 0, 0
+    try:
+        inbox = process_inbox(apps[0], apps=apps)
+        for path, reason in inbox.refused:
+            print(f"refused {path.name}: {reason}", file=sys.stderr)
+        for path, reason in inbox.deferred:
+            print(f"kept {path.name} in the inbox for the next run: {reason}", file=sys.stderr)
+        for app in apps:
+            if len(apps) > 1:
+                print(f"== {app.hospital.name}", flush=True)
+            report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
+                                 ignore_backoff=args.now)
+            errors += report.errors
+            opened += report.opened
+            steps += report.steps_done
+    finally:
+        for app in apps:
+            app.close()
+        if apps and apps[0].shared_store is not None:
+            apps[0].shared_store.close()
+    print(f"done: {opened} case(s) opened, {len(inbox.accepted)} opinion(s) received, "
+          f"{steps} step(s) completed, {len(errors)} error(s)")
+    for e in errors:
+        print(f"  {e}", file=sys.stderr)
+    return 1 if errors or inbox.refused or inbox.deferred else 0
+
+
+def _case_id(app: App, prefix: str | None) -> str | None:
+    return app.store.find_by_prefix(prefix).id if prefix else None
+
+
+def _fmt(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_status(args) -> int:
+    with app_from_args(args, progress=False) as app:
+        if args.case:
+            case = app.store.find_by_prefix(args.case)
+            events = app.store.events(case.id)
+            if args.json:
+                print(jsonutil.dumps({"case": case.__dict__, "events": events}, pretty=True).decode())
+                return 0
+            rows = [("case", case.id), ("step", case.step), ("order", case.service_request),
+                    ("patient", case.patient), ("reviewer", case.reviewer), ("profile", case.profile),
+                    ("task", case.task or "-"), ("package", case.package_id or "-"),
+                    ("opinion", case.opinion_id or "-"), ("filed as", case.document_reference or "-"),
+                    ("created", _fmt(case.created_at)), ("updated", _fmt(case.updated_at)),
+                    ("attempts", str(case.attempts)), ("next attempt", _fmt(case.next_attempt_at)),
+                    ("last error", case.last_error or "-")]
+            for k, v in rows:
+                print(f"{k:>13}: {v}")
+            print("       events:")
+            for e in events:
+                detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
+                print(f"   {_fmt(e['at'])}  {e['kind']:<18} {detail}")
+            return 0
+        cases = app.store.list_cases()
+        if args.json:
+            print(jsonutil.dumps([c.__dict__ for c in cases], pretty=True).decode())
+            return 0
+        if not cases:
+            print("no cases yet")
+            return 0
+        print(f"{'case':<8}  {'step':<13}  {'reviewer':<18}  {'updated':<19}  last error")
+        for c in cases:
+            print(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
+                  f"{(c.last_error or '')[:80]}")
+        return 0
+
+
+def cmd_receive(args) -> int:
+    status = 0
+    with app_from_args(args) as app:
+        for f in args.files:
+            try:
+                received = receive_file(app, Path(f))
+            except FhirbridgeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                status = exc.exit_code
+                continue
+            print(f"received opinion {received.opinion_id} for case {received.case.id[:8]}")
+            run_pending(app, intake=False, case_id=received.case.id)
+            case = app.store.get(received.case.id)
+            if case.step == "done":
+                print(f"filed as {case.document_reference}")
+            else:
+                print(f"not filed yet ({case.last_error}); `fhirbridge run` will retry", file=sys.stderr)
+                status = 1
+    return status
+
+
+def cmd_audit(args) -> int:
+    """The accounting of disclosures for one patient: every package sent about them (when, to whom, for
+    which order, what kinds and counts of records) and every opinion filed back."""
+    patient = args.patient if "/" in args.patient else f"Patient/{args.patient}"
+    with app_from_args(args, progress=False) as app:
+        rows = accounting(app, patient)
+    if args.json:
+        print(jsonutil.dumps({"patient": patient, "events": rows}, pretty=True).decode())
+        return 0
+    if not rows:
+        print(f"no disclosures recorded for {patient}")
+        return 0
+    print(f"accounting of disclosures for {patient}")
+    for r in rows:
+        what = "sent package" if r["kind"] == "disclosure" else "opinion filed"
+        print(f"{_fmt(r['at'])}  {what:<13}  {r['recipient']} ({r['recipient_identifier']})")
+        print(f"{'':21}case {r['case'][:8]}  order {r['order']}")
+        if r["kind"] == "disclosure":
+            d = r["details"]
+            print(f"{'':21}package {r['package']}")
+            print(f"{'':21}records: {d.get('records shared', '?')} shared ({d.get('record types', '?')}), "
+                  f"{d.get('records withheld', '?')} withheld, {d.get('attachment files', '0')} attachment file(s)")
+        else:
+            print(f"{'':21}opinion {r['package']} filed as {r['document_reference'] or '-'}")
+        if not r["sent_to_ehr"] and app.config.audit.write_to_ehr:
+            print(f"{'':21}not yet in the EHR: {r['ehr_error'] or 'pending'}")
+    return 0
+
+
+def cmd_retry(args) -> int:
+    with app_from_args(args) as app:
+        case = retry(app, app.store.find_by_prefix(args.case))
+    print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    with app_from_args(args) as app:
+        case = cancel(app, app.store.find_by_prefix(args.case), args.reason)
+    print(f"case {case.id[:8]} cancelled")
+    return 0

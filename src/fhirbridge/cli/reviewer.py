@@ -1,0 +1,146 @@
+"""`fhirbridge reviewer ...`: the reviewer's side (keys, portal, token, open, answer)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from werkzeug.serving import make_server
+
+from fhirbridge import jsonutil
+from fhirbridge.access.tokens import mint_reviewer_token
+from fhirbridge.config.model import PACKAGE_MAPPINGS
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.exchange.envelope import write_atomic
+from fhirbridge.exchange.render import render_package
+from fhirbridge.exchange.reviewer import (
+    TRUST_DIR,
+    TRUST_FILE,
+    answer,
+    extract_attachments,
+    open_package,
+    trust_for,
+    write_reviewer_keys,
+)
+from fhirbridge.ui.reviewer_portal import PortalSettings, create_portal
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    rev = sub.add_parser("reviewer", help="the reviewer's side: open a package, answer it").add_subparsers(
+        dest="reviewer_cmd", required=True)
+    s = rev.add_parser("keys", help="make a reviewer key pair in DIR")
+    s.add_argument("dir")
+    s.add_argument("--trust", help="the hospital's public JWKS to trust (copied to DIR/trusted.jwks.json; to trust "
+                                   "several hospitals, use a DIR/trusted/ directory with one <hospital>.jwks.json "
+                                   "file each instead)")
+    s.set_defaults(func=cmd_reviewer_keys)
+    s = rev.add_parser("serve", help="the reviewer portal: read packages and answer them in a browser")
+    s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+    s.add_argument("--trust", help="trusted hospitals' public JWKS (file or directory; default next to --key)")
+    s.add_argument("--packages", help="directory where packages are delivered to you (outbox / https transport)")
+    s.add_argument("--answers", help="directory for sealed opinions of delivered packages (the hospital's inbox)")
+    s.add_argument("--pull", action="append", default=[], metavar="URL",
+                   help="a hospital's reviewer API (<its public URL>/reviewer); repeatable")
+    s.add_argument("--issuer", help="your organisation identifier value, as the hospitals have it (for --pull)")
+    s.add_argument("--work", default="reviewer-portal", help="working directory (pulled packages, answers sent)")
+    s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
+    s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
+    s.add_argument("--bind", default="127.0.0.1:8090", help="host:port (default 127.0.0.1:8090)")
+    s.set_defaults(func=cmd_reviewer_serve)
+    s = rev.add_parser("token", help="print a short-lived signed token for the hospital's reviewer API")
+    s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+    s.add_argument("--issuer", required=True, help="your organisation identifier value, as the hospital has it")
+    s.add_argument("--audience", required=True, help="the hospital's reviewer API: <its public URL>/reviewer")
+    s.add_argument("--lifetime", type=int, default=120, help="seconds (at most 300)")
+    s.set_defaults(func=cmd_reviewer_token)
+    for name, helptext in (("open", "verify, decrypt and summarise a package"),
+                           ("answer", "turn a structured answer into a sealed opinion")):
+        s = rev.add_parser(name, help=helptext)
+        s.add_argument("package", help="the package directory (or its package.jwe)")
+        s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+        s.add_argument("--trust", help="the trusted hospitals: one hospital's public JWKS file, or a directory of "
+                                       "*.jwks.json files, one per hospital (default: trusted.jwks.json or "
+                                       "trusted/ next to --key); the opinion is sealed only to the hospital "
+                                       "that signed the package")
+        if name == "open":
+            s.add_argument("--json", metavar="FILE", help="write the full document Bundle as JSON ('-': stdout)")
+            s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR")
+            s.set_defaults(func=cmd_reviewer_open)
+        else:
+            s.add_argument("--opinion", required=True, help="the structured answer (TOML or JSON)")
+            s.add_argument("--out", required=True, help="where to write the sealed opinion")
+            s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
+            s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
+            s.set_defaults(func=cmd_reviewer_answer)
+
+
+def cmd_reviewer_keys(args) -> int:
+    out = write_reviewer_keys(Path(args.dir), Path(args.trust) if args.trust else None)
+    for k, p in out.items():
+        print(f"wrote {p} ({k.replace('_', ' ')})")
+    return 0
+
+
+def cmd_reviewer_serve(args) -> int:
+    """The portal for the reviewer's staff; it holds the private key, so it listens on loopback by default
+    (put it behind the site's TLS proxy to reach it from elsewhere)."""
+
+    key = Path(args.key)
+    trust = Path(args.trust) if args.trust else (key.parent / TRUST_DIR if (key.parent / TRUST_DIR).is_dir()
+                                                 else key.parent / TRUST_FILE)
+    settings = PortalSettings(key=key, trust=trust, work_dir=Path(args.work),
+                              mappings_dir=Path(args.mappings) if args.mappings else PACKAGE_MAPPINGS,
+                              packages_dir=Path(args.packages) if args.packages else None,
+                              answers_dir=Path(args.answers) if args.answers else None,
+                              pull=args.pull, issuer=args.issuer, form=args.form)
+    host, _, port = args.bind.rpartition(":")
+    server = make_server(host or "127.0.0.1", int(port), create_portal(settings), threaded=True)
+    print(f"reviewer portal on http://{args.bind}/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_reviewer_token(args) -> int:
+    """One token per request: the hospital refuses a token it has seen before."""
+    print(mint_reviewer_token(KeyRing.load(Path(args.key)), issuer=args.issuer, audience=args.audience,
+                              lifetime=args.lifetime))
+    return 0
+
+
+def _reviewer_keys(args):
+    key = KeyRing.load(Path(args.key))
+    return key, trust_for(Path(args.key), Path(args.trust) if args.trust else None)
+
+
+def cmd_reviewer_open(args) -> int:
+    key, trusted = _reviewer_keys(args)
+    opened = open_package(Path(args.package), key, trusted)
+    if args.json:
+        data = jsonutil.dumps(opened.document, pretty=True)
+        if args.json == "-":
+            sys.stdout.write(data.decode() + "\n")
+        else:
+            Path(args.json).write_bytes(data)
+            print(f"wrote the document Bundle to {args.json}", file=sys.stderr)
+    if not args.json or args.json != "-":
+        print(f"signature: valid, by hospital key {opened.document['signature'].get('who', {}).get('display', '')}"
+              f" (trusted keys: {opened.hospital.source if opened.hospital else '-'})")
+        print(render_package(opened.claims, opened.document))
+    if args.extract:
+        for p in extract_attachments(opened, key, Path(args.extract)):
+            print(f"extracted {p}")
+    return 0
+
+
+def cmd_reviewer_answer(args) -> int:
+    key, trusted = _reviewer_keys(args)
+    opened = open_package(Path(args.package), key, trusted)
+    mappings = PACKAGE_MAPPINGS if not args.mappings else Path(args.mappings)
+    # Sealed to the one hospital whose key verified the package (opened.hospital), never to the whole trust store.
+    sealed, claims = answer(opened, Path(args.opinion), key, mappings_dir=mappings, form=args.form)
+    write_atomic(Path(args.out), sealed)
+    print(f"wrote sealed opinion {claims['jti']} to {args.out}; send it to {claims['aud'].get('display')}")
+    return 0

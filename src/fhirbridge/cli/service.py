@@ -1,0 +1,104 @@
+"""Serve, worker, subscribe: run fhirbridge as a service."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fhirbridge.config import loader as config
+from fhirbridge.ehr.context import App
+from fhirbridge.ehr.subscriptions import subscribe
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.service.scheduler import Service
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run the service: HTTP API + scheduler, under gunicorn")
+    s.add_argument("--bind", help="host:port (default 127.0.0.1:8080, or $FHIRBRIDGE_BIND)")
+    s.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
+    s.add_argument("--no-scheduler", action="store_true", help="serve HTTP only (run `fhirbridge worker` elsewhere)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("worker", help="run the scheduler only (intake, steps, inbox, overdue), no HTTP")
+    s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("subscribe", help="have the EHR notify this service of new and revoked orders (FHIR R4 "
+                                         "Subscriptions Backport, rest-hook to [service] public_url)")
+    # SUPPRESS: without the option here, the global --hospital (given before the command) stays in effect.
+    s.add_argument("--hospital", default=argparse.SUPPRESS, help="only this hospital (default: every one configured)")
+    s.add_argument("--payload", choices=["id-only", "full-resource"], default="id-only",
+                   help="what each notification carries: the order's id (read back from the EHR) or the order "
+                        "itself (default: id-only)")
+    s.add_argument("--heartbeat", type=int, default=120, metavar="SECONDS",
+                   help="ask the EHR for a heartbeat this often, so missed events show (0: none; default 120)")
+    s.add_argument("--topic", help="the EHR's SubscriptionTopic canonical URL (default: discovered from the EHR)")
+    s.set_defaults(func=cmd_subscribe)
+
+
+def cmd_serve(args) -> int:
+    """Exec gunicorn with the project's config: the HTTP API plus, in each worker, the scheduler."""
+    cfg_path = config.find_config_file(args.config).resolve()
+    config.load(cfg_path)  # a bad config fails here with its clear message, not in every worker
+    env = dict(os.environ, FHIRBRIDGE_CONFIG=str(cfg_path))
+    if args.bind:
+        env["FHIRBRIDGE_BIND"] = args.bind
+    if args.workers:
+        env["FHIRBRIDGE_WORKERS"] = str(args.workers)
+    if args.no_scheduler:
+        env["FHIRBRIDGE_SCHEDULER"] = "off"
+    exe = Path(sys.executable).with_name("gunicorn")
+    gunicorn = str(exe) if exe.exists() else shutil.which("gunicorn")
+    if not gunicorn:
+        raise FhirbridgeError("gunicorn is not installed next to this Python; reinstall fhirbridge")
+    conf = Path(__file__).resolve().parent.parent / "service" / "gunicorn_conf.py"
+    os.execve(gunicorn, [gunicorn, "-c", str(conf), "fhirbridge.service.app:create_app()"], env)
+    return 0  # not reached
+
+
+def cmd_worker(args) -> int:
+    """The scheduler without HTTP: for worker-only replicas. Stops cleanly on SIGTERM/SIGINT."""
+    svc = Service(config.load(args.config))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_a: done.set())
+    svc.start()
+    print(f"fhirbridge worker {svc.worker} running ({len(svc.apps)} hospital(s)); SIGTERM stops it", flush=True)
+    done.wait()
+    print("stopping: finishing the step in hand, taking nothing new", flush=True)
+    svc.stop(wait=True)
+    return 0
+
+
+def cmd_subscribe(args) -> int:
+    """Register (or bring up to date) each hospital's Subscriptions Backport subscription on its EHR."""
+    cfg = config.load(args.config)
+    apps = ([App(cfg, hospital_name=args.hospital)] if args.hospital else App.per_hospital(cfg))
+    status = 0
+    try:
+        for app in apps:
+            result = subscribe(app, payload=args.payload, heartbeat=args.heartbeat, topic=args.topic)
+            for warning in result.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            for off in result.turned_off:
+                print(f"{off}: turned off (replaced by this one)")
+            beat = f"heartbeat {result.heartbeat} s" if result.heartbeat else "no heartbeat"
+            print(f"{result.subscription}: {result.status} ({result.action}; {app.hospital.name}; topic "
+                  f"{result.topic}; {result.payload}; {beat}; notifies {result.endpoint})")
+            if result.status == "error":
+                print(f"error: the EHR put {result.subscription} in error: {result.error or 'no reason given'}. "
+                      f"Is fhirbridge serving {result.endpoint} (`fhirbridge serve`) and can the EHR reach it? "
+                      "Then run `fhirbridge subscribe` again", file=sys.stderr)
+                status = 1
+            elif result.status == "requested":
+                print(f"note: the EHR has not confirmed the handshake yet; check {result.subscription} later",
+                      file=sys.stderr)
+    finally:
+        for app in apps:
+            app.close()
+        if apps and apps[0].shared_store is not None:
+            apps[0].shared_store.close()
+    return status

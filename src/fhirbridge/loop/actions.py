@@ -1,0 +1,82 @@
+"""What people and the EHR do to a Case from outside its steps: cancel, decline, retry, flag it overdue;
+and the Task sync that follows each of them (and each recorded step)."""
+from __future__ import annotations
+
+from fhirbridge.ehr import task as ehr_task
+from fhirbridge.ehr.context import App
+from fhirbridge.errors import CaseError
+from fhirbridge.loop.routing import reroute
+from fhirbridge.steps import FINAL_STEPS, Step
+from fhirbridge.store.store import Case
+
+
+def sync_task(app: App, case: Case) -> None:
+    """Keep the EHR Task in line; a failure here is logged on the Case and repaired at the next step."""
+    try:
+        ehr_task.set_task_status(app, case, case.step,
+                                 reason=case.last_error if case.step == Step.FAILED else None)
+    except ehr_task.TaskClosed as exc:
+        cancel(app, case, str(exc))
+    except Exception as exc:  # noqa: BLE001 - the Task is a mirror; the Case in the store is the record
+        app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+
+
+def _mirror(app: App, case: Case, step: str, reason: str) -> None:
+    try:
+        ehr_task.set_task_status(app, case, step, reason=reason)
+    except Exception as exc:  # noqa: BLE001 - the Task is a mirror; the Case in the store is the record
+        app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+
+
+def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> Case:
+    """Cancel a Case that is not finished. From a worker (order revoked, Task cancelled in the EHR) only if it
+    still holds the Case; from a person, whoever holds it: the holder's result is then dropped (finish_step)."""
+    if worker:
+        cancelled = app.store.finish_step(case.id, worker=worker, expect_step=case.step, event_kind="cancelled",
+                                          detail={"reason": reason}, step=Step.CANCELLED.value, last_error=reason)
+    else:
+        cancelled = app.store.cancel(case.id, reason)
+    if cancelled is None:
+        current = app.store.get(case.id)
+        if current.step in FINAL_STEPS:
+            raise CaseError(f"Case {case.id[:8]} is already {current.step}; nothing to cancel")
+        return current
+    _mirror(app, cancelled, Step.CANCELLED, reason)
+    return cancelled
+
+
+def decline(app: App, case: Case, reason: str) -> Case:
+    """The reviewer will not give this opinion: the Case ends and the Task becomes `rejected` with the
+    reason (FHIR task-status: the potential performer refused), so the physician can refer elsewhere."""
+    if case.step not in (Step.AWAIT_OPINION, Step.DELIVER):
+        raise CaseError(f"Case {case.id[:8]} is {case.step}; only a Case awaiting an opinion can be declined")
+    declined = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=case.step, event_kind="declined",
+                                     detail={"reason": reason}, step=Step.DECLINED.value,
+                                     last_error=f"declined: {reason}")
+    if declined is None:
+        raise CaseError(f"Case {case.id[:8]} changed meanwhile; try again")
+    _mirror(app, declined, Step.DECLINED, reason)
+    return declined
+
+
+def retry(app: App, case: Case) -> Case:
+    """Put a failed Case back at the step that failed (after the cause is fixed)."""
+    if case.step != Step.FAILED:
+        return app.store.update(case.id, next_attempt_at=None, event_kind="retry", detail={"step": case.step})
+    step = case.data.get("failed_step") or Step.COLLECT.value
+    if step == "intake":
+        # It failed before it could be routed (unknown reviewer or profile): route it again now.
+        return reroute(app, case)
+    return app.store.update(case.id, step=step, next_attempt_at=None, attempts=0, event_kind="retry",
+                            detail={"step": step})
+
+
+def flag_overdue(app: App) -> list[Case]:
+    """Cases past their reviewer's turnaround target: flagged once, in the store and on the Task."""
+    flagged = app.store.newly_overdue(app.hospital.key)
+    for case in flagged:
+        try:
+            ehr_task.set_task_status(app, case, "overdue", only_from=(ehr_task.STATUS[Step.AWAIT_OPINION][1],))
+        except Exception as exc:  # noqa: BLE001 - the flag is in the store; the Task catches up later
+            app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
+    return flagged

@@ -1,0 +1,35 @@
+"""What one run of a step did: the small typed object every step function returns to the runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhirbridge.steps import Step
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The runner records it in one store transaction with the step's move; nothing else is returned."""
+
+    # The event's detail: counts, ids, reasons. Never clinical content (the store holds none).
+    detail: dict[str, Any] = field(default_factory=dict)
+    # Set when the step could not do its work and sends the Case back (its work file was gone): the step
+    # the Case goes back to. None: the step is done and the Case moves on to steps.FLOW[step].next.
+    back_to: Step | None = None
+    package_id: str | None = None           # seal: the package just sealed
+    due_at: float | None = None             # deliver: when the reviewer's opinion is due (epoch seconds)
+    document_reference: str | None = None   # file: the note in the chart ("DocumentReference/<id>")
+    # The step brought the EHR Task in line itself (the write-back transaction completes it): the runner
+    # need not read and sync the Task after recording the step.
+    task_current: bool = False
+
+    def columns(self) -> dict[str, Any]:
+        """The Case columns this result sets, besides the step."""
+        values = {"package_id": self.package_id, "due_at": self.due_at,
+                  "document_reference": self.document_reference}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def sent_back(step: Step, reason: str, **detail: Any) -> StepResult:
+    """A step whose work file is gone (a restored volume, a replica not on the shared data_dir)."""
+    return StepResult(detail={"reason": reason, **detail}, back_to=step)

@@ -1,0 +1,169 @@
+"""/api: the staff API. Place orders (for EHRs that cannot write ServiceRequests), list and read Cases with
+their events, retry, cancel, the accounting of disclosures. A staff bearer token (admin token, scoped API
+key or OAuth2 access token; access.tokens) with the scope each endpoint needs.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Blueprint, g, jsonify, request
+
+from fhirbridge.access.tokens import Unauthorized, staff_from_token
+from fhirbridge.ehr.audit import accounting
+from fhirbridge.ehr.order import place_order
+from fhirbridge.errors import CaseError, ConfigError
+from fhirbridge.loop.actions import cancel, retry
+from fhirbridge.loop.intake import order_changed
+from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service, visible
+from fhirbridge.service.openapi import CASE_STEPS
+
+log = logging.getLogger("fhirbridge.service.api")
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+# The scope each staff endpoint needs. An endpoint missing here is refused to everyone (fail closed), and
+# a test checks that every /api route is listed.
+STAFF_ENDPOINT_SCOPES = {
+    "api.create_order": "orders:write",
+    "api.list_cases": "cases:read",
+    "api.read_case": "cases:read",
+    "api.retry_case": "cases:write",
+    "api.cancel_case": "cases:write",
+    "api.audit_accounting": "audit:read",
+}
+
+
+@api.before_request
+def _staff_only():
+    cfg = service().config
+    if not (cfg.api_tokens or cfg.api_keys or cfg.oauth):
+        raise ApiError(401, "the staff API is closed: no tokens are configured ([api] tokens, [[api.keys]] or "
+                            "[api.oauth])")
+    given = bearer()
+    if not given:
+        raise ApiError(401, "a valid staff bearer token is required (Authorization: Bearer ...)")
+    try:
+        g.staff = staff_from_token(given, cfg)
+    except Unauthorized as exc:
+        raise ApiError(401, str(exc)) from None
+    needed = STAFF_ENDPOINT_SCOPES.get(request.endpoint or "")
+    if needed is None or needed not in g.staff.scopes:
+        raise ApiError(403, f"this token lacks the scope {needed or '(none defined)'} that "
+                            f"{request.method} {request.path} needs")
+
+
+def _case_json(case, *, events: list | None = None) -> dict:
+    out = {k: getattr(case, k) for k in ("id", "step", "service_request", "patient", "reviewer", "profile", "task",
+                                          "package_id", "opinion_id", "document_reference", "attempts",
+                                          "last_error", "created_at", "updated_at", "due_at", "overdue_at")}
+    out["hospital"] = case.hospital
+    out["overdue"] = case.overdue_at is not None
+    if events is not None:
+        out["events"] = [{"at": e["at"], "kind": e["kind"], "detail": e["detail"]} for e in events]
+    return out
+
+
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+@api.post("/orders")
+def create_order():
+    body = json_body()
+    unknown = set(body) - {"hospital", "patient", "question", "reviewer", "profile", "requester", "priority"}
+    if unknown:
+        raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
+    for field in ("patient", "question"):
+        if not isinstance(body.get(field), str) or not body[field].strip():
+            raise ApiError(400, f"{field} is required (a non-empty string)")
+    for field in ("hospital", "reviewer", "profile", "requester", "priority"):
+        if field in body and not isinstance(body[field], str):
+            raise ApiError(400, f"{field} must be a string")
+    patient = body["patient"].removeprefix("Patient/")
+    if not _ID.fullmatch(patient):
+        raise ApiError(400, "patient must be a Patient id or Patient/<id>")
+    requester = body.get("requester")
+    if requester and not re.fullmatch(r"(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}", requester):
+        raise ApiError(400, "requester must be Practitioner/<id> or PractitionerRole/<id>")
+    if body.get("priority", "routine") not in ("routine", "urgent", "asap", "stat"):
+        raise ApiError(400, "priority must be one of routine, urgent, asap, stat")
+    app = _hospital_app(body.get("hospital"))
+    if not g.staff.may_see(app.hospital.name):
+        raise ApiError(403, f"this token may not place orders for {app.hospital.name}")
+    if body.get("reviewer") and body["reviewer"] not in app.config.reviewers:
+        raise ApiError(400, f"no reviewer {body['reviewer']!r} (configured: {', '.join(app.config.reviewers)})")
+    sr = place_order(app, patient=patient, question=body["question"], reviewer=body.get("reviewer"),
+                     profile=body.get("profile"), requester=requester, priority=body.get("priority", "routine"))
+    ref = f"ServiceRequest/{sr['id']}"
+    # The order exists in the EHR from here on: whatever happens next, answer 201 so a client does not
+    # retry and create a second order; the poll takes it in if taking it in now fails.
+    try:
+        order_changed(app, sr)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("order %s written but not yet taken in: %s", ref, exc)
+    case = app.store.find_by_order(app.hospital.key, ref)
+    return jsonify({"service_request": ref, "case": _case_json(case) if case else None,
+                    **({} if case else {"note": "the order is in the EHR; the next poll takes it in"})}), 201
+
+
+def _hospital_app(name: str | None):
+    try:
+        return service().app_for(name)
+    except ConfigError:
+        names = ", ".join(service().config.hospitals)
+        raise ApiError(400, f"say which hospital: \"hospital\" must be one of {names}") from None
+
+
+@api.get("/cases")
+def list_cases():
+    step = request.args.get("step")
+    # A mistyped filter must not answer as if it had filtered (an empty list, or every Case for "overdue").
+    if step is not None and step not in CASE_STEPS:
+        raise ApiError(400, f"step must be one of {', '.join(CASE_STEPS)}")
+    if request.args.get("overdue") not in (None, "true"):
+        raise ApiError(400, 'overdue must be "true" (or left out)')
+    hospital = request.args.get("hospital")
+    cases = service().store.list_cases(steps=(step,) if step else None,
+                                 hospital=_hospital_app(hospital).hospital.key if hospital else None)
+    if request.args.get("overdue") == "true":
+        cases = [c for c in cases if c.overdue_at is not None]
+    return jsonify({"cases": [_case_json(c) for c in cases if visible(c)]})
+
+
+@api.get("/audit")
+def audit_accounting():
+    """The accounting of disclosures for one patient (what `fhirbridge audit --patient` prints)."""
+    patient = request.args.get("patient", "")
+    patient = patient if patient.startswith("Patient/") else f"Patient/{patient}"
+    if not _ID.fullmatch(patient.removeprefix("Patient/")):
+        raise ApiError(400, "patient is required: ?patient=<Patient id>")
+    rows = []
+    for app in service().apps:
+        if g.staff.may_see(app.hospital.name):
+            rows += [dict(r, hospital=app.hospital.name) for r in accounting(app, patient)]
+    return jsonify({"patient": patient, "events": rows})
+
+
+@api.get("/cases/<case_id>")
+def read_case(case_id: str):
+    case = find_case(case_id)
+    return jsonify(_case_json(case, events=service().store.events(case.id)))
+
+
+@api.post("/cases/<case_id>/retry")
+def retry_case(case_id: str):
+    case = find_case(case_id)
+    return jsonify(_case_json(retry(app_of(case), case)))
+
+
+@api.post("/cases/<case_id>/cancel")
+def cancel_case(case_id: str):
+    reason = json_body().get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ApiError(400, "reason is required: say why the referral is cancelled")
+    case = find_case(case_id)
+    try:
+        return jsonify(_case_json(cancel(app_of(case), case, reason.strip())))
+    except CaseError as exc:
+        raise ApiError(409, str(exc)) from None

@@ -1,0 +1,71 @@
+"""Probes and public keys: /healthz (alive), /readyz (the store answers; each EHR checked and reported),
+/.well-known/jwks.json (every served hospital's public keys)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import requests
+from flask import Blueprint, current_app, jsonify
+
+from fhirbridge.crypto.keys import public_jwks
+from fhirbridge.ehr.context import App
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.fhir.auth import make_auth
+from fhirbridge.service.http import json_response, service
+from fhirbridge.store.store import ping
+
+health = Blueprint("health", __name__)
+
+
+@health.get("/.well-known/jwks.json")
+def hospital_jwks():
+    """The public keys of every hospital served here: reviewers verify packages and seal opinions with them
+    (a reviewer can follow this URL instead of keeping a copy). Never a private member."""
+    keys: list[dict] = []
+    for app in service().apps:
+        keys += public_jwks(app.hospital_keys.public_jwks())["keys"]
+    resp = json_response({"keys": keys}, content_type="application/jwk-set+json")
+    resp.headers["Cache-Control"] = "public, max-age=300"
+    return resp
+
+
+@health.get("/healthz")
+def healthz():
+    return jsonify({"status": "alive"})
+
+
+@health.get("/readyz")
+def readyz():
+    """Ready when the store answers: every replica can then take API calls and notifications and work the
+    Cases of any EHR that is up. Each EHR is checked too, quickly (no retries, 2 s + 3 s) and reported, but
+    one hospital's EHR being down must not take every replica out of the load balancer. Cached 5 s."""
+    cache = current_app.extensions.setdefault("fhirbridge.ready", {})  # per app, never shared between apps
+    with cache.setdefault("lock", threading.Lock()):
+        cached = cache.get("result")
+        if cached and time.monotonic() - cached[0] < 5:
+            return jsonify(cached[1]), cached[2]
+        checks, ok = {}, True
+        try:
+            ping(service().store)
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
+        for app in service().apps:
+            checks[f"ehr:{app.hospital.name}"] = _quick_ehr_check(app)
+        degraded = [k for k, v in checks.items() if k.startswith("ehr:") and v != "ok"]
+        body = {"status": ("degraded" if degraded else "ready") if ok else "not ready", "checks": checks}
+        status = 200 if ok else 503
+        cache["result"] = (time.monotonic(), body, status)
+        return jsonify(body), status
+
+
+def _quick_ehr_check(app: App) -> str:
+    try:
+        r = requests.get(f"{app.hospital.fhir_base_url}/metadata", timeout=(2, 3), auth=make_auth(app.hospital.auth.as_dict()),
+                   headers={"Accept": "application/fhir+json"})
+    except requests.RequestException as exc:
+        return f"unreachable: {exc.__class__.__name__}"
+    except FhirbridgeError as exc:  # SMART: the token endpoint refused or could not be reached
+        return f"unreachable: {exc}"
+    return "ok" if r.status_code == 200 else f"unreachable: HTTP {r.status_code}"

@@ -1,0 +1,131 @@
+"""/reviewer: the reviewer API, for reviewers without an endpoint of their own (transport "pull"): list
+their Cases, fetch sealed package files, submit sealed opinions, ask for more records, decline. A signed
+JWT from the reviewer's registered key (or its static api_token where configured); each reviewer sees
+only its own Cases. Nothing clinical leaves here except the sealed (encrypted) files themselves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, g, jsonify, request, send_file
+
+from fhirbridge.access.tokens import Unauthorized, reviewer_from_bearer
+from fhirbridge.ehr.data_request import BadRequest, request_records
+from fhirbridge.errors import CaseError, ConsentDenied, FhirbridgeError
+from fhirbridge.loop import consent
+from fhirbridge.loop.actions import cancel, decline
+from fhirbridge.loop.receive import app_for, receive_bytes
+from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service
+from fhirbridge.steps import Step
+
+MAX_OPINION_UPLOAD = 8 * 1024 * 1024
+
+reviewer_api = Blueprint("reviewer_api", __name__, url_prefix="/reviewer")
+
+
+@reviewer_api.before_request
+def _reviewer_only():
+    """A signed JWT from the reviewer's registered key (api_auth), or its static api_token where configured."""
+    svc = service()
+    try:
+        g.reviewer = reviewer_from_bearer(bearer(), svc.config, audiences=reviewer_audiences(),
+                                          keys_for=lambda r, kid: svc.apps[0].reviewer_keys(r.name, kid),
+                                          remember=lambda jti, r: svc.store.remember_token(jti, r.name))
+    except Unauthorized as exc:
+        raise ApiError(401, str(exc)) from None
+
+
+def reviewer_audiences() -> tuple[str, ...]:
+    """The aud a reviewer token must name: <public_url>/reviewer (else this request's own base URL)."""
+    public = service().config.public_url
+    return (f"{public}/reviewer",) if public else (request.host_url.rstrip("/") + "/reviewer",)
+
+
+def _own_case(case_id: str):
+    case = find_case(case_id)
+    if case.reviewer != g.reviewer.name:
+        raise ApiError(404, f"no Case {case_id}")  # another reviewer's Case does not exist for this one
+    return case
+
+
+@reviewer_api.get("/cases")
+def reviewer_cases():
+    cases = [c for c in service().store.list_cases(steps=(Step.AWAIT_OPINION.value,)) if c.reviewer == g.reviewer.name]
+    return jsonify({"cases": [{"id": c.id, "package_id": c.package_id, "due_at": c.due_at,
+                               "files": _package_files(c)} for c in cases]})
+
+
+def _package_dir(case) -> Path:
+    return service().config.data_dir / "cases" / case.id / "package" / str(case.package_id)
+
+
+def _package_files(case) -> list[str]:
+    d = _package_dir(case)
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) if d.is_dir() else []
+
+
+@reviewer_api.get("/cases/<case_id>/package/<path:name>")
+def reviewer_file(case_id: str, name: str):
+    case = _own_case(case_id)
+    if case.step not in (Step.AWAIT_OPINION, Step.FILE, Step.DONE):
+        raise ApiError(409, f"Case {case_id} has no package to fetch (it is {case.step})")
+    if name not in _package_files(case):
+        raise ApiError(404, f"no file {name!r} in this package")
+    if case.step == Step.AWAIT_OPINION:
+        _consent_still_allows(case)
+    return send_file(_package_dir(case) / name, mimetype="application/jose+json", as_attachment=True,
+                     download_name=Path(name).name)
+
+
+def _consent_still_allows(case) -> None:
+    """For a pull reviewer, "delivered" means "made available": a Consent recorded since then must still stop
+    the disclosure, so each fetch looks again (every file: attachments decrypt on their own). Fails closed:
+    without an answer from the EHR nothing is handed out."""
+    app = app_of(case)
+    try:
+        consent.check(app, case.patient, app.config.reviewer(case.reviewer))
+    except ConsentDenied as exc:
+        app.store.add_event(case.id, "consent.denied", {"step": "fetch", "consent": exc.consent})
+        cancel(app, case, str(exc))
+        raise ApiError(410, "this package has been withdrawn by the hospital; do not use any copy of it") from None
+    except FhirbridgeError as exc:
+        raise ApiError(503, f"the hospital cannot release this package right now ({exc.__class__.__name__}); "
+                            "try again later") from None
+
+
+@reviewer_api.post("/opinions")
+def reviewer_opinion():
+    if (request.content_length or 0) > MAX_OPINION_UPLOAD:
+        raise ApiError(413, f"an opinion is at most {MAX_OPINION_UPLOAD} bytes")
+    data = request.get_data(cache=False)
+    if len(data) > MAX_OPINION_UPLOAD:
+        raise ApiError(413, f"an opinion is at most {MAX_OPINION_UPLOAD} bytes")
+    app = app_for(service().apps, data)
+    # What binds an opinion to its Case is its signature, checked against the keys of the reviewer the Case
+    # was sent to, not the bearer token: a reviewer cannot submit anything for another's Case that the
+    # other did not sign.
+    received = receive_bytes(app, data, source="uploaded opinion")
+    return jsonify({"case": received.case.id, "opinion": received.opinion_id, "status": "accepted; filing"}), 202
+
+
+@reviewer_api.post("/cases/<case_id>/requests")
+def reviewer_data_request(case_id: str):
+    """Ask the hospital for more records (a CDex-style data request Task in the EHR, part of the referral)."""
+    case = _own_case(case_id)
+    try:
+        ref = request_records(app_of(case), case, json_body().get("text"))
+    except BadRequest as exc:
+        raise ApiError(409 if "awaits" in str(exc) else 400, str(exc)) from None
+    return jsonify({"case": case.id, "task": ref, "status": "requested"}), 201
+
+
+@reviewer_api.post("/cases/<case_id>/decline")
+def reviewer_decline(case_id: str):
+    case = _own_case(case_id)   # first: another reviewer's Case is a 404 whatever the body says
+    reason = json_body().get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ApiError(400, "reason is required: the referring physician needs to know why")
+    try:
+        return jsonify({"case": decline(app_of(case), case, reason.strip()).id, "status": "declined"})
+    except CaseError as exc:
+        raise ApiError(409, str(exc)) from None

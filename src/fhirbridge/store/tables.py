@@ -1,0 +1,84 @@
+"""The Case store's schema: one table definition per concept, shared by the Store and the migrations.
+
+Timestamps are UTC epoch seconds (floats), so lease arithmetic and comparisons are the same on SQLite and
+PostgreSQL. Nothing clinical: references (Patient/123), step names, counts, errors naming resources.
+"""
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+
+metadata = MetaData()
+
+cases = Table(
+    "cases", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("hospital", String(200), nullable=False),
+    Column("service_request", String(200), nullable=False),   # "ServiceRequest/<id>" on the hospital's EHR
+    Column("patient", String(200), nullable=False),
+    Column("reviewer", String(200), nullable=False),
+    Column("profile", String(100), nullable=False),
+    Column("step", String(40), nullable=False),
+    Column("task", String(200)),                               # "Task/<id>" in the EHR
+    Column("package_id", String(64)),
+    Column("opinion_id", String(200)),
+    Column("document_reference", String(200)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("next_attempt_at", Float),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("data", JSON, nullable=False, default=dict),         # step outputs: ids, counts, no PHI
+    Column("due_at", Float),                                   # delivery + the reviewer's turnaround target
+    Column("overdue_at", Float),                               # when it was flagged overdue
+    UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
+    # The claim query: a hospital's Cases at a work step, oldest update first (migration 0003). Without it
+    # every claim scanned every Case, done ones included (docs/performance.md, claims).
+    Index("ix_cases_claim", "hospital", "step", "updated_at"),
+)
+
+# Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
+cursors = Table(
+    "cursors", metadata,
+    Column("hospital", String(200), primary_key=True),
+    Column("name", String(80), primary_key=True),
+    Column("value", String(64)),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("updated_at", Float),
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("case_id", String(64), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(80), nullable=False),
+    Column("detail", JSON, nullable=False, default=dict),
+)
+
+# jti of every opinion envelope accepted, so a replayed file is refused even after the Case is gone.
+seen_messages = Table(
+    "seen_messages", metadata,
+    Column("jti", String(200), primary_key=True),
+    Column("case_id", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+# One row per disclosure (a package delivered) and per opinion filed: the accounting of disclosures
+# (audit.py). `resource` is the BALP AuditEvent; it names the patient by reference only. The id is the
+# AuditEvent's id, derived from the Case and the package/opinion, so recording twice keeps one row.
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("hospital", String(200), nullable=False),
+    Column("patient", String(200), nullable=False, index=True),
+    Column("case_id", String(64), nullable=False, index=True),
+    Column("kind", String(20), nullable=False),                 # disclosure | filed
+    Column("recipient", String(200), nullable=False),           # system|value of the receiving organisation
+    Column("resource", JSON, nullable=False),
+    Column("sent_to_ehr", Boolean, nullable=False, default=False),
+    Column("ehr_error", Text),                                  # why the last write to the EHR failed
+)
