@@ -53,7 +53,8 @@ def _worker(kind: str, url: str, name: str, ready, go, out) -> None:
         opts = query.split("options=", 1)[1].replace("%3D", "=") if "options=" in query else ""
         with psycopg.connect(dsn, options=opts, autocommit=True) as conn:
             sql = ("UPDATE cases SET claimed_by = %(w)s, claimed_until = %(until)s WHERE id = ("
-                   "SELECT id FROM cases WHERE step = ANY(%(steps)s) AND (claimed_until IS NULL OR claimed_until < %(now)s)"
+                   "SELECT id FROM cases WHERE step = ANY(%(steps)s)"
+                   " AND (claimed_until IS NULL OR claimed_until < %(now)s)"
                    " AND (next_attempt_at IS NULL OR next_attempt_at <= %(now)s) ORDER BY updated_at LIMIT 1"
                    " FOR UPDATE SKIP LOCKED) AND (claimed_until IS NULL OR claimed_until < %(now)s) RETURNING id")
             steps = ["collect", "seal", "deliver", "file"]
@@ -107,7 +108,7 @@ def statements_per_claim(url: str) -> dict:
         conn.execute(text("UPDATE cases SET claimed_by = NULL, claimed_until = NULL"))
     counts.clear()
     n = 20
-    for i in range(n):
+    for _ in range(n):
         store.claim(worker="count", lease_seconds=600)
     # pool_pre_ping sends its own "SELECT 1" on checkout, outside before_cursor_execute: one per checkout.
     pings = counts["checkout"] if getattr(store.engine.pool, "_pre_ping", False) else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import requests
 
@@ -121,26 +121,26 @@ def run(bench: Bench, sizes: list[int], repeats: dict[int, int], *, naive: bool 
         for size in sizes:
             patient = synth.load(any_app.ehr, size)
             log(f"  collect: patient of {size} resources loaded in {patient.load_seconds:.1f} s")
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             contenders, urls_by = {}, {}
             for ps, app in app_by_page.items():
                 label = "fhirbridge" if ps is None else f"fhirbridge page_size={ps}"
                 holder = {}
-                urls_by[label] = record_urls(lambda a=app, h=holder: h.setdefault(
-                    "c", collect(a, patient.service_request, profile, now=now)))
+                urls_by[label] = record_urls(lambda a=app, h=holder, p=patient, n=now: h.setdefault(
+                    "c", collect(a, p.service_request, profile, now=n)))
                 shared = len(holder["c"].resources)
                 if shared != size:
                     raise RuntimeError(f"fhirbridge collected {shared} of {size} resources")
-                contenders[label] = lambda a=app: collect(a, patient.service_request, profile, now=now)
+                contenders[label] = lambda a=app, p=patient, n=now: collect(a, p.service_request, profile, now=n)
                 bound_label = "bound" if ps is None else f"bound page_size={ps}"
                 contenders[bound_label] = lambda u=urls_by[label]: replayer.fetch(u)
             # fhirbridge as it was before issue #7: one request at a time (FETCH_THREADS = 1).
             base_app = app_by_page[page_sizes[0]]
 
-            def sequential(a=base_app):
+            def sequential(a=base_app, p=patient, n=now):
                 saved, collect_mod.FETCH_THREADS = collect_mod.FETCH_THREADS, 1
                 try:
-                    collect(a, patient.service_request, profile, now=now)
+                    collect(a, p.service_request, profile, now=n)
                 finally:
                     collect_mod.FETCH_THREADS = saved
             contenders["fhirbridge 1 fetch thread"] = sequential
@@ -148,8 +148,8 @@ def run(bench: Bench, sizes: list[int], repeats: dict[int, int], *, naive: bool 
                 fetched = naive_fhirclient(bench.ehr.base_url, patient.id, list(profile.rules))
                 if fetched != size:
                     raise RuntimeError(f"naive fhirclient fetched {fetched} of {size} resources")
-                contenders["naive fhirclient"] = lambda: naive_fhirclient(bench.ehr.base_url, patient.id,
-                                                                          list(profile.rules))
+                contenders["naive fhirclient"] = lambda p=patient: naive_fhirclient(bench.ehr.base_url, p.id,
+                                                                                    list(profile.rules))
             t = side_by_side(contenders, repeats[size])
             row = {"size": size, "load_seconds": round(patient.load_seconds, 2),
                    "requests": {k: len(v) for k, v in urls_by.items()},

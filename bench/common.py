@@ -12,17 +12,18 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fhirbridge.config import loader as config
-from fhirbridge.ehr.context import App
-from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.config.starter import write_starter
-from fhirbridge.exchange.reviewer import write_reviewer_keys
+from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.demo.localehr import LocalEhr
+from fhirbridge.ehr.context import App
+from fhirbridge.exchange.reviewer import write_reviewer_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ class Timings:
     def ratio(self, name: str, against: str) -> float:
         """Median of the per-repetition ratios: each repetition's pair ran back to back, so a burst of
         load from other processes on the machine hits both sides of the same ratio."""
-        return statistics.median(a / b for a, b in zip(self.runs[name], self.runs[against]))
+        return statistics.median(a / b for a, b in zip(self.runs[name], self.runs[against], strict=False))
 
     def spread(self, name: str) -> float:
         """Half the interquartile range relative to the median: the noise of this contender in this run."""

@@ -142,7 +142,8 @@ def goals(sections: dict) -> list[dict]:
         for n, r in c["rows"].items():
             add("claims", f"claims/s, {n}", r["claims_per_second"], "(reported)", None)
             add("claims", f"duplicate claims, {n}", r["duplicates"], "0", r["duplicates"] == 0)
-        add("claims", "fhirbridge / raw SQL bound (time, 4 workers)", f"{c['fhirbridge_vs_bound']:.2f}x", "(reported)", None)
+        add("claims", "fhirbridge / raw SQL bound (time, 4 workers)", f"{c['fhirbridge_vs_bound']:.2f}x",
+            "(reported)", None)
     return out
 
 
@@ -155,7 +156,8 @@ def table(results: dict) -> str:
     if "collect" in s:
         lines += ["Collect (median ms; ratios are medians of per-repetition ratios)",
                   _grid(["resources", "requests", *s["collect"]["rows"][0]["median_s"].keys(), "fb/bound", "naive/fb"],
-                        [[r["size"], r["requests"].get("fhirbridge"), *[f"{v * 1000:.1f}" for v in r["median_s"].values()],
+                        [[r["size"], r["requests"].get("fhirbridge"),
+                          *[f"{v * 1000:.1f}" for v in r["median_s"].values()],
                           r["vs_bound"].get("fhirbridge"), r["naive_over"].get("fhirbridge")]
                          for r in s["collect"]["rows"]]), ""]
     if "seal" in s:
@@ -171,7 +173,7 @@ def table(results: dict) -> str:
         lines += ["Write-back (median ms, HTTP round trips)",
                   _grid(["contender", "ms", "round trips"],
                         [[n, f"{v * 1000:.1f}", wb["round_trips"][k]] for (n, v), k in
-                         zip(wb["median_s"].items(), ("file_opinion", "file step", "raw"))]), ""]
+                         zip(wb["median_s"].items(), ("file_opinion", "file step", "raw"), strict=False)]), ""]
     if "loop" in s:
         lines += ["Whole loop (one worker; seconds per Case, fhirbridge's work only)",
                   _grid(["resources", "s/Case", "Cases/hour", "x smallest", "collect", "seal", "deliver", "file",
@@ -193,7 +195,7 @@ def table(results: dict) -> str:
 def _grid(header: list, rows: list[list]) -> str:
     cells = [[str(h) for h in header]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |"  # noqa: E731
     return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, cells[1:])])
 
 

@@ -100,8 +100,8 @@ def _app_and_case(root: Path):
 
 
 def seal_fhirbridge(root: str, keep_plaintext: bool = False) -> dict:
-    from fhirbridge.loop.collect import Collected
     from fhirbridge.crypto import jwe
+    from fhirbridge.loop.collect import Collected
     from fhirbridge.loop.seal import seal_case
 
     root_p = Path(root)
@@ -232,7 +232,8 @@ def run(root: Path, scenarios: list[dict], repeats: int, log=print) -> dict:
     for sc in scenarios:
         prep = prepare(root / sc["name"], resources=sc["resources"], attachment_mb=sc["attachment_mb"])
         args = {"root": prep["root"]}
-        contenders = {name: (lambda f=func: run_isolated("bench.seal_bench", f, args)) for name, func in CONTENDERS.items()}
+        contenders = {name: (lambda f=func, a=args: run_isolated("bench.seal_bench", f, a))
+                      for name, func in CONTENDERS.items()}
         t = side_by_side(contenders, repeats, warmup=0)
         payload = prep["payload_bytes"]
         peaks = {n: max(r["peak_rss"] - r["baseline_rss"] for r in t.results[n]) for n in contenders}

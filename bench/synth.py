@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fhirbridge.fhir.client import FhirClient
 
@@ -65,7 +65,7 @@ def _iso(moment: datetime) -> str:
 
 def resources(size: int, tag: str, now: datetime | None = None) -> tuple[str, list[dict], dict]:
     """(patient id, every resource incl. Patient, the second-opinion ServiceRequest) for one patient."""
-    now = now or datetime.now(timezone.utc).replace(microsecond=0)
+    now = now or datetime.now(UTC).replace(microsecond=0)
     counts = plan(size)
     pid = f"bp-{tag}"
     subject = {"reference": f"Patient/{pid}"}
@@ -84,7 +84,8 @@ def resources(size: int, tag: str, now: datetime | None = None) -> tuple[str, li
 
     for i in range(counts["Condition"]):
         out.append({"resourceType": "Condition", "id": f"bc-{tag}-{i}",
-                    "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active"),
+                    "clinicalStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", "active",
+                                          "Active"),
                     "verificationStatus": _cc("http://terminology.hl7.org/CodeSystem/condition-ver-status",
                                               "confirmed", "Confirmed"),
                     "code": _cc(SNOMED, "76107001", "Prolapsed lumbar intervertebral disc"), "subject": subject,

@@ -18,14 +18,13 @@ import statistics
 import requests
 
 from fhirbridge import jsonutil
-
-from fhirbridge.exchange import envelope
 from fhirbridge.ehr.order import place_order
-from fhirbridge.loop.receive import opinion_path, receive_file
+from fhirbridge.exchange import envelope
 from fhirbridge.exchange.reviewer import answer, open_package
-from fhirbridge.store.store import worker_id
+from fhirbridge.loop.receive import opinion_path, receive_file
 from fhirbridge.loop.runner import run_pending, run_step
 from fhirbridge.loop.writeback import build_transaction, file_opinion
+from fhirbridge.store.store import worker_id
 
 from . import synth, traffic
 from .common import Bench, side_by_side
@@ -121,6 +120,6 @@ def run(bench: Bench, repeats: int, log=print) -> dict:
            "vs_raw": {n: round(t.ratio(n, "raw transaction POST"), 2) for n in names[:2]},
            "round_trips": {k: statistics.median(len(x) for x in v) for k, v in trips.items()},
            "requests": {k: v[-1] for k, v in trips.items()}}
-    log(f"  write-back: " + ", ".join(f"{n} {row['median_s'][n] * 1000:.1f} ms" for n in names)
+    log("  write-back: " + ", ".join(f"{n} {row['median_s'][n] * 1000:.1f} ms" for n in names)
         + f"; round trips {row['round_trips']}; {row['requests']['file step']}")
     return row

@@ -1,20 +1,19 @@
-"""Shared fixtures: a real local FHIR server (sekmet) for the session, a client for it, one seeded patient."""
+"""Fixtures every test folder needs: a real local FHIR server (sekmet) for the session, a client for it, one
+seeded patient, the shared test data, the fault proxy and test hospitals. A fixture only one folder uses lives
+in that folder's conftest.py (tests/ui/: the browser; tests/exchange/: reviewer sites; tests/reliability/: the
+figures). Helpers are imported from the kit (`from tests.kit.<module> import ...`), never from a conftest."""
 from __future__ import annotations
 
-import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import pytest
 
-from browserkit import browser, page  # noqa: F401 - the browser fixtures, defined once for the session
+from fhirbridge.demo.localehr import LocalEhr, find_sekmet, seed_patient
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.demo.localehr import LocalEhr, find_sekmet, seed_patient
-
-from loopkit import SEEDED_FAMILY, SEEDED_GIVEN  # noqa: E402 - the seeded patient's name, shared
+from tests.kit.faultproxy import FaultProxy
+from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN, TestHospital
+from tests.kit.processes import READY_SECONDS
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +23,7 @@ def ehr(tmp_path_factory: pytest.TempPathFactory):
         find_sekmet()
     except FhirbridgeError as exc:
         pytest.skip(str(exc))
-    server = LocalEhr.start(tmp_path_factory.mktemp("ehr"))
+    server = LocalEhr.start(tmp_path_factory.mktemp("ehr"), startup_timeout=READY_SECONDS)
     try:
         yield server
     finally:
@@ -55,56 +54,29 @@ def testdata_dir() -> Path:
 
 @pytest.fixture
 def proxy(ehr):
-    """The fault-injecting proxy (tests/faultproxy.py) in front of the session EHR."""
-    from faultproxy import FaultProxy
+    """The fault-injecting proxy (tests/kit/faultproxy.py) in front of the session EHR."""
     p = FaultProxy(ehr.base_url)
-    yield p
-    p.close()
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 @pytest.fixture
 def hospital(tmp_path, ehr):
-    """A hospital configured against the session EHR with one reviewer (see tests/loopkit.py)."""
-    from loopkit import TestHospital
+    """A hospital configured against the session EHR with one reviewer (see tests/kit/hospital.py)."""
     h = TestHospital(tmp_path, ehr.base_url)
-    yield h
-    h.close()
+    try:
+        yield h
+    finally:
+        h.close()
 
 
 @pytest.fixture
 def two_reviewers(tmp_path, ehr):
     """A hospital with two reviewers: spine-center (serves spine/default) and a second one."""
-    from loopkit import TestHospital
     h = TestHospital(tmp_path, ehr.base_url, reviewers=("spine-center", "other-center"))
-    yield h
-    h.close()
-
-
-# --- the reliability suites' figures (tests/reliability/; here, not in a conftest of their own, because test
-# modules import names from this one as `conftest`, which a second conftest.py would shadow) -------------------
-
-RELIABILITY_FIGURES: dict = {}
-
-
-@pytest.fixture(scope="session")
-def figures() -> dict:
-    """Each reliability suite records its figures here; they are printed at the end of the run and, when
-    FHIRBRIDGE_RELIABILITY_OUT names a file, written there as JSON (`python -m tests.reliability.run`)."""
-    return RELIABILITY_FIGURES
-
-
-def pytest_terminal_summary(terminalreporter):
-    if not RELIABILITY_FIGURES:
-        return
-    form = "full" if os.environ.get("FHIRBRIDGE_RELIABILITY", "").lower() == "full" else "ci"
-    terminalreporter.section(f"reliability figures ({form} form)")
-    for suite, numbers in RELIABILITY_FIGURES.items():
-        terminalreporter.write_line(f"{suite}: {json.dumps(numbers, sort_keys=True)}")
-    out = os.environ.get("FHIRBRIDGE_RELIABILITY_OUT")
-    if out:
-        record = {"form": form, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                              "system": f"{platform.system()} {platform.release()} {platform.machine()}"},
-                  "suites": RELIABILITY_FIGURES}
-        Path(out).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        terminalreporter.write_line(f"figures written to {out}")
+    try:
+        yield h
+    finally:
+        h.close()

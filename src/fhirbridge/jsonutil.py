@@ -10,7 +10,7 @@ import orjson
 import rfc8785
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
     return orjson.loads(data)
 
 

@@ -60,11 +60,6 @@ FINAL_STEPS: tuple[str, ...] = tuple(s.value for s, f in FLOW.items() if f.final
 ALL_STEPS: tuple[str, ...] = tuple(s.value for s in Step)
 
 
-def next_step(step: str) -> Step | None:
-    """Where a successful run of `step` moves the Case (None: no run of ours at that step)."""
-    return FLOW[Step(step)].next
-
-
 def is_before(a: str, b: str) -> bool:
     """True when step `a` comes before step `b` on the Case's path (a Case sent back a step)."""
     return a in PATH and b in PATH and PATH.index(Step(a)) < PATH.index(Step(b))

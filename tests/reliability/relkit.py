@@ -2,7 +2,7 @@
 
 `FHIRBRIDGE_RELIABILITY=full` selects the full form (the figures in docs/reliability.md); unset, each suite
 runs a reduced but real form that fits CI. The suites record their figures in the `figures` fixture
-(tests/conftest.py), printed at the end of the run and written as JSON to FHIRBRIDGE_RELIABILITY_OUT.
+(tests/reliability/conftest.py), printed at the end of the run and written as JSON to FHIRBRIDGE_RELIABILITY_OUT.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ JSON or OperationOutcome body, a non-zero exit with a message), never a crash, a
 the last test checks that the store, the Case files and the EHR hold nothing new but the orders the API
 answered 201 for. Inputs are counted per entry point (figures["bad_input"]).
 
-tests/test_rejections.py holds one hand-made example of each refusal; this suite generates them by the
+tests/loop/test_rejections.py holds one hand-made example of each refusal; this suite generates them by the
 hundred.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import orjson
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, assume, given, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -34,25 +34,23 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from fhirbridge.config import loader as config
-
-from fhirbridge.exchange import envelope
-
-from fhirbridge.ehr import subscriptions as subscribe
 from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.cli.main import main
+from fhirbridge.config import loader as config
 from fhirbridge.config.model import env_name
 from fhirbridge.crypto.keys import KeyRing, generate_jwks
+from fhirbridge.ehr import subscriptions as subscribe
 from fhirbridge.errors import ConfigError, FhirbridgeError, RejectedOpinion, SealError
+from fhirbridge.exchange import envelope
+from fhirbridge.exchange.reviewer import open_package
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.receive import receive_bytes, receive_file
-from fhirbridge.exchange.reviewer import open_package
 from fhirbridge.loop.seal import package_dir
+from fhirbridge.service.app import create_app
+from fhirbridge.service.reviewer_api import MAX_OPINION_UPLOAD
 from fhirbridge.service.scheduler import Service
-from fhirbridge.service.app import MAX_OPINION_UPLOAD, create_app
-
-from loopkit import TestHospital, craft_opinion
-from relkit import FULL, size
+from tests.kit.hospital import TestHospital, craft_opinion
+from tests.reliability.relkit import FULL, size
 
 pytestmark = pytest.mark.sekmet
 
@@ -314,11 +312,12 @@ def test_every_api_operation_against_its_openapi_document(world, before):
             @settings(max_examples=EXAMPLES["api"], **SETTINGS)
             @given(operation.as_strategy(generation_mode=mode))
             def check(case):
+                # check() runs (and is done) within this iteration: the loop variables it reads are current.
                 headers = {"Authorization": f"Bearer {ADMIN}"} if "staff" in security[0] else \
-                    world.reviewer_jwt() if "reviewer" in security[0] else {}
+                    world.reviewer_jwt() if "reviewer" in security[0] else {}  # noqa: B023
                 TRIED["staff and reviewer API (schemathesis)"] += 1
                 response = case.call_and_validate(headers=headers, checks=checks)
-                if operation.path == "/api/orders" and response.status_code == 201:
+                if operation.path == "/api/orders" and response.status_code == 201:  # noqa: B023
                     world.orders_created += 1
                 if response.status_code < 300:
                     TRIED["API requests answered 2xx (valid)"] += 1
@@ -336,8 +335,9 @@ def _notification(kind: str, count, events) -> dict:
               {"name": "status", "valueCode": "active"}, {"name": "type", "valueCode": kind},
               {"name": "events-since-subscription-start", "valueString": count}]
     for number, focus in events:
-        params.append({"name": "notification-event", "part": [{"name": "event-number", "valueString": number},
-                                                              {"name": "focus", "valueReference": {"reference": focus}}]})
+        params.append({"name": "notification-event",
+                       "part": [{"name": "event-number", "valueString": number},
+                                {"name": "focus", "valueReference": {"reference": focus}}]})
     return {"resourceType": "Bundle", "type": "history",
             "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {"resourceType": "Parameters",
                                                                            "parameter": params}}]}
@@ -473,7 +473,8 @@ def test_bad_input_wrote_nothing(world, before, ehr, figures):
     assert after["events"] - new_events == before["events"]
     valid = TRIED["API requests answered 2xx (valid)"]
     total = sum(n for k, n in TRIED.items() if not k.startswith(("API requests answered", "of which")))
-    harmless = TRIED["of which config edits that still load (harmless)"] + TRIED["of which still authentic, same records"]
+    harmless = (TRIED["of which config edits that still load (harmless)"]
+                + TRIED["of which still authentic, same records"])
     assert total >= size(300, 1000), TRIED
     figures["bad_input"] = {"inputs_tried": total, "by_entry_point": dict(TRIED),
                             "refused": total - valid - harmless, "harmless_edits_accepted_unchanged": harmless,

@@ -22,10 +22,9 @@ from collections import Counter
 import pytest
 
 from fhirbridge.ops.crashpoints import POINTS, VARIABLE
-
-from faultproxy import FaultProxy
-from loopkit import TestHospital, Worker
-from relkit import duplicates, ehr_copies, size
+from tests.kit.faultproxy import FaultProxy
+from tests.kit.hospital import TestHospital, Worker
+from tests.reliability.relkit import duplicates, ehr_copies, size
 
 pytestmark = pytest.mark.sekmet
 

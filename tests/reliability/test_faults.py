@@ -1,31 +1,29 @@
-"""EHR fault suite: the fault proxy (tests/faultproxy.py, on 127.0.0.1) in front of the real sekmet injects
+"""EHR fault suite: the fault proxy (tests/kit/faultproxy.py, on 127.0.0.1) in front of the real sekmet injects
 429 with Retry-After, bursts of 503, answers slower than the read timeout, connection resets, truncated
 bodies and lost answers to writes, at random (seeded) across whole loops; then one fault at a time where
 it hurts most: the write-back transaction, a SMART token that expires while a request is on its way, and
 a transaction the real server rejects. Every Case completes, or ends failed with its reason and completes
 once the cause is gone and it is retried; the EHR, searched directly, holds nothing twice.
 
-tests/test_ehr_faults.py has the single-fault cases of the outbound steps (EHR down, slow searches, 403,
+tests/loop/test_ehr_faults.py has the single-fault cases of the outbound steps (EHR down, slow searches, 403,
 400, a lost write-back answer, a 500 on the write-back); this suite does not repeat them.
 """
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import orjson
 import pytest
 
 from fhirbridge.crypto.keys import generate_jwks, write_private_jwks
+from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.fhir.auth import SmartBackendAuth
 from fhirbridge.fhir.client import FhirClient
-from fhirbridge.demo.localehr import seed_patient
-from fhirbridge.loop.receive import receive_file
 from fhirbridge.loop.actions import retry
-
-from faultproxy import FaultProxy
-from loopkit import TestHospital, docrefs, start_smart_ehr
-from relkit import duplicates, ehr_copies, size
+from fhirbridge.loop.receive import receive_file
+from tests.kit.faultproxy import FaultProxy
+from tests.kit.hospital import TestHospital, docrefs, start_smart_ehr
+from tests.reliability.relkit import duplicates, ehr_copies, size
 
 pytestmark = pytest.mark.sekmet
 
@@ -51,8 +49,10 @@ CHAOS = [
 @pytest.fixture
 def hospital(tmp_path, proxy):
     h = TestHospital(tmp_path, proxy.base_url, env=ENV)
-    yield h
-    h.close()
+    try:
+        yield h
+    finally:
+        h.close()
 
 
 def _filed_case(hospital, patient):
@@ -226,9 +226,10 @@ def test_smart_token_expiring_while_a_request_is_on_its_way_is_renewed_and_the_l
     keys = tmp_path / "client.private.jwks.json"
     write_private_jwks(keys, generate_jwks())
     ehr = start_smart_ehr(tmp_path / "smart-ehr", client_id, keys, lifetime)
-    proxy = FaultProxy(ehr.base_url)
-    hospital = TestHospital(tmp_path / "h", proxy.base_url, env={"FHIRBRIDGE_HOSPITAL__HTTP__TIMEOUT_READ": "15"})
-    try:
+    proxy = hospital = None
+    try:   # whatever fails from here on, the EHR started above is stopped
+        proxy = FaultProxy(ehr.base_url)
+        hospital = TestHospital(tmp_path / "h", proxy.base_url, env={"FHIRBRIDGE_HOSPITAL__HTTP__TIMEOUT_READ": "15"})
         with FhirClient(ehr.base_url, auth=SmartBackendAuth.from_keys(
                 keys=keys, fhir_base_url=ehr.base_url, client_id=client_id, scopes=("system/*.*",))) as seeder:
             patient = seed_patient(ehr, seeder, profile="spine")["patient"]
@@ -250,6 +251,8 @@ def test_smart_token_expiring_while_a_request_is_on_its_way_is_renewed_and_the_l
         assert case.step == "done", case.last_error
         assert auth.token_requests >= 2
     finally:
-        hospital.close()
-        proxy.close()
+        if hospital is not None:
+            hospital.close()
+        if proxy is not None:
+            proxy.close()
         ehr.stop()

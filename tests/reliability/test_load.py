@@ -21,8 +21,8 @@ from collections import defaultdict
 import pytest
 import requests
 
-from loopkit import PG_URL, Served, TestHospital, pg_schema
-from relkit import duplicates, ehr_copies, percentile, size
+from tests.kit.hospital import PG_URL, Served, TestHospital, pg_schema
+from tests.reliability.relkit import duplicates, ehr_copies, percentile, size
 
 pytestmark = pytest.mark.sekmet
 

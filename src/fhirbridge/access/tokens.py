@@ -166,9 +166,12 @@ def reviewer_from_bearer(token: str | None, cfg: Config, *, audiences: tuple[str
 def oauth_keyring(cfg: Config, kid: object) -> KeyRing:
     """The identity provider's public keys ([api.oauth]): its file, or its published set (cached, re-read on
     an unknown kid)."""
-    if cfg.oauth.jwks is not None:
-        return KeyRing.load(cfg.oauth.jwks)
-    return RemoteJwks.shared(cfg.oauth.jwks_url, cfg.data_dir / "jwks-cache" / "oauth-issuer.jwks.json",
+    oauth = cfg.oauth
+    assert oauth is not None  # asked for only when [api.oauth] is configured
+    if oauth.jwks is not None:
+        return KeyRing.load(oauth.jwks)
+    assert oauth.jwks_url is not None  # the loader requires jwks or jwks_url
+    return RemoteJwks.shared(oauth.jwks_url, cfg.data_dir / "jwks-cache" / "oauth-issuer.jwks.json",
                              needs_encryption=False).keys(kid)
 
 
@@ -190,6 +193,7 @@ def staff_from_token(token: str, cfg: Config, *, oauth_keys=None) -> Staff:
 
 def _staff_from_oauth(token: str, cfg: Config, oauth_keys) -> Staff:
     oauth = cfg.oauth
+    assert oauth is not None  # staff_from_token calls this only with [api.oauth] configured
     try:
         header = peek_header(token)
     except SealError:

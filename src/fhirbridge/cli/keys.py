@@ -41,7 +41,8 @@ def cmd_generate(args) -> int:
     path = _private_file(args)
     if path.exists() and not args.force:
         raise ConfigError("a key set exists already: `fhirbridge keys rotate` adds new keys and keeps the old "
-                          "ones (opinions sealed to them still open); --force replaces it and loses them", file=str(path))
+                          "ones (opinions sealed to them still open); --force replaces it and loses them",
+                          file=str(path))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     passphrase = _passphrase(args)
     jwks = keys.generate_jwks(rsa_enc=args.rsa)

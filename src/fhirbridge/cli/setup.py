@@ -21,10 +21,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--force", action="store_true", help="overwrite an existing config and keys")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("doctor", help="check the EHR connection (TLS, capabilities, SMART token and scopes, write-back) "
-                                      "and the reviewers; prints each failure's fix, exits 1 on any")
+    s = sub.add_parser("doctor", help="check the EHR connection (TLS, capabilities, SMART token and scopes, "
+                                      "write-back) and the reviewers; prints each failure's fix, exits 1 on any")
     s.add_argument("--json", action="store_true", help="the results as JSON (for automation)")
-    s.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="connect timeout per request (default 5)")
+    s.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="connect timeout per request (default 5)")
     s.set_defaults(func=cmd_doctor)
 
     db = sub.add_parser("db", help="the Case store's schema (migrations)").add_subparsers(dest="db_cmd", required=True)
@@ -34,7 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_db)
 
     s = sub.add_parser("demo", help="run the whole loop against a local demo EHR (needs fhirbridge[demo])")
-    s.add_argument("--dir", default="fhirbridge-demo", help="where to put the demo's files (default: ./fhirbridge-demo)")
+    s.add_argument("--dir", default="fhirbridge-demo",
+                   help="where to put the demo's files (default: ./fhirbridge-demo)")
     s.add_argument("--keep-ehr", action="store_true", help="leave the demo EHR running at the end")
     s.set_defaults(func=cmd_demo)
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,7 +53,7 @@ def find_config_file(explicit: str | os.PathLike | None = None) -> Path:
     return Path.cwd() / DEFAULT_FILE
 
 
-def load(path: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None,
+def load(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None,
          check_files: bool = False) -> Config:
     """Load and check the configuration. With `check_files=True` the key files it names are checked too
     (see `check_files`) and the first problem is raised; by default they are not opened here."""
@@ -146,6 +147,7 @@ def _file_problems(cfg: Config) -> list[ConfigError]:
 def _smart_key_problems(h: Hospital, prefix: str, file: str | None) -> list[ConfigError]:
     """The SMART client assertion needs a private signing key that fits `alg` (RS384: RSA, ES384: EC P-384)."""
     key_name = f"{prefix}.keys"
+    assert h.auth.keys is not None  # smart auth: the loader defaults it to the hospital's keys
     try:
         signing = KeyRing.load(h.auth.keys).signing_key()
     except ConfigError as exc:
@@ -162,7 +164,7 @@ def _smart_key_problems(h: Hospital, prefix: str, file: str | None) -> list[Conf
     return []
 
 
-def apply_env_overrides(raw: dict, environ: dict[str, str], file: Path) -> None:
+def apply_env_overrides(raw: dict, environ: Mapping[str, str], file: Path) -> None:
     """Overlay FHIRBRIDGE_A__B__C=value onto raw["a"]["b"]["c"]. Entries of [[reviewers]] and [[hospitals]]
     are addressed by name, written as an env name: lower case, anything but letters and digits as "_"
     (reviewer "spine-center" -> FHIRBRIDGE_REVIEWERS__SPINE_CENTER__..)."""
@@ -216,7 +218,8 @@ class _Section:
     def __init__(self, data: Any, file: Path, prefix: str):
         if not isinstance(data, dict):
             raise ConfigError("must be a table", file=str(file), key=prefix or None)
-        self.data, self.file, self.prefix, self.used = data, file, prefix, set()
+        self.data, self.file, self.prefix = data, file, prefix
+        self.used: set[str] = set()
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -246,7 +249,7 @@ class _Section:
             raise self.err(name, "must not be empty")
         return value
 
-    def sub(self, name: str) -> "_Section":
+    def sub(self, name: str) -> _Section:
         self.used.add(name)
         return _Section(self.data.get(name, {}), self.file, self.key(name))
 

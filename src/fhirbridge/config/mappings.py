@@ -55,7 +55,7 @@ def _coding(value, path: Path, key: str) -> dict:
 def _token_list(value, path: Path, key: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and "|" in v for v in value):
         raise ConfigError('must be a list of "system|code" strings', file=str(path), key=key)
-    return tuple(tuple(v.split("|", 1)) for v in value)  # type: ignore[misc]
+    return tuple(tuple(v.split("|", 1)) for v in value)
 
 
 # --- order codes ---------------------------------------------------------------------------------

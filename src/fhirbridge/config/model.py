@@ -30,7 +30,8 @@ class Auth:
     fhir_base_url: str | None = None  # set from the hospital: the SMART configuration is found under it
 
     def as_dict(self) -> dict:
-        d = {"type": self.type, "username": self.username, "password": self.password, "token": self.token}
+        d: dict[str, object] = {"type": self.type, "username": self.username, "password": self.password,
+                                "token": self.token}
         if self.type == "smart":
             d.update(client_id=self.client_id, keys=self.keys, token_url=self.token_url, scopes=self.scopes,
                      alg=self.alg, fhir_base_url=self.fhir_base_url)
@@ -107,7 +108,7 @@ class ServiceTimes:
     inbox_seconds: float = 30.0       # receive opinions dropped in the inbox
     overdue_seconds: float = 600.0    # flag Cases past their reviewer's turnaround target
     # How long a claimed step (or polling cursor) stays a worker's without renewal: a killed replica's work
-    # is taken over after this. None: workflow.LEASE_SECONDS (300 s).
+    # is taken over after this. None: loop.runner.LEASE_SECONDS (300 s).
     lease_seconds: float | None = None
 
 
@@ -163,7 +164,7 @@ class PhysicianApp:
     # OpenID Connect id_token) and read access to the patient in context.
     scope: str = "openid fhirUser patient/Patient.rs"
 
-    def hospital_for(self, iss: str, hospitals: dict[str, "Hospital"]) -> str | None:
+    def hospital_for(self, iss: str, hospitals: dict[str, Hospital]) -> str | None:
         iss = iss.rstrip("/")
         if self.issuers:
             return next((h for url, h in self.issuers if url == iss), None)

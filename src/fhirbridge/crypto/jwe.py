@@ -5,7 +5,7 @@ their base64 forms sit in memory together (4-5x the payload), which does not fit
 And its `decrypt_json` fails unless the given key opens *every* recipient, while our packages are
 addressed to several parties that each hold only their own key. Here memory stays O(chunk_size)
 whatever the size of the message, and any single recipient can open it. joserfc still reads what we
-write and we read what it writes (see tests/test_crypto_jwe.py).
+write and we read what it writes (see tests/crypto/test_jwe.py).
 
 What we write, in this member order (the reader relies on it for streaming, see `decrypt_stream`):
 
@@ -33,8 +33,9 @@ import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, TypeGuard
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -58,11 +59,18 @@ DEFAULT_CHUNK = 1 << 20
 FALLBACK_LIMIT = 64 << 20
 
 _CEK_LEN, _IV_LEN, _TAG_LEN = 32, 12, 16  # RFC 7518 §5.3: 256-bit key, 96-bit IV, 128-bit tag
-_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1,
+                                                     "P-521": ec.SECP521R1}
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 _CT_MARKER = re.compile(rb'"ciphertext"\s*:\s*"')
 _STREAM_CRITICAL = ("protected", "unprotected", "recipients", "header", "encrypted_key", "iv", "aad")
 _INTEGRITY = "integrity check failed: the file was altered or truncated"
+
+
+class Writable(Protocol):
+    """Where decrypt_stream puts the plaintext: a binary file, or anything else that takes bytes (a hash)."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 # --- base64url -------------------------------------------------------------------------------
@@ -340,8 +348,11 @@ def _open_cek(m: _Members, keyring: KeyRing) -> tuple[str, bytes]:
     for recipient in m.recipients:
         joint = _joint_header(m, recipient)
         kid = joint.get("kid")
-        kids.append(kid if isinstance(kid, str) else "<no kid>")
-        key = keyring.decryption_key(kid) if isinstance(kid, str) else None
+        if not isinstance(kid, str):
+            kids.append("<no kid>")
+            continue
+        kids.append(kid)
+        key = keyring.decryption_key(kid)
         if key is not None:
             _check_content_header(m, joint)
             return kid, _unwrap_cek(joint, recipient, key, kid)
@@ -355,7 +366,8 @@ def _loads_object(doc: bytes | bytearray, *, where: str, truncated: str) -> dict
     except orjson.JSONDecodeError as err:
         if err.pos >= len(doc.rstrip()):
             raise SealError(f"truncated: the file ends {truncated}") from None
-        raise SealError(f"malformed: not valid JSON{' ' + where if where else ''} ({err.msg} at byte {err.pos})") from None
+        raise SealError(f"malformed: not valid JSON{' ' + where if where else ''} "
+                        f"({err.msg} at byte {err.pos})") from None
     if not isinstance(obj, dict):
         raise SealError("not an encrypted package: expected a JWE JSON object")
     return obj
@@ -366,7 +378,7 @@ def _loads_object(doc: bytes | bytearray, *, where: str, truncated: str) -> dict
 class _Opener:
     """base64url text -> AES-GCM decrypt -> inflate -> dst, in bounded pieces."""
 
-    def __init__(self, m: _Members, cek: bytes, dst: BinaryIO, *, max_plaintext: int | None, chunk_size: int):
+    def __init__(self, m: _Members, cek: bytes, dst: Writable, *, max_plaintext: int | None, chunk_size: int):
         self._decryptor = Cipher(algorithms.AES(cek), modes.GCM(m.iv)).decryptor()
         self._decryptor.authenticate_additional_data(m.additional_data)
         self._b64 = _B64Reader()
@@ -478,7 +490,7 @@ def _head_members(prefix: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _streamable(obj: dict | None) -> bool:
+def _streamable(obj: dict | None) -> TypeGuard[dict]:
     return (obj is not None and "protected" in obj and "iv" in obj
             and ("recipients" in obj or "encrypted_key" in obj))
 
@@ -542,7 +554,7 @@ def _read_rest(reader: _Reader, head: bytearray, max_header: int) -> bytearray:
 
 # --- decryption: entry points ----------------------------------------------------------------
 
-def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: KeyRing, *, max_plaintext: int | None = None,
+def decrypt_stream(src: BinaryIO, dst: Writable, keyring: KeyRing, *, max_plaintext: int | None = None,
                    max_header: int = 1 << 20, chunk_size: int = DEFAULT_CHUNK) -> dict:
     """Decrypt a JWE JSON message from `src` into `dst` with a key from `keyring`.
 
@@ -556,7 +568,7 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: KeyRing, *, max_plaint
     reader = _Reader(src, chunk_size)
     head, match = _read_head(reader, max_header)
     first = _head_members(bytes(head[:match.start()])) if match else None
-    if _streamable(first):
+    if match is not None and _streamable(first):  # first is None when match is
         reader.unread(bytes(head[match.end():]))
         del head
         members = _parse_members(first)

@@ -13,6 +13,7 @@ import re
 import rfc8785
 from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
+from joserfc.jwk import ECKey
 
 from fhirbridge.crypto.keys import SIG_ALGS, KeyRing
 from fhirbridge.errors import SealError
@@ -123,7 +124,8 @@ def _trusted_key(header: dict, trusted: KeyRing):
     if key is None:
         raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of {trusted.source}")
     kty, crv = _ALG_KEY[alg]
-    if key.key_type != kty or (crv and key.curve_name != crv):
+    # A curve is named only for EC algorithms, so the key is an ECKey whenever it is compared.
+    if key.key_type != kty or (crv and isinstance(key, ECKey) and key.curve_name != crv):
         raise SealError(f"signature algorithm {alg} does not fit trusted key {kid} ({key.key_type})")
     if key.alg and key.alg != alg:  # RFC 7517 §4.4: the key is meant for one algorithm only
         raise SealError(f"signature uses {alg} but trusted key {kid} is for {key.alg}")

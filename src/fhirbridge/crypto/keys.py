@@ -46,7 +46,8 @@ ROTATED_FROM = "rotated_from"
 
 def thumbprint(key: dict) -> str:
     """RFC 7638 JWK thumbprint (SHA-256, base64url) of a JWK dict (public or private)."""
-    members = _THUMBPRINT_MEMBERS.get(key.get("kty"))
+    kty = key.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
     if members is None or any(m not in key for m in members):
         raise ValueError("cannot compute a thumbprint: unknown kty or a required member is missing")
     # RFC 7638 §3.3 asks for lexicographic member order and no whitespace; for these all-ASCII
@@ -324,10 +325,11 @@ def _import_entry(key: Any, index: int, source: str) -> _Entry | None:
         private = jwk.import_key(key) if is_private else None
     except (JoseError, ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"{where} is not a valid {kty} JWK: {_safe_reason(err, key)}", file=source) from None
-    if kty == "EC" and public.curve_name not in _EC_CURVES:
+    # import_key makes an ECKey of an EC JWK and an RSAKey of an RSA one (kty is one of the two here).
+    if isinstance(public, jwk.ECKey) and public.curve_name not in _EC_CURVES:
         raise ConfigError(f"{where} uses curve {public.curve_name}; supported: {', '.join(_EC_CURVES)}",
                           file=source)
-    if kty == "RSA" and public.public_key.key_size < MIN_RSA_BITS:
+    if isinstance(public, jwk.RSAKey) and public.public_key.key_size < MIN_RSA_BITS:
         raise ConfigError(f"{where} is a {public.public_key.key_size}-bit RSA key; at least {MIN_RSA_BITS} "
                           "bits are required", file=source)
     kid = key.get("kid")

@@ -81,6 +81,8 @@ class RemoteJwks:
             return self._ring
 
     def _from_cache(self) -> KeyRing | None:
+        if self.cache_file is None:
+            return None
         try:
             return KeyRing.load(self.cache_file)
         except ConfigError as exc:

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ class LocalEhr:
                 token_lifetime: int | None = None) -> LocalEhr:
         settings = _write_settings(data_dir, port, smart_client, token_lifetime)
         log_path = data_dir / "sekmet.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
+        log_file = open(log_path, "ab")  # lives as long as the server
         try:
             proc = subprocess.Popen(
                 [exe, "serve"], cwd=data_dir, env=_sekmet_env(settings), stdin=subprocess.DEVNULL,
@@ -128,15 +128,18 @@ class LocalEhr:
                     if _log_says_port_taken(self.log_path):
                         raise _PortTaken()
                     raise FhirbridgeError(f"the local demo EHR (sekmet) exited with code {code} while starting; "
-                                          f"see {self.log_path}")
+                                          f"see {self.log_path}{_last_log_line(self.log_path)}")
                 try:
+                    # Short timeouts per attempt; the deadline bounds the wait. A slow or refused attempt on a
+                    # loaded machine is one more try, whatever the error.
                     if http.get(f"{self.base_url}/metadata", timeout=(1, 3)).status_code == 200:
                         return
-                except requests.RequestException:
-                    pass  # not listening yet
+                except (requests.RequestException, OSError):
+                    pass  # not listening yet, or not answering yet
                 if time.monotonic() > deadline:
                     raise FhirbridgeError(f"the local demo EHR (sekmet) did not answer within {timeout:g} s; "
-                                          f"see {self.log_path}")
+                                          f"see {self.log_path} (waited for GET {self.base_url}/metadata)"
+                                          f"{_last_log_line(self.log_path)}")
                 time.sleep(0.1)
 
     def stop(self) -> None:
@@ -150,6 +153,8 @@ class LocalEhr:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(_STOP_GRACE)
+            # The server has exited; whatever else it started in its process group goes too (usually nothing).
+            _signal_group(proc, signal.SIGKILL)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -280,6 +285,15 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _last_log_line(log_path: Path) -> str:
+    """'; last log line: ...' from the server's log, for a start that failed ('' when the log is empty)."""
+    try:
+        lines = log_path.read_bytes()[-4000:].decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f"; last log line: {lines[-1].strip()[:300]}" if lines else ""
+
+
 def _log_says_port_taken(log_path: Path) -> bool:
     try:
         tail = log_path.read_bytes()[-4000:].decode("utf-8", "replace").lower()
@@ -365,7 +379,7 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
     if profile not in PROFILES:
         raise ValueError(f"unknown seed profile {profile!r}: use one of {', '.join(PROFILES)}")
     prof = PROFILES[profile]
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
 
     reg = ehr.workflow("adt.register_patient", family=family, given=given)
     patient = f"Patient/{reg['patient']['id']}"
@@ -575,5 +589,5 @@ def _iso(moment: datetime) -> str:
 
 def _sha1_b64(data: bytes) -> str:
     # Attachment.hash is the base64 SHA-1 of the data (FHIR R4 datatypes.html#Attachment).
-    return base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")  # noqa: S324 - the spec's choice
+    return base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")  # SHA-1: the spec's choice
 

@@ -29,20 +29,21 @@ from fhirbridge.loop.runner import run_pending
 from fhirbridge.steps import Step
 
 MARKER = ".fhirbridge-demo"
-SAMPLE_ANSWER = '''\
+SAMPLE_ANSWER = ('''\
 # A structured second opinion (fields: mappings/opinion/default.toml)
 concordance = "partially-concordant"
 diagnosis_comment = "Imaging confirms the disc herniation; the neurological deficit described is not corroborated."
 recommendation = "non-surgical-care"
 alternatives = ["Six weeks of structured physiotherapy", "Epidural steroid injection at the affected level"]
-risks_benefits = "Surgery now offers faster leg-pain relief but carries infection, dural tear and recurrence risk; conservative care resolves most cases within three months."
+risks_benefits = "Surgery now offers faster leg-pain relief but carries infection, dural tear and recurrence risk; '''
+                 '''conservative care resolves most cases within three months."
 urgency = "routine"
 free_text = "Re-refer if motor weakness or bladder symptoms develop."
 
 [[answers]]
 question = "Is surgery indicated now?"
 answer = "Not yet: no progressive deficit; try conservative care first."
-'''
+''')
 
 
 def _prog() -> str:
@@ -122,6 +123,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
         case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
         if case is None or case.step != Step.AWAIT_OPINION:
             raise FhirbridgeError(f"the demo Case did not reach the reviewer: {report.errors}")
+        assert case.package_id is not None  # sealed before it was delivered
         package = directory / "outbox" / case.package_id
         print(f"    package: {package}")
 
@@ -149,6 +151,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
         case = app.store.get(case.id)
         if case.step != Step.DONE:
             raise FhirbridgeError(f"the opinion was not filed: {case.last_error}")
+        assert case.document_reference is not None and case.task is not None  # a filed Case records both
 
         step("Checking the chart")
         docref = app.ehr.read_ref(case.document_reference)

@@ -67,8 +67,8 @@ def _org_agent(ref: dict, code: str, display: str, *, requestor: bool = False) -
 
 def _entity(what: dict, type_code: str, type_display: str, role_code: str, role_display: str,
             details: dict[str, str] | None = None) -> dict:
-    ent = {"what": what, "type": _coding(ENTITY_TYPE, type_code, type_display),
-           "role": _coding(OBJECT_ROLE, role_code, role_display)}
+    ent: dict[str, object] = {"what": what, "type": _coding(ENTITY_TYPE, type_code, type_display),
+                              "role": _coding(OBJECT_ROLE, role_code, role_display)}
     if details:
         ent["detail"] = [{"type": k, "valueString": v} for k, v in details.items()]
     return ent
@@ -225,9 +225,9 @@ def accounting(app: App, patient: str) -> list[dict]:
     # Patient ids belong to one EHR: only this hospital's records (the store may serve several).
     for row in app.store.list_audit(patient=patient, hospital=app.hospital.key):
         ev = row["resource"]
-        package = next((e for e in ev.get("entity", []) if e.get("what", {}).get("identifier")), {})
+        package: dict = next((e for e in ev.get("entity", []) if e.get("what", {}).get("identifier")), {})
         details = {d["type"]: d.get("valueString") for d in package.get("detail", [])}
-        recipient = next((a["who"] for a in ev.get("agent", [])
+        recipient: dict = next((a["who"] for a in ev.get("agent", [])
                           if a["type"]["coding"][0]["code"] == "110152"), {})
         doc = next((e["what"]["reference"] for e in ev.get("entity", [])
                     if e.get("what", {}).get("reference", "").startswith("DocumentReference/")), None)

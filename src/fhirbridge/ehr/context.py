@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from fhirbridge.config import mappings as mappings_load
 from fhirbridge.config.model import Config, Hospital, env_name
@@ -38,7 +38,7 @@ class App:
         return self.config.hospital_named(self.hospital_name)
 
     @classmethod
-    def per_hospital(cls, config: Config, **kw) -> list["App"]:
+    def per_hospital(cls, config: Config, **kw) -> list[App]:
         store = Store(config.store_url)
         return [cls(config, hospital_name=name, shared_store=store, **kw) for name in config.hospitals]
 
@@ -69,6 +69,7 @@ class App:
         if reviewer.jwks is not None:
             return KeyRing.load(reviewer.jwks)
         cache = self.config.data_dir / "jwks-cache" / f"reviewer-{env_name(name)}.jwks.json"
+        assert reviewer.jwks_url is not None  # the loader requires jwks or jwks_url
         return RemoteJwks.shared(reviewer.jwks_url, cache).keys(kid)
 
     def profile(self, name: str) -> mappings_load.Profile:
@@ -79,7 +80,7 @@ class App:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         return d
 
-    def __enter__(self) -> "App":
+    def __enter__(self) -> App:
         return self
 
     def __exit__(self, *_exc) -> None:

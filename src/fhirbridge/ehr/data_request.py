@@ -58,7 +58,7 @@ def build(app: App, case: Case, text: str) -> dict:
     }
 
 
-def request_records(app: App, case: Case, text: str) -> str:
+def request_records(app: App, case: Case, text: object) -> str:
     """Write the data request Task; returns its reference. Only while the Case awaits the opinion."""
     if case.step != Step.AWAIT_OPINION:
         raise BadRequest(f"Case {case.id[:8]} is {case.step}: more records can be asked for only while it awaits "

@@ -5,7 +5,7 @@ order reaches fhirbridge when it is placed instead of at the next poll.
 ServiceRequest changes, filtered on our order codes, posting to `{public_url}/fhir/notify/<hospital>` with
 a secret bearer token in `channel.header`. The token's SHA-256 and the last `eventsSinceSubscriptionStart`
 seen live in the Case store, so any replica can check a notification and notice missed events
-(`notify.py` receives them). Polling stays on: it is the backstop for anything a subscription misses.
+(`service/notify.py` receives them). Polling stays on: it is the backstop for anything a subscription misses.
 
 The per-hospital state uses rows of the `cursors` table named `subscription*` (no schema change):
 
@@ -215,7 +215,8 @@ def endpoint_for(app: App) -> str:
     if not public:
         raise ConfigError("is not set: it is the http(s) URL at which the EHR reaches this service, and the EHR "
                           "posts notifications to <public_url>/fhir/notify/<hospital> "
-                          "(or set FHIRBRIDGE_SERVICE__PUBLIC_URL)", file=str(app.config.file), key="service.public_url")
+                          "(or set FHIRBRIDGE_SERVICE__PUBLIC_URL)",
+                          file=str(app.config.file), key="service.public_url")
     return f"{public}/fhir/notify/{env_name(app.hospital.name)}"
 
 

@@ -7,7 +7,7 @@ not exist as an Organization in the hospital's EHR), requester -> the ordering p
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirError
@@ -29,7 +29,7 @@ STATUS: dict[str, tuple[str, str, str]] = {
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def case_identifier(case_id: str) -> dict:
@@ -105,7 +105,8 @@ def set_task_status(app: App, case: Case, step: str, *, reason: str | None = Non
             raise TaskClosed(f"the Task was {task['status']} in the EHR"
                              + (f": {task['statusReason'].get('text')}" if task.get("statusReason", {}).get("text")
                                 else ""))
-        current_code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
+        coding: dict = next(iter(task.get("businessStatus", {}).get("coding", [])), {})
+        current_code = coding.get("code")
         if task.get("status") == status and current_code == code and not reason and not output:
             return task
         # A completed Task (the opinion is filed) is never reopened by a late sync or flag; a conditional

@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from fhirbridge import jsonutil
 from fhirbridge.crypto import jwe, jws

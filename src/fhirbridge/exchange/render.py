@@ -20,7 +20,7 @@ def _by_type(document: dict) -> dict[str, list[dict]]:
 
 
 def patient_line(p: dict) -> str:
-    name = next(iter(p.get("name", [])), {})
+    name: dict = next(iter(p.get("name", [])), {})
     text = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip() or "(no name)"
     mrn = next((i.get("value") for i in p.get("identifier", [])
                 if any(c.get("code") == "MR" for c in i.get("type", {}).get("coding", []))), None)
@@ -78,7 +78,8 @@ def report_detail(r: dict, refs: dict) -> list[str]:
         obs = refs.get(res.get("reference", ""))
         if obs:
             q = obs.get("valueQuantity")
-            value = f"{q.get('value')} {q.get('unit', '')}".strip() if q else concept_text(obs.get("valueCodeableConcept"))
+            value = (f"{q.get('value')} {q.get('unit', '')}".strip() if q
+                     else concept_text(obs.get("valueCodeableConcept")))
             out.append(f"{concept_text(obs.get('code'))}: {value}")
     for form in r.get("presentedForm", []):
         out.append(f"report document: {form.get('title') or form.get('contentType')}")

@@ -17,7 +17,7 @@ import hashlib
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fhirbridge.config.mappings import load_opinion_form
@@ -265,7 +265,7 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
     if not patient_entry or not sr_entry:
         raise SealError("the package's document lacks its Patient or ServiceRequest")
     opinion_id = str(uuid.uuid4())
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    timestamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     org = reviewer_organization(claims["aud"])
     document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
                                       patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org)

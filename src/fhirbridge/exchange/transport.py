@@ -37,6 +37,7 @@ class DeliveryError(FhirbridgeError):
 
 def deliver(reviewer: Reviewer, package_dir: Path, package_id: str) -> dict:
     if reviewer.transport.type == "outbox":
+        assert reviewer.transport.path is not None  # the loader gives every outbox a path
         return _to_outbox(reviewer.transport.path, package_dir, package_id)
     if reviewer.transport.type == "pull":
         # Nothing to send: the sealed package waits in the Case directory for the reviewer API.
@@ -155,6 +156,7 @@ def _post(s: requests.Session, reviewer: Reviewer, url: str, f: Path, headers: d
 
 def _to_https(reviewer: Reviewer, package_dir: Path, package_id: str) -> dict:
     url = reviewer.transport.url
+    assert url is not None  # the loader requires it of https
     headers = {"Content-Type": "application/jose+json", "X-Fhirbridge-Package": package_id}
     if reviewer.transport.token:
         headers["Authorization"] = f"Bearer {reviewer.transport.token}"

@@ -275,7 +275,7 @@ class SmartBackendAuth(AuthBase):
             raise FhirError(f"{where} refused client {self.client_id!r} (HTTP {resp.status_code}){detail}",
                             status=resp.status_code, transient=transient)
         token = data.get("access_token") if isinstance(data, dict) else None
-        if not isinstance(token, str) or not token:
+        if not isinstance(data, dict) or not isinstance(token, str) or not token:
             raise FhirError(f"{where} answered without an access_token", status=resp.status_code, transient=False)
         token_type = data.get("token_type", "bearer")
         if str(token_type).lower() != "bearer":

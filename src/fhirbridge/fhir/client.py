@@ -119,9 +119,10 @@ class FhirClient:
         # Called after every request as observer(method, url, status or None, seconds, retries): metrics.
         self._observer = observer
         self._origin = (parts.scheme, parts.netloc)
-        self._settings = dict(auth=auth, timeout=timeout, retries=retries, max_retry_after=max_retry_after,
-                              backoff=backoff, page_size=page_size, validate=validate, user_agent=user_agent,
-                              observer=observer)   # siblings' requests count in the metrics too
+        self._settings: dict[str, Any] = dict(
+            auth=auth, timeout=timeout, retries=retries, max_retry_after=max_retry_after, backoff=backoff,
+            page_size=page_size, validate=validate, user_agent=user_agent,
+            observer=observer)   # siblings' requests count in the metrics too
         # map_parallel's helpers, made on first use and kept: sibling clients (idle ones queued) and threads.
         self._siblings: list[FhirClient] = []
         self._idle: queue.SimpleQueue[FhirClient] = queue.SimpleQueue()
@@ -416,10 +417,11 @@ class FhirClient:
         return resp
 
     def _observe(self, method: str, url: str, resp: requests.Response | None, seconds: float) -> None:
+        assert self._observer is not None  # called only when there is one
         try:
             self._observer(method, url, resp.status_code if resp is not None else None, seconds,
                            _retries_used(resp) if resp is not None else 0)
-        except Exception:  # noqa: BLE001 - metrics never break a request
+        except Exception:  # metrics never break a request
             log.debug("request observer failed", exc_info=True)
 
     def _get_json(self, path_or_url: str, what: str, *, params: Any = None, headers: dict | None = None) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,7 +43,7 @@ _CHOICE_MANY_RE = re.compile(r"Any of one field value is expected from this list
 _CHOICE_NONE_RE = re.compile(r"Expect any of field value from this list \[(.*)", re.S)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(resource_type: str):
     """The R4B model class, or None when fhir.resources does not know the type."""
     # Imported on first use: fhir.resources takes ~0.3 s to load, which every CLI command would pay.

@@ -11,9 +11,10 @@ straight into encrypted files.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from fhirbridge import jsonutil
 from fhirbridge.config.mappings import FOLLOW_TYPES, Profile, ResourceRule
@@ -55,7 +56,7 @@ class Collected:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Collected":
+    def from_dict(cls, d: dict) -> Collected:
         return cls(**d)
 
     def disclosable_withheld(self) -> list[dict]:
@@ -73,7 +74,7 @@ class Collected:
 def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None,
             consents: Consents | None = None) -> Collected:
     """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     patient_ref = service_request["subject"]["reference"]
     patient = app.ehr.read_ref(patient_ref)
     _check_valid(patient, patient_ref)
@@ -87,7 +88,7 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
     app.progress(f"  searching {', '.join(profile.rules)}")
     found = app.ehr.map_parallel(lambda ehr, rtype: list(ehr.search(rtype, {"patient": patient_ref})),
                                  profile.rules, threads=FETCH_THREADS)
-    for (rtype, rule), results in zip(profile.rules.items(), found):
+    for (rtype, rule), results in zip(profile.rules.items(), found, strict=True):
         for res in results:
             if res.get("resourceType") != rtype:
                 continue  # an _include'd or OperationOutcome entry
@@ -178,7 +179,7 @@ def record_status(res: dict) -> str | None:
 
 
 def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
-                       consents: Consents | None = None, excluded: set[str] = frozenset()) -> None:
+                       consents: Consents | None = None, excluded: Collection[str] = frozenset()) -> None:
     frontier = out.resources + [out.service_request, out.patient]
     for _depth in range(FOLLOW_DEPTH):
         wanted: dict[str, set[str]] = {}
@@ -194,7 +195,7 @@ def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str
                    for ids_sorted in [sorted(ids)] for i in range(0, len(ids_sorted), ID_BATCH)]
         found = app.ehr.map_parallel(lambda ehr, b: list(ehr.search(b[0], {"_id": ",".join(b[1])})),
                                      batches, threads=FETCH_THREADS)
-        for (rtype, batch), results in zip(batches, found):
+        for (rtype, batch), results in zip(batches, found, strict=True):
             for res in results:
                 ref = f"{res.get('resourceType')}/{res.get('id')}"
                 if res.get("resourceType") != rtype or ref in seen:

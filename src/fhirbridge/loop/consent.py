@@ -29,9 +29,9 @@ The Patient and the order are the referral itself: only a whole denial keeps the
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from datetime import UTC, datetime, timedelta
 
 from fhirbridge.errors import ConsentDenied, FhirError
 from fhirbridge.fhir.elements import clinical_date, has_coding, iter_references, parse_fhir_date
@@ -81,7 +81,7 @@ class Provision:
     parties: tuple = ()                             # "Type/id" of actors in a non-recipient role; None: unknown
     data_period: tuple | None = None                # (start, end) datetimes, either may be None
     names_recipient: bool = False                   # applies because an actor is the reviewer
-    children: list["Provision"] = field(default_factory=list)
+    children: list[Provision] = field(default_factory=list)
 
     @property
     def restricted(self) -> bool:
@@ -311,7 +311,7 @@ class Consents:
 
         Records kept back by resource type or date are named to the reviewer (the issue: the manifest names
         them), like records outside the profile. Records kept back by code, security label, instance or
-        person are not (POLICY, like sensitivity labels in collect.py): a patient singles records out that
+        person are not (POLICY, like sensitivity labels in loop/collect.py): a patient singles records out that
         way because of what they say, and naming them would point the reviewer at exactly that. When
         several Consents deny a record, an unnamed reason wins for the same reason."""
         reasons = []
@@ -377,5 +377,5 @@ def check(app, patient_ref: str, reviewer, *, now: datetime | None = None) -> Co
 
     found = [c for c in app.ehr.search("Consent", {"patient": patient_ref, "status": "active"})
              if c.get("resourceType") == "Consent"]
-    d = Disclosure(recipient=recipient, now=now or datetime.now(timezone.utc), resolve=resolve)
+    d = Disclosure(recipient=recipient, now=now or datetime.now(UTC), resolve=resolve)
     return evaluate(found, d, reviewer.display or reviewer.name)

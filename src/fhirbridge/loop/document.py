@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import uuid
+from collections.abc import Sequence
 
 from fhirbridge.fhir.elements import question_of, summary_line
 from fhirbridge.loop.collect import Collected
@@ -39,7 +40,7 @@ def full_url(base: str, resource: dict) -> str:
 
 
 def build_document(collected: Collected, *, package_id: str, base_url: str, hospital_org: dict,
-                   timestamp: str, inline_binaries: list[dict] = ()) -> dict:
+                   timestamp: str, inline_binaries: Sequence[dict] = ()) -> dict:
     """The unsigned document Bundle. `hospital_org` is an Organization resource (with id) for the author."""
     sr, patient = collected.service_request, collected.patient
     by_type: dict[str, list[dict]] = {}
@@ -111,8 +112,9 @@ def hospital_organization(name: str, system: str, value: str) -> dict:
 
 
 def _section(title: str, code: str, display: str, refs: list[str], body: str) -> dict:
-    s = {"title": title, "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
-         "text": _narrative(body)}
+    s: dict[str, object] = {"title": title,
+                            "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+                            "text": _narrative(body)}
     if refs:
         s["entry"] = [{"reference": r} for r in refs]
     return s

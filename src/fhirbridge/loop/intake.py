@@ -140,9 +140,9 @@ def order_changed(app: App, sr: dict) -> tuple[Case, str] | None:
         case, created = open_case(app, sr)
         return (case, "opened") if created else None
     if status in WITHDRAWN:
-        case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
-        if case and case.step not in FINAL_STEPS:
-            return cancel(app, case, f"the order is {status} in the EHR"), "cancelled"
+        known = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
+        if known and known.step not in FINAL_STEPS:
+            return cancel(app, known, f"the order is {status} in the EHR"), "cancelled"
     return None
 
 
@@ -191,26 +191,30 @@ def _existing_task(app: App, case_id: str) -> dict | None:
     older backup. Found by the Case identifier (deterministic), so nothing already sent is sent again."""
     for task in app.ehr.search("Task", {"identifier": f"{ehr_task.CASE_ID_SYSTEM}|{case_id}"}):
         if task.get("resourceType") == "Task":
-            code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
+            coding: dict = next(iter(task.get("businessStatus", {}).get("coding", [])), {})
+            code = coding.get("code")
             if code not in (None, "received", "collecting", "packaging"):
                 return task
     return None
 
 
 def _adopt(app: App, case: Case, task: dict) -> Case:
-    code = next(iter(task.get("businessStatus", {}).get("coding", [])), {}).get("code")
+    coding: dict = next(iter(task.get("businessStatus", {}).get("coding", [])), {})
+    code = coding.get("code")
     task_ref = f"Task/{task['id']}"
     if task.get("status") == "completed":
         output = next((o.get("valueReference", {}).get("reference") for o in task.get("output", [])), None)
         return app.store.update(case.id, step=Step.DONE.value, task=task_ref, document_reference=output,
                                 event_kind="adopted", detail={"task": task_ref, "task_status": "completed"})
     if task.get("status") in ("cancelled", "rejected"):
-        return app.store.update(case.id, step=Step.CANCELLED.value, task=task_ref, last_error=f"Task {task['status']} in the EHR",
+        return app.store.update(case.id, step=Step.CANCELLED.value, task=task_ref,
+                                last_error=f"Task {task['status']} in the EHR",
                                 event_kind="adopted", detail={"task": task_ref, "task_status": task["status"]})
     message = (f"the EHR already has this referral's {task_ref} at {code!r} but this service has no record of it "
                "(was the store lost or restored from an old backup?); nothing was sent again. Check with the "
                "reviewer, then `fhirbridge retry` to send it anew or `fhirbridge cancel`")
-    return app.store.update(case.id, step=Step.FAILED.value, task=task_ref, last_error=message, data={"failed_step": Step.COLLECT.value},
+    return app.store.update(case.id, step=Step.FAILED.value, task=task_ref, last_error=message,
+                            data={"failed_step": Step.COLLECT.value},
                             event_kind="adopted", detail={"task": task_ref, "task_status": task.get("status")})
 
 

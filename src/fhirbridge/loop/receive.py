@@ -74,15 +74,18 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
     _refuse_unless(case.step in (Step.AWAIT_OPINION, Step.DELIVER),
                    f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
+    assert case.package_id is not None  # sealing records it before the Case reaches deliver
     _refuse_unless(claims.get("package_id") == case.package_id,
                    f"the opinion answers package {claims.get('package_id')}, but Case {case.id[:8]} was sent "
                    f"package {case.package_id}; nothing written")
     # The claims are signed by the reviewer, but a reviewer's tool can still be wrong: a member of the wrong
     # type is a refusal with the reason, never a crash that would leave the file in the inbox for ever.
-    aud = claims.get("aud") if isinstance(claims.get("aud"), dict) else {}
+    aud = claims.get("aud")
+    aud = aud if isinstance(aud, dict) else {}
     _refuse_unless(case.hospital == app.hospital.key and aud.get("value") == app.hospital.identifier_value,
                    "the opinion is addressed to another hospital than the one that decrypted it; nothing written")
-    iss = claims.get("iss") if isinstance(claims.get("iss"), dict) else {}
+    iss = claims.get("iss")
+    iss = iss if isinstance(iss, dict) else {}
     _refuse_unless(iss.get("value") == reviewer.identifier_value,
                    f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
                    f"{reviewer.identifier_value!r}; nothing written")

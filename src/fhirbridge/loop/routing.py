@@ -35,6 +35,7 @@ def reroute(app: App, case: Case) -> Case:
     if problems:
         return app.store.update(case.id, last_error="; ".join(problems), event_kind="retry.failed",
                                 detail={"error": "; ".join(problems)})
+    assert reviewer is not None  # route names one whenever it reports no error
     case = app.store.update(case.id, step=Step.COLLECT.value, reviewer=reviewer, profile=profile, attempts=0,
                             last_error=None, next_attempt_at=None, event_kind="retry",
                             detail={"step": Step.COLLECT.value, "reviewer": reviewer})

@@ -8,7 +8,7 @@ function from `loop.table`, and recorded with an event in one store transaction 
 step; the Task in the EHR is brought in line before (by the step's guards) and after. Every step is safe
 to repeat: a worker that dies mid-step loses its lease and the step runs again from its start (collect
 re-reads the EHR, seal rebuilds its staging directory, deliver is atomic/idempotent, file is guarded by
-the Task version and identifiers; see writeback.py).
+the Task version and identifiers; see loop/writeback.py).
 
 Errors: a transient one (EHR down, 5xx, 429, timeout, full disk) leaves the Case at its step with
 `last_error` and a backoff; the next run resumes it. A permanent one (bad key, invalid config, an

@@ -15,8 +15,9 @@ import base64
 import shutil
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fhirbridge.crypto import jwe, jws
 from fhirbridge.ehr.context import App
@@ -74,7 +75,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
                           "sha256": info["sha256"]})
         tmp.unlink()
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     timestamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
     h = app.hospital
     org = hospital_organization(h.name, h.identifier_system, h.identifier_value)
@@ -83,7 +84,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
                                                    when=timestamp)
     issued = int(time.time())
-    manifest = {
+    manifest: dict[str, Any] = {
         "profile": collected.profile,
         "lookback_days": collected.lookback_days,
         "question": question_of(collected.service_request),

@@ -96,6 +96,8 @@ class Filed:
 
 
 def file_opinion(app: App, case: Case) -> Filed:
+    # The file step runs on a Case that has accepted its opinion, and the runner made its Task first.
+    assert case.opinion_id is not None and case.task is not None
     path = opinion_path(app, case)
     if not path.exists():
         raise FhirbridgeError(f"the received opinion {case.opinion_id} is missing from {path.parent}; restore it "
@@ -151,6 +153,7 @@ def _is_ours(app: App, case: Case, docref: str) -> bool:
 
 
 def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
+    assert case.opinion_id is not None  # built only for a Case that has accepted its opinion
     ident_value = f"urn:uuid:{case.opinion_id}"
     identifier = {"system": OPINION_ID_SYSTEM, "value": ident_value}
     binary_id = binary_id_for(case, case.opinion_id)

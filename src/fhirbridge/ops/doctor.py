@@ -214,7 +214,8 @@ def _capability_contents(cfg: Config, cs: dict, report: Report) -> None:
                    "fhirbridge reads these types; ask the EHR vendor to enable them on this endpoint (or remove them "
                    "from mappings/collect/ if the hospital does not record them)")
     else:
-        report.add("resource types", "pass", f"all {len(needs) - len(OPTIONAL_TYPES)} types fhirbridge reads are offered")
+        report.add("resource types", "pass",
+                   f"all {len(needs) - len(OPTIONAL_TYPES)} types fhirbridge reads are offered")
     # Optional types are left to their probes below: statements often omit Binary though it is served.
     unlisted = []
     for rtype, params in needs.items():
@@ -242,7 +243,8 @@ def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report
     kind = hospital.auth.type
     if kind != "smart":
         report.add("auth", "pass" if kind != "none" else "warn",
-                   {"none": "no credentials configured", "basic": "HTTP Basic", "bearer": "a static bearer token"}[kind],
+                   {"none": "no credentials configured", "basic": "HTTP Basic",
+                    "bearer": "a static bearer token"}[kind],
                    "most EHRs require SMART Backend Services: set [hospital.auth] type = \"smart\" (see "
                    "docs/connect-ehr.md)")
         return _plain_auth(hospital)
@@ -280,6 +282,7 @@ def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report
         else:
             report.add("smart configuration", "pass", f"token endpoint {a.token_url or doc.get('token_endpoint')}"
                        + (f"; signing algorithms {', '.join(map(str, algs))}" if isinstance(algs, list) else ""))
+    assert a.keys is not None  # smart auth: the loader defaults it to the hospital's keys
     try:
         smart = SmartBackendAuth.from_keys(keys=a.keys, client_id=a.client_id, fhir_base_url=hospital.fhir_base_url,
                                            token_url=a.token_url, scopes=a.scopes, alg=a.alg, timeout=timeout)
@@ -396,7 +399,8 @@ def _write_access(hospital: Hospital, session: requests.Session, timeout, report
         hint = ("grant the write scopes (system/Task.cu, system/DocumentReference.c, system/Binary.cu, "
                 "system/Provenance.c); a server that authorises a transaction as a whole (as a create on every "
                 "type) needs system/*.c in [hospital.auth] scopes as well") if hospital.auth.type == "smart" else \
-            "fhirbridge's account needs permission to post transactions and create DocumentReference, Binary, Provenance"
+            ("fhirbridge's account needs permission to post transactions and create DocumentReference, Binary, "
+             "Provenance")
         report.add("write-back (transaction)", "fail", f"refused: HTTP {resp.status_code}{_diagnostics(resp)}", hint)
     else:
         report.add("write-back (transaction)", "warn", f"HTTP {resp.status_code} to an empty transaction"
@@ -419,6 +423,7 @@ def _reviewers(cfg: Config, session: requests.Session, timeout, report: Report, 
         name = f"reviewer {r.name}: transport"
         if t.type == "outbox":
             where = t.path
+            assert where is not None  # the loader gives every outbox a path
             existing = next((p for p in (where, *where.parents) if p.exists()), None)
             if existing is not None and os.access(existing, os.W_OK | os.X_OK):
                 report.add(name, "pass", f"outbox {where}" + ("" if where.exists() else " (made at first delivery)"))
@@ -426,6 +431,7 @@ def _reviewers(cfg: Config, session: requests.Session, timeout, report: Report, 
                 report.add(name, "fail", f"outbox {where} is not writable by this user",
                            f"create {where} and give the fhirbridge user write access")
         elif t.type == "https":
+            assert t.url is not None  # the loader requires it of https
             try:
                 resp = session.options(t.url, timeout=timeout, auth=None)
                 report.add(name, "pass", f"{urlsplit(t.url).netloc} answered over TLS (HTTP {resp.status_code})")

@@ -3,8 +3,8 @@
     FHIRBRIDGE_LOG_FORMAT   auto (default: text on a terminal, JSON otherwise) | json | text
     FHIRBRIDGE_LOG_LEVEL    debug | info | warning | error (default: the command's own)
 
-Every line logged while the workflow runs a step of a Case carries that Case's id (`case_context`, set by
-workflow.run_pending), and every line logged while serving an HTTP request carries the request id
+Every line logged while the runner runs a step of a Case carries that Case's id (`case_context`, set by
+loop.runner.run_pending), and every line logged while serving an HTTP request carries the request id
 (`X-Request-ID`: the caller's, when it is a plain token, else a new one; sent back on the response). Other
 lines about a Case pass `extra={"case_id": ...}`.
 
@@ -25,8 +25,9 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, TextIO
+from typing import Any, TextIO
 
 from fhirbridge.errors import FhirbridgeError
 
@@ -82,12 +83,12 @@ def _exception(exc_info) -> dict:
 
 def fields(record: logging.LogRecord) -> dict:
     """What a line says, as a flat dict: time, level, logger, message, case_id, request_id, extras."""
-    out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-           "level": record.levelname.lower(), "logger": record.name}
-    access = record.name == "gunicorn.access" and isinstance(record.args, dict)
-    if access:
+    out: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        "level": record.levelname.lower(), "logger": record.name}
+    a = record.args
+    if record.name == "gunicorn.access" and isinstance(a, dict):
         # gunicorn's access line: its atoms become fields (path without the query string).
-        a = record.args
         out["message"] = "request"
         out.update(method=a.get("m"), path=a.get("U"), status=_int(a.get("s")), bytes=_int(a.get("B")),
                    duration_ms=_int(a.get("M")), remote=a.get("h"))
@@ -161,7 +162,7 @@ def setup(level: str | int | None = None, fmt: str | None = None, stream: TextIO
             root.removeHandler(handler)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(fmt, stream))
-    handler._fhirbridge = True  # type: ignore[attr-defined]
+    handler._fhirbridge = True  # type: ignore[attr-defined]  # our marker, to find it again (above)
     root.addHandler(handler)
     root.setLevel(chosen)
     # urllib3 writes request lines (with query strings) at DEBUG: never that, whatever our level.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -49,12 +49,13 @@ EHR_RETRIES = Counter(
     "fhirbridge_ehr_retries", "EHR requests repeated after a 429/502/503/504 or a connection failure",
     ["hospital", "resource_type", "method"])
 PACKAGES_SENT = Counter("fhirbridge_packages_sent", "Sealed packages delivered, per reviewer", ["hospital", "reviewer"])
-OPINIONS_FILED = Counter("fhirbridge_opinions_filed", "Opinions filed in the EHR, per reviewer", ["hospital", "reviewer"])
+OPINIONS_FILED = Counter("fhirbridge_opinions_filed", "Opinions filed in the EHR, per reviewer",
+                         ["hospital", "reviewer"])
 TICK_FAILURES = Counter("fhirbridge_tick_failures", "Scheduler ticks that failed (the next tick tries again)",
                         ["tick"])
 
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-# Events that put a Case into the step it is at now (store events; see workflow.py and intake.py).
+# Events that put a Case into the step it is at now (store events; see loop/runner.py and loop/intake.py).
 _ENTERED_STEP = ("opened", "retry", "opinion.received", "adopted")
 
 
@@ -172,7 +173,8 @@ class StoreCollector:
             oldest = {self._name(h): max(0.0, now - since) for h, since in
                       conn.execute(select(entered.c.hospital, func.min(entered.c.since)).group_by(entered.c.hospital))}
             overdue = {self._name(h): n for h, n in conn.execute(
-                select(c.hospital, func.count()).where(and_(c.step == Step.AWAIT_OPINION.value, c.overdue_at.is_not(None)))
+                select(c.hospital, func.count())
+                .where(and_(c.step == Step.AWAIT_OPINION.value, c.overdue_at.is_not(None)))
                 .group_by(c.hospital))}
         return by_step, queue, oldest, overdue
 
@@ -180,7 +182,7 @@ class StoreCollector:
 class _ThisProcess:
     """The counters and histograms of this process (when not under gunicorn's multiprocess directory)."""
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return REGISTRY.collect()
 
 

@@ -62,8 +62,8 @@ def readyz():
 
 def _quick_ehr_check(app: App) -> str:
     try:
-        r = requests.get(f"{app.hospital.fhir_base_url}/metadata", timeout=(2, 3), auth=make_auth(app.hospital.auth.as_dict()),
-                   headers={"Accept": "application/fhir+json"})
+        r = requests.get(f"{app.hospital.fhir_base_url}/metadata", timeout=(2, 3),
+                         auth=make_auth(app.hospital.auth.as_dict()), headers={"Accept": "application/fhir+json"})
     except requests.RequestException as exc:
         return f"unreachable: {exc.__class__.__name__}"
     except FhirbridgeError as exc:  # SMART: the token endpoint refused or could not be reached

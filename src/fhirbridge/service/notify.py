@@ -1,5 +1,5 @@
 """FHIR Subscription notifications from the EHR (R4 Subscriptions Backport IG, rest-hook), registered with
-`fhirbridge subscribe` (subscribe.py); see docs/architecture.md, "Intake".
+`fhirbridge subscribe` (ehr/subscriptions.py); see docs/architecture.md, "Intake".
 
     POST /fhir/notify/<hospital>    <hospital> is the hospital's name as an env name (config.env_name)
 
@@ -152,7 +152,8 @@ def parse(body: dict) -> Notification:
     some R4B-minded servers send) is accepted too."""
     if body.get("resourceType") != "Bundle" or body.get("type") != "history":
         raise NotifyError(400, "invalid", "expected a notification Bundle of type history (Subscriptions Backport IG)")
-    entries = body.get("entry") if isinstance(body.get("entry"), list) else []
+    entries = body.get("entry")
+    entries = entries if isinstance(entries, list) else []
     first = (entries[0].get("resource") if entries and isinstance(entries[0], dict) else None) or {}
     if not isinstance(first, dict) or first.get("resourceType") != "Parameters":
         raise NotifyError(400, "invalid", "the first entry must be the SubscriptionStatus Parameters resource")

@@ -4,6 +4,7 @@ The page is plain server-rendered HTML: no JavaScript, nothing fetched from a CD
 from __future__ import annotations
 
 import html
+from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
@@ -28,7 +29,7 @@ def _ok(description: str, schema: dict, status: str = "200") -> dict:
     return {status: {"description": description, "content": {"application/json": {"schema": schema}}}}
 
 
-SPEC = {
+SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "fhirbridge", "version": VERSION,
              "description": "Second-opinion referrals over HL7 FHIR R4: staff API, reviewer pull API, health. "
@@ -75,7 +76,8 @@ SPEC = {
         "/api/orders": {"post": {
             "summary": "Place a second-opinion order (for EHRs that cannot write ServiceRequests)",
             "security": [{"staff": []}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
             "responses": {**_ok("The ServiceRequest written to the EHR and the Case opened for it",
                                 {"type": "object", "properties": {"service_request": {"type": "string"}, "case": CASE}},
                                 "201"), **_errors(400, 401, 403, 502, 503)}}},
@@ -103,7 +105,8 @@ SPEC = {
         "/api/cases/{case_id}/cancel": {"post": {
             "summary": "Cancel a Case (its Task in the EHR becomes cancelled)", "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
             "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
         "/reviewer/cases": {"get": {
             "summary": "The calling reviewer's Cases awaiting its opinion, with their sealed files",
@@ -135,7 +138,8 @@ SPEC = {
         "/reviewer/cases/{case_id}/decline": {"post": {
             "summary": "Decline a Case (its Task becomes rejected with the reason)", "security": [{"reviewer": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
             "responses": {**_ok("Declined", {"type": "object"}), **_errors(400, 401, 404, 409)}}},
         "/fhir/notify/{hospital}": {"post": {
             "summary": "FHIR Subscription notifications from the EHR (R4 Subscriptions Backport, rest-hook)",
@@ -143,7 +147,8 @@ SPEC = {
             "parameters": [{"name": "hospital", "in": "path", "required": True, "schema": {"type": "string"},
                             "description": "the hospital's name in environment-variable form"}],
             "requestBody": {"required": True, "content": {"application/fhir+json": {"schema": {"type": "object"}}}},
-            "responses": {str(c): {"description": d, "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
+            "responses": {str(c): {"description": d,
+                                   "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
                           for c, d in ((200, "Taken in (OperationOutcome)"), (400, "Not a notification Bundle"),
                                        (401, "Missing or wrong subscription token"), (404, "Unknown hospital"),
                                        (413, "Too large"), (415, "Not FHIR JSON"))}}},

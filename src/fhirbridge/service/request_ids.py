@@ -27,5 +27,5 @@ def init_app(app: Flask) -> None:
     @app.teardown_request
     def _reset(_exc=None):
         tokens = g.pop("fhirbridge_log_tokens", [])
-        for var, token in zip((REQUEST_ID, CASE_ID), tokens):
+        for var, token in zip((REQUEST_ID, CASE_ID), tokens, strict=False):  # no CASE_ID token outside a Case
             var.reset(token)

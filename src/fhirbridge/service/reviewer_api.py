@@ -25,7 +25,7 @@ reviewer_api = Blueprint("reviewer_api", __name__, url_prefix="/reviewer")
 
 @reviewer_api.before_request
 def _reviewer_only():
-    """A signed JWT from the reviewer's registered key (api_auth), or its static api_token where configured."""
+    """A signed JWT from the reviewer's registered key (access.tokens), or its static api_token where configured."""
     svc = service()
     try:
         g.reviewer = reviewer_from_bearer(bearer(), svc.config, audiences=reviewer_audiences(),

@@ -15,8 +15,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -113,26 +113,26 @@ class Service:
 
     def tick_poll(self) -> None:
         for app in self.apps:
-            self._guard("poll", app, lambda a=app: poll(a, worker=self.worker, lease_seconds=lease_seconds(a)))
+            self._guard("poll", app, lambda a: poll(a, worker=self.worker, lease_seconds=lease_seconds(a)))
 
     def tick_work(self) -> None:
         # A bounded number of steps per hospital per tick, so one hospital's backlog cannot starve the others.
         for app in self.apps:
             if self.stopping.is_set():
                 return
-            self._guard("work", app, lambda a=app: run_pending(a, intake=False, stop=self.stopping,
-                                                               max_steps=STEPS_PER_TICK))
+            self._guard("work", app, lambda a: run_pending(a, intake=False, stop=self.stopping,
+                                                           max_steps=STEPS_PER_TICK))
 
     def tick_inbox(self) -> None:
-        self._guard("inbox", self.apps[0], lambda: process_inbox(self.apps[0], apps=self.apps))
+        self._guard("inbox", self.apps[0], lambda a: process_inbox(a, apps=self.apps))
 
     def tick_overdue(self) -> None:
         for app in self.apps:
-            self._guard("overdue", app, lambda a=app: flag_overdue(a))
+            self._guard("overdue", app, flag_overdue)
 
     def catch_up(self, app: App) -> None:
         """Poll one hospital now, off the caller's thread: a subscription notification showed missed events
-        (notify.py) and the EHR is waiting for our answer. One catch-up per hospital at a time in this
+        (service/notify.py) and the EHR is waiting for our answer. One catch-up per hospital at a time in this
         process; asked again meanwhile, it polls once more afterwards, so nothing changed during the first
         poll is missed. Another replica holding the poll claim makes this a no-op: the next tick polls."""
         key = app.hospital.key
@@ -150,17 +150,18 @@ class Service:
         while True:
             if not self.stopping.is_set():
                 self._guard("catch-up poll", app,
-                            lambda: poll(app, worker=self.worker, lease_seconds=lease_seconds(app)))
+                            lambda a: poll(a, worker=self.worker, lease_seconds=lease_seconds(a)))
             with self._catch_up_lock:
                 if not self._catch_up.get(key) or self.stopping.is_set():
                     self._catch_up.pop(key, None)
                     return
                 self._catch_up[key] = False
 
-    def _guard(self, what: str, app: App, fn: Callable[[], object]) -> None:
-        """A tick never dies: an EHR that is down now is polled again at the next tick."""
+    def _guard(self, what: str, app: App, fn: Callable[[App], object]) -> None:
+        """A tick never dies: an EHR that is down now is polled again at the next tick. `fn` is given `app`
+        (not a closure over the caller's loop variable)."""
         try:
-            fn()
+            fn(app)
         except Exception as exc:  # noqa: BLE001 - logged without clinical content; next tick retries
             metrics.tick_failed(what)
             log.warning("%s tick for %s failed: %s", what, app.hospital.name, exc)

@@ -14,8 +14,9 @@ import socket
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from sqlalchemy import and_, create_engine, event, insert, or_, select, text, update

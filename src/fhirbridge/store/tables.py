@@ -67,7 +67,7 @@ seen_messages = Table(
 )
 
 # One row per disclosure (a package delivered) and per opinion filed: the accounting of disclosures
-# (audit.py). `resource` is the BALP AuditEvent; it names the patient by reference only. The id is the
+# (ehr/audit.py). `resource` is the BALP AuditEvent; it names the patient by reference only. The id is the
 # AuditEvent's id, derived from the Case and the package/opinion, so recording twice keeps one row.
 audit_events = Table(
     "audit_events", metadata,

@@ -2,6 +2,7 @@
 (each chart has a title and the same figures are in a table next to it)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
 
 from markupsafe import Markup
@@ -9,7 +10,7 @@ from markupsafe import Markup
 PALETTE = ("#1f5fa8", "#1e7a46", "#9a6200", "#b3261e", "#6b4fa0", "#2b7f8e", "#6b7280")
 
 
-def bar_chart(items: list[tuple[str, float]], *, title: str, unit: str = "", width: int = 520,
+def bar_chart(items: Sequence[tuple[str, float]], *, title: str, unit: str = "", width: int = 520,
               colors: dict[str, str] | None = None) -> Markup:
     """Horizontal bars, one per (label, value), labelled with their value; `colors` by label, else the palette."""
     row, label_w, pad = 28, 200, 8

@@ -32,9 +32,9 @@ dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 SESSION_HOURS = 8
 OPINION_CODES = "urn:fhirbridge:codes:opinion"
 STATE_ORDER = ALL_STEPS
-STATE_LABELS = {Step.COLLECT: "Collecting", Step.SEAL: "Packaging", Step.DELIVER: "Sending", Step.AWAIT_OPINION: "With reviewer",
-                Step.FILE: "Filing", Step.DONE: "Filed", Step.FAILED: "Failed", Step.CANCELLED: "Cancelled",
-                Step.DECLINED: "Declined"}
+STATE_LABELS: dict[str, str] = {Step.COLLECT: "Collecting", Step.SEAL: "Packaging", Step.DELIVER: "Sending",
+                                 Step.AWAIT_OPINION: "With reviewer", Step.FILE: "Filing", Step.DONE: "Filed",
+                                 Step.FAILED: "Failed", Step.CANCELLED: "Cancelled", Step.DECLINED: "Declined"}
 STATE_COLORS = {"Filed": "#1e7a46", "Failed": "#b3261e", "With reviewer": "#1f5fa8", "Cancelled": "#6b7280",
                 "Declined": "#9a6200"}
 # How a recommendation relates to the plan the referring physician had (usually surgery).
@@ -55,6 +55,15 @@ def _staff() -> dict | None:
     return s
 
 
+def _signed_in_staff() -> dict:
+    """The sign-in behind a view: `_signed_in` sent anyone without one to the login page first (one that
+    expired in between is refused here rather than crashing the view)."""
+    s = _staff()
+    if s is None:
+        abort(401, "your sign-in has expired: sign in again")
+    return s
+
+
 @dashboard.before_request
 def _signed_in():
     if request.endpoint in ("dashboard.login",):
@@ -68,7 +77,7 @@ def _signed_in():
 
 
 def _visible(case) -> bool:
-    s = _staff()
+    s = _signed_in_staff()
     app = _svc().app_for_key(case.hospital)
     return app is not None and (s["hospitals"] is None or app.hospital.name in s["hospitals"])
 
@@ -135,11 +144,12 @@ def overview():
                      key=lambda c: -c.updated_at)
     reviewers = _turnaround(svc, cases)
     concl = _conclusion_counts(svc, [c for c in cases if c.step == Step.DONE])
-    staff = _staff()
+    staff = _signed_in_staff()
     return render_template(
         "dashboard/overview.html", title="Referrals", where="Hospital IT dashboard", nav=_nav("overview"),
         who=staff["name"], can_retry="cases:write" in staff["scopes"], total=len(cases), states=states,
-        state_chart=bar_chart(states, title="Cases by state", colors=STATE_COLORS), overdue=overdue, failed=failed, waiting=waiting,
+        state_chart=bar_chart(states, title="Cases by state", colors=STATE_COLORS), overdue=overdue, failed=failed,
+        waiting=waiting,
         reviewers=reviewers, concl=concl,
         concordance_chart=bar_chart(concl["concordance"], title="Concordance with the referring diagnosis"),
         plan_chart=bar_chart(concl["plan"], title="What the second opinion meant for the planned treatment"),
@@ -150,7 +160,7 @@ def overview():
 @dashboard.get("/cases/<case_id>")
 def case(case_id: str):
     svc, c = _svc(), _visible_case(case_id)
-    staff = _staff()
+    staff = _signed_in_staff()
     return render_template("dashboard/case.html", title=f"Case {c.id[:8]}", where="Hospital IT dashboard",
                            nav=_nav("case"), who=staff["name"], c=c, events=svc.store.events(c.id),
                            can_retry="cases:write" in staff["scopes"], fmt=_fmt,
@@ -160,7 +170,7 @@ def case(case_id: str):
 @dashboard.post("/cases/<case_id>/retry")
 def retry(case_id: str):
     check_csrf()
-    if "cases:write" not in _staff()["scopes"]:
+    if "cases:write" not in _signed_in_staff()["scopes"]:
         abort(403, "your credentials do not include cases:write")
     svc, c = _svc(), _visible_case(case_id)
     try:
@@ -196,7 +206,9 @@ def _turnaround(svc, cases) -> list[dict]:
 
 
 def _conclusion_counts(svc, done) -> dict:
-    conc, plan, unread = Counter(), Counter(), 0
+    conc: Counter[str] = Counter()
+    plan: Counter[str] = Counter()
+    unread = 0
     for c in done:
         found = _conclusion(svc, c)
         if found is None:

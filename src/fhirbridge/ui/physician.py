@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from flask import (
     Blueprint,
@@ -78,7 +79,9 @@ def _redirect_uri() -> str:
 
 
 def _pending_serializer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.secret_key, salt="fhirbridge/physician-launch")
+    secret = current_app.secret_key
+    assert secret is not None  # ui.install sets it before any page is served
+    return URLSafeTimedSerializer(secret, salt="fhirbridge/physician-launch")
 
 
 def _read_pending() -> dict:
@@ -151,7 +154,7 @@ def _user_name(app: App, user: str | None) -> str | None:
         res = app.ehr.read_ref(user)
     except FhirbridgeError:
         return None
-    name = next(iter(res.get("name", [])), {}) if res.get("resourceType") == "Practitioner" else {}
+    name: dict = next(iter(res.get("name", [])), {}) if res.get("resourceType") == "Practitioner" else {}
     text = name.get("text") or " ".join([*name.get("prefix", []), *name.get("given", []), name.get("family", "")])
     return text.strip() or None
 
@@ -231,8 +234,8 @@ def _validate(app: App, form: dict) -> dict[str, str]:
 def order(patient: str):
     ctx, app = _context(patient)
     if request.method == "GET":
-        form = {"profile": "", "reviewer": "", "question": "", "priority": "routine", "preview_for": "",
-                "shown": [], "share": set()}
+        form: dict[str, Any] = {"profile": "", "reviewer": "", "question": "", "priority": "routine",
+                                "preview_for": "", "shown": [], "share": set()}
         return _order_page(patient, ctx, app, form, {}, None)
     check_csrf()
     form = _form()
@@ -324,7 +327,7 @@ def _launch_error(exc: smart.LaunchError):
 
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException):
-    titles = {403: "Not allowed", 404: "Not found", 400: "Something was wrong with that request"}
+    titles: dict[int | None, str] = {403: "Not allowed", 404: "Not found", 400: "Something was wrong with that request"}
     return render_template("physician/error.html", title=titles.get(exc.code, exc.name),
                            message=exc.description), exc.code or 500
 

@@ -9,6 +9,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import excluded_records
@@ -42,7 +43,7 @@ class Banner:
 
 
 def banner(patient: dict) -> Banner:
-    name = next(iter(patient.get("name", [])), {})
+    name: dict = next(iter(patient.get("name", [])), {})
     text = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip() or "(no name)"
     mrn = next((i.get("value") for i in patient.get("identifier", [])
                 if any(c.get("code") == "MR" for c in i.get("type", {}).get("coding", []))), None)
@@ -66,7 +67,8 @@ class Preview:
 def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
     """Run the real collection rules (and the patient's Consents for this reviewer) on a draft order: what
     the collect step would share if the order were placed now."""
-    draft = {"resourceType": "ServiceRequest", "id": "draft", "subject": {"reference": f"Patient/{patient}"}}
+    draft: dict[str, Any] = {"resourceType": "ServiceRequest", "id": "draft",
+                             "subject": {"reference": f"Patient/{patient}"}}
     note = None
     try:
         consents = consent.check(app, draft["subject"]["reference"], app.config.reviewer(reviewer))
@@ -76,7 +78,9 @@ def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
         return Preview(groups=[], supporting={}, withheld=[], consent_note=note)
     got: Collected = collect(app, draft, app.profile(profile), consents=consents)
     primary = {t for _title, types in GROUPS for t in types}
-    groups, offered, supporting = [], [], {}
+    groups: list[tuple[str, list[dict]]] = []
+    offered: list[str] = []
+    supporting: dict[str, int] = {}
     for title, types in GROUPS:
         items = [_item(r) for r in got.resources if r["resourceType"] in types]
         if items:
@@ -93,7 +97,7 @@ def _item(r: dict) -> dict:
     moment, summary = clinical_date(r), summary_line(r)
     shown = moment is not None and moment.strftime("%Y-%m-%d") not in summary   # most summaries say when
     return {"ref": f"{r['resourceType']}/{r['id']}", "summary": summary,
-            "date": moment.strftime("%d %b %Y") if shown else ""}
+            "date": moment.strftime("%d %b %Y") if moment is not None and shown else ""}
 
 
 # What the supporting records are, in words a physician uses.
@@ -134,10 +138,11 @@ def cases_for(app: App, patient: str) -> list[Case]:
                   key=lambda c: c.created_at, reverse=True)
 
 
-STATUS = {Step.COLLECT: ("Collecting records", ""), Step.SEAL: ("Preparing the package", ""),
-          Step.DELIVER: ("Sending", ""), Step.AWAIT_OPINION: ("With the reviewer", ""),
-          Step.FILE: ("Opinion received", "ok"), Step.DONE: ("Opinion filed", "ok"), Step.FAILED: ("Stopped", "bad"),
-          Step.CANCELLED: ("Cancelled", "warn"), Step.DECLINED: ("Declined by the reviewer", "warn")}
+STATUS: dict[str, tuple[str, str]] = {
+    Step.COLLECT: ("Collecting records", ""), Step.SEAL: ("Preparing the package", ""),
+    Step.DELIVER: ("Sending", ""), Step.AWAIT_OPINION: ("With the reviewer", ""),
+    Step.FILE: ("Opinion received", "ok"), Step.DONE: ("Opinion filed", "ok"), Step.FAILED: ("Stopped", "bad"),
+    Step.CANCELLED: ("Cancelled", "warn"), Step.DECLINED: ("Declined by the reviewer", "warn")}
 
 
 def status_of(case: Case) -> tuple[str, str]:
@@ -157,7 +162,7 @@ def order_summary(sr: dict, app: App) -> dict:
 def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None = None) -> list[dict]:
     """The referral's milestones, each done (with when), in progress, or still to come."""
     events = app.store.events(case.id)
-    first = {}
+    first: dict[str, dict] = {}
     for e in events:
         first.setdefault(e["kind"], e)
     collected = first.get("collect.done", {}).get("detail", {})

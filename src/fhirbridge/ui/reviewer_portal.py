@@ -86,6 +86,8 @@ class Portal:
     # --- where packages come from ----------------------------------------------------------------------
 
     def token(self, api: str) -> str:
+        # Only pulled Cases talk to a hospital's API, and pulling needs the issuer (checked above).
+        assert self.s.issuer is not None
         return mint_reviewer_token(self.key, issuer=self.s.issuer, audience=api.rstrip("/"))
 
     def _auth(self, api: str) -> dict:
@@ -202,7 +204,7 @@ def read_form(form_def, questions: list[str], form) -> tuple[dict, dict[str, str
             data[f.name] = form.get(f.name, "").strip()
     errors: dict[str, str] = {}
     for f in form_def.fields.values():
-        v = data.get(f.name)
+        v = data[f.name]  # the loop above set every field
         if f.kind == "answers":
             if any(not a["answer"] for a in v):
                 errors[f.name] = "Answer each question the referring physician asked"

@@ -1,6 +1,6 @@
 """Reviewer-written narrative (FHIR XHTML) made safe to put in our pages.
 
-receive.py already refuses narrative with scripts, forms, frames or event attributes (R4 txt-1/txt-2), and
+loop/receive.py already refuses narrative with scripts, forms, frames or event attributes (R4 txt-1/txt-2), and
 the pages' Content-Security-Policy forbids inline script; this is the third line: only plain text-structure
 elements are kept, every attribute is dropped, everything else is escaped text.
 """

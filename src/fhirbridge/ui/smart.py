@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 from fhirclient import client as fc
@@ -55,7 +56,7 @@ class Launched:
 def _session() -> requests.Session:
     """Discovery and token requests must not hang a web worker: every request gets a timeout."""
     class _Timeout(HTTPAdapter):
-        def send(self, request, **kw):
+        def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
             kw["timeout"] = kw.get("timeout") or TIMEOUT
             return super().send(request, **kw)
 

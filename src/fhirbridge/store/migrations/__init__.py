@@ -69,7 +69,10 @@ def _scripts() -> ScriptDirectory:
 
 def head() -> str:
     """The newest revision shipped with this version of fhirbridge."""
-    return _scripts().get_current_head()
+    newest = _scripts().get_current_head()
+    if newest is None:
+        raise FhirbridgeError(f"no migration scripts in {SCRIPT_LOCATION / 'versions'} (a broken install?)")
+    return newest
 
 
 def current(engine: Engine) -> str | None:

@@ -23,8 +23,15 @@ def _configure(**kw) -> None:
                       render_as_batch=kw.pop("dialect", "") == "sqlite", **kw)
 
 
-def run_offline() -> None:
+def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no database to migrate: pass `-x url=...` or set sqlalchemy.url")
+    return url
+
+
+def run_offline() -> None:
+    url = _url()
     _configure(url=url, literal_binds=True, dialect=url.split(":", 1)[0].split("+", 1)[0])
     with context.begin_transaction():
         context.run_migrations()
@@ -38,8 +45,7 @@ def run_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
-    engine = create_engine(url)
+    engine = create_engine(_url())
     try:
         with engine.connect() as conn:
             _configure(connection=conn, dialect=conn.dialect.name)

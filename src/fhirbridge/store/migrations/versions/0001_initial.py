@@ -1,7 +1,7 @@
 """The Case store as it was when migrations were introduced: cases, cursors, events, seen_messages.
 
 Written out table by table (not metadata.create_all) so that this revision stays what it is when
-store.py changes, and later revisions are the difference from it.
+store/tables.py changes, and later revisions are the difference from it.
 
 Revision ID: 0001
 Revises:

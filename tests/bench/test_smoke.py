@@ -1,0 +1,57 @@
+"""The benchmark harness (bench/) in its smallest form: it runs and its figures are well-formed. Correctness
+only: no timing is asserted here (timing goals live in bench/, measured side by side)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from fhirbridge.demo.localehr import find_sekmet
+from fhirbridge.errors import FhirbridgeError
+
+# bench/ is not an installed package: it is imported from the repository root, which pyproject.toml's
+# [tool.pytest.ini_options] pythonpath puts on sys.path however pytest was started.
+pytestmark = pytest.mark.sekmet
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    try:
+        find_sekmet()
+    except FhirbridgeError as exc:
+        pytest.skip(str(exc))
+    from bench.common import Bench
+    b = Bench(tmp_path_factory.mktemp("bench"))
+    yield b
+    b.close()
+
+
+def test_collect_loop_and_writeback_run_on_a_tiny_patient(bench):
+    from bench import collect_bench, loop_bench, writeback_bench
+    naive = importlib.util.find_spec("fhirclient") is not None
+    c = collect_bench.run(bench, [10], {10: 1}, naive=naive, log=lambda _m: None)
+    row = c["rows"][0]
+    assert row["requests"]["fhirbridge"] >= 8          # patient, 7 searches, follow-ups
+    assert set(row["median_s"]) >= {"fhirbridge", "bound"}
+    wb = writeback_bench.run(bench, 1, log=lambda _m: None)
+    assert wb["round_trips"]["raw"] == 1
+    assert "POST /fhir" in wb["requests"]["file_opinion"]
+    loop = loop_bench.run(bench, [10], 1, log=lambda _m: None)
+    assert loop["rows"][0]["cases_per_hour"] > 0
+
+
+def test_seal_contenders_run_in_their_own_processes(tmp_path):
+    from bench import seal_bench
+    out = seal_bench.run(tmp_path, [{"name": "tiny", "resources": 10, "attachment_mb": [1]}], 1, log=lambda _m: None)
+    row = out["rows"][0]
+    assert set(row["peak_extra_rss_bytes"]) == {"fhirbridge", "bound", "joserfc one-shot"}
+    assert row["payload_bytes"] > 1 << 20
+
+
+@pytest.mark.skipif(not os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL"),
+                    reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set")
+def test_claims_on_postgres_hand_out_no_case_twice():
+    from bench import claims_bench
+    out = claims_bench.run(50, 1, url=os.environ["FHIRBRIDGE_TEST_POSTGRES_URL"], log=lambda _m: None)
+    assert all(r["duplicates"] == 0 and r["missed"] == 0 for r in out["rows"].values())

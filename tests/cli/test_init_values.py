@@ -1,0 +1,45 @@
+"""`fhirbridge init` values: the hospital name is quoted whatever it holds; a bad URL or name is refused before
+anything is written, without echoing credentials."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fhirbridge.cli import main as cli
+from fhirbridge.config import loader as config
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _site(tmp_path, capsys, *extra) -> Path:
+    code, _, err = run(capsys, "init", tmp_path / "site", *extra)
+    assert code == 0, err
+    return tmp_path / "site" / "fhirbridge.toml"
+
+
+@pytest.mark.parametrize("name", ['St "X" Hospital', "Back\\slash Clinic", "Hôpital Sainte-Anne"])
+def test_init_quotes_the_hospital_name(tmp_path, capsys, name):
+    path = _site(tmp_path, capsys, "--hospital-name", name)
+    assert config.load(path, environ={}).hospital.name == name
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--fhir-base-url", "ftp://ehr.example/fhir"], "--fhir-base-url"),
+    (["--fhir-base-url", "https:///fhir"], "--fhir-base-url"),
+    (["--hospital-name", "Line\nbreak"], "--hospital-name"),
+    (["--hospital-name", "  "], "--hospital-name"),
+])
+def test_init_refuses_bad_values_before_writing_anything(tmp_path, capsys, argv, key):
+    code, _out, err = run(capsys, "init", tmp_path / "site", *argv)
+    assert code == 2 and key in err and "Traceback" not in err
+    assert not (tmp_path / "site").exists()
+
+
+def test_init_refuses_a_url_without_echoing_credentials(tmp_path, capsys):
+    code, _out, err = run(capsys, "init", tmp_path / "site", "--fhir-base-url", "ftp://user:hunter2@ehr.example/")
+    assert code == 2 and "hunter2" not in err and "ftp" in err

@@ -1,0 +1,70 @@
+"""The loop driven only through the `fhirbridge` command, as hospital IT and a reviewer would use it."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fhirbridge.cli.main import main
+from tests.kit.hospital import SAMPLE_ANSWER
+
+pytestmark = pytest.mark.sekmet
+
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_loop(hospital, seeded, capsys, tmp_path):
+    cfg = hospital.config_path
+    code, out, _ = run(capsys, "--config", cfg, "order", "--patient", seeded["patient"].split("/")[1],
+                       "--question", "Fusion or decompression alone?", "--profile", "spine")
+    assert code == 0 and out.startswith("ServiceRequest/")
+    code, out, err = run(capsys, "--config", cfg, "run")
+    assert code == 0, err
+    assert "1 case(s) opened" in out and "collect" in out and "deliver" in out
+    code, out, _ = run(capsys, "--config", cfg, "status")
+    case_prefix = re.search(r"^([0-9a-f]{8})\s+await_opinion", out, re.M).group(1)
+    case = hospital.app.store.find_by_prefix(case_prefix)
+
+    r = hospital.reviewers["spine-center"]
+    package = hospital.package_path(case)
+    key = r.files["private_keys"]
+    code, out, _ = run(capsys, "reviewer", "open", package, "--key", key, "--json", tmp_path / "doc.json",
+                       "--extract", tmp_path / "files")
+    assert code == 0
+    assert "Fusion or decompression alone?" in out and "Withheld (" in out and "study" in out
+    doc = json.loads((tmp_path / "doc.json").read_text())
+    assert doc["resourceType"] == "Bundle" and doc["signature"]["sigFormat"] == "application/jose"
+    assert list((tmp_path / "files").glob("*.pdf"))
+
+    (tmp_path / "answer.toml").write_text(SAMPLE_ANSWER)
+    code, out, _ = run(capsys, "reviewer", "answer", package, "--opinion", tmp_path / "answer.toml", "--key", key,
+                       "--out", tmp_path / "opinion.jwe")
+    assert code == 0 and "wrote sealed opinion" in out
+
+    code, out, err = run(capsys, "--config", cfg, "receive", tmp_path / "opinion.jwe")
+    assert code == 0, err
+    assert re.search(r"filed as DocumentReference/\S+", out)
+    code, out, err = run(capsys, "--config", cfg, "receive", tmp_path / "opinion.jwe")
+    assert code == 4 and "already has its opinion filed" in err and "Traceback" not in err
+
+    code, out, _ = run(capsys, "--config", cfg, "status", case_prefix)
+    assert code == 0 and "step: done" in out and "file.done" in out and "opinion.received" in out
+
+
+def test_cli_errors_are_one_clear_line(hospital, seeded, capsys, tmp_path):
+    cfg = hospital.config_path
+    code, _, err = run(capsys, "--config", cfg, "order", "--patient", "no-such-patient", "--question", "?")
+    assert code == 1 and "Patient/no-such-patient does not exist in the EHR" in err
+    (tmp_path / "junk.jwe").write_bytes(b"not a sealed opinion")
+    code, _, err = run(capsys, "--config", cfg, "receive", tmp_path / "junk.jwe")
+    assert code == 3 and "refused" in err and "Traceback" not in err
+    code, _, err = run(capsys, "--config", cfg, "status", "zzzz")
+    assert code == 1 and "no Case with id zzzz" in err
+    code, _, err = run(capsys, "reviewer", "open", tmp_path / "nowhere", "--key", tmp_path / "nokey.json")
+    assert code != 0 and "Traceback" not in err and "nokey.json" in err

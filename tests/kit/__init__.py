@@ -1,0 +1,11 @@
+"""The shared test kit, imported as `from tests.kit.<module> import ...` (never from a conftest):
+
+- hospital: a test hospital against the session EHR, its reviewers, the physician's and reviewer's moves, and
+  real `fhirbridge worker` / `fhirbridge serve` processes (Worker, Served)
+- processes: starting a process in its own group, waiting for it until a deadline, stopping its whole group
+- browser: Chromium for the browser tests, screenshots, a live WSGI server (the fixtures: tests/ui/conftest.py)
+- smart_launch_server: a test EHR that launches SMART apps, in front of the session's sekmet
+- faultproxy: a fault-injecting HTTP proxy in front of the EHR
+- packages: hand-made hospital key pairs and sealed packages, for reviewer-side tests without an EHR
+- metrics: reading /metrics (the Prometheus text format)
+"""

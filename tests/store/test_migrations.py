@@ -1,0 +1,314 @@
+"""The Case store's schema is Alembic-migrated: fresh databases reach head, databases made before migrations
+existed are adopted, upgrades repeat as no-ops, and processes starting at once do not race the migration.
+
+SQLite always; PostgreSQL (one fresh schema per test) when FHIRBRIDGE_TEST_POSTGRES_URL is set.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+
+from fhirbridge.cli import main as cli
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.store import migrations
+from fhirbridge.store.store import Store
+from fhirbridge.store.tables import metadata
+from tests.kit import processes
+from tests.kit.hospital import pg_schema
+
+PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        with pg_schema("fb_mig") as u:
+            yield u
+
+
+def differences(engine) -> list:
+    """What Alembic autogenerate would write to get from the database to store.metadata: nothing, at head."""
+    with engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), metadata)
+
+
+def versions(engine) -> list[str]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
+
+
+def test_the_shipped_scripts_have_one_head():
+    assert migrations.head() == "0003"
+    assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
+    assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
+
+
+def test_a_fresh_database_is_brought_to_head(url):
+    store = Store(url)
+    try:
+        assert store.schema_revision() == migrations.head()
+        insp = inspect(store.engine)
+        assert set(insp.get_table_names()) == TABLES | {"alembic_version"}
+        for name in TABLES:
+            assert [c["name"] for c in insp.get_columns(name)] == [c.name for c in metadata.tables[name].columns]
+        assert [ix["column_names"] for ix in insp.get_indexes("events")] == [["case_id"]]
+        assert sorted(ix["column_names"] for ix in insp.get_indexes("audit_events")) == [["case_id"], ["patient"]]
+        assert [uq["name"] for uq in insp.get_unique_constraints("cases")] == ["uq_case_per_order"]
+        assert differences(store.engine) == []
+        case, created = store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1",
+                                        patient="Patient/1", reviewer="r", profile="default")
+        assert created and store.claim(worker="w").id == "c1"
+    finally:
+        store.close()
+
+
+def test_upgrading_again_is_a_no_op(url):
+    Store(url).close()
+    store = Store(url, create=False)
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda _c, _cur, stmt, *_a: statements.append(stmt))
+    try:
+        assert store.upgrade() == (migrations.head(), migrations.head())
+        again = Store(url)
+        assert again.schema_revision() == migrations.head()
+        again.close()
+        assert versions(store.engine) == [migrations.head()]
+        # Nothing written and no lock taken: at head, a start only reads the version.
+        assert not [s for s in statements if s.split()[0].upper() not in ("SELECT", "PRAGMA", "SHOW")], statements
+    finally:
+        store.close()
+
+
+def test_the_initial_revision_downgrades_to_nothing_and_back(url):
+    from alembic import command
+    store = Store(url)
+    try:
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "base")
+            conn.commit()
+        assert set(inspect(store.engine).get_table_names()) == {"alembic_version"}
+        assert store.schema_revision() is None
+        assert store.upgrade() == (None, migrations.head())
+        assert differences(store.engine) == []
+    finally:
+        store.close()
+
+
+def test_the_audit_revision_upgrades_a_0001_database_keeping_its_data_and_downgrades(url):
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0001") == (None, "0001")
+        assert "audit_events" not in inspect(store.engine).get_table_names()
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert store.upgrade("0002") == ("0001", "0002")
+        assert store.get("c1").step == "collect"
+        assert store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
+                               recipient="s|v", resource={"resourceType": "AuditEvent"})
+        assert not store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
+                                   recipient="s|v", resource={"resourceType": "AuditEvent"})
+        [row] = store.list_audit(patient="Patient/1", unsent=True)
+        assert row["resource"] == {"resourceType": "AuditEvent"} and row["sent_to_ehr"] is False
+        store.mark_audit("a1", sent=True)
+        assert store.list_audit(unsent=True) == [] and store.list_audit(patient="Patient/2") == []
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0001")
+            conn.commit()
+        assert "audit_events" not in inspect(store.engine).get_table_names()
+        assert store.schema_revision() == "0001" and store.get("c1").step == "collect"
+    finally:
+        store.close()
+
+
+def _create_all_of(md: MetaData, url: str) -> None:
+    engine = create_engine(url)
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO cases (id, hospital, service_request, patient, reviewer, profile, step, "
+                          "attempts, created_at, updated_at, data) VALUES ('old', 'h', 'ServiceRequest/9', "
+                          "'Patient/1', 'r', 'default', 'await_opinion', 0, 1.0, 1.0, '{}')"))
+    engine.dispose()
+
+
+def test_a_database_made_by_create_all_is_adopted(url):
+    _create_all_of(metadata, url)
+    store = Store(url)
+    try:
+        assert store.schema_revision() == migrations.head()
+        assert versions(store.engine) == [migrations.head()]
+        assert store.get("old").step == "await_opinion"          # the data is kept
+        assert differences(store.engine) == []
+    finally:
+        store.close()
+
+
+def _pre_service_metadata() -> MetaData:
+    """The schema of the releases before the service (no cursors table, no cases.due_at/overdue_at)."""
+    md = MetaData()
+    Table("cases", md,
+          Column("id", String(64), primary_key=True), Column("hospital", String(200), nullable=False),
+          Column("service_request", String(200), nullable=False), Column("patient", String(200), nullable=False),
+          Column("reviewer", String(200), nullable=False), Column("profile", String(100), nullable=False),
+          Column("step", String(40), nullable=False), Column("task", String(200)), Column("package_id", String(64)),
+          Column("opinion_id", String(200)), Column("document_reference", String(200)),
+          Column("attempts", Integer, nullable=False), Column("last_error", Text),
+          Column("next_attempt_at", Float), Column("claimed_by", String(200)), Column("claimed_until", Float),
+          Column("created_at", Float, nullable=False), Column("updated_at", Float, nullable=False),
+          Column("data", JSON, nullable=False),
+          UniqueConstraint("hospital", "service_request", name="uq_case_per_order"))
+    Table("events", md, Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("case_id", String(64), nullable=False, index=True), Column("at", Float, nullable=False),
+          Column("kind", String(80), nullable=False), Column("detail", JSON, nullable=False))
+    Table("seen_messages", md, Column("jti", String(200), primary_key=True),
+          Column("case_id", String(64), nullable=False), Column("at", Float, nullable=False))
+    return md
+
+
+def test_an_early_install_is_adopted_and_completed(url):
+    _create_all_of(_pre_service_metadata(), url)
+    store = Store(url)
+    try:
+        assert store.schema_revision() == migrations.head()
+        assert differences(store.engine) == []                   # cursors and the two columns were added
+        assert store.get("old").due_at is None
+        assert store.claim_cursor("h", "orders", worker="w", lease_seconds=60) == (True, None)
+    finally:
+        store.close()
+
+
+def test_a_foreign_cases_table_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE cases (id TEXT PRIMARY KEY)"))
+    engine.dispose()
+    with pytest.raises(FhirbridgeError, match="not made by fhirbridge"):
+        Store(url)
+
+
+def test_a_database_from_a_newer_version_is_refused_with_a_clear_message(tmp_path):
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    Store(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    with pytest.raises(FhirbridgeError, match="9999_future.*newer version"):
+        Store(url)
+
+
+# --- several processes starting at once -----------------------------------------------------------------
+
+STARTER = textwrap.dedent("""
+    import sys, time
+    from fhirbridge.store.store import Store
+    url, at = sys.argv[1], float(sys.argv[2])
+    while time.time() < at:      # everyone imported: start together
+        time.sleep(0.001)
+    store = Store(url, create=False)
+    before, after = store.upgrade()
+    print(f"{before} {after}")
+""")
+
+
+def _upgrade_at_once(url: str, n: int) -> list[str]:
+    at = time.time() + 3.0
+    procs: list[subprocess.Popen] = []
+    try:   # each in its own process group, and none left behind if one fails or hangs
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", STARTER, url, str(at)], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, start_new_session=True))
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            outs.append(out.strip())
+        return outs
+    finally:
+        for p in procs:
+            processes.stop(p)
+
+
+def test_processes_starting_at_once_migrate_exactly_once(url):
+    outs = _upgrade_at_once(url, 4)
+    head = migrations.head()
+    # Every process succeeds; exactly one ran the migration, the others found it done under the lock.
+    assert sorted(outs) == sorted([f"None {head}"] + [f"{head} {head}"] * 3), outs
+    engine = create_engine(url)
+    try:
+        assert versions(engine) == [head]
+        assert differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def test_db_current_and_upgrade_commands(tmp_path, capsys):
+    assert cli.main(["init", str(tmp_path / "site")]) == 0
+    cfg = str(tmp_path / "site" / "fhirbridge.toml")
+    capsys.readouterr()
+    assert cli.main(["--config", cfg, "db", "current"]) == 0
+    out = capsys.readouterr().out
+    assert "none" in out and "db upgrade" in out              # `current` changes nothing
+    assert cli.main(["--config", cfg, "db", "upgrade"]) == 0
+    assert capsys.readouterr().out.strip() == f"store schema upgraded from none to {migrations.head()} (head)"
+    assert cli.main(["--config", cfg, "db", "upgrade"]) == 0
+    assert capsys.readouterr().out.strip() == f"store schema at {migrations.head()} (head)"
+    assert cli.main(["--config", cfg, "db", "current"]) == 0
+    assert capsys.readouterr().out.strip() == f"store schema at {migrations.head()} (head)"
+
+
+def test_the_migrations_ship_in_the_package_data():
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    for pattern in ("migrations/env.py", "migrations/script.py.mako", "migrations/versions/*.py"):
+        assert pattern in pyproject
+
+
+def test_the_claim_index_revision_upgrades_and_downgrades(url):
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0002") == (None, "0002")
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        assert store.upgrade() == ("0002", "0003")
+        assert "ix_cases_claim" in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        assert differences(store.engine) == []
+        assert store.claim(hospital="h").id == "c1"
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0002")
+            conn.commit()
+        assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+    finally:
+        store.close()
