@@ -170,8 +170,8 @@ def test_an_order_arrives_by_notification_once_and_its_revocation_cancels_it(ser
     sr = h.order(seeded["patient"])
     case = wait_for("the Case", lambda: cases_for(h, sr))[0]
     assert case.step == "collect"
-    # id-only: the order is read back from the EHR; full-resource: the notification's entry is used.
-    assert reads == ([f"ServiceRequest/{sr['id']}"] if payload == "id-only" else [])
+    # Either payload: the order is read back from the EHR; a full-resource entry is never trusted (S2).
+    assert reads == [f"ServiceRequest/{sr['id']}"]
     # A poll afterwards (and a repeated notification) opens no second Case.
     poll(h.app, worker="test-poll")
     again = served.post(notification(sub["id"], "event-notification", 1, [(1, f"ServiceRequest/{sr['id']}")],
@@ -189,6 +189,27 @@ def test_an_order_arrives_by_notification_once_and_its_revocation_cancels_it(ser
     state = wait_for("a heartbeat", lambda: (s := load_state(h.app.store, h.app.hospital.key)).last_kind == "heartbeat"
                      and s)
     assert state.subscription == sub["id"] and state.events == 2
+
+
+def test_a_forged_full_resource_notification_opens_no_case(served, seeded, fhir, capsys):
+    """S2: the notification's bearer token is readable in the EHR's Subscription; a forged full-resource
+    notification reusing an ordinary order's id, dressed up as a second opinion for a chosen performer,
+    must open nothing: only the EHR's own copy of the order counts."""
+    h = served.h
+    assert main(["--config", str(h.config_path), "subscribe", "--payload", "full-resource", "--heartbeat", "0"]) == 0
+    sub_ref = capsys.readouterr().out.split(":", 1)[0]
+    ordinary, _ = fhir.create({
+        "resourceType": "ServiceRequest", "status": "completed", "intent": "order",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "36801-9", "display": "MR lumbar spine"}]},
+        "subject": {"reference": seeded["patient"]}})
+    forged = dict(ordinary, status="active",
+                  code={"coding": [{"system": "urn:test:orders", "code": h.order_code}]},
+                  performer=[{"identifier": {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.9.1"}}])
+    resp = served.post(notification(sub_ref.split("/")[1], "event-notification", 1,
+                                    [(1, f"ServiceRequest/{ordinary['id']}")], [forged]), served.token(fhir, sub_ref))
+    assert resp.status_code == 200
+    assert "is not a second-opinion order" in diagnostics(resp) and "0 Case(s) opened" in diagnostics(resp)
+    assert cases_for(h, ordinary) == []
 
 
 def test_notifications_need_the_subscription_token_and_get_operation_outcomes(served, fhir):

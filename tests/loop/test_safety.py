@@ -448,3 +448,45 @@ def test_stopping_service_releases_the_claims_it_holds(hospital, seeded):
     assert fresh.claimed_by is None and fresh.claimed_until is None
     assert hospital.app.store.claim_cursor(hospital.app.hospital.key, "service-requests", worker="next",
                                            lease_seconds=5)[0]
+
+
+# --- the order must still be the one the Case was opened for (S2) ---------------------------------------
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda sr: sr.update(code={"coding": [{"system": "http://loinc.org", "code": "36801-9"}]}),
+     "not a second-opinion order"),
+    (lambda sr: sr.update(status="completed"), "not active"),
+    (lambda sr: sr.update(subject={"reference": "Patient/someone-else"}), "subject is not the Case's patient"),
+    (lambda sr: sr.update(performer=[{"identifier": {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.9.2"}}]),
+     "names another reviewer"),
+])
+def test_an_order_changed_after_intake_stops_the_case_before_anything_is_sent(two_reviewers, seeded, fhir,
+                                                                             edit, reason):
+    """Whatever opened the Case, the EHR's own copy of the order, read before each outbound step, must still
+    be an active second-opinion order for the Case's patient, routed to the Case's reviewer."""
+    h = two_reviewers
+    sr = h.order(seeded["patient"], reviewer=next(iter(h.reviewers)))
+    h.run(case_id="none")
+    case = h.case_for(sr)
+    current = fhir.read_ref(f"ServiceRequest/{sr['id']}")
+    edit(current)
+    fhir.update(current)
+    h.run(intake=False)
+    case = h.app.store.get(case.id)
+    assert case.step == "cancelled" and reason in case.last_error, case.last_error
+    assert not (h.root / "outbox").exists()
+    assert fhir.read_ref(case.task)["status"] == "cancelled"
+
+
+def test_an_order_changed_while_waiting_to_deliver_is_not_delivered(hospital, seeded, fhir):
+    sr = hospital.order(seeded["patient"])
+    hospital.run(case_id="none")
+    case = hospital.case_for(sr)
+    hospital.app.store.update(case.id, step="deliver", package_id=None)  # as if sealed and waiting
+    current = fhir.read_ref(f"ServiceRequest/{sr['id']}")
+    current["code"] = {"coding": [{"system": "http://loinc.org", "code": "36801-9"}]}
+    fhir.update(current)
+    hospital.run(intake=False)
+    case = hospital.app.store.get(case.id)
+    assert case.step == "cancelled" and "not a second-opinion order" in case.last_error
+    assert not (hospital.root / "outbox").exists()

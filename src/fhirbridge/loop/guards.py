@@ -6,6 +6,7 @@ from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import ConsentDenied, FhirError
 from fhirbridge.loop import consent
+from fhirbridge.loop.routing import ACTIVE, profile_for, route
 from fhirbridge.store.store import Case
 
 # FHIR request-status values that end a referral: BSeR, revoking the ServiceRequest cancels it.
@@ -17,11 +18,39 @@ class Withdrawn(Exception):
 
 
 def check_order(app: App, case: Case) -> dict:
-    """Re-read the order before each outbound step: a revoked order must not be sent."""
+    """Re-read the order before each outbound step; it must still be the order this Case was opened for.
+
+    Whatever opened the Case (a poll, or a Subscription notification whose content an attacker may have
+    forged), nothing is sent unless the EHR's own copy of the order, read now, is an active second-opinion
+    order for the Case's patient that still routes to the Case's reviewer and profile. Anything else stops
+    the Case with the reason (BSeR: revoking the ServiceRequest cancels the referral)."""
     sr = app.ehr.read_ref(case.service_request)
     if sr.get("status") in CANCELLING_STATUSES:
         raise Withdrawn(f"the order is {sr['status']} in the EHR")
+    problem = order_mismatch(app, case, sr)
+    if problem:
+        raise Withdrawn(f"the order no longer matches this referral: {problem}; nothing was sent")
     return sr
+
+
+def order_mismatch(app: App, case: Case, sr: dict) -> str | None:
+    """Why the EHR's order `sr` is not (or no longer) the one the Case was opened for; None when it is."""
+    if sr.get("resourceType") != "ServiceRequest":
+        return f"{case.service_request} is a {sr.get('resourceType')}"
+    if sr.get("status") not in ACTIVE:
+        return f"it is {sr.get('status')!r}, not active"
+    if not app.order_codes.matches(sr):
+        return "it is not a second-opinion order (its code is not in mappings/codes/orders.toml)"
+    subject = (sr.get("subject") or {}).get("reference")
+    if subject != case.patient:
+        return "its subject is not the Case's patient"
+    profile = profile_for(app, sr)
+    if profile != case.profile:
+        return f"it asks for profile {profile!r}, the Case was collected for {case.profile!r}"
+    reviewer, _error = route(app, sr, profile)
+    if reviewer != case.reviewer:
+        return "it now names another reviewer (or none that is configured)"
+    return None
 
 
 def ensure_task(app: App, case: Case) -> Case:

@@ -14,13 +14,10 @@ from datetime import datetime, timedelta
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App, log
 from fhirbridge.loop.actions import cancel
-from fhirbridge.loop.routing import profile_for, route_and_check
+from fhirbridge.loop.routing import ACTIVE, profile_for, route_and_check
 from fhirbridge.ops.crashpoints import crash_point
 from fhirbridge.steps import FINAL_STEPS, Step
 from fhirbridge.store.store import Case
-
-# Statuses in which an order still wants a second opinion (FHIR request-status).
-ACTIVE = ("active",)
 
 
 @dataclass

@@ -12,6 +12,9 @@ from fhirbridge.errors import FhirError
 from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
+# Statuses in which an order still wants a second opinion (FHIR request-status).
+ACTIVE = ("active",)
+
 
 def route_and_check(app: App, sr: dict, profile: str) -> tuple[str | None, list[str]]:
     ref = f"ServiceRequest/{sr['id']}"

@@ -27,7 +27,6 @@ from fhirbridge.config.model import env_name
 from fhirbridge.ehr import subscriptions as subscribe
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirError
-from fhirbridge.fhir.validate import validate
 from fhirbridge.jsonutil import dumps, loads
 from fhirbridge.loop.intake import order_changed
 from fhirbridge.service.http import bearer, service
@@ -143,7 +142,8 @@ class Notification:
     subscription: str | None           # the Subscription's id
     count: int | None                  # eventsSinceSubscriptionStart
     events: list[Event] = field(default_factory=list)
-    resources: dict[str, dict] = field(default_factory=dict)  # "Type/id" -> resource (full-resource payload)
+    # "Type/id" -> resource, as a full-resource payload carries it: parsed for its shape, never trusted (_order)
+    resources: dict[str, dict] = field(default_factory=dict)
 
 
 def parse(body: dict) -> Notification:
@@ -243,7 +243,7 @@ def _take_in(app: App, note: Notification) -> list[tuple[str, str, str]]:
             problems.append(("warning", "not-supported", "an event without a ServiceRequest focus was ignored"))
             continue
         try:
-            sr = _order(app, note, ref)
+            sr = _order(app, ref)
             if sr is None:
                 problems.append(("warning", "not-found", f"{ref} is not a second-opinion order; ignored"))
                 continue
@@ -278,16 +278,15 @@ def _our_ref(focus: str | None) -> str | None:
     return f"{rtype}/{rid}" if rtype == "ServiceRequest" else None
 
 
-def _order(app: App, note: Notification, ref: str) -> dict | None:
-    """The order an event is about, if it is one of ours.
+def _order(app: App, ref: str) -> dict | None:
+    """The order an event is about, if it is one of ours: always read from the EHR.
 
-    full-resource: the entry is used when it is a valid ServiceRequest with the focus's id (Backport IG:
-    the entry is the resource as of the event). It came with our bearer token, so it is as trustworthy as
-    a read; and an entry that is stale by the time we see it does no harm: order_changed never reopens a
-    Case, and before collect, seal and deliver the order is read again (a revoked one cancels the Case).
-    Missing or invalid entries (and id-only payloads) are read from the EHR."""
-    sr = note.resources.get(ref)
-    if sr is None or sr.get("resourceType") != "ServiceRequest" or validate(sr):
-        sr = app.ehr.read_ref(ref)
+    A full-resource payload's entry is never used (Backport IG allows a receiver to ignore it). The
+    notification's bearer token sits in clear in the EHR's Subscription.channel.header, readable by anyone
+    who may read Subscriptions, so a notification proves nothing about the order it carries: a forged one
+    reusing an ordinary order's id with the second-opinion code and a chosen performer would otherwise open
+    a Case that sends a patient's records where the attacker chose. Only the EHR's copy counts, here and
+    again before every outbound step (loop/guards.py)."""
+    sr = app.ehr.read_ref(ref)
     # The topic's filter is the EHR's promise; this is ours: only our order codes open Cases (as in poll()).
     return sr if sr.get("resourceType") == "ServiceRequest" and app.order_codes.matches(sr) else None
