@@ -74,7 +74,9 @@ def served(two_reviewers, idp, seeded):
     keys = "".join(f'[[api.keys]]\nname = "{scope}"\nsha256 = "{hashlib.sha256(k.encode()).hexdigest()}"\n'
                    f'scopes = ["{scope}"]\n' for scope, k in KEYS.items())
     text += (f'\n[api]\ntokens = ["{ADMIN}"]\n{keys}'
-             f'[api.oauth]\nissuer = "{ISSUER}"\naudience = "fhirbridge"\njwks = "{idp[1]}"\n')
+             f'[api.oauth]\nissuer = "{ISSUER}"\naudience = "fhirbridge"\njwks = "{idp[1]}"\n'
+             # The reviewer tokens' audience (AUD): the test client's host, named in the config as it must be.
+             '[service]\npublic_url = "http://localhost"\n')
     h.config_path.write_text(text)
     svc = Service(config.load(h.config_path))
     h.app = svc.apps[0]

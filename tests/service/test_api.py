@@ -34,6 +34,8 @@ def _configure(h, *, pull: bool = False, turnaround_days: float | None = None) -
     if turnaround_days is not None:
         text = text.replace('profiles = ["spine", "default"]',
                             f'profiles = ["spine", "default"]\nturnaround_days = {turnaround_days}', 1)
+    if pull:   # pull reviewers need the audience of their tokens: <public_url>/reviewer
+        text += '\n[service]\npublic_url = "http://localhost"\n'
     h.config_path.write_text(text + f'\n[api]\ntokens = ["{STAFF}"]\n')
 
 

@@ -23,11 +23,14 @@ PORTAL_TOKEN = "portal-login-token-0123456789"
 @pytest.fixture
 def hospital_served(hospital):
     """The hospital's service with spine-center pulling its packages, on a real local port."""
+    served: dict = {}
+    # The port comes first: a pull reviewer's tokens name <public_url>/reviewer, so the config needs the URL.
+    server = LiveServer(lambda environ, start_response: served["app"](environ, start_response))
     text = re.sub(r'type = "outbox"[^\n]*\npath = "[^"]*"\n', 'type = "pull"\n', hospital.config_path.read_text())
-    hospital.config_path.write_text(text)
+    hospital.config_path.write_text(text + f'\n[service]\npublic_url = "{server.url}"\n')
     svc = Service(config.load(hospital.config_path))
     hospital.app = svc.apps[0]
-    server = LiveServer(create_app(svc=svc))
+    served["app"] = create_app(svc=svc)
     yield hospital, svc, server
     server.close()
     svc.stop(wait=True)

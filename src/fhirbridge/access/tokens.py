@@ -100,6 +100,9 @@ def reviewer_from_jwt(token: str, cfg: Config, *, audiences: tuple[str, ...], ke
     if verified.get("sub") != issuer:
         raise Unauthorized("the token's sub must equal its iss (the reviewer's identifier)")
     aud = verified.get("aud")
+    if not audiences:
+        raise Unauthorized("reviewer tokens are not accepted here: the service has no [service] public_url, "
+                           "the audience they must name")
     if not any(a in audiences for a in (aud if isinstance(aud, list) else [aud])):
         raise Unauthorized(f"the token's aud must be {audiences[0]}")
     jti = verified.get("jti")

@@ -309,6 +309,12 @@ def _build(raw: dict, file: Path) -> Config:
     public_url = svc.get("public_url", str, None)
     if public_url and not public_url.startswith(("http://", "https://")):
         raise svc.err("public_url", "must be the http(s) URL at which the EHR reaches this service")
+    pulling = [r.name for r in reviewers.values() if r.transport.type == "pull"]
+    if pulling and not public_url:
+        # The audience a reviewer's API token must name is <public_url>/reviewer. Taken from a request's Host
+        # header instead, a token minted for another service would be accepted here (RFC 7519 §4.1.3).
+        raise svc.err("public_url", f"is required: reviewer {pulling[0]!r} uses transport \"pull\", whose "
+                                    "tokens must name <public_url>/reviewer as their audience")
     svc.finish()
     api = top.sub("api")
     tokens = api.get("tokens", list, [])

@@ -39,16 +39,17 @@ _API = {"tokens": ["t" * 20],
 SAMPLES = [
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"}, "auth": _SMART}, "reviewers": _REVIEWERS,
-     "api": _API, "physician_app": {"client_id": "fhirbridge-physician", "scope": "openid fhirUser",
+     "service": {"public_url": "https://fhirbridge.example"}, "api": _API, "physician_app": {"client_id": "fhirbridge-physician", "scope": "openid fhirUser",
                                      "issuers": [{"url": "https://ehr.example/fhir", "hospital": "H"}]}},
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"}},
-     "reviewers": _REVIEWERS, "api": {"oauth": {"issuer": "https://idp.example", "audience": "fhirbridge",
+     "reviewers": _REVIEWERS, "service": {"public_url": "https://fhirbridge.example"},
+     "api": {"oauth": {"issuer": "https://idp.example", "audience": "fhirbridge",
                                                 "jwks": "idp.jwks.json"}}},
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"},
                   "auth": {"type": "basic", "username": "u", "password": "p"}},
-     "reviewers": _REVIEWERS},
+     "reviewers": _REVIEWERS, "service": {"public_url": "https://fhirbridge.example"}},
 ]
 
 TABLES = {
@@ -135,7 +136,9 @@ MEANINGS = {
     "service.inbox_seconds": "How often the inbox is read for opinions.",
     "service.overdue_seconds": "How often Cases past their turnaround target are flagged.",
     "service.lease_seconds": "How long a claimed step stays one worker's without renewal (unset: 300).",
-    "service.public_url": "The URL at which the EHR reaches this service (subscription notifications).",
+    "service.public_url": "The URL at which the EHR and reviewers reach this service (subscription notifications; "
+                          "<public_url>/reviewer is the audience reviewer tokens must name). Required when a "
+                          "reviewer uses transport `pull`; without it no reviewer token is accepted.",
     "api.tokens": "Staff API bearer tokens, each at least 16 characters (from the environment: "
                   "`FHIRBRIDGE_API__TOKENS=a,b`).",
     "api.keys[].name": "What the key is for (shown in logs, never the key).",

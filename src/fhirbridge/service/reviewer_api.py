@@ -36,9 +36,11 @@ def _reviewer_only():
 
 
 def reviewer_audiences() -> tuple[str, ...]:
-    """The aud a reviewer token must name: <public_url>/reviewer (else this request's own base URL)."""
+    """The aud a reviewer token must name: <public_url>/reviewer. Never derived from the request (its Host
+    header is the caller's to choose); without public_url no token is accepted (the loader requires it
+    wherever a reviewer pulls)."""
     public = service().config.public_url
-    return (f"{public}/reviewer",) if public else (request.host_url.rstrip("/") + "/reviewer",)
+    return (f"{public}/reviewer",) if public else ()
 
 
 def _own_case(case_id: str):
