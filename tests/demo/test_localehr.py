@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from fhirbridge.demo import localehr
 from fhirbridge.demo.localehr import LocalEhr
@@ -160,3 +166,27 @@ def _years_ago(years: int) -> str:
 
     today = date.today()
     return today.replace(year=today.year - years).isoformat()
+
+
+def test_a_detached_demo_ehr_outlives_the_process_that_started_it(tmp_path):
+    """C9: `fhirbridge demo --keep-ehr` said the EHR kept running while an atexit handler had already stopped
+    it. A detached server must still answer after its starter has exited, and stop by its process group."""
+    starter = ("import sys; from pathlib import Path; from fhirbridge.demo.localehr import LocalEhr\n"
+               "ehr = LocalEhr.start(Path(sys.argv[1]), startup_timeout=120)\n"
+               "print(ehr.base_url, ehr.detach(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", starter, str(tmp_path)], capture_output=True, text=True,
+                         timeout=180, check=True).stdout.split()
+    base_url, pgid = out[0], int(out[1])
+    try:
+        assert requests.get(f"{base_url}/metadata", timeout=(5, 10)).status_code == 200   # the starter is gone
+    finally:
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(pgid, signal.SIGKILL)

@@ -142,6 +142,19 @@ class LocalEhr:
                                           f"{_last_log_line(self.log_path)}")
                 time.sleep(0.1)
 
+    def detach(self) -> int:
+        """Leave the server running after this process exits (`fhirbridge demo --keep-ehr`): no stop at exit.
+        Returns its process group id, which is what stops it (`kill -TERM -<pgid>`)."""
+        atexit.unregister(self.stop)
+        if self._proc is None or self._proc.poll() is not None:
+            raise FhirbridgeError("the local demo EHR is not running; nothing to keep")
+        pgid = os.getpgid(self._proc.pid)
+        self._proc = None   # ours no more: a later stop() leaves it alone
+        if self._log_file is not None:
+            self._log_file.close()   # the server writes to its own copy of the descriptor
+            self._log_file = None
+        return pgid
+
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL after 10 s. Safe to call more than once."""
         proc, self._proc = self._proc, None

@@ -84,7 +84,9 @@ def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
         return _loop(directory, ehr, step, seed_patient)
     finally:
         if keep_ehr:
-            print(f"\nThe demo EHR keeps running at {ehr.base_url} (data in {ehr_dir}).")
+            pgid = ehr.detach()
+            print(f"\nThe demo EHR keeps running at {ehr.base_url} (data in {ehr_dir}); "
+                  f"stop it with `kill -TERM -{pgid}`.")
         else:
             ehr.stop()
             shutil.rmtree(ehr_dir, ignore_errors=True)
