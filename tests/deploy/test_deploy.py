@@ -22,6 +22,7 @@ from fhirbridge.config import loader as config
 from fhirbridge.demo.localehr import free_port
 from tests.kit import processes
 
+METRICS_TOKEN = "metrics-token-for-the-deploy-test"
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -135,7 +136,7 @@ def test_compose_runs_fhirbridge_with_postgres_and_an_optional_demo_ehr():
                 assert re.search(r"\$\{[A-Z_]+:\?[^}]+\}", value), (key, value)
     example = dict(line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
-    assert example == {"POSTGRES_PASSWORD": "", "FHIRBRIDGE_API_TOKEN": ""}
+    assert example == {"POSTGRES_PASSWORD": "", "FHIRBRIDGE_API_TOKEN": "", "FHIRBRIDGE_METRICS_TOKEN": ""}
     # The demo EHR's own settings name the address fhirbridge reaches it at.
     settings = yaml.safe_load((DEPLOY / "demo-ehr" / "settings.yaml").read_text())
     assert settings["base_url"] == f"http://demo-ehr:{settings['port']}/fhir"
@@ -250,7 +251,8 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
                 start_new_session=True,   # its own process group: the cleanup below stops master and workers
                 env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env,
                      "FHIRBRIDGE_CONFIG": str(hospital.config_path), "FHIRBRIDGE_BIND": f"127.0.0.1:{port}",
-                     "FHIRBRIDGE_WORKERS": "2", "FHIRBRIDGE_LOG_FORMAT": "json", "FHIRBRIDGE_GRACEFUL_TIMEOUT": "20"})
+                     "FHIRBRIDGE_WORKERS": "2", "FHIRBRIDGE_LOG_FORMAT": "json", "FHIRBRIDGE_GRACEFUL_TIMEOUT": "20",
+                     "FHIRBRIDGE_METRICS__TOKEN": METRICS_TOKEN})
         processes.wait_for_http(f"{base}/healthz", what=f"gunicorn with deploy/gunicorn.conf.py (pid {proc.pid})",
                                 proc=proc, log=err)
         created = requests.post(f"{base}/api/orders", headers={**auth, "X-Request-ID": "demo-order-1"}, timeout=60,
@@ -269,7 +271,8 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
         name = hospital.app.hospital.name
         samples = {}
         for _ in range(4):  # whichever worker answers, the figures are the same
-            samples = parse(requests.get(f"{base}/metrics", timeout=10).text)
+            samples = parse(requests.get(f"{base}/metrics", timeout=10,
+                                         headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text)
             assert total(samples, "fhirbridge_packages_sent_total", hospital=name, reviewer="spine-center") == 1
         assert value(samples, "fhirbridge_cases", hospital=name, step="await_opinion") == 1
         for step in ("collect", "seal", "deliver"):

@@ -8,7 +8,7 @@ import pytest
 
 from fhirbridge.config import loader as config
 from fhirbridge.demo.localehr import free_port
-from fhirbridge.errors import FhirError
+from fhirbridge.errors import ConfigError, FhirError
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.receive import receive_file
 from fhirbridge.ops import metrics
@@ -28,6 +28,8 @@ def scrape(client, **headers) -> dict[tuple[str, tuple], float]:
 
 @pytest.fixture
 def served(hospital):
+    # A scrape network of our own: the tests' client is the only one that reaches it.
+    hospital.config_path.write_text(hospital.config_path.read_text() + "\n[metrics]\nunauthenticated = true\n")
     svc = Service(config.load(hospital.config_path))
     yield hospital, svc, create_app(svc=svc).test_client()
     svc.stop(wait=True)
@@ -204,3 +206,22 @@ def test_retries_are_counted(ehr):
 ])
 def test_resource_type_labels_stay_few(url, label):
     assert metrics.resource_type_of("/fhir", url) == label
+
+
+def test_metrics_need_a_token_unless_opened_on_purpose(hospital):
+    """S10: the figures name the hospitals and reviewers served here; by default nobody reads them without
+    the token (before, /metrics answered anyone who reached the port)."""
+    svc = Service(config.load(hospital.config_path))
+    try:
+        resp = create_app(svc=svc).test_client().get("/metrics")
+        assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+        assert "[metrics] token" in resp.get_data(as_text=True)
+        assert hospital.app.hospital.name not in resp.get_data(as_text=True)
+    finally:
+        svc.stop(wait=True)
+    hospital.config_path.write_text(hospital.config_path.read_text()
+                                    + '\n[metrics]\ntoken = "metrics-token-0123456789"\nunauthenticated = true\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(hospital.config_path)
+    assert err.value.key == "metrics.unauthenticated"
+

@@ -392,7 +392,10 @@ def _metrics(sec: _Section) -> MetricsSettings:
     token = sec.get("token", str, None)
     if token is not None and len(token) < 16:
         raise sec.err("token", "must be at least 16 characters (FHIRBRIDGE_METRICS__TOKEN)")
-    settings = MetricsSettings(enabled=sec.get("enabled", bool, True), token=token)
+    unauthenticated = sec.get("unauthenticated", bool, False)
+    if token and unauthenticated:
+        raise sec.err("unauthenticated", "contradicts token: say either, not both")
+    settings = MetricsSettings(enabled=sec.get("enabled", bool, True), token=token, unauthenticated=unauthenticated)
     sec.finish()
     return settings
 

@@ -145,12 +145,14 @@ class AuditSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """[metrics]: Prometheus metrics at /metrics (metrics.py); a bearer token, when set, guards them."""
+    """[metrics]: Prometheus metrics at /metrics (ops/metrics.py). They name hospitals and reviewers, so a
+    bearer token guards them; `unauthenticated` opens them where only a scrape network reaches the port."""
     enabled: bool = True
     token: str | None = None
+    unauthenticated: bool = False
 
     def __repr__(self) -> str:
-        return f"MetricsSettings(enabled={self.enabled!r})"
+        return f"MetricsSettings(enabled={self.enabled!r}, unauthenticated={self.unauthenticated!r})"
 
 
 @dataclass(frozen=True)

@@ -159,8 +159,11 @@ MEANINGS = {
     "physician_app.issuers[].url": "The EHR's FHIR base URL as it sends it in `iss` (https).",
     "physician_app.issuers[].hospital": "The configured hospital whose orders a launch from it places (unset: "
                                         "the only one).",
-    "metrics.token": "When set, /metrics wants `Authorization: Bearer <token>` (at least 16 characters; from the "
-                     "environment: `FHIRBRIDGE_METRICS__TOKEN`).",
+    "metrics.token": "/metrics wants `Authorization: Bearer <token>` (at least 16 characters; from the "
+                     "environment: `FHIRBRIDGE_METRICS__TOKEN`). Unset, /metrics answers 401 unless "
+                     "`unauthenticated` is true.",
+    "metrics.unauthenticated": "Serve /metrics without a token: only where nothing but your scrape network reaches "
+                               "the port (the figures name hospitals and reviewers).",
 }
 
 # Process settings read from the environment only (no "__": they are not config keys).

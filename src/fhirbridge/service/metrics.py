@@ -1,6 +1,7 @@
 """GET /metrics: the Prometheus text exposition of ops.metrics (this process's figures and the store's).
 
-Off with `[metrics] enabled = false`; with `[metrics] token`, a bearer token is required.
+Off with `[metrics] enabled = false`. A bearer token (`[metrics] token`) is required unless
+`[metrics] unauthenticated = true`: the figures name the hospitals and reviewers served here.
 """
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def metrics_view():
     settings = svc.config.metrics
     if not settings.enabled:
         return Response("metrics are off ([metrics] enabled = false)\n", status=404, mimetype="text/plain")
+    if not settings.token and not settings.unauthenticated:
+        # The figures name the hospitals and reviewers served here: not for anyone who reaches the port.
+        return Response("metrics need a bearer token: set [metrics] token (FHIRBRIDGE_METRICS__TOKEN) and give "
+                        "it to Prometheus (bearer_token), or [metrics] unauthenticated = true where only your "
+                        "scrape network reaches this port\n", status=401, mimetype="text/plain",
+                        headers={"WWW-Authenticate": "Bearer"})
     if settings.token:
         given = request.headers.get("Authorization", "")
         if not (given.lower().startswith("bearer ")
