@@ -29,6 +29,8 @@ def browser():
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-GB")
     pg = context.new_page()
-    pg.set_default_timeout(15000)
+    # Every wait polls until this deadline: long enough for a loaded 2-core machine (CI runs suites side by
+    # side), and a page that never shows what it should still fails.
+    pg.set_default_timeout(60_000)
     yield pg
     context.close()

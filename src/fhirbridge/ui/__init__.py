@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from urllib.parse import unquote, urlsplit
 
 from flask import Blueprint, Flask, abort, request, session
 
@@ -35,16 +36,53 @@ def install(app: Flask, *, secret: bytes) -> None:
         return {"version": VERSION, "csrf_token": csrf_token}
 
     @app.after_request
-    def _no_store(resp):
-        # Pages show patient data: never cache them, never frame them, no third-party anything.
+    def _security_headers(resp):
+        # Every response, not only the pages: without nosniff a browser may guess a type that runs script
+        # (WHATWG Fetch, "X-Content-Type-Options"), and a CSP only guards a document served with one.
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         if resp.mimetype == "text/html":
+            # Pages show patient data: never cache them, never frame them, no third-party anything.
             resp.headers.setdefault("Cache-Control", "no-store")
             resp.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
-            resp.headers.setdefault("Content-Security-Policy",
-                                    "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                    "frame-ancestors 'self'; form-action 'self'; object-src 'self'")
+            resp.headers.setdefault("Content-Security-Policy", PAGE_CSP)
             resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        else:
+            resp.headers.setdefault("Content-Security-Policy", DATA_CSP)
         return resp
+
+
+# The pages: our own scripts, styles and frames only (no inline script: see sanitize.py).
+PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
+            "frame-ancestors 'self'; form-action 'self'; object-src 'self'")
+# Everything else (JSON, assets, attachments): should a browser ever render one as a document, it loads
+# nothing and runs nothing, in a unique origin that cannot read our pages (CSP Level 3 "sandbox", the HTML
+# iframe sandbox flags with none allowed); only our own pages may frame it (the Case page frames a PDF).
+# A policy on a script or stylesheet does not apply to the page that uses it, so our assets still work.
+DATA_CSP = "default-src 'none'; frame-ancestors 'self'; sandbox"
+
+
+def safe_next(value: str | None, default: str, *, within: str = "/") -> str:
+    """Where a sign-in goes back to: `value` if it is a path on this site under `within`, else `default`.
+
+    Only a path-absolute reference (RFC 3986 section 4.2: one "/", then not another) with no scheme and no
+    authority is kept. Browsers read a backslash as "/" and drop tabs and newlines from URLs (WHATWG URL),
+    so "/<backslash>evil" and "/<tab>/evil" mean "//evil", another site: backslashes, whitespace and control
+    characters are refused anywhere, in the value and in its percent-decoded forms ("/%2F%2Fevil", "/%09/evil").
+    """
+    if not value:
+        return default
+    forms, decoded = [value], value
+    while (decoded := unquote(decoded)) != forms[-1]:     # each round is shorter: this ends
+        forms.append(decoded)
+    for v in forms:
+        if not v.startswith("/") or v.startswith("//") or "\\" in v:
+            return default
+        if any(c.isspace() or not c.isprintable() for c in v):
+            return default
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc or not value.startswith(within):
+        return default
+    return value
 
 
 def derive_secret(material: bytes, purpose: str) -> bytes:

@@ -24,7 +24,7 @@ from fhirbridge.crypto import jwe
 from fhirbridge.errors import CaseError, FhirbridgeError
 from fhirbridge.loop.actions import retry as retry_case
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
-from fhirbridge.ui import check_csrf
+from fhirbridge.ui import check_csrf, safe_next
 from fhirbridge.ui.charts import bar_chart
 
 log = logging.getLogger("fhirbridge.dashboard")
@@ -116,8 +116,8 @@ def login():
             session["staff"] = {"name": staff.name, "scopes": sorted(staff.scopes),
                                 "hospitals": sorted(staff.hospitals) if staff.hospitals is not None else None,
                                 "until": time.time() + SESSION_HOURS * 3600}
-            nxt = request.args.get("next", "")
-            return redirect(nxt if nxt.startswith("/dashboard") else url_for("dashboard.overview"))
+            overview = url_for("dashboard.overview")
+            return redirect(safe_next(request.args.get("next"), overview, within=overview))
     return render_template("dashboard/login.html", title="Sign in", error=error, where="Hospital IT dashboard"), \
         401 if error else 200
 

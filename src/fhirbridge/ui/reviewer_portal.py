@@ -17,7 +17,9 @@ import hashlib
 import hmac
 import io
 import logging
+import mimetypes
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,21 +31,36 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
+from fhirbridge.config.loader import https_or_loopback
 from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.crypto import jwe
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.errors import FhirbridgeError, SealError
+from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, answer_data, open_package
-from fhirbridge.ui import check_csrf, derive_secret, install
-from fhirbridge.ui.record_view import attachments_of, build, questions_of
+from fhirbridge.ui import check_csrf, derive_secret, install, safe_next
+from fhirbridge.ui.record_view import Attachment, attachments_of, build, questions_of
 
 log = logging.getLogger("fhirbridge.portal")
 TOKEN_ENV = "FHIRBRIDGE_PORTAL_TOKEN"
 MAX_INLINE_TEXT = 512 * 1024
 PULL_TIMEOUT = (5, 60)
+MiB = 1024 * 1024
+
+# What a hospital's reviewer API sends is written to disk here, so it is checked first (a hospital, or whoever
+# sits on the link to it, must not make the portal write outside its work directory or fill the disk).
+# Ids as the hospital makes them (UUIDs); files as loop/seal.py names them, relative to the package.
+PULLED_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+PACKAGE_FILE = re.compile(re.escape(envelope.ENVELOPE_FILE) + r"|attachments/att-[0-9]{3,6}\.jwe")
+MAX_LISTING_BYTES = 1 * MiB                  # the list of Cases: ids, file names, due dates
+MAX_ERROR_BYTES = 64 * 1024
+# The envelope at the cap open_package reads it with (envelope.read_limited). An attachment file holds one
+# Binary of at most the package plaintext cap (also the hospitals' default fhirbridge.max_attachment_bytes),
+# sealed as base64url (a third more) after DEFLATE (a little more for data that does not compress).
+MAX_PACKAGE_FILE = envelope.max_envelope_bytes(envelope.PACKAGE)
+MAX_ATTACHMENT_FILE = envelope.max_plaintext_bytes(envelope.PACKAGE) * 4 // 3 + MiB
 
 
 @dataclass
@@ -62,6 +79,7 @@ class PortalSettings:
 
 @dataclass
 class PortalCase:
+    key: str                     # the portal's name for it (URLs, answered/): per hospital for pulled ones
     package_id: str
     directory: Path
     source: str                  # "pull" or "delivered"
@@ -73,6 +91,13 @@ class PortalCase:
 class Portal:
     def __init__(self, s: PortalSettings):
         self.s = s
+        for url in s.pull:
+            # Over plain http anyone on the way could read the records and the tokens, and answer in the
+            # hospital's place (the same rule as a reviewer's jwks_url in the hospital's configuration).
+            if not https_or_loopback(url):
+                raise ConfigError(f"{url!r} is not an https:// URL: a hospital's reviewer API sends patient records "
+                                  "and gets your signed tokens (plain http only to 127.0.0.1, localhost or ::1)",
+                                  key="--pull")
         self.key = KeyRing.load(s.key)
         self.trust = TrustStore.load(s.trust)
         self.form = load_opinion_form(s.mappings_dir, s.form)
@@ -99,41 +124,77 @@ class Portal:
         if self.s.packages_dir and self.s.packages_dir.is_dir():
             for d in sorted(self.s.packages_dir.iterdir()):
                 if (d / envelope.ENVELOPE_FILE).is_file() and d.name not in self.cases:
-                    self.cases[d.name] = PortalCase(d.name, d, "delivered")
+                    self.cases[d.name] = PortalCase(d.name, d.name, d, "delivered")
         for api in self.s.pull:
+            api = api.rstrip("/")
             try:
-                self._pull(api.rstrip("/"))
+                problems += self._pull(api)
             except (requests.RequestException, FhirbridgeError, ValueError) as exc:
                 problems.append(f"could not fetch new cases from {api}: {exc}")
         return problems
 
-    def _pull(self, api: str) -> None:
-        r = requests.get(f"{api}/cases", headers=self._auth(api), timeout=PULL_TIMEOUT)
-        if r.status_code != 200:
-            raise FhirbridgeError(f"HTTP {r.status_code}: {_message(r)}")
-        listed = r.json().get("cases", [])
+    def _pull(self, api: str) -> list[str]:
+        """Fetch what `api` lists that is not here yet; returns the Cases refused (neither fetched nor written)."""
+        listing = io.BytesIO()
+        self._fetch(api, "/cases", listing, MAX_LISTING_BYTES)
+        listed = jsonutil.loads(listing.getvalue())
+        listed = listed.get("cases") if isinstance(listed, dict) else None
+        if not isinstance(listed, list):
+            raise PullRefused("the answer is not a list of cases")
+        # One directory per hospital API: two hospitals naming the same package id stay two Cases.
+        root = (self.s.work_dir / "pulled" / hashlib.sha256(api.encode()).hexdigest()[:16]).resolve()
+        problems, live = [], set()
         for c in listed:
-            pid = str(c["package_id"])
-            d = self.s.work_dir / "pulled" / pid
-            for name in c.get("files", []):
-                target = (d / name).resolve()
-                if d.resolve() not in target.parents:
-                    raise FhirbridgeError(f"the hospital named a file outside the package: {name!r}")
-                if target.exists():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                f = requests.get(f"{api}/cases/{c['id']}/package/{name}", headers=self._auth(api),
-                                 timeout=PULL_TIMEOUT)
-                if f.status_code != 200:
-                    raise FhirbridgeError(f"HTTP {f.status_code} for {name}: {_message(f)}")
-                envelope.write_atomic(target, f.content)
-            self.cases[pid] = PortalCase(pid, d, "pull", api=api, case_id=c["id"], due_at=c.get("due_at"))
+            try:
+                pid, case_id, files, due_at = _listed_case(c)
+                directory = _inside(root, pid)
+                targets = [(name, _inside(directory, name)) for name in files]      # all checked first
+                for name, target in targets:
+                    if not target.exists():
+                        limit = MAX_PACKAGE_FILE if name == envelope.ENVELOPE_FILE else MAX_ATTACHMENT_FILE
+                        self._download(api, f"/cases/{case_id}/package/{name}", target, limit)
+            except PullRefused as exc:
+                problems.append(f"refused a case from {api}: {exc}")
+                continue
+            key = f"{root.name}.{pid}"
+            live.add(key)
+            self.cases[key] = PortalCase(key, pid, directory, "pull", api=api, case_id=case_id, due_at=due_at)
         # A Case the hospital no longer lists (withdrawn, declined, answered) cannot be answered any more.
-        live = {str(c["package_id"]) for c in listed}
-        for pid, pc in list(self.cases.items()):
-            if pc.api == api and pid not in live:
+        for key, pc in self.cases.items():
+            if pc.api == api and key not in live:
                 pc.due_at = None
                 pc.source = "closed"
+        return problems
+
+    def _fetch(self, api: str, path: str, sink, limit: int) -> None:
+        """GET `api` + `path` into `sink`, refusing more than `limit` bytes (as sent, and as decoded). No
+        redirects: the hospital's API answers itself, and the token it gets is minted for it alone."""
+        with requests.get(f"{api}{path}", headers=self._auth(api), timeout=PULL_TIMEOUT, stream=True,
+                          allow_redirects=False) as r:
+            if r.status_code != 200:
+                body = r.raw.read(MAX_ERROR_BYTES, decode_content=True)
+                raise FhirbridgeError(f"HTTP {r.status_code} for {path}: {_error_text(body, r.reason)}")
+            if int(r.headers.get("Content-Length") or 0) > limit:
+                raise PullRefused(f"{path} is larger than {limit} bytes")
+            size = 0
+            for chunk in r.iter_content(256 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise PullRefused(f"{path} is larger than {limit} bytes")
+                sink.write(chunk)
+
+    def _download(self, api: str, path: str, target: Path, limit: int) -> None:
+        """A package file, written under a temporary name and renamed when complete (never half a file)."""
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                self._fetch(api, path, f, limit)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # --- opening ------------------------------------------------------------------------------------------
 
@@ -145,7 +206,7 @@ class Portal:
             self._opened[pid] = open_package(pc.directory, self.key, self.trust)
         return self._opened[pid]
 
-    def attachment(self, pid: str, index: int) -> tuple[bytes, str]:
+    def attachment(self, pid: str, index: int) -> tuple[bytes, Attachment]:
         opened = self.opened(pid)
         atts = attachments_of(opened)
         if not 0 <= index < len(atts):
@@ -163,15 +224,15 @@ class Portal:
             data = sink.getvalue()
             if hashlib.sha256(data).hexdigest() != meta["sha256"]:
                 raise SealError(f"attachment {meta['file']} does not match the signed manifest")
-            return data, att.content_type
+            return data, att
         for e in opened.document.get("entry", []):
             r = e.get("resource", {})
             if url.startswith("inline:") and r.get("resourceType") == "DocumentReference" \
                     and url == f"inline:{r.get('id')}":
                 a = next(c["attachment"] for c in r.get("content", []) if c.get("attachment", {}).get("data"))
-                return base64.b64decode(a["data"]), att.content_type
+                return base64.b64decode(a["data"]), att
             if r.get("resourceType") == "Binary" and url == f"Binary/{r.get('id')}":
-                return base64.b64decode(r.get("data", "")), att.content_type
+                return base64.b64decode(r.get("data", "")), att
         abort(404)
 
     def answered(self, pid: str) -> dict | None:
@@ -183,10 +244,88 @@ class Portal:
 
 
 def _message(r: requests.Response) -> str:
+    return _error_text(r.content, r.reason)
+
+
+def _error_text(body: bytes, reason: str | None) -> str:
     try:
-        return str(r.json()["error"]["message"])[:300]
+        return str(jsonutil.loads(body)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError):
-        return r.reason or ""
+        return reason or ""
+
+
+class PullRefused(FhirbridgeError):
+    """What a hospital's reviewer API answered is not written here; the message says what and why."""
+
+
+def _shown(value: object) -> str:
+    return repr(value)[:80]
+
+
+def _listed_case(c: object) -> tuple[str, str, list[str], float | None]:
+    """One Case of a hospital's listing, checked: (package id, case id, file names, due at)."""
+    if not isinstance(c, dict):
+        raise PullRefused(f"a listed case is not a JSON object: {_shown(c)}")
+    pid, case_id, files, due_at = c.get("package_id"), c.get("id"), c.get("files", []), c.get("due_at")
+    for what, value in (("package id", pid), ("case id", case_id)):
+        if not isinstance(value, str) or not PULLED_ID.fullmatch(value):
+            raise PullRefused(f"its {what} {_shown(value)} is not a plain id (letters, digits, '-'; at most 64)")
+    assert isinstance(pid, str) and isinstance(case_id, str)    # checked just above
+    if not isinstance(files, list):
+        raise PullRefused(f"package {pid}: its files are not a list")
+    for name in files:
+        if not isinstance(name, str) or not PACKAGE_FILE.fullmatch(name):
+            raise PullRefused(f"package {pid}: {_shown(name)} is not a file a package has "
+                              f"({envelope.ENVELOPE_FILE}, attachments/att-NNN.jwe)")
+    if due_at is not None and (isinstance(due_at, bool) or not isinstance(due_at, (int, float))):
+        raise PullRefused(f"package {pid}: its due_at {_shown(due_at)} is not a time")
+    return pid, case_id, files, due_at
+
+
+def _inside(root: Path, name: str) -> Path:
+    """`root / name`, resolved, if it stays below `root` (which must be resolved); refused otherwise."""
+    target = (root / name).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise PullRefused(f"{_shown(name)} would be outside the portal's work directory")
+    return target
+
+
+# --- attachments ----------------------------------------------------------------------------------------
+
+# An attachment's content type is whatever the EHR (or whoever wrote the Binary) chose. Rendered on the
+# portal's origin, an SVG or HTML one would run script that reads every decrypted Case and the CSRF token.
+# Only these types are shown in the browser, by viewers that run none of the file's script; every other
+# type (SVG, HTML, XML, JavaScript, unknown) is downloaded as opaque bytes.
+INLINE_TYPES = {"application/pdf": ".pdf", "image/png": ".png", "image/jpeg": ".jpg", "text/plain": ".txt"}
+_BUILTIN_TYPES = mimetypes.MimeTypes()      # Python's own table only: the same names on every machine
+
+
+def attachment_response(data: bytes, att: Attachment) -> Response:
+    """An attachment as the browser gets it: inline if its type is on the allow-list, else a download.
+
+    Either way with nosniff (so the browser keeps the type we name: WHATWG Fetch) and the `sandbox` CSP that
+    ui.install gives every response that is not one of our pages (a unique origin, no script). PDFs keep
+    the sandbox too: Chromium's viewer runs in a frame of its own and still shows a sandboxed PDF (checked
+    by test_the_case_page_still_shows_its_attachments_and_svg_only_downloads); a viewer that refused one
+    would show nothing, which is better than a PDF viewer's script on our origin.
+    """
+    base = att.content_type.split(";")[0].strip().lower()
+    if base in INLINE_TYPES:
+        # Plain text in UTF-8 whatever charset the EHR named: a charset such as UTF-7 could smuggle markup.
+        mimetype = "text/plain; charset=utf-8" if base == "text/plain" else base
+        disposition, ext = "inline", INLINE_TYPES[base]
+    else:
+        mimetype, disposition = "application/octet-stream", "attachment"
+        ext = _BUILTIN_TYPES.guess_extension(base, strict=False) or ".bin"
+    resp = Response(data, content_type=mimetype)
+    # RFC 6266 section 4.3: a quoted ASCII file name; only letters, digits, ".", "_" and "-" are kept, so
+    # the EHR's title can neither end the header, add a parameter nor name a directory.
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", att.title).strip("._-")[:60].removesuffix(ext) or \
+        f"attachment-{att.index + 1}"
+    resp.headers["Content-Disposition"] = f'{disposition}; filename="{stem}{ext}"'
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 # --- the form -------------------------------------------------------------------------------------------
@@ -255,8 +394,7 @@ def create_portal(settings: PortalSettings) -> Flask:
             if hmac.compare_digest(request.form.get("token", "").encode(), token.encode()):
                 session.clear()
                 session["reviewer"] = True
-                nxt = request.args.get("next", "")
-                return redirect(nxt if nxt.startswith("/") and not nxt.startswith("//") else url_for("inbox"))
+                return redirect(safe_next(request.args.get("next"), url_for("inbox")))
             error = "That token is not right. Ask whoever runs this portal for the current one."
         return render_template("reviewer/login.html", title="Sign in", error=error, where="Reviewer portal"), \
             401 if error else 200
@@ -277,13 +415,14 @@ def create_portal(settings: PortalSettings) -> Flask:
                 opened = portal.opened(pid)
                 qs = questions_of(opened.manifest.get("question"))
                 patient = build(opened, attachment_text=lambda _i: None).patient
-                rows.append({"pid": pid, "patient": patient, "question": qs[0] if qs else "",
+                rows.append({"pid": pid, "package": pc.package_id, "patient": patient,
+                             "question": qs[0] if qs else "",
                              "hospital": (opened.claims.get("iss") or {}).get("display", ""),
                              "sent": opened.claims.get("iat"), "due": pc.due_at or opened.claims.get("exp"),
                              "answered": portal.answered(pid), "closed": pc.source == "closed", "error": None})
             except (FhirbridgeError, OSError) as exc:
-                rows.append({"pid": pid, "error": str(exc), "patient": "", "question": "", "hospital": "",
-                             "sent": None, "due": None, "answered": None, "closed": False})
+                rows.append({"pid": pid, "package": pc.package_id, "error": str(exc), "patient": "", "question": "",
+                             "hospital": "", "sent": None, "due": None, "answered": None, "closed": False})
         rows.sort(key=lambda r: (bool(r["answered"]) or r["closed"], r["due"] or 0))
         return render_template("reviewer/inbox.html", title="Inbox", rows=rows, nav=nav("inbox"),
                                where="Reviewer portal", fmt=_fmt)
@@ -293,13 +432,13 @@ def create_portal(settings: PortalSettings) -> Flask:
         opened = portal.opened(pid)
 
         def text_of(i: int) -> str | None:
-            data, ctype = portal.attachment(pid, i)
+            data, _att = portal.attachment(pid, i)
             if len(data) > MAX_INLINE_TEXT:
                 return None
             return data.decode("utf-8", errors="replace")
         view = build(opened, attachment_text=text_of)
         pc = portal.cases[pid]
-        return render_template("reviewer/case.html", title=f"Case {pid[:8]}", v=view, form=portal.form,
+        return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view, form=portal.form,
                                values=values or {}, errors=errors or {}, preview=preview, pc=pc,
                                answered=portal.answered(pid), nav=nav("case"), where="Reviewer portal",
                                fmt=_fmt), status
@@ -310,12 +449,8 @@ def create_portal(settings: PortalSettings) -> Flask:
 
     @app.get("/cases/<pid>/attachments/<int:index>")
     def attachment(pid: str, index: int):
-        data, ctype = portal.attachment(pid, index)
-        resp = Response(data, mimetype=ctype.split(";")[0].strip() or "application/octet-stream")
-        resp.headers["Content-Disposition"] = "inline"
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
+        data, att = portal.attachment(pid, index)
+        return attachment_response(data, att)
 
     @app.post("/cases/<pid>/opinion")
     def opinion(pid: str):
