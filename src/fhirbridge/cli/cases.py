@@ -14,6 +14,7 @@ from fhirbridge.ehr.audit import accounting
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.loop.actions import cancel, retry
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
@@ -63,7 +64,7 @@ def cmd_order(args) -> int:
     with app_from_args(args) as app:
         sr = place_order(app, patient=args.patient, question=args.question, reviewer=args.reviewer,
                          profile=args.profile, requester=args.requester, priority=args.priority)
-    print(f"ServiceRequest/{sr['id']}")
+    print(terminal_safe(f"ServiceRequest/{sr['id']}"))
     return 0
 
 
@@ -74,15 +75,15 @@ def cmd_run(args) -> int:
     check_all(cfg.mappings_dir)
     for problem in config.check_files(cfg):
         print(f"warning: {problem}", file=sys.stderr)
-    apps = ([App(cfg, progress=progress, hospital_name=args.hospital)] if args.hospital
-            else App.per_hospital(cfg, progress=progress))
+    apps = ([App(cfg, progress=_progress, hospital_name=args.hospital)] if args.hospital
+            else App.per_hospital(cfg, progress=_progress))
     errors, opened, steps = [], 0, 0
     try:
         inbox = process_inbox(apps[0], apps=apps)
         for path, reason in inbox.refused:
-            print(f"refused {path.name}: {reason}", file=sys.stderr)
+            print(terminal_safe(f"refused {path.name}: {reason}"), file=sys.stderr)
         for path, reason in inbox.deferred:
-            print(f"kept {path.name} in the inbox for the next run: {reason}", file=sys.stderr)
+            print(terminal_safe(f"kept {path.name} in the inbox for the next run: {reason}"), file=sys.stderr)
         for app in apps:
             if len(apps) > 1:
                 print(f"== {app.hospital.name}", flush=True)
@@ -99,8 +100,13 @@ def cmd_run(args) -> int:
     print(f"done: {opened} case(s) opened, {len(inbox.accepted)} opinion(s) received, "
           f"{steps} step(s) completed, {len(errors)} error(s)")
     for e in errors:
-        print(f"  {e}", file=sys.stderr)
+        print(terminal_safe(f"  {e}"), file=sys.stderr)
     return 1 if errors or inbox.refused or inbox.deferred else 0
+
+
+def _progress(msg: str) -> None:
+    # Progress lines can carry the EHR's words (an error it sent): text, never terminal commands.
+    progress(terminal_safe(msg))
 
 
 def _case_id(app: App, prefix: str | None) -> str | None:
@@ -126,12 +132,13 @@ def cmd_status(args) -> int:
                     ("created", _fmt(case.created_at)), ("updated", _fmt(case.updated_at)),
                     ("attempts", str(case.attempts)), ("next attempt", _fmt(case.next_attempt_at)),
                     ("last error", case.last_error or "-")]
+            # The last error and the events' details can quote the EHR or a reviewer: printed as text only.
             for k, v in rows:
-                print(f"{k:>13}: {v}")
+                print(terminal_safe(f"{k:>13}: {v}"))
             print("       events:")
             for e in events:
                 detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
-                print(f"   {_fmt(e['at'])}  {e['kind']:<18} {detail}")
+                print(terminal_safe(f"   {_fmt(e['at'])}  {e['kind']:<18} {detail}"))
             return 0
         cases = app.store.list_cases()
         if args.json:
@@ -142,8 +149,8 @@ def cmd_status(args) -> int:
             return 0
         print(f"{'case':<8}  {'step':<13}  {'reviewer':<18}  {'updated':<19}  last error")
         for c in cases:
-            print(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
-                  f"{(c.last_error or '')[:80]}")
+            print(terminal_safe(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
+                                f"{(c.last_error or '')[:80]}"))
         return 0
 
 
@@ -154,7 +161,7 @@ def cmd_receive(args) -> int:
             try:
                 received = receive_file(app, Path(f))
             except FhirbridgeError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(terminal_safe(f"error: {exc}"), file=sys.stderr)
                 status = exc.exit_code
                 continue
             print(f"received opinion {received.opinion_id} for case {received.case.id[:8]}")
@@ -163,7 +170,7 @@ def cmd_receive(args) -> int:
             if case.step == "done":
                 print(f"filed as {case.document_reference}")
             else:
-                print(f"not filed yet ({case.last_error}); `fhirbridge run` will retry", file=sys.stderr)
+                print(terminal_safe(f"not filed yet ({case.last_error}); `fhirbridge run` will retry"), file=sys.stderr)
                 status = 1
     return status
 
@@ -183,7 +190,7 @@ def cmd_audit(args) -> int:
     print(f"accounting of disclosures for {patient}")
     for r in rows:
         what = "sent package" if r["kind"] == "disclosure" else "opinion filed"
-        print(f"{_fmt(r['at'])}  {what:<13}  {r['recipient']} ({r['recipient_identifier']})")
+        print(terminal_safe(f"{_fmt(r['at'])}  {what:<13}  {r['recipient']} ({r['recipient_identifier']})"))
         print(f"{'':21}case {r['case'][:8]}  order {r['order']}")
         if r["kind"] == "disclosure":
             d = r["details"]
@@ -193,7 +200,7 @@ def cmd_audit(args) -> int:
         else:
             print(f"{'':21}opinion {r['package']} filed as {r['document_reference'] or '-'}")
         if not r["sent_to_ehr"] and app.config.audit.write_to_ehr:
-            print(f"{'':21}not yet in the EHR: {r['ehr_error'] or 'pending'}")
+            print(terminal_safe(f"{'':21}not yet in the EHR: {r['ehr_error'] or 'pending'}"))
     return 0
 
 

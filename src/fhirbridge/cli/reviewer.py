@@ -12,7 +12,7 @@ from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.config.model import PACKAGE_MAPPINGS
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.exchange.envelope import write_atomic
-from fhirbridge.exchange.render import render_package
+from fhirbridge.exchange.render import render_package, terminal_safe
 from fhirbridge.exchange.reviewer import (
     TRUST_DIR,
     TRUST_FILE,
@@ -126,12 +126,14 @@ def cmd_reviewer_open(args) -> int:
             Path(args.json).write_bytes(data)
             print(f"wrote the document Bundle to {args.json}", file=sys.stderr)
     if not args.json or args.json != "-":
-        print(f"signature: valid, by hospital key {opened.document['signature'].get('who', {}).get('display', '')}"
-              f" (trusted keys: {opened.hospital.source if opened.hospital else '-'})")
+        # The display is the package's own text: shown as text, never as terminal commands.
+        print(terminal_safe(f"signature: valid, by hospital key "
+                            f"{opened.document['signature'].get('who', {}).get('display', '')}"
+                            f" (trusted keys: {opened.hospital.source if opened.hospital else '-'})"))
         print(render_package(opened.claims, opened.document))
     if args.extract:
         for p in extract_attachments(opened, key, Path(args.extract)):
-            print(f"extracted {p}")
+            print(terminal_safe(f"extracted {p}"))
     return 0
 
 
@@ -142,5 +144,6 @@ def cmd_reviewer_answer(args) -> int:
     # Sealed to the one hospital whose key verified the package (opened.hospital), never to the whole trust store.
     sealed, claims = answer(opened, Path(args.opinion), key, mappings_dir=mappings, form=args.form)
     write_atomic(Path(args.out), sealed)
-    print(f"wrote sealed opinion {claims['jti']} to {args.out}; send it to {claims['aud'].get('display')}")
+    print(terminal_safe(f"wrote sealed opinion {claims['jti']} to {args.out}; "
+                        f"send it to {claims['aud'].get('display')}"))
     return 0

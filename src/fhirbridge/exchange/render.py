@@ -1,4 +1,7 @@
-"""Plain-text renderings: the reviewer's summary of a package, and the opinion for EHRs that show only text."""
+"""Plain-text renderings: the reviewer's summary of a package, and the opinion for EHRs that show only text.
+
+Both are made of text from outside (the EHR's records, the reviewer's answer), so both go through
+`terminal_safe`, and so does every other line of outside text the CLI prints."""
 from __future__ import annotations
 
 import re
@@ -6,6 +9,22 @@ import time
 from html import unescape
 
 from fhirbridge.fhir.elements import concept_text, summary_line
+
+# What a terminal acts on rather than shows (ECMA-48): CSI sequences (ESC [ or the 8-bit CSI), control strings
+# (OSC, DCS, SOS, PM, APC up to BEL or ST: window titles, hyperlinks), other escape sequences, and every other
+# C0 control but tab and newline, DEL and C1 control. A record could otherwise clear the reviewer's screen,
+# retitle the window, or move the cursor to write over lines of the summary (a withheld record, a warning).
+_TERMINAL_CONTROLS = re.compile(
+    r"(?:\x1b\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]"
+    r"|(?:\x1b[\]P^_X]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+    r"|\x1b[\x20-\x2f]*[\x30-\x7e]"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` without terminal control characters and escape sequences (newline and tab are kept): for text
+    from the EHR, a package or a reviewer on its way to a terminal or a plain-text note."""
+    return _TERMINAL_CONTROLS.sub("", text)
 
 
 def _entries(document: dict) -> list[dict]:
@@ -69,7 +88,7 @@ def render_package(claims: dict, document: dict) -> str:
         lines.append(f"  - {w['reference']}: {w['reason']}")
     if m.get("policy_note"):
         lines.append(f"  {m['policy_note']}")
-    return "\n".join(lines) + "\n"
+    return terminal_safe("\n".join(lines) + "\n")
 
 
 def report_detail(r: dict, refs: dict) -> list[str]:
@@ -134,4 +153,4 @@ def render_opinion(document: dict, *, with_patient: bool = True) -> str:
         lines.append("-" * len(s.get("title", "")))
         lines.append(_div_text(s.get("text", {}).get("div", "")))
         lines.append("")
-    return "\n".join(lines)
+    return terminal_safe("\n".join(lines))

@@ -11,9 +11,13 @@ the file step can be retried, and are re-verified there before filing.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
 import hashlib
+import itertools
 import os
-import re
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,8 +27,9 @@ import orjson
 
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.ehr.context import App
-from fhirbridge.errors import CaseError, RejectedOpinion, SealError
+from fhirbridge.errors import CaseError, ConfigError, RejectedOpinion, SealError
 from fhirbridge.exchange import envelope
+from fhirbridge.fhir.narrative import narrative_problems
 from fhirbridge.fhir.validate import validate as validate_resource
 from fhirbridge.ops.crashpoints import crash_point
 from fhirbridge.steps import Step
@@ -154,47 +159,24 @@ def check_document(app: App, case: Case, document: dict) -> None:
         if res.get("resourceType") == "Patient" and f"Patient/{res.get('id')}" != case.patient:
             raise RejectedOpinion(f"the opinion carries another patient's record than Case {case.id[:8]}; "
                                   "nothing written")
-    unsafe = [p for div in _narratives(document) for p in narrative_problems(div)]
+    # Every narrative of the document, not only the sections: the whole Bundle is filed in the chart (as a
+    # Binary), where a viewer may render any of them. The R4 allow-list and why: fhir/narrative.py.
+    unsafe = list(dict.fromkeys(p for div in _narratives(document) for p in narrative_problems(div)))
     if unsafe:
         raise RejectedOpinion("the opinion's narrative is not safe XHTML (FHIR R4 narrative rules txt-1/txt-2): "
-                              + "; ".join(sorted(set(unsafe))[:5]) + "; nothing written")
+                              + "; ".join(unsafe[:5]) + "; nothing written")
 
 
-def _narratives(document: dict):
-    for entry in document.get("entry", []):
-        res = entry.get("resource", {})
-        if isinstance(res.get("text"), dict):
-            yield res["text"].get("div", "")
-        for section in res.get("section", []) if res.get("resourceType") == "Composition" else []:
-            yield from _section_narratives(section)
-
-
-def _section_narratives(section: dict):
-    if isinstance(section.get("text"), dict):
-        yield section["text"].get("div", "")
-    for sub in section.get("section", []):
-        yield from _section_narratives(sub)
-
-
-# FHIR R4 narrative.html: the XHTML may contain only basic HTML formatting - no script, no forms, no
-# frames or embedded objects, no event attributes (txt-1), and must be a <div> with non-empty content (txt-2).
-_BAD_ELEMENT = re.compile(r"<\s*(script|style|iframe|frame|frameset|object|embed|applet|form|input|button|"
-                          r"textarea|select|base|link|meta)\b", re.I)
-_BAD_ATTR = re.compile(r"\son[a-z]+\s*=", re.I)
-_BAD_URL = re.compile(r"(href|src)\s*=\s*[\"']?\s*(javascript|vbscript|data):", re.I)
-
-
-def narrative_problems(div: str) -> list[str]:
-    problems = []
-    if not re.match(r"\s*<div\b", div or ""):
-        problems.append("narrative is not a <div>")
-    if m := _BAD_ELEMENT.search(div or ""):
-        problems.append(f"<{m.group(1).lower()}> is not allowed")
-    if _BAD_ATTR.search(div or ""):
-        problems.append("event attributes (on...=) are not allowed")
-    if _BAD_URL.search(div or ""):
-        problems.append("script or data URLs are not allowed")
-    return problems
+def _narratives(node):
+    """Every Narrative.div in the document: resources' and sections' text, contained resources' too."""
+    if isinstance(node, dict):
+        if isinstance(node.get("text"), dict) and "div" in node["text"]:
+            yield node["text"]["div"]
+        for value in node.values():
+            yield from _narratives(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _narratives(value)
 
 
 def same_ref(ref: str, local: str, app: App) -> bool:
@@ -239,64 +221,170 @@ def process_inbox(app: App, *, apps: list[App] | None = None) -> InboxResult:
     """Receive every *.jwe in the inbox. Accepted files move to inbox/accepted/, refused ones to
     inbox/refused/ with a .reason.txt beside them. A file that fails for a reason of ours (a reviewer's key
     file missing, a full disk) stays in the inbox for the next run. Nothing is deleted, nothing is lost,
-    and one bad file never stops the rest of the run."""
+    and one bad file never stops the rest of the run.
+
+    Whoever can drop files in the inbox must not make us write anywhere else: the inbox and its folders
+    are held open (never a symlink), the folders are ours and 0700, every move and write goes through
+    those descriptors and never through a symlink, and only regular files are read."""
     result = InboxResult()
-    inbox = app.config.inbox
-    if not inbox.is_dir():
+    folders = _open_inbox(app.config.inbox)
+    if folders is None:
         return result
-    processing = inbox / "processing"
-    processing.mkdir(exist_ok=True)
-    for found in sorted(inbox.glob("*.jwe")):
-        # Claim the file by renaming it: of several workers ticking at once, exactly one gets each file.
-        path = processing / f"{found.name}.{worker_tag()}"
-        try:
-            os.rename(found, path)
-        except FileNotFoundError:
-            continue
-        os.utime(path)  # the claim's age, not the file's: a copy that kept an old mtime is not "stale" at once
-        try:
-            data = envelope.read_limited(path, envelope.OPINION)
-            target = app_for(apps or [app], data)
-            result.accepted.append(receive_bytes(target, data, source=found.name))
-            crash_point("receive.accepted")
-            _move(path, inbox / "accepted", found.name)
-        except (RejectedOpinion, SealError, CaseError) as exc:
-            result.refused.append((found, str(exc)))
-            dest = _move(path, inbox / "refused", found.name)
-            dest.with_name(dest.name + ".reason.txt").write_text(str(exc) + "\n", encoding="utf-8")
-        except Exception as exc:  # noqa: BLE001 - kept for the next run, reported now
-            result.deferred.append((found, f"{exc.__class__.__name__}: {exc}"))
-            _move(path, inbox, found.name)
-    # A worker killed mid-file leaves it in processing/: put such files back for the next pass, at once
-    # when the process that claimed it was on this host and is gone, else after ten minutes (another host's).
-    for stale in processing.glob("*.jwe.*"):
-        try:
-            if _abandoned(stale):
-                _move(stale, inbox, stale.name.rsplit(".", 1)[0])
-        except FileNotFoundError:
-            continue  # another worker put it back first
+    inbox = app.config.inbox
+    try:
+        top, processing = folders["inbox"], folders["processing"]
+        for found in sorted(n for n in os.listdir(top) if n.endswith(".jwe")):
+            # Claim the file by renaming it: of several workers ticking at once, exactly one gets each file.
+            claimed = f"{found}.{worker_tag()}"
+            try:
+                os.rename(found, claimed, src_dir_fd=top, dst_dir_fd=processing)
+            except FileNotFoundError:
+                continue
+            # The claim's age, not the file's: a copy that kept an old mtime is not "stale" at once. A file of
+            # another user's that we may not touch keeps its own; it must not stop the whole inbox.
+            with contextlib.suppress(OSError):
+                os.utime(claimed, dir_fd=processing, follow_symlinks=False)
+            try:
+                data = _read_claimed(processing, claimed, found)
+                target = app_for(apps or [app], data)
+                result.accepted.append(receive_bytes(target, data, source=found))
+                crash_point("receive.accepted")
+                _move(processing, claimed, folders["accepted"], found)
+            except (RejectedOpinion, SealError, CaseError) as exc:
+                result.refused.append((inbox / found, str(exc)))
+                _write_reason(folders["refused"], _move(processing, claimed, folders["refused"], found), str(exc))
+            except Exception as exc:  # noqa: BLE001 - kept for the next run, reported now
+                result.deferred.append((inbox / found, f"{exc.__class__.__name__}: {exc}"))
+                _move(processing, claimed, top, found)
+        # A worker killed mid-file leaves it in processing/: put such files back for the next pass, at once
+        # when the process that claimed it was on this host and is gone, else after ten minutes (another host's).
+        for stale in fnmatch.filter(os.listdir(processing), "*.jwe.*"):
+            try:
+                if _abandoned(processing, stale):
+                    _move(processing, stale, top, stale.rsplit(".", 1)[0])
+            except FileNotFoundError:
+                continue  # another worker put it back first
+    finally:
+        for fd in folders.values():
+            os.close(fd)
     return result
 
 
-def _abandoned(path: Path) -> bool:
-    host, _, rest = path.name.rsplit(".", 1)[1].partition("-")
+_FOLDERS = ("processing", "accepted", "refused")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_inbox(inbox: Path) -> dict[str, int] | None:
+    """The inbox and its folders as open descriptors ("inbox", "processing", ...), or None when there is
+    no inbox. A symlink in their place is refused: it would send the opinions, and the reason files we
+    write, wherever its maker chose."""
+    try:
+        top = os.open(inbox, _DIR_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        if inbox.is_symlink():  # Linux says ENOTDIR for a link to a directory opened with O_NOFOLLOW
+            raise ConfigError(f"{inbox} is a symbolic link; set it to the real directory (a link in the inbox's "
+                              "place could be re-pointed by others)", key="fhirbridge.inbox") from None
+        return None
+    fds = {"inbox": top}
+    try:
+        for name in _FOLDERS:
+            fds[name] = _private_folder(top, inbox / name)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _private_folder(top: int, path: Path) -> int:
+    """One inbox folder, opened: made 0700 whatever the umask, and refused unless it is a real directory of
+    ours (anyone who can write in the inbox could have made it, or a link in its place, before we did)."""
+    try:
+        os.mkdir(path.name, 0o700, dir_fd=top)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path.name, _DIR_FLAGS, dir_fd=top)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        what = "a symbolic link" if stat.S_ISLNK(os.stat(path.name, dir_fd=top, follow_symlinks=False).st_mode) \
+            else "not a directory"
+        raise ConfigError(f"{path} is {what}; remove it and fhirbridge makes the folder itself",
+                          key="fhirbridge.inbox") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ConfigError(f"{path} belongs to another user (uid {st.st_uid}); remove it and fhirbridge makes "
+                          "the folder itself", key="fhirbridge.inbox")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.fchmod(fd, 0o700)  # mkdir's mode is masked by the umask; a folder of an older version was 0755
+    return fd
+
+
+def _read_claimed(folder: int, name: str, shown: str) -> bytes:
+    """The claimed file's bytes, if it is a regular file within the opinion cap: a dropped symlink is not
+    followed (it would read any file we can) and a FIFO or device is not opened for reading (it would hang)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise SealError(f"{shown}: refused: not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SealError(f"{shown}: refused: not a regular file")
+        limit = envelope.max_envelope_bytes(envelope.OPINION)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise SealError(f"{shown}: refused: larger than the {limit} byte limit for an opinion")
+    return data
+
+
+def _abandoned(folder: int, name: str) -> bool:
+    host, _, rest = name.rsplit(".", 1)[1].partition("-")
     pid = rest.partition("-")[0]
     if host == _HOST_TAG and pid.isdigit() and not pid_alive(int(pid)):
         return True
-    return time.time() - path.stat().st_mtime > 600
+    return time.time() - os.stat(name, dir_fd=folder, follow_symlinks=False).st_mtime > 600
 
 
-def _move(path: Path, folder: Path, name: str | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = name or path.name
-    dest = folder / name
-    stem, dot, suffix = name.partition(".")
-    n = 1
-    while dest.exists():
-        dest = folder / f"{stem}.{n}{dot}{suffix}"
+def _taken(folder: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)  # lstat: a dangling or planted link is taken too
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _move(src: int, name: str, folder: int, wanted: str) -> str:
+    """Move `name` into `folder` as `wanted`, or as `stem.N.suffix` when that is taken; returns the name used.
+    A rename replaces a link at the destination rather than writing through it, and none is replaced here."""
+    stem, dot, suffix = wanted.partition(".")
+    dest, n = wanted, 1
+    while _taken(folder, dest):
+        dest = f"{stem}.{n}{dot}{suffix}"
         n += 1
-    os.replace(path, dest)
+    os.rename(name, dest, src_dir_fd=src, dst_dir_fd=folder)
     return dest
+
+
+def _write_reason(folder: int, name: str, reason: str) -> None:
+    """`<name>.reason.txt` (or `<name>.reason-N.txt` if that exists), created new, 0600, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for n in itertools.count():
+        try:
+            fd = os.open(f"{name}.reason.txt" if n == 0 else f"{name}.reason-{n}.txt", flags, 0o600, dir_fd=folder)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(reason + "\n")
+        return
 
 
 # This host (and pid namespace), as a name-safe tag: a claimed inbox file names the host and pid that claimed it.

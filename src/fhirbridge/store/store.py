@@ -54,8 +54,14 @@ class Case:
     overdue_at: float | None = None
 
 
+def _plain(row) -> dict[str, Any]:
+    """A row as a dict with plain str keys: SQLAlchemy's keys are `quoted_name` (a str subclass), which
+    orjson refuses as dict keys (`fhirbridge status CASE --json` crashed on them)."""
+    return {str(k): v for k, v in row._mapping.items()}
+
+
 def _case(row) -> Case:
-    values = dict(row._mapping)
+    values = _plain(row)
     values["data"] = values.get("data") or {}
     return Case(**values)
 
@@ -187,7 +193,7 @@ class Store:
     def events(self, case_id: str) -> list[dict]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(events).where(events.c.case_id == case_id).order_by(events.c.id)).all()
-        return [dict(r._mapping) for r in rows]
+        return [_plain(r) for r in rows]
 
     # --- work claiming -----------------------------------------------------------------------------
 
@@ -402,7 +408,7 @@ class Store:
         if unsent:
             q = q.where(audit_events.c.sent_to_ehr.is_(False))
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+            return [_plain(r) for r in conn.execute(q)]
 
     def mark_audit(self, audit_id: str, *, sent: bool, error: str | None = None) -> None:
         with self.engine.begin() as conn:

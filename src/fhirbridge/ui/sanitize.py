@@ -1,8 +1,9 @@
 """Reviewer-written narrative (FHIR XHTML) made safe to put in our pages.
 
-loop/receive.py already refuses narrative with scripts, forms, frames or event attributes (R4 txt-1/txt-2), and
-the pages' Content-Security-Policy forbids inline script; this is the third line: only plain text-structure
-elements are kept, every attribute is dropped, everything else is escaped text.
+loop/receive.py already refuses narrative outside the R4 allow-list (fhir/narrative.py, txt-1/txt-2), and the
+pages' Content-Security-Policy forbids inline script; this is the third line, for whatever reaches a page: only
+elements of that same allow-list that structure text are kept, every attribute is dropped, everything else is
+escaped text.
 """
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from html.parser import HTMLParser
 
 from markupsafe import Markup
 
-KEEP = {"p", "br", "b", "strong", "i", "em", "u", "ul", "ol", "li", "table", "thead", "tbody", "tr", "th", "td",
-        "caption", "span", "div", "sub", "sup", "code", "pre", "blockquote", "h3", "h4", "h5", "h6", "dl", "dt", "dd"}
-VOID = {"br"}
+from fhirbridge.fhir import narrative
+
+# Not links, images or image maps (without their attributes they would be empty, and a page of ours never
+# follows or loads what an opinion points at), nor h1/h2 (the page's own headings).
+KEEP = narrative.ELEMENTS - {"a", "img", "map", "area", "h1", "h2"}
+VOID = narrative.VOID & KEEP
 DROP_CONTENT = {"script", "style", "iframe", "object", "embed", "template", "title", "head"}
 
 
