@@ -2,29 +2,15 @@
 anything is written, without echoing credentials."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from fhirbridge.cli import main as cli
 from fhirbridge.config import loader as config
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _site(tmp_path, capsys, *extra) -> Path:
-    code, _, err = run(capsys, "init", tmp_path / "site", *extra)
-    assert code == 0, err
-    return tmp_path / "site" / "fhirbridge.toml"
+from tests.kit.cli import init_site, run
 
 
 @pytest.mark.parametrize("name", ['St "X" Hospital', "Back\\slash Clinic", "Hôpital Sainte-Anne"])
 def test_init_quotes_the_hospital_name(tmp_path, capsys, name):
-    path = _site(tmp_path, capsys, "--hospital-name", name)
+    path = init_site(tmp_path, capsys, "--hospital-name", name)
     assert config.load(path, environ={}).hospital.name == name
 
 

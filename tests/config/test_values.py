@@ -2,39 +2,25 @@
 each reviewer key problem (missing, private, no encryption key) naming the file and the key."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from fhirbridge.cli import main as cli
 from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import generate_jwks, public_jwks, write_private_jwks, write_public_jwks
 from fhirbridge.errors import ConfigError
 from fhirbridge.exchange.reviewer import write_reviewer_keys
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _site(tmp_path, capsys, *extra) -> Path:
-    code, _, err = run(capsys, "init", tmp_path / "site", *extra)
-    assert code == 0, err
-    return tmp_path / "site" / "fhirbridge.toml"
+from tests.kit.cli import init_site
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
 def test_non_finite_floats_from_the_environment_are_refused(tmp_path, capsys, value):
-    path = _site(tmp_path, capsys)
+    path = init_site(tmp_path, capsys)
     with pytest.raises(ConfigError) as info:
         config.load(path, environ={"FHIRBRIDGE_HOSPITAL__HTTP__TIMEOUT_READ": value})
     assert info.value.key == "hospital.http.timeout_read" and "finite" in str(info.value)
 
 
 def test_non_finite_floats_in_the_file_are_refused(tmp_path, capsys):
-    path = _site(tmp_path, capsys)
+    path = init_site(tmp_path, capsys)
     path.write_text(path.read_text().replace("max_retry_after = 30.0", "max_retry_after = inf"))
     with pytest.raises(ConfigError) as info:
         config.load(path, environ={})

@@ -8,4 +8,5 @@
 - faultproxy: a fault-injecting HTTP proxy in front of the EHR
 - packages: hand-made hospital key pairs and sealed packages, for reviewer-side tests without an EHR
 - metrics: reading /metrics (the Prometheus text format)
+- cli: running the `fhirbridge` command in-process; `init` into a temporary site
 """
