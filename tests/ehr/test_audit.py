@@ -2,17 +2,30 @@
 configured), listed by `fhirbridge audit --patient`; never the patient's name or clinical text."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import time
 
 import pytest
+from sqlalchemy import update
 
 from fhirbridge import jsonutil
 from fhirbridge.cli import main as cli
+from fhirbridge.config import loader as config
+from fhirbridge.config.model import Transport
 from fhirbridge.ehr import audit
 from fhirbridge.errors import FhirError
 from fhirbridge.fhir.validate import validate
 from fhirbridge.loop.receive import receive_file
-from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN
+from fhirbridge.ops import doctor, metrics
+from fhirbridge.service.app import create_app
+from fhirbridge.service.scheduler import Service
+from fhirbridge.store.tables import audit_events
+from tests.kit import balp
+from tests.kit import metrics as prom
+from tests.kit.cli import run as run_cli
+from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN, TestHospital
 
 pytestmark = pytest.mark.sekmet
 
@@ -100,9 +113,15 @@ def test_filing_records_the_write_back_and_the_command_lists_both(hospital, seed
     assert "no disclosures recorded for Patient/nobody" in capsys.readouterr().out
 
 
+def _elapse_backoff(h) -> None:
+    """As if every owed AuditEvent's retry time had come (the backoff is real time: 30 s and more)."""
+    with h.app.store.engine.begin() as conn:
+        conn.execute(update(audit_events).where(audit_events.c.sent_to_ehr.is_(False))
+                     .values(ehr_retry_at=time.time() - 1))
+
+
 @pytest.fixture
 def auditing_hospital(tmp_path, ehr):
-    from tests.kit.hospital import TestHospital
     h = TestHospital(tmp_path, ehr.base_url, env={"FHIRBRIDGE_AUDIT__WRITE_TO_EHR": "true"})
     yield h
     h.close()
@@ -140,7 +159,134 @@ def test_an_ehr_that_refuses_the_audit_event_does_not_fail_the_case(auditing_hos
         fhir.read("AuditEvent", row["id"])
 
     monkeypatch.setattr(type(h.app.ehr), "update", real_update)
-    h.run(intake=False)                                       # the next run sends what is pending
+    _elapse_backoff(h)
+    h.run(intake=False)                                       # the next run once it is due sends what is pending
     [row] = h.app.store.list_audit(case_id=case.id)
     assert row["sent_to_ehr"] is True and row["ehr_error"] is None
     assert validate(fhir.read("AuditEvent", row["id"])) == []
+
+
+# --- C2: the profiles the AuditEvents declare (BALP), and the copies the EHR refuses ----------------------
+
+def test_every_audit_event_meets_the_balp_profile_it_declares(auditing_hospital, seeded, fhir):
+    """Each AuditEvent emitted (disclosure and filed), as stored and as the EHR holds it, meets every
+    constraint of its declared BALP profile that tests/kit/balp.py encodes (agent network 1..1,
+    val-audit-source, the SNOMED custodian, the slices) and is valid R4B."""
+    h = auditing_hospital
+    case = h.delivered_case(seeded["patient"])
+    receive_file(h.app, h.answer(case))
+    h.run(intake=False)
+    assert h.app.store.get(case.id).step == "done"
+    rows = h.app.store.list_audit(case_id=case.id)
+    assert [r["kind"] for r in rows] == ["disclosure", "filed"] and all(r["sent_to_ehr"] for r in rows)
+    for row in rows:
+        for ev in (row["resource"], fhir.read("AuditEvent", row["id"])):
+            assert balp.problems(ev) == [], (row["kind"], balp.problems(ev))
+            assert validate(ev) == []
+    disclosure, filed = (r["resource"] for r in rows)
+    # The custodian is BALP's SNOMED CT agent, not v3-ParticipationType#CST.
+    [custodian] = [a for a in disclosure["agent"] if a["type"]["coding"][0]["system"] == "http://snomed.info/sct"]
+    assert custodian["type"]["coding"] == [{"system": "http://snomed.info/sct", "code": "159541003",
+                                            "display": "Record keeping/library clerk"}]
+    assert custodian["who"] == h.app.hospital.organization_ref()
+    assert "v3-ParticipationType" not in jsonutil.dumps(rows[0]["resource"]).decode()
+    # The hospital records both: it is the audit source, by the very Reference its agent carries.
+    assert disclosure["source"]["observer"] == _codes(disclosure, "110153")[0]["who"]
+    assert filed["source"]["observer"] == _codes(filed, "110152")[0]["who"]
+    # The reviewer of the test hospital is reached through its outbox folder.
+    outbox = h.app.config.reviewer(case.reviewer).transport.path
+    assert _codes(disclosure, "110152")[0]["network"] == {"address": outbox.absolute().as_uri(), "type": "5"}
+
+
+def test_the_reviewer_network_address_follows_its_transport_without_credentials(hospital):
+    app = hospital.app
+    reviewer = app.config.reviewer("spine-center")
+    https = dataclasses.replace(reviewer, transport=Transport("https", url="https://bob:pw@rev.example:8443/in/?t=1"))
+    assert audit.reviewer_network(app, https) == {"address": "https://rev.example:8443/in", "type": "5"}
+    pull = dataclasses.replace(reviewer, transport=Transport("pull"))
+    served = dataclasses.replace(app.config, public_url="https://bridge.example")
+    app.config = served
+    assert audit.reviewer_network(app, pull) == {"address": "https://bridge.example/reviewer", "type": "5"}
+    assert audit.our_network(app) == {"address": "https://bridge.example", "type": "5"}
+
+
+ADMIN = "audit-dashboard-admin-0123456789"
+REFUSAL = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing",'
+           b'"diagnostics":"AuditEvent does not meet the profile required here"}]}')
+
+
+def _status_out(capsys, h) -> str:
+    code, out, err = run_cli(capsys, "--config", h.config_path, "status")
+    assert code == 0, err
+    return out
+
+
+def test_an_audit_event_the_ehr_refuses_is_counted_shown_retried_with_backoff_and_delivered(
+        tmp_path, proxy, seeded, fhir, capsys, monkeypatch):
+    monkeypatch.setenv("FHIRBRIDGE_AUDIT__WRITE_TO_EHR", "true")     # the commands below read it too
+    h = TestHospital(tmp_path, proxy.base_url, env={"FHIRBRIDGE_AUDIT__WRITE_TO_EHR": "true"})
+    try:
+        name = h.app.hospital.name
+        failures = metrics.AUDIT_WRITE_FAILURES.labels(name, "422")
+        before = failures._value.get()
+        refuse = proxy.add(method="PUT", path=r"/AuditEvent/", status=422, body=REFUSAL)
+        case = h.delivered_case(seeded["patient"])              # the Case goes on regardless
+        assert h.app.store.get(case.id).last_error is None
+        [row] = h.app.store.audit_owed(hospital=h.app.hospital.key)["rows"]
+        assert (row["ehr_attempts"], row["case_id"]) == (1, case.id)
+        assert "422" in row["ehr_error"] and "does not meet the profile" in row["ehr_error"]
+        assert row["ehr_retry_at"] >= row["ehr_tried_at"] + audit.RETRY_FIRST - 1
+        assert failures._value.get() == before + 1                # counted ...
+        scraped = prom.parse(metrics.render(h.app.store, {h.app.hospital.key: name}, audit_to_ehr=True).decode())
+        assert prom.value(scraped, "fhirbridge_audit_events_owed", hospital=name) == 1
+        assert prom.value(scraped, "fhirbridge_audit_ehr_write_failures_total", hospital=name, status="422") >= 1
+        out = _status_out(capsys, h)                              # ... and shown
+        assert "1 AuditEvent(s) not yet in the EHR" in out and "does not meet the profile" in out
+        code, out, _ = run_cli(capsys, "--config", h.config_path, "status", case.id[:8])
+        assert "audit in EHR: 0 of 1 written; owed: EHR answered 422" in out
+        [check] = [c for c in doctor.run(h.app.config, h.app.hospital).checks if c.name == "audit: EHR copy"]
+        assert check.status == "warn" and "1 AuditEvent(s)" in check.detail and "422" in check.detail
+        h.config_path.write_text(h.config_path.read_text() + f'\n[api]\ntokens = ["{ADMIN}"]\n')
+        svc = Service(config.load(h.config_path, environ=h.env))
+        try:
+            page = _dashboard(svc)
+            assert "Audit trail in the EHR" in page and "1 owed" in page and "does not meet the profile" in page
+        finally:
+            svc.stop(wait=True)
+
+        # Backoff: the next run before the retry time writes nothing; once due it tries again (refused again:
+        # the wait doubles), and the Case never sees it.
+        puts = proxy.count("PUT", r"/AuditEvent/")
+        h.run(intake=False)
+        assert proxy.count("PUT", r"/AuditEvent/") == puts
+        _elapse_backoff(h)
+        h.run(intake=False)
+        assert proxy.count("PUT", r"/AuditEvent/") == puts + 1
+        [row] = h.app.store.audit_owed(hospital=h.app.hospital.key)["rows"]
+        assert row["ehr_attempts"] == 2 and row["ehr_retry_at"] >= row["ehr_tried_at"] + 2 * audit.RETRY_FIRST - 1
+        assert failures._value.get() == before + 2
+        assert h.app.store.get(case.id).step == "await_opinion" and h.app.store.get(case.id).last_error is None
+
+        # The EHR accepts again: `fhirbridge run --now` delivers it; nothing owed is left anywhere.
+        refuse.times = refuse.hits
+        code, _, err = run_cli(capsys, "--config", h.config_path, "run", "--now", "--no-intake")
+        assert code == 0, err
+        [done] = h.app.store.list_audit(case_id=case.id)
+        assert done["sent_to_ehr"] is True and done["ehr_error"] is None
+        assert balp.problems(fhir.read("AuditEvent", done["id"])) == []
+        assert "not yet in the EHR" not in _status_out(capsys, h)
+        scraped = prom.parse(metrics.render(h.app.store, {h.app.hospital.key: name}, audit_to_ehr=True).decode())
+        assert prom.value(scraped, "fhirbridge_audit_events_owed", hospital=name) == 0
+        [check] = [c for c in doctor.run(h.app.config, h.app.hospital).checks if c.name == "audit: EHR copy"]
+        assert check.status == "pass"
+    finally:
+        h.close()
+
+
+def _dashboard(svc) -> str:
+    client = create_app(svc=svc).test_client()
+    login = client.get("/dashboard/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', login).group(1)
+    r = client.post("/dashboard/login", data={"csrf_token": csrf, "token": ADMIN})
+    assert r.status_code == 302, r.get_data(as_text=True)
+    return client.get("/dashboard/").get_data(as_text=True)

@@ -1,7 +1,7 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of the real EHR, for the tests.
 
 Rules match requests by method and a path regex and then, for the next `times` matching requests (each
-with probability `chance`, drawn from the proxy's seeded generator), answer with a status (and headers),
+with probability `chance`, drawn from the proxy's seeded generator), answer with a status (headers, body),
 delay before forwarding, drop the connection without answering, forward and then drop the answer (the
 server did the work; the client never hears: a lost response), forward and send only part of the body
 (`truncate`: the Content-Length promises more, then the connection is reset), forward and answer late
@@ -44,6 +44,7 @@ class Rule:
     _burst_left: int = 0
     status: int = 503
     headers: dict = field(default_factory=dict)
+    body: bytes | None = None          # status: the answer's body (default: a transient OperationOutcome)
     delay: float = 0.0
     times: int = 1_000_000
     hits: int = 0
@@ -120,8 +121,9 @@ class FaultProxy:
         rule = self._rule_for(h.command, h.path)
         if rule and rule.action == "status":
             self.log.append((h.command, h.path, rule.status))
-            payload = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient",'
-                       b'"diagnostics":"injected fault"}]}')
+            payload = rule.body if rule.body is not None else (
+                b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient",'
+                b'"diagnostics":"injected fault"}]}')
             h.send_response(rule.status)
             for k, v in {"Content-Type": "application/fhir+json", **rule.headers}.items():
                 h.send_header(k, v)

@@ -66,7 +66,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0003"
+    assert migrations.head() == "0004"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -145,6 +145,34 @@ def test_the_audit_revision_upgrades_a_0001_database_keeping_its_data_and_downgr
             conn.commit()
         assert "audit_events" not in inspect(store.engine).get_table_names()
         assert store.schema_revision() == "0001" and store.get("c1").step == "collect"
+    finally:
+        store.close()
+
+
+def test_the_audit_retry_revision_keeps_what_is_owed_and_downgrades(url):
+    """0004 adds what a refused AuditEvent copy needs to be retried with backoff (attempts, last try, next
+    try) to a 0003 database, keeping its rows; a row owed before the upgrade is due at once."""
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0003") == (None, "0003")
+        store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
+                        recipient="s|v", resource={"resourceType": "AuditEvent"})
+        assert store.upgrade() == ("0003", "0004")
+        assert differences(store.engine) == []
+        [due] = store.audit_due(hospital="h", now=time.time())
+        assert (due["id"], due["ehr_attempts"], due["ehr_retry_at"]) == ("a1", 0, None)
+        assert store.audit_refused("a1", error="EHR answered 422", now=100.0, backoff=lambda n: 30.0 * n) == 1
+        assert store.audit_refused("a1", error="EHR answered 422", now=200.0, backoff=lambda n: 30.0 * n) == 2
+        owed = store.audit_owed(hospital="h")
+        assert (owed["count"], owed["last_error"], owed["last_tried_at"], owed["next_attempt_at"]) == (
+            1, "EHR answered 422", 200.0, 260.0)
+        assert store.audit_due(hospital="h", now=259.0) == [] and len(store.audit_due(hospital="h", now=260.0)) == 1
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0003")
+            conn.commit()
+        assert "ehr_attempts" not in {c["name"] for c in inspect(store.engine).get_columns("audit_events")}
+        assert [r["id"] for r in store.list_audit(unsent=True)] == ["a1"]
     finally:
         store.close()
 
@@ -302,8 +330,9 @@ def test_the_claim_index_revision_upgrades_and_downgrades(url):
         store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
                         reviewer="r", profile="default")
         assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
-        assert store.upgrade() == ("0002", "0003")
+        assert store.upgrade("0003") == ("0002", "0003")
         assert "ix_cases_claim" in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        assert store.upgrade() == ("0003", migrations.head())
         assert differences(store.engine) == []
         assert store.claim(hospital="h").id == "c1"
         with store.engine.connect() as conn:

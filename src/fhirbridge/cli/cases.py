@@ -10,7 +10,7 @@ from fhirbridge import jsonutil
 from fhirbridge.cli.common import app_from_args, progress
 from fhirbridge.config import loader as config
 from fhirbridge.config.mappings import check_all
-from fhirbridge.ehr.audit import accounting
+from fhirbridge.ehr.audit import accounting, owed
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import FhirbridgeError
@@ -122,8 +122,11 @@ def cmd_status(args) -> int:
         if args.case:
             case = app.store.find_by_prefix(args.case)
             events = app.store.events(case.id)
+            audit_rows = [{k: r[k] for k in ("id", "kind", "at", "sent_to_ehr", "ehr_error")}
+                          for r in app.store.list_audit(case_id=case.id)]
             if args.json:
-                print(jsonutil.dumps({"case": case.__dict__, "events": events}, pretty=True).decode())
+                print(jsonutil.dumps({"case": case.__dict__, "events": events, "audit": audit_rows},
+                                     pretty=True).decode())
                 return 0
             rows = [("case", case.id), ("step", case.step), ("order", case.service_request),
                     ("patient", case.patient), ("reviewer", case.reviewer), ("profile", case.profile),
@@ -132,6 +135,10 @@ def cmd_status(args) -> int:
                     ("created", _fmt(case.created_at)), ("updated", _fmt(case.updated_at)),
                     ("attempts", str(case.attempts)), ("next attempt", _fmt(case.next_attempt_at)),
                     ("last error", case.last_error or "-")]
+            if app.config.audit.write_to_ehr:
+                unsent = [r for r in audit_rows if not r["sent_to_ehr"]]
+                rows.append(("audit in EHR", f"{len(audit_rows) - len(unsent)} of {len(audit_rows)} written"
+                             + (f"; owed: {unsent[-1]['ehr_error'] or 'not tried yet'}" if unsent else "")))
             # The last error and the events' details can quote the EHR or a reviewer: printed as text only.
             for k, v in rows:
                 print(terminal_safe(f"{k:>13}: {v}"))
@@ -151,7 +158,20 @@ def cmd_status(args) -> int:
         for c in cases:
             print(terminal_safe(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
                                 f"{(c.last_error or '')[:80]}"))
+        _print_owed(app)
         return 0
+
+
+def _print_owed(app: App) -> None:
+    """AuditEvents the EHR has not accepted yet: never a Case's error, so said here, after the Cases."""
+    debt = owed(app)
+    if not debt["count"]:
+        return
+    print(f"\n{debt['count']} AuditEvent(s) not yet in the EHR (owed since {_fmt(debt['oldest_at'])}; "
+          f"next attempt {_fmt(debt['next_attempt_at'])}; `fhirbridge run --now` tries at once)")
+    if debt["last_error"]:
+        # The EHR's words (its OperationOutcome): text, never terminal commands.
+        print(terminal_safe(f"  last refusal ({_fmt(debt['last_tried_at'])}): {debt['last_error'][:300]}"))
 
 
 def cmd_receive(args) -> int:

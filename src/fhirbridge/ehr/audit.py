@@ -3,8 +3,9 @@
 - **Disclosure** (a package delivered to a reviewer): IHE Basic Audit Log Patterns "Privacy Disclosure at
   Source" (https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PrivacyDisclosure.Source):
   type DICOM 110106 "Export", subtype ISO 21089 `disclose`, action R, purposeOfEvent v3 ActReason TREAT,
-  outcome 0. Agents: the hospital as source (DICOM 110153 "Source Role ID") and custodian, the reviewer
-  organisation as recipient (DICOM 110152 "Destination Role ID"), both by identifier. Entities: the Patient
+  outcome 0. Agents: the hospital as source (DICOM 110153 "Source Role ID") and as custodian (SNOMED CT
+  159541003, BALP's custodian slice), the reviewer organisation as recipient (DICOM 110152 "Destination
+  Role ID"), both by identifier, and fhirbridge itself (DICOM 110150 "Application"). Entities: the Patient
   (type 1 Person, role 1 Patient), the ServiceRequest (role 4 Domain Resource) and the package (role 3
   Report: the document's identifier `urn:uuid:<package id>`, with the kinds and counts of records shared
   and withheld as entity details; never their content).
@@ -13,24 +14,37 @@
   reviewer is the source, the hospital the recipient; entities the Patient, the ServiceRequest, the
   DocumentReference filed and the opinion's identifier.
 
+Both profiles (BALP 1.1, Disclose.fsh) make the source and the recipient agent's `network` 1..1 and bind
+the agent that records the event to the audit source by invariant `val-audit-source`
+(`$this.who = %resource.source.observer`: on the source agent at the Source, on the recipient agent at the
+Recipient). The hospital records both, so `source.observer` is exactly the hospital's agent `who`.
+
 The AuditEvent names the patient by reference only (`Patient/123`): no name, no clinical text. Its id is a
 UUIDv5 of the Case and the package (or opinion), so recording the same disclosure twice (a step repeated
 after a lost lease) keeps one record, and writing it to the EHR is a PUT that can be repeated.
 
 With `[audit] write_to_ehr = true` each AuditEvent is also written to the hospital's EHR. A failed write
-never fails the Case: the record stays in the store with `sent_to_ehr` false and the error, and every run
-(and every work tick of the service) tries the unsent ones again (`send_pending`).
+never fails the Case, and is never dropped: the record stays in the store with `sent_to_ehr` false, the
+error, the number of attempts and when to try again (backoff from RETRY_FIRST doubling to RETRY_MAX); it is
+counted (`fhirbridge_audit_ehr_write_failures`, and `fhirbridge_audit_events_owed` from the store) and shown
+by `fhirbridge status`, `fhirbridge doctor` and the dashboard (`owed`). Every run (and every work tick of the
+service) writes the owed ones that are due again (`send_pending`).
 """
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 from fhirbridge import VERSION
+from fhirbridge.config.model import Reviewer
 from fhirbridge.ehr.context import App
+from fhirbridge.errors import FhirError
 from fhirbridge.fhir.validate import validate
+from fhirbridge.ops import metrics
 from fhirbridge.store.store import Case
 
 log = logging.getLogger("fhirbridge.ehr.audit")
@@ -39,7 +53,7 @@ BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 LIFECYCLE = "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle"
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+SCT = "http://snomed.info/sct"
 ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
@@ -47,6 +61,13 @@ URI = "urn:ietf:rfc:3986"
 NAMESPACE = uuid.UUID("6f1d7c8e-3f0a-5b7e-9a51-2b4c0e7d9a10")
 
 DISCLOSURE, FILED = "disclosure", "filed"
+# BALP Disclose.fsh: `agent[custodian].type = SCT#159541003 // "Record keeping/library clerk"` (the slice a
+# v3-ParticipationType#CST agent does not fall into).
+CUSTODIAN = ("159541003", "Record keeping/library clerk")
+# AuditEvent.agent.network.type (R4, http://hl7.org/fhir/network-type): 1 machine name, 5 URI.
+MACHINE_NAME, URI_ADDRESS = "1", "5"
+# A write the EHR refused is tried again after RETRY_FIRST seconds, doubling to RETRY_MAX.
+RETRY_FIRST, RETRY_MAX = 30.0, 3600.0
 
 
 def _coding(system: str, code: str, display: str) -> dict:
@@ -61,8 +82,47 @@ def audit_id(case: Case, kind: str, key: str) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{case.id}/{kind}/{key}"))
 
 
-def _org_agent(ref: dict, code: str, display: str, *, requestor: bool = False) -> dict:
-    return {"type": {"coding": [_coding(DCM, code, display)]}, "who": ref, "requestor": requestor}
+def _org_agent(ref: dict, code: str, display: str, network: dict, *, system: str = DCM) -> dict:
+    agent: dict = {"type": {"coding": [_coding(system, code, display)]}, "who": ref, "requestor": False}
+    if network:
+        agent["network"] = network
+    return agent
+
+
+def _address(url: str) -> str:
+    """A URL as an agent's network address: no credentials, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def our_network(app: App) -> dict:
+    """Where fhirbridge, acting for the hospital, sends and receives: its public URL when it has one, else
+    the machine's name."""
+    if app.config.public_url:
+        return {"address": _address(app.config.public_url), "type": URI_ADDRESS}
+    return {"address": socket.gethostname() or "localhost", "type": MACHINE_NAME}
+
+
+def reviewer_network(app: App, reviewer: Reviewer) -> dict:
+    """Where the reviewer is reached: its HTTPS endpoint, our reviewer API (pull), or the outbox folder."""
+    transport = reviewer.transport
+    if transport.type == "https" and transport.url:
+        return {"address": _address(transport.url), "type": URI_ADDRESS}
+    if transport.type == "pull" and app.config.public_url:
+        return {"address": _address(app.config.public_url) + "/reviewer", "type": URI_ADDRESS}
+    if transport.type == "outbox" and transport.path:
+        return {"address": transport.path.absolute().as_uri(), "type": URI_ADDRESS}
+    return our_network(app)
+
+
+def _application_agent(app: App) -> dict:
+    # BALP's agent slicing is open: "may have user, app, organization agent(s)". fhirbridge, the software
+    # that made the disclosure, is named here.
+    return _org_agent({"display": f"fhirbridge {VERSION}"}, "110150", "Application", our_network(app))
 
 
 def _entity(what: dict, type_code: str, type_display: str, role_code: str, role_display: str,
@@ -85,10 +145,9 @@ def _base(app: App, case: Case, *, aid: str, profile: str, type_: dict, action: 
         "recorded": _iso(when),
         "outcome": "0",
         "purposeOfEvent": [{"coding": [_coding(ACT_REASON, "TREAT", "treatment")]}],
-        "source": {"site": app.hospital.name,
-                   "observer": {"identifier": {"system": app.hospital.identifier_system,
-                                               "value": app.hospital.identifier_value},
-                                "display": f"fhirbridge {VERSION}"},
+        # val-audit-source (BALP): the observer is the very Reference of the hospital's agent (FHIRPath `=`
+        # on a Reference compares every child: identifier and display alike).
+        "source": {"site": app.hospital.name, "observer": app.hospital.organization_ref(),
                    "type": [_coding(SOURCE_TYPE, "4", "Application Server")]},
     }
 
@@ -132,10 +191,10 @@ def disclosure_event(app: App, case: Case, *, when: float, transport: str | None
     ev = _base(app, case, aid=audit_id(case, DISCLOSURE, str(case.package_id)),
                profile="PrivacyDisclosure.Source", type_=_coding(DCM, "110106", "Export"), action="R", when=when)
     ev["agent"] = [
-        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID"),
-        {"type": {"coding": [_coding(PARTICIPATION, "CST", "custodian")]}, "who": app.hospital.organization_ref(),
-         "requestor": False},
-        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID"),
+        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID", our_network(app)),
+        _org_agent(app.hospital.organization_ref(), *CUSTODIAN, {}, system=SCT),
+        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID", reviewer_network(app, reviewer)),
+        _application_agent(app),
     ]
     ev["entity"] = [
         _patient_entity(case),
@@ -152,8 +211,9 @@ def filed_event(app: App, case: Case, *, document_reference: str | None, when: f
     ev = _base(app, case, aid=audit_id(case, FILED, str(case.opinion_id)),
                profile="PrivacyDisclosure.Recipient", type_=_coding(DCM, "110107", "Import"), action="C", when=when)
     ev["agent"] = [
-        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID"),
-        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID"),
+        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID", reviewer_network(app, reviewer)),
+        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID", our_network(app)),
+        _application_agent(app),
     ]
     entities = [_patient_entity(case), _order_entity(case)]
     if document_reference:
@@ -192,30 +252,55 @@ def record_filed(app: App, case: Case, document_reference: str | None) -> bool:
 
 
 def send_one(app: App, event: dict) -> bool:
-    """Write one AuditEvent to the EHR (PUT with its own id: repeatable). Never raises."""
+    """Write one AuditEvent to the EHR (PUT with its own id: repeatable). Never raises: a refusal is
+    recorded on the row (error, attempts, when to try again) and counted, and the AuditEvent stays owed."""
+    return _send(app, event) is None
+
+
+def _send(app: App, event: dict) -> Exception | None:
+    """None when written, else what went wrong (recorded and counted)."""
     try:
         app.ehr.update(event)
     except Exception as exc:  # noqa: BLE001 - the audit copy in the EHR must never fail a Case
         message = str(exc) or exc.__class__.__name__
-        log.warning("AuditEvent %s not written to the EHR: %s", event["id"], message)
-        app.store.mark_audit(event["id"], sent=False, error=message[:500])
-        return False
+        status = exc.status if isinstance(exc, FhirError) else None
+        metrics.audit_write_failed(app.hospital.name, str(status) if status else "error")
+        attempts = app.store.audit_refused(event["id"], error=message[:500], now=time.time(), backoff=retry_delay)
+        log.warning("AuditEvent %s not written to the EHR (attempt %d, kept to try again): %s",
+                    event["id"], attempts, message)
+        return exc
     app.store.mark_audit(event["id"], sent=True)
-    return True
+    return None
 
 
-def send_pending(app: App) -> int:
-    """Write every AuditEvent of this hospital not yet in the EHR (when configured); returns how many
-    were written. Called at each run and work tick."""
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the `attempts`-th refused write: RETRY_FIRST, doubling, at most RETRY_MAX."""
+    return min(RETRY_MAX, RETRY_FIRST * 2 ** max(0, attempts - 1))
+
+
+def send_pending(app: App, *, ignore_backoff: bool = False) -> int:
+    """Write every AuditEvent of this hospital owed to the EHR whose retry time has come (all of them with
+    `ignore_backoff`, as `fhirbridge run --now` asks); returns how many were written. Called at each run
+    and work tick. An EHR that is down or refuses our credentials (a transient error) ends the round; one
+    refusing a single AuditEvent (422 and the like) does not hold up the others."""
     if not app.config.audit.write_to_ehr:
         return 0
     sent = 0
-    for row in app.store.list_audit(hospital=app.hospital.key, unsent=True):
-        if send_one(app, row["resource"]):
+    for row in app.store.audit_due(hospital=app.hospital.key, now=None if ignore_backoff else time.time()):
+        problem = _send(app, row["resource"])
+        if problem is None:
             sent += 1
-        else:
+        elif not isinstance(problem, FhirError) or problem.transient:
             break  # the EHR is failing: try the rest at the next run
     return sent
+
+
+def owed(app: App) -> dict:
+    """The AuditEvents of this hospital not yet in the EHR (only when `[audit] write_to_ehr`): how many,
+    the oldest, the last error and when the next attempt is due. What status, doctor and the dashboard show."""
+    if not app.config.audit.write_to_ehr:
+        return {"count": 0, "rows": []}
+    return app.store.audit_owed(hospital=app.hospital.key)
 
 
 def accounting(app: App, patient: str) -> list[dict]:

@@ -67,7 +67,7 @@ def run_pending(app: App, *, intake: bool = True, case_id: str | None = None,
     _resume_interrupted(app)
     if ignore_backoff:
         app.store.clear_backoff(case_id)
-    _send_owed_audit_events(app)
+    _send_owed_audit_events(app, ignore_backoff=ignore_backoff)
     worker = worker_id()
     while not (stop and stop.is_set()) and (max_steps is None or report.steps_done + len(report.errors) < max_steps):
         case = app.store.claim(case_id=case_id, worker=worker, lease_seconds=lease_seconds(app),
@@ -98,9 +98,11 @@ def _resume_interrupted(app: App) -> None:
         app.store.add_event(freed, "resumed", {"reason": "the run holding it had stopped"})
 
 
-def _send_owed_audit_events(app: App) -> None:
+def _send_owed_audit_events(app: App, *, ignore_backoff: bool) -> None:
+    """AuditEvents an earlier write could not put in the EHR, whose retry time has come (all of them with
+    `ignore_backoff`: `fhirbridge run --now`). A refusal stays owed, counted and shown; never a Case's error."""
     try:
-        audit.send_pending(app)   # AuditEvents an earlier run could not write to the EHR
+        audit.send_pending(app, ignore_backoff=ignore_backoff)
     except Exception as exc:  # noqa: BLE001 - the audit copy in the EHR never holds up the Cases
         log.warning("audit: could not send pending AuditEvents: %s", exc)
 

@@ -108,6 +108,7 @@ def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0,
             report.add("searches", "skip", "no usable credentials (see above)")
         _reviewers(cfg, session, timeout, report, reviewer_key_problems)
         _store(cfg, report)
+        _audit_owed(cfg, hospital, report)
     finally:
         session.close()
     return report
@@ -461,6 +462,35 @@ def _store(cfg: Config, report: Report) -> None:
                    "check the database is up and store_url (host, user, password via FHIRBRIDGE_FHIRBRIDGE__STORE_URL)")
     finally:
         store.close()
+
+
+def _audit_owed(cfg: Config, hospital: Hospital, report: Report) -> None:
+    """AuditEvents recorded but not yet accepted by the EHR ([audit] write_to_ehr): a warning with the
+    count and the EHR's last refusal, so a copy the EHR keeps refusing cannot go unnoticed."""
+    if not cfg.audit.write_to_ehr:
+        report.add("audit: EHR copy", "skip", "[audit] write_to_ehr is off")
+        return
+    try:
+        store = Store(cfg.store_url, create=False)
+    except Exception:  # noqa: BLE001 - reported by the store check
+        report.add("audit: EHR copy", "skip", "the store cannot be opened (see above)")
+        return
+    try:
+        debt = store.audit_owed(hospital=hospital.key)
+    except Exception as exc:  # noqa: BLE001 - an old schema or a store that does not answer: said above
+        report.add("audit: EHR copy", "skip", f"cannot read the audit trail ({type(exc).__name__})")
+        return
+    finally:
+        store.close()
+    if not debt["count"]:
+        report.add("audit: EHR copy", "pass", "every AuditEvent recorded is in the EHR")
+        return
+    report.add("audit: EHR copy", "warn",
+               f"{debt['count']} AuditEvent(s) not yet in the EHR; "
+               f"last refusal: {debt['last_error'] or 'not tried yet'}",
+               "each is tried again with backoff (`fhirbridge run --now` tries at once); if the EHR refuses the "
+               "AuditEvent itself (4xx), fix what its OperationOutcome says (a profile it enforces, a write "
+               "permission for AuditEvent)")
 
 
 # --- output ----------------------------------------------------------------------------------------------

@@ -4,14 +4,14 @@ Two kinds of figures, kept apart on purpose:
 
 * **What this process did** (counters and histograms, recorded as it happens): step durations by outcome,
   EHR requests by resource type, method and status with their latency and urllib3 retries, packages sent and
-  opinions filed per reviewer, failed scheduler ticks. Under gunicorn every worker records into
-  prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, set up by service/gunicorn_conf.py), so a
-  scrape of any worker shows the whole pod. Sum them across replicas.
+  opinions filed per reviewer, failed scheduler ticks, AuditEvent copies the EHR refused. Under gunicorn
+  every worker records into prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, set up by
+  service/gunicorn_conf.py), so a scrape of any worker shows the whole pod. Sum them across replicas.
 * **What the store says now** (gauges, computed from the Case store when /metrics is scraped): Cases by
   hospital and step, the work queue (due, running, backing off), the age of the oldest pending step, Cases
-  overdue. They are the same on every replica of one store: take `max` across replicas, never `sum`.
-  Computing them at scrape time means no worker has to own them, a restart loses nothing, and they cannot
-  drift from `fhirbridge status`.
+  overdue, AuditEvents owed to the EHR (with `[audit] write_to_ehr`). They are the same on every replica of
+  one store: take `max` across replicas, never `sum`. Computing them at scrape time means no worker has to
+  own them, a restart loses nothing, and they cannot drift from `fhirbridge status`.
 
 No label carries clinical content: hospitals and reviewers by their configured names, FHIR resource types,
 HTTP methods and status codes, step names.
@@ -31,7 +31,7 @@ from sqlalchemy import and_, func, or_, select
 
 from fhirbridge import VERSION
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
-from fhirbridge.store.tables import cases, events
+from fhirbridge.store.tables import audit_events, cases, events
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -51,6 +51,10 @@ EHR_RETRIES = Counter(
 PACKAGES_SENT = Counter("fhirbridge_packages_sent", "Sealed packages delivered, per reviewer", ["hospital", "reviewer"])
 OPINIONS_FILED = Counter("fhirbridge_opinions_filed", "Opinions filed in the EHR, per reviewer",
                          ["hospital", "reviewer"])
+AUDIT_WRITE_FAILURES = Counter(
+    "fhirbridge_audit_ehr_write_failures", "Writes of an AuditEvent to the EHR that failed, by HTTP status "
+    "(\"error\": no answer); the AuditEvent stays owed and is tried again (fhirbridge_audit_events_owed)",
+    ["hospital", "status"])
 TICK_FAILURES = Counter("fhirbridge_tick_failures", "Scheduler ticks that failed (the next tick tries again)",
                         ["tick"])
 
@@ -72,6 +76,11 @@ def step_finished(hospital: str, reviewer: str, step: str, outcome: str, seconds
         PACKAGES_SENT.labels(hospital, reviewer).inc()
     elif outcome == "done" and step == Step.FILE:
         OPINIONS_FILED.labels(hospital, reviewer).inc()
+
+
+def audit_write_failed(hospital: str, status: str) -> None:
+    """The EHR refused (or never answered) the write of an AuditEvent (ehr.audit)."""
+    AUDIT_WRITE_FAILURES.labels(hospital, status).inc()
 
 
 def tick_failed(tick: str) -> None:
@@ -109,8 +118,8 @@ def resource_type_of(base_path: str, url: str) -> str:
 class StoreCollector:
     """Gauges from the Case store (see the module docstring)."""
 
-    def __init__(self, store, hospital_names: dict[str, str]):
-        self.store, self.names = store, hospital_names
+    def __init__(self, store, hospital_names: dict[str, str], *, audit_to_ehr: bool = False):
+        self.store, self.names, self.audit_to_ehr = store, hospital_names, audit_to_ehr
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("fhirbridge_store_up", "1 when the Case store answered this scrape")
@@ -122,7 +131,7 @@ class StoreCollector:
             return
         up.add_metric([], 1)
         yield up
-        by_step, queue, oldest, overdue = snapshot
+        by_step, queue, oldest, overdue, owed = snapshot
         per_step = GaugeMetricFamily("fhirbridge_cases", "Cases by hospital and step", labels=["hospital", "step"])
         steps = ALL_STEPS
         hospitals = sorted(set(self.names.values()) | {h for h, _ in by_step})
@@ -147,6 +156,13 @@ class StoreCollector:
         for h in hospitals:
             late.add_metric([h], overdue.get(h, 0))
         yield late
+        if self.audit_to_ehr:
+            debt = GaugeMetricFamily("fhirbridge_audit_events_owed", "AuditEvents recorded but not yet written "
+                                     "to the EHR ([audit] write_to_ehr): each is tried again with backoff",
+                                     labels=["hospital"])
+            for h in hospitals:
+                debt.add_metric([h], owed.get(h, 0))
+            yield debt
 
     def _name(self, key: str) -> str:
         return self.names.get(key, key)
@@ -176,7 +192,11 @@ class StoreCollector:
                 select(c.hospital, func.count())
                 .where(and_(c.step == Step.AWAIT_OPINION.value, c.overdue_at.is_not(None)))
                 .group_by(c.hospital))}
-        return by_step, queue, oldest, overdue
+            a = audit_events.c
+            owed = ({self._name(h): n for h, n in conn.execute(
+                select(a.hospital, func.count()).where(a.sent_to_ehr.is_(False)).group_by(a.hospital))}
+                if self.audit_to_ehr else {})
+        return by_step, queue, oldest, overdue, owed
 
 
 class _ThisProcess:
@@ -186,14 +206,14 @@ class _ThisProcess:
         return REGISTRY.collect()
 
 
-def render(store, hospital_names: dict[str, str]) -> bytes:
+def render(store, hospital_names: dict[str, str], *, audit_to_ehr: bool = False) -> bytes:
     """The text exposition of every metric: this process's (or, under gunicorn, every worker's) and the store's."""
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get(MULTIPROC_ENV):
         MultiProcessCollector(registry)
     else:
         registry.register(_ThisProcess())
-    registry.register(StoreCollector(store, hospital_names))
+    registry.register(StoreCollector(store, hospital_names, audit_to_ehr=audit_to_ehr))
     info = GaugeMetricFamily("fhirbridge_info", "fhirbridge version", labels=["version"])
     info.add_metric([VERSION], 1)
     registry.register(_Fixed([info]))

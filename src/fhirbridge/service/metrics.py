@@ -34,7 +34,8 @@ def metrics_view():
             return Response("a valid bearer token is required ([metrics] token)\n", status=401, mimetype="text/plain",
                             headers={"WWW-Authenticate": "Bearer"})
     names = {h.key: h.name for h in svc.config.hospitals.values()}
-    return Response(render(svc.store, names), mimetype=CONTENT_TYPE_LATEST)
+    return Response(render(svc.store, names, audit_to_ehr=svc.config.audit.write_to_ehr),
+                    mimetype=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask) -> None:

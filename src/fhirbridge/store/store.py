@@ -14,19 +14,20 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, create_engine, event, insert, or_, select, text, update
+from sqlalchemy import and_, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from fhirbridge.errors import CaseError
 from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
 from fhirbridge.store import migrations
-from fhirbridge.store.tables import audit_events, cases, cursors, events, seen_messages
+from fhirbridge.store.tables import AUDIT_ACCOUNTING, audit_events, cases, cursors, events, seen_messages
 
 
 @dataclass
@@ -398,7 +399,8 @@ class Store:
                      hospital: str | None = None, unsent: bool = False) -> list[dict]:
         """Recorded AuditEvents, oldest first, filtered by patient reference, Case, hospital, or not yet in
         the EHR."""
-        q = select(audit_events).order_by(audit_events.c.at, audit_events.c.id)
+        q = (select(*(audit_events.c[name] for name in AUDIT_ACCOUNTING))
+             .order_by(audit_events.c.at, audit_events.c.id))
         if patient is not None:
             q = q.where(audit_events.c.patient == patient)
         if case_id is not None:
@@ -414,6 +416,49 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(audit_events).where(audit_events.c.id == audit_id)
                          .values(sent_to_ehr=sent, ehr_error=None if sent else error))
+
+    def audit_refused(self, audit_id: str, *, error: str, now: float, backoff: Callable[[int], float]) -> int:
+        """The EHR refused this AuditEvent's copy: count the attempt, keep the error, and set when to try
+        again (`backoff(attempts)` seconds from now). Returns the attempts so far."""
+        row = audit_events.c
+        with self.engine.begin() as conn:
+            attempts = conn.execute(update(audit_events).where(row.id == audit_id)
+                                    .values(sent_to_ehr=False, ehr_error=error, ehr_tried_at=now,
+                                            ehr_attempts=row.ehr_attempts + 1)
+                                    .returning(row.ehr_attempts)).scalar() or 0
+            conn.execute(update(audit_events).where(row.id == audit_id)
+                         .values(ehr_retry_at=now + backoff(attempts)))
+        return attempts
+
+    def audit_due(self, *, hospital: str, now: float | None) -> list[dict]:
+        """AuditEvents of a hospital owed to the EHR whose next attempt is due at `now` (None: all owed),
+        oldest first."""
+        row = audit_events.c
+        q = select(audit_events).where(and_(row.hospital == hospital, row.sent_to_ehr.is_(False)))
+        if now is not None:
+            q = q.where(or_(row.ehr_retry_at.is_(None), row.ehr_retry_at <= now))
+        with self.engine.connect() as conn:
+            return [_plain(r) for r in conn.execute(q.order_by(row.at, row.id))]
+
+    def audit_owed(self, *, hospital: str | None = None, limit: int = 20) -> dict:
+        """What is owed to the EHR (a hospital's, or every one's): how many AuditEvents, the oldest, the last
+        refusal (its error and time), the next attempt, and the `limit` oldest rows (no resource)."""
+        row = audit_events.c
+        cond: ColumnElement[bool] = row.sent_to_ehr.is_(False)
+        if hospital is not None:
+            cond = and_(cond, row.hospital == hospital)
+        with self.engine.connect() as conn:
+            count, oldest, next_at = conn.execute(
+                select(func.count(), func.min(row.at), func.min(row.ehr_retry_at)).where(cond)).one()
+            last = conn.execute(select(row.ehr_error, row.ehr_tried_at)
+                                .where(and_(cond, row.ehr_tried_at.is_not(None)))
+                                .order_by(row.ehr_tried_at.desc()).limit(1)).first()
+            rows = [_plain(r) for r in conn.execute(
+                select(row.id, row.hospital, row.case_id, row.kind, row.at, row.ehr_error, row.ehr_attempts,
+                       row.ehr_tried_at, row.ehr_retry_at).where(cond).order_by(row.at, row.id).limit(limit))]
+        return {"count": count, "oldest_at": oldest, "next_attempt_at": next_at,
+                "last_error": last[0] if last else None, "last_tried_at": last[1] if last else None,
+                "rows": rows}
 
     # --- replay guard ------------------------------------------------------------------------------
 

@@ -81,4 +81,11 @@ audit_events = Table(
     Column("resource", JSON, nullable=False),
     Column("sent_to_ehr", Boolean, nullable=False, default=False),
     Column("ehr_error", Text),                                  # why the last write to the EHR failed
+    # The copy owed to the EHR (migration 0004): refused writes so far, the last one, when to try again.
+    Column("ehr_attempts", Integer, nullable=False, server_default="0"),
+    Column("ehr_tried_at", Float),
+    Column("ehr_retry_at", Float),
 )
+# The columns of the accounting itself (migration 0002), which `Store.list_audit` reads.
+AUDIT_ACCOUNTING = ("id", "at", "hospital", "patient", "case_id", "kind", "recipient", "resource", "sent_to_ehr",
+                    "ehr_error")

@@ -21,6 +21,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import Unauthorized, staff_from_token
 from fhirbridge.crypto import jwe
+from fhirbridge.ehr.audit import owed
 from fhirbridge.errors import CaseError, FhirbridgeError
 from fhirbridge.loop.actions import retry as retry_case
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
@@ -145,12 +146,16 @@ def overview():
     reviewers = _turnaround(svc, cases)
     concl = _conclusion_counts(svc, [c for c in cases if c.step == Step.DONE])
     staff = _signed_in_staff()
+    # AuditEvents the EHR has not accepted yet (refused copies stay owed and are retried): per hospital shown.
+    audit_owed = ([(a.hospital.name, owed(a)) for a in svc.apps
+                   if staff["hospitals"] is None or a.hospital.name in staff["hospitals"]]
+                  if svc.config.audit.write_to_ehr else None)
     return render_template(
         "dashboard/overview.html", title="Referrals", where="Hospital IT dashboard", nav=_nav("overview"),
         who=staff["name"], can_retry="cases:write" in staff["scopes"], total=len(cases), states=states,
         state_chart=bar_chart(states, title="Cases by state", colors=STATE_COLORS), overdue=overdue, failed=failed,
         waiting=waiting,
-        reviewers=reviewers, concl=concl,
+        reviewers=reviewers, concl=concl, audit_owed=audit_owed,
         concordance_chart=bar_chart(concl["concordance"], title="Concordance with the referring diagnosis"),
         plan_chart=bar_chart(concl["plan"], title="What the second opinion meant for the planned treatment"),
         app_name=lambda c: (svc.app_for_key(c.hospital).hospital.name if svc.app_for_key(c.hospital) else "?"),
