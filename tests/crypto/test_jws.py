@@ -155,10 +155,15 @@ def test_sign_and_verify_bundle(ours, trusted):
     signed = jws.sign_bundle(bundle, ours, who=WHO, when=WHEN)
     assert bundle == original  # a new bundle is returned
     sig = signed["signature"]
-    assert sig["type"] == [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1",
+    # CDex Signature profile: the Verification Signature slice (required), the Author's next to it.
+    assert sig["type"] == [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5",
+                            "display": "Verification Signature"},
+                           {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1",
                             "display": "Author's Signature"}]
     assert (sig["when"], sig["who"]) == (WHEN, WHO)
-    assert (sig["sigFormat"], sig["targetFormat"]) == ("application/jose", "application/fhir+json")
+    # CDex Digital Signature profile: both fixed values.
+    assert (sig["sigFormat"], sig["targetFormat"]) == (
+        "application/jose", "application/fhir+json;canonicalization=http://hl7.org/fhir/canonicalization/json#document")
     token = base64.b64decode(sig["data"], validate=True).decode("ascii")
     assert token.split(".")[1] == ""
     assert jws.verify_bundle(signed, trusted)["kid"] == ours.signing_key().kid

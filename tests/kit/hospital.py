@@ -213,13 +213,13 @@ def craft_opinion(hospital: TestHospital, case, *, signer: KeyRing | None = None
     document = build_opinion_document(answer, load_opinion_form(hospital.app.config.mappings_dir),
                                       opinion_id=opinion_id, timestamp=now, patient_entry=entries[c["patient"]],
                                       service_request_entry=entries[c["service_request"]],
-                                      reviewer_org=reviewer_organization(c["aud"]))
+                                      reviewer_org=reviewer_organization(envelope.party(c, "aud")))
     if doc:
         doc(document)
     signer = signer or r.key
     document = jws.sign_bundle(document, signer, who={"display": "x"}, when=now)
     t = int(time.time())
-    out = {"jti": opinion_id, "iat": t, "exp": t + 3600, "iss": c["aud"], "aud": c["iss"], "case_id": case.id,
+    out = {"jti": opinion_id, "iat": t, "exp": t + 3600, **envelope.reply_addressing(c), "case_id": case.id,
            "package_id": c["package_id"], "service_request": c["service_request"], "patient": c["patient"]}
     if claims:
         claims(out)

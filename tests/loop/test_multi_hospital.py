@@ -7,6 +7,7 @@ from fhirbridge.config import loader as config
 from fhirbridge.crypto import keys
 from fhirbridge.demo.localehr import LocalEhr, seed_patient
 from fhirbridge.ehr.order import place_order
+from fhirbridge.exchange import envelope
 from fhirbridge.exchange.reviewer import answer, open_package, trust_for, write_reviewer_keys
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
@@ -87,7 +88,8 @@ path = "outbox"
         trust = trust_for(rfiles["private_keys"], None)       # the trusted/ directory, one file per hospital
         for case, slug in ((north_case, "north"), (south_case, "south")):
             opened = open_package(tmp_path / "outbox" / case.package_id, key, trust)
-            assert opened.claims["iss"]["value"] == svc.app_for_key(case.hospital).hospital.identifier_value
+            sender = envelope.party(opened.claims, "iss")
+            assert sender["value"] == svc.app_for_key(case.hospital).hospital.identifier_value
             assert opened.hospital.source.endswith(f"{slug}.jwks.json")
             answer_file = tmp_path / "answer.toml"
             answer_file.write_text(SAMPLE_ANSWER)

@@ -231,7 +231,9 @@ def test_opinion_claimed_by_a_killed_worker_is_put_back_at_once(hospital, case):
 
 @pytest.mark.parametrize("claim, value, error, words", [
     ("aud", True, RejectedOpinion, "addressed to another hospital"),
-    ("iss", "urn:oid:2.999.9.1", RejectedOpinion, "says it is from None"),
+    ("iss", {"value": 7}, RejectedOpinion, "says it is from None"),
+    # iss is a URI now (RFC 7519 StringOrURI); one that contradicts its own iss_org is refused.
+    ("iss", "urn:oid:2.999.9.2", SealError, "iss_org names another organisation"),
     ("exp", None, SealError, "exp is not a NumericDate"),
     ("iat", False, SealError, "iat is not a NumericDate"),
 ])

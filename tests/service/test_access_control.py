@@ -270,9 +270,17 @@ def test_a_reviewer_asks_for_more_records(served, fhir):
     r = client.post(url, headers=token(), json={"text": "The MRI of 2023 and the operative note, please."})
     assert r.status_code == 201, r.get_json()
     task = fhir.read_ref(r.get_json()["task"])
-    assert task["code"]["coding"][0]["code"] == "data-request" and task["status"] == "requested"
+    # CDex STU 2.0.0 Task Data Request: its own cdex-temp code, the hrex-temp `data-code` input, no focus
+    # (max 0): the order that authorises the request is basedOn.
+    assert task["code"]["coding"][0] == {"system": "http://hl7.org/fhir/us/davinci-cdex/CodeSystem/cdex-temp",
+                                         "code": "data-request-code", "display": "Data Request Code"}
+    assert task["status"] == "requested" and task["intent"] == "order" and "focus" not in task
+    assert task["basedOn"] == [{"reference": case.service_request}] and task["authoredOn"]
     assert task["partOf"] == [{"reference": case.task}] and task["for"] == {"reference": case.patient}
+    assert task["input"][0]["type"]["coding"] == [{"system": "http://hl7.org/fhir/us/davinci-hrex/CodeSystem/hrex-temp",
+                                                   "code": "data-code"}]
     assert task["input"][0]["valueCodeableConcept"]["text"].startswith("The MRI of 2023")
+    assert task["reasonCode"]["text"] and task["owner"]["identifier"]
     assert task["requester"]["identifier"]["value"] == SPINE_ID
     assert "records.requested" in [e["kind"] for e in svc.store.events(case.id)]
     # Not about the words: the event log holds the Task reference only.

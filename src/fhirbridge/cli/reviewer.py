@@ -11,7 +11,7 @@ from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.config.model import PACKAGE_MAPPINGS
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.exchange.envelope import write_atomic
+from fhirbridge.exchange.envelope import party, write_atomic
 from fhirbridge.exchange.render import render_package, terminal_safe
 from fhirbridge.exchange.reviewer import (
     TRUST_DIR,
@@ -145,5 +145,5 @@ def cmd_reviewer_answer(args) -> int:
     sealed, claims = answer(opened, Path(args.opinion), key, mappings_dir=mappings, form=args.form)
     write_atomic(Path(args.out), sealed)
     print(terminal_safe(f"wrote sealed opinion {claims['jti']} to {args.out}; "
-                        f"send it to {claims['aud'].get('display')}"))
+                        f"send it to {party(claims, 'aud').get('display')}"))
     return 0

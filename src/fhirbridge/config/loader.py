@@ -39,6 +39,7 @@ from fhirbridge.config.model import (
     Transport,
     env_name,
 )
+from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import KeyRing, mixed_generations
 from fhirbridge.errors import ConfigError, SealError
 
@@ -133,10 +134,17 @@ def _file_problems(cfg: Config) -> list[ConfigError]:
             problems.append(ConfigError(f"{h.keys} has no private encryption key: opinions "
                                         "could not be decrypted", file=file, key=key))
         try:
-            kr.signing_key()
+            signing = kr.signing_key()
         except SealError:
             problems.append(ConfigError(f"{h.keys} has no private signing key: packages could "
                                         "not be signed", file=file, key=key))
+            continue
+        if h.certificate_chain is not None:
+            chain_key = key.removesuffix(".keys") + ".certificate_chain"
+            try:
+                certs.load_x5c(h.certificate_chain, signing.public_key)
+            except ConfigError as exc:
+                problems.append(ConfigError(f"{h.certificate_chain}: {exc.detail}", file=file, key=chain_key))
     for i, h in enumerate(cfg.hospitals.values()):
         if h.auth.type == "smart":
             problems += _smart_key_problems(h, "hospital.auth" if len(cfg.hospitals) == 1 else f"hospitals[{i}].auth",
@@ -506,6 +514,7 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     if not url.startswith(("http://", "https://")) or not _hostname(url):
         raise sec.err("fhir_base_url", "must start with http:// or https:// and name a host")
     keys = _path(base, sec.get("keys", str, required=True))
+    chain = sec.get("certificate_chain", str)
     auth_sec = sec.sub("auth")
     auth_type = auth_sec.get("type", str, "none")
     if auth_type not in ("none", "basic", "bearer", "smart"):
@@ -529,7 +538,8 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     hospital = Hospital(name=sec.get("name", str, required=True),
                         identifier_system=ident.get("system", str, required=True),
                         identifier_value=ident.get("value", str, required=True),
-                        fhir_base_url=url, keys=keys, auth=auth, http=http)
+                        fhir_base_url=url, keys=keys, auth=auth, http=http,
+                        certificate_chain=_path(base, chain) if chain else None)
     ident.finish()
     sec.finish()
     return hospital

@@ -59,6 +59,9 @@ class Hospital:
     keys: Path
     auth: Auth = field(default_factory=Auth)
     http: Http = field(default_factory=Http)
+    # PEM: the X.509 certificate of the signing key, then its issuers; sent as x5c (Da Vinci CDex) so a
+    # receiver without our JWKS can verify. None: signatures name the key by kid only.
+    certificate_chain: Path | None = None
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},

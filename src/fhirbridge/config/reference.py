@@ -96,6 +96,10 @@ MEANINGS = {
                               "another host).",
     "hospital.keys": "The hospital's private JWKS (made by `fhirbridge init`, mode 0600): signs packages, decrypts "
                      "opinions.",
+    "hospital.certificate_chain": "A PEM file: the X.509 certificate of the signing key in `keys`, then its "
+                                  "issuers (leaf first). Sent as `x5c` in every document signature (Da Vinci "
+                                  "CDex) so a receiver without our JWKS can verify; checked to hold the signing "
+                                  "key (unset: signatures name the key by `kid` only).",
     "hospital.identifier.system": "Identifier system of the hospital's organisation identifier.",
     "hospital.identifier.value": "Identifier value of the hospital's organisation identifier.",
     "hospital.auth.type": "`none`, `basic`, `bearer` or `smart` (SMART Backend Services).",

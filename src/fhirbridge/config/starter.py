@@ -26,6 +26,8 @@ package_lifetime_days = 30            # a package (and the reviewer's window to 
 [hospital]
 name = {hospital_name}
 keys = "keys/hospital.private.jwks.json"   # signing + decryption keys (made by init; mode 0600)
+# certificate_chain = "keys/hospital-signing-chain.pem"   # X.509 chain of the signing key (PEM, leaf first):
+#                                       # sent as x5c so receivers without your JWKS can verify (Da Vinci CDex)
 fhir_base_url = {fhir_base_url}
 
 [hospital.identifier]                  # YOUR organisation identifier: it names you to reviewers and keys your

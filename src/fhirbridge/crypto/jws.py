@@ -1,7 +1,9 @@
 """JWS signatures (RFC 7515) over documents and small claim sets, via joserfc.
 
 Only the compact serialization is used. Verification never trusts a key named or embedded in the
-token (jwk/jku/x5u headers are ignored): the key comes from the caller's trusted KeyRing by `kid`.
+token (jwk/jku/x5u headers are ignored): the key comes from the caller's trusted KeyRing by `kid`. An `x5c`
+chain (crypto/certs.py) is for receivers without our JWKS; when one is present its leaf must hold the very
+key that verified, so the header can never point such a receiver at another key.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
 
+from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import SIG_ALGS, KeyRing
 from fhirbridge.errors import SealError
 from fhirbridge.jsonutil import b64url_decode, canonical, loads, sha256_hex
@@ -23,21 +26,33 @@ ALLOWED_ALGS = SIG_ALGS  # never "none" or HS*: a MAC key is shared, so it canno
 
 # One registry with our allow-list; joserfc's default 128 kB payload cap is far below a FHIR document.
 _REGISTRY = jws.JWSRegistry(algorithms=list(ALLOWED_ALGS))
-_REGISTRY.max_header_length = 8 * 1024
+# The header may carry an x5c chain (a few base64 DER certificates, twice encoded): room for ten of them.
+_REGISTRY.max_header_length = 64 * 1024
 _REGISTRY.max_payload_length = 256 * 1024 * 1024
 _REGISTRY.max_signature_length = 2048
 
 _EC_ALG_BY_CURVE = {"P-256": "ES256", "P-384": "ES384"}
 _ALG_KEY = {"ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "RS384": ("RSA", None), "PS256": ("RSA", None)}
 
-AUTHOR_SIGNATURE = {
-    "system": "urn:iso-astm:E1762-95:2013",
-    "code": "1.2.840.10065.1.12.1.1",
-    "display": "Author's Signature",
-}
+SIGNATURE_TYPES = "urn:iso-astm:E1762-95:2013"
+AUTHOR_SIGNATURE = {"system": SIGNATURE_TYPES, "code": "1.2.840.10065.1.12.1.1", "display": "Author's Signature"}
+# Da Vinci CDex Signature profiles (cdex-signature, cdex-digital-signature): Signature.type has a required
+# slice fixed to ASTM E1762-95(2013) 1.2.840.10065.1.12.1.5 "Verification Signature"; the slicing is open, so
+# the Author's Signature (the sender authored the Composition) stays next to it.
+VERIFICATION_SIGNATURE = {"system": SIGNATURE_TYPES, "code": "1.2.840.10065.1.12.1.5",
+                          "display": "Verification Signature"}
 SIG_FORMAT = "application/jose"
+# CDex Digital Signature profile: targetFormat fixed to the JSON canonicalization "#document" (everything in
+# the Bundle but Bundle.id and Bundle.meta, and the enveloped signature itself), done with RFC 8785 JCS
+# (CDex pre-adopts the FHIR R6 rule); sigFormat fixed to application/jose.
 TARGET_FORMAT = "application/fhir+json"
+BUNDLE_TARGET_FORMAT = "application/fhir+json;canonicalization=http://hl7.org/fhir/canonicalization/json#document"
+# A signature over one resource (Provenance.signature over its targets): FHIR json.html#canonical "#static"
+# leaves out Resource.text and Resource.meta, which a server may set on storing, so it still verifies
+# when read back from the EHR.
+RESOURCE_TARGET_FORMAT = "application/fhir+json;canonicalization=http://hl7.org/fhir/canonicalization/json#static"
 _BUNDLE_EXCLUDED = ("id", "meta", "signature")
+_RESOURCE_EXCLUDED = ("meta", "text")
 
 _PLAIN_KID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
@@ -64,17 +79,23 @@ def _signing_alg(key) -> str:
     raise SealError(f"signing key {key.kid} ({key.key_type}) has no allowed signature algorithm")
 
 
-def _sign(payload: bytes, keyring: KeyRing, typ: str | None) -> str:
+def _sign(payload: bytes, keyring: KeyRing, typ: str | None, x5c: list[str] | None = None) -> str:
     key = keyring.signing_key()
-    header = {"alg": _signing_alg(key), "kid": key.kid}
+    header: dict = {"alg": _signing_alg(key), "kid": key.kid}
     if typ:
         header["typ"] = typ
+    if x5c:
+        leaf = certs.leaf_public_key(x5c)
+        if leaf is None or not certs.same_key(leaf, key.public_key):
+            raise SealError(f"the certificate chain given does not hold signing key {key.kid}")
+        header["x5c"] = list(x5c)
     return jws.serialize_compact(header, payload, key, registry=_REGISTRY)
 
 
-def sign_detached(payload: bytes, keyring: KeyRing, *, typ: str | None = None) -> str:
-    """Compact JWS with the payload segment left empty (RFC 7515 Appendix F): `header..signature`."""
-    return jws.detach_content(_sign(payload, keyring, typ))
+def sign_detached(payload: bytes, keyring: KeyRing, *, typ: str | None = None, x5c: list[str] | None = None) -> str:
+    """Compact JWS with the payload segment left empty (RFC 7515 Appendix F): `header..signature`.
+    `x5c`: the certificate chain of the signing key (crypto/certs.py), put in the protected header."""
+    return jws.detach_content(_sign(payload, keyring, typ, x5c))
 
 
 def sign_compact(claims: dict, keyring: KeyRing, *, typ: str) -> str:
@@ -129,6 +150,12 @@ def _trusted_key(header: dict, trusted: KeyRing):
         raise SealError(f"signature algorithm {alg} does not fit trusted key {kid} ({key.key_type})")
     if key.alg and key.alg != alg:  # RFC 7517 §4.4: the key is meant for one algorithm only
         raise SealError(f"signature uses {alg} but trusted key {kid} is for {key.alg}")
+    if "x5c" in header:
+        # Not a source of trust (the key above is), but a receiver without our JWKS verifies with this leaf:
+        # a chain for another key would make the same signature mean something else to it.
+        leaf = certs.leaf_public_key(header["x5c"])
+        if leaf is None or not certs.same_key(leaf, key.public_key):
+            raise SealError(f"the x5c certificate chain in the signature does not hold trusted key {kid}")
     return key
 
 
@@ -192,29 +219,79 @@ def bundle_digest(bundle: dict) -> str:
     return sha256_hex(_bundle_signed_bytes(bundle))
 
 
-def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str) -> dict:
+def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str, x5c: list[str] | None = None) -> dict:
     """A copy of `bundle` carrying Bundle.signature (FHIR R4 Signature datatype, JWS detached)."""
-    return sign_bundle_with_digest(bundle, keyring, who=who, when=when)[0]
+    return sign_bundle_with_digest(bundle, keyring, who=who, when=when, x5c=x5c)[0]
 
 
-def sign_bundle_with_digest(bundle: dict, keyring: KeyRing, *, who: dict, when: str) -> tuple[dict, str]:
+def sign_bundle_with_digest(bundle: dict, keyring: KeyRing, *, who: dict, when: str,
+                            x5c: list[str] | None = None) -> tuple[dict, str]:
     """`sign_bundle`, also returning `bundle_digest` of the result, from the one canonicalisation both need
     (RFC 8785 of a large document is the costliest part of sealing). The copy is shallow: its entries are
     the caller's, so neither side may change them afterwards."""
     signed_bytes = _bundle_signed_bytes(bundle)
-    token = sign_detached(signed_bytes, keyring)
+    token = sign_detached(signed_bytes, keyring, x5c=x5c)
     signed = dict(bundle)
-    signed["signature"] = {
-        "type": [dict(AUTHOR_SIGNATURE)],
-        "when": when,
-        "who": copy.deepcopy(who),
-        "targetFormat": TARGET_FORMAT,
-        "sigFormat": SIG_FORMAT,
-        # Signature.data is base64Binary: standard base64 (with padding) of the JWS text.
-        "data": base64.b64encode(token.encode("ascii")).decode("ascii"),
-    }
+    signed["signature"] = _signature(token, who=who, when=when, target_format=BUNDLE_TARGET_FORMAT)
     # The signature is excluded from what is signed, so the digest of the signed Bundle is that of the input.
     return signed, sha256_hex(signed_bytes)
+
+
+def _signature(token: str, *, who: dict, when: str, target_format: str, on_behalf_of: dict | None = None) -> dict:
+    sig = {
+        "type": [dict(VERIFICATION_SIGNATURE), dict(AUTHOR_SIGNATURE)],
+        "when": when,
+        "who": copy.deepcopy(who),
+        "targetFormat": target_format,
+        "sigFormat": SIG_FORMAT,
+        # Signature.data is base64Binary: standard base64 (with padding) of the JWS text (CDex: the compact
+        # JWS "must be base64 encoded again", its '.' is not a base64 character).
+        "data": base64.b64encode(token.encode("ascii")).decode("ascii"),
+    }
+    if on_behalf_of is not None:
+        sig["onBehalfOf"] = copy.deepcopy(on_behalf_of)
+    return sig
+
+
+def _resource_signed_bytes(resource: dict) -> bytes:
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        raise SealError("not a FHIR resource: it has no resourceType")
+    try:
+        return canonical({k: v for k, v in resource.items() if k not in _RESOURCE_EXCLUDED})
+    except rfc8785.CanonicalizationError as err:
+        raise SealError(f"resource cannot be canonicalized for signing (RFC 8785): {type(err).__name__}") from None
+
+
+def sign_resource(resource: dict, keyring: KeyRing, *, who: dict, when: str, on_behalf_of: dict | None = None,
+                  x5c: list[str] | None = None) -> dict:
+    """A Signature (FHIR R4 datatype, JWS detached) over one resource: its RFC 8785 form without `meta` and
+    `text` (canonicalization "#static"). For Provenance.signature, which signs the Provenance's targets."""
+    token = sign_detached(_resource_signed_bytes(resource), keyring, x5c=x5c)
+    # The verification type alone: the signer vouches for what it verified and wrote, it did not author it.
+    sig = _signature(token, who=who, when=when, target_format=RESOURCE_TARGET_FORMAT, on_behalf_of=on_behalf_of)
+    sig["type"] = [dict(VERIFICATION_SIGNATURE)]
+    return sig
+
+
+def _signature_token(sig: object, where: str) -> str:
+    if not isinstance(sig, dict):
+        raise SealError(f"malformed signature: {where} is not an object")
+    if sig.get("sigFormat") != SIG_FORMAT:
+        raise SealError(f"{where} has sigFormat {_show(sig.get('sigFormat'))}; only {SIG_FORMAT} (JWS) is supported")
+    data = sig.get("data")
+    if not isinstance(data, str) or not data:
+        raise SealError(f"malformed signature: {where}.data is empty")
+    try:
+        return base64.b64decode(data, validate=True).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise SealError(f"malformed signature: {where}.data is not base64 of a JWS") from None
+
+
+def verify_resource(sig: dict, resource: dict, trusted: KeyRing) -> dict:
+    """Verify a `sign_resource` Signature over `resource` (as read back: meta and text are not covered)."""
+    if not isinstance(sig, dict) or sig.get("targetFormat") != RESOURCE_TARGET_FORMAT:
+        raise SealError(f"the signature's targetFormat is not {RESOURCE_TARGET_FORMAT}")
+    return verify_detached(_signature_token(sig, "the signature"), _resource_signed_bytes(resource), trusted)
 
 
 def verify_bundle(bundle: dict, trusted: KeyRing) -> dict:
@@ -230,13 +307,8 @@ def verify_bundle(bundle: dict, trusted: KeyRing) -> dict:
         raise SealError(f"document signature has sigFormat {_show(sig.get('sigFormat'))}; "
                         f"only {SIG_FORMAT} (JWS) is supported")
     target = sig.get("targetFormat")
+    # Plain application/fhir+json is what packages and opinions sealed before the CDex canonicalization
+    # parameter was written carry (the same bytes are signed): still accepted while they are in flight.
     if target is not None and not (isinstance(target, str) and target.startswith(TARGET_FORMAT)):
-        raise SealError(f"document signature has targetFormat {_show(target)}; expected {TARGET_FORMAT}")
-    data = sig.get("data")
-    if not isinstance(data, str) or not data:
-        raise SealError("malformed signature: Bundle.signature.data is empty")
-    try:
-        token = base64.b64decode(data, validate=True).decode("ascii")
-    except (binascii.Error, ValueError):
-        raise SealError("malformed signature: Bundle.signature.data is not base64 of a JWS") from None
-    return verify_detached(token, _bundle_signed_bytes(bundle), trusted)
+        raise SealError(f"document signature has targetFormat {_show(target)}; expected {BUNDLE_TARGET_FORMAT}")
+    return verify_detached(_signature_token(sig, "Bundle.signature"), _bundle_signed_bytes(bundle), trusted)

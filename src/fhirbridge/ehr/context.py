@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fhirbridge.config import mappings as mappings_load
 from fhirbridge.config.model import Config, Hospital, env_name
+from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.fhir.auth import make_auth
@@ -57,6 +58,13 @@ class App:
     @cached_property
     def hospital_keys(self) -> KeyRing:
         return KeyRing.load(self.hospital.keys)
+
+    @cached_property
+    def hospital_x5c(self) -> list[str] | None:
+        """The `x5c` of the hospital's signing key (`hospital.certificate_chain`, checked to hold that key),
+        or None when no chain is configured."""
+        chain = self.hospital.certificate_chain
+        return None if chain is None else certs.load_x5c(chain, self.hospital_keys.signing_key().public_key)
 
     @cached_property
     def order_codes(self) -> mappings_load.OrderCodes:

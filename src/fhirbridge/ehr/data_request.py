@@ -1,13 +1,18 @@
-"""A reviewer asks the hospital for more records: a Da Vinci CDex-style data request Task in the EHR.
+"""A reviewer asks the hospital for more records: a Da Vinci CDex data request Task in the EHR.
 
-CDex (Clinical Data Exchange, "Task-based approach": https://hl7.org/fhir/us/davinci-cdex/task-based-approach.html)
-models "please send me these data" as a Task with code `data-request` (HRex temporary code system), the
-requester the party asking, the owner the party holding the data, `for` the patient, and an input saying
-what is wanted: `data-query` (a FHIR query) or `data-code` (a code, or free text in its CodeableConcept).
-A reviewer writes in words, so the request is a `data-code` input carrying the text. The Task is `partOf`
-the referral Task, so the EHR shows it with the referral; the Case's event log records that it was asked
-(not the words: they may be clinical). Hospital staff act on it in the EHR (a new order with a wider
-profile, or a document added to the chart).
+CDex STU 2.0.0 (task-based-approach.html; profile cdex-task-data-request) models "please send me these data"
+as a Task with `code` from CDex's own temporary code system (cdex-temp): `data-request-code` when the wanted
+data is named by a code or free text, `data-request-query` for a FHIR query. `requester` is the party asking,
+`owner` the party holding the data, `for` the patient, `authoredOn` and `reasonCode.text` are required, and
+one input says what is wanted: the `code` slice, typed HRex `data-code`, whose CodeableConcept may be text
+alone. A reviewer writes in words, so the request is `data-request-code` with the text. The profile
+forbids `focus` (max 0): the order that authorises the request is `basedOn`. The optional purpose-of-use
+input (cdex-temp `purpose-of-use`) says TREAT. *Changed:* CDex 1.x's HRex-based Task used HRex's
+`data-request` code and allowed `focus`, which older versions of this module wrote.
+
+The Task is `partOf` the referral Task, so the EHR shows it with the referral; the Case's event log records
+that it was asked (not the words: they may be clinical). Hospital staff act on it in the EHR (a new order
+with a wider profile, or a document added to the chart).
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from fhirbridge.errors import FhirbridgeError
 from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
-HREX_TEMP = "http://hl7.org/fhir/us/davinci-hrex/CodeSystem/hrex-temp"
+CDEX_TEMP = "http://hl7.org/fhir/us/davinci-cdex/CodeSystem/cdex-temp"
+HREX_TEMP = "http://hl7.org/fhir/us/davinci-hrex/CodeSystem/hrex-temp"   # the input types CDex 2.0 reuses
+PROFILE = "http://hl7.org/fhir/us/davinci-cdex/StructureDefinition/cdex-task-data-request"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 MAX_TEXT = 2000
 
 
@@ -42,19 +50,23 @@ def build(app: App, case: Case, text: str) -> dict:
     reviewer = app.config.reviewer(case.reviewer)
     return {
         "resourceType": "Task",
+        "meta": {"profile": [PROFILE]},
         "status": "requested",
         "intent": "order",
-        "code": {"coding": [{"system": HREX_TEMP, "code": "data-request", "display": "Data Request"}]},
+        "code": {"coding": [{"system": CDEX_TEMP, "code": "data-request-code", "display": "Data Request Code"}]},
         "identifier": [{"system": ehr_task.CASE_ID_SYSTEM + ":data-request", "value": case.id}],
+        "basedOn": [{"reference": case.service_request}],
         "partOf": [{"reference": case.task}] if case.task else [],
-        "focus": {"reference": case.service_request},
         "for": {"reference": case.patient},
         "authoredOn": ehr_task.now_iso(),
         "requester": reviewer.organization_ref(),
         "owner": app.hospital.organization_ref(),
         "reasonCode": {"text": "The second-opinion reviewer needs more records to answer"},
         "input": [{"type": {"coding": [{"system": HREX_TEMP, "code": "data-code"}]},
-                   "valueCodeableConcept": {"text": text}}],
+                   "valueCodeableConcept": {"text": text}},
+                  {"type": {"coding": [{"system": CDEX_TEMP, "code": "purpose-of-use"}]},
+                   "valueCodeableConcept": {"coding": [{"system": ACT_REASON, "code": "TREAT",
+                                                        "display": "treatment"}]}}],
     }
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 from fhirbridge import jsonutil
 from fhirbridge.crypto import jwe, jws
@@ -45,6 +46,67 @@ _CAPS = {PACKAGE: (MAX_PACKAGE_ENVELOPE_BYTES, MAX_PACKAGE_PLAINTEXT_BYTES),
 MAX_ENVELOPE_BYTES = MAX_PACKAGE_ENVELOPE_BYTES
 MAX_PLAINTEXT_BYTES = MAX_PACKAGE_PLAINTEXT_BYTES
 CLOCK_SKEW = 300
+
+
+# --- who sends and who receives -------------------------------------------------------------------
+# RFC 7519 §4.1.1 and §4.1.3: `iss` is a StringOrURI and `aud` a StringOrURI or an array of them, and a value
+# with a ':' must be a URI (§2). The claims name each organisation by the URI of its identifier; the
+# {system, value, display} object (what a FHIR Reference.identifier needs) travels next to it under the
+# private claim names `iss_org` / `aud_org`, and must name the same identifier. Packages and opinions sealed
+# before (the object in `iss`/`aud` itself) are still read: see `party_uri`.
+RFC3986 = "urn:ietf:rfc:3986"
+
+
+def organization_uri(system: str, value: str) -> str:
+    """The URI of an organisation identifier. With system urn:ietf:rfc:3986 the value is a URI already (R4
+    identifier-registry); otherwise the value, percent-encoded, becomes the fragment of the system's URI
+    (inside an existing fragment after an encoded '|', FHIR's system|value token separator)."""
+    if system == RFC3986:
+        return value
+    encoded = quote(value, safe="-._~!$&'()*+,;=:@/?")
+    return f"{system}%7C{encoded}" if "#" in system else f"{system}#{encoded}"
+
+
+def addressing(sender: dict, recipient: dict) -> dict:
+    """`iss`, `aud` (URIs) and `iss_org`, `aud_org` (the {system, value, display} objects) for claims."""
+    return {"iss": organization_uri(sender["system"], sender["value"]), "iss_org": dict(sender),
+            "aud": organization_uri(recipient["system"], recipient["value"]), "aud_org": dict(recipient)}
+
+
+def party_uri(value: object) -> str | None:
+    """The identifier URI an `iss`/`aud` claim names: the string itself, or, for an envelope sealed before
+    they were strings, the URI of its {system, value} object. None when it is neither."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("system"), str) and isinstance(value.get("value"), str):
+        return organization_uri(value["system"], value["value"])
+    return None
+
+
+def party(claims: dict, which: str) -> dict:
+    """The {system, value, display} object of `iss` or `aud` (`iss_org`/`aud_org`, or an older envelope's
+    object claim); empty when the claims carry none."""
+    for value in (claims.get(f"{which}_org"), claims.get(which)):
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def reply_addressing(claims: dict) -> dict:
+    """The addressing of an answer to an envelope with these claims: its sender and recipient swapped, in the
+    same form (an older hospital gets the object claims it reads)."""
+    if isinstance(claims.get("iss"), dict) or isinstance(claims.get("aud"), dict):
+        return {"iss": claims.get("aud"), "aud": claims.get("iss")}
+    return addressing(party(claims, "aud"), party(claims, "iss"))
+
+
+def _check_addressing(claims: dict) -> None:
+    """`iss_org`/`aud_org` must name what `iss`/`aud` name. Whether those are whom the receiver expects (or
+    usable at all) is the receiver's check, with its own reason."""
+    for which in ("iss", "aud"):
+        uri, org = party_uri(claims.get(which)), claims.get(f"{which}_org")
+        if uri is not None and org is not None and party_uri(org) != uri:
+            raise SealError(f"claims {which}_org names another organisation than {which}")
 
 
 def _caps(typ: str) -> tuple[int, int]:
@@ -176,6 +238,7 @@ def open_verified(data: bytes, *, typ: str, decrypt: KeyRing,
     jws.verify_bundle(document, keys)
     if claims.get("document_sha256") != jws.bundle_digest(document):
         raise SealError("the document does not match the digest its sender signed")
+    _check_addressing(claims)
     now = time.time() if now is None else now
     for field in ("jti", "iat", "exp"):
         if field not in claims:

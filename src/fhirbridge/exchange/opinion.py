@@ -15,6 +15,7 @@ from pathlib import Path
 from fhirbridge import jsonutil
 from fhirbridge.config.mappings import OpinionForm
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.fhir.narrative import narrative_problems
 
 
 class AnswerError(FhirbridgeError):
@@ -138,12 +139,31 @@ def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, 
         "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{composition_id}"},
         "status": "final", "type": {"coding": [form.doc_type]}, "category": [{"coding": [form.doc_category]}],
         "subject": {"reference": patient_url}, "date": timestamp, "author": [{"reference": org_url}],
-        "title": form.title, "section": comp_sections,
+        "title": form.title,
+        "text": composition_text(form.title, [(s["title"], s["html"]) for s in sections.values()]),
+        # R4 Composition.attester: the reviewer organisation vouches for its opinion (`official`: an
+        # Organization's attestation; the person who answered is not named in the answer). The document's
+        # signature, made with the reviewer's key, is that attestation signed.
+        "attester": [{"mode": "official", "time": timestamp, "party": {"reference": org_url}}],
+        "section": comp_sections,
     }
     entries = [{"fullUrl": f"urn:uuid:{composition_id}", "resource": composition},
                patient_entry, service_request_entry, {"fullUrl": org_url, "resource": reviewer_org}]
     return {"resourceType": "Bundle", "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{opinion_id}"},
             "type": "document", "timestamp": timestamp, "entry": entries + observations}
+
+
+def composition_text(title: str, sections: list[tuple[str, list[str]]]) -> dict:
+    """Composition.text (R4 documents.html: the document's attested narrative, status `generated`) from the
+    structured answer only: the title and each section's fields, rendered by `field_html`, which escapes every
+    value. Nothing the reviewer typed is taken as markup, and the result is checked against the R4 narrative
+    allow-list (fhir/narrative.py) before it is used."""
+    body = f"<h2>{_esc(title)}</h2>" + "".join(f"<h3>{_esc(t)}</h3>{''.join(parts)}" for t, parts in sections)
+    div = f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'
+    problems = narrative_problems(div)
+    if problems:   # cannot happen with escaped values; never send a narrative the hospital would refuse
+        raise FhirbridgeError("the opinion narrative is not safe XHTML: " + "; ".join(problems))
+    return {"status": "generated", "div": div}
 
 
 def reviewer_organization(identity: dict) -> dict:

@@ -8,6 +8,7 @@ import re
 import time
 from html import unescape
 
+from fhirbridge.exchange.envelope import party
 from fhirbridge.fhir.elements import concept_text, summary_line
 
 # What a terminal acts on rather than shows (ECMA-48): CSI sequences (ESC [ or the 8-bit CSI), control strings
@@ -57,7 +58,7 @@ def render_package(claims: dict, document: dict) -> str:
     m = claims.get("manifest", {})
     t = _by_type(document)
     lines = [f"Second-opinion referral  (package {claims.get('package_id')})",
-             f"From: {claims.get('iss', {}).get('display')}    To: {claims.get('aud', {}).get('display')}",
+             f"From: {party(claims, 'iss').get('display')}    To: {party(claims, 'aud').get('display')}",
              f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(claims.get('exp'))}",
              f"Collection profile: {m.get('profile')} (lookback {m.get('lookback_days')} days)", ""]
     for p in t.get("Patient", []):

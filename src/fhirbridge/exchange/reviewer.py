@@ -266,15 +266,15 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
         raise SealError("the package's document lacks its Patient or ServiceRequest")
     opinion_id = str(uuid.uuid4())
     timestamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    org = reviewer_organization(claims["aud"])
+    us = envelope.party(claims, "aud")   # the reviewer, as the package names it
+    org = reviewer_organization(us)
     document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
                                       patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org)
-    document = jws.sign_bundle(document, key, who={"identifier": {"system": claims["aud"]["system"],
-                                                                  "value": claims["aud"]["value"]},
-                                                   "display": claims["aud"].get("display")}, when=timestamp)
+    document = jws.sign_bundle(document, key, who={"identifier": {"system": us["system"], "value": us["value"]},
+                                                   "display": us.get("display")}, when=timestamp)
     now = int(time.time())
-    out_claims = {"jti": opinion_id, "iat": now, "exp": now + OPINION_LIFETIME, "iss": claims["aud"],
-                  "aud": claims["iss"], "case_id": claims["case_id"], "package_id": claims["package_id"],
+    out_claims = {"jti": opinion_id, "iat": now, "exp": now + OPINION_LIFETIME, **envelope.reply_addressing(claims),
+                  "case_id": claims["case_id"], "package_id": claims["package_id"],
                   "service_request": claims["service_request"], "patient": claims["patient"]}
     sealed = envelope.seal(typ=envelope.OPINION, claims=out_claims, document=document, signer=key,
                            recipient=recipient)

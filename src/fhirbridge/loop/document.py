@@ -90,6 +90,11 @@ def build_document(collected: Collected, *, package_id: str, base_url: str, hosp
         "date": timestamp,
         "author": [{"reference": org_url}],
         "title": "Second opinion referral",
+        # R4 Composition.attester: the hospital, an Organization, vouches for the packet as consistent with
+        # its disclosure policy: mode `official` ("the organization authenticated the content as consistent
+        # with their policies and procedures"); `legal`/`professional` are a person's attestations, and no
+        # person reviews the packet before it is sealed. Its Bundle.signature is that attestation, signed.
+        "attester": [{"mode": "official", "time": timestamp, "party": {"reference": org_url}}],
         "custodian": {"reference": org_url},
         "text": _narrative(f"<p>Second opinion referral. Question: {_esc(question_of(sr))}</p>"),
         "section": sections,

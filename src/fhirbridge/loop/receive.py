@@ -85,15 +85,16 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
                    f"package {case.package_id}; nothing written")
     # The claims are signed by the reviewer, but a reviewer's tool can still be wrong: a member of the wrong
     # type is a refusal with the reason, never a crash that would leave the file in the inbox for ever.
-    aud = claims.get("aud")
-    aud = aud if isinstance(aud, dict) else {}
-    _refuse_unless(case.hospital == app.hospital.key and aud.get("value") == app.hospital.identifier_value,
+    # iss/aud are identifier URIs (RFC 7519 StringOrURI); an opinion from an older reviewer tool names them
+    # by {system, value} objects, which party_uri reads the same way (exchange/envelope.py).
+    h = app.hospital
+    _refuse_unless(case.hospital == h.key and envelope.party_uri(claims.get("aud"))
+                   == envelope.organization_uri(h.identifier_system, h.identifier_value),
                    "the opinion is addressed to another hospital than the one that decrypted it; nothing written")
-    iss = claims.get("iss")
-    iss = iss if isinstance(iss, dict) else {}
-    _refuse_unless(iss.get("value") == reviewer.identifier_value,
-                   f"the opinion says it is from {iss.get('value')!r}, but Case {case.id[:8]} was sent to "
-                   f"{reviewer.identifier_value!r}; nothing written")
+    iss = envelope.party_uri(claims.get("iss"))
+    expected = envelope.organization_uri(reviewer.identifier_system, reviewer.identifier_value)
+    _refuse_unless(iss == expected, f"the opinion says it is from {iss!r}, but Case {case.id[:8]} was sent to "
+                                    f"{expected!r}; nothing written")
     _refuse_unless(claims.get("patient") == case.patient and claims.get("service_request") == case.service_request,
                    f"the opinion's claims name another patient or order than Case {case.id[:8]}; nothing written")
     # The document's identifier becomes the note's identifier in the chart: it must be the signed message

@@ -82,7 +82,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
                               timestamp=timestamp, inline_binaries=inline)
     document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
-                                                   when=timestamp)
+                                                   when=timestamp, x5c=app.hospital_x5c)
     issued = int(time.time())
     manifest: dict[str, Any] = {
         "profile": collected.profile,
@@ -96,9 +96,9 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     }
     claims = {
         "jti": package_id, "iat": issued, "exp": issued + cfg.package_lifetime_days * 86400,
-        "iss": {"system": h.identifier_system, "value": h.identifier_value, "display": h.name},
-        "aud": {"system": reviewer.identifier_system, "value": reviewer.identifier_value,
-                "display": reviewer.display},
+        **envelope.addressing({"system": h.identifier_system, "value": h.identifier_value, "display": h.name},
+                              {"system": reviewer.identifier_system, "value": reviewer.identifier_value,
+                               "display": reviewer.display}),
         "case_id": case.id, "service_request": case.service_request, "patient": case.patient,
         "package_id": package_id, "manifest": manifest,
     }

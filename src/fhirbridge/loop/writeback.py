@@ -4,8 +4,16 @@ ITI-65 "Provide Document Bundle" style).
 The transaction holds: the opinion document as a `Binary` (application/fhir+json, securityContext the
 Patient), a `DocumentReference` (type 11488-4, subject the Patient, context.related the ServiceRequest,
 masterIdentifier and identifier the opinion's id, attachments: the FHIR document by URL and a plain-text
-rendering inline), a `Provenance` (author the reviewer, transmitter fhirbridge, with the verified
-signature), and the Task set to `completed` with `output`.
+rendering inline), a `Provenance` (author the reviewer, transmitter fhirbridge, signed over its targets),
+and the Task set to `completed` with `output`.
+
+Provenance.signature is "a digital signature on the target Reference(s)" (R4 provenance.html): one per
+target, in `target` order, each a detached JWS by the hospital's key (the transmitter, on the hospital's
+behalf) over the target as written, canonicalized "#static" (RFC 8785 without `meta` and `text`, which the
+EHR may set), so anyone with the hospital's public keys (or the `x5c` chain) can check what fhirbridge
+filed. *Changed:* it used to carry the reviewer's Bundle.signature, which covers the opinion document, not
+the Provenance's targets. That signature is still in the chart: the Binary holds the document as signed,
+Bundle.signature included, and verifies with the reviewer's keys.
 
 Why a Binary with a client-assigned id rather than a `Bundle` resource: a document Bundle holds its own
 urn:uuid fullUrls, which some servers try to resolve as transaction references and reject; and not every
@@ -36,6 +44,7 @@ import uuid
 from dataclasses import dataclass
 
 from fhirbridge import jsonutil
+from fhirbridge.crypto import jws
 from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import BUSINESS_SYSTEM, STATUS, now_iso
@@ -190,6 +199,12 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
         ],
         "context": {"related": [{"reference": case.service_request}]},
     }
+    transmitter = {"display": "fhirbridge"}
+    hospital_ref = app.hospital.organization_ref()
+    # One signature per target, in target order; the signer is the transmitter agent (R4: "the signer should
+    # match a Provenance.agent"), acting for the hospital.
+    signatures = [jws.sign_resource(target, app.hospital_keys, who=transmitter, on_behalf_of=hospital_ref,
+                                    when=created, x5c=app.hospital_x5c) for target in (docref, binary)]
     provenance = {
         "resourceType": "Provenance",
         "target": [{"reference": docref_ref}, {"reference": binary_ref}],
@@ -201,12 +216,12 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
              "who": reviewer.organization_ref()},
             # US Core Provenance: the system that sent the data on the author's behalf is the transmitter.
             {"type": {"coding": [{"system": US_CORE_PARTICIPANT, "code": "transmitter", "display": "Transmitter"}]},
-             "who": {"display": "fhirbridge"}, "onBehalfOf": app.hospital.organization_ref()},
+             "who": transmitter, "onBehalfOf": hospital_ref},
         ],
         "entity": [{"role": "source", "what": {"identifier": {"system": OPINION_ID_SYSTEM,
                                                               "value": f"urn:uuid:{claims['jti']}"},
                                                "display": "Sealed second opinion as received"}}],
-        "signature": [document["signature"]] if document.get("signature") else [],
+        "signature": signatures,
     }
     status, code, display = STATUS[Step.DONE]
     task = dict(task)

@@ -360,7 +360,7 @@ def preview_text(portal: Portal, opened: OpenedPackage, data: dict) -> str:
     doc = build_opinion_document(data, portal.form, opinion_id=str(uuid.uuid4()), timestamp="(when sent)",
                                  patient_entry=entries[claims["patient"]],
                                  service_request_entry=entries[claims["service_request"]],
-                                 reviewer_org=reviewer_organization(claims["aud"]))
+                                 reviewer_org=reviewer_organization(envelope.party(claims, "aud")))
     return render_opinion(doc)
 
 
@@ -417,7 +417,7 @@ def create_portal(settings: PortalSettings) -> Flask:
                 patient = build(opened, attachment_text=lambda _i: None).patient
                 rows.append({"pid": pid, "package": pc.package_id, "patient": patient,
                              "question": qs[0] if qs else "",
-                             "hospital": (opened.claims.get("iss") or {}).get("display", ""),
+                             "hospital": envelope.party(opened.claims, "iss").get("display", ""),
                              "sent": opened.claims.get("iat"), "due": pc.due_at or opened.claims.get("exp"),
                              "answered": portal.answered(pid), "closed": pc.source == "closed", "error": None})
             except (FhirbridgeError, OSError) as exc:
