@@ -11,7 +11,7 @@ from joserfc import jwt as jose_jwt
 
 from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
-from fhirbridge.demo.localehr import LocalEhr, find_sekmet, seed_patient
+from fhirbridge.demo.localehr import find_sekmet, seed_patient
 from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError
 from fhirbridge.fhir.auth import (
     ASSERTION_TYPE,
@@ -39,7 +39,8 @@ def smart_keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smart_ehr(tmp_path_factory, smart_keys):
-    """A second sekmet that accepts only SMART tokens (tests.kit.hospital.start_smart_ehr)."""
+    """A second sekmet that accepts only SMART tokens and grants our client exactly the scopes fhirbridge derives
+    (tests.kit.hospital.start_smart_ehr: behind the gate that authorises each transaction entry)."""
     from tests.kit.hospital import start_smart_ehr
     try:
         find_sekmet()
@@ -52,7 +53,7 @@ def smart_ehr(tmp_path_factory, smart_keys):
         server.stop()
 
 
-def _auth(ehr: LocalEhr, keys: Path, **kw) -> SmartBackendAuth:
+def _auth(ehr, keys: Path, **kw) -> SmartBackendAuth:
     kw.setdefault("client_id", CLIENT_ID)
     return SmartBackendAuth.from_keys(keys=keys, fhir_base_url=ehr.base_url, **kw)
 
@@ -71,9 +72,10 @@ def _record_token_requests(auth: SmartBackendAuth) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def smart_seeded(smart_ehr, smart_keys) -> dict:
-    # The seeder updates ImagingStudies and posts transactions: it asks for everything the client may have.
-    with FhirClient(smart_ehr.base_url, auth=_auth(smart_ehr, smart_keys, scopes=("system/*.*",))) as client:
-        return seed_patient(smart_ehr, client, family="Smart-Testpatient", given="Berta", profile="spine")
+    # The seeder (the hospital's own systems) updates ImagingStudies and posts transactions: it writes with the
+    # server's unrestricted token, not as fhirbridge's client.
+    with FhirClient(smart_ehr.direct_url, auth=smart_ehr.admin) as client:
+        return seed_patient(smart_ehr.ehr, client, family="Smart-Testpatient", given="Berta", profile="spine")
 
 
 def test_server_refuses_requests_without_a_token(smart_ehr):
@@ -89,7 +91,7 @@ def test_token_obtained_once_and_cached_for_many_calls(smart_ehr, smart_keys, sm
         for _ in range(8):
             assert client.read_ref(smart_seeded["patient"])["resourceType"] == "Patient"
     assert auth.token_requests == 1 and len(sent) == 1
-    assert auth.token_url == smart_ehr.base_url.removesuffix("/fhir") + "/auth/token"  # discovered
+    assert auth.token_url == smart_ehr.token_url  # discovered
     form = sent[0]
     assert form["grant_type"] == "client_credentials"
     assert form["client_assertion_type"] == ASSERTION_TYPE
@@ -151,14 +153,14 @@ def test_rejected_token_reauthorises_once_and_retries(smart_ehr, smart_keys, sma
 
 
 def test_rejected_post_is_retried_with_its_body(smart_ehr, smart_keys, smart_seeded):
-    auth = _auth(smart_ehr, smart_keys, scopes=("system/Basic.c", "system/Basic.rs"))
+    auth = _auth(smart_ehr, smart_keys, scopes=("system/Task.c", "system/Task.rs"))
     with FhirClient(smart_ehr.base_url, auth=auth) as client:
         auth.access_token()
         with auth._lock:
             auth._token = "not-a-token"
-        created, _ = client.create({"resourceType": "Basic", "code": {"text": "smart retry"},
-                                    "subject": {"reference": smart_seeded["patient"]}})
-    assert created["resourceType"] == "Basic" and created["id"]
+        created, _ = client.create({"resourceType": "Task", "status": "draft", "intent": "order",
+                                    "description": "smart retry", "for": {"reference": smart_seeded["patient"]}})
+    assert created["resourceType"] == "Task" and created["id"]
 
 
 def test_second_refusal_gives_a_clear_error(smart_ehr, smart_keys, monkeypatch):
@@ -209,8 +211,7 @@ def test_concurrent_threads_share_one_token(smart_ehr, smart_keys):
 
 
 def test_configured_token_url_skips_discovery(smart_ehr, smart_keys):
-    url = smart_ehr.base_url.removesuffix("/fhir") + "/auth/token"
-    auth = _auth(smart_ehr, smart_keys, token_url=url, scopes=("system/Patient.rs",))
+    auth = _auth(smart_ehr, smart_keys, token_url=smart_ehr.token_url, scopes=("system/Patient.rs",))
     sent = _record_token_requests(auth)
     auth.access_token()
     assert auth.granted_scope == "system/Patient.rs" and sent[0]["scope"] == "system/Patient.rs"

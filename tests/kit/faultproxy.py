@@ -11,6 +11,7 @@ changes the body sent upstream (a request the real server then rejects). `before
 and `after` are called with the request path before forwarding and once the upstream answered (the crash
 suite kills a worker there: mid-transaction). Unmatched requests are forwarded unchanged. Absolute upstream
 URLs in responses (paging links, Location) are rewritten to the proxy so that every request goes through it.
+A subclass may refuse or re-authorise a request before any rule sees it (`admit`: tests/kit/scopegate.py).
 """
 from __future__ import annotations
 
@@ -115,9 +116,28 @@ class FaultProxy:
                     return rule
         return None
 
+    def admit(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, bytes] | dict | None:
+        """Before the rules: None forwards, a dict forwards with these headers replaced, (status, payload)
+        answers with that OperationOutcome instead. Forwards everything here."""
+        return None
+
+    def keeps_urls(self, path: str) -> bool:
+        """Whether the answer to `path` is passed on without pointing its upstream URLs at the proxy."""
+        return False
+
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
+        admitted = self.admit(h.command, h.path, dict(h.headers.items()), body)
+        if isinstance(admitted, tuple):
+            status, payload = admitted
+            self.log.append((h.command, h.path, status))
+            h.send_response(status)
+            h.send_header("Content-Type", "application/fhir+json")
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
         rule = self._rule_for(h.command, h.path)
         if rule and rule.action == "status":
             self.log.append((h.command, h.path, rule.status))
@@ -142,6 +162,9 @@ class FaultProxy:
         if rule and rule.rewrite_request:
             body = rule.rewrite_request(body)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
+        if isinstance(admitted, dict):
+            headers = {k: v for k, v in headers.items() if k.lower() not in {n.lower() for n in admitted}}
+            headers.update(admitted)
         try:
             r = requests.request(h.command, self.upstream_root + h.path, data=body or None, headers=headers,
                                  timeout=60)
@@ -157,7 +180,8 @@ class FaultProxy:
             return
         if rule and rule.action == "slow-response":
             time.sleep(rule.delay)
-        content = r.content.replace(self.upstream_root.encode(), self.root.encode())
+        keep = self.keeps_urls(h.path)
+        content = r.content if keep else r.content.replace(self.upstream_root.encode(), self.root.encode())
         if rule and rule.action == "rewrite":
             content = rule.rewrite(content)
         self.log.append((h.command, h.path, r.status_code))
@@ -165,7 +189,7 @@ class FaultProxy:
             h.send_response(r.status_code)
             for k, v in r.headers.items():
                 if k.lower() not in HOP_BY_HOP:
-                    h.send_header(k, v.replace(self.upstream_root, self.root))
+                    h.send_header(k, v if keep else v.replace(self.upstream_root, self.root))
             h.send_header("Content-Length", str(len(content)))
             h.end_headers()
             if rule and rule.action == "truncate":

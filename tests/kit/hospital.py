@@ -21,7 +21,6 @@ from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.demo.localehr import LocalEhr
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
 from fhirbridge.exchange import envelope
@@ -29,6 +28,7 @@ from fhirbridge.exchange.opinion import build_opinion_document, reviewer_organiz
 from fhirbridge.exchange.reviewer import OpenedPackage, answer, open_package, write_reviewer_keys
 from fhirbridge.loop.runner import run_pending
 from tests.kit import processes
+from tests.kit.scopegate import EXACT_SCOPES, SmartEhr
 
 # The session's seeded patient (the `seeded` fixture of tests/conftest.py); tests that scan for PHI look for
 # this name.
@@ -77,12 +77,13 @@ def pg_schema(prefix: str = "fb"):
         admin.dispose()
 
 
-def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime: int) -> LocalEhr:
-    """A sekmet that accepts only SMART tokens, for one client whose signing keys are in `keys`; the client may
-    ask for anything (system/*.*), so what a token allows is what fhirbridge asks for."""
-    jwks = KeyRing.load(keys).public_jwks()
-    return LocalEhr.start(directory, token_lifetime=token_lifetime, startup_timeout=processes.READY_SECONDS,
-                          smart_client={"client_id": client_id, "jwks": jwks, "scopes": "system/*.*"})
+def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime: int | None = None, *,
+                    scopes: tuple[str, ...] | list[str] | str = EXACT_SCOPES) -> SmartEhr:
+    """A sekmet that accepts only SMART tokens, for one client whose signing keys are in `keys`, granting it
+    `scopes` and nothing more (default: exactly what fhirbridge needs with the shipped profiles and audit copies),
+    behind the gate that authorises each entry of a transaction (tests/kit/scopegate.py). Seed it with
+    `FhirClient(ehr.direct_url, auth=ehr.admin)`; give fhirbridge `ehr.base_url` and `ehr.token_url`."""
+    return SmartEhr(directory, client_id, keys, scopes=scopes, token_lifetime=token_lifetime)
 
 
 def unique_mappings(root: Path) -> tuple[Path, str]:
@@ -139,15 +140,12 @@ class TestHospital:
 
     def use_smart(self, client_id: str, keys: Path, token_url: str | None = None) -> None:
         """Authorise at the EHR with SMART Backend Services as `client_id`, signing with `keys` (token endpoint:
-        `token_url`, else discovered)."""
-        from fhirbridge.fhir.auth import DEFAULT_SCOPES
+        `token_url`, else discovered), asking for the scopes fhirbridge derives from this configuration (no
+        [hospital.auth] scopes)."""
         text = self.config_path.read_text()
         old = next(line for line in text.splitlines() if line.startswith('type = "none"'))
-        # sekmet authorises a transaction (POST to the base) as a create of "*": filing the opinion needs
-        # system/*.c there on top of the default scopes (a server checking each entry would not).
-        scopes = " ".join((*DEFAULT_SCOPES, "system/*.c"))
         self.config_path.write_text(text.replace(
-            old, f'type = "smart"\nclient_id = "{client_id}"\nkeys = "{keys}"\nscopes = "{scopes}"'
+            old, f'type = "smart"\nclient_id = "{client_id}"\nkeys = "{keys}"'
                  + (f'\ntoken_url = "{token_url}"' if token_url else "")))
         self.app.close()
         self.app = self.new_app()

@@ -16,6 +16,7 @@ from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.auth import DEFAULT_SCOPES
 from fhirbridge.ops import doctor
 from tests.kit.processes import READY_SECONDS
+from tests.kit.scopegate import EXACT_SCOPES
 
 pytestmark = pytest.mark.sekmet
 
@@ -104,6 +105,9 @@ def test_smart_client_missing_a_scope_and_write_permission(tmp_path, narrow_smar
     assert "system/Condition.rs" in checks["search Condition"]["fix"]
     assert "system/Condition.read" in checks["search Condition"]["fix"]      # the v1 spelling too
     assert checks["search DiagnosticReport"]["status"] == "pass"
+    assert checks["scopes for collect"]["status"] == "fail"     # the feature the missing scope breaks
+    assert checks["scopes for collect"]["detail"] == ("not granted: system/Condition.rs: the record cannot be "
+                                                      "collected")
     assert checks["write-back (transaction)"]["status"] == "fail"
     assert "system/*.c" in checks["write-back (transaction)"]["fix"]
 
@@ -117,7 +121,7 @@ def test_smart_client_missing_a_scope_and_write_permission(tmp_path, narrow_smar
     rows = table.splitlines()
     row = next(i for i, line in enumerate(rows) if line.startswith("FAIL") and "search Condition" in line)
     assert "fix: grant scope system/Condition.rs" in rows[row + 1]
-    assert rows[-1].startswith("3 failure(s)")
+    assert rows[-1].startswith("4 failure(s)")
 
 
 def test_unknown_smart_client_is_explained(tmp_path, narrow_smart_ehr, client_keys, capsys):
@@ -181,3 +185,60 @@ def test_every_check_is_explained_in_troubleshooting():
     page = (root / "docs" / "troubleshoot.md").read_text()
     missing = sorted(n for n in names if f"`{n}`" not in page)
     assert not missing, missing
+
+
+# --------------------------------------------------------------------- scopes per feature, through the gate
+
+@pytest.fixture
+def gated_ehr(tmp_path, client_keys, request):
+    """A sekmet granting our client `request.param` (a list of scopes) and no more, behind the gate that checks
+    each transaction entry (tests/kit/scopegate.py)."""
+    from tests.kit.hospital import start_smart_ehr
+    try:
+        find_sekmet()
+    except FhirbridgeError as exc:
+        pytest.skip(str(exc))
+    ehr = start_smart_ehr(tmp_path / "ehr", CLIENT_ID, client_keys, scopes=request.param)
+    try:
+        yield ehr
+    finally:
+        ehr.stop()
+
+
+def _doctor_with_audit_copies(tmp_path, ehr, keys: Path, capsys, monkeypatch) -> tuple[int, dict]:
+    from tests.kit.hospital import TestHospital
+    monkeypatch.setenv("FHIRBRIDGE_AUDIT__WRITE_TO_EHR", "true")   # the command reads the process environment
+    h = TestHospital(tmp_path, ehr.base_url)
+    try:
+        h.use_smart(CLIENT_ID, keys)
+        code, out = run_cli(capsys, h.config_path, "--json")
+    finally:
+        h.close()
+    return code, by_name(json.loads(out))
+
+
+@pytest.mark.parametrize("gated_ehr", [EXACT_SCOPES], indirect=True)
+def test_exact_grant_passes_every_check(tmp_path, gated_ehr, client_keys, capsys, monkeypatch):
+    code, checks = _doctor_with_audit_copies(tmp_path, gated_ehr, client_keys, capsys, monkeypatch)
+    assert code == 0, checks
+    assert checks["scopes granted"]["status"] == "pass"
+    assert checks["scopes per feature"]["status"] == "pass"
+    assert "audit copies" in checks["scopes per feature"]["detail"]
+    assert checks["write-back (transaction)"]["status"] == "pass"   # the gate checks entries, not *.c
+
+
+@pytest.mark.parametrize("gated_ehr", [[s for s in EXACT_SCOPES if s != "system/AuditEvent.u"]], indirect=True)
+def test_a_grant_minus_one_scope_names_the_feature_it_breaks(tmp_path, gated_ehr, client_keys, capsys,
+                                                             monkeypatch):
+    """Everything granted but AuditEvent.u (the PUT AuditEvent/<id> that creates each copy): doctor names the
+    audit copies as what breaks, with the scope in both spellings, and nothing else."""
+    code, checks = _doctor_with_audit_copies(tmp_path, gated_ehr, client_keys, capsys, monkeypatch)
+    assert code == 1
+    assert checks["scopes granted"]["detail"] == "asked for but not granted: system/AuditEvent.u"
+    audit = checks["scopes for audit copies"]
+    assert audit["status"] == "fail"
+    assert audit["detail"] == ("not granted: system/AuditEvent.u: AuditEvents are not written to the EHR (they "
+                               "stay in the store)")
+    assert "system/AuditEvent.u" in audit["fix"] and "system/AuditEvent.write" in audit["fix"]
+    assert [n for n in checks if n.startswith("scopes for ")] == ["scopes for audit copies"]
+    assert "scopes per feature" not in checks

@@ -17,7 +17,6 @@ import pytest
 
 from fhirbridge.crypto.keys import generate_jwks, write_private_jwks
 from fhirbridge.demo.localehr import seed_patient
-from fhirbridge.fhir.auth import SmartBackendAuth
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.actions import retry
 from fhirbridge.loop.receive import receive_file
@@ -230,11 +229,10 @@ def test_smart_token_expiring_while_a_request_is_on_its_way_is_renewed_and_the_l
     try:   # whatever fails from here on, the EHR started above is stopped
         proxy = FaultProxy(ehr.base_url)
         hospital = TestHospital(tmp_path / "h", proxy.base_url, env={"FHIRBRIDGE_HOSPITAL__HTTP__TIMEOUT_READ": "15"})
-        with FhirClient(ehr.base_url, auth=SmartBackendAuth.from_keys(
-                keys=keys, fhir_base_url=ehr.base_url, client_id=client_id, scopes=("system/*.*",))) as seeder:
-            patient = seed_patient(ehr, seeder, profile="spine")["patient"]
+        with FhirClient(ehr.direct_url, auth=ehr.admin) as seeder:   # the hospital's own systems seed the chart
+            patient = seed_patient(ehr.ehr, seeder, profile="spine")["patient"]
         # The token endpoint is asked directly: a client assertion's aud must be the endpoint's own URL.
-        hospital.use_smart(client_id, keys, token_url=ehr.base_url.removesuffix("/fhir") + "/auth/token")
+        hospital.use_smart(client_id, keys, token_url=ehr.token_url)
         auth = hospital.app.ehr._session.auth
         sr = hospital.order(patient)
         held = proxy.add(method="GET", path=r"/Procedure\?", action="forward",

@@ -177,6 +177,14 @@ def profile_names(mappings_dir: Path) -> list[str]:
     return sorted(p.stem for p in (mappings_dir / "collect").glob("*.toml"))
 
 
+def collected_types(mappings_dir: Path) -> tuple[str, ...]:
+    """Every type collect searches: each profile's resource types, then the referenced types it follows."""
+    out: list[str] = []
+    for name in profile_names(mappings_dir):
+        out += [t for t in load_profile(mappings_dir, name).rules if t not in out]
+    return (*out, *(t for t in FOLLOW_TYPES if t not in out))
+
+
 # --- opinion form --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

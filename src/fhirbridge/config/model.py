@@ -20,8 +20,9 @@ class Auth:
     password: str | None = None
     token: str | None = None
     # smart: the client registered at the EHR, the private JWKS that signs its client assertions (default:
-    # the hospital's own keys), the token endpoint (default: discovered), scopes (default: what fhirbridge
-    # needs, fhir.auth.DEFAULT_SCOPES) and the assertion's algorithm (default: from the key type).
+    # the hospital's own keys), the token endpoint (default: discovered), scopes (default: what the configured
+    # features request, fhir.auth.FEATURES via App.smart_scopes) and the assertion's algorithm (default: from
+    # the key type).
     client_id: str | None = None
     keys: Path | None = None
     token_url: str | None = None

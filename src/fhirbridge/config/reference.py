@@ -110,8 +110,8 @@ MEANINGS = {
     "hospital.auth.keys": "smart: the private JWKS that signs client assertions (unset: the hospital's `keys`).",
     "hospital.auth.token_url": "smart: the token endpoint (unset: discovered from "
                                "`<fhir_base_url>/.well-known/smart-configuration`).",
-    "hospital.auth.scopes": "smart: the scopes to ask for, a list or one space-separated string (unset: what "
-                            "fhirbridge reads and writes, `fhir.auth.DEFAULT_SCOPES`).",
+    "hospital.auth.scopes": "smart: the scopes to ask for, a list or one space-separated string, used as written "
+                            "(unset: exactly what the configured features request, `fhir.auth.FEATURES`).",
     "hospital.auth.alg": "smart: `RS384` or `ES384` (unset: from the signing key's type).",
     "hospital.http.timeout_connect": "Seconds to wait for a connection to the EHR.",
     "hospital.http.timeout_read": "Seconds to wait for the EHR's answer.",

@@ -75,7 +75,9 @@ class LocalEhr:
 
         `smart_client` ({"client_id", "jwks", "scopes"}: a JWKS, public or private - only its public parts are
         written; scopes a list or space-separated string, default "system/*.*") makes the server enforce SMART
-        Backend Services on /fhir with that one client registered; without it the server needs no auth.
+        Backend Services on /fhir with that one client registered; without it the server needs no auth. Its
+        optional "static_token" is a bearer token the server accepts besides SMART, with no scope check (to seed
+        the EHR, or for a gateway in front that authorises requests itself).
         `token_lifetime` (seconds) sets how long its access tokens live (sekmet's default: 3600).
         """
         data_dir = Path(data_dir).resolve()
@@ -277,8 +279,12 @@ def _smart_server_auth(client: dict) -> dict:
     scopes = client.get("scopes") or "system/*.*"
     if not isinstance(scopes, str):
         scopes = " ".join(scopes)
-    return {"types": ["smart"], "enforce_scopes": True,
-            "smart_clients": [{"client_id": client_id, "jwks": {"keys": keys}, "scopes": scopes}]}
+    auth: dict[str, Any] = {"types": ["smart"], "enforce_scopes": True,
+                            "smart_clients": [{"client_id": client_id, "jwks": {"keys": keys}, "scopes": scopes}]}
+    static = client.get("static_token")
+    if static:
+        auth.update(types=["smart", "bearer"], tokens=[str(static)])
+    return auth
 
 
 def _sekmet_env(settings: Path) -> dict[str, str]:

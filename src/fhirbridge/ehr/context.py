@@ -12,7 +12,7 @@ from fhirbridge.config.model import Config, Hospital, env_name
 from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.remote_jwks import RemoteJwks
-from fhirbridge.fhir.auth import make_auth
+from fhirbridge.fhir.auth import feature_needs, make_auth, needed_scopes
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.ops import metrics
 from fhirbridge.store.store import Store
@@ -50,10 +50,22 @@ class App:
     @cached_property
     def ehr(self) -> FhirClient:
         h = self.hospital
-        return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict()),
+        return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict(), default_scopes=self.smart_scopes),
                           timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
                           max_retry_after=h.http.max_retry_after, page_size=h.http.page_size,
                           observer=metrics.ehr_observer(h.name, h.fhir_base_url))
+
+    @cached_property
+    def smart_needs(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """What each feature this configuration uses asks of the EHR (fhir.auth.FEATURES)."""
+        return feature_needs(mappings_load.collected_types(self.config.mappings_dir),
+                             audit_copies=self.config.audit.write_to_ehr,
+                             physician_app=self.config.physician_app is not None)
+
+    @property
+    def smart_scopes(self) -> tuple[str, ...]:
+        """The SMART scopes asked for unless [hospital.auth] scopes says otherwise: exactly smart_needs."""
+        return needed_scopes(self.smart_needs)
 
     @cached_property
     def hospital_keys(self) -> KeyRing:

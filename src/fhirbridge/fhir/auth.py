@@ -12,7 +12,8 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -50,11 +51,12 @@ class BasicAuth(HTTPBasicAuth):
         return "BasicAuth(username=***, password=***)"
 
 
-def make_auth(cfg: dict | None) -> AuthBase | None:
+def make_auth(cfg: dict | None, *, default_scopes: tuple[str, ...] | None = None) -> AuthBase | None:
     """Build the auth for `cfg` ({"type": "none" | "basic" | "bearer" | "smart", ...}); None means no auth.
 
     "smart" needs client_id, fhir_base_url and keys (a private JWKS file); token_url, scopes and alg are
-    optional. It returns one shared SmartBackendAuth per configuration, so all clients share the token."""
+    optional; without scopes it asks for `default_scopes` (what the configured features need: feature_needs),
+    else DEFAULT_SCOPES. It returns one shared SmartBackendAuth per configuration, so all clients share the token."""
     if not cfg:
         return None
     if not isinstance(cfg, dict):
@@ -67,7 +69,7 @@ def make_auth(cfg: dict | None) -> AuthBase | None:
     if kind == "bearer":
         return BearerAuth(_required(cfg, "token", kind))
     if kind == "smart":
-        return _smart(cfg)
+        return _smart(cfg, default_scopes)
     # The type is a config word, not a secret, but a mistyped file could put anything here: cap it.
     raise ValueError(f"unknown auth type {str(kind)[:40]!r}: use one of none, basic, bearer, smart")
 
@@ -87,15 +89,147 @@ ASSERTION_LIFETIME = 300  # seconds; SMART says exp SHALL be no more than five m
 REFUSED_AFTER_REAUTH = ("the EHR refused our SMART token after re-authorisation: check client registration "
                         "and scopes")
 
-# Every resource type fhirbridge reads (intake, collection, subscriptions) and what it writes.
-READ_TYPES = ("Patient", "ServiceRequest", "Condition", "DiagnosticReport", "ImagingStudy", "Procedure",
-              "MedicationStatement", "MedicationRequest", "DocumentReference", "Binary", "Observation",
-              "Practitioner", "PractitionerRole", "Organization", "Medication", "Endpoint", "Specimen",
-              "Location", "Task", "Subscription", "Basic", "Consent")
-WRITE_SCOPES = ("system/Task.cu", "system/DocumentReference.c", "system/Binary.cu", "system/Provenance.c",
-                "system/ServiceRequest.c", "system/Subscription.cru")
-DEFAULT_SCOPES = tuple(f"system/{t}.rs" for t in READ_TYPES) + WRITE_SCOPES
+# ---------------------------------------------------------------- the scopes fhirbridge needs, per feature
+#
+# ONE table of every request fhirbridge makes to the EHR: feature -> (resource type, interaction). The scopes it
+# asks for are derived from the features a configuration uses (`feature_needs`, `scopes_for`), and `doctor`
+# compares the granted scopes with the same table to name the feature a missing scope breaks. A new request to
+# the EHR gets its row here (tests/fhir/test_smart_scopes.py runs the whole loop against an EHR granting exactly
+# the derived scopes, each transaction entry checked on its own).
+#
+# SMART App Launch v2, "Scopes for requesting FHIR Resources" (scopes-and-launch-context.html): `c` is the
+# type-level create (POST [type]); `r` read, vread and instance history; `u` instance-level update and patch:
+# "Note that some servers allow for an update operation to create a new instance, and this is allowed by the
+# update scope". So a PUT to an id fhirbridge chose (write-back's Binary and DocumentReference, the AuditEvent
+# copies, a Task or ServiceRequest it changes) needs `u`, never just `c`; `d` delete; `s` type-level search.
+READ, SEARCH, CREATE, UPDATE = "read", "search", "create", "update"
+PERMISSION = {READ: "r", SEARCH: "s", CREATE: "c", UPDATE: "u"}
+COLLECTED = "<collected>"   # stands for each type the collection profiles (and reference following) search
 
+# The types the shipped collection profiles search, and the referenced types collect follows by `_id`
+# (config.mappings.collected_types computes them for a configuration; a test keeps this in step).
+COLLECTED_TYPES = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "MedicationStatement",
+                   "MedicationRequest", "DocumentReference", "Practitioner", "PractitionerRole", "Organization",
+                   "Observation", "Medication", "Endpoint", "Specimen", "Location")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    breaks: str                                  # what stops working without its scopes (doctor says it)
+    needs: tuple[tuple[str, str], ...]           # (resource type or COLLECTED, interaction)
+    optional: bool = False                       # only when configured (feature_needs says when)
+    core: bool = True                            # the loop cannot run without it (doctor: fail, else warn)
+
+
+FEATURES: tuple[Feature, ...] = (
+    # loop/intake.py poll and the lost-store check; loop/guards.py and routing re-read the order before each
+    # outbound step; routing reads an Organization performer named by reference.
+    Feature("intake", "no new orders are found and open Cases cannot re-check their order",
+            (("ServiceRequest", SEARCH), ("ServiceRequest", READ), ("Task", SEARCH), ("Organization", READ))),
+    # ehr/task.py: the referral Task (conditional create on the Case identifier, then PUT with If-Match).
+    Feature("referral Task", "the EHR's Task cannot show a Case's progress, so no Case can start",
+            (("Task", CREATE), ("Task", READ), ("Task", UPDATE))),
+    # loop/collect.py and loop/consent.py: the patient, each profile's searches, references by `_id`, the
+    # patient's Consents and the Organizations they name.
+    Feature("collect", "the record cannot be collected",
+            (("Patient", READ), (COLLECTED, SEARCH), ("Consent", SEARCH), ("Organization", READ))),
+    # loop/seal.py: attachments stored as Binary (DocumentReference.content.attachment.url).
+    Feature("attachments", "attachments stored as Binary cannot be sealed", (("Binary", READ),), core=False),
+    # loop/writeback.py: is it filed already, then ONE transaction: PUT Binary/<id>, PUT DocumentReference/<id>,
+    # POST Provenance, PUT Task/<id> (If-Match).
+    Feature("write-back", "the opinion cannot be filed in the chart",
+            (("Task", READ), ("DocumentReference", SEARCH), ("DocumentReference", READ), ("Binary", UPDATE),
+             ("DocumentReference", UPDATE), ("Provenance", CREATE), ("Task", UPDATE))),
+    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app): POST the order; with deselected
+    # records it is created as a draft and PUT active once the EHR is seen to keep them.
+    Feature("ordering", "orders cannot be placed through fhirbridge (CLI, API, physician app)",
+            (("Patient", READ), ("ServiceRequest", CREATE), ("ServiceRequest", UPDATE)), core=False),
+    # ehr/data_request.py: the reviewer asks for more records (a Task for the hospital).
+    Feature("data requests", "a reviewer's request for more records cannot reach the EHR", (("Task", CREATE),),
+            core=False),
+    # ehr/subscriptions.py (`fhirbridge subscribe`) and service/notify.py (the order an event names).
+    Feature("subscriptions", "`fhirbridge subscribe` cannot register (polling still works)",
+            (("Basic", SEARCH), ("Subscription", SEARCH), ("Subscription", READ), ("Subscription", CREATE),
+             ("Subscription", UPDATE), ("ServiceRequest", READ)), core=False),
+    # ehr/audit.py send_one: PUT AuditEvent/<id> ([audit] write_to_ehr).
+    Feature("audit copies", "AuditEvents are not written to the EHR (they stay in the store)",
+            (("AuditEvent", UPDATE),), optional=True),
+    # ui/physician.py and ui/physician_view.py ([physician_app]): the user (fhirUser), the records shown by
+    # `_id`, the filed opinion and its Binary.
+    Feature("physician app", "the physician app cannot show the user, the records or the opinion",
+            (("Practitioner", READ), ("PractitionerRole", READ), (COLLECTED, SEARCH), ("ServiceRequest", READ),
+             ("DocumentReference", READ), ("Binary", READ)), optional=True),
+)
+
+
+FEATURE = {f.name: f for f in FEATURES}
+
+
+def feature_needs(collected: Iterable[str] = COLLECTED_TYPES, *, audit_copies: bool = False,
+                  physician_app: bool = False) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Feature name -> the (resource type, interaction) pairs it needs, for a configuration whose collection
+    profiles search `collected`, that writes AuditEvents to the EHR or not, with the physician app or not."""
+    enabled = {"audit copies": audit_copies, "physician app": physician_app}
+    out: dict[str, tuple[tuple[str, str], ...]] = {}
+    for f in FEATURES:
+        if f.optional and not enabled.get(f.name):
+            continue
+        pairs: list[tuple[str, str]] = []
+        for rtype, interaction in f.needs:
+            for t in (collected if rtype == COLLECTED else (rtype,)):
+                if (t, interaction) not in pairs:
+                    pairs.append((t, interaction))
+        out[f.name] = tuple(pairs)
+    return out
+
+
+def _permissions(interactions: Iterable[str]) -> str:
+    letters = {PERMISSION[i] for i in interactions}
+    if letters & set("rs"):
+        # A read and a search are both GETs: servers that authorise by HTTP method (sekmet 0.1.1 wants `rs` for
+        # every GET) and SMART v1 `.read` (which means both) make `rs` the pairing that works everywhere; collect
+        # and the physician view read by `_id` search as well as by id.
+        letters |= set("rs")
+    return "".join(ch for ch in "cruds" if ch in letters)   # SMART v2: a subset of the in-order string .cruds
+
+
+def scopes_for(needs: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """`system/<Type>.<cruds>` scopes covering every (resource type, interaction) of `needs`, one per type."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, interaction in needs:
+        by_type.setdefault(rtype, []).append(interaction)
+    return tuple(f"system/{t}.{_permissions(i)}" for t, i in by_type.items())
+
+
+def needed_scopes(by_feature: dict[str, tuple[tuple[str, str], ...]]) -> tuple[str, ...]:
+    """The scopes to ask for: what every feature of `by_feature` (feature_needs) needs, and nothing else."""
+    return scopes_for(pair for pairs in by_feature.values() for pair in pairs)
+
+
+def missing_scopes(scopes: Iterable[str], granted: Iterable[str]) -> tuple[str, ...]:
+    """The part of `scopes` that the `granted` scopes (v2, v1, wildcards) do not cover, as scopes."""
+    grants = []
+    for g in granted:
+        ctx, _, rest = g.partition("/")
+        gtype, dot, perms = rest.partition(".")
+        perms = perms.split("?", 1)[0]   # a granted scope narrowed by a search filter still covers its type
+        if dot:
+            grants.append((ctx, gtype, _V1.get(perms, perms)))
+    out = []
+    for scope in scopes:
+        ctx, _, rest = scope.partition("/")
+        rtype, _, perms = rest.partition(".")
+        lacking = "".join(ch for ch in _V1.get(perms, perms)
+                          if not any(gctx == ctx and gtype in ("*", rtype) and ch in gp for gctx, gtype, gp in grants))
+        if lacking:
+            out.append(f"{ctx}/{rtype}.{lacking}")
+    return tuple(out)
+
+
+_V1 = {"read": "rs", "write": "cud", "*": "cruds"}   # SMART v1 scopes in v2 letters (scopes-and-launch-context)
+# What a configuration with the shipped profiles and no optional feature asks for (the App passes its own).
+DEFAULT_SCOPES = needed_scopes(feature_needs())
 _V2_PERMS = re.compile(r"^c?r?u?d?s?$")
 _MAX_ERROR_TEXT = 300
 _TOKEN_ERROR_BODY = 64 * 1024
@@ -150,7 +284,8 @@ class SmartBackendAuth(AuthBase):
 
     def __init__(self, *, client_id: str, fhir_base_url: str, signing_key: jwk.Key, kid: str,
                  alg: str | None = None, token_url: str | None = None, scopes: tuple[str, ...] | None = None,
-                 timeout: tuple[float, float] = (5.0, 30.0), clock: Callable[[], float] = time.time):
+                 default_scopes: tuple[str, ...] | None = None, timeout: tuple[float, float] = (5.0, 30.0),
+                 clock: Callable[[], float] = time.time):
         if not client_id:
             raise ValueError("auth type smart needs a non-empty 'client_id'")
         self.client_id = client_id
@@ -161,7 +296,9 @@ class SmartBackendAuth(AuthBase):
         self._kid = kid
         self.token_url = token_url
         self._explicit_scopes = tuple(scopes) if scopes else None
-        self.scopes: tuple[str, ...] = self._explicit_scopes or DEFAULT_SCOPES
+        # Unless configured, what the configuration's features need (feature_needs; the App derives them).
+        self._default_scopes = tuple(default_scopes) if default_scopes else DEFAULT_SCOPES
+        self.scopes: tuple[str, ...] = self._explicit_scopes or self._default_scopes
         self._discovered = False
         self.timeout = timeout
         self._clock = clock
@@ -329,7 +466,7 @@ class SmartBackendAuth(AuthBase):
                                 transient=False)
             self.token_url = endpoint
         if not self._explicit_scopes and _only_v1(doc):
-            self.scopes = v1_scopes(DEFAULT_SCOPES)
+            self.scopes = v1_scopes(self._default_scopes)
         self._discovered = True
 
 
@@ -350,19 +487,21 @@ _shared: dict[tuple, SmartBackendAuth] = {}
 _shared_lock = threading.Lock()
 
 
-def _smart(cfg: dict) -> SmartBackendAuth:
+def _smart(cfg: dict, default_scopes: tuple[str, ...] | None) -> SmartBackendAuth:
     client_id = _required(cfg, "client_id", "smart")
     base = _required(cfg, "fhir_base_url", "smart")
     keys = cfg.get("keys")
     if not keys:
         raise ValueError("auth type smart needs 'keys' (a private JWKS to sign the client assertion with)")
     scopes = tuple(cfg.get("scopes") or ()) or None
-    key = (client_id, base, os.fspath(keys), cfg.get("token_url"), scopes, cfg.get("alg"))
+    default_scopes = tuple(default_scopes) if default_scopes else None
+    key = (client_id, base, os.fspath(keys), cfg.get("token_url"), scopes, default_scopes, cfg.get("alg"))
     # One object per configuration and process: every client (and thread) shares its token.
     with _shared_lock:
         auth = _shared.get(key)
         if auth is None:
             auth = SmartBackendAuth.from_keys(keys=keys, client_id=client_id, fhir_base_url=base,
-                                              token_url=cfg.get("token_url"), scopes=scopes, alg=cfg.get("alg"))
+                                              token_url=cfg.get("token_url"), scopes=scopes,
+                                              default_scopes=default_scopes, alg=cfg.get("alg"))
             _shared[key] = auth
         return auth

@@ -18,9 +18,18 @@ from urllib.parse import urlsplit
 import requests
 
 from fhirbridge.config import loader as config_mod
-from fhirbridge.config.mappings import FOLLOW_TYPES, load_order_codes, load_profile, profile_names
+from fhirbridge.config.mappings import FOLLOW_TYPES, collected_types, load_order_codes, load_profile, profile_names
 from fhirbridge.config.model import Config, Hospital
-from fhirbridge.fhir.auth import SmartBackendAuth, make_auth
+from fhirbridge.fhir.auth import (
+    FEATURE,
+    SmartBackendAuth,
+    feature_needs,
+    make_auth,
+    missing_scopes,
+    needed_scopes,
+    scopes_for,
+    v1_scopes,
+)
 from fhirbridge.store import migrations
 from fhirbridge.store.store import Store, ping
 
@@ -63,6 +72,12 @@ class Report:
 
 # --- what fhirbridge needs from the EHR -------------------------------------------------------------------
 
+def smart_needs(cfg: Config) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Feature -> what it asks of the EHR, for this configuration (as ehr.context.App.smart_needs)."""
+    return feature_needs(collected_types(cfg.mappings_dir), audit_copies=cfg.audit.write_to_ehr,
+                         physician_app=cfg.physician_app is not None)
+
+
 def needed_searches(cfg: Config) -> dict[str, list[tuple[str, str]]]:
     """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values."""
     patient = f"Patient/{PROBE_ID}"
@@ -99,11 +114,11 @@ def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0,
         cs = _capabilities(hospital, session, timeout, report)
         if cs is not None:
             _capability_contents(cfg, cs, report)
-        auth = _auth(hospital, session, timeout, report, reachable=cs is not None)
+        auth = _auth(cfg, hospital, session, timeout, report, reachable=cs is not None)
         if auth is not False and cs is not None:
             session.auth = auth
             _access(cfg, hospital, session, timeout, report)
-            _write_access(hospital, session, timeout, report)
+            _write_access(cfg, hospital, session, timeout, report)
         elif cs is not None:
             report.add("searches", "skip", "no usable credentials (see above)")
         _reviewers(cfg, session, timeout, report, reviewer_key_problems)
@@ -239,7 +254,7 @@ def _capability_contents(cfg: Config, cs: dict, report: Report) -> None:
                    "ask the vendor to enable transactions on this endpoint")
 
 
-def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report, *, reachable: bool):
+def _auth(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report, *, reachable: bool):
     """The credentials to probe with: an auth object, None (no auth), or False (they do not work)."""
     kind = hospital.auth.type
     if kind != "smart":
@@ -284,9 +299,11 @@ def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report
             report.add("smart configuration", "pass", f"token endpoint {a.token_url or doc.get('token_endpoint')}"
                        + (f"; signing algorithms {', '.join(map(str, algs))}" if isinstance(algs, list) else ""))
     assert a.keys is not None  # smart auth: the loader defaults it to the hospital's keys
+    needs = smart_needs(cfg)
     try:
         smart = SmartBackendAuth.from_keys(keys=a.keys, client_id=a.client_id, fhir_base_url=hospital.fhir_base_url,
-                                           token_url=a.token_url, scopes=a.scopes, alg=a.alg, timeout=timeout)
+                                           token_url=a.token_url, scopes=a.scopes, default_scopes=needed_scopes(needs),
+                                           alg=a.alg, timeout=timeout)
         smart.access_token()
     except Exception as exc:  # noqa: BLE001 - every failure here is reported with its fix
         text = str(exc)
@@ -303,25 +320,36 @@ def _auth(hospital: Hospital, session: requests.Session, timeout, report: Report
     report.add("smart token", "pass", f"client {a.client_id!r} got an access token"
                + (f" with {len(granted)} scope(s)" if granted else ""))
     if granted:
-        missing = [s for s in smart.scopes if s not in granted and not _covered(s, granted)]
+        missing = missing_scopes(smart.scopes, granted)
         if missing:
             report.add("scopes granted", "fail", f"asked for but not granted: {' '.join(missing)}",
                        "have the EHR's registration of this client allow these scopes")
         else:
             report.add("scopes granted", "pass", "every scope asked for was granted")
+        _feature_scopes(report, needs, granted, a.client_id)
+    else:
+        report.add("scopes per feature", "warn", "the token response named no granted scope (SMART says it SHALL)",
+                   "the searches below show what is refused; ask the vendor which scopes the client holds")
     return smart
 
 
-def _covered(scope: str, granted: list[str]) -> bool:
-    """A wildcard grant (system/*.rs, system/*.read, system/*.*) covers a type's scope."""
-    ctx, _, rest = scope.partition("/")
-    _rtype, _, perms = rest.partition(".")
-    for g in granted:
-        gctx, _, grest = g.partition("/")
-        gtype, _, gperms = grest.partition(".")
-        if gctx == ctx and gtype == "*" and (gperms in ("*", perms) or set(perms) <= set(gperms)):
-            return True
-    return False
+def _feature_scopes(report: Report, needs: dict[str, tuple[tuple[str, str], ...]], granted: list[str],
+                    client_id: str | None) -> None:
+    """Each feature whose requests (fhir.auth.FEATURES) the granted scopes do not cover, named with what breaks:
+    a grant narrower than what was asked for, or an explicit [hospital.auth] scopes that leaves something out."""
+    short = 0
+    for name, pairs in needs.items():
+        missing = missing_scopes(scopes_for(pairs), granted)
+        if not missing:
+            continue
+        short += 1
+        feature = FEATURE[name]
+        report.add(f"scopes for {name}", "fail" if feature.core or feature.optional else "warn",
+                   f"not granted: {' '.join(missing)}: {feature.breaks}",
+                   f"have the EHR's registration of client {client_id!r} allow {' '.join(missing)} (SMART v1: "
+                   f"{' '.join(v1_scopes(missing))}); docs/operate.md lists every scope per feature")
+    if not short:
+        report.add("scopes per feature", "pass", f"the grant covers {', '.join(needs)}")
 
 
 def _scope_hint(hospital: Hospital, rtype: str, perms: str) -> str:
@@ -383,7 +411,7 @@ def _diagnostics(resp) -> str:
     return f": {text}" if text else ""
 
 
-def _write_access(hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
+def _write_access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
     """An empty transaction writes nothing; a server that authorises transactions refuses it all the same
     when fhirbridge may not post them (write-back needs that)."""
     empty = {"resourceType": "Bundle", "type": "transaction", "entry": []}
@@ -397,11 +425,12 @@ def _write_access(hospital: Hospital, session: requests.Session, timeout, report
     if 200 <= resp.status_code < 300:
         report.add("write-back (transaction)", "pass", "an empty transaction was accepted (nothing written)")
     elif resp.status_code in (401, 403):
-        hint = ("grant the write scopes (system/Task.cu, system/DocumentReference.c, system/Binary.cu, "
-                "system/Provenance.c); a server that authorises a transaction as a whole (as a create on every "
-                "type) needs system/*.c in [hospital.auth] scopes as well") if hospital.auth.type == "smart" else \
-            ("fhirbridge's account needs permission to post transactions and create DocumentReference, Binary, "
-             "Provenance")
+        writes = " ".join(scopes_for(smart_needs(cfg)["write-back"]))
+        hint = (f"grant the write-back scopes ({writes}); a server that authorises a transaction as a whole (as "
+                "a create on every type) needs system/*.c in [hospital.auth] scopes as well") \
+            if hospital.auth.type == "smart" else \
+            ("fhirbridge's account needs permission to post transactions and to create or update DocumentReference, "
+             "Binary, Provenance and Task")
         report.add("write-back (transaction)", "fail", f"refused: HTTP {resp.status_code}{_diagnostics(resp)}", hint)
     else:
         report.add("write-back (transaction)", "warn", f"HTTP {resp.status_code} to an empty transaction"
