@@ -19,6 +19,12 @@ tooling); the JWT is preferred: nothing secret is stored at the hospital and a s
 
 Scopes: orders:write, cases:read, cases:write, audit:read (config.STAFF_SCOPES). A token that is not valid is
 a 401; a valid one without the endpoint's scope a 403; a Case of a hospital the token does not cover a 404.
+
+**Page sessions** (the dashboard) are signed in with the same credentials. A session remembers which
+credential signed in as a keyed fingerprint (`session_grant`), never the credential, and every request
+re-checks it against the configuration in force (`staff_from_session`): an admin token or API key removed or
+rotated ends the sessions it opened, a key's scopes and hospitals are the configured ones of now, and a
+session opened with an OAuth token ends at that token's `exp` (and with the issuer's configuration).
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ class Staff:
     name: str
     scopes: frozenset[str]
     hospitals: frozenset[str] | None     # hospital names; None: every hospital
+    expires: float | None = None         # an OAuth token's exp; None: the credential does not expire
 
     def may_see(self, hospital_name: str) -> bool:
         return self.hospitals is None or hospital_name in self.hospitals
@@ -214,4 +221,69 @@ def _staff_from_oauth(token: str, cfg: Config, oauth_keys) -> Staff:
     scopes = raw.split() if isinstance(raw, str) else [s for s in raw if isinstance(s, str)] \
         if isinstance(raw, list) else []
     return Staff(f"oauth {str(claims.get('sub', '?'))[:80]}", frozenset(s for s in scopes if s in STAFF_SCOPES),
-                 None)
+                 None, expires=float(claims["exp"]))
+
+
+# --- page sessions -----------------------------------------------------------------------------------
+
+def _fingerprint(digest: str, secret: bytes) -> str:
+    """A credential's fingerprint in a session: keyed with the session secret, so the (readable, signed)
+    cookie gives nothing to guess the credential offline from. `digest` is the credential's SHA-256, which is
+    all the configuration holds of an API key."""
+    return hmac.new(secret, f"fhirbridge/staff-session/{digest}".encode(), hashlib.sha256).hexdigest()
+
+
+def session_grant(token: str, staff: Staff, cfg: Config, secret: bytes, *, lifetime: float) -> dict:
+    """What a page session keeps about the credential that signed in (`staff`, just checked from `token`):
+    its kind, a fingerprint, a session id for revocation, and until when it holds (`lifetime` seconds, never
+    past an OAuth token's exp)."""
+    now = time.time()
+    grant: dict = {"sid": secrets.token_urlsafe(18), "name": staff.name,
+                   "fp": _fingerprint(hashlib.sha256(token.encode()).hexdigest(), secret),
+                   "until": now + lifetime if staff.expires is None else min(now + lifetime, staff.expires)}
+    if any(_same(token, admin) for admin in cfg.api_tokens):
+        grant["kind"] = "admin"
+    elif staff.expires is None:
+        grant["kind"] = "key"
+    else:
+        oauth = cfg.oauth
+        assert oauth is not None  # an expiring Staff comes only from [api.oauth]
+        grant.update(kind="oauth", iss=oauth.issuer, aud=oauth.audience, scopes=sorted(staff.scopes),
+                     kid=peek_header(token).get("kid"))
+    return grant
+
+
+def staff_from_session(grant: object, cfg: Config, secret: bytes, *, oauth_keys=None) -> Staff:
+    """The staff principal of a page session, re-checked against the configuration in force, or Unauthorized.
+
+    The credential itself is not in the session, so what is re-checked is what can change without it: an
+    admin token or API key must still be configured (rotation or removal ends its sessions; a key's scopes
+    and hospitals are read anew); an OAuth session holds until its token's exp, while the same issuer and
+    audience are configured and the issuer still publishes the key that signed the token."""
+    if not isinstance(grant, dict) or not isinstance(grant.get("fp"), str) or not isinstance(grant.get("sid"), str):
+        raise Unauthorized("no sign-in")
+    until = grant.get("until")
+    if not isinstance(until, (int, float)) or until <= time.time():
+        raise Unauthorized("your sign-in has expired: sign in again")
+    fp, kind = grant["fp"], grant.get("kind")
+    if kind == "admin":
+        if any(_same(fp, _fingerprint(hashlib.sha256(t.encode()).hexdigest(), secret)) for t in cfg.api_tokens):
+            return Staff("api token", frozenset(STAFF_SCOPES), None)
+    elif kind == "key":
+        for key in cfg.api_keys:
+            if _same(fp, _fingerprint(key.sha256, secret)):
+                return Staff(f"api key {key.name}", frozenset(key.scopes), frozenset(key.hospitals) or None)
+    elif kind == "oauth" and cfg.oauth is not None and grant.get("iss") == cfg.oauth.issuer \
+            and grant.get("aud") == cfg.oauth.audience:
+        kid = grant.get("kid")
+        oauth_keys = oauth_keys or (lambda k: oauth_keyring(cfg, k))
+        try:
+            known = isinstance(kid, str) and oauth_keys(kid).verification_key(kid) is not None
+        except (ConfigError, SealError):
+            known = False
+        if known:
+            scopes = grant.get("scopes")
+            return Staff(str(grant.get("name", "oauth"))[:90],
+                         frozenset(s for s in scopes if s in STAFF_SCOPES) if isinstance(scopes, list) else frozenset(),
+                         None, expires=float(until))
+    raise Unauthorized("the credentials you signed in with are no longer valid here: sign in again")

@@ -29,6 +29,8 @@ from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
 from fhirbridge.store import migrations
 from fhirbridge.store.tables import AUDIT_ACCOUNTING, audit_events, cases, cursors, events, seen_messages
 
+SIGNED_OUT = "session:signed-out"       # seen_messages.case_id of the rows of signed-out page sessions
+
 
 @dataclass
 class Case:
@@ -490,6 +492,22 @@ class Store:
             return True
         except IntegrityError:
             return False
+
+    # Signed-out page sessions: rows `session:<sid>` in seen_messages, kept as long as such a session could
+    # otherwise live, so a replayed cookie is refused by every worker and replica, not only the one signed out at.
+    def revoke_session(self, sid: str, *, keep_seconds: float) -> None:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id == SIGNED_OUT,
+                                                           seen_messages.c.at < now - keep_seconds)))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(seen_messages).values(jti=f"session:{sid}"[:200], case_id=SIGNED_OUT, at=now))
+        except IntegrityError:
+            pass                                            # signed out twice: once is enough
+
+    def session_revoked(self, sid: str) -> bool:
+        return self.message_seen(f"session:{sid}"[:200])
 
     def message_seen(self, jti: str) -> bool:
         with self.engine.connect() as conn:

@@ -2,7 +2,10 @@
 error and a retry button), turnaround per reviewer, and what the second opinions concluded.
 
 Staff sign in with the same credentials as the staff API (an admin token, a scoped key, or an OAuth2 access
-token); the session keeps only who they are and their scopes. Seeing needs `cases:read`, retrying
+token). The session keeps a keyed fingerprint of the credential, never the credential, and every request checks
+it against the configuration in force (`access.tokens.staff_from_session`): a token or key removed or rotated
+ends its sessions at once, an OAuth session ends at the token's `exp`, and signing out records the session in
+the store, so the cookie replayed is refused by every worker and replica. Seeing needs `cases:read`, retrying
 `cases:write`; a scoped key limited to some hospitals sees only those hospitals' Cases.
 
 What the opinions concluded (concordance, recommendation) is not in the store, which holds no clinical
@@ -16,10 +19,10 @@ import statistics
 import time
 from collections import Counter
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
 
 from fhirbridge import jsonutil
-from fhirbridge.access.tokens import Unauthorized, staff_from_token
+from fhirbridge.access.tokens import Unauthorized, session_grant, staff_from_session, staff_from_token
 from fhirbridge.crypto import jwe
 from fhirbridge.ehr.audit import owed
 from fhirbridge.errors import CaseError, FhirbridgeError
@@ -49,11 +52,29 @@ def _svc():
     return current_app.extensions["fhirbridge"]
 
 
+def _secret() -> bytes:
+    key = current_app.secret_key
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
 def _staff() -> dict | None:
-    s = session.get("staff")
-    if not s or s.get("until", 0) < time.time():
-        return None
-    return s
+    """Who is signed in, re-checked once per request: the credential still configured (or the OAuth token not
+    yet expired) and the session not signed out. A session that fails is dropped from the cookie."""
+    if "dashboard_staff" in g:
+        return g.dashboard_staff
+    grant, found = session.get("staff"), None
+    if grant is not None:
+        try:
+            staff = staff_from_session(grant, _svc().config, _secret())
+            if not _svc().store.session_revoked(grant["sid"]):
+                found = {"name": staff.name, "scopes": sorted(staff.scopes),
+                         "hospitals": sorted(staff.hospitals) if staff.hospitals is not None else None}
+        except Unauthorized:
+            pass
+        if found is None:
+            session.pop("staff", None)
+    g.dashboard_staff = found
+    return found
 
 
 def _signed_in_staff() -> dict:
@@ -103,8 +124,9 @@ def login():
     error = None
     if request.method == "POST":
         check_csrf()
+        token = request.form.get("token", "").strip()
         try:
-            staff = staff_from_token(request.form.get("token", "").strip(), _svc().config)
+            staff = staff_from_token(token, _svc().config)
         except Unauthorized:
             staff = None
             error = "Those credentials are not valid here. Use a staff token, an API key or an access token."
@@ -114,9 +136,8 @@ def login():
             csrf = session.get("_csrf")
             session.clear()
             session["_csrf"] = csrf
-            session["staff"] = {"name": staff.name, "scopes": sorted(staff.scopes),
-                                "hospitals": sorted(staff.hospitals) if staff.hospitals is not None else None,
-                                "until": time.time() + SESSION_HOURS * 3600}
+            session["staff"] = session_grant(token, staff, _svc().config, _secret(),
+                                             lifetime=SESSION_HOURS * 3600)
             overview = url_for("dashboard.overview")
             return redirect(safe_next(request.args.get("next"), overview, within=overview))
     return render_template("dashboard/login.html", title="Sign in", error=error, where="Hospital IT dashboard"), \
@@ -126,7 +147,9 @@ def login():
 @dashboard.post("/logout")
 def logout():
     check_csrf()
-    session.pop("staff", None)
+    grant = session.pop("staff", None)
+    if isinstance(grant, dict) and isinstance(grant.get("sid"), str):
+        _svc().store.revoke_session(grant["sid"], keep_seconds=SESSION_HOURS * 3600)
     return redirect(url_for("dashboard.login"))
 
 
