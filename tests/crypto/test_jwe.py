@@ -23,7 +23,7 @@ def reviewer():
 
 @pytest.fixture(scope="module")
 def hospital():
-    return KeyRing(keys.generate_jwks(), source="hospital.jwks.json")
+    return KeyRing(keys.generate_jwks(), source="/etc/fhirbridge/hospital.jwks.json", label="the hospital's key set")
 
 
 def _ec(ring):
@@ -112,15 +112,18 @@ def test_two_recipients_each_decrypt_alone(reviewer, hospital):
     assert jwe.decrypt_bytes(sealed, reviewer) == TEXT
     assert jwe.decrypt_bytes(sealed, hospital) == TEXT
     # A public key set cannot decrypt, and names the kids the message is for.
-    message = _error(jwe.decrypt_bytes, sealed, KeyRing(reviewer.public_jwks(), source="public.json"))
-    assert _ec(reviewer)[0].kid in message and "public.json" in message
+    message = _error(jwe.decrypt_bytes, sealed, KeyRing(reviewer.public_jwks(), source="public.json",
+                                                        label="the reviewer's public keys"))
+    assert _ec(reviewer)[0].kid in message and "the reviewer's public keys" in message
+    assert "public.json" not in message
 
 
 def test_wrong_keyring_names_kids(reviewer, hospital):
     sealed = jwe.encrypt_bytes(TEXT, reviewer.encryption_keys())
     message = _error(jwe.decrypt_bytes, sealed, hospital)
     kids = ", ".join(k.kid for k in reviewer.encryption_keys())
-    assert message == f"encrypted for keys [{kids}], none of which is in hospital.jwks.json"
+    # Named by its label, never by its file (issue 13, S9: a reviewer uploading an opinion sees this).
+    assert message == f"encrypted for keys [{kids}], none of which is in the hospital's key set"
 
 
 def test_file_round_trip(tmp_path, reviewer):

@@ -21,7 +21,7 @@ def ours():
 
 @pytest.fixture(scope="module")
 def trusted(ours):
-    return KeyRing(ours.public_jwks(), source="trusted/hospital.json")
+    return KeyRing(ours.public_jwks(), source="trusted/hospital.json", label="General Hospital")
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,10 @@ def test_each_failure_has_its_own_reason(ours, trusted, stranger):
     assert "signature does not match: content was changed after signing" in changed_payload
     # Which side was altered cannot be told apart cryptographically; both are the same mismatch.
     assert changed_sig == changed_payload
-    assert f"signed by key {stranger.signing_key().kid}, which is not a trusted key of trusted/hospital.json" \
+    # The key set is named by its label, never by its file (issue 13, S9: the message can reach a peer).
+    assert f"signed by key {stranger.signing_key().kid}, which is not a trusted key of General Hospital" \
         in unknown_kid
+    assert "trusted/hospital.json" not in unknown_kid
     assert "'none'" in none_alg and "HS256" in hs256 and "shared-secret" in hs256
     assert "malformed" in malformed
     assert len({changed_payload, unknown_kid, none_alg, hs256, malformed}) == 5

@@ -154,8 +154,8 @@ def test_keyring_lookups(jwks):
     assert not any(k.is_private for k in ring.encryption_keys())
     assert sig["d"] not in repr(ring)
 
-    public = KeyRing(keys.public_jwks(jwks), source="peer.json")
-    with pytest.raises(SealError, match="peer.json has no private signing key"):
+    public = KeyRing(keys.public_jwks(jwks), source="/keys/peer.json", label="the peer's key set")
+    with pytest.raises(SealError, match="^the peer's key set has no private signing key$"):
         public.signing_key()
     assert public.decryption_key(ec_enc["kid"]) is None
 

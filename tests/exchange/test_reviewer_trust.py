@@ -114,7 +114,8 @@ def test_cli_reviewer_with_a_trust_directory(sites, tmp_path, capsys):
     pkg = make_package(tmp_path / "in", a.private, sites["reviewer_public"])
     code, out, err = run(capsys, "reviewer", "open", pkg, "--key", sites["key_file"])
     assert code == 0, err
-    assert "signature: valid" in out and "hospital-a.jwks.json" in out
+    # The sender is the trust entry that verified it, by the reviewer's name for it (its file, hospital-a).
+    assert "signature: valid, by the keys of the trusted hospital hospital-a\n" in out
     answer_file = tmp_path / "answer.toml"
     answer_file.write_text(ANSWER, encoding="utf-8")
     out_file = tmp_path / "opinion.jwe"
@@ -122,3 +123,24 @@ def test_cli_reviewer_with_a_trust_directory(sites, tmp_path, capsys):
                          sites["trusted_dir"], "--opinion", answer_file, "--out", out_file)
     assert code == 0, err
     assert recipient_kids(out_file.read_bytes()) == {k.kid for k in a.public.encryption_keys()}
+
+
+def test_the_sender_is_the_trusted_entry_that_verified_the_package_not_its_own_claim(sites, tmp_path, capsys):
+    """S12 (issue 13): hospital A signs a package that calls its sender "Hospital B" (another hospital the
+    reviewer trusts). The reviewer is shown the trust entry whose keys verified it, hospital-a; the claimed
+    name appears only marked as unverified."""
+    pkg = make_package(tmp_path / "in", sites["a"].private, sites["reviewer_public"], sender="Hospital B")
+    opened = open_package(pkg, sites["key"], TrustStore.load(sites["trusted_dir"]))
+    assert opened.sender == 'hospital-a (calls itself "Hospital B": not verified)'
+    code, out, err = run(capsys, "reviewer", "open", pkg, "--key", sites["key_file"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == 'signature: valid, by the keys of the trusted hospital hospital-a (calls itself "Hospital B": ' \
+                       'not verified)'
+    sender_line = next(line for line in lines if line.startswith("From: "))
+    assert sender_line.startswith('From: hospital-a (calls itself "Hospital B": not verified)')
+    assert all("Hospital B" not in line or "not verified" in line for line in lines)
+    # A package that names itself as the reviewer named it shows that name alone.
+    honest = make_package(tmp_path / "in", sites["a"].private, sites["reviewer_public"], name="pkg-2",
+                          sender="Hospital A")
+    assert open_package(honest, sites["key"], TrustStore.load(sites["trusted_dir"])).sender == "hospital-a"

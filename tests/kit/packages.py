@@ -25,8 +25,9 @@ class Site:
 
 
 def make_package(where: Path, signer: KeyRing, reviewer_public: KeyRing, *, doc_signer: KeyRing | None = None,
-                 name: str = "pkg-1") -> Path:
-    """A package as seal.py makes one, reduced to what opening and answering need."""
+                 name: str = "pkg-1", sender: str = "Hospital A") -> Path:
+    """A package as seal.py makes one, reduced to what opening and answering need. `sender` is the name its
+    signed claims and Bundle signature give the sending hospital (the signer's own claim)."""
     ehr = "https://ehr.example/fhir"
     doc = {"resourceType": "Bundle", "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"},
            "type": "document", "timestamp": "2024-01-01T00:00:00Z", "entry": [
@@ -34,7 +35,7 @@ def make_package(where: Path, signer: KeyRing, reviewer_public: KeyRing, *, doc_
                {"fullUrl": f"{ehr}/ServiceRequest/sr1", "resource": {
                    "resourceType": "ServiceRequest", "id": "sr1", "status": "active", "intent": "order",
                    "subject": {"reference": f"{ehr}/Patient/p1"}}}]}
-    iss = {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.7.1", "display": "Hospital A"}
+    iss = {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.7.1", "display": sender}
     doc = jws.sign_bundle(doc, doc_signer or signer, who={"identifier": iss, "display": iss["display"]},
                           when="2024-01-01T00:00:00Z")
     now = int(time.time())

@@ -122,15 +122,36 @@ def test_opinion_sealed_to_another_key_is_refused(hospital, case, fhir, task_ver
 
 def test_opinion_signed_by_another_reviewer_is_refused(hospital, case, fhir, task_version):
     other = hospital.reviewers["other-center"]
-    with pytest.raises(SealError, match="not a trusted key"):
+    with pytest.raises(RejectedOpinion, match="^the opinion is not signed by the reviewer of a Case"):
         receive_bytes(hospital.app, craft_opinion(hospital, case, signer=other.key))
     assert_nothing_written(hospital, case, fhir, task_version)
 
 
 def test_opinion_for_an_unknown_case_is_refused(hospital, case, fhir, task_version):
     data = craft_opinion(hospital, case, claims=lambda c: c.update(case_id=str(uuid.uuid4())))
-    with pytest.raises(RejectedOpinion, match="does not know"):
+    with pytest.raises(RejectedOpinion, match="an unknown Case"):
         receive_bytes(hospital.app, data)
+    assert_nothing_written(hospital, case, fhir, task_version)
+
+
+def test_an_unknown_case_and_another_reviewers_case_get_one_refusal(hospital, case, fhir, task_version):
+    """S9 (issue 13): whoever uploads an opinion learns neither which Cases exist nor who holds them, nor
+    where the hospital keeps its key files: an unknown Case and another reviewer's Case are refused with one
+    text and one kind (one HTTP status), naming no reviewer, no Case and no file."""
+    other = hospital.reviewers["other-center"]
+    unknown = craft_opinion(hospital, case, signer=other.key, claims=lambda c: c.update(case_id=str(uuid.uuid4())))
+    foreign = craft_opinion(hospital, case, signer=other.key)    # spine-center's Case, signed by other-center
+    refusals = []
+    for data in (unknown, foreign):
+        with pytest.raises(RejectedOpinion) as refused:
+            receive_bytes(hospital.app, data, source="uploaded opinion")
+        refusals.append((type(refused.value), str(refused.value)))
+    assert refusals[0] == refusals[1]
+    text = refusals[0][1]
+    spine = hospital.app.config.reviewer("spine-center")
+    for secret in (spine.name, spine.display, spine.identifier_value, case.id[:8], str(hospital.root), "jwks",
+                   "/"):
+        assert secret not in text, secret
     assert_nothing_written(hospital, case, fhir, task_version)
 
 

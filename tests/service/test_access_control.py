@@ -18,9 +18,11 @@ from joserfc import jwt as jose_jwt
 from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_public_jwks
+from fhirbridge.exchange.reviewer import open_package
 from fhirbridge.service.api import STAFF_ENDPOINT_SCOPES
 from fhirbridge.service.app import create_app
 from fhirbridge.service.scheduler import Service
+from tests.kit.hospital import craft_opinion
 
 pytestmark = pytest.mark.sekmet
 
@@ -213,6 +215,35 @@ def test_the_signed_token_gets_the_reviewer_its_package(served):
     token = mint_reviewer_token(h.reviewers["spine-center"].key, issuer=SPINE_ID, audience=AUD)
     r = client.get(f"/reviewer/cases/{case.id}/package/package.jwe", headers=bearer(token))
     assert r.status_code == 200 and r.data.startswith(b"{")
+
+
+def test_what_a_reviewer_is_told_names_no_file_and_no_other_reviewers_case(served):
+    """S9 (issue 13): an opinion uploaded for another reviewer's Case and one for a Case that does not exist
+    get the same status and text; a reviewer whose key file is unreadable is not told where it lies."""
+    h, svc, client, case = served
+    other, spine = h.reviewers["other-center"], h.reviewers["spine-center"]
+    opened = open_package(svc.config.data_dir / "cases" / case.id / "package" / str(case.package_id), spine.key,
+                          spine.trusted)     # pulled, so in data_dir, not in an outbox
+    unknown = craft_opinion(h, case, signer=other.key, opened=opened,
+                            claims=lambda c: c.update(case_id=str(uuid.uuid4())))
+    foreign = craft_opinion(h, case, signer=other.key, opened=opened)
+    answers = []
+    for data in (unknown, foreign):
+        r = client.post("/reviewer/opinions", data=data, content_type="application/jose+json",
+                        headers=bearer(mint_reviewer_token(other.key, issuer=OTHER_ID, audience=AUD)))
+        answers.append((r.status_code, r.get_json()))
+    assert answers[0] == answers[1], answers
+    message = answers[0][1]["error"]["message"]
+    for secret in ("spine-center", "Spine Center", SPINE_ID, case.id[:8], str(h.root), "jwks"):
+        assert secret not in message, (secret, message)
+    assert svc.store.get(case.id).step == "await_opinion"
+    # The reviewer's registered key file has gone: the operator's log says which, the reviewer only that
+    # its keys are not available.
+    jwks = svc.config.reviewer("other-center").jwks
+    jwks.rename(jwks.with_suffix(".moved"))
+    r = client.get("/reviewer/cases", headers=bearer(mint_reviewer_token(other.key, issuer=OTHER_ID, audience=AUD)))
+    refused(r, 401, "keys are not available")
+    assert str(jwks.parent) not in r.get_json()["error"]["message"] and "jwks" not in r.get_json()["error"]["message"]
 
 
 # --- completeness ------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -44,6 +45,7 @@ from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.errors import ConfigError, SealError
 from fhirbridge.exchange.envelope import peek_claims, peek_header
 
+log = logging.getLogger("fhirbridge.access")
 REVIEWER_JWT_ALGS = ("ES384", "ES256", "RS384", "PS256")
 OAUTH_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384")
 MAX_TOKEN_LIFETIME = 300
@@ -130,7 +132,9 @@ def _verified_claims(token: str, header: dict, algs: tuple[str, ...], ring_for, 
     try:
         ring = ring_for(kid)
     except (ConfigError, SealError) as exc:
-        raise Unauthorized(f"{keys_of} are not available: {exc}") from None
+        # Why is the operator's business (a file, a URL, a cache path), not the caller's (issue 13, S9).
+        log.warning("%s are not available to check a token: %s", keys_of, exc)
+        raise Unauthorized(f"{keys_of} are not available right now") from None
     key = ring.verification_key(kid) if isinstance(kid, str) else None
     if key is None:
         raise Unauthorized(f"{what} is {not_ours}")

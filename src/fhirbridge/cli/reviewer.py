@@ -126,11 +126,10 @@ def cmd_reviewer_open(args) -> int:
             Path(args.json).write_bytes(data)
             print(f"wrote the document Bundle to {args.json}", file=sys.stderr)
     if not args.json or args.json != "-":
-        # The display is the package's own text: shown as text, never as terminal commands.
-        print(terminal_safe(f"signature: valid, by hospital key "
-                            f"{opened.document['signature'].get('who', {}).get('display', '')}"
-                            f" (trusted keys: {opened.hospital.source if opened.hospital else '-'})"))
-        print(render_package(opened.claims, opened.document))
+        # The sender is the trusted hospital whose keys verified the package, by the name the reviewer gave
+        # it; the package's own name for itself is the signer's claim (issue 13, S12). Text, never commands.
+        print(terminal_safe(f"signature: valid, by the keys of the trusted hospital {opened.sender}"))
+        print(render_package(opened.claims, opened.document, sender=opened.sender))
     if args.extract:
         for p in extract_attachments(opened, key, Path(args.extract)):
             print(terminal_safe(f"extracted {p}"))

@@ -357,7 +357,7 @@ def _open_cek(m: _Members, keyring: KeyRing) -> tuple[str, bytes]:
             _check_content_header(m, joint)
             return kid, _unwrap_cek(joint, recipient, key, kid)
     shown = ", ".join(k[:64] for k in kids)
-    raise SealError(f"encrypted for keys [{shown}], none of which is in {keyring.source}")
+    raise SealError(f"encrypted for keys [{shown}], none of which is in {keyring.label}")
 
 
 def _loads_object(doc: bytes | bytearray, *, where: str, truncated: str) -> dict:

@@ -143,7 +143,7 @@ def _trusted_key(header: dict, trusted: KeyRing):
         raise SealError("signature names no key: the JWS header has no kid")
     key = trusted.verification_key(kid)
     if key is None:
-        raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of {trusted.source}")
+        raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of {trusted.label}")
     kty, crv = _ALG_KEY[alg]
     # A curve is named only for EC algorithms, so the key is an ECKey whenever it is compared.
     if key.key_type != kty or (crv and isinstance(key, ECKey) and key.curve_name != crv):

@@ -5,6 +5,7 @@ appears in log lines, exception messages or reprs: keys are named by `kid` only.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -345,12 +346,16 @@ def _import_entry(key: Any, index: int, source: str) -> _Entry | None:
 class KeyRing:
     """A set of keys with lookups by purpose and kid.
 
-    Built from a JWKS dict (our private set, or a peer's public set). `source` names it in messages
-    (the file path when loaded with `KeyRing.load`).
+    Built from a JWKS dict (our private set, or a peer's public set). `source` is where it came from (the
+    file path when loaded with `KeyRing.load`): configuration errors while loading name it, for the operator.
+    `label` is what every other message says ("the hospital's key set", a trusted hospital's name): those
+    can reach a peer or a reviewer, who must not learn the layout of our disk (issue 13, S9).
     """
 
-    def __init__(self, jwks: dict, *, source: str = "<memory>"):
-        self.source = source
+    source_default, label_default = "<memory>", "the key set"
+
+    def __init__(self, jwks: dict, *, source: str = source_default, label: str = label_default):
+        self.source, self.label = source, label
         entries = [e for i, k in enumerate(_key_list(jwks, source)) if (e := _import_entry(k, i, source))]
         if not entries:
             raise ConfigError("no usable keys: the key set is empty or holds only unsupported key types",
@@ -363,15 +368,21 @@ class KeyRing:
         self._entries = entries
 
     @classmethod
-    def load(cls, path: str | os.PathLike, passphrase: str | None = None) -> KeyRing:
+    def load(cls, path: str | os.PathLike, passphrase: str | None = None, *, label: str = label_default) -> KeyRing:
         file = os.fspath(path)
-        ring = cls(read_jwks(file, passphrase), source=file)
+        ring = cls(read_jwks(file, passphrase), source=file, label=label)
         if ring.has_private:
             _warn_if_exposed(file)
         return ring
 
     def __repr__(self) -> str:
         return f"KeyRing({self.source!r}, kids={self.kids!r})"
+
+    def labelled(self, label: str) -> KeyRing:
+        """The same keys under another label (a copy: a cached ring shared by callers keeps its own)."""
+        ring = copy.copy(self)
+        ring.label = label
+        return ring
 
     @property
     def kids(self) -> list[str]:
@@ -415,13 +426,13 @@ class KeyRing:
             return self
         return KeyRing({"keys": [dict(e.public_dict) if e.private is None else e.private.as_dict(private=True)
                                  for e in self._entries if self.generation_of(e.kid) == gen]},
-                       source=self.source)
+                       source=self.source, label=self.label)
 
     def signing_key(self) -> jwk.Key:
         for e in self._entries:
             if e.private is not None and "sig" in e.purposes:
                 return e.private
-        raise SealError(f"key set {self.source} has no private signing key")
+        raise SealError(f"{self.label} has no private signing key")
 
     def verification_key(self, kid: str) -> jwk.Key | None:
         e = self._find(kid)

@@ -69,7 +69,8 @@ class App:
 
     @cached_property
     def hospital_keys(self) -> KeyRing:
-        return KeyRing.load(self.hospital.keys)
+        # Messages that reach a reviewer name key sets by label, never by their file (issue 13, S9).
+        return KeyRing.load(self.hospital.keys, label="the hospital's key set")
 
     @cached_property
     def hospital_x5c(self) -> list[str] | None:
@@ -86,11 +87,12 @@ class App:
         """The reviewer's public keys: its file, or its published JWKS (cached; fetched again when `kid`,
         the key that signed what is being checked, is not in the cached copy)."""
         reviewer = self.config.reviewer(name)
+        label = f"the key set registered for reviewer {reviewer.name}"
         if reviewer.jwks is not None:
-            return KeyRing.load(reviewer.jwks)
+            return KeyRing.load(reviewer.jwks, label=label)
         cache = self.config.data_dir / "jwks-cache" / f"reviewer-{env_name(name)}.jwks.json"
         assert reviewer.jwks_url is not None  # the loader requires jwks or jwks_url
-        return RemoteJwks.shared(reviewer.jwks_url, cache).keys(kid)
+        return RemoteJwks.shared(reviewer.jwks_url, cache).keys(kid).labelled(label)
 
     def profile(self, name: str) -> mappings_load.Profile:
         return mappings_load.load_profile(self.config.mappings_dir, name)

@@ -133,7 +133,7 @@ def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: 
     (`jws.sign_bundle_with_digest`), so a large document is not canonicalised twice."""
     recipients = recipient.encryption_keys()
     if not recipients:
-        raise SealError(f"{recipient.source} has no public encryption key to seal to")
+        raise SealError(f"{recipient.label} has no public encryption key to seal to")
     claims = {**claims, "typ": typ, "document_sha256": document_sha256 or jws.bundle_digest(document)}
     max_file, max_plain = _caps(typ)
     token = jws.sign_compact(claims, signer, typ=typ)

@@ -54,11 +54,14 @@ def _when(epoch) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch)) if epoch else "?"
 
 
-def render_package(claims: dict, document: dict) -> str:
+def render_package(claims: dict, document: dict, *, sender: str | None = None) -> str:
+    """The package as text. `sender` is who verifiably sent it (`OpenedPackage.sender`); without it the
+    package's own claim is shown, marked as unverified."""
     m = claims.get("manifest", {})
     t = _by_type(document)
     lines = [f"Second-opinion referral  (package {claims.get('package_id')})",
-             f"From: {party(claims, 'iss').get('display')}    To: {party(claims, 'aud').get('display')}",
+             f"From: {sender or str(party(claims, 'iss').get('display')) + ' (not verified)'}    "
+             f"To: {party(claims, 'aud').get('display')}",
              f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(claims.get('exp'))}",
              f"Collection profile: {m.get('profile')} (lookback {m.get('lookback_days')} days)", ""]
     for p in t.get("Patient", []):

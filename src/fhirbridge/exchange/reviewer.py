@@ -10,6 +10,12 @@ keys are never pooled across files and a kid found in two files is refused.
 
 A package is accepted only if it is signed by a trusted hospital key and decrypts with the reviewer's key;
 every separately encrypted attachment is checked against the SHA-256 the signed manifest gives for it.
+
+**Who sent it** is the trusted entry whose keys verified the signatures, named as the reviewer named it: the
+file's name without `.jwks.json` (`trusted/general-hospital.jwks.json` is "general-hospital"). The name a
+package gives its sender (`iss.display`, the Bundle signature's `who`) is the signer's own claim: any trusted
+hospital can write any name there, so it is shown only marked as unverified, and only where it differs
+(`OpenedPackage.sender`).
 """
 from __future__ import annotations
 
@@ -36,7 +42,24 @@ from fhirbridge.exchange.opinion import (
 TRUST_FILE = "trusted.jwks.json"
 TRUST_DIR = "trusted"
 TRUST_SUFFIX = ".jwks.json"
+UNVERIFIED = "not verified"
 OPINION_LIFETIME = 30 * 86400
+
+
+def trusted_name(path: Path) -> str:
+    """The name of a trusted hospital: its trust file's name without .jwks.json, as the reviewer chose it (the
+    default single file, which carries no name, is "the hospital in trusted.jwks.json")."""
+    name = path.name
+    if name == TRUST_FILE:
+        return f"the hospital in {TRUST_FILE}"
+    return name[:-len(TRUST_SUFFIX)] if name.endswith(TRUST_SUFFIX) and len(name) > len(TRUST_SUFFIX) else name
+
+
+def _same_name(a: str, b: str) -> bool:
+    """"General Hospital" and "general-hospital" name the same entry: case, spaces and punctuation aside."""
+    def norm(s: str) -> str:
+        return "".join(c for c in s.casefold() if c.isalnum())
+    return norm(a) == norm(b)
 
 
 def _show(kid: object) -> str:
@@ -88,8 +111,8 @@ class TrustStore:
             if not files:
                 raise ConfigError(f"no *{TRUST_SUFFIX} files here: put one public JWKS per trusted hospital "
                                   "in this directory", file=str(path))
-            return cls([KeyRing.load(f) for f in files], source=str(path))
-        return cls([KeyRing.load(path)], source=str(path))
+            return cls([KeyRing.load(f, label=trusted_name(f)) for f in files], source=str(path))
+        return cls([KeyRing.load(path, label=trusted_name(path))], source=str(path))
 
     @classmethod
     def of(cls, trusted: KeyRing | TrustStore) -> TrustStore:
@@ -97,6 +120,8 @@ class TrustStore:
         if isinstance(trusted, TrustStore):
             return trusted
         if isinstance(trusted, KeyRing):
+            if trusted.label == KeyRing.label_default and trusted.source != KeyRing.source_default:
+                trusted = trusted.labelled(trusted_name(Path(trusted.source)))   # named by its file, as load does
             return cls([trusted], source=trusted.source)
         raise TypeError("trusted must be a KeyRing or a TrustStore")
 
@@ -106,8 +131,7 @@ class TrustStore:
     def hospital_for_kid(self, kid: object) -> KeyRing:
         ring = self._owner.get(kid) if isinstance(kid, str) else None
         if ring is None:
-            raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of any hospital in "
-                            f"{self.source}")
+            raise SealError(f"signed by key {_show(kid)}, which is not a trusted key of any hospital you trust")
         return ring
 
     def keyring_for(self, token: str, claims: dict) -> KeyRing:
@@ -130,6 +154,19 @@ class OpenedPackage:
     @property
     def manifest(self) -> dict:
         return self.claims.get("manifest", {})
+
+    @property
+    def sender(self) -> str:
+        """Who sent the package: the trusted hospital whose keys verified it, by the reviewer's name for it;
+        the package's own name for its sender follows, marked unverified, only when it says something else."""
+        declared = envelope.party(self.claims, "iss").get("display")
+        declared = declared.strip() if isinstance(declared, str) else ""
+        verified = self.hospital.label if self.hospital is not None else None
+        if verified is None:
+            return f"{declared} ({UNVERIFIED})" if declared else f"unknown ({UNVERIFIED})"
+        if not declared or _same_name(declared, verified):
+            return verified
+        return f"{verified} (calls itself \"{declared[:120]}\": {UNVERIFIED})"
 
 
 def package_paths(path: Path) -> tuple[Path, Path]:
@@ -228,14 +265,14 @@ def _recipient(opened: OpenedPackage, hospital: KeyRing | TrustStore | None) -> 
     signer = opened.hospital
     if isinstance(hospital, KeyRing) and signer is not None and \
             not set(signer.kids) <= set(hospital.kids):
-        raise SealError(f"the package was signed with the keys in {signer.source}, not {hospital.source}: an "
+        raise SealError(f"the package was signed with the keys of {signer.label}, not of {hospital.label}: an "
                         "opinion is sealed only to the hospital that sent the package")
     if signer is None and isinstance(hospital, KeyRing):
         signer = TrustStore.of(hospital).hospitals[0]   # the same rules as a trust file: one hospital, public
     if signer is None:
         raise SealError("the package was not opened with open_package: which hospital sent it is unknown")
     if signer.has_private:
-        raise SealError(f"{signer.source} holds private keys; an opinion is sealed to a hospital's public keys")
+        raise SealError(f"{signer.label} holds private keys; an opinion is sealed to a hospital's public keys")
     return signer
 
 

@@ -16,6 +16,7 @@ import errno
 import fnmatch
 import hashlib
 import itertools
+import logging
 import os
 import stat
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import orjson
 
+from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import CaseError, ConfigError, RejectedOpinion, SealError
@@ -36,6 +38,7 @@ from fhirbridge.steps import Step
 from fhirbridge.store.store import LOCAL_PREFIX, Case, pid_alive
 
 CONSULT_NOTE = ("http://loinc.org", "11488-4")
+log = logging.getLogger("fhirbridge.receive")
 
 
 @dataclass
@@ -44,9 +47,18 @@ class Received:
     opinion_id: str
 
 
+# One answer for an opinion that names a Case this service does not know, and for one that names another
+# reviewer's Case (its signature cannot verify with that reviewer's keys): the same text and the same status,
+# so whoever uploads learns neither which Cases exist nor who holds them (issue 13, S9). Which of the two it
+# was goes to the operator's log only.
+NOT_YOURS = ("the opinion is not signed by the reviewer of a Case this service knows (an unknown Case, another "
+             "reviewer's Case, or a key that reviewer has not registered); nothing written")
+
+
 class OpinionKeys:
     """The key set that must verify an opinion: that of the reviewer its Case was sent to (envelope.KeyResolver).
-    The signing key's kid is passed on, so a reviewer publishing a rotated key set is re-read once."""
+    The signing key's kid is passed on, so a reviewer publishing a rotated key set is re-read once. The
+    claims' signature is checked here, before any message could tell a known Case from an unknown one."""
 
     def __init__(self, app: App):
         self.app = app
@@ -54,9 +66,16 @@ class OpinionKeys:
     def keyring_for(self, token: str, claims: dict) -> KeyRing:
         case = self.app.store.find(str(claims.get("case_id", "")))
         if case is None:
-            raise RejectedOpinion(f"the opinion is for Case {claims.get('case_id')!r}, which this service does not "
-                                  "know; nothing was written")
-        return self.app.reviewer_keys(case.reviewer, kid=envelope.peek_header(token).get("kid"))
+            log.warning("opinion refused: it names Case %.80r, which this service does not know", claims.get("case_id"))
+            raise RejectedOpinion(NOT_YOURS)
+        try:
+            keys = self.app.reviewer_keys(case.reviewer, kid=envelope.peek_header(token).get("kid"))
+            jws.verify_compact(token, keys, typ=envelope.OPINION)
+        except SealError as exc:
+            log.warning("opinion refused for Case %s: not verified by the keys of reviewer %s: %s", case.id,
+                        case.reviewer, exc)
+            raise RejectedOpinion(NOT_YOURS) from None
+        return keys
 
 
 def opinion_path(app: App, case: Case, opinion_id: str | None = None) -> Path:

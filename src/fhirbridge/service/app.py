@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil, ui
 from fhirbridge.config import loader as config_mod
-from fhirbridge.errors import FhirbridgeError, FhirError, RejectedOpinion, SealError
+from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError, RejectedOpinion, SealError
 from fhirbridge.service import metrics, request_ids
 from fhirbridge.service.api import api
 from fhirbridge.service.health import health
@@ -84,6 +84,14 @@ def _errors(app: Flask) -> None:
     @app.errorhandler(FhirError)
     def _fhir(exc: FhirError):
         return json_error(503 if exc.transient else 502, str(exc))
+
+    @app.errorhandler(ConfigError)
+    def _config(exc: ConfigError):
+        # A configuration error names our files and settings: the operator's log has it, the caller (a
+        # reviewer, an EHR) only that it is ours to fix (issue 13, S9).
+        log.error("configuration problem on %s %s: %s", request.method, request.path, exc)
+        return json_error(500, "the service cannot handle this request because of a configuration problem; "
+                               "its operator sees the details in its log")
 
     @app.errorhandler(FhirbridgeError)
     def _ours(exc: FhirbridgeError):

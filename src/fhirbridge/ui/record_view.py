@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fhirbridge.exchange.envelope import party
 from fhirbridge.exchange.render import imaging_detail, patient_line, report_detail
 from fhirbridge.fhir.elements import clinical_date, concept_text, summary_line
 
@@ -122,7 +121,7 @@ def build(opened, *, attachment_text) -> RecordView:
     meds = [item(r, _dosage(r)) for r in by_type.get("MedicationStatement", []) + by_type.get("MedicationRequest", [])]
     return RecordView(
         package_id=str(claims.get("package_id")), case_id=str(claims.get("case_id")),
-        hospital=party(claims, "iss").get("display") or "", sent=claims.get("iat"), answer_by=claims.get("exp"),
+        hospital=opened.sender, sent=claims.get("iat"), answer_by=claims.get("exp"),
         patient=patient, questions=questions_of(manifest.get("question")),
         problems=[item(r) for r in by_type.get("Condition", [])], timeline=timeline, imaging=imaging,
         medications=meds, withheld=list(manifest.get("withheld", [])), policy_note=manifest.get("policy_note"),

@@ -417,7 +417,7 @@ def create_portal(settings: PortalSettings) -> Flask:
                 patient = build(opened, attachment_text=lambda _i: None).patient
                 rows.append({"pid": pid, "package": pc.package_id, "patient": patient,
                              "question": qs[0] if qs else "",
-                             "hospital": envelope.party(opened.claims, "iss").get("display", ""),
+                             "hospital": opened.sender,
                              "sent": opened.claims.get("iat"), "due": pc.due_at or opened.claims.get("exp"),
                              "answered": portal.answered(pid), "closed": pc.source == "closed", "error": None})
             except (FhirbridgeError, OSError) as exc:
