@@ -29,6 +29,7 @@ from fhirbridge.config.model import (
     AuditSettings,
     Auth,
     Config,
+    EhrSettings,
     Hospital,
     Http,
     MetricsSettings,
@@ -534,12 +535,15 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
                 max_retry_after=_positive(http_sec, "max_retry_after", float, 30.0),
                 page_size=_positive(http_sec, "page_size", int, 100))
     http_sec.finish()
+    ehr_sec = sec.sub("ehr")
+    ehr = EhrSettings(profile=ehr_sec.get("profile", str, "auto"),
+                      pins={k: v for k, v in ehr_sec.data.items() if k != "profile"})
     ident = sec.sub("identifier")
     hospital = Hospital(name=sec.get("name", str, required=True),
                         identifier_system=ident.get("system", str, required=True),
                         identifier_value=ident.get("value", str, required=True),
                         fhir_base_url=url, keys=keys, auth=auth, http=http,
-                        certificate_chain=_path(base, chain) if chain else None)
+                        certificate_chain=_path(base, chain) if chain else None, ehr=ehr)
     ident.finish()
     sec.finish()
     return hospital

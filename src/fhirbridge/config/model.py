@@ -52,6 +52,15 @@ class Http:
 
 
 @dataclass(frozen=True)
+class EhrSettings:
+    """`[hospital.ehr]`: the vendor profile (mappings/ehr/<profile>.toml; "auto": from the CapabilityStatement
+    alone) and capabilities pinned by name (ehr/capabilities.py checks the names and values)."""
+
+    profile: str = "auto"
+    pins: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Hospital:
     name: str
     identifier_system: str
@@ -63,6 +72,7 @@ class Hospital:
     # PEM: the X.509 certificate of the signing key, then its issuers; sent as x5c (Da Vinci CDex) so a
     # receiver without our JWKS can verify. None: signatures name the key by kid only.
     certificate_chain: Path | None = None
+    ehr: EhrSettings = field(default_factory=EhrSettings)
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},

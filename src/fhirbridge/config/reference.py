@@ -60,6 +60,8 @@ TABLES = {
                 "`FHIRBRIDGE_HOSPITALS__<NAME>__...`).",
     "hospital.auth": "How fhirbridge authenticates to the EHR's FHIR endpoint (docs/connect-ehr.md).",
     "hospital.http": "Timeouts, retries and paging against the EHR.",
+    "hospital.ehr": ("What the EHR can do for the write-back: a vendor profile, and any capability pinned by "
+                     "name (see docs/ehr.md)."),
     "hospital.identifier": "The hospital's organisation identifier: Cases are filed under it, so it must never change.",
     "reviewers[]": "One `[[reviewers]]` table per reviewing organisation (docs/reviewers.md). From the environment: "
                    "`FHIRBRIDGE_REVIEWERS__<NAME>__<KEY>`, NAME being the reviewer's `name` in upper case with "
@@ -118,6 +120,8 @@ MEANINGS = {
     "hospital.http.retries": "Retries of a request on 429/502/503/504 and connection failures (0: none).",
     "hospital.http.max_retry_after": "The longest `Retry-After` wait honoured, in seconds.",
     "hospital.http.page_size": "`_count` asked for in searches.",
+    "hospital.ehr.profile": ("The EHR's write profile: `auto` (what its CapabilityStatement says) or the name of a "
+                             "profile in mappings/ehr/."),
     "reviewers[].name": "Short name used in commands, logs and metrics.",
     "reviewers[].display": "The organisation's display name (unset: `name`).",
     "reviewers[].jwks": "The reviewer's PUBLIC JWKS: an encryption key (packages are sealed to it) and a "

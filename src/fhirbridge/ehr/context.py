@@ -12,6 +12,7 @@ from fhirbridge.config.model import Config, Hospital, env_name
 from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.remote_jwks import RemoteJwks
+from fhirbridge.ehr import capabilities, write_plan
 from fhirbridge.fhir.auth import feature_needs, make_auth, needed_scopes
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.ops import metrics
@@ -54,6 +55,16 @@ class App:
                           timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
                           max_retry_after=h.http.max_retry_after, page_size=h.http.page_size,
                           observer=metrics.ehr_observer(h.name, h.fhir_base_url))
+
+    @cached_property
+    def capabilities(self) -> capabilities.Capabilities:
+        """What the EHR offers the write-back (issue 14: the CapabilityStatement and the vendor profile
+        come before the pins)."""
+        return capabilities.pinned(self.hospital.ehr)
+
+    @cached_property
+    def write_plan(self) -> write_plan.WritePlan:
+        return write_plan.choose(self.capabilities)
 
     @cached_property
     def smart_needs(self) -> dict[str, tuple[tuple[str, str], ...]]:
