@@ -4,6 +4,7 @@ pages, and whatever a reviewer types is shown as text (Unicode honestly, PDF syn
 from __future__ import annotations
 
 import copy
+import html
 import io
 import logging
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pypdf
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pypdf.generic import ContentStream
 
 from fhirbridge import jsonutil
@@ -23,7 +26,7 @@ from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.exchange.pdf import PdfFonts, find_fonts, render_opinion_pdf
-from fhirbridge.exchange.render import render_opinion
+from fhirbridge.exchange.render import render_opinion, terminal_safe
 from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,3 +281,25 @@ def test_a_section_without_narrative_shows_its_coded_observations():
     text = "\n".join(read(render_opinion_pdf(document))[1])
     assert squash("Concordance with the referring diagnosis: Partially concordant") in squash(text)
     assert "Imaging review" in text and "(empty: No images were sent)" in text
+
+
+ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)   # every code point but surrogates
+
+
+# 15 fixed examples (~10 s; each renders twice, CJK ones parse the fallback font); 150 random ones passed too.
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
+@given(title=ANY_TEXT, name=ANY_TEXT, narrative=ANY_TEXT, date=ANY_TEXT)
+def test_any_text_in_any_field_gives_a_valid_pdf_that_shows_it(title, name, narrative, date):
+    """Whatever the strings (any script, controls, markup, PDF syntax), the PDF parses strictly and every
+    run of ASCII letters and digits the text copy would show is in it."""
+    div = f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{html.escape(narrative)}</p></div>'
+    document = {"resourceType": "Bundle", "type": "document", "entry": [
+        {"resource": {"resourceType": "Composition", "title": title, "status": "final", "date": date,
+                      "section": [{"title": title, "text": {"status": "generated", "div": div}}]}},
+        {"resource": {"resourceType": "Organization", "name": name}}]}
+    data = render_opinion_pdf(document)
+    assert render_opinion_pdf(document) == data
+    text = squash(body(read(data)[1]))
+    for value in (title, name, narrative, date):
+        for word in re.findall(r"[A-Za-z0-9]+", terminal_safe(value)):
+            assert word in text, (word, value)

@@ -276,8 +276,14 @@ class _OpinionPdf(FPDF):
         self.set_left_margin(PAGE_MARGIN)
 
 
+def _list(value) -> list:
+    """`value` if it is a list, else none: the document came from outside, and a bad shape draws nothing."""
+    return value if isinstance(value, list) else []
+
+
 def _entries(document: dict) -> list[dict]:
-    return [e["resource"] for e in document.get("entry", []) if isinstance(e, dict) and "resource" in e]
+    return [e["resource"] for e in _list(document.get("entry"))
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
 
 
 def _creation_date(comp: dict, document: dict) -> datetime:
@@ -293,16 +299,20 @@ def _creation_date(comp: dict, document: dict) -> datetime:
     return _EPOCH
 
 
+def _concept(value) -> str:
+    return concept_text(value) if isinstance(value, dict) else ""
+
+
 def _observation_lines(section: dict, by_ref: dict[str, dict]) -> list[Block]:
     out = []
-    for ref in section.get("entry", []):
-        obs = by_ref.get(ref.get("reference", "")) if isinstance(ref, dict) else None
+    for ref in _list(section.get("entry")):
+        obs = by_ref.get(str(ref.get("reference", ""))) if isinstance(ref, dict) else None
         if not obs:
             continue
         q = obs.get("valueQuantity")
-        value = (f"{q.get('value')} {q.get('unit', '')}".strip() if q
-                 else concept_text(obs.get("valueCodeableConcept")) or str(obs.get("valueString", "")))
-        out.append(Block(runs=[(True, f"{concept_text(obs.get('code'))}: "), (False, value)]))
+        value = (f"{q.get('value')} {q.get('unit', '')}".strip() if isinstance(q, dict)
+                 else _concept(obs.get("valueCodeableConcept")) or str(obs.get("valueString", "")))
+        out.append(Block(runs=[(True, f"{_concept(obs.get('code'))}: "), (False, value)]))
     return out
 
 
@@ -339,10 +349,10 @@ def _layout(pdf: _OpinionPdf, document: dict) -> None:
     glyphs = pdf.glyphs
     author = next((str(r.get("name", "")) for r in entries if r.get("resourceType") == "Organization"), "")
     by_ref = {}
-    for e in document.get("entry", []):
+    for e in _list(document.get("entry")):
         if isinstance(e, dict) and isinstance(e.get("resource"), dict):
             r = e["resource"]
-            by_ref[e.get("fullUrl", "")] = r
+            by_ref[str(e.get("fullUrl", ""))] = r
             by_ref[f"{r.get('resourceType')}/{r.get('id')}"] = r
     pdf.set_title(glyphs(title))
     pdf.set_producer("fhirbridge")
@@ -358,7 +368,7 @@ def _layout(pdf: _OpinionPdf, document: dict) -> None:
     pdf.set_draw_color(150)
     pdf.line(PAGE_MARGIN, pdf.get_y(), pdf.w - PAGE_MARGIN, pdf.get_y())
     pdf.ln(4)
-    for s in comp.get("section", []):
+    for s in _list(comp.get("section")):
         if not isinstance(s, dict):
             continue
         pdf.use_font(13, True)
@@ -367,8 +377,8 @@ def _layout(pdf: _OpinionPdf, document: dict) -> None:
         div = s.get("text", {}).get("div", "") if isinstance(s.get("text"), dict) else ""
         blocks = narrative_blocks(div) if isinstance(div, str) and div else []
         blocks = blocks or _observation_lines(s, by_ref)
-        if not blocks and s.get("emptyReason"):
-            blocks = [Block(runs=[(False, f"(empty: {concept_text(s['emptyReason'])})")])]
+        if not blocks and isinstance(s.get("emptyReason"), dict):
+            blocks = [Block(runs=[(False, f"(empty: {_concept(s['emptyReason'])})")])]
         for i, b in enumerate(blocks):
             if i and b.depth == 0 and not (b.bullet or b.cont):
                 pdf.ln(1.2)    # between paragraphs, not between the lines of one
