@@ -202,7 +202,6 @@ class _Glyphs:
     character that neither the style's font nor a fallback font has shown as [U+XXXX]."""
 
     def __init__(self, fonts: PdfFonts):
-        self.unicode = fonts.regular is not None
         fallback = frozenset().union(*(_cmap(p) for p in fonts.fallback)) if fonts.fallback else frozenset()
         if fonts.regular is not None and fonts.bold is not None:
             self.covered = {False: _cmap(fonts.regular) | fallback, True: _cmap(fonts.bold) | fallback}
@@ -258,8 +257,8 @@ class _OpinionPdf(FPDF):
                   align="C")
         self.set_text_color(0)
 
-    def paragraph(self, runs: list[tuple[bool, str]], *, left: float, size: float = BODY_SIZE, height: float = LINE,
-             bullet: bool = False) -> None:
+    def paragraph(self, runs: list[tuple[bool, str]], *, left: float, size: float = BODY_SIZE,
+                  height: float = LINE, bullet: bool = False) -> None:
         """A paragraph of runs starting at `left`, wrapped at words (a word longer than the line is broken
         between characters), continuing lines at `left`."""
         self.set_left_margin(left)
@@ -332,7 +331,10 @@ def _needed(document: dict, fonts: PdfFonts) -> PdfFonts:
     so the same document always gets the same fonts and bytes."""
     if fonts.regular is None or fonts.bold is None or not fonts.fallback:
         return fonts
-    chars = {ord(c) for s in _strings(document) for c in s}
+    # What the layout can show: the Composition, the reviewer Organization and the Observations (not the
+    # Patient, which is left out, nor the signature).
+    shown = [r for r in _entries(document) if r.get("resourceType") in ("Composition", "Organization", "Observation")]
+    chars = {ord(c) for s in _strings(shown) for c in s}
     missing = chars - (_cmap(fonts.regular) & _cmap(fonts.bold))
     return PdfFonts(fonts.regular, fonts.bold, tuple(p for p in fonts.fallback if missing & _cmap(p)))
 
