@@ -172,3 +172,34 @@ def test_a_client_without_smart_reads_no_statement_to_make_its_requests(tmp_path
         assert proxy.count("GET", "/metadata") == 0
     finally:
         h.close()
+
+
+def _use_basic(hospital: TestHospital) -> None:
+    text = hospital.config_path.read_text()
+    old = next(line for line in text.splitlines() if line.startswith('type = "none"'))
+    hospital.config_path.write_text(text.replace(old, 'type = "basic"\nusername = "bridge"\npassword = "secret"'))
+    hospital.app.close()
+    hospital.app = hospital.new_app()
+
+
+def test_metadata_is_read_without_credentials_and_again_with_basic_ones_after_a_401(tmp_path, proxy):
+    proxy.add(method="GET", path=r"/metadata", status=401, times=1)
+    h = TestHospital(tmp_path, proxy.base_url)
+    try:
+        _use_basic(h)
+        assert h.app.write_plan.kind is Kind.ATOMIC
+        assert [s for m, p, s in proxy.log if m == "GET" and "/metadata" in p] == [401, 200]
+    finally:
+        h.close()
+
+
+def test_a_401_on_metadata_without_credentials_to_fall_back_on_is_an_error_that_says_what_to_do(tmp_path, proxy):
+    proxy.add(method="GET", path=r"/metadata", status=401, times=1)
+    h = TestHospital(tmp_path, proxy.base_url, env={"FHIRBRIDGE_HOSPITAL__HTTP__RETRIES": "0"})
+    try:
+        with pytest.raises(FhirError) as err:
+            _ = h.app.capabilities
+        assert err.value.status == 401 and "[hospital.ehr]" in str(err.value)
+        assert proxy.count("GET", "/metadata") == 1
+    finally:
+        h.close()
