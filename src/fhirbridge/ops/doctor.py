@@ -103,17 +103,21 @@ def smart_needs(cfg: Config, plan: PlanView | None = None) -> dict[str, tuple[tu
                          writeback=plan.writes if plan else None, task_write=plan.task_write if plan else True)
 
 
-def needed_searches(cfg: Config) -> dict[str, list[tuple[str, str]]]:
-    """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values."""
+def needed_searches(cfg: Config, plan: PlanView | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values. The
+    DocumentReference `identifier` search only where the write plan may use it (an EHR without it is no failure
+    when the capability set says so)."""
     patient = f"Patient/{PROBE_ID}"
     codes = load_order_codes(cfg.mappings_dir).search_token()
+    by_identifier = plan is None or dict((n, v) for n, v, _o in plan.capabilities).get("docref_identifier_search")
     needs: dict[str, list[tuple[str, str]]] = {
         "Patient": [],
         # intake.poll / run_intake; _sort is a result parameter but strict servers refuse it when unsupported.
         "ServiceRequest": [("code", codes), ("status", "active"), ("_lastUpdated", "ge2000-01-01"),
                            ("_sort", "_lastUpdated")],
         "Task": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")],               # intake: a Case's Task
-        "DocumentReference": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")],  # writeback: already filed?
+        # writeback: already filed?
+        "DocumentReference": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")] if by_identifier else [],
     }
     for name in profile_names(cfg.mappings_dir):
         for rtype in load_profile(cfg.mappings_dir, name).rules:
@@ -144,7 +148,7 @@ def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0,
         auth = _auth(cfg, hospital, session, timeout, report, reachable=cs is not None, plan=plan)
         if auth is not False and cs is not None:
             session.auth = auth
-            _access(cfg, hospital, session, timeout, report)
+            _access(cfg, hospital, session, timeout, report, plan)
             if plan is None or plan.kind == "ATOMIC":
                 _write_access(cfg, hospital, session, timeout, report, plan)
             else:
@@ -310,7 +314,7 @@ def _capability_contents(cfg: Config, cs: dict, report: Report, plan: PlanView |
                    "use the EHR's FHIR R4 endpoint (vendors often serve DSTU2, STU3, R4 at different paths)")
     rest = _server_rest(cs)
     declared = {r.get("type"): r for r in rest.get("resource") or [] if isinstance(r, dict)}
-    needs = needed_searches(cfg)
+    needs = needed_searches(cfg, plan)
     missing = [t for t in needs if t not in declared and t not in OPTIONAL_TYPES]
     if missing:
         report.add("resource types", "fail", f"not offered: {', '.join(missing)}",
@@ -455,10 +459,11 @@ def _scope_hint(hospital: Hospital, rtype: str, perms: str) -> str:
     return "the credentials lack this permission: have the EHR grant it to fhirbridge's account"
 
 
-def _access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
+def _access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report,
+            plan: PlanView | None = None) -> None:
     """One harmless search per type, with the parameters fhirbridge uses; a read for Binary."""
     base = hospital.fhir_base_url
-    for rtype, params in needed_searches(cfg).items():
+    for rtype, params in needed_searches(cfg, plan).items():
         name = f"search {rtype}"
         optional = rtype in OPTIONAL_TYPES
         query = [("_id", PROBE_ID), *params, ("_count", "1")]
