@@ -8,6 +8,7 @@ from fhirbridge import jsonutil
 from fhirbridge.config import loader as config
 from fhirbridge.config.starter import check_starter_args, write_starter
 from fhirbridge.demo.run import run_demo
+from fhirbridge.ehr import plan_view
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.ops import doctor
 from fhirbridge.store import migrations
@@ -57,7 +58,9 @@ def cmd_init(args) -> int:
 def cmd_doctor(args) -> int:
     """Check one hospital's EHR connection (and the reviewers): a pass/fail table with a fix for each failure."""
     cfg = config.load(args.config)
-    report = doctor.run(cfg, cfg.hospital_named(args.hospital), timeout=(args.timeout, args.timeout * 3))
+    hospital = cfg.hospital_named(args.hospital)
+    report = doctor.run(cfg, hospital, timeout=(args.timeout, args.timeout * 3),
+                        plan_for=plan_view.for_hospital(cfg, hospital))
     # The checks quote the EHR's own words (its OperationOutcome diagnostics): text, never terminal commands.
     print(jsonutil.dumps(report.as_dict(), pretty=True).decode() if args.json else terminal_safe(doctor.render(report)))
     return 0 if report.ok else 1

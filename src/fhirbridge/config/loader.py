@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fhirbridge.config.mappings import ehr_profile_names
 from fhirbridge.config.model import (
     DEFAULT_FILE,
     ENV_PREFIX,
@@ -307,6 +308,12 @@ def _build(raw: dict, file: Path) -> Config:
     fb.finish()
 
     hospitals = _hospitals(top, base, file)
+    known_ehr = ehr_profile_names(mappings_dir)
+    for i, h in enumerate(hospitals.values()):
+        if h.ehr.profile != "auto" and h.ehr.profile not in known_ehr:
+            where = "hospital" if "hospitals" not in top.data else f"hospitals[{i}]"
+            raise ConfigError(f"no EHR profile {h.ehr.profile!r} in mappings/ehr/ (known: auto, "
+                              f"{', '.join(known_ehr)})", file=str(file), key=f"{where}.ehr.profile")
     reviewers = _reviewers(top, base, file)
     svc = top.sub("service")
     lease = svc.get("lease_seconds", float, None)

@@ -121,7 +121,8 @@ MEANINGS = {
     "hospital.http.max_retry_after": "The longest `Retry-After` wait honoured, in seconds.",
     "hospital.http.page_size": "`_count` asked for in searches.",
     "hospital.ehr.profile": ("The EHR's write profile: `auto` (what its CapabilityStatement says) or the name of a "
-                             "profile in mappings/ehr/."),
+                             "profile in mappings/ehr/ (shipped: `generic-r4`, `oracle-millennium-r4`, `sekmet`). "
+                             "Any other key of `[hospital.ehr]` pins the capability of that name (docs/ehr.md)."),
     "reviewers[].name": "Short name used in commands, logs and metrics.",
     "reviewers[].display": "The organisation's display name (unset: `name`).",
     "reviewers[].jwks": "The reviewer's PUBLIC JWKS: an encryption key (packages are sealed to it) and a "

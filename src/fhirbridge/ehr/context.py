@@ -13,6 +13,8 @@ from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.ehr import capabilities, write_plan
+from fhirbridge.errors import FhirError
+from fhirbridge.fhir import capability_statement
 from fhirbridge.fhir.auth import feature_needs, make_auth, needed_scopes
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.ops import metrics
@@ -51,16 +53,43 @@ class App:
     @cached_property
     def ehr(self) -> FhirClient:
         h = self.hospital
-        return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict(), default_scopes=self.smart_scopes),
+        # Only SMART asks for scopes, and they follow the write plan, which may need the CapabilityStatement:
+        # other auth types never wait for it here.
+        scopes = self.smart_scopes if h.auth.type == "smart" else None
+        return FhirClient(h.fhir_base_url, auth=make_auth(h.auth.as_dict(), default_scopes=scopes),
                           timeout=(h.http.timeout_connect, h.http.timeout_read), retries=h.http.retries,
                           max_retry_after=h.http.max_retry_after, page_size=h.http.page_size,
                           observer=metrics.ehr_observer(h.name, h.fhir_base_url))
 
     @cached_property
     def capabilities(self) -> capabilities.Capabilities:
-        """What the EHR offers the write-back (issue 14: the CapabilityStatement and the vendor profile
-        come before the pins)."""
-        return capabilities.pinned(self.hospital.ehr)
+        """What the EHR offers the write-back: its CapabilityStatement, then the vendor profile, then the pins
+        (ehr/capabilities.py). Read once per App; a failure is not cached, so the next use reads again."""
+        return capabilities.discover(self.hospital.ehr, self.config.mappings_dir, self._read_statement)
+
+    def _read_statement(self) -> capability_statement.ServerStatement:
+        """GET [base]/metadata WITHOUT our credentials: the scopes to ask for follow from it, so it is read before
+        any token exists. R4 http.html#capabilities and SMART App Launch (conformance) have servers serve it
+        unauthenticated; one that answers 401 anyway is asked again with basic or bearer credentials."""
+        h = self.hospital
+        what = "the EHR's CapabilityStatement (GET metadata), which the write plan and the SMART scopes follow"
+        attempts = [None, make_auth(h.auth.as_dict())] if h.auth.type in ("basic", "bearer") else [None]
+        for i, auth in enumerate(attempts):
+            with FhirClient(h.fhir_base_url, auth=auth, timeout=(h.http.timeout_connect, h.http.timeout_read),
+                            retries=h.http.retries, max_retry_after=h.http.max_retry_after,
+                            observer=metrics.ehr_observer(h.name, h.fhir_base_url)) as client:
+                try:
+                    return capability_statement.parse(client.capabilities())
+                except FhirError as exc:
+                    if exc.status == 401 and i + 1 < len(attempts):
+                        continue
+                    raise FhirError(f"could not read {what}: {exc} (tried again on the next run; a profile and "
+                                    "pins in [hospital.ehr] that fix every capability need no statement, "
+                                    "docs/ehr.md)", status=exc.status, transient=exc.transient) from exc
+                except ValueError:
+                    raise FhirError(f"could not read {what}: the answer is not a CapabilityStatement (is "
+                                    "fhir_base_url the FHIR base?)", transient=False) from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     @cached_property
     def write_plan(self) -> write_plan.WritePlan:
@@ -68,10 +97,13 @@ class App:
 
     @cached_property
     def smart_needs(self) -> dict[str, tuple[tuple[str, str], ...]]:
-        """What each feature this configuration uses asks of the EHR (fhir.auth.FEATURES)."""
+        """What each feature this configuration uses asks of the EHR (fhir.auth.FEATURES); the write-back's
+        needs are the writes of the write plan, and an EHR without Task writes is never asked for them."""
+        plan = self.write_plan
         return feature_needs(mappings_load.collected_types(self.config.mappings_dir),
                              audit_copies=self.config.audit.write_to_ehr,
-                             physician_app=self.config.physician_app is not None)
+                             physician_app=self.config.physician_app is not None,
+                             writeback=plan.writes, task_write=plan.task_write)
 
     @property
     def smart_scopes(self) -> tuple[str, ...]:

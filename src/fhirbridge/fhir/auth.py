@@ -137,7 +137,8 @@ FEATURES: tuple[Feature, ...] = (
     # loop/seal.py: attachments stored as Binary (DocumentReference.content.attachment.url).
     Feature("attachments", "attachments stored as Binary cannot be sealed", (("Binary", READ),), core=False),
     # loop/writeback.py: is it filed already, then ONE transaction: PUT Binary/<id>, PUT DocumentReference/<id>,
-    # POST Provenance, PUT Task/<id> (If-Match).
+    # POST Provenance, PUT Task/<id> (If-Match). These are the atomic plan's; a configuration asks for the writes
+    # of ITS write plan instead (ehr/write_plan.py WritePlan.writes, passed to feature_needs as `writeback`).
     Feature("write-back", "the opinion cannot be filed in the chart",
             (("Task", READ), ("DocumentReference", SEARCH), ("DocumentReference", READ), ("Binary", UPDATE),
              ("DocumentReference", UPDATE), ("Provenance", CREATE), ("Task", UPDATE))),
@@ -167,16 +168,24 @@ FEATURE = {f.name: f for f in FEATURES}
 
 
 def feature_needs(collected: Iterable[str] = COLLECTED_TYPES, *, audit_copies: bool = False,
-                  physician_app: bool = False) -> dict[str, tuple[tuple[str, str], ...]]:
+                  physician_app: bool = False, writeback: Iterable[tuple[str, str]] | None = None,
+                  task_write: bool = True) -> dict[str, tuple[tuple[str, str], ...]]:
     """Feature name -> the (resource type, interaction) pairs it needs, for a configuration whose collection
-    profiles search `collected`, that writes AuditEvents to the EHR or not, with the physician app or not."""
+    profiles search `collected`, that writes AuditEvents to the EHR or not, with the physician app or not.
+
+    `writeback`: the writes the write plan makes (default: the atomic plan's, as in FEATURES). `task_write`
+    False: the EHR takes no Task writes, so no feature asks for Task create or update (a scope the EHR cannot
+    grant may make it refuse the whole token request)."""
     enabled = {"audit copies": audit_copies, "physician app": physician_app}
     out: dict[str, tuple[tuple[str, str], ...]] = {}
     for f in FEATURES:
         if f.optional and not enabled.get(f.name):
             continue
+        needs = tuple(writeback) if f.name == "write-back" and writeback is not None else f.needs
         pairs: list[tuple[str, str]] = []
-        for rtype, interaction in f.needs:
+        for rtype, interaction in needs:
+            if not task_write and rtype == "Task" and interaction in (CREATE, UPDATE):
+                continue
             for t in (collected if rtype == COLLECTED else (rtype,)):
                 if (t, interaction) not in pairs:
                     pairs.append((t, interaction))
