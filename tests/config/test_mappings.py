@@ -295,9 +295,9 @@ def test_unknown_field_kind(tmp_path):
 
 
 def test_observation_without_code(tmp_path):
-    info, path = load_broken_form(
-        tmp_path, 'observation_code = { system = "urn:fhirbridge:codes:opinion", code = "urgency", ',
-        'observation_kode = { system = "urn:fhirbridge:codes:opinion", code = "urgency", ')
+    system = "http://fhirbridge.org/fhir/CodeSystem/opinion-observation"
+    info, path = load_broken_form(tmp_path, f'observation_code = {{ system = "{system}", code = "urgency", ',
+                                  f'observation_kode = {{ system = "{system}", code = "urgency", ')
     assert_config_error(info, path, "fields.urgency.observation_code")
 
 
