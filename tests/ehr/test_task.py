@@ -81,6 +81,11 @@ def test_tasks_written_with_the_old_codes_are_still_read(hospital, seeded, fhir)
     case = hospital.delivered_case(seeded["patient"])
     task = fhir.read_ref(case.task)
     task["businessStatus"] = {"coding": [{"system": OLD, "code": "sent-to-reviewer"}], "text": "old"}
+    for ident in task["identifier"]:
+        ident.pop("assigner", None)                  # as an earlier release wrote it
     fhir.update(task)
     ehr_task.set_task_status(hospital.app, case, "overdue", only_from=("sent-to-reviewer",))
     assert status(fhir, case) == ("in-progress", REFERRAL_STEP, "overdue")
+    # Its next write brings the FILL identifier up to BSeR too.
+    [filler] = [i for i in fhir.read_ref(case.task)["identifier"] if i["system"] == ehr_task.CASE_ID_SYSTEM]
+    assert filler["assigner"] == hospital.app.hospital.organization_ref()

@@ -154,12 +154,19 @@ def set_task_status(app: App, case: Case, step: str, *, reason: str | None = Non
         if only_from is not None and current_code not in only_from:
             return task
         _apply(task, status, code, display, reason, output)
+        _assign_filler(task, app.hospital.organization_ref())   # a Task from before the assigner was written
         try:
             return app.ehr.update(task, if_match=task.get("meta", {}).get("versionId"))
         except FhirError as exc:
             if exc.status not in (409, 412) or attempt == 2:
                 raise
     return None
+
+
+def _assign_filler(task: dict, assigner: dict) -> None:
+    for ident in task.get("identifier", []):
+        if ident.get("system") == CASE_ID_SYSTEM and not ident.get("assigner"):
+            ident["assigner"] = assigner
 
 
 def _apply(task: dict, status: str, code: str, display: str, reason: str | None, output: list | None) -> None:
