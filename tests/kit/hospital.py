@@ -21,6 +21,7 @@ from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.demo.localehr import referring_physician
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
 from fhirbridge.exchange import envelope
@@ -136,6 +137,7 @@ class TestHospital:
         cfg = paths["config"].read_text().replace('# mappings_dir = "mappings"', f'mappings_dir = "{mappings}"')
         paths["config"].write_text(cfg)
         self.config_path = paths["config"]
+        self._physician: str | None = None
         self.app = self.new_app()
 
     def use_smart(self, client_id: str, keys: Path, token_url: str | None = None) -> None:
@@ -160,7 +162,14 @@ class TestHospital:
     # --- the physician -----------------------------------------------------------------------------
     def order(self, patient: str, question: str = "Is surgery indicated now?", **kw) -> dict:
         kw.setdefault("profile", "spine")
+        kw.setdefault("requester", self.physician())
         return place_order(self.app, patient=patient, question=question, **kw)
+
+    def physician(self) -> str:
+        """The Practitioner this hospital's orders name as requester (found, or created once, in its EHR)."""
+        if self._physician is None:
+            self._physician = referring_physician(self.app.ehr)
+        return self._physician
 
     def run(self, app: App | None = None, **kw):
         return run_pending(app or self.app, **kw)

@@ -21,6 +21,10 @@ COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "Me
 FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation", "Medication", "Endpoint",
                 "Specimen", "Location")
 FIELD_KINDS = ("choice", "text", "list", "answers")
+# Where fhirbridge's own code systems live (config/terminology.py defines and serves them): one base, a domain
+# the project controls, since codes written into charts keep naming it (R4 resource.html#canonical).
+CANONICAL_BASE = "http://fhirbridge.org/fhir/CodeSystem/"
+COLLECTION_PROFILE_SYSTEM = CANONICAL_BASE + "collection-profile"
 
 
 def _read(path: Path) -> dict:
@@ -101,7 +105,7 @@ def load_order_codes(mappings_dir: Path) -> OrderCodes:
         by_spec[(c["system"], c["code"])] = name
     return OrderCodes(match=match, order_code=_coding(order.get("code"), path, "order.code"),
                       order_category=_coding(order.get("category"), path, "order.category"),
-                      profile_system=str(profile.get("order_detail_system", "urn:fhirbridge:collection-profile")),
+                      profile_system=str(profile.get("order_detail_system", COLLECTION_PROFILE_SYSTEM)),
                       profile_by_specialty=by_spec)
 
 

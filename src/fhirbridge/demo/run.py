@@ -115,7 +115,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
               f"{len(seeded['document_references'])} notes")
 
         step("The referring physician orders a second opinion (ServiceRequest in the EHR)")
-        sr = place_order(app, patient=seeded["patient"], profile="spine",
+        sr = place_order(app, patient=seeded["patient"], profile="spine", requester=seeded["physician"],
                          question="Planned L4-L5 microdiscectomy: is surgery indicated now, or is conservative "
                                   "care still appropriate?")
         print(f"    ServiceRequest/{sr['id']}")

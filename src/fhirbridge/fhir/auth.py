@@ -142,10 +142,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("write-back", "the opinion cannot be filed in the chart",
             (("Task", READ), ("DocumentReference", SEARCH), ("DocumentReference", READ), ("Binary", UPDATE),
              ("DocumentReference", UPDATE), ("Provenance", CREATE), ("Task", UPDATE))),
-    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app): POST the order; with deselected
-    # records it is created as a draft and PUT active once the EHR is seen to keep them.
+    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app): read the patient and the requester
+    # (required, BSeR), POST the order; with deselected records it is created as a draft and PUT active once the
+    # EHR is seen to keep them.
     Feature("ordering", "orders cannot be placed through fhirbridge (CLI, API, physician app)",
-            (("Patient", READ), ("ServiceRequest", CREATE), ("ServiceRequest", UPDATE)), core=False),
+            (("Patient", READ), ("Practitioner", READ), ("PractitionerRole", READ), ("ServiceRequest", CREATE),
+             ("ServiceRequest", UPDATE)), core=False),
     # ehr/data_request.py: the reviewer asks for more records (a Task for the hospital).
     Feature("data requests", "a reviewer's request for more records cannot reach the EHR", (("Task", CREATE),),
             core=False),
