@@ -15,7 +15,7 @@ from pathlib import Path
 from fhirbridge import jsonutil
 from fhirbridge.config import loader as config
 from fhirbridge.config.model import STAFF_SCOPES
-from fhirbridge.crypto import keys
+from fhirbridge.crypto import files, keys
 from fhirbridge.errors import ConfigError
 
 
@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
         raise ConfigError("a key set exists already: `fhirbridge keys rotate` adds new keys and keeps the old "
                           "ones (opinions sealed to them still open); --force replaces it and loses them",
                           file=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.private_dir(path.parent)
     passphrase = _passphrase(args)
     jwks = keys.generate_jwks(rsa_enc=args.rsa)
     public = _write_both(path, jwks, passphrase, overwrite=args.force)

@@ -6,7 +6,7 @@ import unicodedata
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fhirbridge.crypto import keys
+from fhirbridge.crypto import files, keys
 from fhirbridge.errors import ConfigError, FhirbridgeError
 
 STARTER = '''\
@@ -182,9 +182,11 @@ def write_starter(directory: Path, *, fhir_base_url: str = "http://127.0.0.1:809
     for p in (cfg_path, private):
         if p.exists() and not force:
             raise FhirbridgeError(f"{p} already exists; refusing to overwrite it (use --force to replace)")
-    (directory / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.private_dir(directory / "keys")
     jwks = keys.generate_jwks()
     keys.write_private_jwks(private, jwks, overwrite=force)
     keys.write_public_jwks(public, keys.public_jwks(jwks))
-    cfg_path.write_text(text, encoding="utf-8")
+    # Not secret (secrets come from the environment) and read by operators and tools: 0644 whatever the
+    # umask, next to keys that are 0600 whatever the umask.
+    files.write_atomic(cfg_path, text.encode("utf-8"), mode=files.PUBLIC_FILE)
     return {"config": cfg_path, "private_keys": private, "public_keys": public}
