@@ -6,7 +6,7 @@ import unicodedata
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fhirbridge.crypto import files, keys
+from fhirbridge.crypto import files, keys, urls
 from fhirbridge.errors import ConfigError, FhirbridgeError
 
 STARTER = '''\
@@ -124,6 +124,8 @@ def check_base_url(url: str, what: str = "--fhir-base-url") -> None:
         raise ConfigError(f"must be an http:// or https:// URL with a host (got {parts.scheme[:20] or 'no'} scheme"
                           f"{'' if host else ', no host'}), e.g. https://ehr.example.org/fhir",
                           key=what)
+    # What the loader would refuse at the first start (issue 13, S11), refused before anything is written.
+    urls.https_or_loopback(url, what)
 
 
 def render_starter(cfg_path: Path, *, fhir_base_url: str, hospital_name: str, identifier_system: str,

@@ -31,10 +31,10 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
-from fhirbridge.config.loader import https_or_loopback
 from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.crypto import files, jwe
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
@@ -94,7 +94,7 @@ class Portal:
         for url in s.pull:
             # Over plain http anyone on the way could read the records and the tokens, and answer in the
             # hospital's place (the same rule as a reviewer's jwks_url in the hospital's configuration).
-            if not https_or_loopback(url):
+            if not is_https_or_loopback(url):
                 raise ConfigError(f"{url!r} is not an https:// URL: a hospital's reviewer API sends patient records "
                                   "and gets your signed tokens (plain http only to 127.0.0.1, localhost or ::1)",
                                   key="--pull")
