@@ -536,7 +536,8 @@ def new_id() -> str:
 
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("sqlite:///", 1)[-1].split("?", 1)[0]
+        # sqlite:///relative.db, sqlite:////absolute.db; "sqlite://" alone is an in-memory database.
+        path = url[len("sqlite:///"):].split("?", 1)[0] if url.startswith("sqlite:///") else ""
         on_disk = bool(path) and path != ":memory:"
         if on_disk:
             _private_sqlite_file(path)
