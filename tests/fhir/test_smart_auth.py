@@ -1,6 +1,7 @@
 """SMART Backend Services (fhir.auth.SmartBackendAuth) against a real sekmet that enforces SMART."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from fhirbridge.fhir.auth import (
     v1_scopes,
 )
 from fhirbridge.fhir.client import FhirClient
+from tests.kit.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.sekmet
 
@@ -215,6 +217,31 @@ def test_configured_token_url_skips_discovery(smart_ehr, smart_keys):
     sent = _record_token_requests(auth)
     auth.access_token()
     assert auth.granted_scope == "system/Patient.rs" and sent[0]["scope"] == "system/Patient.rs"
+
+
+def test_a_discovered_plain_http_token_endpoint_is_refused(smart_ehr, smart_keys):
+    """Issue 13: whoever can alter the EHR's .well-known/smart-configuration (it comes over the base URL) could
+    name a plain-http token endpoint and read the client assertion and the token on the way. A discovered
+    endpoint must be https (plain http only to loopback): refused before anything is sent to it."""
+    def plain_http(body: bytes) -> bytes:
+        doc = json.loads(body)
+        doc["token_endpoint"] = "http://ehr.invalid/oauth/token"
+        return json.dumps(doc).encode()
+
+    proxy = FaultProxy(smart_ehr.base_url)
+    try:
+        proxy.add(method="GET", path=r"/\.well-known/smart-configuration", action="rewrite", rewrite=plain_http)
+        auth = SmartBackendAuth.from_keys(keys=smart_keys, client_id=CLIENT_ID, fhir_base_url=proxy.base_url)
+        with pytest.raises(FhirError) as err:
+            auth.access_token()
+        assert proxy.count("GET", r"smart-configuration") == 1     # it was discovered, then refused
+    finally:
+        proxy.close()
+    assert not err.value.transient and auth.token_requests == 0
+    assert "not https" in str(err.value) and "http://ehr.invalid/oauth/token" in str(err.value)
+    assert "[hospital.auth] token_url" in str(err.value)
+    # The EHR's own endpoint, discovered over loopback http, is still used (the other tests here).
+    assert _auth(smart_ehr, smart_keys).access_token()
 
 
 # --------------------------------------------------------------------- scopes (no server needed)

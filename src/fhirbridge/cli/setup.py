@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from fhirbridge import jsonutil
+from fhirbridge.cli.common import say
 from fhirbridge.config import loader as config
 from fhirbridge.config.starter import check_starter_args, write_starter
 from fhirbridge.demo.run import run_demo
@@ -48,10 +49,10 @@ def cmd_init(args) -> int:
     check_starter_args(fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name)
     paths = write_starter(Path(args.dir), fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name,
                           force=args.force)
-    print(f"wrote {paths['config']}")
-    print(f"wrote {paths['private_keys']} (private: mode 0600, keep it secret and backed up)")
-    print(f"wrote {paths['public_keys']} (public: give this to your reviewers)")
-    print(f"next: edit {paths['config']} (EHR URL, reviewers), then `fhirbridge --config {paths['config']} run`")
+    say(f"wrote {paths['config']}")
+    say(f"wrote {paths['private_keys']} (private: mode 0600, keep it secret and backed up)")
+    say(f"wrote {paths['public_keys']} (public: give this to your reviewers)")
+    say(f"next: edit {paths['config']} (EHR URL, reviewers), then `fhirbridge --config {paths['config']} run`")
     return 0
 
 
@@ -74,15 +75,15 @@ def cmd_db(args) -> int:
     try:
         if args.db_cmd == "upgrade":
             before, after = store.upgrade()
-            print(f"store schema at {after} (head)" if before == after
-                  else f"store schema upgraded from {before or 'none'} to {after} (head)")
+            say(f"store schema at {after} (head)" if before == after
+                else f"store schema upgraded from {before or 'none'} to {after} (head)")
             return 0
         rev, newest = store.schema_revision(), migrations.head()
         if rev == newest:
-            print(f"store schema at {rev} (head)")
+            say(f"store schema at {rev} (head)")
         else:
-            print(f"store schema at {rev or 'none (empty, or made before migrations)'}; newest is {newest}: "
-                  "`fhirbridge db upgrade` (or any start) migrates it")
+            say(f"store schema at {rev or 'none (empty, or made before migrations)'}; newest is {newest}: "
+                "`fhirbridge db upgrade` (or any start) migrates it")
         return 0
     finally:
         store.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from fhirbridge.config import mappings as mappings_load
 from fhirbridge.config.model import Config, Hospital, env_name
-from fhirbridge.crypto import certs
+from fhirbridge.crypto import certs, files
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.ehr import capabilities, write_plan
@@ -27,6 +28,27 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def make_install_private(config: Config) -> None:
+    """Narrow what an older version (or a wide umask) left open to other users: the data folder, its cases/
+    folder and every Case folder to 0700 (what a Case folder holds is then out of others' reach), the
+    hospitals' key files to 0600; the SQLite files are the store's (`store._private_sqlite_file`). Each path
+    narrowed is logged as a warning (issue 13, S11: outside Docker/systemd the data folder was 0755). One
+    lstat per Case folder, at every start: no walk of the files inside."""
+    data_dir = config.data_dir
+    files.narrow(data_dir, files.PRIVATE_DIR)
+    cases = data_dir / "cases"
+    files.narrow(cases, files.PRIVATE_DIR)
+    try:
+        names = os.listdir(cases)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in names:
+        files.narrow(cases / name, files.PRIVATE_DIR)
+    key_files = {h.keys for h in config.hospitals.values()} | {h.auth.keys for h in config.hospitals.values()
+                                                                if h.auth.keys is not None}
+    files.narrow_files(sorted(key_files))
+
+
 @dataclass
 class App:
     """Everything a step needs, for ONE hospital. A deployment serving several hospitals makes one App per
@@ -36,6 +58,9 @@ class App:
     progress: Callable[[str], None] = field(default=_quiet)
     hospital_name: str | None = None
     shared_store: Store | None = None
+
+    def __post_init__(self) -> None:
+        make_install_private(self.config)
 
     @cached_property
     def hospital(self) -> Hospital:
@@ -141,9 +166,7 @@ class App:
         return mappings_load.load_profile(self.config.mappings_dir, name)
 
     def case_dir(self, case_id: str) -> Path:
-        d = self.config.data_dir / "cases" / case_id
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return d
+        return files.private_dir(self.config.data_dir / "cases" / case_id)
 
     def __enter__(self) -> App:
         return self

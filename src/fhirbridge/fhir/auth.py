@@ -22,6 +22,7 @@ from joserfc import jwt as jose_jwt
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import FhirError, SealError
 
 log = logging.getLogger(__name__)
@@ -475,6 +476,14 @@ class SmartBackendAuth(AuthBase):
             if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
                 raise FhirError(f"{url} names no http(s) token_endpoint; set [hospital.auth] token_url",
                                 transient=False)
+            if not is_https_or_loopback(endpoint):
+                # The signed client assertion would go there in clear and the access token come back so:
+                # whoever can alter this answer (it came over the EHR base URL) gets a token. SMART App
+                # Launch 2.x, conformance "Using TLS": every endpoint is https (issue 13).
+                raise FhirError(f"{url} names a token_endpoint that is not https ({endpoint}); refused, since the "
+                                "client assertion and the access token would cross the network in clear (plain "
+                                "http only to 127.0.0.1, localhost or ::1). Set [hospital.auth] token_url to the "
+                                "EHR's https token endpoint", transient=False)
             self.token_url = endpoint
         if not self._explicit_scopes and _only_v1(doc):
             self.scopes = v1_scopes(self._default_scopes)
