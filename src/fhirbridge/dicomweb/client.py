@@ -344,12 +344,13 @@ class DicomwebClient:
         try:
             resp = self._session.request(method, url, params=params, data=data, headers=headers,
                                          timeout=self.timeout, stream=stream)
-        except requests.Timeout as exc:
-            raise DicomwebError(f"PACS did not answer {what} in time (timeouts {self.timeout[0]:g}s connect, "
-                                f"{self.timeout[1]:g}s read)", kind="unavailable") from exc
         except requests.exceptions.ChunkedEncodingError as exc:
             raise DicomwebError(f"PACS's answer to {what} broke off before its end", kind="truncated") from exc
-        except requests.ConnectionError as exc:
+        except (requests.Timeout, requests.ConnectionError) as exc:
+            # requests raises ConnectionError, not Timeout, for a read timeout once urllib3's retries are spent.
+            if isinstance(exc, requests.Timeout) or _cause(exc) in ("ReadTimeoutError", "ConnectTimeoutError"):
+                raise DicomwebError(f"PACS did not answer {what} in time (timeouts {self.timeout[0]:g}s connect, "
+                                    f"{self.timeout[1]:g}s read)", kind="unavailable") from exc
             raise DicomwebError(f"could not reach the PACS at {self.base_url} for {what} ({_cause(exc)})",
                                 kind="unavailable") from exc
         except requests.RequestException as exc:
