@@ -30,7 +30,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,7 +139,8 @@ class DicomwebClient:
     """Client for one DICOMweb service (`base_url`, e.g. "https://pacs.example.org/dicom-web").
 
     `auth` is a requests auth (dicomweb.auth.make_auth). One client per thread (a requests Session is not
-    meant to be shared); `close()` or a with-block ends it.
+    meant to be shared); `close()` or a with-block ends it. A retrieval lists the instances on a helper
+    thread with a second Session of its own, so a token source given as `auth` must be thread-safe.
     """
 
     def __init__(self, base_url: str, *, auth: requests.auth.AuthBase | None = None,
@@ -153,6 +155,10 @@ class DicomwebClient:
         self.chunk_size = chunk_size
         self.page_size = page_size
         self.fsync = fsync
+        self._settings: dict[str, Any] = dict(auth=auth, timeout=timeout, retries=retries, backoff=backoff,
+                                              max_retry_after=max_retry_after, page_size=page_size,
+                                              user_agent=user_agent)
+        self._lister: DicomwebClient | None = None   # the QIDO-RS helper of _retrieve (its own Session)
         retry = PacsRetry(
             total=retries, connect=retries, read=retries, status=retries, other=0,
             allowed_methods=IDEMPOTENT_METHODS, status_forcelist=RETRY_STATUSES,
@@ -166,6 +172,8 @@ class DicomwebClient:
         self._session.auth = auth
 
     def close(self) -> None:
+        if self._lister is not None:
+            self._lister.close()
         self._session.close()
 
     def __enter__(self) -> DicomwebClient:
@@ -223,20 +231,18 @@ class DicomwebClient:
                         max_bytes: int | None = None) -> Retrieved:
         """Every instance of one series into `into/<study>/<series>/<sop>.dcm` (see the module docstring)."""
         study, series = _uid(study_uid), _uid(series_uid)
-        expected = self._expected(study, series)
         parent = files.private_dir(into / study)
-        final = parent / series
-        return self._retrieve(f"studies/{study}/series/{series}", study, series, expected, parent, final,
+        return self._retrieve(f"studies/{study}/series/{series}", study, series, parent, parent / series,
                               max_bytes)
 
     def retrieve_study(self, study_uid: str, into: Path, *, max_bytes: int | None = None) -> Retrieved:
         """Every instance of a study into `into/<study>/<series>/<sop>.dcm`."""
         study = _uid(study_uid)
-        expected = self._expected(study, None)
         parent = files.private_dir(into)
-        return self._retrieve(f"studies/{study}", study, None, expected, parent, parent / study, max_bytes)
+        return self._retrieve(f"studies/{study}", study, None, parent, parent / study, max_bytes)
 
-    def _expected(self, study: str, series: str | None) -> set[str]:
+    def expected_instances(self, study: str, series: str | None) -> set[str]:
+        """The SOP Instance UIDs QIDO-RS lists for a study or series; none is DicomwebError "not-found"."""
         listed = self.search_instances(study, series)
         uids = {_first(item, "00080018") for item in listed}
         uids.discard(None)
@@ -245,8 +251,8 @@ class DicomwebClient:
             raise DicomwebError(f"the PACS has no instances of {what}", kind="not-found")
         return {u for u in uids if u}
 
-    def _retrieve(self, path: str, study: str, series: str | None, expected: Collection[str], parent: Path,
-                  final: Path, max_bytes: int | None) -> Retrieved:
+    def _retrieve(self, path: str, study: str, series: str | None, parent: Path, final: Path,
+                  max_bytes: int | None) -> Retrieved:
         what = f"WADO-RS {_shape(path)}"
         # A crash mid-download leaves a ".partial-" folder, never one under the final name: sweep those of
         # this same target first (they are ours: the same study/series into the same place).
@@ -255,12 +261,19 @@ class DicomwebClient:
         staging = files.private_dir(parent / f".partial-{final.name}-{secrets.token_hex(4)}")
         try:
             writer = _SeriesWriter(staging, study, series, max_bytes=max_bytes, fsync=self.fsync)
-            resp = self._request("GET", path, what, headers={"Accept": RETRIEVE_ACCEPT}, stream=True)
-            try:
-                boundary = boundary_of(resp.headers.get("Content-Type") or "")
-                read_parts(self._chunks(resp, what), boundary, writer.open_part)
-            finally:
-                resp.close()
+            # The QIDO-RS list (10.6) is needed only to check the result, so it is asked for on a second
+            # connection while the WADO-RS answer streams in (bench: 0.7 s of a 150 MiB series on Orthanc).
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dicomweb-qido") as pool:
+                listing = pool.submit(self._listing_client().expected_instances, study, series)
+                try:
+                    self._stream_into(path, what, writer)
+                except DicomwebError as exc:
+                    # A study the PACS does not have: say so (its WADO-RS error may be anything).
+                    listed_error = listing.exception()
+                    if isinstance(listed_error, DicomwebError) and listed_error.kind == "not-found":
+                        raise listed_error from exc
+                    raise
+                expected = listing.result()
             got = {i.sop_instance_uid for i in writer.instances}
             missing, extra = set(expected) - got, got - set(expected)
             if missing or extra:
@@ -282,6 +295,20 @@ class DicomwebClient:
             raise
         instances = [_moved(i, staging, final) for i in writer.instances]
         return Retrieved(study_instance_uid=study, series_instance_uid=series, folder=final, instances=instances)
+
+    def _stream_into(self, path: str, what: str, writer: _SeriesWriter) -> None:
+        resp = self._request("GET", path, what, headers={"Accept": RETRIEVE_ACCEPT}, stream=True)
+        try:
+            boundary = boundary_of(resp.headers.get("Content-Type") or "")
+            read_parts(self._chunks(resp, what), boundary, writer.open_part)
+        finally:
+            resp.close()
+
+    def _listing_client(self) -> DicomwebClient:
+        if self._lister is None:
+            self._lister = DicomwebClient(self.base_url, chunk_size=self.chunk_size, fsync=self.fsync,
+                                          **self._settings)
+        return self._lister
 
     def _chunks(self, resp: requests.Response, what: str) -> Iterator[bytes]:
         try:
