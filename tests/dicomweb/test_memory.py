@@ -33,3 +33,15 @@ def test_a_series_many_times_the_bound_is_retrieved_within_it(pacs: Pacs, big: S
     assert got.bytes > SERIES_MIB * 1024 * 1024 * 0.95
     assert {i.sop_instance_uid: i.sha256 for i in got.instances} == big.hashes()
     assert peak < PEAK_MIB * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB retrieving {got.bytes / 2**20:.0f} MiB"
+
+
+def test_a_stow_of_that_series_streams_from_disk_within_the_bound(pacs: Pacs, big: Study):
+    with DicomwebClient(pacs.dicomweb_url) as client:
+        tracemalloc.start()
+        try:
+            result = client.store(big.files)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert set(result.stored) == set(big.hashes())
+    assert peak < PEAK_MIB * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB storing {SERIES_MIB} MiB"
