@@ -182,3 +182,15 @@ def test_the_pacs_url_must_be_http(tmp_path: Path):
     with DicomwebClient("http://127.0.0.1:9") as client, pytest.raises(DicomwebError) as err:
         client.retrieve_series("1.2.3/../..", "1.2", tmp_path)
     assert err.value.kind == "refused"   # a UID is checked (PS3.5 9.1) before it reaches a URL or a path
+
+
+@pytest.mark.parametrize("chunk_size", [7, 131, 133])
+def test_small_reads_split_the_preamble_and_the_delimiters_anywhere(pacs: Pacs, study: Study, tmp_path: Path,
+                                                                   chunk_size: int):
+    # Network reads smaller than a preamble: "DICM" is checked across them, never from a half-written file.
+    series_uid = list(study.series)[1]
+    with DicomwebClient(pacs.dicomweb_url, chunk_size=chunk_size) as client:
+        got = client.retrieve_series(study.study_uid, series_uid, tmp_path)
+    hashes = study.hashes()
+    assert len(got.instances) == len(study.series[series_uid])
+    assert all(hashes[i.sop_instance_uid] == i.sha256 == sha256_file(i.path) for i in got.instances)
