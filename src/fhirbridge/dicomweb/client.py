@@ -254,10 +254,11 @@ class DicomwebClient:
     def _retrieve(self, path: str, study: str, series: str | None, parent: Path, final: Path,
                   max_bytes: int | None) -> Retrieved:
         what = f"WADO-RS {_shape(path)}"
-        # A crash mid-download leaves a ".partial-" folder, never one under the final name: sweep those of
-        # this same target first (they are ours: the same study/series into the same place).
-        for stale in parent.glob(f".partial-{final.name}-*"):
-            files.remove_tree(stale)
+        # A crash mid-download leaves a ".partial-" folder (or, mid-replacement, an ".old-" one), never one
+        # under the final name: sweep those of this same target first (ours: the same series, same place).
+        for prefix in (".partial-", ".old-"):
+            for stale in parent.glob(f"{prefix}{final.name}-*"):
+                files.remove_tree(stale)
         staging = files.private_dir(parent / f".partial-{final.name}-{secrets.token_hex(4)}")
         # Two helper threads: the QIDO-RS list (10.6), needed only to check the result, is asked for on a
         # second connection while the WADO-RS answer streams in (bench: 0.7 s of a 150 MiB series on
