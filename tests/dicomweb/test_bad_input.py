@@ -10,6 +10,8 @@ import pytest
 import requests
 
 from fhirbridge.dicomweb import DicomwebClient, DicomwebError
+from fhirbridge.errors import FhirbridgeError
+from fhirbridge.loop.runner import is_transient
 from tests.kit.dicom_studies import Study
 from tests.kit.faultproxy import FaultProxy
 from tests.kit.pacs import Pacs
@@ -40,6 +42,8 @@ def _retrieve_fails(proxy: FaultProxy, study: Study, into: Path, **kw) -> Dicomw
     with _client(proxy, **kw) as client, pytest.raises(DicomwebError) as err:
         client.retrieve_series(study.study_uid, series_uid, into)
     _assert_nothing_left(into, study)
+    # The loop's runner reads it as it reads FhirError: transient leaves the Case at its step.
+    assert isinstance(err.value, FhirbridgeError) and is_transient(err.value) == err.value.transient
     return err.value
 
 
@@ -76,6 +80,7 @@ def test_a_part_of_another_media_type_is_not_dicom(pacs_proxy: FaultProxy, study
     assert (err.kind, err.transient) == ("not-dicom", False)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")   # pydicom says what it could not parse: that is the point
 def test_a_part_with_an_unreadable_header_is_not_dicom(pacs_proxy: FaultProxy, study: Study, tmp_path: Path):
     # "DICM" is there, but what follows is not a file meta group pydicom can read.
     def garble(body: bytes) -> bytes:

@@ -483,7 +483,7 @@ class _SeriesWriter:
             sop_instance_uid=sop, sop_class_uid=str(header.get("SOPClassUID", "")),
             series_instance_uid=series, study_instance_uid=study,
             transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
-            modality=str(header.get("Modality", "")), frames=int(header.get("NumberOfFrames") or 1),
+            modality=str(header.get("Modality", "")), frames=_frames(header),
             path=target, size=size, sha256=digest))
 
 
@@ -548,6 +548,14 @@ def _read_header(path: Path, what: str) -> pydicom.Dataset:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
         raise DicomwebError(f"{what} has a DICOM header that cannot be read ({type(exc).__name__})",
                             kind="not-dicom") from exc
+
+
+def _frames(header: pydicom.Dataset) -> int:
+    """NumberOfFrames (an IS, PS3.5 6.2): 1 when absent or unreadable (it only describes the instance)."""
+    try:
+        return max(1, int(header.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def _header_uid(header: pydicom.Dataset, keyword: str) -> str:
