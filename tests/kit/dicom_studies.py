@@ -7,6 +7,11 @@ by pydicom's own RLE encoder). `large_series(directory, megabytes)` writes one C
 (the memory-bound test and the bench). `bundled_files(directory)` copies a few of pydicom's bundled test
 files (CT, MR, JPEG 2000, an implicit-VR multi-frame RT Dose, an RLE multi-frame colour image), each its own
 study. Every `Study` knows its files by series, so a test can compare hashes after a round trip.
+
+`endpoint_resource(address)` and `imaging_study_resource(study, patient, endpoint)` describe a study as the
+EHR does (FHIR R4): an Endpoint with connectionType dicom-wado-rs (R4 endpoint-connection-type) and an
+ImagingStudy whose `identifier` is the Study Instance UID as `urn:dicom:uid` / `urn:oid:<uid>` (R4
+ImagingStudy.identifier, as in the spec's examples), with its series and instances.
 """
 from __future__ import annotations
 
@@ -155,3 +160,38 @@ def bundled_files(directory: Path) -> list[Study]:
         studies.append(Study(study_uid=str(header.StudyInstanceUID),
                              series={str(header.SeriesInstanceUID): [target]}))
     return studies
+
+
+def endpoint_resource(address: str) -> dict:
+    """An R4 Endpoint for a DICOMweb base URL (WADO-RS)."""
+    return {"resourceType": "Endpoint", "status": "active",
+            "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                               "code": "dicom-wado-rs", "display": "DICOM WADO-RS"},
+            "name": "Test PACS (Orthanc, DICOMweb)", "payloadType": [{"text": "DICOM"}],
+            "payloadMimeType": ["application/dicom"], "address": address}
+
+
+def imaging_study_resource(study: Study, patient: str, endpoint: str) -> dict:
+    """An R4 ImagingStudy of `study` for `patient` ("Patient/id") at `endpoint` ("Endpoint/id")."""
+    series = []
+    for series_uid, paths in study.series.items():
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        first = headers[0]
+        series.append({
+            "uid": series_uid, "number": int(first.get("SeriesNumber") or 0),
+            "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": str(first.Modality)},
+            "description": str(first.get("SeriesDescription", "")) or None,
+            "numberOfInstances": len(paths), "endpoint": [{"reference": endpoint}],
+            "instance": [{"uid": str(h.SOPInstanceUID), "number": int(h.get("InstanceNumber") or 0),
+                          "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{h.SOPClassUID}"}}
+                         for h in headers]})
+    for item in series:
+        if item["description"] is None:
+            del item["description"]
+    modalities = sorted({item["modality"]["code"] for item in series})
+    return {"resourceType": "ImagingStudy", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_uid}"}],
+            "subject": {"reference": patient}, "started": "2026-01-01T12:00:00Z",
+            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": m} for m in modalities],
+            "endpoint": [{"reference": endpoint}], "numberOfSeries": len(series),
+            "numberOfInstances": sum(item["numberOfInstances"] for item in series), "series": series}
