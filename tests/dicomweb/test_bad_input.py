@@ -183,10 +183,22 @@ def test_a_pacs_too_slow_to_answer_is_transient(pacs_proxy: FaultProxy, study: S
     assert "in time" in str(err)
 
 
-def test_a_connection_dropped_without_an_answer_is_transient(pacs_proxy: FaultProxy, study: Study, tmp_path: Path):
-    pacs_proxy.add(method="GET", path=_wado(study, _series(study)), action="drop")
+@pytest.mark.parametrize("action", ["drop", "lose-response"])
+def test_a_connection_dropped_without_an_answer_is_transient(pacs_proxy: FaultProxy, study: Study, tmp_path: Path,
+                                                             action: str):
+    # drop: the PACS never sees the request; lose-response: it answered, and the answer was lost on the way.
+    pacs_proxy.add(method="GET", path=_wado(study, _series(study)), action=action)
     err = _retrieve_fails(pacs_proxy, study, tmp_path)
     assert (err.kind, err.transient) == ("unavailable", True)
+    assert pacs_proxy.injected[action] == 1
+
+
+def test_a_lost_answer_is_asked_again_and_the_series_arrives(pacs_proxy: FaultProxy, study: Study, tmp_path: Path):
+    pacs_proxy.add(method="GET", path=_wado(study, _series(study)), action="lose-response", times=1)
+    with _client(pacs_proxy, retries=1) as client:
+        got = client.retrieve_series(study.study_uid, _series(study), tmp_path)
+    assert len(got.instances) == len(study.series[_series(study)])
+    assert pacs_proxy.count("GET", _wado(study, _series(study))) == 2
 
 
 def test_an_unreachable_pacs_is_transient(tmp_path: Path):
