@@ -101,6 +101,17 @@ def test_stow_stores_every_instance_and_they_retrieve_identical(pacs: Pacs, dico
     assert {i.sop_instance_uid: i.sha256 for i in got.instances} == new.hashes()
 
 
+def test_stow_into_another_study_is_refused_by_the_pacs(pacs: Pacs, dicomweb: DicomwebClient, tmp_path: Path):
+    # PS3.18 10.5: instances POSTed to /studies/{uid} must belong to that study; Orthanc answers 409 with a
+    # FailedSOPSequence, and nothing is stored.
+    new = make_study(tmp_path / "new", ct_slices=2, mr_slices=1, frames=2, rle_slices=1, seed=98)
+    before = pacs.instance_count()
+    with pytest.raises(DicomwebError) as err:
+        dicomweb.store(new.files, study_uid="1.2.826.0.1.3680043.8.498.2")
+    assert (err.value.kind, err.value.status, err.value.transient) == ("refused", 409, False)
+    assert pacs.instance_count() == before
+
+
 def test_stow_refuses_a_file_that_is_not_dicom_before_sending(dicomweb: DicomwebClient, tmp_path: Path):
     bogus = tmp_path / "report.pdf"
     bogus.write_bytes(b"%PDF-1.7\n" + b"\0" * 300)
