@@ -229,7 +229,10 @@ class DicomwebClient:
 
     def retrieve_series(self, study_uid: str, series_uid: str, into: Path, *,
                         max_bytes: int | None = None) -> Retrieved:
-        """Every instance of one series into `into/<study>/<series>/<sop>.dcm` (see the module docstring)."""
+        """Every instance of one series into `into/<study>/<series>/<sop>.dcm` (see the module docstring).
+
+        The series folder is what becomes final; `into/<study>` is only its container (made 0700 first),
+        so a study is complete only when retrieve_study() named it, never because its folder exists."""
         study, series = _uid(study_uid), _uid(series_uid)
         parent = files.private_dir(into / study)
         return self._retrieve(f"studies/{study}/series/{series}", study, series, parent, parent / series,
