@@ -14,13 +14,17 @@ reported, not fatal: root-owned mounts and shared folders exist, and refusing to
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
+
+from fhirbridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +157,37 @@ def narrow_tree(root: str | os.PathLike, *, warn: bool = True) -> int:
 def narrow_files(paths: Iterable[str | os.PathLike]) -> int:
     """Each existing file of `paths` made 0600 (key files, the SQLite database and its companions)."""
     return sum(narrow(p, PRIVATE_FILE) for p in paths)
+
+
+def fsync_file(file: BinaryIO) -> None:
+    """Flush `file` to disk before it is given its final name."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in `path` durable (POSIX: the directory entry is data of the directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a folder we made (a staging folder), quietly if it is already gone."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def read_config_file(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of a file the configuration names (`what`: "key file", "certificate chain file"), or a
+    ConfigError naming the file, never its content."""
+    file = os.fspath(path)
+    try:
+        return Path(file).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found", file=file) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the {what}: {err.strerror}", file=file) from None

@@ -170,12 +170,7 @@ def read_jwks(path: str | os.PathLike, passphrase: str | None = None) -> dict:
     """The JWKS in a key file, decrypting it when it is passphrase-protected (passphrase, else the
     FHIRBRIDGE_KEY_PASSPHRASE environment variable)."""
     file = os.fspath(path)
-    try:
-        raw = Path(file).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("key file not found", file=file) from None
-    except OSError as err:
-        raise ConfigError(f"cannot read key file: {err.strerror}", file=file) from None
+    raw = files.read_config_file(file, "key file")
     if is_encrypted_jwks(raw):
         return decrypt_jwks_bytes(raw, passphrase or os.environ.get(PASSPHRASE_ENV), file=file)
     try:

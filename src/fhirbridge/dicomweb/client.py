@@ -45,7 +45,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from fhirbridge import jsonutil
-from fhirbridge.dicomweb import files
+from fhirbridge.crypto import files
 from fhirbridge.dicomweb.errors import DicomwebError
 from fhirbridge.dicomweb.multipart import MultipartBody, PartSink, boundary_of, new_boundary, read_parts
 
@@ -495,7 +495,7 @@ class _PartFile:
 
     def __init__(self, writer: _SeriesWriter, path: Path):
         self.writer, self.path = writer, path
-        self.file: BinaryIO | None = files.create_private(path)
+        self.file: BinaryIO | None = files.open_private(path, exclusive=True)
         self.sha = hashlib.sha256()
         self.size = 0
         self.head: bytearray | None = bytearray()   # the first 132 bytes, until the preamble is checked
