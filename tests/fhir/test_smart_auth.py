@@ -12,8 +12,8 @@ from joserfc import jwt as jose_jwt
 
 from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
-from fhirbridge.demo.localehr import find_sekmet, seed_patient
-from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError
+from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.errors import ConfigError, FhirError
 from fhirbridge.fhir.auth import (
     ASSERTION_TYPE,
     DEFAULT_SCOPES,
@@ -25,6 +25,8 @@ from fhirbridge.fhir.auth import (
 )
 from fhirbridge.fhir.client import FhirClient
 from tests.kit.faultproxy import FaultProxy
+from tests.kit.hospital import TestHospital, smart_ehr_running
+from tests.kit.hospital import client_keys as new_client_keys
 
 pytestmark = pytest.mark.sekmet
 
@@ -34,25 +36,15 @@ TOKEN_LIFETIME = 3  # seconds: short, so re-minting after expiry is observable
 
 @pytest.fixture(scope="module")
 def smart_keys(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("smart-keys") / "client.private.jwks.json"
-    write_private_jwks(path, generate_jwks())
-    return path
+    return new_client_keys(tmp_path_factory.mktemp("smart-keys"))
 
 
 @pytest.fixture(scope="module")
 def smart_ehr(tmp_path_factory, smart_keys):
     """A second sekmet that accepts only SMART tokens and grants our client exactly the scopes fhirbridge derives
     (tests.kit.hospital.start_smart_ehr: behind the gate that authorises each transaction entry)."""
-    from tests.kit.hospital import start_smart_ehr
-    try:
-        find_sekmet()
-    except FhirbridgeError as exc:
-        pytest.skip(str(exc))
-    server = start_smart_ehr(tmp_path_factory.mktemp("smart-ehr"), CLIENT_ID, smart_keys, TOKEN_LIFETIME)
-    try:
+    with smart_ehr_running(tmp_path_factory.mktemp("smart-ehr"), CLIENT_ID, smart_keys, TOKEN_LIFETIME) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _auth(ehr, keys: Path, **kw) -> SmartBackendAuth:
@@ -324,7 +316,6 @@ def test_config_smart_alg_must_fit_the_key(tmp_path):
 
 def test_whole_loop_with_smart_enforced(tmp_path, smart_ehr, smart_keys, smart_seeded):
     from fhirbridge.loop.receive import receive_file
-    from tests.kit.hospital import TestHospital
 
     hospital = TestHospital(tmp_path, smart_ehr.base_url)
     try:

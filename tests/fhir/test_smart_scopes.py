@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge.crypto.keys import generate_jwks, write_private_jwks
-from fhirbridge.demo.localehr import find_sekmet, seed_patient
+from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.ehr.capabilities import Capabilities
 from fhirbridge.ehr.data_request import request_records
 from fhirbridge.ehr.write_plan import Kind, choose
-from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.errors import FhirError
 from fhirbridge.fhir.auth import SmartBackendAuth
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.receive import receive_file
-from tests.kit.hospital import TestHospital, docrefs, start_smart_ehr
+from tests.kit.hospital import TestHospital, docrefs, smart_ehr_running
+from tests.kit.hospital import client_keys as new_client_keys
 from tests.kit.scopegate import EXACT_SCOPES as EXACT
 
 pytestmark = pytest.mark.sekmet
@@ -27,22 +27,13 @@ pytestmark = pytest.mark.sekmet
 CLIENT_ID = "fhirbridge-scopes"
 @pytest.fixture(scope="module")
 def client_keys(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("scope-keys") / "client.private.jwks.json"
-    write_private_jwks(path, generate_jwks())
-    return path
+    return new_client_keys(tmp_path_factory.mktemp("scope-keys"))
 
 
 @pytest.fixture(scope="module")
 def exact_ehr(tmp_path_factory, client_keys):
-    try:
-        find_sekmet()
-    except FhirbridgeError as exc:
-        pytest.skip(str(exc))
-    ehr = start_smart_ehr(tmp_path_factory.mktemp("exact-ehr"), CLIENT_ID, client_keys, scopes=EXACT)
-    try:
+    with smart_ehr_running(tmp_path_factory.mktemp("exact-ehr"), CLIENT_ID, client_keys, scopes=EXACT) as ehr:
         yield ehr
-    finally:
-        ehr.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,17 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from fhirbridge.config import loader as config
 from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import jws
-from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.demo.localehr import referring_physician
+from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
+from fhirbridge.demo.localehr import find_sekmet, referring_physician
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
+from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.exchange.reviewer import OpenedPackage, answer, open_package, write_reviewer_keys
@@ -85,6 +88,33 @@ def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime:
     behind the gate that authorises each entry of a transaction (tests/kit/scopegate.py). Seed it with
     `FhirClient(ehr.direct_url, auth=ehr.admin)`; give fhirbridge `ehr.base_url` and `ehr.token_url`."""
     return SmartEhr(directory, client_id, keys, scopes=scopes, token_lifetime=token_lifetime)
+
+
+@contextlib.contextmanager
+def smart_ehr_running(directory: Path, client_id: str, keys: Path, token_lifetime: int | None = None, *,
+                      scopes: tuple[str, ...] | list[str] | str = EXACT_SCOPES):
+    """`start_smart_ehr` for a fixture: skips when sekmet is not installed, stopped however the block ends."""
+    require_sekmet()
+    ehr = start_smart_ehr(directory, client_id, keys, token_lifetime, scopes=scopes)
+    try:
+        yield ehr
+    finally:
+        ehr.stop()
+
+
+def require_sekmet() -> None:
+    """Skip the test, saying why, when the sekmet FHIR server is not installed."""
+    try:
+        find_sekmet()
+    except FhirbridgeError as exc:
+        pytest.skip(str(exc))
+
+
+def client_keys(directory: Path) -> Path:
+    """A new private key set for a SMART client, in `directory`."""
+    path = directory / "client.private.jwks.json"
+    write_private_jwks(path, generate_jwks())
+    return path
 
 
 def unique_mappings(root: Path) -> tuple[Path, str]:
