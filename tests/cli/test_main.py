@@ -66,7 +66,8 @@ def test_an_error_quoting_the_ehr_is_printed_without_its_escape_sequences(tmp_pa
     proxy.add(method="GET", path=r"/Patient/", status=422, body=json.dumps(outcome).encode())
     h = TestHospital(tmp_path, proxy.base_url)
     try:
-        code = cli.main(["--config", str(h.config_path), "order", "--patient", "Patient/p-1", "--question", "Why?"])
+        code = cli.main(["--config", str(h.config_path), "order", "--patient", "Patient/p-1", "--question", "Why?",
+                         "--requester", "Practitioner/pr-1"])
     finally:
         h.close()
     err = capsys.readouterr().err

@@ -269,10 +269,20 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
         # Both workers' figures in one scrape (multiprocess directory), the store's figures alongside.
         from tests.kit.metrics import parse, total, value
         name = hospital.app.hospital.name
+
+        def scrape() -> dict:
+            return parse(requests.get(f"{base}/metrics", timeout=10,
+                                      headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text)
+
+        # The runner records a step's figures just after the store has the Case's next step (loop/runner.py
+        # _run_one): under load the Case can read await_opinion a moment before the delivery is counted.
+        deadline = time.monotonic() + 30
+        while total(scrape(), "fhirbridge_packages_sent_total", hospital=name, reviewer="spine-center") != 1:
+            assert time.monotonic() < deadline, "the delivery was never counted"
+            time.sleep(0.2)
         samples = {}
         for _ in range(4):  # whichever worker answers, the figures are the same
-            samples = parse(requests.get(f"{base}/metrics", timeout=10,
-                                         headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text)
+            samples = scrape()
             assert total(samples, "fhirbridge_packages_sent_total", hospital=name, reviewer="spine-center") == 1
         assert value(samples, "fhirbridge_cases", hospital=name, step="await_opinion") == 1
         for step in ("collect", "seal", "deliver"):

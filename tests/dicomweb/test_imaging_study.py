@@ -11,11 +11,13 @@ from tests.kit.dicom_studies import Study, endpoint_resource, imaging_study_reso
 from tests.kit.pacs import Pacs
 
 
-def test_an_imaging_study_in_the_ehr_leads_to_every_instance_in_the_pacs(fhir: FhirClient, seeded: dict,
-                                                                         pacs: Pacs, study: Study,
+def test_an_imaging_study_in_the_ehr_leads_to_every_instance_in_the_pacs(fhir: FhirClient, pacs: Pacs, study: Study,
                                                                          tmp_path: Path):
+    # A patient of its own: the session's seeded patient is collected by other tests, which would pick up
+    # this study and its loopback (plain http) Endpoint.
+    patient, _ = fhir.create({"resourceType": "Patient", "name": [{"family": "Imaging-Testpatient"}]})
     endpoint, _ = fhir.create(endpoint_resource(pacs.dicomweb_url))
-    resource = imaging_study_resource(study, seeded["patient"], f"Endpoint/{endpoint['id']}")
+    resource = imaging_study_resource(study, f"Patient/{patient['id']}", f"Endpoint/{endpoint['id']}")
     assert validate(resource) == []
     created, _ = fhir.create(resource)
 
