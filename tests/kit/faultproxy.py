@@ -11,7 +11,9 @@ changes the body sent upstream (a request the real server then rejects). `before
 and `after` are called with the request path before forwarding and once the upstream answered (the crash
 suite kills a worker there: mid-transaction). Unmatched requests are forwarded unchanged. Absolute upstream
 URLs in responses (paging links, Location) are rewritten to the proxy so that every request goes through it.
-A subclass may refuse or re-authorise a request before any rule sees it (`admit`: tests/kit/scopegate.py).
+A subclass may refuse or re-authorise a request before any rule sees it (`admit`: tests/kit/scopegate.py),
+and change what is sent upstream and what comes back (`transform_request`, `transform_response`: an EHR that
+behaves like a vendor's, tests/kit/ehrproxy.py).
 """
 from __future__ import annotations
 
@@ -121,6 +123,14 @@ class FaultProxy:
         answers with that OperationOutcome instead. Forwards everything here."""
         return None
 
+    def transform_request(self, method: str, path: str, headers: dict, body: bytes) -> tuple[dict, bytes]:
+        """After the rules, before forwarding: the headers and body sent upstream. Unchanged here."""
+        return headers, body
+
+    def transform_response(self, method: str, path: str, status: int, content: bytes) -> tuple[int, bytes]:
+        """After the upstream answered, before the rules' answer actions: the status and body. Unchanged here."""
+        return status, content
+
     def keeps_urls(self, path: str) -> bool:
         """Whether the answer to `path` is passed on without pointing its upstream URLs at the proxy."""
         return False
@@ -165,6 +175,7 @@ class FaultProxy:
         if isinstance(admitted, dict):
             headers = {k: v for k, v in headers.items() if k.lower() not in {n.lower() for n in admitted}}
             headers.update(admitted)
+        headers, body = self.transform_request(h.command, h.path, headers, body)
         try:
             r = requests.request(h.command, self.upstream_root + h.path, data=body or None, headers=headers,
                                  timeout=60)
@@ -172,6 +183,7 @@ class FaultProxy:
             self.log.append((h.command, h.path, "upstream-error"))
             _drop(h)
             return
+        status, content = self.transform_response(h.command, h.path, r.status_code, r.content)
         if rule and rule.after:
             rule.after(h.path)
         if rule and rule.action == "lose-response":
@@ -181,12 +193,12 @@ class FaultProxy:
         if rule and rule.action == "slow-response":
             time.sleep(rule.delay)
         keep = self.keeps_urls(h.path)
-        content = r.content if keep else r.content.replace(self.upstream_root.encode(), self.root.encode())
+        content = content if keep else content.replace(self.upstream_root.encode(), self.root.encode())
         if rule and rule.action == "rewrite":
             content = rule.rewrite(content)
-        self.log.append((h.command, h.path, r.status_code))
+        self.log.append((h.command, h.path, status))
         try:
-            h.send_response(r.status_code)
+            h.send_response(status)
             for k, v in r.headers.items():
                 if k.lower() not in HOP_BY_HOP:
                     h.send_header(k, v if keep else v.replace(self.upstream_root, self.root))

@@ -33,7 +33,10 @@ class WritePlan:
         """(resource type, interaction) pairs this plan's write-back makes: the SMART scopes follow them."""
         c = self.capabilities
         if self.kind is Kind.ATOMIC:
-            pairs = [("Binary", "update"), ("DocumentReference", "update"), ("Provenance", "create")]
+            # Provenance search: a retry after a refused or partial transaction looks for the Provenance a
+            # server without rollback kept, so it is never posted twice (loop/writeback.py).
+            pairs = [("Binary", "update"), ("DocumentReference", "update"), ("Provenance", "create"),
+                     ("Provenance", "search")]
         else:
             pairs = [("Binary", "create"), ("DocumentReference", "create"), ("Provenance", "create")]
             if c.docref_identifier_search:

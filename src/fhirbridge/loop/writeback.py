@@ -25,10 +25,16 @@ Why it can never file twice, in one read and one transaction:
 - the Binary and the DocumentReference are PUTs to ids derived here from the Case and the opinion id, so the
   same opinion always lands on the same two resources (a repeat overwrites them with the same content);
 - the Task entry is a PUT with `ifMatch` on the version we read: a second identical transaction (a retry
-  after a lost response, a second worker) fails as a whole with 409/412 (FHIR R4 http.html#concurrency and
-  #transaction: any failure rolls back every entry), so the Provenance is never posted twice;
+  after a lost response, a second worker) fails with 409/412 (FHIR R4 http.html#concurrency);
 - the one read is the Task's: the transaction completes it with an output naming our DocumentReference, so
-  a completed Task naming it means filed; after a conflict we read our DocumentReference by its id.
+  a completed Task naming it means filed, and nothing else does (not our note existing: see below).
+*Changed (issue 14):* this used to assume "any failure rolls back every entry" (R4 #transaction) and, after a
+409/412, to conclude "filed" from our note existing. Servers exist that run a transaction as a batch (HTTP
+200, one entry 412) or do not roll back: then the note and the Provenance are written and the Task is not.
+Now every entry's status is checked (FhirClient.transaction: PartialTransaction); a conflict or a partial
+answer re-reads the Task and, unless it is completed naming our note, fails transiently; the retry searches
+our Provenance (`target` our note, entity the opinion's jti) and leaves it out if it is there, so it is never
+posted twice, and completes the Task.
 *Changed:* the DocumentReference used to be a conditional create on the opinion identifier, preceded by a
 search for it. That cost a round trip per opinion, and a note elsewhere carrying the same identifier would
 have been matched by the condition (the Task then pointing at another patient's note). With a derived id
@@ -48,7 +54,7 @@ from fhirbridge.crypto import jws
 from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import BUSINESS_SYSTEM, STATUS, now_iso
-from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.errors import FhirbridgeError, FhirError, PartialTransaction
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.loop.receive import opinion_path
@@ -127,15 +133,23 @@ def file_opinion(app: App, case: Case) -> Filed:
     tx = build_transaction(app, case, claims, document, task)
     if version:
         tx["entry"][-1]["request"]["ifMatch"] = f'W/"{version}"'
+    if case.attempts:
+        # An earlier attempt failed: on a server that did not roll it back, its Provenance may be in the
+        # chart already. Reuse it rather than post a second one (the PUTs to our ids repeat harmlessly).
+        _drop_written_provenance(app, tx, ours, claims)
     try:
         app.ehr.transaction(tx)
     except FhirError as exc:
-        if exc.status in (409, 412):
-            if _is_ours(app, case, ours):
-                return Filed(ours, already_filed=True)
-            # The Task changed under us (someone edited it): nothing was written; retry with a fresh read.
-            raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
-                            transient=True) from None
+        if exc.status in (409, 412) or isinstance(exc, PartialTransaction):
+            # Filed means the Task says so (completed, its output naming our note), never that our note
+            # exists: a server without rollback (or running the transaction as a batch) may have written the
+            # Binary, the note and the Provenance and refused the Task. Re-read it; if it is not completed,
+            # the retry reuses what was written (_drop_written_provenance) and completes the Task.
+            filed = _filed_per_task(app.ehr.read_ref(case.task), ours)
+            if filed:
+                return Filed(filed, already_filed=True, task_completed=True)
+            raise FhirError(f"the write-back was not completed ({exc}); will reconcile and retry",
+                            status=exc.status, transient=True) from None
         raise
     crash_point("file.committed")
     return Filed(ours, binary=f"Binary/{binary_id_for(case, case.opinion_id)}", task_completed=True)
@@ -149,16 +163,21 @@ def _filed_per_task(task: dict, docref: str) -> str | None:
     return docref if docref in refs else None
 
 
-def _is_ours(app: App, case: Case, docref: str) -> bool:
-    """Our DocumentReference exists, on this Case's patient and order (read by its derived id)."""
-    try:
-        res = app.ehr.read_ref(docref)
-    except FhirError as exc:
-        if exc.status in (404, 410):
-            return False
-        raise
-    related = {r.get("reference") for r in res.get("context", {}).get("related", [])}
-    return res.get("subject", {}).get("reference") == case.patient and case.service_request in related
+def find_provenance(app: App, docref: str, opinion_jti: str) -> str | None:
+    """Our Provenance for this opinion, if one is in the chart: it targets our note and names the sealed
+    opinion (its jti) as its source entity."""
+    for res in app.ehr.search("Provenance", {"target": docref}):
+        if res.get("resourceType") != "Provenance":
+            continue
+        whats = {((e.get("what") or {}).get("identifier") or {}).get("value") for e in res.get("entity", [])}
+        if f"urn:uuid:{opinion_jti}" in whats:
+            return f"Provenance/{res['id']}"
+    return None
+
+
+def _drop_written_provenance(app: App, tx: dict, docref: str, claims: dict) -> None:
+    if find_provenance(app, docref, claims["jti"]):
+        tx["entry"] = [e for e in tx["entry"] if e["resource"]["resourceType"] != "Provenance"]
 
 
 def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
