@@ -5,7 +5,9 @@ with probability `chance`, drawn from the proxy's seeded generator), answer with
 delay before forwarding, drop the connection without answering, forward and then drop the answer (the
 server did the work; the client never hears: a lost response), forward and send only part of the body
 (`truncate`: the Content-Length promises more, then the connection is reset), forward and answer late
-(`slow-response`: the server did the work, the answer comes after `delay`), or just forward. A rule that
+(`slow-response`: the server did the work, the answer comes after `delay`), forward and then answer `status`
+instead of the server's answer (`status-after-commit`: a gateway's 502 for work the server did), or just
+forward. A rule that
 fires goes on firing for its next `burst - 1` matches whatever its chance (bursts of 503). `rewrite_request`
 changes the body sent upstream (a request the real server then rejects). `before`
 and `after` are called with the request path before forwarding and once the upstream answered (the crash
@@ -36,7 +38,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 class Rule:
     method: str | None = None          # None: any
     path: str = ".*"                   # regex searched in the path+query
-    action: str = "status"   # status | delay | drop | lose-response | rewrite | truncate | slow-response | forward
+    # status | delay | drop | lose-response | rewrite | truncate | slow-response | status-after-commit | forward
+    action: str = "status"
     rewrite: object = None             # rewrite: callable(bytes) -> bytes applied to the upstream body
     rewrite_request: object = None     # callable(bytes) -> bytes applied to the body sent upstream
     before: object = None              # callable(path), run before forwarding
@@ -192,6 +195,16 @@ class FaultProxy:
             return
         if rule and rule.action == "slow-response":
             time.sleep(rule.delay)
+        if rule and rule.action == "status-after-commit":
+            self.log.append((h.command, h.path, rule.status))
+            payload = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient",'
+                       b'"diagnostics":"injected fault after the upstream answered"}]}')
+            h.send_response(rule.status)
+            h.send_header("Content-Type", "application/fhir+json")
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
         keep = self.keeps_urls(h.path)
         content = content if keep else content.replace(self.upstream_root.encode(), self.root.encode())
         if rule and rule.action == "rewrite":
