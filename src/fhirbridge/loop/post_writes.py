@@ -3,9 +3,10 @@ write plans LEDGER and ONCE (ehr/write_plan.py). Exactly once, by the write ledg
 
 Many vendors' R4 APIs write a clinical note only by `POST DocumentReference`: the server picks the id, so a
 retried POST after a lost answer files a second note. Each write here is therefore recorded in the ledger
-with its business identifier BEFORE it is sent (state `intended`, then `sent`; `confirmed` with the server's
-id once the EHR answered), and a write whose outcome is unknown (`sent`, not confirmed: a lost answer, a 5xx
-after sending, a crash) is never simply sent again:
+with its business identifier BEFORE it is sent: `sent` is committed to the store just before the POST (from
+then on its outcome is unknown), `confirmed` with the server's id once the EHR answered, `intended` when it is
+known NOT to be in the chart (a definite refusal, or a person answered "not filed"), so sending it is safe. A
+write left `sent` (a lost answer, a 5xx after sending, a crash) is never simply sent again:
 - plan LEDGER reconciles it by searching the identifier: the note by DocumentReference `identifier` (the
   opinion's urn:uuid, also its masterIdentifier), the Provenance by `target` (our note) and its source entity
   (the sealed opinion's jti). Found: confirmed. Not found: it never landed, and is sent again.

@@ -93,7 +93,8 @@ AUDIT_ACCOUNTING = ("id", "at", "hospital", "patient", "case_id", "kind", "recip
 # The write ledger (migration 0005; loop/post_writes.py): each write of the POST-only plans, recorded with its
 # business identifier BEFORE it is sent, so a lost answer or a crash is reconciled by searching that identifier
 # (or put to a person), never by a blind second POST. One row per Case and kind of write.
-# state: intended (not sent: sending is safe) | sent (may have landed: reconcile first) | confirmed (server_id).
+# state: intended (known not in the chart: sending is safe) | sent (committed just before the POST: may have
+# landed, reconcile first) | confirmed (server_id).
 write_ledger = Table(
     "write_ledger", metadata,
     Column("case_id", String(64), primary_key=True),
