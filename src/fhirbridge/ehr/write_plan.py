@@ -33,10 +33,9 @@ class WritePlan:
         """(resource type, interaction) pairs this plan's write-back makes: the SMART scopes follow them."""
         c = self.capabilities
         if self.kind is Kind.ATOMIC:
-            # Provenance search: a retry after a refused or partial transaction looks for the Provenance a
-            # server without rollback kept, so it is never posted twice (loop/writeback.py).
-            pairs = [("Binary", "update"), ("DocumentReference", "update"), ("Provenance", "create"),
-                     ("Provenance", "search")]
+            # No Provenance search: only a server that turns out not to be atomic makes the retry look for the
+            # Provenance it kept (loop/writeback.py); such an EHR belongs on LEDGER (transaction_atomic false).
+            pairs = [("Binary", "update"), ("DocumentReference", "update"), ("Provenance", "create")]
         else:
             pairs = [("Binary", "create"), ("DocumentReference", "create"), ("Provenance", "create")]
             if c.docref_identifier_search:

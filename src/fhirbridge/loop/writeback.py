@@ -32,9 +32,10 @@ Why it can never file twice, in one read and one transaction:
 409/412, to conclude "filed" from our note existing. Servers exist that run a transaction as a batch (HTTP
 200, one entry 412) or do not roll back: then the note and the Provenance are written and the Task is not.
 Now every entry's status is checked (FhirClient.transaction: PartialTransaction); a conflict or a partial
-answer re-reads the Task and, unless it is completed naming our note, fails transiently; the retry searches
-our Provenance (`target` our note, entity the opinion's jti) and leaves it out if it is there, so it is never
-posted twice, and completes the Task.
+answer re-reads the Task and, unless it is completed naming our note, fails transiently; when the answer shows
+a partial write (refused entries, or our note there after a 409/412) the retry searches our Provenance
+(`target` our note, entity the opinion's jti) and leaves it out if it is there, so it is never posted twice,
+and completes the Task. An EHR that does this should be pinned `transaction_atomic = false` (plan LEDGER).
 *Changed:* the DocumentReference used to be a conditional create on the opinion identifier, preceded by a
 search for it. That cost a round trip per opinion, and a note elsewhere carrying the same identifier would
 have been matched by the condition (the Task then pointing at another patient's note). With a derived id
@@ -62,6 +63,8 @@ from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
 OPINION_ID_SYSTEM = "urn:ietf:rfc:3986"
+# Case.data flag: a write-back transaction of this Case was written in part (the server did not roll it back).
+PARTIAL = "file_partial_write"
 FORMAT_CODE = {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
                "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient", "display": "mimeType Sufficient"}
 PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
@@ -137,9 +140,9 @@ def file_opinion(app: App, case: Case) -> Filed:
     tx = build_transaction(app, case, claims, document, task)
     if version:
         tx["entry"][-1]["request"]["ifMatch"] = f'W/"{version}"'
-    if case.attempts:
-        # An earlier attempt failed: on a server that did not roll it back, its Provenance may be in the
-        # chart already. Reuse it rather than post a second one (the PUTs to our ids repeat harmlessly).
+    if case.data.get(PARTIAL):
+        # An earlier attempt was written in part (the server did not roll it back): its Provenance may be in
+        # the chart already. Reuse it rather than post a second one (the PUTs to our ids repeat harmlessly).
         _drop_written_provenance(app, tx, ours, claims)
     try:
         app.ehr.transaction(tx)
@@ -152,6 +155,11 @@ def file_opinion(app: App, case: Case) -> Filed:
             filed = filed_per_task(app.ehr.read_ref(case.task), ours)
             if filed:
                 return Filed(filed, already_filed=True, task_completed=True)
+            # Only evidence of a partial write makes the retry search for a Provenance: an atomic server's
+            # 409/412 (the Task edited meanwhile) wrote nothing, and the atomic plan's scopes need no search.
+            if isinstance(exc, PartialTransaction) or _exists(app, ours):
+                app.store.update(case.id, data={PARTIAL: True}, event_kind="file.partial",
+                                 detail={"error": str(exc)})
             raise FhirError(f"the write-back was not completed ({exc}); will reconcile and retry",
                             status=exc.status, transient=True) from None
         raise
@@ -159,17 +167,23 @@ def file_opinion(app: App, case: Case) -> Filed:
     return Filed(ours, binary=f"Binary/{binary_id_for(case, case.opinion_id)}", task_completed=True)
 
 
+def _exists(app: App, ref: str) -> bool:
+    try:
+        app.ehr.read_ref(ref)
+        return True
+    except FhirError as exc:
+        if exc.status in (404, 410):
+            return False
+        raise
+
+
 def _file_without_task(app: App, case: Case, claims: dict, document: dict, ours: str) -> Filed:
     """No Task write on this EHR (write plan task_write False): the transaction holds the Binary, the note and
     the Provenance. Being atomic, our note at its derived id means all of it is in the chart: that read
     replaces the Task's."""
     assert case.opinion_id is not None
-    try:
-        app.ehr.read_ref(ours)
+    if _exists(app, ours):
         return Filed(ours, already_filed=True)
-    except FhirError as exc:
-        if exc.status not in (404, 410):
-            raise
     tx = build_transaction(app, case, claims, document, None)
     app.ehr.transaction(tx)
     crash_point("file.committed")
