@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from fhirbridge.demo.localehr import referring_physician
 from fhirbridge.ehr.order import place_order
 from fhirbridge.loop.receive import receive_file
 from fhirbridge.loop.runner import run_pending
@@ -29,7 +30,8 @@ def run(bench: Bench, sizes: list[int], repeats: int, log=print) -> dict:
     steps: dict[int, dict[str, list[float]]] = {s: {k: [] for k in STEPS} for s in sizes}
 
     def one_case(size: int) -> dict:
-        sr = place_order(app, patient=patients[size].ref, question="Is surgery indicated now?", profile="default")
+        sr = place_order(app, patient=patients[size].ref, question="Is surgery indicated now?", profile="default",
+                     requester=referring_physician(app.ehr))
         started = time.perf_counter()
         run_pending(app)
         outbound = time.perf_counter() - started

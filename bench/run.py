@@ -1,6 +1,6 @@
 """Run the benchmarks, print one table, write the results as JSON.
 
-    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims] [--json FILE]
+    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado] [--json FILE]
 
 See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
 """
@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import claims_bench, collect_bench, loop_bench, plans_bench, seal_bench, writeback_bench
+from . import claims_bench, collect_bench, loop_bench, plans_bench, seal_bench, wado_bench, writeback_bench
 from .common import Bench, machine
 
-SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims")
+SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado")
 
 # What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
 # 100 MiB of attachments and more repetitions.
@@ -26,12 +26,12 @@ PLANS = {
               "seal": [{"name": "document", "resources": 1000, "attachment_mb": []},
                        {"name": "attachments", "resources": 100, "attachment_mb": [20]}], "seal_repeats": 3,
               "writeback_repeats": 5, "loop_sizes": [10, 100, 1000], "loop_repeats": 2,
-              "claims_cases": 1000, "claims_repeats": 2},
+              "claims_cases": 1000, "claims_repeats": 2, "wado_mb": 20, "wado_repeats": 3},
     "full": {"collect_sizes": [10, 100, 1000, 10000], "collect_repeats": {10: 9, 100: 9, 1000: 7, 10000: 5},
              "seal": [{"name": "document", "resources": 10000, "attachment_mb": []},
                       {"name": "attachments", "resources": 100, "attachment_mb": [100]}], "seal_repeats": 5,
              "writeback_repeats": 11, "loop_sizes": [10, 100, 1000, 10000], "loop_repeats": 3,
-             "claims_cases": 4000, "claims_repeats": 3},
+             "claims_cases": 4000, "claims_repeats": 3, "wado_mb": 150, "wado_repeats": 5},
 }
 PAGE_SIZE_VARIANT = 1000   # collect is also measured with this _count, beside the configured default (100)
 
@@ -76,6 +76,8 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
     root.mkdir(parents=True)
     if section == "seal":
         return seal_bench.run(root, plan["seal"], plan["seal_repeats"], log=log)
+    if section == "wado":
+        return wado_bench.run(root, plan["wado_mb"], plan["wado_repeats"], log=log)
     if section == "claims":
         return claims_bench.run(plan["claims_cases"], plan["claims_repeats"], url=args.postgres_url, log=log)
     bench = Bench(root)   # a sekmet of its own per section: each measures against only its own data
@@ -152,6 +154,10 @@ def goals(sections: dict) -> list[dict]:
             add("claims", f"duplicate claims, {n}", r["duplicates"], "0", r["duplicates"] == 0)
         add("claims", "fhirbridge / raw SQL bound (time, 4 workers)", f"{c['fhirbridge_vs_bound']:.2f}x",
             "(reported)", None)
+    if "wado" in sections and "skipped" not in sections["wado"]:
+        w = sections["wado"]
+        for n, v in w["vs_raw"].items():   # issue 15's goals (1.3x of download + seal) are for the seal path
+            add("wado", f"{n} / raw GET, {w['payload_bytes'] / 2**20:.0f} MiB series", f"{v:.2f}x", "(reported)", None)
     return out
 
 
@@ -200,6 +206,16 @@ def table(results: dict) -> str:
         lines += [f"Claims on PostgreSQL ({c['cases']} Cases per run)",
                   _grid(["contender", "claims/s", "duplicates", "missed"],
                         [[n, r["claims_per_second"], r["duplicates"], r["missed"]] for n, r in c["rows"].items()]), ""]
+    if "wado" in s:
+        w = s["wado"]
+        if "skipped" in w:
+            lines += [f"WADO-RS retrieve: skipped ({w['skipped']})", ""]
+        else:
+            lines += [f"WADO-RS retrieve of one CT series ({w['instances']} instances, "
+                      f"{w['payload_bytes'] / 2**20:.0f} MiB; peak = extra RSS of the contender's process)",
+                      _grid(["contender", "median s", "MiB/s", "x raw GET", "peak MiB"],
+                            [[n, v, w["mib_per_s"][n], w["vs_raw"].get(n, "1.00"),
+                              f"{w['peak_extra_rss_bytes'][n] / 2**20:.0f}"] for n, v in w["median_s"].items()]), ""]
     lines += ["Goals", _grid(["section", "figure", "measured", "goal", "met"],
                              [[g["section"], g["figure"], g["value"], g["goal"],
                                "" if g["met"] is None else ("yes" if g["met"] else "NO")] for g in results["goals"]])]

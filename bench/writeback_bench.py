@@ -18,6 +18,7 @@ import statistics
 import requests
 
 from fhirbridge import jsonutil
+from fhirbridge.demo.localehr import referring_physician
 from fhirbridge.ehr.order import place_order
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.reviewer import answer, open_package
@@ -42,7 +43,8 @@ free_text = "Agree with the plan."
 def cases_at_file_step(bench: Bench, app, patient_ref: str, n: int) -> list:
     """`n` Cases taken through the loop until their opinions are received (step `file`). All are ordered
     and delivered first, then all answered: a run in between would file the ones already received."""
-    orders = [place_order(app, patient=patient_ref, question="Is surgery indicated now?", profile="default")
+    orders = [place_order(app, patient=patient_ref, question="Is surgery indicated now?", profile="default",
+                     requester=referring_physician(app.ehr))
               for _ in range(n)]
     run_pending(app)
     out = []

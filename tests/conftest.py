@@ -15,6 +15,9 @@ from tests.kit.faultproxy import FaultProxy
 from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN, TestHospital
 from tests.kit.processes import READY_SECONDS
 
+# SIGTERM (a CI timeout, `kill`) runs every fixture's teardown too, so no started process group survives it.
+pytest_plugins = ["tests.kit.sigterm"]
+
 
 @pytest.fixture(scope="session")
 def ehr(tmp_path_factory: pytest.TempPathFactory):

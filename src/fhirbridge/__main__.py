@@ -1,5 +1,3 @@
-import sys
+from fhirbridge.cli.main import console
 
-from fhirbridge.cli.main import main
-
-sys.exit(main())
+console()

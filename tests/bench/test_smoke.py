@@ -64,3 +64,15 @@ def test_claims_on_postgres_hand_out_no_case_twice():
     from bench import claims_bench
     out = claims_bench.run(50, 1, url=os.environ["FHIRBRIDGE_TEST_POSTGRES_URL"], log=lambda _m: None)
     assert all(r["duplicates"] == 0 and r["missed"] == 0 for r in out["rows"].values())
+
+
+def test_wado_contenders_retrieve_the_same_series(tmp_path):
+    from bench import wado_bench
+    from tests.kit.pacs import find_orthanc
+    try:
+        find_orthanc()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    out = wado_bench.run(tmp_path, 2, 1, log=lambda _m: None)
+    assert set(out["median_s"]) == {"raw GET", "fhirbridge", "fhirbridge, fsync off"}
+    assert out["instances"] == 4 and out["answer_bytes"] > out["payload_bytes"]

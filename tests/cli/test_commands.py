@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -51,6 +52,22 @@ def test_init_writes_config_and_keys(tmp_path, capsys):
     assert KeyRing.load(private).has_private
     pub = json.loads(public.read_text())
     assert pub["keys"] and not any("d" in k for k in pub["keys"])
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_init_keeps_keys_private_and_the_config_readable_under_any_umask(tmp_path, capsys, umask):
+    """Issue 13, S11: the keys are the owner's alone and the configuration (no secrets: those come from the
+    environment) readable by the operators and tools, whatever umask `init` runs under."""
+    d = tmp_path / "site"
+    old = os.umask(umask)
+    try:
+        code, _, err = run(capsys, "init", d)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert mode(d / "fhirbridge.toml") == 0o644
+    assert mode(d / "keys") == 0o700 and mode(d / "keys" / "hospital.private.jwks.json") == 0o600
+    assert mode(d / "keys" / "hospital.public.jwks.json") == 0o644
 
 
 def test_second_init_refuses_and_keeps_the_files(site, capsys):

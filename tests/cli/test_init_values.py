@@ -17,6 +17,7 @@ def test_init_quotes_the_hospital_name(tmp_path, capsys, name):
 @pytest.mark.parametrize("argv, key", [
     (["--fhir-base-url", "ftp://ehr.example/fhir"], "--fhir-base-url"),
     (["--fhir-base-url", "https:///fhir"], "--fhir-base-url"),
+    (["--fhir-base-url", "http://user:hunter2@ehr.hospital.example/fhir"], "--fhir-base-url"),   # S11
     (["--hospital-name", "Line\nbreak"], "--hospital-name"),
     (["--hospital-name", "  "], "--hospital-name"),
 ])
@@ -29,3 +30,9 @@ def test_init_refuses_bad_values_before_writing_anything(tmp_path, capsys, argv,
 def test_init_refuses_a_url_without_echoing_credentials(tmp_path, capsys):
     code, _out, err = run(capsys, "init", tmp_path / "site", "--fhir-base-url", "ftp://user:hunter2@ehr.example/")
     assert code == 2 and "hunter2" not in err and "ftp" in err
+
+
+def test_init_refuses_a_plain_http_ehr_on_another_host_without_echoing_it(tmp_path, capsys):
+    code, _out, err = run(capsys, "init", tmp_path / "site", "--fhir-base-url", "http://user:hunter2@ehr.example/")
+    assert code == 2 and "hunter2" not in err and "https://" in err
+    assert not (tmp_path / "site").exists()

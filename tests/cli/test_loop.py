@@ -22,7 +22,8 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def test_cli_loop(hospital, seeded, capsys, tmp_path):
     cfg = hospital.config_path
     code, out, _ = run(capsys, "--config", cfg, "order", "--patient", seeded["patient"].split("/")[1],
-                       "--question", "Fusion or decompression alone?", "--profile", "spine")
+                       "--question", "Fusion or decompression alone?", "--profile", "spine",
+                       "--requester", seeded["physician"])
     assert code == 0 and out.startswith("ServiceRequest/")
     code, out, err = run(capsys, "--config", cfg, "run")
     assert code == 0, err
@@ -59,7 +60,8 @@ def test_cli_loop(hospital, seeded, capsys, tmp_path):
 
 def test_cli_errors_are_one_clear_line(hospital, seeded, capsys, tmp_path):
     cfg = hospital.config_path
-    code, _, err = run(capsys, "--config", cfg, "order", "--patient", "no-such-patient", "--question", "?")
+    code, _, err = run(capsys, "--config", cfg, "order", "--patient", "no-such-patient", "--question", "?",
+                       "--requester", seeded["physician"])
     assert code == 1 and "Patient/no-such-patient does not exist in the EHR" in err
     (tmp_path / "junk.jwe").write_bytes(b"not a sealed opinion")
     code, _, err = run(capsys, "--config", cfg, "receive", tmp_path / "junk.jwe")
@@ -68,3 +70,25 @@ def test_cli_errors_are_one_clear_line(hospital, seeded, capsys, tmp_path):
     assert code == 1 and "no Case with id zzzz" in err
     code, _, err = run(capsys, "reviewer", "open", tmp_path / "nowhere", "--key", tmp_path / "nokey.json")
     assert code != 0 and "Traceback" not in err and "nokey.json" in err
+
+
+def test_order_without_requester_is_refused_by_the_cli(hospital, seeded, capsys, fhir):
+    """Issue 13, C4: BSeR's referral request has `requester` 1..1, and `fhirbridge order` wrote none without
+    `--requester`. Now the command refuses to run without it, and a requester the EHR does not hold is a clear
+    error; neither writes an order."""
+    cfg = hospital.config_path
+    before = len(list(fhir.search("ServiceRequest", {"subject": seeded["patient"]})))
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", str(cfg), "order", "--patient", seeded["patient"], "--question", "Fusion?"])
+    assert refused.value.code == 2
+    assert "the following arguments are required: --requester" in capsys.readouterr().err
+    code, _, err = run(capsys, "--config", cfg, "order", "--patient", seeded["patient"], "--question", "Fusion?",
+                       "--requester", "Practitioner/no-such-doctor")
+    assert code == 1 and "the requester Practitioner/no-such-doctor does not exist in the EHR" in err
+    code, _, err = run(capsys, "--config", cfg, "order", "--patient", seeded["patient"], "--question", "Fusion?",
+                       "--requester", "Patient/x")
+    assert code == 1 and "Practitioner/<id> or PractitionerRole/<id>" in err
+    assert len(list(fhir.search("ServiceRequest", {"subject": seeded["patient"]}))) == before
+    code, out, _ = run(capsys, "--config", cfg, "order", "--patient", seeded["patient"], "--question", "Fusion?",
+                       "--requester", seeded["physician"])
+    assert code == 0 and fhir.read_ref(out.strip())["requester"] == {"reference": seeded["physician"]}

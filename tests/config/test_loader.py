@@ -149,6 +149,41 @@ def test_non_http_fhir_base_url(tmp_path, url):
     assert "http" in err.detail
 
 
+@pytest.mark.parametrize("url", ["http://ehr.hospital.example/fhir", "http://demo-ehr:8090/fhir",
+                                 "http://127.0.0.1.evil.example/fhir", "http://127.0.0.1@evil.example/fhir"])
+def test_a_plain_http_ehr_on_another_host_is_refused(tmp_path, url):
+    """Issue 13, S11: every record comes from the EHR and the credentials go to it: https, or plain http to
+    this machine only."""
+    path = make(tmp_path)
+    edit(path, 'fhir_base_url = "http://127.0.0.1:8090/fhir"', f'fhir_base_url = "{url}"')
+    err = config_error(path)
+    assert_names(err, path, "hospital.fhir_base_url")
+    assert "https://" in err.detail and "127.0.0.1, localhost or ::1" in err.detail
+
+
+def test_allow_plain_http_lets_a_demo_ehr_on_a_container_network_in(tmp_path):
+    path = make(tmp_path)
+    edit(path, 'fhir_base_url = "http://127.0.0.1:8090/fhir"',
+         'fhir_base_url = "http://demo-ehr:8090/fhir"\nallow_plain_http = true')
+    assert load(path).hospital.fhir_base_url == "http://demo-ehr:8090/fhir"
+
+
+@pytest.mark.parametrize("url", ["https://ehr.example/fhir", "http://127.0.0.1:8090/fhir", "http://localhost/fhir",
+                                 "http://[::1]:8090/fhir"])
+def test_an_https_or_loopback_ehr_is_accepted(tmp_path, url):
+    path = make(tmp_path)
+    edit(path, 'fhir_base_url = "http://127.0.0.1:8090/fhir"', f'fhir_base_url = "{url}"')
+    assert load(path).hospital.fhir_base_url == url
+
+
+def test_a_plain_http_token_url_on_another_host_is_refused(tmp_path):
+    path = make(tmp_path)
+    edit(path, 'type = "none"', 'type = "smart"\nclient_id = "fb"\ntoken_url = "http://ehr.hospital.example/token"')
+    err = config_error(path)
+    assert_names(err, path, "hospital.auth.token_url")
+    assert "https://" in err.detail
+
+
 def test_unknown_top_level_key(tmp_path):
     path = make(tmp_path)
     path.write_text("fhir_base_url = \"http://x\"\n" + path.read_text(encoding="utf-8"), encoding="utf-8")

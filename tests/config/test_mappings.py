@@ -51,7 +51,7 @@ def test_shipped_order_codes():
     assert (codes.order_code["system"], codes.order_code["code"]) == (v2_0336, "S")
     assert codes.order_category == {"system": "http://snomed.info/sct", "code": "3457005",
                                     "display": "Patient referral"}
-    assert codes.profile_system == "urn:fhirbridge:collection-profile"
+    assert codes.profile_system == "http://fhirbridge.org/fhir/CodeSystem/collection-profile"
     sct = "http://snomed.info/sct"
     assert codes.profile_by_specialty == {(sct, "394801008"): "spine", (sct, "394579002"): "cardiac",
                                           (sct, "394593009"): "oncology"}
@@ -295,9 +295,9 @@ def test_unknown_field_kind(tmp_path):
 
 
 def test_observation_without_code(tmp_path):
-    info, path = load_broken_form(
-        tmp_path, 'observation_code = { system = "urn:fhirbridge:codes:opinion", code = "urgency", ',
-        'observation_kode = { system = "urn:fhirbridge:codes:opinion", code = "urgency", ')
+    system = "http://fhirbridge.org/fhir/CodeSystem/opinion-observation"
+    info, path = load_broken_form(tmp_path, f'observation_code = {{ system = "{system}", code = "urgency", ',
+                                  f'observation_kode = {{ system = "{system}", code = "urgency", ')
     assert_config_error(info, path, "fields.urgency.observation_code")
 
 

@@ -257,7 +257,7 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
                                 proc=proc, log=err)
         created = requests.post(f"{base}/api/orders", headers={**auth, "X-Request-ID": "demo-order-1"}, timeout=60,
                                 json={"patient": seeded["patient"], "question": "Is surgery indicated now?",
-                                      "profile": "spine"})
+                                      "profile": "spine", "requester": seeded["physician"]})
         assert created.status_code == 201, created.text
         assert created.headers["X-Request-ID"] == "demo-order-1"
         case_id = created.json()["case"]["id"]

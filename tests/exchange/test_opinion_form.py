@@ -20,7 +20,7 @@ from fhirbridge.fhir.validate import validate
 PATIENT_URL = "urn:uuid:6f1c3a52-0d4e-4c7b-9b1e-2f0a7d1e9c11"
 SR_URL = "urn:uuid:0b7d2c1e-5a44-4e3a-8f6e-9d2b1c3a4e55"
 TIMESTAMP = "2024-06-01T12:00:00Z"
-OPINION_CS = "urn:fhirbridge:codes:opinion"
+OPINION_CS = "http://fhirbridge.org/fhir/CodeSystem/opinion-observation"
 
 COMPLETE = {
     "concordance": "partially-concordant",
@@ -227,8 +227,8 @@ def test_observations_for_the_coded_choices(form):
     bundle = build(COMPLETE, form)
     obs = {e["resource"]["code"]["coding"][0]["code"]: e for e in by_type(bundle, "Observation")}
     assert set(obs) == {"concordance", "recommendation", "urgency"}
-    expect = {"concordance": ("urn:fhirbridge:codes:concordance", "partially-concordant"),
-              "recommendation": ("urn:fhirbridge:codes:recommendation", "less-invasive-procedure"),
+    expect = {"concordance": ("http://fhirbridge.org/fhir/CodeSystem/concordance", "partially-concordant"),
+              "recommendation": ("http://fhirbridge.org/fhir/CodeSystem/recommendation", "less-invasive-procedure"),
               "urgency": ("http://hl7.org/fhir/request-priority", "urgent")}
     org_url = by_type(bundle, "Organization")[0]["fullUrl"]
     for name, entry in obs.items():

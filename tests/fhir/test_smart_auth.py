@@ -1,6 +1,7 @@
 """SMART Backend Services (fhir.auth.SmartBackendAuth) against a real sekmet that enforces SMART."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -11,8 +12,8 @@ from joserfc import jwt as jose_jwt
 
 from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
-from fhirbridge.demo.localehr import find_sekmet, seed_patient
-from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError
+from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.errors import ConfigError, FhirError
 from fhirbridge.fhir.auth import (
     ASSERTION_TYPE,
     DEFAULT_SCOPES,
@@ -23,6 +24,9 @@ from fhirbridge.fhir.auth import (
     v1_scopes,
 )
 from fhirbridge.fhir.client import FhirClient
+from tests.kit.faultproxy import FaultProxy
+from tests.kit.hospital import TestHospital, smart_ehr_running
+from tests.kit.hospital import client_keys as new_client_keys
 
 pytestmark = pytest.mark.sekmet
 
@@ -32,25 +36,15 @@ TOKEN_LIFETIME = 3  # seconds: short, so re-minting after expiry is observable
 
 @pytest.fixture(scope="module")
 def smart_keys(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("smart-keys") / "client.private.jwks.json"
-    write_private_jwks(path, generate_jwks())
-    return path
+    return new_client_keys(tmp_path_factory.mktemp("smart-keys"))
 
 
 @pytest.fixture(scope="module")
 def smart_ehr(tmp_path_factory, smart_keys):
     """A second sekmet that accepts only SMART tokens and grants our client exactly the scopes fhirbridge derives
     (tests.kit.hospital.start_smart_ehr: behind the gate that authorises each transaction entry)."""
-    from tests.kit.hospital import start_smart_ehr
-    try:
-        find_sekmet()
-    except FhirbridgeError as exc:
-        pytest.skip(str(exc))
-    server = start_smart_ehr(tmp_path_factory.mktemp("smart-ehr"), CLIENT_ID, smart_keys, TOKEN_LIFETIME)
-    try:
+    with smart_ehr_running(tmp_path_factory.mktemp("smart-ehr"), CLIENT_ID, smart_keys, TOKEN_LIFETIME) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _auth(ehr, keys: Path, **kw) -> SmartBackendAuth:
@@ -217,6 +211,31 @@ def test_configured_token_url_skips_discovery(smart_ehr, smart_keys):
     assert auth.granted_scope == "system/Patient.rs" and sent[0]["scope"] == "system/Patient.rs"
 
 
+def test_a_discovered_plain_http_token_endpoint_is_refused(smart_ehr, smart_keys):
+    """Issue 13: whoever can alter the EHR's .well-known/smart-configuration (it comes over the base URL) could
+    name a plain-http token endpoint and read the client assertion and the token on the way. A discovered
+    endpoint must be https (plain http only to loopback): refused before anything is sent to it."""
+    def plain_http(body: bytes) -> bytes:
+        doc = json.loads(body)
+        doc["token_endpoint"] = "http://ehr.invalid/oauth/token"
+        return json.dumps(doc).encode()
+
+    proxy = FaultProxy(smart_ehr.base_url)
+    try:
+        proxy.add(method="GET", path=r"/\.well-known/smart-configuration", action="rewrite", rewrite=plain_http)
+        auth = SmartBackendAuth.from_keys(keys=smart_keys, client_id=CLIENT_ID, fhir_base_url=proxy.base_url)
+        with pytest.raises(FhirError) as err:
+            auth.access_token()
+        assert proxy.count("GET", r"smart-configuration") == 1     # it was discovered, then refused
+    finally:
+        proxy.close()
+    assert not err.value.transient and auth.token_requests == 0
+    assert "not https" in str(err.value) and "http://ehr.invalid/oauth/token" in str(err.value)
+    assert "[hospital.auth] token_url" in str(err.value)
+    # The EHR's own endpoint, discovered over loopback http, is still used (the other tests here).
+    assert _auth(smart_ehr, smart_keys).access_token()
+
+
 # --------------------------------------------------------------------- scopes (no server needed)
 
 def test_v1_fallback_only_when_the_server_shows_only_v1():
@@ -297,7 +316,6 @@ def test_config_smart_alg_must_fit_the_key(tmp_path):
 
 def test_whole_loop_with_smart_enforced(tmp_path, smart_ehr, smart_keys, smart_seeded):
     from fhirbridge.loop.receive import receive_file
-    from tests.kit.hospital import TestHospital
 
     hospital = TestHospital(tmp_path, smart_ehr.base_url)
     try:

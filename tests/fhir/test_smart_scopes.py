@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from fhirbridge.crypto.keys import generate_jwks, write_private_jwks
-from fhirbridge.demo.localehr import find_sekmet, seed_patient
+from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.ehr.capabilities import Capabilities
 from fhirbridge.ehr.data_request import request_records
-from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.ehr.write_plan import Kind, choose
+from fhirbridge.errors import FhirError
 from fhirbridge.fhir.auth import SmartBackendAuth
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.receive import receive_file
-from tests.kit.hospital import TestHospital, docrefs, start_smart_ehr
+from tests.kit.hospital import TestHospital, docrefs, smart_ehr_running
+from tests.kit.hospital import client_keys as new_client_keys
 from tests.kit.scopegate import EXACT_SCOPES as EXACT
 
 pytestmark = pytest.mark.sekmet
@@ -25,22 +27,13 @@ pytestmark = pytest.mark.sekmet
 CLIENT_ID = "fhirbridge-scopes"
 @pytest.fixture(scope="module")
 def client_keys(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("scope-keys") / "client.private.jwks.json"
-    write_private_jwks(path, generate_jwks())
-    return path
+    return new_client_keys(tmp_path_factory.mktemp("scope-keys"))
 
 
 @pytest.fixture(scope="module")
 def exact_ehr(tmp_path_factory, client_keys):
-    try:
-        find_sekmet()
-    except FhirbridgeError as exc:
-        pytest.skip(str(exc))
-    ehr = start_smart_ehr(tmp_path_factory.mktemp("exact-ehr"), CLIENT_ID, client_keys, scopes=EXACT)
-    try:
+    with smart_ehr_running(tmp_path_factory.mktemp("exact-ehr"), CLIENT_ID, client_keys, scopes=EXACT) as ehr:
         yield ehr
-    finally:
-        ehr.stop()
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +137,61 @@ def test_the_gate_refuses_a_transaction_entry_the_token_does_not_grant(exact_ehr
         client.transaction(_transaction("gate-b2", "gate-d2", exact_seeded["patient"]))
     with FhirClient(exact_ehr.direct_url, auth=exact_ehr.admin) as admin:
         assert admin.read("DocumentReference", "gate-d2")["id"] == "gate-d2"
+
+
+# ------------------------------------------------------------------ the scopes follow the write plan
+
+# What EXACT_SCOPES becomes for each plan, written out (not derived) like EXACT itself: the POST-only plans create
+# DocumentReference and Provenance with server-assigned ids (`c`, no `u`) and search them by identifier and
+# target (`s`, which comes paired with `r`); they write no Binary (the document travels inline in the note,
+# loop/post_writes.py), so Binary keeps only collect's `rs`; an EHR without Task writes is asked for no Task
+# `c` or `u`.
+LEDGER_CHANGES = {"system/Binary.rus": "system/Binary.rs",
+                  "system/DocumentReference.rus": "system/DocumentReference.crs",
+                  "system/Provenance.c": "system/Provenance.crs"}
+NO_TASK_WRITE_CHANGES = {"system/Task.crus": "system/Task.rs"}
+
+
+def _plan_scopes(caps: Capabilities) -> set[str]:
+    from fhirbridge.fhir.auth import feature_needs, needed_scopes
+    plan = choose(caps)
+    return set(needed_scopes(feature_needs(audit_copies=True, writeback=plan.writes, task_write=plan.task_write)))
+
+
+def _changed(changes: dict[str, str]) -> set[str]:
+    return {changes.get(s, s) for s in EXACT}
+
+
+def test_the_atomic_plan_asks_for_exactly_the_granted_list():
+    assert choose(Capabilities()).kind is Kind.ATOMIC
+    assert _plan_scopes(Capabilities()) == set(EXACT)
+
+
+def test_the_ledger_plan_asks_to_create_and_search_not_to_update():
+    caps = Capabilities(transaction=False)
+    assert choose(caps).kind is Kind.LEDGER
+    assert _plan_scopes(caps) == _changed(LEDGER_CHANGES)
+
+
+def test_the_once_plan_asks_for_no_search_it_cannot_use():
+    caps = Capabilities(transaction=False, docref_identifier_search=False, provenance_target_search=False)
+    assert choose(caps).kind is Kind.ONCE
+    # DocumentReference keeps `rs` (collect searches notes); Provenance is only created.
+    assert _plan_scopes(caps) == _changed({**LEDGER_CHANGES, "system/Provenance.c": "system/Provenance.c"})
+
+
+def test_an_ehr_without_task_writes_is_asked_for_no_task_write(tmp_path, ehr):
+    """From the configuration: pinned `task_write = false` (and `transaction = false`) reach the scopes the App
+    asks for, before any token exists."""
+    assert _plan_scopes(Capabilities(task_write=False)) == _changed(NO_TASK_WRITE_CHANGES)
+    hospital = TestHospital(tmp_path, ehr.base_url, env={"FHIRBRIDGE_AUDIT__WRITE_TO_EHR": "true"})
+    try:
+        hospital.config_path.write_text(hospital.config_path.read_text()
+                                        + "\n[hospital.ehr]\ntask_write = false\ntransaction = false\n")
+        app = hospital.new_app()
+        assert set(app.smart_scopes) == _changed({**LEDGER_CHANGES, **NO_TASK_WRITE_CHANGES})
+        assert not any(rtype == "Task" and i in ("create", "update")
+                       for pairs in app.smart_needs.values() for rtype, i in pairs)
+        app.close()
+    finally:
+        hospital.close()

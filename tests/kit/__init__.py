@@ -8,6 +8,8 @@
 - faultproxy: a fault-injecting HTTP proxy in front of the EHR
 - ehrproxy: the capability proxy (a FaultProxy) that makes sekmet write like a less capable EHR, and the
   profiles (behaviour + `[hospital.ehr]` pins + the write plan expected) the write-plan tests run
+- pacs: a real PACS (Debian's Orthanc with its DICOMweb plugin) on a free loopback port
+- dicom_studies: real DICOM studies generated with pydicom (CT, MR, multi-frame, RLE Lossless), pydicom's files
 - scopegate: a SMART sekmet granting an exact scope list, behind a gate that authorises each transaction entry
 - packages: hand-made hospital key pairs and sealed packages, for reviewer-side tests without an EHR
 - metrics: reading /metrics (the Prometheus text format)

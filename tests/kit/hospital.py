@@ -16,13 +16,17 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from fhirbridge.config import loader as config
 from fhirbridge.config.mappings import load_opinion_form
 from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import jws
-from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
+from fhirbridge.demo.localehr import find_sekmet, referring_physician
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
+from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import build_opinion_document, reviewer_organization
 from fhirbridge.exchange.reviewer import OpenedPackage, answer, open_package, write_reviewer_keys
@@ -84,6 +88,33 @@ def start_smart_ehr(directory: Path, client_id: str, keys: Path, token_lifetime:
     behind the gate that authorises each entry of a transaction (tests/kit/scopegate.py). Seed it with
     `FhirClient(ehr.direct_url, auth=ehr.admin)`; give fhirbridge `ehr.base_url` and `ehr.token_url`."""
     return SmartEhr(directory, client_id, keys, scopes=scopes, token_lifetime=token_lifetime)
+
+
+@contextlib.contextmanager
+def smart_ehr_running(directory: Path, client_id: str, keys: Path, token_lifetime: int | None = None, *,
+                      scopes: tuple[str, ...] | list[str] | str = EXACT_SCOPES):
+    """`start_smart_ehr` for a fixture: skips when sekmet is not installed, stopped however the block ends."""
+    require_sekmet()
+    ehr = start_smart_ehr(directory, client_id, keys, token_lifetime, scopes=scopes)
+    try:
+        yield ehr
+    finally:
+        ehr.stop()
+
+
+def require_sekmet() -> None:
+    """Skip the test, saying why, when the sekmet FHIR server is not installed."""
+    try:
+        find_sekmet()
+    except FhirbridgeError as exc:
+        pytest.skip(str(exc))
+
+
+def client_keys(directory: Path) -> Path:
+    """A new private key set for a SMART client, in `directory`."""
+    path = directory / "client.private.jwks.json"
+    write_private_jwks(path, generate_jwks())
+    return path
 
 
 def unique_mappings(root: Path) -> tuple[Path, str]:
@@ -149,6 +180,7 @@ class TestHospital:
             cfg += "\n[hospital.ehr]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in ehr_pins.items())
         paths["config"].write_text(cfg)
         self.config_path = paths["config"]
+        self._physician: str | None = None
         self.app = self.new_app()
 
     def use_smart(self, client_id: str, keys: Path, token_url: str | None = None) -> None:
@@ -173,7 +205,14 @@ class TestHospital:
     # --- the physician -----------------------------------------------------------------------------
     def order(self, patient: str, question: str = "Is surgery indicated now?", **kw) -> dict:
         kw.setdefault("profile", "spine")
+        kw.setdefault("requester", self.physician())
         return place_order(self.app, patient=patient, question=question, **kw)
+
+    def physician(self) -> str:
+        """The Practitioner this hospital's orders name as requester (found, or created once, in its EHR)."""
+        if self._physician is None:
+            self._physician = referring_physician(self.app.ehr)
+        return self._physician
 
     def run(self, app: App | None = None, **kw):
         return run_pending(app or self.app, **kw)

@@ -31,7 +31,8 @@ V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 # Exactly what a hospital with the shipped profiles and [audit] write_to_ehr needs (SMART v2, in .cruds order),
 # written out so that the grant does not come from the code under test (tests/fhir/test_smart_scopes.py checks
 # the derivation against it). Note the `u` on DocumentReference, Binary, ServiceRequest, Task and AuditEvent:
-# each is PUT to an id fhirbridge chose.
+# each is PUT to an id fhirbridge chose. This is the ATOMIC write plan's list (sekmet advertises everything); the
+# POST-only plans and an EHR without Task writes ask for the changes test_smart_scopes.py writes out.
 EXACT_SCOPES = tuple(
     "system/ServiceRequest.crus system/Task.crus system/Organization.rs system/Patient.rs system/Condition.rs "
     "system/DiagnosticReport.rs system/ImagingStudy.rs system/Procedure.rs system/MedicationStatement.rs "

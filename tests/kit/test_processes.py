@@ -3,8 +3,14 @@ what it waited for, with the log's tail; a stop takes the whole process group, e
 served app (tests/kit/hospital.py Served) whose setup fails half-way leaves no process behind."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +120,52 @@ def test_a_served_app_that_exits_while_starting_leaves_no_process_behind(hospita
     assert proc.returncode == 2
     assert not processes.group_alive(proc.pid)
 
+
+
+def test_a_run_ended_by_sigterm_still_stops_the_groups_its_fixtures_started(tmp_path):
+    """pytest stopped by SIGTERM (a CI timeout) tears its fixtures down: the group a fixture started is gone."""
+    pid_file, started = tmp_path / "child.pid", tmp_path / "started"
+    (tmp_path / "test_hangs.py").write_text(textwrap.dedent(f"""
+        import time
+        import pytest
+        from tests.kit import processes
+
+        @pytest.fixture
+        def server(tmp_path):
+            proc = processes.start(["sh", "-c", "sleep 300 & echo $! > {pid_file}; wait"], log=tmp_path / "log")
+            try:
+                yield proc
+            finally:
+                processes.stop(proc)
+
+        def test_hangs(server):
+            open({str(started)!r}, "w").write("yes")
+            time.sleep(300)
+    """))
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "tests.kit.sigterm", "-p", "no:cacheprovider",
+                            str(tmp_path / "test_hangs.py")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        child = _pid_from(pid_file)
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline and run.poll() is None, "the test never started"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+        assert run.returncode == 2, out.decode()            # pytest's "interrupted"
+        assert not _alive(child), "the fixture's process outlived the SIGTERM"
+    finally:
+        processes.kill(run)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent, the stopped group's leader, has not reaped it yet).
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return False

@@ -5,7 +5,7 @@ import pytest
 
 from fhirbridge.config import loader as config
 from fhirbridge.crypto import keys
-from fhirbridge.demo.localehr import LocalEhr, seed_patient
+from fhirbridge.demo.localehr import LocalEhr, referring_physician, seed_patient
 from fhirbridge.ehr.order import place_order
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.reviewer import answer, open_package, trust_for, write_reviewer_keys
@@ -73,8 +73,10 @@ path = "outbox"
     svc = Service(cfg)
     try:
         north, south = svc.apps
-        north_sr = place_order(north, patient=seeded["patient"], question="North asks", profile="spine")
-        south_sr = place_order(south, patient=south_patient, question="South asks", profile="spine")
+        north_sr = place_order(north, patient=seeded["patient"], question="North asks", profile="spine",
+                               requester=seeded["physician"])
+        south_sr = place_order(south, patient=south_patient, question="South asks", profile="spine",
+                               requester=referring_physician(south.ehr))
         svc.tick_poll()
         svc.tick_work()
         north_case = svc.store.find_by_order(north.hospital.key, f"ServiceRequest/{north_sr['id']}")

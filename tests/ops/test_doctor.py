@@ -10,11 +10,12 @@ import pytest
 
 from fhirbridge.cli import main as cli
 from fhirbridge.config import loader as config
-from fhirbridge.crypto.keys import KeyRing, generate_jwks, write_private_jwks
-from fhirbridge.demo.localehr import LocalEhr, find_sekmet, free_port
-from fhirbridge.errors import FhirbridgeError
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.demo.localehr import LocalEhr, free_port
 from fhirbridge.fhir.auth import DEFAULT_SCOPES
 from fhirbridge.ops import doctor
+from tests.kit.hospital import TestHospital, require_sekmet, smart_ehr_running
+from tests.kit.hospital import client_keys as new_client_keys
 from tests.kit.processes import READY_SECONDS
 from tests.kit.scopegate import EXACT_SCOPES
 
@@ -58,19 +59,14 @@ def test_tls_is_required_off_this_machine():
 
 @pytest.fixture(scope="module")
 def client_keys(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("doctor-keys") / "client.private.jwks.json"
-    write_private_jwks(path, generate_jwks())
-    return path
+    return new_client_keys(tmp_path_factory.mktemp("doctor-keys"))
 
 
 @pytest.fixture(scope="module")
 def narrow_smart_ehr(tmp_path_factory, client_keys):
     """An EHR enforcing SMART whose registration of our client allows every default scope but Condition's, and
     no transaction-wide create (system/*.c), so write-back would be refused."""
-    try:
-        find_sekmet()
-    except FhirbridgeError as exc:
-        pytest.skip(str(exc))
+    require_sekmet()
     allowed = " ".join(s for s in DEFAULT_SCOPES if s != "system/Condition.rs")
     server = LocalEhr.start(tmp_path_factory.mktemp("doctor-ehr"), startup_timeout=READY_SECONDS, smart_client={
         "client_id": CLIENT_ID, "jwks": KeyRing.load(client_keys).public_jwks(), "scopes": allowed})
@@ -81,7 +77,6 @@ def narrow_smart_ehr(tmp_path_factory, client_keys):
 
 
 def _smart_hospital(tmp_path, base_url: str, keys: Path, client_id: str = CLIENT_ID):
-    from tests.kit.hospital import TestHospital
     h = TestHospital(tmp_path, base_url)
     text = h.config_path.read_text()
     assert AUTH_LINE in text
@@ -141,7 +136,6 @@ def test_unknown_smart_client_is_explained(tmp_path, narrow_smart_ehr, client_ke
 
 
 def test_unreachable_ehr_and_wrong_base_url(tmp_path, ehr, capsys):
-    from tests.kit.hospital import TestHospital
     h = TestHospital(tmp_path, f"http://127.0.0.1:{free_port()}/fhir")
     try:
         code, out = run_cli(capsys, h.config_path, "--json")
@@ -193,20 +187,11 @@ def test_every_check_is_explained_in_troubleshooting():
 def gated_ehr(tmp_path, client_keys, request):
     """A sekmet granting our client `request.param` (a list of scopes) and no more, behind the gate that checks
     each transaction entry (tests/kit/scopegate.py)."""
-    from tests.kit.hospital import start_smart_ehr
-    try:
-        find_sekmet()
-    except FhirbridgeError as exc:
-        pytest.skip(str(exc))
-    ehr = start_smart_ehr(tmp_path / "ehr", CLIENT_ID, client_keys, scopes=request.param)
-    try:
+    with smart_ehr_running(tmp_path / "ehr", CLIENT_ID, client_keys, scopes=request.param) as ehr:
         yield ehr
-    finally:
-        ehr.stop()
 
 
 def _doctor_with_audit_copies(tmp_path, ehr, keys: Path, capsys, monkeypatch) -> tuple[int, dict]:
-    from tests.kit.hospital import TestHospital
     monkeypatch.setenv("FHIRBRIDGE_AUDIT__WRITE_TO_EHR", "true")   # the command reads the process environment
     h = TestHospital(tmp_path, ehr.base_url)
     try:

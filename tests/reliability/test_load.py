@@ -46,6 +46,7 @@ class Clients:
         self.errors: list[str] = []
         self.lock = threading.Lock()
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
+        self.requester = ""   # the ordering Practitioner (required on every order)
 
     def _call(self, session: requests.Session, kind: str, method: str, path: str, expect: int, **kw):
         started = time.monotonic()
@@ -71,7 +72,8 @@ class Clients:
                 except queue.Empty:
                     break
                 r = self._call(s, "POST /api/orders", "POST", "/api/orders", 201,
-                               json={"patient": patient, "question": "Is surgery indicated?", "profile": "spine"})
+                               json={"patient": patient, "question": "Is surgery indicated?", "profile": "spine",
+                                     "requester": self.requester})
                 if r is not None:
                     with self.lock:
                         self.case_ids.append(r.json()["case"]["id"])
@@ -114,6 +116,7 @@ def test_a_burst_of_orders_and_concurrent_clients_without_an_error(tmp_path, ehr
 
 def _run(hospital: TestHospital, served: Served, patient: str, fhir, figures: dict, store_kind: str) -> None:
     clients = Clients(served.base)
+    clients.requester = hospital.physician()
     for i in range(ORDERS):
         clients.orders.put(i)
     started = time.monotonic()

@@ -42,6 +42,11 @@ STAFF_ENDPOINTS = [
     ("POST", "/api/cases/{case}/cancel", "cases:write"),
     ("GET", "/api/audit?patient={patient}", "audit:read"),
 ]
+# Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
+PUBLIC_FHIR_ENDPOINTS = [
+    ("GET", "/fhir/CodeSystem"),
+    ("GET", "/fhir/CodeSystem/{cs_id}"),
+]
 REVIEWER_ENDPOINTS = [
     ("GET", "/reviewer/cases"),
     ("GET", "/reviewer/cases/{case}/package/package.jwe"),
@@ -246,6 +251,18 @@ def test_what_a_reviewer_is_told_names_no_file_and_no_other_reviewers_case(serve
     assert str(jwks.parent) not in r.get_json()["error"]["message"] and "jwks" not in r.get_json()["error"]["message"]
 
 
+# --- public -------------------------------------------------------------------------------------------
+
+def test_the_code_systems_are_public_and_answer_fhir_to_anyone(served):
+    _h, _svc, client, _case = served
+    for headers in ({}, bearer("wrong-token-but-long-enough"), bearer(ADMIN)):
+        for _method, path in PUBLIC_FHIR_ENDPOINTS:
+            r = client.get(path.format(cs_id="referral-step"), headers=headers)
+            assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/fhir+json"), path
+    r = client.get("/fhir/CodeSystem/no-such-system")
+    assert r.status_code == 404 and r.get_json()["resourceType"] == "OperationOutcome"
+
+
 # --- completeness ------------------------------------------------------------------------------------
 
 def test_the_matrix_covers_every_endpoint(served):
@@ -257,6 +274,8 @@ def test_the_matrix_covers_every_endpoint(served):
     norm = lambda p: re.sub(r"\{(\w+)\}", lambda m: f"<{'case_id' if m[1] == 'case' else m[1]}>", p.split("?")[0])  # noqa: E731
     assert staff == {(m, norm(p)) for m, p, _ in STAFF_ENDPOINTS}
     assert reviewer == {(m, norm(p).replace("package.jwe", "<path:name>")) for m, p in REVIEWER_ENDPOINTS}
+    fhir = {(m, r) for m, r in routes if r.startswith("/fhir/") and not r.startswith("/fhir/notify/")}
+    assert fhir == {(m, norm(p)) for m, p in PUBLIC_FHIR_ENDPOINTS}
     # And every staff endpoint has a scope in the server's own table (an unlisted one is refused to all).
     staff_endpoints = {r.endpoint for r in app.url_map.iter_rules() if r.rule.startswith("/api/")}
     assert staff_endpoints == set(STAFF_ENDPOINT_SCOPES)

@@ -76,7 +76,8 @@ def test_staff_api_needs_a_token_and_answers_json_errors(served):
 def test_order_through_the_api_is_carried_to_the_reviewer_by_the_scheduler_ticks(served, seeded, fhir):
     h, svc, client = served
     r = client.post("/api/orders", headers=staff(), json={
-        "patient": seeded["patient"], "question": "Is the fusion needed?", "profile": "spine"})
+        "patient": seeded["patient"], "question": "Is the fusion needed?", "profile": "spine",
+        "requester": seeded["physician"]})
     assert r.status_code == 201, r.get_json()
     body = r.get_json()
     case_id = body["case"]["id"]
@@ -94,7 +95,8 @@ def test_order_through_the_api_is_carried_to_the_reviewer_by_the_scheduler_ticks
 def test_cancel_and_retry_through_the_api(served, seeded, fhir):
     h, svc, client = served
     case_id = client.post("/api/orders", headers=staff(), json={
-        "patient": seeded["patient"], "question": "?", "profile": "spine"}).get_json()["case"]["id"]
+        "patient": seeded["patient"], "question": "?", "profile": "spine",
+        "requester": seeded["physician"]}).get_json()["case"]["id"]
     r = client.post(f"/api/cases/{case_id}/cancel", headers=staff(), json={})
     assert r.status_code == 400 and "reason is required" in r.get_json()["error"]["message"]
     r = client.post(f"/api/cases/{case_id}/cancel", headers=staff(), json={"reason": "patient declined"})
@@ -111,7 +113,8 @@ def test_cancel_and_retry_through_the_api(served, seeded, fhir):
 def test_reviewer_pulls_the_package_answers_and_the_opinion_is_filed(served, seeded, fhir, tmp_path):
     h, svc, client = served
     case_id = client.post("/api/orders", headers=staff(), json={
-        "patient": seeded["patient"], "question": "?", "profile": "spine"}).get_json()["case"]["id"]
+        "patient": seeded["patient"], "question": "?", "profile": "spine",
+        "requester": seeded["physician"]}).get_json()["case"]["id"]
     svc.tick_work()
     assert client.get("/reviewer/cases").status_code == 401
     mine = client.get("/reviewer/cases", headers=as_reviewer()).get_json()["cases"]
@@ -149,7 +152,8 @@ def test_reviewer_pulls_the_package_answers_and_the_opinion_is_filed(served, see
 def test_reviewer_declines_and_the_task_is_rejected_with_the_reason(served, seeded, fhir):
     h, svc, client = served
     case_id = client.post("/api/orders", headers=staff(), json={
-        "patient": seeded["patient"], "question": "?", "profile": "spine"}).get_json()["case"]["id"]
+        "patient": seeded["patient"], "question": "?", "profile": "spine",
+        "requester": seeded["physician"]}).get_json()["case"]["id"]
     svc.tick_work()
     r = client.post(f"/reviewer/cases/{case_id}/decline", headers=as_reviewer(OTHER), json={"reason": "x"})
     assert r.status_code == 404
@@ -287,6 +291,21 @@ def test_order_fields_are_checked_before_anything_is_written(served):
     for body, message in cases:
         r = client.post("/api/orders", headers=staff(), json=body)
         assert r.status_code == 400 and message in r.get_json()["error"]["message"], (body, r.get_json())
+
+
+def test_an_order_without_requester_is_refused_by_the_api(served, seeded, fhir):
+    """Issue 13, C4: BSeR's referral request has `requester` 1..1; the API wrote orders naming nobody."""
+    _h, _svc, client = served
+    before = len(list(fhir.search("ServiceRequest", {"subject": seeded["patient"]})))
+    r = client.post("/api/orders", headers=staff(), json={"patient": seeded["patient"], "question": "Fusion?"})
+    assert r.status_code == 400
+    assert r.get_json()["error"]["message"] == ("requester is required: the ordering clinician, Practitioner/<id> "
+                                                "or PractitionerRole/<id>")
+    r = client.post("/api/orders", headers=staff(), json={"patient": seeded["patient"], "question": "Fusion?",
+                                                          "requester": "Practitioner/no-such-doctor"})
+    assert r.status_code == 400 and "the requester Practitioner/no-such-doctor does not exist" in r.get_json()[
+        "error"]["message"]
+    assert len(list(fhir.search("ServiceRequest", {"subject": seeded["patient"]}))) == before
 
 
 def test_case_list_filters_are_checked(served):

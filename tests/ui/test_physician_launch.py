@@ -193,6 +193,24 @@ def test_validation_errors_keep_what_was_typed(served, seeded, doctor):
     assert r.status_code == 400 and text.count('aria-invalid="true"') == 3
 
 
+def test_a_launch_that_does_not_name_the_user_places_no_order(served, seeded, fhir):
+    """Issue 13, C4: the order's requester is required (BSeR) and only the launch's fhirUser says who orders;
+    without it the app used to write an order naming nobody."""
+    _h, smart, client = served
+    assert launch(client, smart, seeded["patient"], None).status_code == 200      # the pages still open
+    path = f"/physician/patients/{pid(seeded['patient'])}/order"
+    form = {"csrf_token": csrf(client, path), "profile": "spine", "reviewer": "spine-center",
+            "question": "Is surgery indicated now?", "priority": "routine"}
+    shown = re.findall(r'name="shown" value="([^"]+)"',
+                       client.post(path, data={**form, "action": "preview"}).get_data(as_text=True))
+    before = len(list(fhir.search("ServiceRequest", {"subject": seeded["patient"]})))
+    r = client.post(path, data={**form, "preview_for": "spine|spine-center", "shown": shown, "share": shown,
+                                "action": "order"})
+    text = r.get_data(as_text=True)
+    assert r.status_code == 403 and "The order was not placed" in text and "fhirUser" in text
+    assert len(list(fhir.search("ServiceRequest", {"subject": seeded["patient"]}))) == before
+
+
 # --- an order with a record held back ---------------------------------------------------------------------
 
 def test_an_order_withholds_the_deselected_record_from_the_package(served, seeded, doctor, fhir):

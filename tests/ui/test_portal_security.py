@@ -15,7 +15,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -383,6 +385,25 @@ def test_an_oversized_listing_or_package_file_is_refused(reviewer, hospitals, mo
     _app, client = pulling_portal(reviewer, h2.api)
     assert "larger than" in client.get("/").get_data(as_text=True)
     assert written(reviewer.work / "pulled") == []               # not even a partial file is left
+
+
+def test_pulled_packages_are_private_whatever_the_umask(reviewer, hospitals):
+    """Issue 13, S11: a pulled package is a patient's record. Under umask 0 (nothing masked) every folder the
+    portal makes is 0700 and every file 0600; a work folder an older version left 0755 is narrowed."""
+    reviewer.work.mkdir()
+    os.chmod(reviewer.work, 0o755)
+    h = hospitals({"cases": [{"id": "case-1", "package_id": "pkg-1",
+                              "files": ["package.jwe", "attachments/att-001.jwe"]}]})
+    old = os.umask(0o000)
+    try:
+        _app, client = pulling_portal(reviewer, h.api)
+        client.get("/")
+    finally:
+        os.umask(old)
+    pulled = written(reviewer.work / "pulled")
+    assert sorted(p.name for p in pulled) == ["att-001.jwe", "package.jwe"]
+    for p in [reviewer.work, *reviewer.work.rglob("*")]:
+        assert stat.S_IMODE(p.lstat().st_mode) == (0o700 if p.is_dir() else 0o600), p
 
 
 @pytest.mark.parametrize("url", ["http://hospital.example/reviewer", "http://127.0.0.1.evil.example/reviewer",

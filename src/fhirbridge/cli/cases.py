@@ -10,6 +10,7 @@ from fhirbridge import jsonutil
 from fhirbridge.cli.common import app_from_args, progress
 from fhirbridge.config import loader as config
 from fhirbridge.config.mappings import check_all
+from fhirbridge.config.terminology import check_terminology
 from fhirbridge.ehr.audit import accounting, owed
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
@@ -26,7 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--question", required=True, help="the clinical question for the reviewer")
     s.add_argument("--reviewer", help="reviewer name from the config (default: routed by profile)")
     s.add_argument("--profile", help="collection profile (default: from the order's specialty, else default)")
-    s.add_argument("--requester", help="ordering Practitioner reference, e.g. Practitioner/123")
+    s.add_argument("--requester", required=True,
+                   help="the ordering clinician, Practitioner/<id> or PractitionerRole/<id> (required: BSeR)")
     s.add_argument("--priority", default="routine", choices=["routine", "urgent", "asap", "stat"])
     s.set_defaults(func=cmd_order)
 
@@ -80,6 +82,7 @@ def cmd_run(args) -> int:
     # A typo in a mapping stops the run before any Case is touched; a missing key file is reported and
     # only the Cases that need it wait.
     check_all(cfg.mappings_dir)
+    check_terminology(cfg.mappings_dir)
     for problem in config.check_files(cfg):
         print(f"warning: {problem}", file=sys.stderr)
     apps = ([App(cfg, progress=_progress, hospital_name=args.hospital)] if args.hospital

@@ -13,9 +13,10 @@ import secrets
 from pathlib import Path
 
 from fhirbridge import jsonutil
+from fhirbridge.cli.common import say
 from fhirbridge.config import loader as config
 from fhirbridge.config.model import STAFF_SCOPES
-from fhirbridge.crypto import keys
+from fhirbridge.crypto import files, keys
 from fhirbridge.errors import ConfigError
 
 
@@ -43,12 +44,12 @@ def cmd_generate(args) -> int:
         raise ConfigError("a key set exists already: `fhirbridge keys rotate` adds new keys and keeps the old "
                           "ones (opinions sealed to them still open); --force replaces it and loses them",
                           file=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.private_dir(path.parent)
     passphrase = _passphrase(args)
     jwks = keys.generate_jwks(rsa_enc=args.rsa)
     public = _write_both(path, jwks, passphrase, overwrite=args.force)
-    print(f"wrote {path} (private, mode 0600{', encrypted with the passphrase' if passphrase else ''})")
-    print(f"wrote {public} (public: give it to your peers)")
+    say(f"wrote {path} (private, mode 0600{', encrypted with the passphrase' if passphrase else ''})")
+    say(f"wrote {public} (public: give it to your peers)")
     return 0
 
 
@@ -59,10 +60,10 @@ def cmd_rotate(args) -> int:
     keys.KeyRing(old, source=str(path))   # refuse to rotate a broken set
     new, kids = keys.rotate_jwks(old)
     public = _write_both(path, new, passphrase, overwrite=True)
-    print(f"new keys {', '.join(kids)} now sign and receive; the previous keys stay for opinions and packages "
-          "sealed to them")
-    print(f"wrote {path} and {public}: give the new public key set to your peers (or publish it); retire the "
-          "old keys with `fhirbridge keys retire KID` once no peer uses them")
+    say(f"new keys {', '.join(kids)} now sign and receive; the previous keys stay for opinions and packages "
+        "sealed to them")
+    say(f"wrote {path} and {public}: give the new public key set to your peers (or publish it); retire the "
+        "old keys with `fhirbridge keys retire KID` once no peer uses them")
     return 0
 
 
@@ -71,13 +72,13 @@ def cmd_retire(args) -> int:
     passphrase = _passphrase(args)
     new = keys.retire_key(keys.read_jwks(path, passphrase), args.kid)
     public = _write_both(path, new, passphrase, overwrite=True)
-    print(f"retired {args.kid}: removed from {path} and {public}")
+    say(f"retired {args.kid}: removed from {path} and {public}")
     return 0
 
 
 def cmd_jwks(args) -> int:
     path = _private_file(args)
-    print(jsonutil.dumps(keys.KeyRing.load(path).public_jwks(), pretty=True).decode())
+    say(jsonutil.dumps(keys.KeyRing.load(path).public_jwks(), pretty=True).decode())
     return 0
 
 
@@ -88,15 +89,15 @@ def cmd_api_key(args) -> int:
         raise ConfigError(f"{bad[0]!r} is not a scope; use some of {', '.join(STAFF_SCOPES)}")
     key = "fbk_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).hexdigest()
-    print(f"API key (shown once; give it to the client, it cannot be recovered): {key}")
-    print()
-    print("add to fhirbridge.toml:")
-    print("[[api.keys]]")
-    print(f"name = {jsonutil.dumps(args.name).decode()}")
-    print(f'sha256 = "{digest}"')
-    print(f"scopes = {jsonutil.dumps(list(dict.fromkeys(args.scopes))).decode()}")
+    say(f"API key (shown once; give it to the client, it cannot be recovered): {key}")
+    say("")
+    say("add to fhirbridge.toml:")
+    say("[[api.keys]]")
+    say(f"name = {jsonutil.dumps(args.name).decode()}")
+    say(f'sha256 = "{digest}"')
+    say(f"scopes = {jsonutil.dumps(list(dict.fromkeys(args.scopes))).decode()}")
     if args.hospitals:
-        print(f"hospitals = {jsonutil.dumps(args.hospitals).decode()}")
+        say(f"hospitals = {jsonutil.dumps(args.hospitals).decode()}")
     return 0
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fhirbridge import VERSION
 from fhirbridge.cli import cases, keys, reviewer, service, setup
+from fhirbridge.cli.common import say
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.ops import logs
 
@@ -30,16 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FhirbridgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # An error may quote the EHR, a reviewer or a file (an OperationOutcome's diagnostics): printed as
+        # text, never as terminal commands (issue 13, S13).
+        say(f"error: {exc}", err=True)
         return exc.exit_code
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        say(f"error: {where}{exc.strerror or exc}", err=True)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; every Case resumes where it stopped at the next `fhirbridge run`", file=sys.stderr)
+        say("interrupted; every Case resumes where it stopped at the next `fhirbridge run`", err=True)
         return 130
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The installed `fhirbridge` command and `python -m fhirbridge`: umask 0077 first, so that anything a
+    command or a library writes without setting a mode of its own (SQLite's files, a log, a copy) is
+    owner-only; the files fhirbridge writes set their modes themselves, whatever the umask (issue 13, S11)."""
+    os.umask(0o077)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -10,6 +10,7 @@ from werkzeug.serving import make_server
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
 from fhirbridge.config.model import PACKAGE_MAPPINGS
+from fhirbridge.crypto import files
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.exchange.envelope import party, write_atomic
 from fhirbridge.exchange.render import render_package, terminal_safe
@@ -123,7 +124,7 @@ def cmd_reviewer_open(args) -> int:
         if args.json == "-":
             sys.stdout.write(data.decode() + "\n")
         else:
-            Path(args.json).write_bytes(data)
+            files.write_atomic(Path(args.json), data)   # the decrypted record: 0600 (issue 13, S11)
             print(f"wrote the document Bundle to {args.json}", file=sys.stderr)
     if not args.json or args.json != "-":
         # The sender is the trusted hospital whose keys verified the package, by the name the reviewer gave

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from fhirbridge.cli.common import say
 from fhirbridge.config import loader as config
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.subscriptions import subscribe
@@ -66,9 +67,9 @@ def cmd_worker(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_a: done.set())
     svc.start()
-    print(f"fhirbridge worker {svc.worker} running ({len(svc.apps)} hospital(s)); SIGTERM stops it", flush=True)
+    say(f"fhirbridge worker {svc.worker} running ({len(svc.apps)} hospital(s)); SIGTERM stops it")
     done.wait()
-    print("stopping: finishing the step in hand, taking nothing new", flush=True)
+    say("stopping: finishing the step in hand, taking nothing new")
     svc.stop(wait=True)
     return 0
 
@@ -82,20 +83,20 @@ def cmd_subscribe(args) -> int:
         for app in apps:
             result = subscribe(app, payload=args.payload, heartbeat=args.heartbeat, topic=args.topic)
             for warning in result.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
+                say(f"warning: {warning}", err=True)
             for off in result.turned_off:
-                print(f"{off}: turned off (replaced by this one)")
+                say(f"{off}: turned off (replaced by this one)")
             beat = f"heartbeat {result.heartbeat} s" if result.heartbeat else "no heartbeat"
-            print(f"{result.subscription}: {result.status} ({result.action}; {app.hospital.name}; topic "
-                  f"{result.topic}; {result.payload}; {beat}; notifies {result.endpoint})")
+            say(f"{result.subscription}: {result.status} ({result.action}; {app.hospital.name}; topic "
+                f"{result.topic}; {result.payload}; {beat}; notifies {result.endpoint})")
             if result.status == "error":
-                print(f"error: the EHR put {result.subscription} in error: {result.error or 'no reason given'}. "
-                      f"Is fhirbridge serving {result.endpoint} (`fhirbridge serve`) and can the EHR reach it? "
-                      "Then run `fhirbridge subscribe` again", file=sys.stderr)
+                say(f"error: the EHR put {result.subscription} in error: {result.error or 'no reason given'}. "
+                    f"Is fhirbridge serving {result.endpoint} (`fhirbridge serve`) and can the EHR reach it? "
+                    "Then run `fhirbridge subscribe` again", err=True)
                 status = 1
             elif result.status == "requested":
-                print(f"note: the EHR has not confirmed the handshake yet; check {result.subscription} later",
-                      file=sys.stderr)
+                say(f"note: the EHR has not confirmed the handshake yet; check {result.subscription} later",
+                    err=True)
     finally:
         for app in apps:
             app.close()

@@ -5,9 +5,11 @@ import argparse
 from pathlib import Path
 
 from fhirbridge import jsonutil
+from fhirbridge.cli.common import say
 from fhirbridge.config import loader as config
 from fhirbridge.config.starter import check_starter_args, write_starter
 from fhirbridge.demo.run import run_demo
+from fhirbridge.ehr import plan_view
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.ops import doctor
 from fhirbridge.store import migrations
@@ -47,17 +49,19 @@ def cmd_init(args) -> int:
     check_starter_args(fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name)
     paths = write_starter(Path(args.dir), fhir_base_url=args.fhir_base_url, hospital_name=args.hospital_name,
                           force=args.force)
-    print(f"wrote {paths['config']}")
-    print(f"wrote {paths['private_keys']} (private: mode 0600, keep it secret and backed up)")
-    print(f"wrote {paths['public_keys']} (public: give this to your reviewers)")
-    print(f"next: edit {paths['config']} (EHR URL, reviewers), then `fhirbridge --config {paths['config']} run`")
+    say(f"wrote {paths['config']}")
+    say(f"wrote {paths['private_keys']} (private: mode 0600, keep it secret and backed up)")
+    say(f"wrote {paths['public_keys']} (public: give this to your reviewers)")
+    say(f"next: edit {paths['config']} (EHR URL, reviewers), then `fhirbridge --config {paths['config']} run`")
     return 0
 
 
 def cmd_doctor(args) -> int:
     """Check one hospital's EHR connection (and the reviewers): a pass/fail table with a fix for each failure."""
     cfg = config.load(args.config)
-    report = doctor.run(cfg, cfg.hospital_named(args.hospital), timeout=(args.timeout, args.timeout * 3))
+    hospital = cfg.hospital_named(args.hospital)
+    report = doctor.run(cfg, hospital, timeout=(args.timeout, args.timeout * 3),
+                        plan_for=plan_view.for_hospital(cfg, hospital))
     # The checks quote the EHR's own words (its OperationOutcome diagnostics): text, never terminal commands.
     print(jsonutil.dumps(report.as_dict(), pretty=True).decode() if args.json else terminal_safe(doctor.render(report)))
     return 0 if report.ok else 1
@@ -71,15 +75,15 @@ def cmd_db(args) -> int:
     try:
         if args.db_cmd == "upgrade":
             before, after = store.upgrade()
-            print(f"store schema at {after} (head)" if before == after
-                  else f"store schema upgraded from {before or 'none'} to {after} (head)")
+            say(f"store schema at {after} (head)" if before == after
+                else f"store schema upgraded from {before or 'none'} to {after} (head)")
             return 0
         rev, newest = store.schema_revision(), migrations.head()
         if rev == newest:
-            print(f"store schema at {rev} (head)")
+            say(f"store schema at {rev} (head)")
         else:
-            print(f"store schema at {rev or 'none (empty, or made before migrations)'}; newest is {newest}: "
-                  "`fhirbridge db upgrade` (or any start) migrates it")
+            say(f"store schema at {rev or 'none (empty, or made before migrations)'}; newest is {newest}: "
+                "`fhirbridge db upgrade` (or any start) migrates it")
         return 0
     finally:
         store.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fhirbridge.config.mappings import ehr_profile_names
 from fhirbridge.config.model import (
     DEFAULT_FILE,
     ENV_PREFIX,
@@ -40,7 +41,7 @@ from fhirbridge.config.model import (
     Transport,
     env_name,
 )
-from fhirbridge.crypto import certs
+from fhirbridge.crypto import certs, urls
 from fhirbridge.crypto.keys import KeyRing, mixed_generations
 from fhirbridge.errors import ConfigError, SealError
 
@@ -307,6 +308,12 @@ def _build(raw: dict, file: Path) -> Config:
     fb.finish()
 
     hospitals = _hospitals(top, base, file)
+    known_ehr = ehr_profile_names(mappings_dir)
+    for i, h in enumerate(hospitals.values()):
+        if h.ehr.profile != "auto" and h.ehr.profile not in known_ehr:
+            where = "hospital" if "hospitals" not in top.data else f"hospitals[{i}]"
+            raise ConfigError(f"no EHR profile {h.ehr.profile!r} in mappings/ehr/ (known: auto, "
+                              f"{', '.join(known_ehr)})", file=str(file), key=f"{where}.ehr.profile")
     reviewers = _reviewers(top, base, file)
     svc = top.sub("service")
     lease = svc.get("lease_seconds", float, None)
@@ -389,7 +396,7 @@ def _oauth(api: _Section, base: Path) -> OAuthSettings | None:
     jwks_url = sec.get("jwks_url", str, None)
     if (jwks is None) == (jwks_url is None):
         raise sec.err("jwks", "set exactly one of jwks (a file with the issuer's public keys) and jwks_url")
-    if jwks_url is not None and not https_or_loopback(jwks_url):
+    if jwks_url is not None and not urls.is_https_or_loopback(jwks_url):
         raise sec.err("jwks_url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
     claim = sec.get("scope_claim", str, "scope")
     sec.finish()
@@ -425,7 +432,7 @@ def _physician_app(top: _Section, hospitals: dict[str, Hospital]) -> PhysicianAp
         url = it.get("url", str, required=True).rstrip("/")
         # The issuer is where tokens and the launch context come from: a typo here must not let another
         # server launch the app, and plain http only on loopback (tests).
-        if not https_or_loopback(url):
+        if not urls.is_https_or_loopback(url):
             raise it.err("url", "must be the https:// FHIR base URL of the EHR that launches the app")
         name = it.get("hospital", str, None)
         if name is None and len(hospitals) == 1:
@@ -495,6 +502,9 @@ def _smart_auth(sec: _Section, auth_type: str, base: Path, hospital_keys: Path, 
     token_url = sec.get("token_url", str, None)
     if token_url is not None and (not token_url.startswith(("http://", "https://")) or not _hostname(token_url)):
         raise sec.err("token_url", "must be the http(s) URL of the EHR's OAuth token endpoint")
+    if token_url is not None:
+        # The signed client assertion goes there and the access token comes back (issue 13, S11).
+        urls.https_or_loopback(token_url, sec.key("token_url"), file=str(sec.file))
     raw_scopes = sec.get("scopes", (str, list), None)
     scopes = None
     if raw_scopes is not None:
@@ -514,6 +524,10 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     url = sec.get("fhir_base_url", str, required=True).rstrip("/")
     if not url.startswith(("http://", "https://")) or not _hostname(url):
         raise sec.err("fhir_base_url", "must start with http:// or https:// and name a host")
+    # Every patient record comes from there and the credentials go there (issue 13, S11). allow_plain_http
+    # is for a demo EHR on a container network only (deploy/compose.yaml's demo-ehr); `doctor` still warns.
+    if not sec.get("allow_plain_http", bool, False):
+        urls.https_or_loopback(url, sec.key("fhir_base_url"), file=str(sec.file))
     keys = _path(base, sec.get("keys", str, required=True))
     chain = sec.get("certificate_chain", str)
     auth_sec = sec.sub("auth")
@@ -556,22 +570,12 @@ def _hostname(url: str) -> str | None:
         return None
 
 
-def https_or_loopback(url: str) -> bool:
-    """Whether a URL is safe to send credentials or records to: https, or plain http to this machine only."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return True
-    # Plain http only when the host itself is loopback: "http://127.0.0.1.evil.example" and
-    # "http://127.0.0.1@evil.example" start with the same characters but go elsewhere.
-    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1") and not parts.username
-
-
 def _reviewer_jwks(sec: _Section, base: Path) -> Path | None:
     path, url = sec.get("jwks", str, None), sec.data.get("jwks_url")
     if (path is None) == (url is None):
         raise sec.err("jwks", "set exactly one of jwks (a file with the reviewer's public keys) and jwks_url "
                               "(where the reviewer publishes them)")
-    if url is not None and not (isinstance(url, str) and https_or_loopback(url)):
+    if url is not None and not (isinstance(url, str) and urls.is_https_or_loopback(url)):
         raise sec.err("jwks_url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
     return _path(base, path) if path is not None else None
 
@@ -594,7 +598,7 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
             transport = Transport("outbox", path=_path(base, t.get("path", str, f"var/outbox/{name}")))
         elif ttype == "https":
             url = t.get("url", str, required=True)
-            if not https_or_loopback(url):
+            if not urls.is_https_or_loopback(url):
                 raise t.err("url", "must be an https:// URL (plain http only to 127.0.0.1 / localhost, for tests)")
             transport = Transport("https", url=url, token=t.get("token", str))
         elif ttype == "pull":

@@ -1,4 +1,5 @@
-"""Loads and checks the declarative mappings (mappings/*.toml): order codes, collection profiles, opinion form.
+"""Loads and checks the declarative mappings (mappings/*.toml): order codes, collection profiles, opinion form,
+EHR write profiles.
 
 A mistake in a mapping file is a ConfigError naming the file and key, found at start-up rather than
 half-way through a Case.
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from fhirbridge.config.model import PACKAGE_MAPPINGS
 from fhirbridge.errors import ConfigError
 
 COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "MedicationStatement",
@@ -19,6 +21,10 @@ COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "Me
 FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation", "Medication", "Endpoint",
                 "Specimen", "Location")
 FIELD_KINDS = ("choice", "text", "list", "answers")
+# Where fhirbridge's own code systems live (config/terminology.py defines and serves them): one base, a domain
+# the project controls, since codes written into charts keep naming it (R4 resource.html#canonical).
+CANONICAL_BASE = "http://fhirbridge.org/fhir/CodeSystem/"
+COLLECTION_PROFILE_SYSTEM = CANONICAL_BASE + "collection-profile"
 
 
 def _read(path: Path) -> dict:
@@ -99,7 +105,7 @@ def load_order_codes(mappings_dir: Path) -> OrderCodes:
         by_spec[(c["system"], c["code"])] = name
     return OrderCodes(match=match, order_code=_coding(order.get("code"), path, "order.code"),
                       order_category=_coding(order.get("category"), path, "order.category"),
-                      profile_system=str(profile.get("order_detail_system", "urn:fhirbridge:collection-profile")),
+                      profile_system=str(profile.get("order_detail_system", COLLECTION_PROFILE_SYSTEM)),
                       profile_by_specialty=by_spec)
 
 
@@ -299,11 +305,54 @@ def opinion_form_names(mappings_dir: Path) -> list[str]:
     return sorted(p.stem for p in (mappings_dir / "opinion").glob("*.toml"))
 
 
+# --- EHR write profiles ----------------------------------------------------------------------------
+
+EHR_PROFILE_KEYS = {"description", "source", "capabilities"}
+
+
+@dataclass(frozen=True)
+class EhrProfile:
+    """mappings/ehr/<name>.toml: what one kind of EHR does for the write-back, capability by name (the names and
+    their values are checked by ehr/capabilities.py, which knows them; this loader checks the file's shape)."""
+
+    name: str
+    description: str
+    source: str                       # where the behaviours are documented (each value cites its section)
+    values: dict                      # capability name -> value, as written
+    file: Path
+
+
+def _ehr_dirs(mappings_dir: Path) -> tuple[Path, ...]:
+    # A hospital's own mappings folder made before EHR profiles existed has no ehr/: the shipped ones still apply,
+    # and a profile of the same name in the hospital's folder wins.
+    return tuple(dict.fromkeys((Path(mappings_dir) / "ehr", PACKAGE_MAPPINGS / "ehr")))
+
+
+def ehr_profile_names(mappings_dir: Path) -> list[str]:
+    return sorted({p.stem for d in _ehr_dirs(mappings_dir) for p in d.glob("*.toml")})
+
+
+def load_ehr_profile(mappings_dir: Path, name: str) -> EhrProfile:
+    """The EHR profile `name`; a ConfigError naming the known ones when there is none."""
+    path = next((d / f"{name}.toml" for d in _ehr_dirs(mappings_dir) if (d / f"{name}.toml").is_file()), None)
+    if path is None or "/" in name or name.startswith("."):
+        raise ConfigError(f"no EHR profile {name!r} (known: auto, {', '.join(ehr_profile_names(mappings_dir))})",
+                          key="hospital.ehr.profile")
+    raw = _read(path)
+    _no_unknown(raw, EHR_PROFILE_KEYS, path)
+    values = _table(raw.get("capabilities", {}), path, "capabilities")
+    for key in ("description", "source"):
+        if not isinstance(raw.get(key, ""), str):
+            raise ConfigError("must be text", file=str(path), key=key)
+    return EhrProfile(name=name, description=raw.get("description", ""), source=raw.get("source", ""),
+                      values=dict(values), file=path)
+
+
 # --- everything at once ----------------------------------------------------------------------------
 
 def check_all(mappings_dir: Path) -> None:
-    """Load every mapping file (order codes, each collection profile, each opinion form), so a mistake in
-    any of them is a ConfigError at start-up rather than half-way through a Case that happens to use it."""
+    """Load every mapping file (order codes, each collection profile, each opinion form, each EHR profile), so a
+    mistake in any of them is a ConfigError at start-up rather than half-way through a Case that happens to use it."""
     mappings_dir = Path(mappings_dir)
     load_order_codes(mappings_dir)
     names = profile_names(mappings_dir)
@@ -315,3 +364,5 @@ def check_all(mappings_dir: Path) -> None:
     for name in opinion_form_names(mappings_dir):
         # Not through the cache: a file edited since it was last loaded must be read again.
         load_opinion_form.__wrapped__(mappings_dir, name)
+    for name in ehr_profile_names(mappings_dir):
+        load_ehr_profile(mappings_dir, name)

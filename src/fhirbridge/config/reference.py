@@ -94,8 +94,11 @@ MEANINGS = {
     "fhirbridge.package_lifetime_days": "How long a sealed package is valid for the reviewer (its `exp`).",
     "fhirbridge.inbox": "Directory where sealed opinions are dropped to be received.",
     "hospital.name": "The hospital's display name (shown to reviewers; `--hospital NAME` picks it).",
-    "hospital.fhir_base_url": "The EHR's FHIR R4 base URL; use https (`fhirbridge doctor` fails plain http to "
-                              "another host).",
+    "hospital.fhir_base_url": "The EHR's FHIR R4 base URL: https (plain http only to 127.0.0.1, localhost or ::1, "
+                              "unless `allow_plain_http`).",
+    "hospital.allow_plain_http": "`true` lets `fhir_base_url` be plain http to another host: only for a demo EHR on "
+                                 "a private container network (the compose demo); records and credentials cross "
+                                 "it unencrypted, and `fhirbridge doctor` says so (default false).",
     "hospital.keys": "The hospital's private JWKS (made by `fhirbridge init`, mode 0600): signs packages, decrypts "
                      "opinions.",
     "hospital.certificate_chain": "A PEM file: the X.509 certificate of the signing key in `keys`, then its "
@@ -110,8 +113,9 @@ MEANINGS = {
     "hospital.auth.token": "bearer: the token (from the environment: `FHIRBRIDGE_HOSPITAL__AUTH__TOKEN`).",
     "hospital.auth.client_id": "smart: the client id the EHR registered for fhirbridge.",
     "hospital.auth.keys": "smart: the private JWKS that signs client assertions (unset: the hospital's `keys`).",
-    "hospital.auth.token_url": "smart: the token endpoint (unset: discovered from "
-                               "`<fhir_base_url>/.well-known/smart-configuration`).",
+    "hospital.auth.token_url": "smart: the token endpoint, https (unset: discovered from "
+                               "`<fhir_base_url>/.well-known/smart-configuration`, and refused unless https; plain "
+                               "http only to 127.0.0.1, localhost or ::1).",
     "hospital.auth.scopes": "smart: the scopes to ask for, a list or one space-separated string, used as written "
                             "(unset: exactly what the configured features request, `fhir.auth.FEATURES`).",
     "hospital.auth.alg": "smart: `RS384` or `ES384` (unset: from the signing key's type).",
@@ -121,7 +125,8 @@ MEANINGS = {
     "hospital.http.max_retry_after": "The longest `Retry-After` wait honoured, in seconds.",
     "hospital.http.page_size": "`_count` asked for in searches.",
     "hospital.ehr.profile": ("The EHR's write profile: `auto` (what its CapabilityStatement says) or the name of a "
-                             "profile in mappings/ehr/."),
+                             "profile in mappings/ehr/ (shipped: `generic-r4`, `oracle-millennium-r4`, `sekmet`). "
+                             "Any other key of `[hospital.ehr]` pins the capability of that name (docs/ehr.md)."),
     "reviewers[].name": "Short name used in commands, logs and metrics.",
     "reviewers[].display": "The organisation's display name (unset: `name`).",
     "reviewers[].jwks": "The reviewer's PUBLIC JWKS: an encryption key (packages are sealed to it) and a "

@@ -6,7 +6,7 @@ import unicodedata
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fhirbridge.crypto import keys
+from fhirbridge.crypto import files, keys, urls
 from fhirbridge.errors import ConfigError, FhirbridgeError
 
 STARTER = '''\
@@ -124,6 +124,8 @@ def check_base_url(url: str, what: str = "--fhir-base-url") -> None:
         raise ConfigError(f"must be an http:// or https:// URL with a host (got {parts.scheme[:20] or 'no'} scheme"
                           f"{'' if host else ', no host'}), e.g. https://ehr.example.org/fhir",
                           key=what)
+    # What the loader would refuse at the first start (issue 13, S11), refused before anything is written.
+    urls.https_or_loopback(url, what)
 
 
 def render_starter(cfg_path: Path, *, fhir_base_url: str, hospital_name: str, identifier_system: str,
@@ -182,9 +184,11 @@ def write_starter(directory: Path, *, fhir_base_url: str = "http://127.0.0.1:809
     for p in (cfg_path, private):
         if p.exists() and not force:
             raise FhirbridgeError(f"{p} already exists; refusing to overwrite it (use --force to replace)")
-    (directory / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.private_dir(directory / "keys")
     jwks = keys.generate_jwks()
     keys.write_private_jwks(private, jwks, overwrite=force)
     keys.write_public_jwks(public, keys.public_jwks(jwks))
-    cfg_path.write_text(text, encoding="utf-8")
+    # Not secret (secrets come from the environment) and read by operators and tools: 0644 whatever the
+    # umask, next to keys that are 0600 whatever the umask.
+    files.write_atomic(cfg_path, text.encode("utf-8"), mode=files.PUBLIC_FILE)
     return {"config": cfg_path, "private_keys": private, "public_keys": public}

@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import os
 from datetime import UTC, datetime
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from fhirbridge.crypto import files
 from fhirbridge.errors import ConfigError
 
 MAX_CHAIN = 10   # a chain longer than this is a mistake (a CA bundle given instead of our chain)
@@ -31,12 +31,7 @@ def _spki(public_key) -> bytes:
 def read_chain(path: str | os.PathLike) -> list[x509.Certificate]:
     """The certificates of a PEM file, in file order (leaf first)."""
     file = os.fspath(path)
-    try:
-        raw = Path(file).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("certificate chain file not found", file=file) from None
-    except OSError as err:
-        raise ConfigError(f"cannot read the certificate chain: {err.strerror}", file=file) from None
+    raw = files.read_config_file(file, "certificate chain file")
     try:
         chain = x509.load_pem_x509_certificates(raw)
     except ValueError:

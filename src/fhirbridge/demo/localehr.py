@@ -394,6 +394,7 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
     MedicationStatement, a progress-note DocumentReference with inline text, and a procedure-note
     DocumentReference whose PDF (~300 KB, deterministic bytes) is a separate Binary. One more Procedure,
     `old_procedure`, lies five years back, outside a two-year lookback (it is not in `procedures`).
+    `physician` is the Practitioner who orders the second opinion (referring_physician).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown seed profile {profile!r}: use one of {', '.join(PROFILES)}")
@@ -438,7 +439,10 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
                                "data": base64.b64encode(pdf).decode("ascii")})
     ids["binaries"].append(f"Binary/{binary['id']}")
 
-    bundle, keys = _clinical_bundle(prof, patient, now, binary["id"], pdf, _practitioners(client))
+    practitioners = _practitioners(client)
+    # The physician who orders the second opinion (the order's requester, which BSeR requires).
+    ids["physician"] = practitioners.get("attending") or referring_physician(client)
+    bundle, keys = _clinical_bundle(prof, patient, now, binary["id"], pdf, practitioners)
     response = client.transaction(bundle)
     # Response entries come in request order (http.html#transaction-response).
     for key, entry in zip(keys, response.get("entry") or [], strict=True):
@@ -478,6 +482,7 @@ def publish_order_topic(client: FhirClient) -> str:
 
 
 PACS_IDENTIFIER = ("urn:fhirbridge:demo:endpoint", "pacs-dicomweb")
+DEMO_PRACTITIONER = ("urn:fhirbridge:demo:practitioner", "referring-physician")
 
 
 def _pacs_endpoint(client: FhirClient) -> str:
@@ -512,6 +517,21 @@ def _practitioners(client: FhirClient) -> dict[str, str]:
             out[role] = f"Practitioner/{practitioner['id']}"
             break
     return out
+
+
+def referring_physician(client: FhirClient) -> str:
+    """A physician to order as (the order's requester): sekmet's attending when its master data has one, else
+    the demo's own, found by identifier or created once (conditional create)."""
+    found = _practitioners(client).get("attending")
+    if found:
+        return found
+    for practitioner in client.search("Practitioner", {"identifier": "|".join(DEMO_PRACTITIONER)}, count=1):
+        return f"Practitioner/{practitioner['id']}"
+    practitioner, _ = client.create({"resourceType": "Practitioner", "active": True,
+                                     "identifier": [{"system": DEMO_PRACTITIONER[0], "value": DEMO_PRACTITIONER[1]}],
+                                     "name": [{"prefix": ["Dr"], "given": ["Demo"], "family": "Referrer"}]},
+                                    if_none_exist=f"identifier={DEMO_PRACTITIONER[0]}|{DEMO_PRACTITIONER[1]}")
+    return f"Practitioner/{practitioner['id']}"
 
 
 def _clinical_bundle(prof: _Profile, patient: str, now: datetime, binary_id: str, pdf: bytes,

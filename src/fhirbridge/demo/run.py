@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fhirbridge.config import loader as config
 from fhirbridge.config.starter import write_starter
+from fhirbridge.crypto import files
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.demo.localehr import LocalEhr, publish_order_topic, seed_patient
 from fhirbridge.ehr.context import App
@@ -68,7 +69,7 @@ def _prepare(directory: Path) -> None:
         if not (directory / MARKER).exists():
             raise FhirbridgeError(f"{directory} exists and was not made by the demo; choose another --dir")
         shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    files.private_dir(directory)   # it holds both parties' private keys and the demo patient's records
     (directory / MARKER).write_text("made by `fhirbridge demo`; safe to delete\n")
 
 
@@ -115,7 +116,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
               f"{len(seeded['document_references'])} notes")
 
         step("The referring physician orders a second opinion (ServiceRequest in the EHR)")
-        sr = place_order(app, patient=seeded["patient"], profile="spine",
+        sr = place_order(app, patient=seeded["patient"], profile="spine", requester=seeded["physician"],
                          question="Planned L4-L5 microdiscectomy: is surgery indicated now, or is conservative "
                                   "care still appropriate?")
         print(f"    ServiceRequest/{sr['id']}")
@@ -141,10 +142,10 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
 
         step("The reviewer answers (structured opinion -> Consult note, signed + sealed to the hospital)")
         answer_file = reviewer_dir / "answer.toml"
-        answer_file.write_text(SAMPLE_ANSWER, encoding="utf-8")
+        files.write_atomic(answer_file, SAMPLE_ANSWER.encode("utf-8"))
         sealed, claims = answer(opened, answer_file, key, trusted, mappings_dir=app.config.mappings_dir)
         opinion_file = reviewer_dir / f"opinion-{claims['jti']}.jwe"
-        opinion_file.write_bytes(sealed)
+        files.write_atomic(opinion_file, sealed)
         print(f"    {opinion_file}")
 
         step("fhirbridge receives the opinion and files it in the EHR (one transaction)")

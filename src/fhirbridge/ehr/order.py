@@ -2,10 +2,14 @@
 
 The ServiceRequest follows HL7 BSeR's referral request: status active, intent order, category "Patient
 referral", code from mappings/codes/orders.toml, the question in `note`, the reviewer organisation in
-`performer` (by identifier), the collection profile in `orderDetail`, a placer identifier (v2-0203 PLAC).
+`performer` (by identifier), the collection profile in `orderDetail`, a placer identifier (v2-0203 PLAC)
+assigned by the hospital. The `requester` is required: BSeR's referral request has it 1..1, and a referral
+nobody asked for cannot be answered to anyone. It must be a Practitioner or PractitionerRole the EHR holds,
+read before the order is written.
 """
 from __future__ import annotations
 
+import re
 import uuid
 
 from fhirbridge.config.mappings import profile_names
@@ -17,28 +21,30 @@ PLACER_SYSTEM = "urn:fhirbridge:placer-order"
 # One per record the referring physician chose not to share (valueReference "Type/id"); collect withholds
 # them. An extension (R4 extensibility.html) because no ServiceRequest element says "do not send this".
 EXCLUDED_RECORD = "urn:fhirbridge:extension:excluded-record"
+# R4 ServiceRequest.requester may name others, but a referral is asked for by a clinician (BSeR).
+REQUESTER = re.compile(r"(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}")
 
 
-def place_order(app: App, *, patient: str, question: str, reviewer: str | None = None,
-                profile: str | None = None, requester: str | None = None, priority: str = "routine",
+def place_order(app: App, *, patient: str, question: str, requester: str, reviewer: str | None = None,
+                profile: str | None = None, priority: str = "routine",
                 exclude: tuple[str, ...] | list[str] = ()) -> dict:
-    """`exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD)."""
+    """`requester`: the ordering clinician, "Practitioner/<id>" or "PractitionerRole/<id>" (required).
+    `exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD)."""
     if not question.strip():
         raise FhirbridgeError("the question must not be empty: say what the reviewer should answer")
+    if not requester or not REQUESTER.fullmatch(requester):
+        raise FhirbridgeError("an order needs its requester, the ordering clinician: Practitioner/<id> or "
+                              "PractitionerRole/<id> (BSeR: a referral's requester is required)")
     patient_ref = patient if patient.startswith("Patient/") else f"Patient/{patient}"
-    try:
-        app.ehr.read_ref(patient_ref)
-    except FhirError as exc:
-        if exc.status == 404:
-            raise FhirbridgeError(f"{patient_ref} does not exist in the EHR at {app.hospital.fhir_base_url}") \
-                from None
-        raise
+    _must_exist(app, patient_ref)
+    _must_exist(app, requester, "the requester ")
     codes = app.order_codes
     sr = {
         "resourceType": "ServiceRequest",
         "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
                                              "code": "PLAC", "display": "Placer Identifier"}]},
-                        "system": PLACER_SYSTEM, "value": str(uuid.uuid4())}],
+                        "system": PLACER_SYSTEM, "value": str(uuid.uuid4()),
+                        "assigner": app.hospital.organization_ref()}],
         "status": "active",
         "intent": "order",
         "category": [{"coding": [codes.order_category]}],
@@ -47,9 +53,8 @@ def place_order(app: App, *, patient: str, question: str, reviewer: str | None =
         "subject": {"reference": patient_ref},
         "authoredOn": now_iso(),
         "note": [{"text": question.strip()}],
+        "requester": {"reference": requester},
     }
-    if requester:
-        sr["requester"] = {"reference": requester}
     if reviewer:
         sr["performer"] = [app.config.reviewer(reviewer).organization_ref()]
     if profile:
@@ -61,6 +66,15 @@ def place_order(app: App, *, patient: str, question: str, reviewer: str | None =
         return _with_exclusions(app, sr, sorted(set(exclude)))
     stored, _ = app.ehr.create(sr)
     return stored
+
+
+def _must_exist(app: App, ref: str, what: str = "") -> None:
+    try:
+        app.ehr.read_ref(ref)
+    except FhirError as exc:
+        if exc.status in (404, 410):
+            raise FhirbridgeError(f"{what}{ref} does not exist in the EHR at {app.hospital.fhir_base_url}") from None
+        raise
 
 
 def _with_exclusions(app: App, sr: dict, exclude: list[str]) -> dict:

@@ -3,7 +3,8 @@
 `envelope` (the sealed envelope: signed claims, JWE General JSON, streamed attachments), `transport`
 (delivery to a reviewer: outbox directory, HTTPS POST with Idempotency-Key), `opinion` (the reviewer's
 structured answer as a FHIR Consult-note document), `reviewer` (open and verify a package, answer it,
-trusted hospitals), `render` (a package or an opinion as readable text).
+trusted hospitals), `render` (a package or an opinion as readable text), `pdf` (the opinion as a PDF
+for EHR viewers).
 
 Rule: both sides use it, so it knows nothing of one side's state: may import `config` (models and
 mappings), `crypto`, `fhir` (validation and FHIR-JSON helpers) and the root modules. Never the store, the

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from fhirbridge import jsonutil
-from fhirbridge.crypto import jwe, jws
+from fhirbridge.crypto import files, jwe, jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.errors import SealError
 
@@ -149,13 +148,8 @@ def seal(*, typ: str, claims: dict, document: dict, signer: KeyRing, recipient: 
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    # A temp name of our own: two writers of the same file must not rename each other's half-written copy.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a sealed file (or anything else holding PHI) atomically, 0600 whatever the umask (issue 13, S11)."""
+    files.write_atomic(path, data)
 
 
 def _peek_segment(token: str, index: int, what: str) -> dict:

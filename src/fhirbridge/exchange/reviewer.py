@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fhirbridge.config.mappings import load_opinion_form
-from fhirbridge.crypto import jwe, jws, keys
+from fhirbridge.crypto import files, jwe, jws, keys
 from fhirbridge.crypto.keys import KeyRing, mixed_generations
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import envelope
@@ -243,7 +243,7 @@ def verify_attachment(opened: OpenedPackage, att: dict, key: KeyRing) -> None:
 
 
 def extract_attachments(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[Path]:
-    outdir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(outdir)   # the decrypted attachments are patient records (each file is 0600 too)
     written = []
     for att in opened.manifest.get("attachments", []):
         dst = outdir / Path(att["file"]).name.replace(".jwe", _suffix(att["content_type"]))
@@ -332,7 +332,7 @@ def write_reviewer_keys(directory: Path, hospital_public_jwks: Path | None = Non
                                   "hospital's PUBLIC keys (`fhirbridge keys jwks`)")
         TrustStore.of(ring)  # the same rules as when it is used: one hospital, one signing key
         trust = ring.public_jwks()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.private_dir(directory)
     jwks = keys.generate_jwks(rsa_enc=rsa)
     private = directory / "reviewer.private.jwks.json"
     public = directory / "reviewer.public.jwks.json"

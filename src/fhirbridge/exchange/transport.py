@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from fhirbridge.config.model import Reviewer
+from fhirbridge.crypto import files
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import ENVELOPE_FILE
 
@@ -55,10 +56,12 @@ def _to_outbox(outbox: Path, package_dir: Path, package_id: str) -> dict:
     if final.exists():
         return {"transport": "outbox", "path": str(final), "already_delivered": True}
     try:
-        outbox.mkdir(parents=True, exist_ok=True)
+        files.private_dir(outbox)
         partial = outbox / f".partial-{package_id}"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(package_dir, partial)
+        # copytree copies the Case folder's modes; a package sealed by an older version was 0755/0644.
+        files.narrow_tree(partial, warn=False)
         for f in package_files(partial):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

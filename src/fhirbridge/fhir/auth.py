@@ -22,6 +22,7 @@ from joserfc import jwt as jose_jwt
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import FhirError, SealError
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,17 @@ FEATURES: tuple[Feature, ...] = (
     # loop/seal.py: attachments stored as Binary (DocumentReference.content.attachment.url).
     Feature("attachments", "attachments stored as Binary cannot be sealed", (("Binary", READ),), core=False),
     # loop/writeback.py: is it filed already, then ONE transaction: PUT Binary/<id>, PUT DocumentReference/<id>,
-    # POST Provenance, PUT Task/<id> (If-Match).
+    # POST Provenance, PUT Task/<id> (If-Match). These are the atomic plan's; a configuration asks for the writes
+    # of ITS write plan instead (ehr/write_plan.py WritePlan.writes, passed to feature_needs as `writeback`).
     Feature("write-back", "the opinion cannot be filed in the chart",
             (("Task", READ), ("DocumentReference", SEARCH), ("DocumentReference", READ), ("Binary", UPDATE),
              ("DocumentReference", UPDATE), ("Provenance", CREATE), ("Task", UPDATE))),
-    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app): POST the order; with deselected
-    # records it is created as a draft and PUT active once the EHR is seen to keep them.
+    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app): read the patient and the requester
+    # (required, BSeR), POST the order; with deselected records it is created as a draft and PUT active once the
+    # EHR is seen to keep them.
     Feature("ordering", "orders cannot be placed through fhirbridge (CLI, API, physician app)",
-            (("Patient", READ), ("ServiceRequest", CREATE), ("ServiceRequest", UPDATE)), core=False),
+            (("Patient", READ), ("Practitioner", READ), ("PractitionerRole", READ), ("ServiceRequest", CREATE),
+             ("ServiceRequest", UPDATE)), core=False),
     # ehr/data_request.py: the reviewer asks for more records (a Task for the hospital).
     Feature("data requests", "a reviewer's request for more records cannot reach the EHR", (("Task", CREATE),),
             core=False),
@@ -167,16 +171,24 @@ FEATURE = {f.name: f for f in FEATURES}
 
 
 def feature_needs(collected: Iterable[str] = COLLECTED_TYPES, *, audit_copies: bool = False,
-                  physician_app: bool = False) -> dict[str, tuple[tuple[str, str], ...]]:
+                  physician_app: bool = False, writeback: Iterable[tuple[str, str]] | None = None,
+                  task_write: bool = True) -> dict[str, tuple[tuple[str, str], ...]]:
     """Feature name -> the (resource type, interaction) pairs it needs, for a configuration whose collection
-    profiles search `collected`, that writes AuditEvents to the EHR or not, with the physician app or not."""
+    profiles search `collected`, that writes AuditEvents to the EHR or not, with the physician app or not.
+
+    `writeback`: the writes the write plan makes (default: the atomic plan's, as in FEATURES). `task_write`
+    False: the EHR takes no Task writes, so no feature asks for Task create or update (a scope the EHR cannot
+    grant may make it refuse the whole token request)."""
     enabled = {"audit copies": audit_copies, "physician app": physician_app}
     out: dict[str, tuple[tuple[str, str], ...]] = {}
     for f in FEATURES:
         if f.optional and not enabled.get(f.name):
             continue
+        needs = tuple(writeback) if f.name == "write-back" and writeback is not None else f.needs
         pairs: list[tuple[str, str]] = []
-        for rtype, interaction in f.needs:
+        for rtype, interaction in needs:
+            if not task_write and rtype == "Task" and interaction in (CREATE, UPDATE):
+                continue
             for t in (collected if rtype == COLLECTED else (rtype,)):
                 if (t, interaction) not in pairs:
                     pairs.append((t, interaction))
@@ -464,6 +476,14 @@ class SmartBackendAuth(AuthBase):
             if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
                 raise FhirError(f"{url} names no http(s) token_endpoint; set [hospital.auth] token_url",
                                 transient=False)
+            if not is_https_or_loopback(endpoint):
+                # The signed client assertion would go there in clear and the access token come back so:
+                # whoever can alter this answer (it came over the EHR base URL) gets a token. SMART App
+                # Launch 2.x, conformance "Using TLS": every endpoint is https (issue 13).
+                raise FhirError(f"{url} names a token_endpoint that is not https ({endpoint}); refused, since the "
+                                "client assertion and the access token would cross the network in clear (plain "
+                                "http only to 127.0.0.1, localhost or ::1). Set [hospital.auth] token_url to the "
+                                "EHR's https token endpoint", transient=False)
             self.token_url = endpoint
         if not self._explicit_scopes and _only_v1(doc):
             self.scopes = v1_scopes(self._default_scopes)

@@ -198,16 +198,13 @@ def _existing_task(app: App, case_id: str) -> dict | None:
     older backup. Found by the Case identifier (deterministic), so nothing already sent is sent again."""
     for task in app.ehr.search("Task", {"identifier": f"{ehr_task.CASE_ID_SYSTEM}|{case_id}"}):
         if task.get("resourceType") == "Task":
-            coding: dict = next(iter(task.get("businessStatus", {}).get("coding", [])), {})
-            code = coding.get("code")
-            if code not in (None, "received", "collecting", "packaging"):
+            if ehr_task.business_step(task) not in (None, "received", "collecting", "packaging"):
                 return task
     return None
 
 
 def _adopt(app: App, case: Case, task: dict) -> Case:
-    coding: dict = next(iter(task.get("businessStatus", {}).get("coding", [])), {})
-    code = coding.get("code")
+    code = ehr_task.business_step(task)
     task_ref = f"Task/{task['id']}"
     if task.get("status") == "completed":
         output = next((o.get("valueReference", {}).get("reference") for o in task.get("output", [])), None)

@@ -6,6 +6,7 @@ order's orderDetail or specialty) picks a reviewer serving it, else the configur
 from __future__ import annotations
 
 from fhirbridge.config.mappings import profile_names
+from fhirbridge.config.terminology import same_system
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirError
@@ -54,7 +55,8 @@ def profile_for(app: App, sr: dict) -> str:
     codes = app.order_codes
     for detail in sr.get("orderDetail", []):
         for c in detail.get("coding", []):
-            if c.get("system") == codes.profile_system and c.get("code"):
+            # Orders placed before the profile code system had its canonical url carry the legacy urn.
+            if same_system(c.get("system"), codes.profile_system) and c.get("code"):
                 return c["code"]
     for ptype in [sr.get("performerType", {})]:
         for c in ptype.get("coding", []):

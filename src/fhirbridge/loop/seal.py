@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fhirbridge.crypto import jwe, jws
+from fhirbridge.crypto.files import open_private, private_dir
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import SealError
 from fhirbridge.exchange import envelope
@@ -54,13 +55,13 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     # Per worker: two workers that both believe they hold the Case (a lapsed lease) never share a directory.
     staging = app.case_dir(case.id) / f"package.staging-{_safe(worker_id())}"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "attachments").mkdir(parents=True, mode=0o700)
+    private_dir(staging / "attachments")
 
     inline, files = [], []
     for n, att in enumerate(collected.attachments, 1):
         app.progress(f"  attachment {n}/{len(collected.attachments)} ({att['content_type']})")
         tmp = staging / "download.tmp"
-        with open(tmp, "wb") as f:
+        with open_private(tmp) as f:   # the EHR's document, in clear until encrypted below
             info = app.ehr.download_binary(att["url"], f, max_bytes=cfg.max_attachment_bytes)
         content_type = info.get("content_type") or att["content_type"]
         if info["size"] <= cfg.inline_attachment_limit:
@@ -111,7 +112,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
                         "lower fhirbridge.inline_attachment_limit so attachments travel as separate files")
     envelope.write_atomic(staging / envelope.ENVELOPE_FILE, data)
     final = app.case_dir(case.id) / "package" / package_id
-    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(final.parent)
     staging.rename(final)
     summary = {"package_id": package_id, "shared": len(manifest["shared"]), "withheld": len(collected.withheld),
                "attachment_files": len(files), "inline_attachments": len(inline),

@@ -1,5 +1,5 @@
-"""File the opinion in the EHR: ONE transaction, idempotent (US Core "Writing Clinical Notes", IHE MHD
-ITI-65 "Provide Document Bundle" style).
+"""File the opinion in the EHR: ONE transaction, idempotent (US Core "Writing Clinical Notes"; not IHE MHD:
+no SubmissionSet List, PUTs where ITI-65 POSTs, extra entries; docs/architecture.md §11 says what ITI-65 needs).
 
 The transaction holds: the opinion document as a `Binary` (application/fhir+json, securityContext the
 Patient), a `DocumentReference` (type 11488-4, subject the Patient, context.related the ServiceRequest,
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from fhirbridge import jsonutil
 from fhirbridge.crypto import jws
 from fhirbridge.ehr.context import App
-from fhirbridge.ehr.task import BUSINESS_SYSTEM, STATUS, now_iso
+from fhirbridge.ehr.task import STATUS, business_status, now_iso
 from fhirbridge.errors import FhirbridgeError, FhirError, PartialTransaction
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.render import render_opinion
@@ -270,8 +270,7 @@ def completed_task(task: dict, docref_ref: str, created: str) -> dict:
     status, code, display = STATUS[Step.DONE]
     task = dict(task)
     task.update({"status": status, "lastModified": created,
-                 "businessStatus": {"coding": [{"system": BUSINESS_SYSTEM, "code": code, "display": display}],
-                                    "text": display},
+                 "businessStatus": business_status(code, display),
                  "output": [{"type": {"text": "Second opinion"},
                              "valueReference": {"reference": docref_ref}}]})
     period = task.setdefault("executionPeriod", {})

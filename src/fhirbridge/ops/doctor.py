@@ -8,11 +8,18 @@ Nothing is created, nothing is sent to a reviewer.
 
 Result per check: pass, warn (works, but look at it), fail (fhirbridge will not work until it is fixed; exit
 code 1) or skip (not applicable, or blocked by an earlier failure).
+
+The write plan (how the opinion will be filed) is chosen in the EHR context from the capability set (ehr/), which
+this layer may not import: the caller passes `plan_for`, which turns the CapabilityStatement read here into a
+`PlanView` (ehr/plan_view.py). doctor prints each capability with where its value came from, the plan and its
+writes, warns where a profile or pin overrides what the statement says, and asks for the plan's scopes.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -70,25 +77,47 @@ class Report:
                 "checks": [asdict(c) for c in self.checks]}
 
 
+@dataclass(frozen=True)
+class PlanView:
+    """The write plan as doctor shows it (made by ehr/plan_view.py from ehr.capabilities and ehr.write_plan)."""
+
+    kind: str                                       # the plan's name: ATOMIC | LEDGER | ONCE
+    description: str                                # what it does, in a phrase
+    task_write: bool                                # the Case's status is kept in an EHR Task
+    writes: tuple[tuple[str, str], ...]             # (resource type, interaction) it makes: its scopes
+    capabilities: tuple[tuple[str, Any, str], ...]  # (capability, value, origin)
+    disagreements: tuple[tuple[str, Any, Any, str], ...] = ()   # (capability, advertised, used, origin)
+    profile: str = "auto"
+
+
+PlanFor = Callable[[dict | None], PlanView]      # the CapabilityStatement (None: not read) -> the plan
+
+
 # --- what fhirbridge needs from the EHR -------------------------------------------------------------------
 
-def smart_needs(cfg: Config) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Feature -> what it asks of the EHR, for this configuration (as ehr.context.App.smart_needs)."""
+def smart_needs(cfg: Config, plan: PlanView | None = None) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Feature -> what it asks of the EHR, for this configuration and write plan (as ehr.context.App.smart_needs;
+    without a plan: the atomic plan's writes)."""
     return feature_needs(collected_types(cfg.mappings_dir), audit_copies=cfg.audit.write_to_ehr,
-                         physician_app=cfg.physician_app is not None)
+                         physician_app=cfg.physician_app is not None,
+                         writeback=plan.writes if plan else None, task_write=plan.task_write if plan else True)
 
 
-def needed_searches(cfg: Config) -> dict[str, list[tuple[str, str]]]:
-    """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values."""
+def needed_searches(cfg: Config, plan: PlanView | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Resource type -> the search parameters fhirbridge sends for it, with harmless probe values. The
+    DocumentReference `identifier` search only where the write plan may use it (an EHR without it is no failure
+    when the capability set says so)."""
     patient = f"Patient/{PROBE_ID}"
     codes = load_order_codes(cfg.mappings_dir).search_token()
+    by_identifier = plan is None or dict((n, v) for n, v, _o in plan.capabilities).get("docref_identifier_search")
     needs: dict[str, list[tuple[str, str]]] = {
         "Patient": [],
         # intake.poll / run_intake; _sort is a result parameter but strict servers refuse it when unsupported.
         "ServiceRequest": [("code", codes), ("status", "active"), ("_lastUpdated", "ge2000-01-01"),
                            ("_sort", "_lastUpdated")],
         "Task": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")],               # intake: a Case's Task
-        "DocumentReference": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")],  # writeback: already filed?
+        # writeback: already filed?
+        "DocumentReference": [("identifier", f"urn:fhirbridge:doctor|{PROBE_ID}")] if by_identifier else [],
     }
     for name in profile_names(cfg.mappings_dir):
         for rtype in load_profile(cfg.mappings_dir, name).rules:
@@ -104,7 +133,8 @@ def needed_searches(cfg: Config) -> dict[str, list[tuple[str, str]]]:
 
 # --- running the checks ----------------------------------------------------------------------------------
 
-def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0, 15.0)) -> Report:
+def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0, 15.0),
+        plan_for: PlanFor | None = None) -> Report:
     report = Report(hospital.name, hospital.fhir_base_url)
     reviewer_key_problems = _key_files(cfg, hospital, report)
     session = requests.Session()
@@ -112,13 +142,17 @@ def run(cfg: Config, hospital: Hospital, *, timeout: tuple[float, float] = (5.0,
     try:
         _tls(hospital, report)
         cs = _capabilities(hospital, session, timeout, report)
+        plan = _write_plan(plan_for, cs, report) if plan_for is not None else None
         if cs is not None:
-            _capability_contents(cfg, cs, report)
-        auth = _auth(cfg, hospital, session, timeout, report, reachable=cs is not None)
+            _capability_contents(cfg, cs, report, plan)
+        auth = _auth(cfg, hospital, session, timeout, report, reachable=cs is not None, plan=plan)
         if auth is not False and cs is not None:
             session.auth = auth
-            _access(cfg, hospital, session, timeout, report)
-            _write_access(cfg, hospital, session, timeout, report)
+            _access(cfg, hospital, session, timeout, report, plan)
+            if plan is None or plan.kind == "ATOMIC":
+                _write_access(cfg, hospital, session, timeout, report, plan)
+            else:
+                report.add("write-back (transaction)", "skip", f"the {plan.kind} write plan posts no transaction")
         elif cs is not None:
             report.add("searches", "skip", "no usable credentials (see above)")
         _reviewers(cfg, session, timeout, report, reviewer_key_problems)
@@ -214,7 +248,64 @@ def _server_rest(cs: dict) -> dict:
     return {}
 
 
-def _capability_contents(cfg: Config, cs: dict, report: Report) -> None:
+_INTERACTION = {"create": "create", "update": "update", "read": "read", "search": "search-type"}
+
+
+def _write_plan(plan_for: PlanFor, cs: dict | None, report: Report) -> PlanView | None:
+    """Each capability with its origin, the plan chosen from them, and where a profile or pin overrides what the
+    EHR's statement says."""
+    try:
+        plan = plan_for(cs)
+    except Exception as exc:  # noqa: BLE001 - a bad profile or pin (ConfigError) is reported with its fix
+        report.add("write plan", "fail", str(exc),
+                   "fix [hospital.ehr] or the profile file it names (docs/ehr.md lists every capability)")
+        return None
+    overridden = {d[0]: d for d in plan.disagreements}
+    for name, value, origin in plan.capabilities:
+        if name in overridden:
+            _n, said, _used, _o = overridden[name]
+            report.add(f"capability {name}", "warn", f"{_shown(value)} ({origin}); the CapabilityStatement says "
+                       f"{_shown(said)}", "check that the profile or pin is right for this EHR (servers advertise "
+                       "badly, but an override that is wrong files the opinion the wrong way): docs/ehr.md")
+        else:
+            report.add(f"capability {name}", "pass", f"{_shown(value)} ({origin})")
+    writes = ", ".join(f"{i} {t}" for t, i in plan.writes)
+    detail = f"{plan.kind}: {plan.description}; writes: {writes}"
+    if cs is None:
+        report.add("write plan", "warn", detail + " (the CapabilityStatement could not be read: what neither the "
+                   f"profile {plan.profile!r} nor a pin fixes is taken as an ideal server's)",
+                   "make GET [base]/metadata reachable, or fix every capability by profile and pins (docs/ehr.md)")
+    else:
+        report.add("write plan", "pass", detail)
+    if not plan.task_write:
+        report.add("task writes", "warn", "the EHR takes no Task writes: each Case's status lives in fhirbridge "
+                   "(`fhirbridge status`, the physician page, the dashboard), not in an EHR Task; the note still "
+                   "files", "nothing to fix if the EHR has no Task write; otherwise correct the profile or pin")
+    if cs is not None:
+        rest = _server_rest(cs)
+        declared = {r.get("type"): r for r in rest.get("resource") or [] if isinstance(r, dict)}
+        unlisted = []
+        for rtype, interaction in plan.writes:
+            if rtype in declared:   # a type the statement leaves out says nothing (Binary often is)
+                codes = {i.get("code") for i in declared[rtype].get("interaction") or [] if isinstance(i, dict)}
+                if _INTERACTION[interaction] not in codes:
+                    unlisted.append(f"{interaction} {rtype}")
+        if unlisted:
+            report.add("write plan vs statement", "warn", f"the plan makes {', '.join(unlisted)}, which the "
+                       "CapabilityStatement does not list", "ask the vendor whether the endpoint allows it; if not, "
+                       "pin the capability that makes the plan need it (docs/ehr.md)")
+    return plan
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return "no limit" if value is None else str(value)
+
+
+def _capability_contents(cfg: Config, cs: dict, report: Report, plan: PlanView | None = None) -> None:
     version = str(cs.get("fhirVersion") or "")
     if version.startswith("4.0"):
         report.add("fhir version", "pass", f"FHIR {version} (R4)")
@@ -223,7 +314,7 @@ def _capability_contents(cfg: Config, cs: dict, report: Report) -> None:
                    "use the EHR's FHIR R4 endpoint (vendors often serve DSTU2, STU3, R4 at different paths)")
     rest = _server_rest(cs)
     declared = {r.get("type"): r for r in rest.get("resource") or [] if isinstance(r, dict)}
-    needs = needed_searches(cfg)
+    needs = needed_searches(cfg, plan)
     missing = [t for t in needs if t not in declared and t not in OPTIONAL_TYPES]
     if missing:
         report.add("resource types", "fail", f"not offered: {', '.join(missing)}",
@@ -247,14 +338,23 @@ def _capability_contents(cfg: Config, cs: dict, report: Report) -> None:
         report.add("search parameters", "pass", "every search parameter fhirbridge uses is listed")
     interactions = {i.get("code") for i in rest.get("interaction") or [] if isinstance(i, dict)}
     if "transaction" in interactions:
-        report.add("transaction", "pass", "the server takes transaction Bundles (the opinion is filed in one)")
+        report.add("transaction", "pass", "the server takes transaction Bundles"
+                   + (" (the opinion is filed in one)" if plan is None or plan.kind == "ATOMIC" else ""))
+    elif plan is not None and plan.kind != "ATOMIC":
+        report.add("transaction", "pass", f"the CapabilityStatement lists no transaction interaction: the {plan.kind} "
+                   "write plan files one resource at a time (see write plan)")
+    elif plan is not None:
+        report.add("transaction", "warn", "the CapabilityStatement lists no transaction interaction, but the "
+                   "profile or a pin says there is one: the ATOMIC write plan posts one",
+                   "check that the EHR takes transactions (see capability transaction); if not, remove the override")
     else:
         report.add("transaction", "fail", "the CapabilityStatement lists no transaction interaction",
                    "fhirbridge files an opinion (Binary, DocumentReference, Provenance, Task) in ONE transaction; "
                    "ask the vendor to enable transactions on this endpoint")
 
 
-def _auth(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report, *, reachable: bool):
+def _auth(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report, *, reachable: bool,
+          plan: PlanView | None = None):
     """The credentials to probe with: an auth object, None (no auth), or False (they do not work)."""
     kind = hospital.auth.type
     if kind != "smart":
@@ -299,7 +399,7 @@ def _auth(cfg: Config, hospital: Hospital, session: requests.Session, timeout, r
             report.add("smart configuration", "pass", f"token endpoint {a.token_url or doc.get('token_endpoint')}"
                        + (f"; signing algorithms {', '.join(map(str, algs))}" if isinstance(algs, list) else ""))
     assert a.keys is not None  # smart auth: the loader defaults it to the hospital's keys
-    needs = smart_needs(cfg)
+    needs = smart_needs(cfg, plan)
     try:
         smart = SmartBackendAuth.from_keys(keys=a.keys, client_id=a.client_id, fhir_base_url=hospital.fhir_base_url,
                                            token_url=a.token_url, scopes=a.scopes, default_scopes=needed_scopes(needs),
@@ -359,10 +459,11 @@ def _scope_hint(hospital: Hospital, rtype: str, perms: str) -> str:
     return "the credentials lack this permission: have the EHR grant it to fhirbridge's account"
 
 
-def _access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
+def _access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report,
+            plan: PlanView | None = None) -> None:
     """One harmless search per type, with the parameters fhirbridge uses; a read for Binary."""
     base = hospital.fhir_base_url
-    for rtype, params in needed_searches(cfg).items():
+    for rtype, params in needed_searches(cfg, plan).items():
         name = f"search {rtype}"
         optional = rtype in OPTIONAL_TYPES
         query = [("_id", PROBE_ID), *params, ("_count", "1")]
@@ -411,7 +512,8 @@ def _diagnostics(resp) -> str:
     return f": {text}" if text else ""
 
 
-def _write_access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report) -> None:
+def _write_access(cfg: Config, hospital: Hospital, session: requests.Session, timeout, report: Report,
+                  plan: PlanView | None = None) -> None:
     """An empty transaction writes nothing; a server that authorises transactions refuses it all the same
     when fhirbridge may not post them (write-back needs that)."""
     empty = {"resourceType": "Bundle", "type": "transaction", "entry": []}
@@ -425,7 +527,7 @@ def _write_access(cfg: Config, hospital: Hospital, session: requests.Session, ti
     if 200 <= resp.status_code < 300:
         report.add("write-back (transaction)", "pass", "an empty transaction was accepted (nothing written)")
     elif resp.status_code in (401, 403):
-        writes = " ".join(scopes_for(smart_needs(cfg)["write-back"]))
+        writes = " ".join(scopes_for(smart_needs(cfg, plan)["write-back"]))
         hint = (f"grant the write-back scopes ({writes}); a server that authorises a transaction as a whole (as "
                 "a create on every type) needs system/*.c in [hospital.auth] scopes as well") \
             if hospital.auth.type == "smart" else \

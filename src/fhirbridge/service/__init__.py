@@ -2,7 +2,8 @@
 
 `app` (create_app: the Flask app factory mounting every blueprint in one block), one blueprint per
 module (`api` staff API, `reviewer_api`, `health` probes and JWKS, `notify` FHIR Subscription
-notifications, `openapi` the API description, `metrics` the /metrics endpoint), `http` (what the
+notifications, `openapi` the API description, `metrics` the /metrics endpoint, `terminology` our
+CodeSystems at /fhir/CodeSystem), `http` (what the
 blueprints share: the service of this app, bearer tokens, JSON errors), `scheduler` (Service: the
 hospital contexts and the background ticks), `gunicorn_conf`.
 

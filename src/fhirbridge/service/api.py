@@ -11,7 +11,7 @@ from flask import Blueprint, g, jsonify, request
 
 from fhirbridge.access.tokens import Unauthorized, staff_from_token
 from fhirbridge.ehr.audit import accounting
-from fhirbridge.ehr.order import place_order
+from fhirbridge.ehr.order import REQUESTER, place_order
 from fhirbridge.errors import CaseError, ConfigError
 from fhirbridge.loop.actions import cancel, retry
 from fhirbridge.loop.intake import order_changed
@@ -84,7 +84,7 @@ def create_order():
     if not _ID.fullmatch(patient):
         raise ApiError(400, "patient must be a Patient id or Patient/<id>")
     requester = body.get("requester")
-    if requester and not re.fullmatch(r"(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}", requester):
+    if requester and not REQUESTER.fullmatch(requester):
         raise ApiError(400, "requester must be Practitioner/<id> or PractitionerRole/<id>")
     if body.get("priority", "routine") not in ("routine", "urgent", "asap", "stat"):
         raise ApiError(400, "priority must be one of routine, urgent, asap, stat")
@@ -93,6 +93,10 @@ def create_order():
         raise ApiError(403, f"this token may not place orders for {app.hospital.name}")
     if body.get("reviewer") and body["reviewer"] not in app.config.reviewers:
         raise ApiError(400, f"no reviewer {body['reviewer']!r} (configured: {', '.join(app.config.reviewers)})")
+    if not requester:
+        # BSeR: a referral's requester is 1..1; no order is placed that names nobody as asking for it.
+        raise ApiError(400, "requester is required: the ordering clinician, Practitioner/<id> or "
+                            "PractitionerRole/<id>")
     sr = place_order(app, patient=patient, question=body["question"], reviewer=body.get("reviewer"),
                      profile=body.get("profile"), requester=requester, priority=body.get("priority", "routine"))
     ref = f"ServiceRequest/{sr['id']}"

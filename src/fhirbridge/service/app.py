@@ -29,6 +29,7 @@ from fhirbridge.service.notify import notify
 from fhirbridge.service.openapi import docs
 from fhirbridge.service.reviewer_api import reviewer_api
 from fhirbridge.service.scheduler import Service
+from fhirbridge.service.terminology import terminology
 from fhirbridge.ui.dashboard import dashboard
 from fhirbridge.ui.physician import install as install_physician
 
@@ -49,6 +50,7 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     app.register_blueprint(health)         # /healthz /readyz /.well-known/jwks.json
     app.register_blueprint(notify)         # /fhir/notify/<hospital>
     app.register_blueprint(docs)           # /openapi.json /docs
+    app.register_blueprint(terminology)    # /fhir/CodeSystem (our code systems, public)
     metrics.init_app(app)                  # /metrics
     _pages(app)                            # /dashboard
     install_physician(app)                 # /physician, only when [physician_app] is configured

@@ -16,6 +16,7 @@ docs = Blueprint("docs", __name__)
 ERROR = {"$ref": "#/components/schemas/Error"}
 CASE_STEPS = ALL_STEPS  # steps.Step, in order
 CASE = {"$ref": "#/components/schemas/Case"}
+REQUESTER_PATTERN = r"^(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$"   # as ehr.order.REQUESTER
 
 
 def _errors(*codes: int) -> dict:
@@ -62,11 +63,11 @@ SPEC: dict[str, Any] = {
                 "overdue": {"type": "boolean"},
                 "events": {"type": "array", "items": {"type": "object", "properties": {
                     "at": {"type": "number"}, "kind": {"type": "string"}, "detail": {"type": "object"}}}}}},
-            "Order": {"type": "object", "required": ["patient", "question"], "additionalProperties": False,
+            "Order": {"type": "object", "required": ["patient", "question", "requester"], "additionalProperties": False,
                       "properties": {"hospital": {"type": "string"}, "patient": {"type": "string", "minLength": 1},
                                      "question": {"type": "string", "minLength": 1},
                                      "reviewer": {"type": "string"}, "profile": {"type": "string"},
-                                     "requester": {"type": "string"},
+                                     "requester": {"type": "string", "pattern": REQUESTER_PATTERN},
                                      "priority": {"type": "string", "enum": ["routine", "urgent", "asap", "stat"]}}},
             "Reason": {"type": "object", "required": ["reason"],
                        "properties": {"reason": {"type": "string", "minLength": 1}}},
@@ -152,6 +153,20 @@ SPEC: dict[str, Any] = {
                           for c, d in ((200, "Taken in (OperationOutcome)"), (400, "Not a notification Bundle"),
                                        (401, "Missing or wrong subscription token"), (404, "Unknown hospital"),
                                        (413, "Too large"), (415, "Not FHIR JSON"))}}},
+        "/fhir/CodeSystem/{cs_id}": {"get": {
+            "summary": "One of fhirbridge's own code systems (FHIR R4 CodeSystem read); public",
+            "parameters": [{"name": "cs_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {str(c): {"description": d,
+                                   "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
+                          for c, d in ((200, "The CodeSystem"), (404, "No such code system (OperationOutcome)"))}}},
+        "/fhir/CodeSystem": {"get": {
+            "summary": "Find fhirbridge's code systems by canonical url (FHIR search; searchset Bundle); public",
+            "parameters": [{"name": "url", "in": "query", "schema": {"type": "string"},
+                            "description": "canonical url, optionally with |version"},
+                           {"name": "version", "in": "query", "schema": {"type": "string"}}],
+            "responses": {str(c): {"description": d,
+                                   "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
+                          for c, d in ((200, "searchset Bundle"), (400, "Unsupported parameter (OperationOutcome)"))}}},
         "/.well-known/jwks.json": {"get": {
             "summary": "The hospitals' public keys (JWKS): reviewers verify packages and seal opinions with them",
             "responses": {"200": {"description": "JWK Set", "content": {"application/jwk-set+json": {

@@ -21,6 +21,7 @@ from datetime import datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from fhirbridge.config.model import Config
+from fhirbridge.crypto import files
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import ConfigError
 from fhirbridge.loop.actions import flag_overdue
@@ -44,7 +45,7 @@ def check_shared_data_dir(config: Config, store) -> None:
     delivered or filed by whichever claims its next step, from files in data_dir. The store remembers the
     id of the data_dir it belongs to; a replica whose data_dir lacks that id (another volume, a local disk)
     refuses to start instead of stranding Cases half-way."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(config.data_dir)
     marker = config.data_dir / MARKER
 
     def on_disk() -> str | None:
@@ -64,7 +65,8 @@ def check_shared_data_dir(config: Config, store) -> None:
             break
         if on_disk() is None:
             tmp = config.data_dir / f".{MARKER}.{os.getpid()}.{new_id()}"
-            tmp.write_text(new_id() + "\n")
+            with files.open_private(tmp, exclusive=True) as f:
+                f.write((new_id() + "\n").encode())
             try:
                 os.link(tmp, marker)
             except FileExistsError:

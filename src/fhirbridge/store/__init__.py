@@ -5,5 +5,6 @@ leased claims with one UPDATE ... RETURNING, compare-and-set step completion, ev
 (Alembic; every start migrates).
 
 Rule: nothing clinical is stored here (references, step names, counts, errors that name resources by
-type/id). May import `steps` and the root modules only: never the EHR, the loop or anything above it.
+type/id). May import `steps`, the root modules and `crypto.files` (the database file is private, 0600) only:
+never the EHR, the loop or anything above it.
 """

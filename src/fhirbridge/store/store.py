@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from fhirbridge.crypto import files
 from fhirbridge.errors import CaseError
 from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
 from fhirbridge.store import migrations
@@ -572,9 +573,11 @@ def new_id() -> str:
 
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("sqlite:///", 1)[-1]
-        if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # sqlite:///relative.db, sqlite:////absolute.db; "sqlite://" alone is an in-memory database.
+        path = url[len("sqlite:///"):].split("?", 1)[0] if url.startswith("sqlite:///") else ""
+        on_disk = bool(path) and path != ":memory:"
+        if on_disk:
+            _private_sqlite_file(path)
         engine = create_engine(url, connect_args={"timeout": 30}, json_serializer=_json_dumps)
 
         @event.listens_for(engine, "connect")
@@ -584,8 +587,28 @@ def _engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            if on_disk:
+                # SQLite gives its -wal/-shm/-journal files the database file's mode (os_unix.c,
+                # findCreateFileMode), so they are 0600 too; narrowed here should a build do otherwise.
+                files.narrow_files(f"{path}{suffix}" for suffix in SQLITE_COMPANIONS)
         return engine
     return create_engine(url, pool_pre_ping=True, json_serializer=_json_dumps)
+
+
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def _private_sqlite_file(path: str) -> None:
+    """The database file made 0600 before SQLite opens it (SQLite would make it 0644 minus the umask, and
+    the file holds every Case's patient reference and errors), in a folder made 0700; an older install's
+    wider file and companions are narrowed, with a warning (issue 13, S11)."""
+    files.private_dir(os.path.dirname(os.path.abspath(path)))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, files.PRIVATE_FILE)
+    except FileExistsError:
+        files.narrow_files([path, *(f"{path}{suffix}" for suffix in SQLITE_COMPANIONS)])
+        return
+    os.close(fd)   # an empty file is a new database to SQLite
 
 
 def _wal(cur, wait: float = 30.0) -> None:

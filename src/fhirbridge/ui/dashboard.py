@@ -23,6 +23,7 @@ from flask import Blueprint, abort, current_app, flash, g, redirect, render_temp
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import Unauthorized, session_grant, staff_from_session, staff_from_token
+from fhirbridge.config.terminology import OPINION_OBSERVATION, same_system
 from fhirbridge.crypto import jwe
 from fhirbridge.ehr.audit import owed
 from fhirbridge.errors import CaseError, FhirbridgeError
@@ -34,7 +35,6 @@ from fhirbridge.ui.charts import bar_chart
 log = logging.getLogger("fhirbridge.dashboard")
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 SESSION_HOURS = 8
-OPINION_CODES = "urn:fhirbridge:codes:opinion"
 STATE_ORDER = ALL_STEPS
 STATE_LABELS: dict[str, str] = {Step.COLLECT: "Collecting", Step.SEAL: "Packaging", Step.DELIVER: "Sending",
                                  Step.AWAIT_OPINION: "With reviewer", Step.FILE: "Filing",
@@ -276,8 +276,9 @@ def _conclusion(svc, case) -> dict | None:
         r = e.get("resource", {})
         if r.get("resourceType") != "Observation":
             continue
-        code = next((c.get("code") for c in r.get("code", {}).get("coding", []) if c.get("system") == OPINION_CODES),
-                    None)
+        # Opinions filed before the code systems got their canonical urls carry the legacy urn (terminology.LEGACY).
+        code = next((c.get("code") for c in r.get("code", {}).get("coding", [])
+                     if same_system(c.get("system"), OPINION_OBSERVATION)), None)
         value = next((c.get("code") for c in r.get("valueCodeableConcept", {}).get("coding", [])), None)
         if code in ("concordance", "recommendation", "urgency") and value:
             found[code] = value

@@ -8,8 +8,9 @@
 
 Who may do what: the user the EHR launched the app for, for the patient in that launch's context only (the
 session remembers each launch's patient; any other patient id is refused). Orders are written exactly as
-the staff API writes them (order.place_order, then intake.order_changed), with the user as requester when
-the EHR named a Practitioner. Every POST carries the session's CSRF token.
+the staff API writes them (order.place_order, then intake.order_changed), with the user (the launch's
+fhirUser, a Practitioner or PractitionerRole) as requester; a launch without one places no order, since the
+requester is required. Every POST carries the session's CSRF token.
 
 Cookies: the session (ui.install) is SameSite=Strict, which the browser does not send when the EHR's
 authorization server redirects back to us from another site; the pending launch (fhirclient's state, PKCE
@@ -258,6 +259,13 @@ def order(patient: str):
             elif action == "order" and not had_preview:
                 notice = "Check the records to be shared, then place the order."
         return _order_page(patient, ctx, app, form, errors, preview, notice=notice, status=400 if errors else 200)
+    if not ctx.get("user"):
+        # BSeR: a referral's requester is required, and only the EHR's sign-in (fhirUser) says who is ordering.
+        preview = view.preview(app, patient, form["profile"], form["reviewer"])
+        return _order_page(patient, ctx, app, form, {}, preview, status=403,
+                           notice="The order was not placed: the EHR did not say who you are (no fhirUser in the "
+                                  "sign-in), and an order must name the clinician who asks for it. Ask IT to let "
+                                  "the app receive your identity (the openid and fhirUser scopes).")
     exclude = [r for r in form["shown"] if r not in form["share"]]
     try:
         sr = _place(app, patient, ctx, form, exclude)
@@ -275,7 +283,7 @@ def order(patient: str):
 
 def _place(app: App, patient: str, ctx: dict, form: dict, exclude: list[str]) -> dict:
     sr = place_order(app, patient=patient, question=form["question"], reviewer=form["reviewer"],
-                     profile=form["profile"], requester=ctx.get("user"), priority=form["priority"], exclude=exclude)
+                     profile=form["profile"], requester=ctx["user"], priority=form["priority"], exclude=exclude)
     # As the staff API does: the order is in the EHR from here on; if taking it in fails now, the poll does.
     try:
         order_changed(app, sr)

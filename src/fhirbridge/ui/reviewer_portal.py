@@ -31,10 +31,10 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
-from fhirbridge.config.loader import https_or_loopback
 from fhirbridge.config.mappings import load_opinion_form
-from fhirbridge.crypto import jwe
+from fhirbridge.crypto import files, jwe
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
@@ -94,7 +94,7 @@ class Portal:
         for url in s.pull:
             # Over plain http anyone on the way could read the records and the tokens, and answer in the
             # hospital's place (the same rule as a reviewer's jwks_url in the hospital's configuration).
-            if not https_or_loopback(url):
+            if not is_https_or_loopback(url):
                 raise ConfigError(f"{url!r} is not an https:// URL: a hospital's reviewer API sends patient records "
                                   "and gets your signed tokens (plain http only to 127.0.0.1, localhost or ::1)",
                                   key="--pull")
@@ -103,8 +103,11 @@ class Portal:
         self.form = load_opinion_form(s.mappings_dir, s.form)
         self.cases: dict[str, PortalCase] = {}
         self._opened: dict[str, OpenedPackage] = {}
-        (s.work_dir / "pulled").mkdir(parents=True, exist_ok=True, mode=0o700)
-        (s.work_dir / "answered").mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Pulled packages and answers are patient records: owner-only whatever the umask, and a work
+        # directory an older version left open is narrowed (issue 13, S11).
+        files.narrow_tree(s.work_dir)
+        files.private_dir(s.work_dir / "pulled")
+        files.private_dir(s.work_dir / "answered")
         if s.pull and not s.issuer:
             raise FhirbridgeError("--issuer (your organisation identifier as the hospital has it) is needed to pull")
 
@@ -185,10 +188,10 @@ class Portal:
 
     def _download(self, api: str, path: str, target: Path, limit: int) -> None:
         """A package file, written under a temporary name and renamed when complete (never half a file)."""
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.private_dir(target.parent)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with files.open_private(tmp, exclusive=True) as f:
                 self._fetch(api, path, f, limit)
                 f.flush()
                 os.fsync(f.fileno())
@@ -536,7 +539,7 @@ def _send(portal: Portal, pc: PortalCase, sealed: bytes, claims: dict) -> str:
         return "uploaded to the hospital"
     if not portal.s.answers_dir:
         raise FhirbridgeError("no --answers directory is configured for delivered packages")
-    portal.s.answers_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(portal.s.answers_dir)
     envelope.write_atomic(portal.s.answers_dir / f"opinion-{claims['jti']}.jwe", sealed)
     return f"written to {portal.s.answers_dir}"
 

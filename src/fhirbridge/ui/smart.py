@@ -27,7 +27,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from requests.adapters import HTTPAdapter
 
-from fhirbridge.config.loader import https_or_loopback
+from fhirbridge.crypto.urls import is_https_or_loopback
 
 # fhirclient warns that it ignores the id_token on every launch; we verify and read it ourselves (_fhir_user).
 logging.getLogger("fhirclient.client").setLevel(logging.ERROR)
@@ -67,7 +67,7 @@ def _session() -> requests.Session:
 
 
 def _allowed_url(url: object) -> bool:
-    return isinstance(url, str) and https_or_loopback(url)
+    return isinstance(url, str) and is_https_or_loopback(url)
 
 
 def discover(iss: str) -> dict:
