@@ -29,7 +29,7 @@ PINS = {
     "once": "transaction = false\nupdate_create = false\nconditional_create = false\n"
             "docref_identifier_search = false\nprovenance_target_search = false\n",
 }
-# The PDF rendering is not selected here: its cost is the renderer's, not the plan's.
+# The PDF rendering is not selected here: its cost is the renderer's (exchange/pdf.py), not the plan's.
 DOC = 'attachment_types = ["application/fhir+json", "text/plain"]\n'
 
 

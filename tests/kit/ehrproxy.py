@@ -61,7 +61,7 @@ class Profile:
 
 
 POST_ONLY = dict(no_transaction=True, no_update_create=True)
-# The PDF rendering is helper "pdf"'s (exchange/pdf.py); until it is merged no test asks for it.
+# The FHIR document and the text: what most profiles here keep (the PDF rendering has a test of its own).
 DOC_TEXT = {"attachment_types": ["application/fhir+json", "text/plain"]}
 PROFILES = {p.name: p for p in (
     Profile("ideal", Behaviour(), {}, "ATOMIC"),

@@ -194,3 +194,26 @@ def test_required_encounter_missing_is_a_clear_failure(profiled, fhir, seeded):
     assert case.step == "failed"
     assert "Encounter" in case.last_error and case.service_request in case.last_error
     assert proxy.written("DocumentReference") == 0 and notes(fhir, case) == []
+
+
+def test_the_note_carries_a_pdf_where_the_ehr_takes_one(tmp_path, ehr, fhir, seeded):
+    """attachment_types decide the note's content: a PDF rendering first (what many EHR viewers show), then the
+    text, at most max_attachments of them; the PDF is the opinion's, inline."""
+    profile = PROFILES["post-only"]
+    proxy = EhrProxy(ehr.base_url, profile.behaviour)
+    pins = {**profile.pins, "attachment_types": ["application/pdf", "text/plain", "application/fhir+json"],
+            "max_attachments": 2}
+    h = TestHospital(tmp_path, proxy.base_url, env=FAST, ehr_pins=pins)
+    try:
+        case = _to_file(h, fhir, seeded, profile)
+        h.run(intake=False)
+        case = h.app.store.get(case.id)
+        assert case.step == "done", case.last_error
+        [note] = notes(fhir, case)
+        assert [c["attachment"]["contentType"] for c in note["content"]] == ["application/pdf",
+                                                                              "text/plain; charset=utf-8"]
+        pdf = base64.b64decode(note["content"][0]["attachment"]["data"])
+        assert pdf.startswith(b"%PDF") and note["content"][0]["attachment"]["size"] == len(pdf)
+    finally:
+        h.close()
+        proxy.close()
