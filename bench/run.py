@@ -1,6 +1,6 @@
 """Run the benchmarks, print one table, write the results as JSON.
 
-    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,loop,claims,wado] [--json FILE]
+    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado] [--json FILE]
 
 See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
 """
@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import claims_bench, collect_bench, loop_bench, seal_bench, wado_bench, writeback_bench
+from . import claims_bench, collect_bench, loop_bench, plans_bench, seal_bench, wado_bench, writeback_bench
 from .common import Bench, machine
 
-SECTIONS = ("collect", "seal", "writeback", "loop", "claims", "wado")
+SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado")
 
 # What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
 # 100 MiB of attachments and more repetitions.
@@ -87,6 +87,8 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
                                      page_sizes=(None, PAGE_SIZE_VARIANT), log=log)
         if section == "writeback":
             return writeback_bench.run(bench, plan["writeback_repeats"], log=log)
+        if section == "plans":
+            return plans_bench.run(bench, plan["writeback_repeats"], log=log)
         return loop_bench.run(bench, plan["loop_sizes"], plan["loop_repeats"], log=log)
     finally:
         bench.close()
@@ -131,6 +133,12 @@ def goals(sections: dict) -> list[dict]:
             "1 transaction + <= 1 read", wb["round_trips"]["file step"] <= 2)
         for n, v in wb["vs_raw"].items():
             add("writeback", f"{n} / raw transaction POST", f"{v:.2f}x", "(reported)", None)
+    if "plans" in sections:
+        wp = sections["plans"]
+        for n, v in wp["round_trips"].items():
+            add("plans", f"HTTP round trips per filed opinion (file step, {n} plan)", v, "(reported)", None)
+        for n, v in wp["vs_atomic"].items():
+            add("plans", f"{n} / file step, atomic", f"{v:.2f}x", "(reported)", None)
     if "loop" in sections:
         rows = sections["loop"]["rows"]
         for row in rows:
@@ -180,6 +188,12 @@ def table(results: dict) -> str:
                   _grid(["contender", "ms", "round trips"],
                         [[n, f"{v * 1000:.1f}", wb["round_trips"][k]] for (n, v), k in
                          zip(wb["median_s"].items(), ("file_opinion", "file step", "raw"), strict=False)]), ""]
+    if "plans" in s:
+        wp = s["plans"]
+        lines += ["Write plans: the file step per plan (median ms, x atomic, HTTP round trips)",
+                  _grid(["plan", "ms", "x atomic", "round trips"],
+                        [[n.removeprefix("file step, "), f"{v * 1000:.1f}", wp["vs_atomic"].get(n, 1.0),
+                          wp["round_trips"][n.removeprefix("file step, ")]] for n, v in wp["median_s"].items()]), ""]
     if "loop" in s:
         lines += ["Whole loop (one worker; seconds per Case, fhirbridge's work only)",
                   _grid(["resources", "s/Case", "Cases/hour", "x smallest", "collect", "seal", "deliver", "file",

@@ -40,6 +40,16 @@ class FhirError(FhirbridgeError):
         super().__init__(message)
 
 
+class PartialTransaction(FhirError):
+    """A `transaction` answered 2xx (or an error) with some entries written and others refused: the server did
+    not run it all-or-nothing (a batch in disguise, or no rollback). What was written must be found and reused
+    before anything is sent again. `statuses`: each entry's response.status, in request order."""
+
+    def __init__(self, message: str, *, statuses: list[str], status: int | None = None):
+        self.statuses = statuses
+        super().__init__(message, status=status, transient=True)
+
+
 class InvalidResource(FhirbridgeError):
     """A resource failed FHIR R4 validation. `where` names it (type/id or file), `reasons` say why."""
 

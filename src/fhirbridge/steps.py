@@ -1,6 +1,7 @@
 """The Case's steps: the one vocabulary every layer shares, declared once.
 
     collect -> seal -> deliver -> await_opinion -> file -> done        (or failed / cancelled / declined)
+                                                  file -> needs_review -> file   (a person checks the chart)
 
 `FLOW` is the table: for each step, the step a successful run moves the Case to (None: no run of ours
 happens there) and what the referral Task in the EHR shows meanwhile (FHIR task-status, BSeR-style
@@ -23,6 +24,7 @@ class Step(StrEnum):
     DELIVER = "deliver"
     AWAIT_OPINION = "await_opinion"
     FILE = "file"
+    NEEDS_REVIEW = "needs_review"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -45,6 +47,11 @@ FLOW: dict[Step, Flow] = {
     # The reviewer's turn: the opinion arrives by the inbox, `receive` or the reviewer API and moves it on.
     Step.AWAIT_OPINION: Flow(None, "in-progress", "sent-to-reviewer", "Sent to reviewer, awaiting opinion"),
     Step.FILE: Flow(Step.DONE, "in-progress", "opinion-received", "Opinion received, filing"),
+    # The EHR cannot tell whether a write landed (POST-only, no identifier search: write plan ONCE) and its
+    # answer was lost: a person checks the chart and says (`fhirbridge resolve`). Nothing of ours runs here,
+    # and it is not final: resolving it puts the Case back at `file`. Never a second POST meanwhile.
+    Step.NEEDS_REVIEW: Flow(None, "in-progress", "needs-review",
+                            "Opinion may be in the chart; staff must check before it is filed again"),
     Step.DONE: Flow(None, "completed", "opinion-filed", "Opinion filed in the chart", final=True),
     Step.FAILED: Flow(None, "failed", "failed", "Referral failed; see the service's status for the reason"),
     Step.CANCELLED: Flow(None, "cancelled", "cancelled", "Referral cancelled", final=True),

@@ -41,6 +41,15 @@ def test_collect_loop_and_writeback_run_on_a_tiny_patient(bench):
     assert loop["rows"][0]["cases_per_hour"] > 0
 
 
+def test_write_plans_bench_files_with_each_plan(bench):
+    from bench import plans_bench
+    wp = plans_bench.run(bench, 1, log=lambda _m: None)
+    assert set(wp["round_trips"]) == {"atomic", "ledger", "once"}
+    assert "POST /fhir" in wp["requests"]["atomic"]
+    assert "POST /fhir/DocumentReference" in wp["requests"]["ledger"]
+    assert "POST /fhir/Provenance" in wp["requests"]["once"]
+
+
 def test_seal_contenders_run_in_their_own_processes(tmp_path):
     from bench import seal_bench
     out = seal_bench.run(tmp_path, [{"name": "tiny", "resources": 10, "attachment_mb": [1]}], 1, log=lambda _m: None)

@@ -142,9 +142,11 @@ def test_the_gate_refuses_a_transaction_entry_the_token_does_not_grant(exact_ehr
 # ------------------------------------------------------------------ the scopes follow the write plan
 
 # What EXACT_SCOPES becomes for each plan, written out (not derived) like EXACT itself: the POST-only plans create
-# Binary, DocumentReference and Provenance with server-assigned ids (`c`, no `u`) and search them by identifier
-# and target (`s`, which comes paired with `r`); an EHR without Task writes is asked for no Task `c` or `u`.
-LEDGER_CHANGES = {"system/Binary.rus": "system/Binary.crs",
+# DocumentReference and Provenance with server-assigned ids (`c`, no `u`) and search them by identifier and
+# target (`s`, which comes paired with `r`); they write no Binary (the document travels inline in the note,
+# loop/post_writes.py), so Binary keeps only collect's `rs`; an EHR without Task writes is asked for no Task
+# `c` or `u`.
+LEDGER_CHANGES = {"system/Binary.rus": "system/Binary.rs",
                   "system/DocumentReference.rus": "system/DocumentReference.crs",
                   "system/Provenance.c": "system/Provenance.crs"}
 NO_TASK_WRITE_CHANGES = {"system/Task.crus": "system/Task.rs"}

@@ -6,6 +6,8 @@
 - browser: Chromium for the browser tests, screenshots, a live WSGI server (the fixtures: tests/ui/conftest.py)
 - smart_launch_server: a test EHR that launches SMART apps, in front of the session's sekmet
 - faultproxy: a fault-injecting HTTP proxy in front of the EHR
+- ehrproxy: the capability proxy (a FaultProxy) that makes sekmet write like a less capable EHR, and the
+  profiles (behaviour + `[hospital.ehr]` pins + the write plan expected) the write-plan tests run
 - pacs: a real PACS (Debian's Orthanc with its DICOMweb plugin) on a free loopback port
 - dicom_studies: real DICOM studies generated with pydicom (CT, MR, multi-frame, RLE Lossless), pydicom's files
 - scopegate: a SMART sekmet granting an exact scope list, behind a gate that authorises each transaction entry

@@ -5,13 +5,17 @@ with probability `chance`, drawn from the proxy's seeded generator), answer with
 delay before forwarding, drop the connection without answering, forward and then drop the answer (the
 server did the work; the client never hears: a lost response), forward and send only part of the body
 (`truncate`: the Content-Length promises more, then the connection is reset), forward and answer late
-(`slow-response`: the server did the work, the answer comes after `delay`), or just forward. A rule that
+(`slow-response`: the server did the work, the answer comes after `delay`), forward and then answer `status`
+instead of the server's answer (`status-after-commit`: a gateway's 502 for work the server did), or just
+forward. A rule that
 fires goes on firing for its next `burst - 1` matches whatever its chance (bursts of 503). `rewrite_request`
 changes the body sent upstream (a request the real server then rejects). `before`
 and `after` are called with the request path before forwarding and once the upstream answered (the crash
 suite kills a worker there: mid-transaction). Unmatched requests are forwarded unchanged. Absolute upstream
 URLs in responses (paging links, Location) are rewritten to the proxy so that every request goes through it.
-A subclass may refuse or re-authorise a request before any rule sees it (`admit`: tests/kit/scopegate.py).
+A subclass may refuse or re-authorise a request before any rule sees it (`admit`: tests/kit/scopegate.py),
+and change what is sent upstream and what comes back (`transform_request`, `transform_response`: an EHR that
+behaves like a vendor's, tests/kit/ehrproxy.py).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 class Rule:
     method: str | None = None          # None: any
     path: str = ".*"                   # regex searched in the path+query
-    action: str = "status"   # status | delay | drop | lose-response | rewrite | truncate | slow-response | forward
+    # status | delay | drop | lose-response | rewrite | truncate | slow-response | status-after-commit | forward
+    action: str = "status"
     rewrite: object = None             # rewrite: callable(bytes) -> bytes applied to the upstream body
     rewrite_request: object = None     # callable(bytes) -> bytes applied to the body sent upstream
     before: object = None              # callable(path), run before forwarding
@@ -121,6 +126,14 @@ class FaultProxy:
         answers with that OperationOutcome instead. Forwards everything here."""
         return None
 
+    def transform_request(self, method: str, path: str, headers: dict, body: bytes) -> tuple[dict, bytes]:
+        """After the rules, before forwarding: the headers and body sent upstream. Unchanged here."""
+        return headers, body
+
+    def transform_response(self, method: str, path: str, status: int, content: bytes) -> tuple[int, bytes]:
+        """After the upstream answered, before the rules' answer actions: the status and body. Unchanged here."""
+        return status, content
+
     def keeps_urls(self, path: str) -> bool:
         """Whether the answer to `path` is passed on without pointing its upstream URLs at the proxy."""
         return False
@@ -165,6 +178,7 @@ class FaultProxy:
         if isinstance(admitted, dict):
             headers = {k: v for k, v in headers.items() if k.lower() not in {n.lower() for n in admitted}}
             headers.update(admitted)
+        headers, body = self.transform_request(h.command, h.path, headers, body)
         try:
             r = requests.request(h.command, self.upstream_root + h.path, data=body or None, headers=headers,
                                  timeout=60)
@@ -172,6 +186,7 @@ class FaultProxy:
             self.log.append((h.command, h.path, "upstream-error"))
             _drop(h)
             return
+        status, content = self.transform_response(h.command, h.path, r.status_code, r.content)
         if rule and rule.after:
             rule.after(h.path)
         if rule and rule.action == "lose-response":
@@ -180,13 +195,23 @@ class FaultProxy:
             return
         if rule and rule.action == "slow-response":
             time.sleep(rule.delay)
+        if rule and rule.action == "status-after-commit":
+            self.log.append((h.command, h.path, rule.status))
+            payload = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient",'
+                       b'"diagnostics":"injected fault after the upstream answered"}]}')
+            h.send_response(rule.status)
+            h.send_header("Content-Type", "application/fhir+json")
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
         keep = self.keeps_urls(h.path)
-        content = r.content if keep else r.content.replace(self.upstream_root.encode(), self.root.encode())
+        content = content if keep else content.replace(self.upstream_root.encode(), self.root.encode())
         if rule and rule.action == "rewrite":
             content = rule.rewrite(content)
-        self.log.append((h.command, h.path, r.status_code))
+        self.log.append((h.command, h.path, status))
         try:
-            h.send_response(r.status_code)
+            h.send_response(status)
             for k, v in r.headers.items():
                 if k.lower() not in HOP_BY_HOP:
                     h.send_header(k, v if keep else v.replace(self.upstream_root, self.root))

@@ -132,6 +132,16 @@ def unique_mappings(root: Path) -> tuple[Path, str]:
     return mappings, code
 
 
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
 class TestReviewer:
     __test__ = False
 
@@ -151,7 +161,7 @@ class TestHospital:
     __test__ = False
 
     def __init__(self, root: Path, ehr_url: str, *, reviewers: tuple[str, ...] = ("spine-center",),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, ehr_pins: dict | None = None):
         self.root = root
         self.env = env or {}
         mappings, self.order_code = unique_mappings(root)
@@ -165,6 +175,9 @@ class TestHospital:
         for r in self.reviewers.values():
             r.trust(paths["public_keys"])
         cfg = paths["config"].read_text().replace('# mappings_dir = "mappings"', f'mappings_dir = "{mappings}"')
+        if ehr_pins:
+            # What the EHR can do, pinned (issue 14): how a test chooses the write plan (tests/kit/ehrproxy.py).
+            cfg += "\n[hospital.ehr]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in ehr_pins.items())
         paths["config"].write_text(cfg)
         self.config_path = paths["config"]
         self._physician: str | None = None

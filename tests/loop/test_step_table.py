@@ -57,3 +57,11 @@ def test_the_runner_names_each_outcome_as_metrics_label_it():
     assert outcome("deliver", "deliver", False) == "retry"
     assert outcome("seal", "failed", False) == "failed"
     assert outcome("collect", "cancelled", True) == "cancelled"
+
+
+def test_needs_review_is_no_work_step_and_not_final():
+    """A Case whose write may be in the chart waits for a person (issue 14): no worker claims it, and it is
+    not closed (resolving it goes back to file)."""
+    assert "needs_review" in ALL_STEPS
+    assert "needs_review" not in WORK_STEPS and "needs_review" not in FINAL_STEPS
+    assert FLOW[Step.NEEDS_REVIEW].next is None

@@ -11,6 +11,9 @@ import os
 from collections import Counter
 
 from fhirbridge.ehr.task import CASE_ID_SYSTEM
+from fhirbridge.errors import CaseError
+from fhirbridge.loop.actions import resolve
+from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 
 FULL = os.environ.get("FHIRBRIDGE_RELIABILITY", "").lower() == "full"
 
@@ -55,3 +58,27 @@ def ehr_copies(fhir, cases) -> dict[str, Counter]:
 def duplicates(copies: dict[str, Counter]) -> dict[str, int]:
     """Copies beyond the first, per resource type."""
     return {kind: sum(max(0, n - 1) for n in counter.values()) for kind, counter in copies.items()}
+
+
+def review(app, fhir, case) -> str | None | bool:
+    """The person a Case at needs_review waits for (write plan ONCE): looks in the chart (`fhir`: the EHR
+    itself, not through fhirbridge) for the write in question and answers with `resolve`. Returns what was
+    found ("DocumentReference/<id>", "Provenance/<id>") or None (not filed); False when `resolve` could not
+    check the answer against the EHR just then (a fault on its read): the person tries again later."""
+    rows = {k: r for k, r in app.store.ledger(case.id).items() if r["state"] == "sent"}
+    if "DocumentReference" in rows:
+        found = [d for d in fhir.search("DocumentReference",
+                                        {"identifier": f"{OPINION_ID_SYSTEM}|urn:uuid:{case.opinion_id}"})
+                 if d["resourceType"] == "DocumentReference"]
+        filed = f"DocumentReference/{found[0]['id']}" if found else None
+    else:
+        target = rows["Provenance"]["identifier"].partition("|")[0]
+        found = [p for p in fhir.search("Provenance", {"target": target}) if p["resourceType"] == "Provenance"]
+        filed = f"Provenance/{found[0]['id']}" if found else None
+    try:
+        resolve(app, case, filed=filed)
+    except CaseError as exc:
+        if "could not read" not in str(exc):
+            raise
+        return False
+    return filed

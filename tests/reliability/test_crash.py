@@ -10,6 +10,13 @@ kept, not accepted), `receive.accepted` (accepted, inbox file not yet moved), `f
 answered the transaction). The transaction itself is interrupted by the fault proxy: `tx.before-commit`
 kills the worker while its transaction is on the way (the server then commits it for a client that is
 gone), `tx.after-commit` once the server committed it, before the answer reaches the worker.
+
+The suite runs once per write plan (issue 14): `atomic` against sekmet as it is; `ledger` and `once` against
+sekmet behind the capability proxy as a POST-only EHR (tests/kit/ehrproxy.py profiles `post-only` and
+`post-only-no-search`), where `file.DocumentReference.sent` / `file.Provenance.sent` (the write ledger says
+sent, the POST not made) replace `file.committed` and `tx.*` cut the POST of the note. On `once` a Case whose
+write may have landed stops at needs_review; the test plays the person who looks in the chart (sekmet,
+searched directly) and answers with `resolve`. Never a second note, never a second Provenance.
 """
 from __future__ import annotations
 
@@ -22,17 +29,28 @@ from collections import Counter
 import pytest
 
 from fhirbridge.ops.crashpoints import POINTS, VARIABLE
+from tests.kit.ehrproxy import PROFILES, EhrProxy
 from tests.kit.faultproxy import FaultProxy
 from tests.kit.hospital import TestHospital, Worker
-from tests.reliability.relkit import duplicates, ehr_copies, size
+from tests.reliability.relkit import duplicates, ehr_copies, review, size
 
 pytestmark = pytest.mark.sekmet
 
 # In pipeline order, so that each point has a Case that can still reach it.
 SEQUENCE = ("intake.opened", "collect.begin", "collect.end", "collect.recorded", "seal.begin", "seal.end",
             "seal.recorded", "deliver.begin", "deliver.end", "deliver.recorded", "receive.written",
-            "receive.accepted", "file.begin", "file.committed", "file.end", "file.recorded",
-            "tx.before-commit", "tx.after-commit")
+            "receive.accepted", "file.begin", "file.committed", "file.DocumentReference.sent",
+            "file.Provenance.sent", "file.end", "file.recorded", "tx.before-commit", "tx.after-commit")
+POST_POINTS = ("file.DocumentReference.sent", "file.Provenance.sent")
+TX = r"^/fhir/?$"
+# plan -> (the capability profile of the EHR, None: sekmet as it is; the write a tx.* point cuts)
+PLANS = {"atomic": (None, TX), "ledger": ("post-only", r"^/fhir/DocumentReference/?$"),
+         "once": ("post-only-no-search", r"^/fhir/DocumentReference/?$")}
+
+
+def sequence_for(plan: str) -> tuple[str, ...]:
+    skip = POST_POINTS if plan == "atomic" else ("file.committed",)
+    return tuple(p for p in SEQUENCE if p not in skip)
 CASES_PER_ROUND = 5           # enough for every file-step point to find a Case whose transaction is unsent
 ROUNDS = size(1, 3)           # kills: 18 per round
 KILL_WITHIN = 60              # seconds for a worker to reach its crash point
@@ -40,7 +58,6 @@ SETTLE = size(120, 240)       # seconds for the last, unhindered worker to finis
 ENV = {"FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.3", "FHIRBRIDGE_SERVICE__POLL_SECONDS": "0.5",
        "FHIRBRIDGE_SERVICE__INBOX_SECONDS": "0.5", "FHIRBRIDGE_SERVICE__LEASE_SECONDS": "3",
        "FHIRBRIDGE_HOSPITAL__HTTP__RETRIES": "2", "FHIRBRIDGE_HOSPITAL__HTTP__MAX_RETRY_AFTER": "0.2"}
-TX = r"^/fhir/?$"
 
 
 def test_the_sequence_covers_every_crash_point():
@@ -51,8 +68,10 @@ class Driver:
     """Starts workers with one crash point each, plays the reviewer (an opinion dropped in the inbox for every
     Case that reaches await_opinion, once), and counts the kills."""
 
-    def __init__(self, hospital: TestHospital, proxy: FaultProxy):
+    def __init__(self, hospital: TestHospital, proxy: FaultProxy, *, write: str = TX, fhir=None):
         self.hospital, self.proxy, self.store = hospital, proxy, hospital.app.store
+        self.write, self.fhir = write, fhir      # the request tx.* cuts; sekmet itself, for the person's look
+        self.reviewed = Counter()                # needs_review answered: filed / not filed
         self.answered: dict[str, str] = {}      # Case id -> the opinion (jti) sent for it
         self.kills: Counter = Counter()
         self.answering = False
@@ -79,17 +98,25 @@ class Driver:
             os.rename(tmp, inbox / sealed.name)
             self.answered[case.id] = sealed.stem.removeprefix("opinion-")
 
+    def review_waiting(self) -> None:
+        """The person at needs_review: looks in the chart (sekmet itself) and answers with `resolve`."""
+        for case in self.store.list_cases(steps=("needs_review",)):
+            filed = review(self.hospital.app, self.fhir, case)
+            if filed is False:           # resolve could not check the answer just then: again next time
+                continue
+            self.reviewed["filed" if filed else "not filed"] += 1
+
     def states(self) -> list:
         return sorted((c.step, (c.last_error or "")[:80]) for c in self.store.list_cases())
 
     def kill_run(self, point: str) -> None:
         rule = None
         if point == "tx.before-commit":
-            rule = self.proxy.add(method="POST", path=TX, action="forward", before=lambda _p: self.worker.kill(),
-                                  times=1)
+            rule = self.proxy.add(method="POST", path=self.write, action="forward",
+                                  before=lambda _p: self.worker.kill(), times=1)
         elif point == "tx.after-commit":
-            rule = self.proxy.add(method="POST", path=TX, action="lose-response", after=lambda _p: self.worker.kill(),
-                                  times=1)
+            rule = self.proxy.add(method="POST", path=self.write, action="lose-response",
+                                  after=lambda _p: self.worker.kill(), times=1)
         worker = self.start({} if rule else {VARIABLE: point})
         deadline = time.monotonic() + KILL_WITHIN
         while worker.proc.poll() is None:
@@ -111,6 +138,7 @@ class Driver:
         deadline = time.monotonic() + SETTLE
         while True:
             self.answer_waiting()
+            self.review_waiting()
             cases = self.store.list_cases()
             stuck = [(c.id[:8], c.step, c.last_error) for c in cases if c.step in ("failed", "cancelled")]
             assert not stuck, stuck
@@ -123,18 +151,23 @@ class Driver:
         assert worker.proc.wait(timeout=60) == 0, worker.tail()
 
 
-def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path, ehr, seeded, fhir, figures):
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path, ehr, seeded, fhir, figures, plan):
     started = time.monotonic()
-    proxy = FaultProxy(ehr.base_url)
-    hospital = TestHospital(tmp_path, proxy.base_url, env=ENV)
-    driver = Driver(hospital, proxy)
+    profile_name, write = PLANS[plan]
+    profile = PROFILES[profile_name] if profile_name else None
+    proxy = EhrProxy(ehr.base_url, profile.behaviour) if profile else FaultProxy(ehr.base_url)
+    hospital = TestHospital(tmp_path, proxy.base_url, env=ENV, ehr_pins=profile.pins if profile else None)
+    assert hospital.app.write_plan.kind.name == plan.upper()
+    driver = Driver(hospital, proxy, write=write, fhir=fhir)
     orders: set[str] = set()
+    sequence = sequence_for(plan)
     try:
         for _round in range(ROUNDS):
             driver.answering = False
             orders |= {f"ServiceRequest/{hospital.order(seeded['patient'])['id']}" for _ in range(CASES_PER_ROUND)}
-            for i, point in enumerate(SEQUENCE):
-                driver.answering = i >= SEQUENCE.index("receive.written")
+            for i, point in enumerate(sequence):
+                driver.answering = i >= sequence.index("receive.written")
                 driver.kill_run(point)
         driver.settle()
     except BaseException:
@@ -173,9 +206,18 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
     assert all(copies[kind][c.id] == 1 for kind in copies for c in cases), copies
     assert all(fhir.read_ref(c.task)["status"] == "completed" for c in cases)
 
-    figures["crash"] = {"kills": sum(driver.kills.values()), "kills_per_point": dict(driver.kills),
+    if plan == "once":
+        # Never a second POST: each note and each Provenance reached the EHR once (a write the person said was
+        # not filed had been cut before it was sent).
+        posts = {t: proxy.written(t, "POST") for t in ("DocumentReference", "Provenance")}
+        assert posts == {"DocumentReference": len(cases), "Provenance": len(cases)}, posts
+    if plan != "once":
+        assert not driver.reviewed, "only the once plan puts a question to a person"
+    figures["crash" if plan == "atomic" else f"crash.{plan}"] = {
+                        "plan": plan, "needs_review": dict(driver.reviewed),
+                        "kills": sum(driver.kills.values()), "kills_per_point": dict(driver.kills),
                         "worker_starts": driver.started, "cases": len(cases),
                         "opinions_sent": len(driver.answered), "opinions_filed": sum(c.step == "done" for c in cases),
                         "opinions_lost": len(lost), "ehr_duplicates": duplicates(copies),
                         "seconds": round(time.monotonic() - started, 1)}
-    assert sum(driver.kills.values()) == ROUNDS * len(SEQUENCE)
+    assert sum(driver.kills.values()) == ROUNDS * len(sequence)

@@ -20,9 +20,10 @@ from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.actions import retry
 from fhirbridge.loop.receive import receive_file
+from tests.kit.ehrproxy import PROFILES, EhrProxy
 from tests.kit.faultproxy import FaultProxy
 from tests.kit.hospital import TestHospital, docrefs, start_smart_ehr
-from tests.reliability.relkit import duplicates, ehr_copies, size
+from tests.reliability.relkit import duplicates, ehr_copies, review, size
 
 pytestmark = pytest.mark.sekmet
 
@@ -62,9 +63,27 @@ def _filed_case(hospital, patient):
 
 # --- random faults across whole loops --------------------------------------------------------------------
 
-def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospital, proxy, seeded, fhir, figures):
+# Write plan -> the EHR's capability profile (tests/kit/ehrproxy.py); atomic: sekmet as it is (issue 14).
+PLANS = {"atomic": None, "ledger": "post-only", "once": "post-only-no-search"}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(tmp_path, ehr, seeded, fhir, figures, plan):
+    profile = PROFILES[PLANS[plan]] if PLANS[plan] else None
+    proxy = EhrProxy(ehr.base_url, profile.behaviour) if profile else FaultProxy(ehr.base_url)
+    hospital = TestHospital(tmp_path, proxy.base_url, env=ENV, ehr_pins=profile.pins if profile else None)
+    try:
+        assert hospital.app.write_plan.kind.name == plan.upper()
+        _random_faults(hospital, proxy, seeded, fhir, figures, plan)
+    finally:
+        hospital.close()
+        proxy.close()
+
+
+def _random_faults(hospital, proxy, seeded, fhir, figures, plan):
     started = time.monotonic()
     store = hospital.app.store
+    reviewed: list[str | bool | None] = []
     orders = {f"ServiceRequest/{hospital.order(seeded['patient'])['id']}" for _ in range(CASES)}
     proxy.random.seed(SEED)
     for fault in CHAOS:
@@ -77,6 +96,10 @@ def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospita
         for case in store.list_cases(steps=("await_opinion",)):
             if case.id not in answered:
                 answered[case.id] = receive_file(hospital.app, hospital.answer(case)).opinion_id
+        for case in store.list_cases(steps=("needs_review",)):     # plan once: a person checks the chart
+            answer = review(hospital.app, fhir, case)
+            if answer is not False:                               # False: try again on the next pass
+                reviewed.append(answer)
         cases = store.list_cases()
         if len(cases) == CASES and all(c.step in ("done", "failed") for c in cases):
             break
@@ -99,6 +122,10 @@ def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospita
         for case in store.list_cases(steps=("await_opinion",)):
             if case.id not in answered:
                 answered[case.id] = receive_file(hospital.app, hospital.answer(case)).opinion_id
+        for case in store.list_cases(steps=("needs_review",)):
+            answer = review(hospital.app, fhir, case)
+            if answer is not False:
+                reviewed.append(answer)
     cases = store.list_cases()
     assert {c.service_request for c in cases} == orders
     lost = [c.id[:8] for c in cases if c.step != "done" or c.opinion_id != answered.get(c.id)]
@@ -110,7 +137,10 @@ def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(hospita
     assert sorted(p.name for p in outbox.iterdir()) == sorted(c.package_id for c in cases)
 
     assert sum(injected.values()) >= CASES, injected    # the faults really happened
-    figures["ehr_faults"] = {
+    if plan != "once":
+        assert not reviewed, "only the once plan puts a question to a person"
+    figures["ehr_faults" if plan == "atomic" else f"ehr_faults.{plan}"] = {
+        "plan": plan, "needs_review": {"filed": sum(1 for r in reviewed if r), "not filed": reviewed.count(None)},
         "cases": CASES, "requests_through_proxy": len(proxy.log), "faults_injected": injected,
         "transient_errors_recorded": transient_errors, "passes": passes,
         "failed_with_reason": len(failed), "failure_reasons": sorted({(c.last_error or "")[:120] for c in failed}),

@@ -42,7 +42,7 @@ from tests.kit.hospital import pg_schema
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events"}
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -66,7 +66,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0004"
+    assert migrations.head() == "0005"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -158,8 +158,7 @@ def test_the_audit_retry_revision_keeps_what_is_owed_and_downgrades(url):
         assert store.upgrade("0003") == (None, "0003")
         store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
                         recipient="s|v", resource={"resourceType": "AuditEvent"})
-        assert store.upgrade() == ("0003", "0004")
-        assert differences(store.engine) == []
+        assert store.upgrade("0004") == ("0003", "0004")
         [due] = store.audit_due(hospital="h", now=time.time())
         assert (due["id"], due["ehr_attempts"], due["ehr_retry_at"]) == ("a1", 0, None)
         assert store.audit_refused("a1", error="EHR answered 422", now=100.0, backoff=lambda n: 30.0 * n) == 1
@@ -339,5 +338,34 @@ def test_the_claim_index_revision_upgrades_and_downgrades(url):
             command.downgrade(migrations.alembic_config(conn), "0002")
             conn.commit()
         assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+    finally:
+        store.close()
+
+
+def test_the_write_ledger_revision_upgrades_and_downgrades(url):
+    """0005 adds the write ledger of the POST-only write plans to a 0004 database, keeping its Cases; a write
+    is recorded intended, then sent (counted), then confirmed with the server's id."""
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0004") == (None, "0004")
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert "write_ledger" not in inspect(store.engine).get_table_names()
+        assert store.upgrade() == ("0004", "0005")
+        assert differences(store.engine) == []
+        ident = "urn:ietf:rfc:3986|urn:uuid:x"
+        store.ledger_record("c1", "DocumentReference", identifier=ident, state="intended")
+        store.ledger_record("c1", "DocumentReference", identifier=ident, state="sent", sent=True)
+        row = store.ledger_record("c1", "DocumentReference", identifier=ident, state="confirmed",
+                                  server_id="DocumentReference/9")
+        assert (row["state"], row["server_id"], row["attempts"]) == ("confirmed", "DocumentReference/9", 1)
+        assert set(store.ledger("c1")) == {"DocumentReference"} and store.ledger("c2") == {}
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0004")
+            conn.commit()
+        assert "write_ledger" not in inspect(store.engine).get_table_names()
+        assert store.get("c1").step == "collect"
+        assert store.upgrade() == ("0004", "0005")
     finally:
         store.close()

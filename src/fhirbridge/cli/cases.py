@@ -1,4 +1,4 @@
-"""Order, run, status, receive, audit, retry, cancel: the Cases of the hospitals this config serves."""
+"""Order, run, status, receive, audit, retry, resolve, cancel: the Cases of the hospitals this config serves."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.render import terminal_safe
-from fhirbridge.loop.actions import cancel, retry
+from fhirbridge.loop.actions import cancel, resolve, retry
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
 
@@ -55,6 +55,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("retry", help="resume a failed Case at the step that failed")
     s.add_argument("case")
     s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("resolve", help="answer a Case that needs review: was its write filed in the chart?")
+    s.add_argument("case")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--filed", metavar="TYPE/ID", help="it is in the chart as this resource (checked)")
+    which.add_argument("--not-filed", action="store_true", help="it is not in the chart: file it once more")
+    s.set_defaults(func=cmd_resolve)
 
     s = sub.add_parser("cancel", help="cancel a Case (the EHR Task becomes cancelled)")
     s.add_argument("case")
@@ -137,7 +144,7 @@ def cmd_status(args) -> int:
                     ("opinion", case.opinion_id or "-"), ("filed as", case.document_reference or "-"),
                     ("created", _fmt(case.created_at)), ("updated", _fmt(case.updated_at)),
                     ("attempts", str(case.attempts)), ("next attempt", _fmt(case.next_attempt_at)),
-                    ("last error", case.last_error or "-")]
+                    ("question" if case.step == "needs_review" else "last error", case.last_error or "-")]
             if app.config.audit.write_to_ehr:
                 unsent = [r for r in audit_rows if not r["sent_to_ehr"]]
                 rows.append(("audit in EHR", f"{len(audit_rows) - len(unsent)} of {len(audit_rows)} written"
@@ -160,9 +167,15 @@ def cmd_status(args) -> int:
         print(f"{'case':<8}  {'step':<13}  {'reviewer':<18}  {'updated':<19}  last error")
         for c in cases:
             print(terminal_safe(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
-                                f"{(c.last_error or '')[:80]}"))
+                                f"{_note(c)}"))
         _print_owed(app)
         return 0
+
+
+def _note(c) -> str:
+    if c.step == "needs_review":
+        return f"NEEDS REVIEW: a person must check the chart; `fhirbridge status {c.id[:8]}` has the question"
+    return (c.last_error or "")[:80]
 
 
 def _print_owed(app: App) -> None:
@@ -230,6 +243,13 @@ def cmd_audit(args) -> int:
 def cmd_retry(args) -> int:
     with app_from_args(args) as app:
         case = retry(app, app.store.find_by_prefix(args.case))
+    print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+    return 0
+
+
+def cmd_resolve(args) -> int:
+    with app_from_args(args) as app:
+        case = resolve(app, app.store.find_by_prefix(args.case), filed=args.filed)
     print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
     return 0
 

@@ -125,7 +125,14 @@ def _is_placer(identifier: dict) -> bool:
 def ensure_task(app: App, case: Case, service_request: dict) -> str:
     """Create the Task unless it exists (conditional create on our Case identifier): safe to repeat."""
     task = build_task(app, case, service_request)
-    stored, _created = app.ehr.create(task, if_none_exist=f"identifier={CASE_ID_SYSTEM}|{case.id}")
+    query = f"identifier={CASE_ID_SYSTEM}|{case.id}"
+    if not app.capabilities.conditional_create:
+        # An EHR that ignores If-None-Exist (issue 14) would create a second Task after a crash between its
+        # POST and our record of it: look for ours by the Case identifier first.
+        for found in app.ehr.search("Task", {"identifier": f"{CASE_ID_SYSTEM}|{case.id}"}):
+            if found.get("resourceType") == "Task":
+                return f"Task/{found['id']}"
+    stored, _created = app.ehr.create(task, if_none_exist=query)
     return f"Task/{stored['id']}"
 
 

@@ -2,8 +2,9 @@
 
 - ATOMIC: one transaction of PUTs to derived ids + POST Provenance + PUT Task (If-Match); needs an atomic
   transaction and update-as-create.
-- LEDGER: POST one resource at a time, each recorded in the store's write ledger with its business identifier
-  before it is sent, and reconciled after a lost answer by searching that identifier, never by a blind re-POST.
+- LEDGER: POST one resource at a time (the note with the document inline, its Provenance; then PUT the Task),
+  each recorded in the store's write ledger with its business identifier before it is sent, and reconciled
+  after a lost answer by searching that identifier, never by a blind re-POST.
 - ONCE: POST-only with no way to find what was written (no identifier search): POST once; any uncertain
   outcome stops the Case in `needs_review` with the question for a person.
 Independently, `task_write` False means the Case's status lives in fhirbridge, not in an EHR Task.
@@ -33,9 +34,12 @@ class WritePlan:
         """(resource type, interaction) pairs this plan's write-back makes: the SMART scopes follow them."""
         c = self.capabilities
         if self.kind is Kind.ATOMIC:
+            # No Provenance search: only a server that turns out not to be atomic makes the retry look for the
+            # Provenance it kept (loop/writeback.py); such an EHR belongs on LEDGER (transaction_atomic false).
             pairs = [("Binary", "update"), ("DocumentReference", "update"), ("Provenance", "create")]
         else:
-            pairs = [("Binary", "create"), ("DocumentReference", "create"), ("Provenance", "create")]
+            # No Binary: without update-as-create the document travels inline in the note (loop/post_writes.py).
+            pairs = [("DocumentReference", "create"), ("Provenance", "create")]
             if c.docref_identifier_search:
                 pairs.append(("DocumentReference", "search"))
             if c.provenance_target_search:

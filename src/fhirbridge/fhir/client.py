@@ -40,7 +40,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from fhirbridge import jsonutil
-from fhirbridge.errors import FhirError, InvalidResource
+from fhirbridge.errors import FhirError, InvalidResource, PartialTransaction
 from fhirbridge.fhir.validate import validate as validate_resource
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,11 @@ class FhirClient:
 
         A transaction is all-or-nothing: any error status (e.g. 409/412 from an ifMatch, 400/422 from
         validation) means nothing was written, and becomes FhirError carrying the OperationOutcome.
+        Every entry's `response.status` is checked as well: R4 http.html#transaction-response has one per
+        entry, and a server that runs a transaction as a batch answers HTTP 200 with, say, 200/200/201/412.
+        For a `transaction` any non-2xx entry (or a missing one) means the server did not run it atomically:
+        PartialTransaction (transient), so the caller finds what was written before sending anything again.
+        A `batch` answer is returned as it is: its entries succeed or fail one by one (http.html#brules).
         """
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
             raise ValueError("transaction needs a Bundle of type transaction (or batch)")
@@ -339,6 +344,8 @@ class FhirClient:
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             raise FhirError(f"EHR answered {what} with something other than a Bundle",
                             status=resp.status_code, transient=False)
+        if bundle["type"] == "transaction":
+            _check_entries(bundle, body, what)
         return body
 
     # ------------------------------------------------------------------ binaries
@@ -589,6 +596,31 @@ def _log_outcome(type_: str, outcome: dict) -> None:
     codes = ", ".join(f"{i.get('severity')}/{i.get('code')}" for i in outcome.get("issue") or []
                       if isinstance(i, dict))
     log.warning("EHR attached an OperationOutcome to a %s search (%s)", type_, codes or "no issues")
+
+
+def _entry_status(entry: object) -> str:
+    """An entry's response.status ("201 Created" -> "201"), or "" when it has none."""
+    response = entry.get("response") if isinstance(entry, dict) else None
+    status = response.get("status") if isinstance(response, dict) else None
+    return str(status).strip().split(" ")[0] if status is not None else ""
+
+
+def _check_entries(sent: dict, answer: dict, what: str) -> None:
+    """Every entry of a transaction-response must be 2xx, one per entry sent (R4 http.html#transaction-response)."""
+    statuses = [_entry_status(e) for e in answer.get("entry") or []]
+    expected = len(sent.get("entry") or [])
+    bad = [(i, s) for i, s in enumerate(statuses) if not (len(s) == 3 and s.startswith("2"))]
+    if not bad and len(statuses) == expected:
+        return
+    if bad:
+        first = bad[0][1]
+        detail = ", ".join(f"entry {i + 1}: {s or 'no status'}" for i, s in bad[:5])
+    else:
+        first = ""
+        detail = f"{len(statuses)} entry answers for {expected} entries"
+    raise PartialTransaction(f"EHR answered {what} with refused entries ({detail}): it did not run the "
+                             f"transaction all-or-nothing; what was written is reconciled before a retry",
+                             statuses=statuses, status=int(first) if first.isdigit() else None)
 
 
 def _etag(value: str) -> str:

@@ -3,10 +3,11 @@
 In the order a Case meets them: `intake` (an order becomes exactly one Case; `routing` picks reviewer and
 profile), `collect` (the records, per mappings/collect/), `consent` (the patient's Consents, at collect and
 before delivery), `document` (the referral FHIR document), `seal` (sign and encrypt the package),
-`deliver`, `receive` (the reviewer's opinion, checked), `writeback` (the opinion filed in the chart,
-exactly once). `guards` (before each outbound step: the order still stands, the Task shows the step),
-`actions` (cancel, decline, retry, overdue), `table` (each work step's function, bound to `steps.FLOW`),
-`runner` (claim, run, record; leases, backoff).
+`deliver`, `receive` (the reviewer's opinion, checked), `filing` (the file step: the write plan chosen for
+the EHR), `writeback` (plan ATOMIC: one transaction) and `post_writes` (plans LEDGER and ONCE: POSTs
+through the write ledger): the opinion filed in the chart, exactly once. `guards` (before each outbound
+step: the order still stands, the Task shows the step), `actions` (cancel, decline, retry, resolve,
+overdue), `table` (each work step's function, bound to `steps.FLOW`), `runner` (claim, run, record; leases, backoff).
 
 Rule: may import `ehr`, `exchange`, `access`, `ops`, `config`, `store`, `fhir`, `crypto`, `steps` and the
 root modules. Never Flask, werkzeug or gunicorn, never the service, the pages, the CLI or the demo: the

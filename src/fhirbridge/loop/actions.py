@@ -1,10 +1,10 @@
-"""What people and the EHR do to a Case from outside its steps: cancel, decline, retry, flag it overdue;
+"""What people and the EHR do to a Case from outside its steps: cancel, decline, retry, resolve, flag it overdue;
 and the Task sync that follows each of them (and each recorded step)."""
 from __future__ import annotations
 
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App
-from fhirbridge.errors import CaseError
+from fhirbridge.errors import CaseError, FhirError
 from fhirbridge.loop.routing import reroute
 from fhirbridge.steps import FINAL_STEPS, Step
 from fhirbridge.store.store import Case
@@ -80,3 +80,48 @@ def flag_overdue(app: App) -> list[Case]:
         except Exception as exc:  # noqa: BLE001 - the flag is in the store; the Task catches up later
             app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
     return flagged
+
+
+def resolve(app: App, case: Case, *, filed: str | None) -> Case:
+    """A person's answer to a Case at needs_review (loop/post_writes.py): the write in question is in the chart
+    as `filed` ("DocumentReference/<id>", checked to be this Case's), or it is not (`filed` None: it is sent
+    once more). Either way the Case goes back to `file`, which goes on from the write ledger."""
+    if case.step != Step.NEEDS_REVIEW:
+        raise CaseError(f"Case {case.id[:8]} is {case.step}; only a Case that needs review can be resolved")
+    open_rows = {k: r for k, r in app.store.ledger(case.id).items() if r["state"] == "sent"}
+    kind = next((k for k in ("DocumentReference", "Provenance") if k in open_rows), None)
+    if kind is None:
+        raise CaseError(f"Case {case.id[:8]} has no write whose outcome is unknown; `fhirbridge retry` it")
+    row = open_rows[kind]
+    if filed is not None:
+        if not filed.startswith(f"{kind}/"):
+            raise CaseError(f"the question is about a {kind}: give --filed {kind}/<id>")
+        try:
+            res = app.ehr.read_ref(filed)
+        except FhirError as exc:
+            raise CaseError(f"could not read {filed} in the EHR ({exc}); check the id") from None
+        problem = _not_ours(case, kind, res, row["identifier"])
+        if problem:
+            raise CaseError(f"{filed} is not this Case's {kind}: {problem}")
+        app.store.ledger_record(case.id, kind, identifier=row["identifier"], state="confirmed", server_id=filed)
+    else:
+        app.store.ledger_record(case.id, kind, identifier=row["identifier"], state="intended")
+    return app.store.update(case.id, step=Step.FILE.value, last_error=None, next_attempt_at=None, attempts=0,
+                            event_kind="resolved", detail={"write": kind, "filed": filed or False})
+
+
+def _not_ours(case: Case, kind: str, res: dict, identifier: str) -> str | None:
+    if res.get("resourceType") != kind:
+        return f"it is a {res.get('resourceType')}"
+    if kind == "DocumentReference":
+        related = {r.get("reference") for r in (res.get("context") or {}).get("related", [])}
+        if (res.get("subject") or {}).get("reference") != case.patient or case.service_request not in related:
+            return "it is on another patient or order"
+        system, _, value = identifier.partition("|")
+        if not any(i.get("system") == system and i.get("value") == value for i in res.get("identifier", [])):
+            return "it does not carry this opinion's identifier"
+        return None
+    target = identifier.partition("|")[0]
+    if target not in {t.get("reference") for t in res.get("target", [])}:
+        return f"it does not target {target}"
+    return None

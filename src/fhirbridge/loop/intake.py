@@ -170,7 +170,20 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
         message = "; ".join(problems)
         case = app.store.update(case.id, step=Step.FAILED.value, last_error=message, data={"failed_step": "intake"},
                                 event_kind="failed", detail={"error": message})
-    # The Task is created here when the EHR is reachable; if this fails the collect step creates it.
+    # The Task is created here when the EHR is reachable; if this fails the collect step creates it. An EHR
+    # that allows no Task write (write plan task_write False) gets none: the Case's status lives in fhirbridge
+    # (issue 14: there the POST Task answered 405 and the Case never started).
+    if not app.write_plan.task_write:
+        app.store.add_event(case.id, "task.none", {"reason": "the EHR allows no Task write; status is kept here"})
+    else:
+        _create_task(app, case, sr)
+        case = app.store.get(case.id)
+    if case.step == Step.COLLECT:
+        case = app.store.update(case.id, next_attempt_at=None)  # intake is done with it: workers may start
+    return case, True
+
+
+def _create_task(app: App, case: Case, sr: dict) -> None:
     try:
         task = ehr_task.ensure_task(app, case, sr)
         case = app.store.update(case.id, task=task, event_kind="task.created", detail={"task": task})
@@ -178,9 +191,6 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
             ehr_task.set_task_status(app, case, Step.FAILED, reason=case.last_error)
     except Exception as exc:  # noqa: BLE001 - recorded; the next run retries through the collect step
         app.store.add_event(case.id, "task.deferred", {"error": str(exc)})
-    if case.step == Step.COLLECT:
-        case = app.store.update(case.id, next_attempt_at=None)  # intake is done with it: workers may start
-    return case, True
 
 
 def _existing_task(app: App, case_id: str) -> dict | None:

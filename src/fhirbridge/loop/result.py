@@ -22,12 +22,20 @@ class StepResult:
     # The step brought the EHR Task in line itself (the write-back transaction completes it): the runner
     # need not read and sync the Task after recording the step.
     task_current: bool = False
+    # file, plan ONCE: the outcome of a write is unknown and only a person can tell; the Case stops at
+    # needs_review with this question (Case.last_error, shown by `status`, the dashboard and metrics).
+    question: str | None = None
 
     def columns(self) -> dict[str, Any]:
         """The Case columns this result sets, besides the step."""
         values = {"package_id": self.package_id, "due_at": self.due_at,
                   "document_reference": self.document_reference}
         return {k: v for k, v in values.items() if v is not None}
+
+
+def needs_review(question: str, **detail: Any) -> StepResult:
+    """The step cannot tell whether its write landed and may not write again: a person must check."""
+    return StepResult(detail={"question": question, **detail}, back_to=Step.NEEDS_REVIEW, question=question)
 
 
 def sent_back(step: Step, reason: str, **detail: Any) -> StepResult:

@@ -40,7 +40,7 @@ log = logging.getLogger("fhirbridge.loop.runner")
 MAX_BACKOFF = 3600.0
 LEASE_SECONDS = 300.0
 # After these the Case leaves the runner's hands for now (the reviewer's turn, or the end).
-HANDED_ON = (Step.DONE, Step.AWAIT_OPINION, Step.CANCELLED)
+HANDED_ON = (Step.DONE, Step.AWAIT_OPINION, Step.CANCELLED, Step.NEEDS_REVIEW)
 
 
 def lease_seconds(app: App) -> float:
@@ -128,7 +128,7 @@ def outcome(step: str, now_at: str, ok: bool) -> str:
     """How one run of `step` ended, as metrics label it (ops.metrics.OUTCOMES)."""
     if step in WORK_STEPS and now_at == next_of(step):
         return "done"
-    if now_at in (Step.FAILED, Step.CANCELLED):
+    if now_at in (Step.FAILED, Step.CANCELLED, Step.NEEDS_REVIEW):
         return now_at
     if not ok:
         return "retry"
@@ -175,7 +175,7 @@ def run_step(app: App, case: Case) -> bool:
     try:
         with _LeaseKeeper(app, case):
             crash_point(f"{step}.begin")
-            if not case.task:
+            if not case.task and app.write_plan.task_write:
                 case = guards.ensure_task(app, case)
             result = run(app, case)
     except guards.Withdrawn as exc:
@@ -193,10 +193,12 @@ def _record_success(app: App, case: Case, result: StepResult, *, seconds: float)
     step = case.step
     nxt = result.back_to or next_of(step)
     kind = f"{step}.back" if result.back_to else f"{step}.done"   # back: a work file was gone
+    if result.question:
+        kind = "needs_review"                                     # a person must check the chart
     detail = {**result.detail, "seconds": round(seconds, 3)}
     done = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=step, event_kind=kind,
-                                 detail=detail, step=nxt.value, attempts=0, last_error=None, next_attempt_at=None,
-                                 **result.columns())
+                                 detail=detail, step=nxt.value, attempts=0, last_error=result.question,
+                                 next_attempt_at=None, **result.columns())
     if done is None:
         # Someone else moved the Case on (our lease lapsed, or it was cancelled): our result is dropped.
         app.store.add_event(case.id, "step.discarded", {"step": step, "reason": "the claim was lost meanwhile"})

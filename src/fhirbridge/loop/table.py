@@ -10,9 +10,9 @@ from collections.abc import Callable
 from fhirbridge.ehr.context import App
 from fhirbridge.loop.collect import collect_step
 from fhirbridge.loop.deliver import deliver_step
+from fhirbridge.loop.filing import file_step
 from fhirbridge.loop.result import StepResult
 from fhirbridge.loop.seal import seal_step
-from fhirbridge.loop.writeback import file_step
 from fhirbridge.steps import FLOW, WORK_STEPS, Step
 from fhirbridge.store.store import Case
 

@@ -25,10 +25,17 @@ Why it can never file twice, in one read and one transaction:
 - the Binary and the DocumentReference are PUTs to ids derived here from the Case and the opinion id, so the
   same opinion always lands on the same two resources (a repeat overwrites them with the same content);
 - the Task entry is a PUT with `ifMatch` on the version we read: a second identical transaction (a retry
-  after a lost response, a second worker) fails as a whole with 409/412 (FHIR R4 http.html#concurrency and
-  #transaction: any failure rolls back every entry), so the Provenance is never posted twice;
+  after a lost response, a second worker) fails with 409/412 (FHIR R4 http.html#concurrency);
 - the one read is the Task's: the transaction completes it with an output naming our DocumentReference, so
-  a completed Task naming it means filed; after a conflict we read our DocumentReference by its id.
+  a completed Task naming it means filed, and nothing else does (not our note existing: see below).
+*Changed (issue 14):* this used to assume "any failure rolls back every entry" (R4 #transaction) and, after a
+409/412, to conclude "filed" from our note existing. Servers exist that run a transaction as a batch (HTTP
+200, one entry 412) or do not roll back: then the note and the Provenance are written and the Task is not.
+Now every entry's status is checked (FhirClient.transaction: PartialTransaction); a conflict or a partial
+answer re-reads the Task and, unless it is completed naming our note, fails transiently; when the answer shows
+a partial write (refused entries, or our note there after a 409/412) the retry searches our Provenance
+(`target` our note, entity the opinion's jti) and leaves it out if it is there, so it is never posted twice,
+and completes the Task. An EHR that does this should be pinned `transaction_atomic = false` (plan LEDGER).
 *Changed:* the DocumentReference used to be a conditional create on the opinion identifier, preceded by a
 search for it. That cost a round trip per opinion, and a note elsewhere carrying the same identifier would
 have been matched by the condition (the Task then pointing at another patient's note). With a derived id
@@ -45,19 +52,19 @@ from dataclasses import dataclass
 
 from fhirbridge import jsonutil
 from fhirbridge.crypto import jws
-from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import STATUS, business_status, now_iso
-from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.errors import FhirbridgeError, FhirError, PartialTransaction
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.loop.receive import opinion_path
-from fhirbridge.loop.result import StepResult
 from fhirbridge.ops.crashpoints import crash_point
 from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
 OPINION_ID_SYSTEM = "urn:ietf:rfc:3986"
+# Case.data flag: a write-back transaction of this Case was written in part (the server did not roll it back).
+PARTIAL = "file_partial_write"
 FORMAT_CODE = {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode",
                "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient", "display": "mimeType Sufficient"}
 PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
@@ -104,21 +111,27 @@ class Filed:
         return out
 
 
-def file_opinion(app: App, case: Case) -> Filed:
-    # The file step runs on a Case that has accepted its opinion, and the runner made its Task first.
-    assert case.opinion_id is not None and case.task is not None
+def open_opinion(app: App, case: Case) -> tuple[dict, dict]:
+    """The received opinion's (claims, document), re-verified at rest: the file could have been altered."""
     path = opinion_path(app, case)
     if not path.exists():
         raise FhirbridgeError(f"the received opinion {case.opinion_id} is missing from {path.parent}; restore it "
                               "from backup (replicas must share data_dir), then `fhirbridge retry`")
-    data = path.read_bytes()
-    # Re-verified at rest: the file could have been altered since it was received.
-    claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
-                                            trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
-    ident = f"urn:uuid:{case.opinion_id}"   # receive checked that the document's identifier is exactly this
+    return envelope.open_sealed(path.read_bytes(), typ=envelope.OPINION, decrypt=app.hospital_keys,
+                                trusted=app.reviewer_keys(case.reviewer), check_expiry=False)
+
+
+def file_opinion(app: App, case: Case) -> Filed:
+    """Plan ATOMIC (ehr/write_plan.py): one transaction."""
+    # The file step runs on a Case that has accepted its opinion, and the runner made its Task first.
+    assert case.opinion_id is not None
+    claims, document = open_opinion(app, case)
     ours = f"DocumentReference/{docref_id_for(case, case.opinion_id)}"
+    if case.task is None:
+        return _file_without_task(app, case, claims, document, ours)
+    ident = f"urn:uuid:{case.opinion_id}"   # receive checked that the document's identifier is exactly this
     task = app.ehr.read_ref(case.task)
-    filed = _filed_per_task(task, ours)
+    filed = filed_per_task(task, ours)
     if filed is None and task.get("status") == "completed":
         filed = find_filed(app, case, ident)   # completed some other way (by hand, or an older fhirbridge)
     if filed:
@@ -127,21 +140,57 @@ def file_opinion(app: App, case: Case) -> Filed:
     tx = build_transaction(app, case, claims, document, task)
     if version:
         tx["entry"][-1]["request"]["ifMatch"] = f'W/"{version}"'
+    if case.data.get(PARTIAL):
+        # An earlier attempt was written in part (the server did not roll it back): its Provenance may be in
+        # the chart already. Reuse it rather than post a second one (the PUTs to our ids repeat harmlessly).
+        _drop_written_provenance(app, tx, ours, claims)
     try:
         app.ehr.transaction(tx)
     except FhirError as exc:
-        if exc.status in (409, 412):
-            if _is_ours(app, case, ours):
-                return Filed(ours, already_filed=True)
-            # The Task changed under us (someone edited it): nothing was written; retry with a fresh read.
-            raise FhirError(f"the Task changed while filing ({exc}); will retry", status=exc.status,
-                            transient=True) from None
+        if exc.status in (409, 412) or isinstance(exc, PartialTransaction):
+            # Filed means the Task says so (completed, its output naming our note), never that our note
+            # exists: a server without rollback (or running the transaction as a batch) may have written the
+            # Binary, the note and the Provenance and refused the Task. Re-read it; if it is not completed,
+            # the retry reuses what was written (_drop_written_provenance) and completes the Task.
+            filed = filed_per_task(app.ehr.read_ref(case.task), ours)
+            if filed:
+                return Filed(filed, already_filed=True, task_completed=True)
+            # Only evidence of a partial write makes the retry search for a Provenance: an atomic server's
+            # 409/412 (the Task edited meanwhile) wrote nothing, and the atomic plan's scopes need no search.
+            if isinstance(exc, PartialTransaction) or _exists(app, ours):
+                app.store.update(case.id, data={PARTIAL: True}, event_kind="file.partial",
+                                 detail={"error": str(exc)})
+            raise FhirError(f"the write-back was not completed ({exc}); will reconcile and retry",
+                            status=exc.status, transient=True) from None
         raise
     crash_point("file.committed")
     return Filed(ours, binary=f"Binary/{binary_id_for(case, case.opinion_id)}", task_completed=True)
 
 
-def _filed_per_task(task: dict, docref: str) -> str | None:
+def _exists(app: App, ref: str) -> bool:
+    try:
+        app.ehr.read_ref(ref)
+        return True
+    except FhirError as exc:
+        if exc.status in (404, 410):
+            return False
+        raise
+
+
+def _file_without_task(app: App, case: Case, claims: dict, document: dict, ours: str) -> Filed:
+    """No Task write on this EHR (write plan task_write False): the transaction holds the Binary, the note and
+    the Provenance. Being atomic, our note at its derived id means all of it is in the chart: that read
+    replaces the Task's."""
+    assert case.opinion_id is not None
+    if _exists(app, ours):
+        return Filed(ours, already_filed=True)
+    tx = build_transaction(app, case, claims, document, None)
+    app.ehr.transaction(tx)
+    crash_point("file.committed")
+    return Filed(ours, binary=f"Binary/{binary_id_for(case, case.opinion_id)}")
+
+
+def filed_per_task(task: dict, docref: str) -> str | None:
     """`docref` if the Task is completed with an output naming it (our transaction did that)."""
     if task.get("status") != "completed":
         return None
@@ -149,38 +198,30 @@ def _filed_per_task(task: dict, docref: str) -> str | None:
     return docref if docref in refs else None
 
 
-def _is_ours(app: App, case: Case, docref: str) -> bool:
-    """Our DocumentReference exists, on this Case's patient and order (read by its derived id)."""
-    try:
-        res = app.ehr.read_ref(docref)
-    except FhirError as exc:
-        if exc.status in (404, 410):
-            return False
-        raise
-    related = {r.get("reference") for r in res.get("context", {}).get("related", [])}
-    return res.get("subject", {}).get("reference") == case.patient and case.service_request in related
+def find_provenance(app: App, docref: str, opinion_jti: str) -> str | None:
+    """Our Provenance for this opinion, if one is in the chart: it targets our note and names the sealed
+    opinion (its jti) as its source entity."""
+    for res in app.ehr.search("Provenance", {"target": docref}):
+        if res.get("resourceType") != "Provenance":
+            continue
+        whats = {((e.get("what") or {}).get("identifier") or {}).get("value") for e in res.get("entity", [])}
+        if f"urn:uuid:{opinion_jti}" in whats:
+            return f"Provenance/{res['id']}"
+    return None
 
 
-def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict) -> dict:
-    assert case.opinion_id is not None  # built only for a Case that has accepted its opinion
-    ident_value = f"urn:uuid:{case.opinion_id}"
-    identifier = {"system": OPINION_ID_SYSTEM, "value": ident_value}
-    binary_id = binary_id_for(case, case.opinion_id)
-    binary_ref = f"Binary/{binary_id}"
-    docref_ref = f"DocumentReference/{docref_id_for(case, case.opinion_id)}"
-    prov_url = f"urn:uuid:{uuid.uuid4()}"
-    doc_json = jsonutil.dumps(document)
-    text = render_opinion(document, with_patient=False).encode("utf-8")
+def _drop_written_provenance(app: App, tx: dict, docref: str, claims: dict) -> None:
+    if find_provenance(app, docref, claims["jti"]):
+        tx["entry"] = [e for e in tx["entry"] if e["resource"]["resourceType"] != "Provenance"]
+
+
+def note_fields(app: App, case: Case, document: dict, created: str) -> dict:
+    """The consult note's DocumentReference elements, but its id and content (every plan files the same)."""
+    assert case.opinion_id is not None
+    identifier = {"system": OPINION_ID_SYSTEM, "value": f"urn:uuid:{case.opinion_id}"}
     comp = document["entry"][0]["resource"]
     reviewer = app.config.reviewer(case.reviewer)
-    created = now_iso()
-    binary = {"resourceType": "Binary", "id": binary_id, "contentType": "application/fhir+json",
-              "securityContext": {"reference": case.patient},
-              "data": base64.b64encode(doc_json).decode("ascii")}
-
-    docref = {
-        "resourceType": "DocumentReference",
-        "id": docref_ref.split("/")[1],
+    return {
         "masterIdentifier": identifier,
         "identifier": [identifier],
         "status": "current", "docStatus": "final",
@@ -191,23 +232,22 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
         "author": [reviewer.organization_ref()],
         "custodian": app.hospital.organization_ref(),
         "description": f"Second opinion from {reviewer.display}",
-        "content": [
-            {"attachment": {**_attachment("application/fhir+json", doc_json, "Second opinion (FHIR document)",
-                                          created, inline=False), "url": binary_ref},
-             "format": FORMAT_CODE},
-            {"attachment": _attachment("text/plain; charset=utf-8", text, "Second opinion (text)", created)},
-        ],
         "context": {"related": [{"reference": case.service_request}]},
     }
+
+
+def build_provenance(app: App, case: Case, claims: dict, targets: list[dict], created: str) -> dict:
+    """The Provenance of the filed note: `targets` as written (each with its id), one signature per target."""
+    reviewer = app.config.reviewer(case.reviewer)
     transmitter = {"display": "fhirbridge"}
     hospital_ref = app.hospital.organization_ref()
     # One signature per target, in target order; the signer is the transmitter agent (R4: "the signer should
     # match a Provenance.agent"), acting for the hospital.
     signatures = [jws.sign_resource(target, app.hospital_keys, who=transmitter, on_behalf_of=hospital_ref,
-                                    when=created, x5c=app.hospital_x5c) for target in (docref, binary)]
-    provenance = {
+                                    when=created, x5c=app.hospital_x5c) for target in targets]
+    return {
         "resourceType": "Provenance",
-        "target": [{"reference": docref_ref}, {"reference": binary_ref}],
+        "target": [{"reference": f"{t['resourceType']}/{t['id']}"} for t in targets],
         "recorded": created,
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": "CREATE", "display": "create"}]},
@@ -223,6 +263,10 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
                                                "display": "Sealed second opinion as received"}}],
         "signature": signatures,
     }
+
+
+def completed_task(task: dict, docref_ref: str, created: str) -> dict:
+    """The Task as the write-back leaves it: completed, its output naming our note (without meta)."""
     status, code, display = STATUS[Step.DONE]
     task = dict(task)
     task.update({"status": status, "lastModified": created,
@@ -233,27 +277,46 @@ def build_transaction(app: App, case: Case, claims: dict, document: dict, task: 
     period.setdefault("start", created)
     period["end"] = created
     task.pop("meta", None)
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+    return task
+
+
+def build_transaction(app: App, case: Case, claims: dict, document: dict, task: dict | None) -> dict:
+    """The ATOMIC plan's transaction; without `task` (no Task write on this EHR) it has no Task entry."""
+    assert case.opinion_id is not None  # built only for a Case that has accepted its opinion
+    binary_id = binary_id_for(case, case.opinion_id)
+    binary_ref = f"Binary/{binary_id}"
+    docref_ref = f"DocumentReference/{docref_id_for(case, case.opinion_id)}"
+    prov_url = f"urn:uuid:{uuid.uuid4()}"
+    doc_json = jsonutil.dumps(document)
+    text = render_opinion(document, with_patient=False).encode("utf-8")
+    created = now_iso()
+    binary = {"resourceType": "Binary", "id": binary_id, "contentType": "application/fhir+json",
+              "securityContext": {"reference": case.patient},
+              "data": base64.b64encode(doc_json).decode("ascii")}
+
+    docref = {"resourceType": "DocumentReference", "id": docref_ref.split("/")[1],
+              **note_fields(app, case, document, created), "content": [
+                  {"attachment": {**attachment("application/fhir+json", doc_json, "Second opinion (FHIR document)",
+                                                created, inline=False), "url": binary_ref},
+                   "format": FORMAT_CODE},
+                  {"attachment": attachment("text/plain; charset=utf-8", text, "Second opinion (text)", created)},
+              ]}
+    provenance = build_provenance(app, case, claims, [docref, binary], created)
+    entries = [
         {"resource": binary, "request": {"method": "PUT", "url": binary_ref}},
         {"resource": docref, "request": {"method": "PUT", "url": docref_ref}},
         {"fullUrl": prov_url, "resource": provenance, "request": {"method": "POST", "url": "Provenance"}},
-        {"resource": task, "request": {"method": "PUT", "url": f"Task/{task['id']}"}},
-    ]}
+    ]
+    if task is not None:
+        done = completed_task(task, docref_ref, created)
+        entries.append({"resource": done, "request": {"method": "PUT", "url": f"Task/{done['id']}"}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-def _attachment(content_type: str, data: bytes, title: str, created: str, *, inline: bool = True) -> dict:
+def attachment(content_type: str, data: bytes, title: str, created: str, *, inline: bool = True) -> dict:
     att = {"contentType": content_type, "title": title, "creation": created, "size": len(data),
            # R4 Attachment.hash is the base64 SHA-1 of the data.
            "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")}
     if inline:
         att["data"] = base64.b64encode(data).decode("ascii")
     return att
-
-
-def file_step(app: App, case: Case) -> StepResult:
-    """File the received opinion; its accounting (BALP) is recorded before the step is: once per opinion."""
-    filed = file_opinion(app, case)
-    audit.record_filed(app, case, filed.document_reference)
-    return StepResult(filed.detail(), document_reference=filed.document_reference,
-                      task_current=filed.task_completed)
-

@@ -66,7 +66,7 @@ _ENTERED_STEP = ("opened", "retry", "opinion.received", "adopted")
 # --- recording -----------------------------------------------------------------------------------------
 
 # How one run of a step ended (the runner knows; it says so): the label values of STEP_SECONDS.
-OUTCOMES = ("done", "retry", "failed", "cancelled", "back", "other")
+OUTCOMES = ("done", "retry", "failed", "cancelled", "back", "needs_review", "other")
 
 
 def step_finished(hospital: str, reviewer: str, step: str, outcome: str, seconds: float) -> None:

@@ -28,7 +28,15 @@ from fhirbridge.crypto import files
 from fhirbridge.errors import CaseError
 from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
 from fhirbridge.store import migrations
-from fhirbridge.store.tables import AUDIT_ACCOUNTING, audit_events, cases, cursors, events, seen_messages
+from fhirbridge.store.tables import (
+    AUDIT_ACCOUNTING,
+    audit_events,
+    cases,
+    cursors,
+    events,
+    seen_messages,
+    write_ledger,
+)
 
 SIGNED_OUT = "session:signed-out"       # seen_messages.case_id of the rows of signed-out page sessions
 
@@ -465,6 +473,32 @@ class Store:
 
     # --- replay guard ------------------------------------------------------------------------------
 
+    # --- the write ledger (tables.write_ledger; loop/post_writes.py) ---------------------------------------
+
+    def ledger(self, case_id: str) -> dict[str, dict]:
+        """The Case's recorded writes, by kind."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(write_ledger).where(write_ledger.c.case_id == case_id)).all()
+        return {r.kind: _plain(r) for r in rows}
+
+    def ledger_record(self, case_id: str, kind: str, *, identifier: str, state: str,
+                      server_id: str | None = None, sent: bool = False) -> dict:
+        """Record the state of one write (inserting its row the first time); `sent` counts a sending.
+        Committed before the caller goes on: the row must be in the store before the write leaves."""
+        assert state in LEDGER_STATES
+        now = time.time()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(write_ledger).where(write_ledger.c.case_id == case_id,
+                                                          write_ledger.c.kind == kind)).first()
+            values = dict(identifier=identifier, state=state, server_id=server_id, updated_at=now)
+            if row is None:
+                conn.execute(insert(write_ledger).values(case_id=case_id, kind=kind, attempts=int(sent), **values))
+            else:
+                conn.execute(update(write_ledger).where(write_ledger.c.case_id == case_id,
+                                                        write_ledger.c.kind == kind)
+                             .values(attempts=write_ledger.c.attempts + int(sent), **values))
+        return self.ledger(case_id)[kind]
+
     def remember_message(self, jti: str, case_id: str) -> bool:
         """Record a message id; False if it was seen before (a replay)."""
         try:
@@ -517,6 +551,9 @@ class Store:
 
 class _NotAccepted(Exception):
     pass
+
+
+LEDGER_STATES = ("intended", "sent", "confirmed")
 
 
 def pid_alive(pid: int) -> bool:

@@ -89,3 +89,19 @@ audit_events = Table(
 # The columns of the accounting itself (migration 0002), which `Store.list_audit` reads.
 AUDIT_ACCOUNTING = ("id", "at", "hospital", "patient", "case_id", "kind", "recipient", "resource", "sent_to_ehr",
                     "ehr_error")
+
+# The write ledger (migration 0005; loop/post_writes.py): each write of the POST-only plans, recorded with its
+# business identifier BEFORE it is sent, so a lost answer or a crash is reconciled by searching that identifier
+# (or put to a person), never by a blind second POST. One row per Case and kind of write.
+# state: intended (known not in the chart: sending is safe) | sent (committed just before the POST: may have
+# landed, reconcile first) | confirmed (server_id).
+write_ledger = Table(
+    "write_ledger", metadata,
+    Column("case_id", String(64), primary_key=True),
+    Column("kind", String(40), primary_key=True),               # DocumentReference | Provenance | Task
+    Column("identifier", String(300), nullable=False),          # system|value searched for, or the target
+    Column("state", String(20), nullable=False),
+    Column("server_id", String(200)),                           # "DocumentReference/<id>" once confirmed
+    Column("attempts", Integer, nullable=False, server_default="0"),   # times it was sent
+    Column("updated_at", Float, nullable=False),
+)

@@ -37,10 +37,11 @@ dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 SESSION_HOURS = 8
 STATE_ORDER = ALL_STEPS
 STATE_LABELS: dict[str, str] = {Step.COLLECT: "Collecting", Step.SEAL: "Packaging", Step.DELIVER: "Sending",
-                                 Step.AWAIT_OPINION: "With reviewer", Step.FILE: "Filing", Step.DONE: "Filed",
+                                 Step.AWAIT_OPINION: "With reviewer", Step.FILE: "Filing",
+                                 Step.NEEDS_REVIEW: "Needs review", Step.DONE: "Filed",
                                  Step.FAILED: "Failed", Step.CANCELLED: "Cancelled", Step.DECLINED: "Declined"}
 STATE_COLORS = {"Filed": "#1e7a46", "Failed": "#b3261e", "With reviewer": "#1f5fa8", "Cancelled": "#6b7280",
-                "Declined": "#9a6200"}
+                "Declined": "#9a6200", "Needs review": "#b45309"}
 # How a recommendation relates to the plan the referring physician had (usually surgery).
 PLAN_EFFECT = {"proceed-as-planned": "Confirmed the plan", "less-invasive-procedure": "Changed: less invasive",
                "non-surgical-care": "Changed: no surgery", "watchful-waiting": "Changed: no surgery",

@@ -141,7 +141,9 @@ def cases_for(app: App, patient: str) -> list[Case]:
 STATUS: dict[str, tuple[str, str]] = {
     Step.COLLECT: ("Collecting records", ""), Step.SEAL: ("Preparing the package", ""),
     Step.DELIVER: ("Sending", ""), Step.AWAIT_OPINION: ("With the reviewer", ""),
-    Step.FILE: ("Opinion received", "ok"), Step.DONE: ("Opinion filed", "ok"), Step.FAILED: ("Stopped", "bad"),
+    Step.FILE: ("Opinion received", "ok"),
+    Step.NEEDS_REVIEW: ("Opinion received; staff are checking that it is in the chart", "warn"),
+    Step.DONE: ("Opinion filed", "ok"), Step.FAILED: ("Stopped", "bad"),
     Step.CANCELLED: ("Cancelled", "warn"), Step.DECLINED: ("Declined by the reviewer", "warn")}
 
 

@@ -1,0 +1,26 @@
+"""The file step: the received opinion filed in the chart by the write plan chosen for this EHR
+(ehr/write_plan.py): ATOMIC (loop/writeback.py: one transaction) or LEDGER / ONCE (loop/post_writes.py: POSTs
+recorded in the write ledger). Its accounting (BALP) is recorded before the step is: once per opinion."""
+from __future__ import annotations
+
+from fhirbridge.ehr import audit
+from fhirbridge.ehr.context import App
+from fhirbridge.ehr.write_plan import Kind
+from fhirbridge.loop.post_writes import Review, file_by_post
+from fhirbridge.loop.result import StepResult, needs_review
+from fhirbridge.loop.writeback import file_opinion
+from fhirbridge.store.store import Case
+
+
+def file_step(app: App, case: Case) -> StepResult:
+    plan = app.write_plan
+    if plan.kind is Kind.ATOMIC:
+        filed = file_opinion(app, case)
+    else:
+        outcome = file_by_post(app, case)
+        if isinstance(outcome, Review):
+            return needs_review(outcome.question, write=outcome.kind, plan=plan.kind.name)
+        filed = outcome
+    audit.record_filed(app, case, filed.document_reference)
+    return StepResult({**filed.detail(), "plan": plan.kind.name}, document_reference=filed.document_reference,
+                      task_current=filed.task_completed or not plan.task_write)
