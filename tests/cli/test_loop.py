@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
 from fhirbridge.cli.main import main
+from fhirbridge.loop.document import person_name
 from tests.kit.hospital import SAMPLE_ANSWER
 
 pytestmark = pytest.mark.sekmet
@@ -92,3 +94,23 @@ def test_order_without_requester_is_refused_by_the_cli(hospital, seeded, capsys,
     code, out, _ = run(capsys, "--config", cfg, "order", "--patient", seeded["patient"], "--question", "Fusion?",
                        "--requester", seeded["physician"])
     assert code == 0 and fhir.read_ref(out.strip())["requester"] == {"reference": seeded["physician"]}
+
+
+def test_reviewer_open_shows_priority_referrer_and_the_cases_due_date(hospital, seeded, capsys, fhir):
+    """Issue 16, part 1: `reviewer open` names the order's priority, the referring physician and the due date the
+    hospital has for the Case (not the package's expiry); `reviewer answer` picks the Case profile's form."""
+    case = hospital.delivered_case(seeded["patient"], profile="oncology", priority="asap")
+    r = hospital.reviewers["spine-center"]
+    code, out, err = run(capsys, "reviewer", "open", hospital.package_path(case), "--key", r.files["private_keys"])
+    assert code == 0, err
+    due = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(case.due_at))
+    assert f"Answer by: {due}" in out
+    assert "Priority: asap  (URGENT: answer first)" in out
+    name = person_name(fhir.read_ref(hospital.physician()))
+    assert re.search(rf"^Referring physician: {re.escape(name)}\b", out, re.M), out
+
+    answer = hospital.root / "onc.toml"
+    answer.write_text(SAMPLE_ANSWER.replace('urgency = "routine"', 'urgency = "routine"\ntnm_stage = "sideways"'))
+    code, _, err = run(capsys, "reviewer", "answer", hospital.package_path(case), "--opinion", answer, "--key",
+                       r.files["private_keys"], "--out", hospital.root / "o.jwe")
+    assert code == 2 and "tnm_stage: 'sideways' is not one of: confirmed, revised, not-assessable" in err

@@ -40,7 +40,7 @@ def assert_config_error(exc_info, path: Path, key: str | None) -> ConfigError:
 
 def test_shipped_mappings_dir_is_the_project_mappings():
     assert (SHIPPED / "collect").is_dir() and (SHIPPED / "opinion" / "default.toml").is_file()
-    assert profile_names(SHIPPED) == ["cardiac", "default", "oncology", "spine"]
+    assert profile_names(SHIPPED) == ["cardiac", "default", "oncology", "radiology", "spine"]
 
 
 def test_shipped_order_codes():

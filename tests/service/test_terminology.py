@@ -50,7 +50,8 @@ def test_a_code_system_is_read_by_id_and_found_by_its_canonical_url(served):
     assert client.get("/fhir/CodeSystem", query_string={"url": "urn:nothing"}).get_json()["total"] == 0
     everything = client.get("/fhir/CodeSystem").get_json()
     assert {e["resource"]["id"] for e in everything["entry"]} == {
-        "opinion-observation", "concordance", "recommendation", "referral-step", "collection-profile"}
+        "opinion-observation", "concordance", "recommendation", "referral-step", "collection-profile",
+        "opinion-answer", "radpeer"}
 
 
 def test_the_collection_profiles_are_a_code_system_of_this_hospitals_mappings(served):

@@ -44,7 +44,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a hospital's reviewer API (<its public URL>/reviewer); repeatable")
     s.add_argument("--issuer", help="your organisation identifier value, as the hospitals have it (for --pull)")
     s.add_argument("--work", default="reviewer-portal", help="working directory (pulled packages, answers sent)")
-    s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
+    s.add_argument("--form", default="default", help="opinion form in mappings/opinion/ for Cases whose collection "
+                                                      "profile has no form of its own (default: default)")
     s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
     s.add_argument("--bind", default="127.0.0.1:8090", help="host:port (default 127.0.0.1:8090)")
     s.set_defaults(func=cmd_reviewer_serve)
@@ -70,7 +71,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         else:
             s.add_argument("--opinion", required=True, help="the structured answer (TOML or JSON)")
             s.add_argument("--out", required=True, help="where to write the sealed opinion")
-            s.add_argument("--form", default="default", help="opinion form in mappings/opinion/")
+            s.add_argument("--form", help="opinion form in mappings/opinion/ (default: the one named like the "
+                                          "package's collection profile, else default)")
             s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
             s.set_defaults(func=cmd_reviewer_answer)
 

@@ -20,7 +20,9 @@ COLLECTABLE = ("Condition", "DiagnosticReport", "ImagingStudy", "Procedure", "Me
 # measured, which drug, where the images are). Collect follows references to them; doctor checks each.
 FOLLOW_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Observation", "Medication", "Endpoint",
                 "Specimen", "Location")
-FIELD_KINDS = ("choice", "text", "list", "answers")
+# `studies`: one choice per imaging study in the package (a radiology re-read scores each study it re-reads).
+FIELD_KINDS = ("choice", "text", "list", "answers", "studies")
+CHOICE_KINDS = ("choice", "studies")
 # Where fhirbridge's own code systems live (config/terminology.py defines and serves them): one base, a domain
 # the project controls, since codes written into charts keep naming it (R4 resource.html#canonical).
 CANONICAL_BASE = "http://fhirbridge.org/fhir/CodeSystem/"
@@ -252,19 +254,19 @@ def _form_field(fname: str, spec, path: Path) -> OpinionField:
     if kind not in FIELD_KINDS:
         raise ConfigError(f"kind must be one of {', '.join(FIELD_KINDS)}", file=str(path), key=f"{key}.kind")
     choices = {}
-    if kind == "choice":
+    if kind in CHOICE_KINDS:
         raw_choices = spec.get("choices")
         if not isinstance(raw_choices, dict) or not raw_choices:
             raise ConfigError("a choice field needs [choices]", file=str(path), key=f"{key}.choices")
         choices = {k: _form_coding(v, path, f"{key}.choices.{k}") for k, v in raw_choices.items()}
     elif "choices" in spec:
-        raise ConfigError(f"only a choice field has choices (this one is {kind!r})", file=str(path),
+        raise ConfigError(f"only a choice or studies field has choices (this one is {kind!r})", file=str(path),
                           key=f"{key}.choices")
     observation = _typed(spec, "observation", bool, False, path, key)
     obs = None
     if observation:
-        if kind != "choice":
-            raise ConfigError("only a choice field can be recorded as an Observation", file=str(path),
+        if kind not in CHOICE_KINDS:
+            raise ConfigError("only a choice or studies field can be recorded as an Observation", file=str(path),
                               key=f"{key}.observation")
         obs = _form_coding(spec.get("observation_code"), path, f"{key}.observation_code")
     elif "observation_code" in spec:

@@ -113,6 +113,13 @@ class Reviewer:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},
                 "display": self.display}
 
+    def due_at(self, sent_at: float) -> float:
+        """When this reviewer's opinion on a package issued at `sent_at` (epoch seconds) is due: the one
+        source of the due date. Seal writes it into the package's signed claims (`due_at`) and the Case's
+        `due_at` column, so the reviewer's inbox, `reviewer open`, the physician page, the dashboard and the
+        overdue flag all show the same instant."""
+        return sent_at + self.turnaround_days * 86400
+
 
 @dataclass(frozen=True)
 class ServiceTimes:

@@ -137,7 +137,8 @@ MEANINGS = {
     "reviewers[].identifier.value": "Identifier value of the reviewer's organisation identifier.",
     "reviewers[].profiles": "Collection profiles (mappings/collect/) this reviewer takes, for orders naming no "
                             "reviewer.",
-    "reviewers[].turnaround_days": "Target days from delivery to opinion; later Cases are flagged overdue.",
+    "reviewers[].turnaround_days": "Target days from sending (sealing the package) to opinion; the package names "
+                                   "that due date and later Cases are flagged overdue.",
     "reviewers[].api_token": "Optional static bearer token for /reviewer (at least 16 characters; from the "
                              "environment). Without it the reviewer signs a short-lived JWT per request.",
     "reviewers[].transport.type": "`outbox` (a directory), `https` (POST to the reviewer) or `pull` (the reviewer "

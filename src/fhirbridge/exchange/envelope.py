@@ -108,6 +108,49 @@ def _check_addressing(claims: dict) -> None:
             raise SealError(f"claims {which}_org names another organisation than {which}")
 
 
+# --- what a package says about urgency and its due date (issue 16) -------------------------------------
+# R4 request-priority, most urgent first. `routine` and an order without a priority sort after them.
+URGENT = ("stat", "asap", "urgent")
+
+
+def due_at(claims: dict) -> float | None:
+    """When the answer is due: the signed `due_at` (set at seal from the reviewer's turnaround target); a
+    package sealed before packages carried one gives its expiry, which is what the reviewer was shown then."""
+    for key in ("due_at", "exp"):
+        value = claims.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def priority(claims: dict) -> str:
+    """The order's request-priority as the manifest carries it (`routine` when it names none)."""
+    value = (claims.get("manifest") or {}).get("priority")
+    return value if isinstance(value, str) and value else "routine"
+
+
+def urgency_rank(value: str) -> int:
+    """0 for stat, 1 asap, 2 urgent, 3 for routine or anything else: the inbox sorts by it first."""
+    return URGENT.index(value) if value in URGENT else len(URGENT)
+
+
+def requester(claims: dict) -> dict:
+    """The referring physician the manifest names: {reference, name, telecom: [{system, value}], organization};
+    empty values when the package names none (sealed before issue 16)."""
+    r = (claims.get("manifest") or {}).get("requester")
+    r = r if isinstance(r, dict) else {}
+    telecom = [t for t in r.get("telecom") or [] if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    return {"reference": str(r.get("reference") or ""), "name": str(r.get("name") or ""),
+            "organization": str(r.get("organization") or ""), "telecom": telecom}
+
+
+def requester_line(claims: dict) -> str:
+    """The referring physician in one line: name, organisation, contacts."""
+    r = requester(claims)
+    contacts = ", ".join(f"{t.get('system', 'contact')} {t['value']}" for t in r["telecom"])
+    return "; ".join(x for x in (r["name"] or r["reference"], r["organization"], contacts) if x)
+
+
 def _caps(typ: str) -> tuple[int, int]:
     try:
         return _CAPS[typ]

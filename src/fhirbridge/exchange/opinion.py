@@ -2,7 +2,11 @@
 
 The answer is a TOML or JSON file whose keys are the fields of mappings/opinion/<form>.toml. Choice
 fields become coded Observations as well as narrative, so the EHR can query how often a second opinion
-confirmed or changed the plan. Every section's `focus` is the ServiceRequest, as HL7 BSeR's feedback
+confirmed or changed the plan. A `studies` field (the radiology re-read) is a list of
+{study = "ImagingStudy/<id>", score = "<choice>", comment = "..."}, one per study of the package: each becomes
+an Observation whose `derivedFrom` names the study by its DICOM Study Instance UID (a logical reference: the
+ImagingStudy is the hospital's, and the opinion document must not point into its server).
+Every section's `focus` is the ServiceRequest, as HL7 BSeR's feedback
 document does, so the answer is tied to the order it answers.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from fhirbridge import jsonutil
 from fhirbridge.config.mappings import OpinionForm
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.fhir.elements import summary_line
 from fhirbridge.fhir.narrative import narrative_problems
 
 
@@ -75,6 +80,8 @@ def check_answer(answer: dict, form: OpinionForm) -> list[str]:
             problems.append(f"{f.name}: must be text")
         elif f.kind == "list" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             problems.append(f"{f.name}: must be a list of text items")
+        elif f.kind == "studies":
+            problems += _study_problems(f, value)
         elif f.kind == "answers" and not (isinstance(value, list) and all(
                 isinstance(v, dict) and isinstance(v.get("question"), str) and isinstance(v.get("answer"), str)
                 for v in value)):
@@ -82,11 +89,38 @@ def check_answer(answer: dict, form: OpinionForm) -> list[str]:
     return problems
 
 
+def _study_problems(f, value) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        return [f"{f.name}: must be a list of {{study = \"ImagingStudy/<id>\", score = ...}} entries"]
+    problems = []
+    for i, v in enumerate(value):
+        if not isinstance(v.get("study"), str) or not v["study"].startswith("ImagingStudy/"):
+            problems.append(f"{f.name}[{i}]: study must name an imaging study of the package (ImagingStudy/<id>)")
+        if v.get("score") not in f.choices:
+            problems.append(f"{f.name}[{i}]: score {v.get('score')!r} is not one of: {', '.join(f.choices)}")
+        if not isinstance(v.get("comment", ""), str):
+            problems.append(f"{f.name}[{i}]: comment must be text")
+        unknown = set(v) - {"study", "score", "comment"}
+        if unknown:
+            problems.append(f"{f.name}[{i}]: unknown key {sorted(unknown)[0]!r} (study, score, comment)")
+    return problems
+
+
+def study_title(study: dict | None, key: str) -> str:
+    return summary_line(study) if study else key
+
+
 def _esc(text: str) -> str:
     return html.escape(text, quote=False).replace("\n", "<br/>")
 
 
-def field_html(f, value) -> str:
+def field_html(f, value, studies: dict[str, dict] | None = None) -> str:
+    if f.kind == "studies":
+        rows = "".join(
+            f"<li>{_esc(study_title((studies or {}).get(v['study']), v['study']))}: "
+            f"<b>{_esc(f.choices[v['score']].get('display', v['score']))}</b>"
+            f"{'<br/>' + _esc(v['comment']) if v.get('comment') else ''}</li>" for v in value)
+        return f"<p><b>{_esc(f.label)}:</b></p><ul>{rows}</ul>"
     if f.kind == "choice":
         return f"<p><b>{_esc(f.label)}:</b> {_esc(f.choices[value].get('display', value))}</p>"
     if f.kind == "text":
@@ -98,9 +132,11 @@ def field_html(f, value) -> str:
 
 
 def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, timestamp: str,
-                           patient_entry: dict, service_request_entry: dict, reviewer_org: dict) -> dict:
+                           patient_entry: dict, service_request_entry: dict, reviewer_org: dict,
+                           studies: dict[str, dict] | None = None) -> dict:
     """`patient_entry`/`service_request_entry` are the package's Bundle entries (fullUrl + resource), copied
-    so the opinion document is complete on its own (FHIR documents carry what they reference)."""
+    so the opinion document is complete on its own (FHIR documents carry what they reference). `studies`: the
+    package's ImagingStudy resources by "ImagingStudy/<id>", for a `studies` field."""
     patient_url, sr_url = patient_entry["fullUrl"], service_request_entry["fullUrl"]
     org_url = f"urn:uuid:{reviewer_org['id']}"
     sections: dict[str, dict] = {}
@@ -113,15 +149,20 @@ def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, 
                                                   "html": [], "entry": []})
         if f.section in form.section_codes:
             section["code"] = {"coding": [form.section_codes[f.section]]}
-        section["html"].append(field_html(f, value))
+        section["html"].append(field_html(f, value, studies))
+        if f.kind == "studies" and f.observation_code:
+            for i, v in enumerate(value):
+                obs_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:uuid:{opinion_id}#{f.name}#{i}"))
+                obs = _observation(obs_id, f, v["score"], patient_url, sr_url, org_url, timestamp)
+                obs["derivedFrom"] = [_study_reference((studies or {}).get(v["study"]), v["study"])]
+                if v.get("comment"):
+                    obs["note"] = [{"text": v["comment"]}]
+                observations.append({"fullUrl": f"urn:uuid:{obs_id}", "resource": obs})
+                section["entry"].append({"reference": f"urn:uuid:{obs_id}"})
         if f.kind == "choice" and f.observation_code:
             obs_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:uuid:{opinion_id}#{f.name}"))
-            observations.append({"fullUrl": f"urn:uuid:{obs_id}", "resource": {
-                "resourceType": "Observation", "id": obs_id, "status": "final",
-                "code": {"coding": [f.observation_code], "text": f.label},
-                "subject": {"reference": patient_url}, "basedOn": [{"reference": sr_url}],
-                "effectiveDateTime": timestamp, "performer": [{"reference": org_url}],
-                "valueCodeableConcept": {"coding": [f.choices[value]], "text": f.choices[value].get("display")}}})
+            observations.append({"fullUrl": f"urn:uuid:{obs_id}",
+                                 "resource": _observation(obs_id, f, value, patient_url, sr_url, org_url, timestamp)})
             section["entry"].append({"reference": f"urn:uuid:{obs_id}"})
     comp_sections = []
     for s in sections.values():
@@ -151,6 +192,24 @@ def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, 
                patient_entry, service_request_entry, {"fullUrl": org_url, "resource": reviewer_org}]
     return {"resourceType": "Bundle", "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{opinion_id}"},
             "type": "document", "timestamp": timestamp, "entry": entries + observations}
+
+
+def _observation(obs_id: str, f, value: str, patient_url: str, sr_url: str, org_url: str, timestamp: str) -> dict:
+    return {"resourceType": "Observation", "id": obs_id, "status": "final",
+            "code": {"coding": [f.observation_code], "text": f.label},
+            "subject": {"reference": patient_url}, "basedOn": [{"reference": sr_url}],
+            "effectiveDateTime": timestamp, "performer": [{"reference": org_url}],
+            "valueCodeableConcept": {"coding": [f.choices[value]], "text": f.choices[value].get("display")}}
+
+
+def _study_reference(study: dict | None, key: str) -> dict:
+    """A logical Reference to the re-read study (R4 references.html#logical): its DICOM Study Instance UID,
+    which names the study in any PACS, and its summary as display."""
+    ref: dict = {"type": "ImagingStudy", "display": study_title(study, key)}
+    uid = next((i for i in (study or {}).get("identifier", []) if i.get("system") == "urn:dicom:uid"), None)
+    if uid and isinstance(uid.get("value"), str):
+        ref["identifier"] = {"system": "urn:dicom:uid", "value": uid["value"]}
+    return ref
 
 
 def composition_text(title: str, sections: list[tuple[str, list[str]]]) -> dict:

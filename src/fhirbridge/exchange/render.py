@@ -8,7 +8,7 @@ import re
 import time
 from html import unescape
 
-from fhirbridge.exchange.envelope import party
+from fhirbridge.exchange.envelope import due_at, party, priority, requester_line, urgency_rank
 from fhirbridge.fhir.elements import concept_text, summary_line
 
 # What a terminal acts on rather than shows (ECMA-48): CSI sequences (ESC [ or the 8-bit CSI), control strings
@@ -62,7 +62,9 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     lines = [f"Second-opinion referral  (package {claims.get('package_id')})",
              f"From: {sender or str(party(claims, 'iss').get('display')) + ' (not verified)'}    "
              f"To: {party(claims, 'aud').get('display')}",
-             f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(claims.get('exp'))}",
+             f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(due_at(claims))}",
+             f"Priority: {priority(claims)}{'  (URGENT: answer first)' if urgency_rank(priority(claims)) < 3 else ''}",
+             f"Referring physician: {requester_line(claims) or '(not named)'}",
              f"Collection profile: {m.get('profile')} (lookback {m.get('lookback_days')} days)", ""]
     for p in t.get("Patient", []):
         lines.append(f"Patient: {patient_line(p)}")

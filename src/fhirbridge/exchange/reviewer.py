@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.config.mappings import load_opinion_form, opinion_form_names
 from fhirbridge.crypto import files, jwe, jws, keys
 from fhirbridge.crypto.keys import KeyRing, mixed_generations
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
@@ -276,8 +276,18 @@ def _recipient(opened: OpenedPackage, hospital: KeyRing | TrustStore | None) -> 
     return signer
 
 
+def form_for(opened: OpenedPackage, mappings_dir: Path, fallback: str = "default") -> str:
+    """The opinion form for this package: mappings/opinion/<profile>.toml for the Case's collection profile
+    (the manifest's `profile`: spine, cardiac, oncology, radiology), else `fallback`. The specialty's form
+    asks what that specialty's second opinion must answer; every form ends with the same coded outcome."""
+    profile = opened.manifest.get("profile")
+    if isinstance(profile, str) and profile != "default" and profile in opinion_form_names(mappings_dir):
+        return profile
+    return fallback
+
+
 def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
-           *, mappings_dir: Path, form: str = "default") -> tuple[bytes, dict]:
+           *, mappings_dir: Path, form: str | None = None) -> tuple[bytes, dict]:
     """Build, sign and seal the opinion; returns (sealed bytes, claims).
 
     The opinion is encrypted to the encryption keys of the hospital whose key verified the package
@@ -287,12 +297,33 @@ def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: Key
                        source=str(answer_file))
 
 
+def studies_of(opened: OpenedPackage) -> dict[str, dict]:
+    """The package's imaging studies by "ImagingStudy/<id>", in the document's order (a `studies` field)."""
+    return {f"ImagingStudy/{r.get('id')}": r for e in opened.document.get("entry", [])
+            for r in [e.get("resource", {})] if r.get("resourceType") == "ImagingStudy"}
+
+
 def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
-                *, mappings_dir: Path, form: str = "default", source: str = "the answer") -> tuple[bytes, dict]:
-    """`answer` for an answer already read (the portal's form): checked against the form, then sealed."""
+                *, mappings_dir: Path, form: str | None = None, source: str = "the answer") -> tuple[bytes, dict]:
+    """`answer` for an answer already read (the portal's form): checked against the form, then sealed.
+    `form` None: the form of the package's collection profile (`form_for`)."""
+    sealed, claims, _document = sealed_answer(opened, data, key, hospital, mappings_dir=mappings_dir, form=form,
+                                              source=source)
+    return sealed, claims
+
+
+def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
+                  *, mappings_dir: Path, form: str | None = None,
+                  source: str = "the answer") -> tuple[bytes, dict, dict]:
+    """`answer_data`, also returning the signed opinion document (the portal keeps it for the reviewer)."""
     recipient = _recipient(opened, hospital)
-    form_def = load_opinion_form(mappings_dir, form)
+    form_def = load_opinion_form(mappings_dir, form or form_for(opened, mappings_dir))
     problems = check_answer(data, form_def)
+    studies = studies_of(opened)
+    for f in form_def.fields.values():
+        if f.kind == "studies" and isinstance(data.get(f.name), list) and not problems:
+            problems += [f"{f.name}: {v['study']} is not an imaging study of this package (it has: "
+                         f"{', '.join(studies) or 'none'})" for v in data[f.name] if v["study"] not in studies]
     if problems:
         raise AnswerError(source, problems)
     claims = opened.claims
@@ -306,7 +337,8 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
     us = envelope.party(claims, "aud")   # the reviewer, as the package names it
     org = reviewer_organization(us)
     document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
-                                      patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org)
+                                      patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org,
+                                      studies=studies)
     document = jws.sign_bundle(document, key, who={"identifier": {"system": us["system"], "value": us["value"]},
                                                    "display": us.get("display")}, when=timestamp)
     now = int(time.time())
@@ -315,7 +347,7 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
                   "service_request": claims["service_request"], "patient": claims["patient"]}
     sealed = envelope.seal(typ=envelope.OPINION, claims=out_claims, document=document, signer=key,
                            recipient=recipient)
-    return sealed, out_claims
+    return sealed, out_claims, document
 
 
 def write_reviewer_keys(directory: Path, hospital_public_jwks: Path | None = None, *, rsa: bool = True) -> dict:

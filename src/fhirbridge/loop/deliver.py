@@ -6,8 +6,6 @@ records back. The disclosure is accounted for (BALP AuditEvent) before the step 
 """
 from __future__ import annotations
 
-import time
-
 from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.exchange.transport import deliver
@@ -35,4 +33,5 @@ def deliver_step(app: App, case: Case) -> StepResult:
     # The accounting of this disclosure (BALP), recorded before the step is: once per package, even when
     # the step is repeated; written to the EHR too when [audit] write_to_ehr (a failure there is retried).
     audit.record_disclosure(app, case, detail)
-    return StepResult(detail, due_at=time.time() + reviewer.turnaround_days * 86400)
+    # The Case's due_at was set at seal, from the same value the package carries (config Reviewer.due_at).
+    return StepResult(detail)

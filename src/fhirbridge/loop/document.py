@@ -110,6 +110,49 @@ def build_document(collected: Collected, *, package_id: str, base_url: str, hosp
             "type": "document", "timestamp": timestamp, "entry": entries}
 
 
+URGENT_PRIORITIES = ("stat", "asap", "urgent")   # R4 request-priority, most urgent first; `routine` is the rest
+
+
+def referring_physician(collected: Collected) -> dict:
+    """Who asked, for the manifest: the ServiceRequest's requester (required when ordering, ehr/order.py) as
+    {reference, name, telecom, organization}, from the Practitioner / PractitionerRole (and the Practitioner
+    and Organization a role points at) that collect followed from the order. Only what was collected is named:
+    a requester the disclosure rules withheld is given by its reference's `display` alone, if any."""
+    sr = collected.service_request
+    ref = (sr.get("requester") or {}).get("reference") or ""
+    found = {f"{r['resourceType']}/{r.get('id')}": r for r in collected.resources}
+
+    def local(reference: str | None) -> dict:
+        reference = reference or ""
+        return next((r for key, r in found.items() if reference == key or reference.endswith("/" + key)), {})
+
+    who = local(ref)
+    practitioner = who if who.get("resourceType") == "Practitioner" else local(
+        (who.get("practitioner") or {}).get("reference"))
+    organization = local((who.get("organization") or {}).get("reference"))
+    # PractitionerRole.telecom is the contact in that role (R4 practitionerrole.html); the person's own follows.
+    sources = [who] if practitioner is who else [who, practitioner]
+    telecom = [t for r in sources for t in r.get("telecom", []) if isinstance(t, dict) and t.get("value")]
+    seen: set[tuple] = set()
+    contacts = []
+    for t in telecom:
+        key = (t.get("system"), t.get("value"))
+        if key not in seen:
+            seen.add(key)
+            contacts.append({k: t[k] for k in ("system", "value", "use") if isinstance(t.get(k), str)})
+    return {"reference": ref, "name": person_name(practitioner) or (sr.get("requester") or {}).get("display") or "",
+            "telecom": contacts, "organization": organization.get("name") or
+            (who.get("organization") or {}).get("display") or ""}
+
+
+def person_name(r: dict) -> str:
+    """A HumanName as one line: its text, else prefix, given and family names."""
+    names = r.get("name") or []
+    name = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
+    return (name.get("text") or " ".join([*name.get("prefix", []), *name.get("given", []),
+                                           name.get("family", "")])).strip()
+
+
 def hospital_organization(name: str, system: str, value: str) -> dict:
     oid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{system}|{value}"))
     return {"resourceType": "Organization", "id": oid, "identifier": [{"system": system, "value": value}],

@@ -17,7 +17,7 @@ class StepResult:
     # the Case goes back to. None: the step is done and the Case moves on to steps.FLOW[step].next.
     back_to: Step | None = None
     package_id: str | None = None           # seal: the package just sealed
-    due_at: float | None = None             # deliver: when the reviewer's opinion is due (epoch seconds)
+    due_at: float | None = None             # seal: when the reviewer's opinion is due (the package says so too)
     document_reference: str | None = None   # file: the note in the chart ("DocumentReference/<id>")
     # The step brought the EHR Task in line itself (the write-back transaction completes it): the runner
     # need not read and sync the Task after recording the step.

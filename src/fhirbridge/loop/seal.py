@@ -27,7 +27,7 @@ from fhirbridge.exchange import envelope
 from fhirbridge.fhir.elements import question_of
 from fhirbridge.loop import guards
 from fhirbridge.loop.collect import Collected, has_collected, load_collected
-from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization
+from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization, referring_physician
 from fhirbridge.loop.result import StepResult, sent_back
 from fhirbridge.steps import Step
 from fhirbridge.store.store import Case, worker_id
@@ -44,7 +44,8 @@ def package_dir(app: App, case: Case) -> Path:
 
 
 def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
-    """Build the package; returns (package_id, summary for the event log - counts only, no PHI)."""
+    """Build the package; returns (package_id, summary for the event log - counts only, no PHI, and the
+    `due_at` the package names)."""
     cfg = app.config
     reviewer = cfg.reviewer(case.reviewer)
     # The reviewer's newest key generation only: after it rotated, its old keys stay published for a while
@@ -85,8 +86,13 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
                                                    when=timestamp, x5c=app.hospital_x5c)
     issued = int(time.time())
+    due_at = reviewer.due_at(issued)
     manifest: dict[str, Any] = {
         "profile": collected.profile,
+        # Urgency and who asked (issue 16): the order's R4 request-priority and its requester, so the reviewer
+        # sees them without reading the ServiceRequest, and sorts the inbox by them.
+        "priority": collected.service_request.get("priority") or "routine",
+        "requester": referring_physician(collected),
         "lookback_days": collected.lookback_days,
         "question": question_of(collected.service_request),
         "shared": [f"{r['resourceType']}/{r['id']}" for r in collected.resources],
@@ -102,6 +108,9 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
                                "display": reviewer.display}),
         "case_id": case.id, "service_request": case.service_request, "patient": case.patient,
         "package_id": package_id, "manifest": manifest,
+        # The answer's due date (config Reviewer.due_at), signed with the rest; `exp` is when the package
+        # stops being accepted at all, a different and later instant.
+        "due_at": due_at,
     }
     data = envelope.seal(typ=envelope.PACKAGE, claims=claims, document=document, signer=app.hospital_keys,
                          recipient=reviewer_keys, document_sha256=digest)
@@ -116,7 +125,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     staging.rename(final)
     summary = {"package_id": package_id, "shared": len(manifest["shared"]), "withheld": len(collected.withheld),
                "attachment_files": len(files), "inline_attachments": len(inline),
-               "envelope_bytes": len(data)}
+               "envelope_bytes": len(data), "due_at": due_at}
     return package_id, summary
 
 
@@ -128,5 +137,6 @@ def seal_step(app: App, case: Case) -> StepResult:
         return sent_back(Step.COLLECT, "collected records missing from data_dir; collecting again")
     guards.show_step_on_task(app, case)
     package_id, summary = seal_case(app, case, load_collected(app, case))
-    return StepResult(summary, package_id=package_id)
+    # The due date the package names is the Case's: one value for the reviewer, the pages and the overdue flag.
+    return StepResult(summary, package_id=package_id, due_at=summary["due_at"])
 

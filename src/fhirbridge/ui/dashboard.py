@@ -218,11 +218,12 @@ def _turnaround(svc, cases) -> list[dict]:
     out = []
     for name, reviewer in svc.config.reviewers.items():
         mine = [c for c in cases if c.reviewer == name]
-        sent = [c for c in mine if c.due_at is not None]
+        # due_at is set when the package is sealed (config Reviewer.due_at): a Case still at deliver is not sent.
+        sent = [c for c in mine if c.due_at is not None and c.step != Step.DELIVER]
         days = []
         for c in sent:
             if c.step == Step.DONE:
-                delivered = c.due_at - reviewer.turnaround_days * 86400   # due_at was set at delivery
+                delivered = c.due_at - reviewer.turnaround_days * 86400   # when the package was issued
                 days.append(max(0.0, (c.updated_at - delivered) / 86400))
         out.append({"name": reviewer.display, "target": reviewer.turnaround_days, "sent": len(sent),
                     "filed": sum(c.step == Step.DONE for c in mine),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fhirbridge.exchange import envelope
 from fhirbridge.exchange.render import imaging_detail, patient_line, report_detail
 from fhirbridge.fhir.elements import clinical_date, concept_text, summary_line
 
@@ -59,6 +60,9 @@ class RecordView:
     withheld: list[dict]
     policy_note: str | None
     profile: str | None
+    priority: str = "routine"                                  # the order's R4 request-priority
+    urgent: bool = False                                       # stat, asap or urgent
+    requester: dict = field(default_factory=dict)              # envelope.requester: name, organisation, telecom
 
 
 def _date(r: dict) -> str:
@@ -121,11 +125,13 @@ def build(opened, *, attachment_text) -> RecordView:
     meds = [item(r, _dosage(r)) for r in by_type.get("MedicationStatement", []) + by_type.get("MedicationRequest", [])]
     return RecordView(
         package_id=str(claims.get("package_id")), case_id=str(claims.get("case_id")),
-        hospital=opened.sender, sent=claims.get("iat"), answer_by=claims.get("exp"),
+        hospital=opened.sender, sent=claims.get("iat"), answer_by=envelope.due_at(claims),
         patient=patient, questions=questions_of(manifest.get("question")),
         problems=[item(r) for r in by_type.get("Condition", [])], timeline=timeline, imaging=imaging,
         medications=meds, withheld=list(manifest.get("withheld", [])), policy_note=manifest.get("policy_note"),
-        profile=manifest.get("profile"))
+        profile=manifest.get("profile"), priority=envelope.priority(claims),
+        urgent=envelope.urgency_rank(envelope.priority(claims)) < len(envelope.URGENT),
+        requester=envelope.requester(claims))
 
 
 def attachments_of(opened) -> list[tuple[Attachment, str]]:

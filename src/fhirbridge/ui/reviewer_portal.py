@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
-from fhirbridge.config.mappings import load_opinion_form
+from fhirbridge.config.mappings import OpinionForm, load_opinion_form
 from fhirbridge.crypto import files, jwe
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.urls import is_https_or_loopback
@@ -39,7 +39,8 @@ from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
 from fhirbridge.exchange.render import render_opinion
-from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, answer_data, open_package
+from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, form_for, open_package, sealed_answer, studies_of
+from fhirbridge.fhir.elements import summary_line
 from fhirbridge.ui import check_csrf, derive_secret, install, safe_next
 from fhirbridge.ui.record_view import Attachment, attachments_of, build, questions_of
 
@@ -73,7 +74,7 @@ class PortalSettings:
     answers_dir: Path | None = None             # where sealed opinions go when not uploaded
     pull: list[str] = field(default_factory=list)   # hospitals' reviewer API base URLs (…/reviewer)
     issuer: str | None = None                   # our organisation identifier value, as the hospitals have it
-    form: str = "default"
+    form: str = "default"                       # for Cases whose collection profile has no form of its own
     token: str | None = None                    # login token (default: $FHIRBRIDGE_PORTAL_TOKEN)
 
 
@@ -238,12 +239,34 @@ class Portal:
                 return base64.b64decode(r.get("data", "")), att
         abort(404)
 
+    def form_name(self, pid: str) -> str:
+        """The opinion form of this Case: its collection profile's (exchange.reviewer.form_for), else --form."""
+        return form_for(self.opened(pid), self.s.mappings_dir, self.s.form)
+
+    def form_of(self, pid: str) -> OpinionForm:
+        return load_opinion_form(self.s.mappings_dir, self.form_name(pid))
+
     def answered(self, pid: str) -> dict | None:
         p = self.s.work_dir / "answered" / f"{pid}.json"
         return jsonutil.loads(p.read_bytes()) if p.exists() else None
 
-    def mark_answered(self, pid: str, what: dict) -> None:
+    def mark_answered(self, pid: str, what: dict, document: dict | None = None) -> None:
+        if document is not None:
+            # The opinion as sent, so the reviewer can read it again: a patient record, so encrypted to the
+            # reviewer's own key at rest, like the pulled packages (written before the marker that points at it).
+            envelope.write_atomic(self._sent_path(pid), jwe.encrypt_bytes(
+                jsonutil.dumps(document), self.key.encryption_keys(), typ="fhirbridge-sent-opinion+jwe"))
         envelope.write_atomic(self.s.work_dir / "answered" / f"{pid}.json", jsonutil.dumps({**what, "at": time.time()}))
+
+    def _sent_path(self, pid: str) -> Path:
+        return self.s.work_dir / "answered" / f"{pid}.opinion.jwe"
+
+    def sent_opinion(self, pid: str) -> str | None:
+        """The opinion this reviewer sent for the Case, as text (None if none is kept here)."""
+        p = self._sent_path(pid)
+        if not p.exists():
+            return None
+        return render_opinion(jsonutil.loads(jwe.decrypt_bytes(p.read_bytes(), self.key)), with_patient=False)
 
 
 def _message(r: requests.Response) -> str:
@@ -333,11 +356,18 @@ def attachment_response(data: bytes, att: Attachment) -> Response:
 
 # --- the form -------------------------------------------------------------------------------------------
 
-def read_form(form_def, questions: list[str], form) -> tuple[dict, dict[str, str]]:
-    """The answer as the opinion form wants it, and a message per field that is wrong."""
+def read_form(form_def, questions: list[str], form, studies: dict[str, dict] | None = None
+              ) -> tuple[dict, dict[str, str]]:
+    """The answer as the opinion form wants it, and a message per field that is wrong. A `studies` field is one
+    radio group per imaging study of the package (`<field>-<n>`, with a comment `<field>-<n>-comment`)."""
     data: dict = {}
+    study_keys = list(studies or {})
     for f in form_def.fields.values():
-        if f.kind == "answers":
+        if f.kind == "studies":
+            data[f.name] = [{"study": key, "score": form.get(f"{f.name}-{i}", "").strip(),
+                             **({"comment": c} if (c := form.get(f"{f.name}-{i}-comment", "").strip()) else {})}
+                            for i, key in enumerate(study_keys)]
+        elif f.kind == "answers":
             data[f.name] = [{"question": q, "answer": form.get(f"answers-{i}", "").strip()}
                             for i, q in enumerate(questions)]
         elif f.kind == "list":
@@ -347,7 +377,12 @@ def read_form(form_def, questions: list[str], form) -> tuple[dict, dict[str, str
     errors: dict[str, str] = {}
     for f in form_def.fields.values():
         v = data[f.name]  # the loop above set every field
-        if f.kind == "answers":
+        if f.kind == "studies":
+            if any(e["score"] not in f.choices for e in v) and (f.required or any(e["score"] for e in v)):
+                errors[f.name] = f"{f.label}: score each study"
+            elif not any(e["score"] for e in v):
+                data[f.name] = []
+        elif f.kind == "answers":
             if any(not a["answer"] for a in v):
                 errors[f.name] = "Answer each question the referring physician asked"
         elif f.required and not v:
@@ -357,10 +392,11 @@ def read_form(form_def, questions: list[str], form) -> tuple[dict, dict[str, str
     return {k: v for k, v in data.items() if v not in ("", [])}, errors
 
 
-def preview_text(portal: Portal, opened: OpenedPackage, data: dict) -> str:
+def preview_text(form: OpinionForm, opened: OpenedPackage, data: dict) -> str:
     claims = opened.claims
     entries = {f"{e['resource']['resourceType']}/{e['resource'].get('id')}": e for e in opened.document["entry"]}
-    doc = build_opinion_document(data, portal.form, opinion_id=str(uuid.uuid4()), timestamp="(when sent)",
+    doc = build_opinion_document(data, form, opinion_id=str(uuid.uuid4()), timestamp="(when sent)",
+                                 studies=studies_of(opened),
                                  patient_entry=entries[claims["patient"]],
                                  service_request_entry=entries[claims["service_request"]],
                                  reviewer_org=reviewer_organization(envelope.party(claims, "aud")))
@@ -413,20 +449,29 @@ def create_portal(settings: PortalSettings) -> Flask:
         for problem in portal.refresh():
             flash(problem, "error")
         rows = []
+        now = time.time()
         for pid, pc in sorted(portal.cases.items()):
             try:
                 opened = portal.opened(pid)
                 qs = questions_of(opened.manifest.get("question"))
-                patient = build(opened, attachment_text=lambda _i: None).patient
-                rows.append({"pid": pid, "package": pc.package_id, "patient": patient,
-                             "question": qs[0] if qs else "",
-                             "hospital": opened.sender,
-                             "sent": opened.claims.get("iat"), "due": pc.due_at or opened.claims.get("exp"),
-                             "answered": portal.answered(pid), "closed": pc.source == "closed", "error": None})
+                view = build(opened, attachment_text=lambda _i: None)
+                answered, closed = portal.answered(pid), pc.source == "closed"
+                # The hospital's listing names the same due date as the package (both from Reviewer.due_at).
+                due = pc.due_at or view.answer_by
+                rows.append({"pid": pid, "package": pc.package_id, "patient": view.patient,
+                             "question": qs[0] if qs else "", "hospital": opened.sender,
+                             "requester": view.requester, "priority": view.priority, "urgent": view.urgent,
+                             "sent": opened.claims.get("iat"), "due": due,
+                             "overdue": bool(due and due < now and not answered and not closed),
+                             "answered": answered, "closed": closed, "error": None})
             except (FhirbridgeError, OSError) as exc:
                 rows.append({"pid": pid, "package": pc.package_id, "error": str(exc), "patient": "", "question": "",
-                             "hospital": "", "sent": None, "due": None, "answered": None, "closed": False})
-        rows.sort(key=lambda r: (bool(r["answered"]) or r["closed"], r["due"] or 0))
+                             "hospital": "", "requester": {}, "priority": "", "urgent": False, "sent": None,
+                             "due": None, "overdue": False, "answered": None, "closed": False})
+        # Open Cases first; among them stat, asap, urgent before routine (R4 request-priority), then the one due
+        # soonest. A package that cannot be opened sorts with the open ones, by its (unknown) due date last.
+        rows.sort(key=lambda r: (bool(r["answered"]) or r["closed"], envelope.urgency_rank(str(r["priority"])),
+                                 r["due"] or float("inf")))
         return render_template("reviewer/inbox.html", title="Inbox", rows=rows, nav=nav("inbox"),
                                where="Reviewer portal", fmt=_fmt)
 
@@ -441,10 +486,15 @@ def create_portal(settings: PortalSettings) -> Flask:
             return data.decode("utf-8", errors="replace")
         view = build(opened, attachment_text=text_of)
         pc = portal.cases[pid]
-        return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view, form=portal.form,
-                               values=values or {}, errors=errors or {}, preview=preview, pc=pc,
-                               answered=portal.answered(pid), nav=nav("case"), where="Reviewer portal",
-                               fmt=_fmt), status
+        due = pc.due_at or view.answer_by
+        answered = portal.answered(pid)
+        return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view,
+                               form=portal.form_of(pid), form_name=portal.form_name(pid),
+                               studies=[(key, summary_line(r)) for key, r in studies_of(opened).items()],
+                               values=values or {}, errors=errors or {}, preview=preview, pc=pc, due=due,
+                               overdue=bool(due and due < time.time() and not answered and pc.source != "closed"),
+                               answered=answered, sent_opinion=portal.sent_opinion(pid) if answered else None,
+                               nav=nav("case"), where="Reviewer portal", fmt=_fmt), status
 
     @app.get("/cases/<pid>")
     def case(pid: str):
@@ -463,15 +513,16 @@ def create_portal(settings: PortalSettings) -> Flask:
             flash("This Case was answered already.", "error")
             return redirect(url_for("case", pid=pid))
         questions = questions_of(opened.manifest.get("question"))
-        data, errors = read_form(portal.form, questions, request.form)
+        form_def = portal.form_of(pid)
+        data, errors = read_form(form_def, questions, request.form, studies=studies_of(opened))
         values = request.form.to_dict()
         if errors:
             return _case_page(pid, values=values, errors=errors, status=422)
         if request.form.get("action") != "send":
-            return _case_page(pid, values=values, preview=preview_text(portal, opened, data))
+            return _case_page(pid, values=values, preview=preview_text(form_def, opened, data))
         try:
-            sealed, claims = answer_data(opened, data, portal.key, mappings_dir=settings.mappings_dir,
-                                         form=settings.form, source="the form")
+            sealed, claims, document = sealed_answer(opened, data, portal.key, mappings_dir=settings.mappings_dir,
+                                                     form=portal.form_name(pid), source="the form")
         except AnswerError as exc:
             return _case_page(pid, values=values, errors={"_": "; ".join(exc.problems)}, status=422)
         pc = portal.cases[pid]
@@ -480,7 +531,8 @@ def create_portal(settings: PortalSettings) -> Flask:
         except (requests.RequestException, FhirbridgeError) as exc:
             flash(f"Not sent: {exc}. Your answer is kept below; try again.", "error")
             return _case_page(pid, values=values, status=502)
-        portal.mark_answered(pid, {"opinion": claims["jti"], "where": where})
+        portal.mark_answered(pid, {"opinion": claims["jti"], "where": where, "form": portal.form_name(pid)},
+                             document=document)
         flash(f"Signed and sent: {where}.", "ok")
         return redirect(url_for("case", pid=pid))
 
