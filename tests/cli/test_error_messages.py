@@ -68,11 +68,11 @@ def test_a_wrongly_typed_environment_override_names_the_variable_and_its_value(t
         config.load(cfg, environ={"FHIRBRIDGE_HOSPITAL__HTTP__RETRIES": "three"})
     text = str(err.value)
     assert "EnvValue" not in text and "a int" not in text
-    assert "hospital.http.retries: must be a whole number, but FHIRBRIDGE_HOSPITAL__HTTP__RETRIES='three' is not" \
-        in text
+    assert ("hospital.http.retries: must be a whole number (int), but FHIRBRIDGE_HOSPITAL__HTTP__RETRIES='three' "
+            "is not") in text
     with pytest.raises(ConfigError) as err:
         config.load(cfg, environ={"FHIRBRIDGE_SERVICE__POLL_SECONDS": "soon"})
-    assert "must be a number, but FHIRBRIDGE_SERVICE__POLL_SECONDS='soon' is not" in str(err.value)
+    assert "must be a number (float), but FHIRBRIDGE_SERVICE__POLL_SECONDS='soon' is not" in str(err.value)
 
 
 def test_a_wrongly_typed_key_in_the_file_says_what_it_wants_in_words(tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_a_wrongly_typed_key_in_the_file_says_what_it_wants_in_words(tmp_path, c
     cfg.write_text(re.sub(r"^retries = \d+", 'retries = "3"', cfg.read_text(), count=1, flags=re.M))
     with pytest.raises(ConfigError) as err:
         config.load(cfg)
-    assert "hospital.http.retries: must be a whole number, got text '3'" in str(err.value)
+    assert "hospital.http.retries: must be a whole number (int), got text '3'" in str(err.value)
 
 
 # --- the store is down ---------------------------------------------------------------------------------

@@ -219,8 +219,9 @@ _TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 
 
 def _type_words(typ: type | tuple) -> str:
+    """`a whole number (int)`: the words, and TOML's and Python's name of the type for those who look it up."""
     types = typ if isinstance(typ, tuple) else (typ,)
-    return " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
+    return " or ".join(f"{_TYPE_WORDS.get(t, t.__name__)} ({t.__name__})" for t in types)
 
 
 def _from_env(value: EnvValue, typ: type | tuple) -> Any:
