@@ -153,3 +153,18 @@ def test_an_idle_scheduler_says_at_debug_that_it_ticked(hospital):
     debug = [line["message"] for line in lines(buf) if line["level"] == "debug"]
     assert any(m.startswith("work tick for ") for m in debug)
     assert any("Running job" in m for m in debug)     # APScheduler's line, demoted from INFO
+
+
+def test_a_case_that_fails_at_intake_is_an_error_line_too(captured, hospital, seeded):
+    """An order naming a performer no reviewer here is (routing.py: to that reviewer or to nobody): failed at
+    intake, one ERROR line."""
+    sr = hospital.order(seeded["patient"])
+    sr = hospital.app.ehr.read_ref(f"ServiceRequest/{sr['id']}")
+    sr["performer"] = [{"identifier": {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.0.404"}}]
+    hospital.app.ehr.update(sr)
+    hospital.run()
+    case = hospital.case_for(sr)
+    assert case.step == "failed" and case.data["failed_step"] == "intake"
+    errors = [line for line in about(lines(captured), case.id) if line["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["reason"] == case.last_error
+    assert errors[0]["message"].startswith(f"case {case.id} failed at intake: ")

@@ -51,7 +51,8 @@ def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> C
         if current.step in FINAL_STEPS:
             raise CaseError(f"Case {case.id[:8]} is already {current.step}; nothing to cancel")
         return current
-    _moved(case, cancelled, "cancelled")
+    if not worker:   # a worker's cancel is the step's outcome: the runner logs that transition
+        _moved(case, cancelled, "cancelled")
     _mirror(app, cancelled, Step.CANCELLED, reason)
     return cancelled
 
