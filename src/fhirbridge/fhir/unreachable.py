@@ -61,9 +61,9 @@ def why_unreachable(exc: BaseException, url: str | None = None) -> str:
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "connection refused" in text:
         return f"connection refused by {where}: nothing listens on that port (is the server running?)"
     if isinstance(exc, requests.exceptions.ConnectTimeout) or "ConnectTimeoutError" in names:
-        return f"{where} did not accept the connection in time (down, or a firewall drops it)"
+        return f"connecting to {where} timed out (down, or a firewall drops the packets)"
     if isinstance(exc, requests.Timeout) or "ReadTimeoutError" in names:
-        return f"{where} accepted the connection but did not answer in time"
+        return f"{where} accepted the connection, then the read timed out (no answer in time)"
     if any(isinstance(e, ConnectionResetError) for e in chain) or "reset by peer" in text:
         return f"{where} closed the connection (reset)"
     if any(isinstance(e, OSError) and getattr(e, "errno", None) for e in chain):
