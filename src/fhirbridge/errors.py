@@ -5,6 +5,16 @@ clinical text): messages name resources by type and id, files by path, config ke
 """
 from __future__ import annotations
 
+# The exit codes of the `fhirbridge` command (docs/troubleshoot.md has the table; tests/cli/test_exit_codes.py
+# checks that it matches). 0: done; 1: something failed (FhirbridgeError, a step's error, a refused file);
+# the others below, and each error kind's `exit_code`. Kept stable: scripts and unit files test them.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_STORE_UNREACHABLE = 5   # the Case store's database cannot be reached
+EXIT_PORT_IN_USE = 6         # `serve`: the address to listen on is taken, or cannot be listened on
+EXIT_USAGE = 2               # a bad command line (argparse's own code; a ConfigError shares it)
+EXIT_INTERRUPTED = 130       # Ctrl-C (128 + SIGINT)
+
 
 class FhirbridgeError(Exception):
     exit_code = 1
@@ -68,6 +78,18 @@ class RejectedOpinion(FhirbridgeError):
     """An opinion was refused before anything was written (unknown Case, already filed, wrong sender...)."""
 
     exit_code = 4
+
+
+class UsageError(FhirbridgeError):
+    """A command line that cannot work (an option's value makes no sense): says what to give instead."""
+
+    exit_code = EXIT_USAGE
+
+
+class PortInUse(FhirbridgeError):
+    """`serve` cannot listen where it was asked to (taken, not an address of this machine, privileged)."""
+
+    exit_code = EXIT_PORT_IN_USE
 
 
 class CaseError(FhirbridgeError):

@@ -44,3 +44,24 @@ def test_every_process_variable_the_code_reads_is_documented():
     for path in (ROOT / "src" / "fhirbridge").rglob("*.py"):
         used |= {m for m in re.findall(r"\bFHIRBRIDGE_[A-Z][A-Z_]*[A-Z]\b", path.read_text()) if "__" not in m}
     assert used <= set(config_reference.ENVIRONMENT), sorted(used - set(config_reference.ENVIRONMENT))
+
+
+def test_no_default_is_a_value_of_the_samples():
+    """A default computed from another key (a reviewer's `display` from its `name`) is written in words: the
+    page showed `"a"`, the name of the trace's sample reviewer (issue 17, part 4)."""
+    assert config_reference.trace_derived() == set(config_reference.DERIVED)
+    page = config_reference.generate()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", page, re.M)}
+    assert rows["display"].strip() == "the reviewer's `name`"
+    assert rows["path"].strip() == "`var/outbox/<name>`"
+    for sample_name in ('`"a"`', '`"b"`', '`"H"`', '"var/outbox/a"'):
+        assert sample_name not in page
+
+
+def test_an_oversized_attachment_is_described_as_it_behaves():
+    """configure.md said an attachment over max_attachment_bytes "is withheld and named in the manifest"; the
+    Case in fact fails at seal, nothing sent (tests/loop/test_oversized_attachment.py runs it)."""
+    page = (ROOT / "docs" / "configure.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| `max_attachment_bytes`"))
+    assert "withheld and named in the manifest" not in row
+    assert "the Case stops at `seal` (failed, nothing sent)" in row and "fhirbridge retry" in row

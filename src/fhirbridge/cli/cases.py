@@ -85,6 +85,8 @@ def cmd_run(args) -> int:
     check_terminology(cfg.mappings_dir)
     for problem in config.check_files(cfg):
         print(f"warning: {problem}", file=sys.stderr)
+    if args.hospital:
+        cfg.hospital_named(args.hospital)  # refused before anything runs, with the configured names
     apps = ([App(cfg, progress=_progress, hospital_name=args.hospital)] if args.hospital
             else App.per_hospital(cfg, progress=_progress))
     errors, opened, steps = [], 0, 0
@@ -157,7 +159,8 @@ def cmd_status(args) -> int:
                 detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
                 print(terminal_safe(f"   {_fmt(e['at'])}  {e['kind']:<18} {detail}"))
             return 0
-        cases = app.store.list_cases()
+        # --hospital: that hospital's Cases only (without it, every hospital's).
+        cases = app.store.list_cases(hospital=app.hospital.key if args.hospital else None)
         if args.json:
             print(jsonutil.dumps([c.__dict__ for c in cases], pretty=True).decode())
             return 0
@@ -242,8 +245,16 @@ def cmd_audit(args) -> int:
 
 def cmd_retry(args) -> int:
     with app_from_args(args) as app:
-        case = retry(app, app.store.find_by_prefix(args.case))
-    print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+        before = app.store.find_by_prefix(args.case)
+        case = retry(app, before)
+    if before.step == "failed" and case.step == "failed":   # routing still fails: say why, not "continues"
+        print(terminal_safe(f"case {case.id[:8]} is still failed: {case.last_error}"), file=sys.stderr)
+        return 1
+    if before.step == "failed":
+        print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+    else:
+        print(f"case {case.id[:8]} had not failed (it is at {case.step}); its wait before the next attempt is "
+              "cleared, so the next `fhirbridge run` continues it")
     return 0
 
 

@@ -22,9 +22,13 @@ def progress(msg: str) -> None:
 
 
 def app_from_args(args: argparse.Namespace, *, progress: bool = True) -> App:
-    """The App of the hospital named by --hospital (or the only one), from --config."""
-    return App(config.load(args.config), progress=say if progress else _quiet,
-               hospital_name=getattr(args, "hospital", None))
+    """The App of the hospital named by --hospital (or the only one), from --config. A name no hospital has
+    is refused here, with the names there are, even by a command that never reads the hospital (status)."""
+    cfg = config.load(args.config)
+    name = getattr(args, "hospital", None)
+    if name is not None:
+        cfg.hospital_named(name)  # ConfigError: no hospital named 'Nowhere' (configured: ...)
+    return App(cfg, progress=say if progress else _quiet, hospital_name=name)
 
 
 def _quiet(_msg: str) -> None:

@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 
+import sqlalchemy.exc
+
 from fhirbridge import VERSION
 from fhirbridge.cli import cases, keys, reviewer, service, setup
 from fhirbridge.cli.common import say
-from fhirbridge.errors import FhirbridgeError
+from fhirbridge.errors import EXIT_INTERRUPTED, EXIT_STORE_UNREACHABLE, EXIT_USAGE, FhirbridgeError
 from fhirbridge.ops import logs
 
 
@@ -25,8 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that work on every configured hospital at once, or on none: `--hospital` would be ignored.
+_ALL_HOSPITALS = ("init", "db", "demo", "reviewer", "serve", "worker")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "hospital", None) is not None and args.command in _ALL_HOSPITALS:
+        say(f"error: --hospital does not apply to `{args.command}`, which works on every hospital the "
+            "configuration names (or none); leave it out", err=True)
+        return EXIT_USAGE
     # A long-running worker says what it does; a one-off command only what goes wrong (unless -v).
     logs.setup(level="INFO" if args.verbose or args.command == "worker" else "WARNING")
     try:
@@ -36,13 +46,20 @@ def main(argv: list[str] | None = None) -> int:
         # text, never as terminal commands (issue 13, S13).
         say(f"error: {exc}", err=True)
         return exc.exit_code
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        # The database is down or refuses us: one line, not the driver's traceback. The driver's first line
+        # names host and port (never the password: psycopg leaves it out of its messages).
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        say(f"error: cannot reach the Case store ([fhirbridge] store_url): {reason}. Is the database running "
+            "and is store_url right? `fhirbridge doctor` checks it", err=True)
+        return EXIT_STORE_UNREACHABLE
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         say(f"error: {where}{exc.strerror or exc}", err=True)
         return 1
     except KeyboardInterrupt:
         say("interrupted; every Case resumes where it stopped at the next `fhirbridge run`", err=True)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def console() -> None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -13,7 +15,7 @@ from fhirbridge.cli.common import say
 from fhirbridge.config import loader as config
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.subscriptions import subscribe
-from fhirbridge.errors import FhirbridgeError
+from fhirbridge.errors import FhirbridgeError, PortInUse, UsageError
 from fhirbridge.service.scheduler import Service
 
 
@@ -43,10 +45,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args) -> int:
     """Exec gunicorn with the project's config: the HTTP API plus, in each worker, the scheduler."""
     cfg_path = config.find_config_file(args.config).resolve()
-    config.load(cfg_path)  # a bad config fails here with its clear message, not in every worker
+    cfg = config.load(cfg_path)  # a bad config fails here with its clear message, not in every worker
     env = dict(os.environ, FHIRBRIDGE_CONFIG=str(cfg_path))
-    if args.bind:
-        env["FHIRBRIDGE_BIND"] = args.bind
+    bind = parse_bind(args.bind or os.environ.get("FHIRBRIDGE_BIND") or DEFAULT_BIND)
+    check_can_listen(bind)  # one clear line here, not gunicorn's retries and tracebacks in the log
+    env["FHIRBRIDGE_BIND"] = bind
+    # A reviewer's missing or wrong key file fails its Cases only when they reach seal: said now (and by
+    # /readyz, as a "keys" check), so the operator does not learn it from a failed Case hours later.
+    for problem in config.check_files(cfg):
+        say(f"warning: {problem}", err=True)
     if args.workers:
         env["FHIRBRIDGE_WORKERS"] = str(args.workers)
     if args.no_scheduler:
@@ -58,6 +65,62 @@ def cmd_serve(args) -> int:
     conf = Path(__file__).resolve().parent.parent / "service" / "gunicorn_conf.py"
     os.execve(gunicorn, [gunicorn, "-c", str(conf), "fhirbridge.service.app:create_app()"], env)
     return 0  # not reached
+
+
+DEFAULT_BIND = "127.0.0.1:8080"
+
+
+def parse_bind(value: str) -> str:
+    """`--bind` as gunicorn needs it, host:port. A bare port (`8080`, `:8080`) listens on 127.0.0.1, like
+    the default (gunicorn would read `8080` as a host named 8080); `unix:PATH` is passed on as is."""
+    value = value.strip()
+    if value.startswith("unix:"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "", value
+    host = host or "127.0.0.1"
+    if host.startswith("[") and host.endswith("]"):   # [::1]:8080
+        host = host[1:-1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--bind {value!r}: give host:port (127.0.0.1:8080, 0.0.0.0:8080) or a port (8080); "
+                         f"{port!r} is not a port number (1-65535)")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_can_listen(bind: str) -> None:
+    """Listen on `bind` for a moment, as gunicorn will (SO_REUSEADDR): a port another process holds, a host
+    that is no address of this machine, or a privileged port are refused with what to do."""
+    if bind.startswith("unix:"):
+        return
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortInUse(f"cannot listen on {bind}: {host!r} is not a name or address of this machine "
+                        f"({exc.strerror}); give --bind 127.0.0.1:{port} or 0.0.0.0:{port}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"cannot listen on {bind}: port {port} is in use by another program (another "
+                            f"`fhirbridge serve`? `ss -ltnp 'sport = :{port}'` shows which); stop it or choose "
+                            "another port with --bind host:port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise PortInUse(f"cannot listen on {bind}: {host} is not an address of this machine; give "
+                            f"--bind 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port} (every "
+                            "interface)") from None
+        if exc.errno == errno.EACCES:
+            raise PortInUse(f"cannot listen on {bind}: ports below 1024 need privileges; use a port above "
+                            "1024 behind your reverse proxy") from None
+        raise PortInUse(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
 
 
 def cmd_worker(args) -> int:
@@ -77,6 +140,8 @@ def cmd_worker(args) -> int:
 def cmd_subscribe(args) -> int:
     """Register (or bring up to date) each hospital's Subscriptions Backport subscription on its EHR."""
     cfg = config.load(args.config)
+    if args.hospital:
+        cfg.hospital_named(args.hospital)  # refused before anything is registered, with the configured names
     apps = ([App(cfg, hospital_name=args.hospital)] if args.hospital else App.per_hospital(cfg))
     status = 0
     try:

@@ -41,6 +41,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dir", default="fhirbridge-demo",
                    help="where to put the demo's files (default: ./fhirbridge-demo)")
     s.add_argument("--keep-ehr", action="store_true", help="leave the demo EHR running at the end")
+    s.add_argument("--keep", action="store_true",
+                   help="at the end, serve the dashboard, physician app and reviewer portal against the demo EHR "
+                        "until Ctrl-C (then stop all of it)")
     s.set_defaults(func=cmd_demo)
 
 
@@ -90,4 +93,4 @@ def cmd_db(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    return run_demo(Path(args.dir), keep_ehr=args.keep_ehr)
+    return run_demo(Path(args.dir), keep_ehr=args.keep_ehr, keep=args.keep)

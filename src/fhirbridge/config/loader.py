@@ -195,14 +195,33 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str], file: Path) -> No
                 raise ConfigError(f"environment variable {name} overrides a non-table value", file=str(file),
                                   key=".".join(parts))
         # Kept as text: the reader converts it to the type the key needs (a digits-only token stays text).
-        node[parts[-1]] = EnvValue(value)
+        node[parts[-1]] = EnvValue(value, name)
 
 
 LIST_SECTIONS = {"reviewers": "reviewer", "hospitals": "hospital"}
 
 
 class EnvValue(str):
-    """A value that came from the environment: text, converted when its key wants a number or boolean."""
+    """A value that came from the environment: text, converted when its key wants a number or boolean.
+    `var` is the variable's name, so that a value of the wrong type names where it came from."""
+
+    var: str
+
+    def __new__(cls, value: str, var: str = "") -> EnvValue:
+        self = super().__new__(cls, value)
+        self.var = var
+        return self
+
+
+# How a type is named to the operator (not `int`, `float`, `EnvValue`).
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list",
+               dict: "a table"}
+
+
+def _type_words(typ: type | tuple) -> str:
+    """`a whole number (int)`: the words, and TOML's and Python's name of the type for those who look it up."""
+    types = typ if isinstance(typ, tuple) else (typ,)
+    return " or ".join(f"{_TYPE_WORDS.get(t, t.__name__)} ({t.__name__})" for t in types)
 
 
 def _from_env(value: EnvValue, typ: type | tuple) -> Any:
@@ -243,14 +262,20 @@ class _Section:
             if required:
                 raise self.err(name, "is required")
             return default
-        value = self.data[name]
+        value = raw = self.data[name]
         if isinstance(value, EnvValue):
             value = _from_env(value, typ)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-            raise self.err(name, f"must be a {want}, got {type(value).__name__}")
+            if isinstance(raw, EnvValue):
+                # The environment holds only text: say which variable, and what it held.
+                raise self.err(name, f"must be {_type_words(typ)}, but {raw.var}={str(raw)!r} is not")
+            got = _TYPE_WORDS.get(type(value), type(value).__name__)
+            # The value is quoted only where the key wants no text: a key that wants text may be a secret.
+            wants_text = str in (typ if isinstance(typ, tuple) else (typ,))
+            shown = "" if wants_text or isinstance(value, (dict, list)) else f" {value!r}"
+            raise self.err(name, f"must be {_type_words(typ)}, got {got}{shown}")
         if isinstance(value, float) and not math.isfinite(value):
             # TOML allows nan and inf, and float() parses them from the environment; a nan timeout compares
             # false with everything (so passes "> 0") and an infinite one never times out.

@@ -89,8 +89,9 @@ MEANINGS = {
                                "profiles, opinion form).",
     "fhirbridge.inline_attachment_limit": "Attachments up to this many bytes travel inside the package; larger ones "
                                           "as separate encrypted files.",
-    "fhirbridge.max_attachment_bytes": "Largest attachment fetched from the EHR; a larger one is withheld and named in "
-                                       "the manifest.",
+    "fhirbridge.max_attachment_bytes": "Largest attachment fetched from the EHR. A larger one is not withheld: the "
+                                       "Case stops at `seal` (failed, nothing sent) with an error naming the Binary "
+                                       "and the limit; raise the limit and `fhirbridge retry` the Case.",
     "fhirbridge.package_lifetime_days": "How long a sealed package is valid for the reviewer (its `exp`).",
     "fhirbridge.inbox": "Directory where sealed opinions are dropped to be received.",
     "hospital.name": "The hospital's display name (shown to reviewers; `--hospital NAME` picks it).",
@@ -183,7 +184,9 @@ MEANINGS = {
 # Process settings read from the environment only (no "__": they are not config keys).
 ENVIRONMENT = {
     "FHIRBRIDGE_CONFIG": ("./fhirbridge.toml", "The configuration file (`--config` wins)."),
-    "FHIRBRIDGE_BIND": ("127.0.0.1:8080", "`serve`: the address gunicorn listens on (the image: 0.0.0.0:8080)."),
+    "FHIRBRIDGE_BIND": ("127.0.0.1:8080", "`serve`: the address gunicorn listens on, `host:port` or a port alone "
+                        "(then on 127.0.0.1; the image: 0.0.0.0:8080). Checked before gunicorn starts: a port in "
+                        "use is one error line and exit code 6."),
     "FHIRBRIDGE_WORKERS": ("2", "`serve`: gunicorn worker processes, each with its own scheduler."),
     "FHIRBRIDGE_THREADS": ("4", "`serve`: threads per worker for HTTP requests."),
     "FHIRBRIDGE_TIMEOUT": ("120", "`serve`: gunicorn's worker timeout, seconds."),
@@ -213,11 +216,20 @@ class Key:
     required: bool
 
 
+# Defaults computed from another key: the trace sees them computed from its samples' values (a reviewer
+# named "a" showed `display` default "a"), so each is written in words here. A default that changes with the
+# samples' names (trace_derived) must have an entry: generate() refuses otherwise.
+DERIVED = {
+    "reviewers[].display": "the reviewer's `name`",
+    "reviewers[].transport.path": "`var/outbox/<name>`",
+}
+
+
 def _normal(key: str) -> str:
     return re.sub(r"\[\d+\]", "[]", key)
 
 
-def trace() -> dict[str, Key]:
+def trace(samples: list[dict] | None = None) -> dict[str, Key]:
     """Every key config/loader.py reads, in the order it reads them, with the type and default it asks for."""
     seen: dict[str, Key] = {}
     original = config._Section.get
@@ -228,9 +240,28 @@ def trace() -> dict[str, Key]:
         return original(self, name, typ, default, required=required)
 
     with mock.patch.object(config._Section, "get", recording):
-        for raw in SAMPLES:
+        for raw in SAMPLES if samples is None else samples:
             config._build(copy.deepcopy(raw), Path("/etc/fhirbridge/fhirbridge.toml"))
     return seen
+
+
+def _renamed(raw: dict) -> dict:
+    """A sample whose names (hospital, reviewers) are other words, to tell computed defaults from literal ones."""
+    out = copy.deepcopy(raw)
+    for r in out.get("reviewers", []):
+        r["name"] = f"renamed-{r['name']}"
+    out["hospital"]["name"] = "Renamed"
+    for key in out.get("api", {}).get("keys", []):
+        key["hospitals"] = ["Renamed"]
+    for issuer in out.get("physician_app", {}).get("issuers", []):
+        issuer["hospital"] = "Renamed"
+    return out
+
+
+def trace_derived() -> set[str]:
+    """Keys whose default changes when the samples' names do: computed from them, not a literal."""
+    first, seen = trace(), trace([_renamed(raw) for raw in SAMPLES])
+    return {k for k, key in first.items() if k in seen and seen[k].default != key.default}
 
 
 def _type(typ: Any) -> str:
@@ -242,6 +273,8 @@ def _type(typ: Any) -> str:
 def _default(key: Key) -> str:
     if key.required:
         return "**required**"
+    if key.name in DERIVED:
+        return DERIVED[key.name]
     if key.default is None or key.default == "":
         return "unset"
     if isinstance(key.default, bool):
@@ -260,6 +293,9 @@ def _env(key: str) -> str:
 
 def generate() -> str:
     keys = trace()
+    undescribed = trace_derived() - set(DERIVED)
+    if undescribed:
+        raise RuntimeError(f"defaults computed from other keys need words in DERIVED: {sorted(undescribed)}")
     out = [
         "# Configuration reference",
         "",

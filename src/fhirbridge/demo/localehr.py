@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -386,7 +387,7 @@ PROFILES: dict[str, _Profile] = {
 
 
 def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None, given: str | None = None,
-                 profile: str = "spine") -> dict:
+                 profile: str = "spine", progress: Callable[[str], None] | None = None) -> dict:
     """Create one synthetic patient with a record rich enough for a second opinion; return the ids.
 
     The record: conditions, two imaging orders each with an ImagingStudy and a radiology DiagnosticReport, a
@@ -394,13 +395,16 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
     MedicationStatement, a progress-note DocumentReference with inline text, and a procedure-note
     DocumentReference whose PDF (~300 KB, deterministic bytes) is a separate Binary. One more Procedure,
     `old_procedure`, lies five years back, outside a two-year lookback (it is not in `procedures`).
-    `physician` is the Practitioner who orders the second opinion (referring_physician).
+    `physician` is the Practitioner who orders the second opinion (referring_physician). `progress`, when
+    given, hears one line per stage (seeding takes most of the demo's time).
     """
+    say = progress or (lambda _msg: None)
     if profile not in PROFILES:
         raise ValueError(f"unknown seed profile {profile!r}: use one of {', '.join(PROFILES)}")
     prof = PROFILES[profile]
     now = datetime.now(UTC).replace(microsecond=0)
 
+    say("registering the patient (ADT)")
     reg = ehr.workflow("adt.register_patient", family=family, given=given)
     patient = f"Patient/{reg['patient']['id']}"
     ids: dict[str, Any] = {"patient": patient, "conditions": [], "service_requests": [], "imaging_studies": [],
@@ -408,7 +412,8 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
                            "medication_requests": [], "medication_statements": [], "document_references": [],
                            "binaries": []}
 
-    for code, conclusion in prof.imaging:
+    for n, (code, conclusion) in enumerate(prof.imaging, 1):
+        say(f"imaging {n} of {len(prof.imaging)}: order, study, radiology report")
         order = ehr.workflow("orders.imaging_order", patient=patient, procedure=code)
         sr = f"ServiceRequest/{order['service_request']['id']}"
         study = ehr.workflow("orders.imaging_study", service_request=sr)
@@ -424,15 +429,18 @@ def seed_patient(ehr: LocalEhr, client: FhirClient, *, family: str | None = None
         study["endpoint"] = [{"reference": endpoint}]
         client.update(study)
 
+    say("a lab cycle: order, results, report")
     lab = ehr.workflow("orders.full_lab_cycle", patient=patient, test=prof.lab_panel)
     ids["service_requests"].append(f"ServiceRequest/{lab['service_request']['id']}")
     ids["diagnostic_reports"].append(f"DiagnosticReport/{lab['diagnostic_report']['id']}")
     ids["observations"] += [f"Observation/{o['id']}" for o in lab["observations"]]
 
+    say(f"{len(prof.prescriptions)} prescription(s)")
     for med in prof.prescriptions:
         rx = ehr.workflow("meds.prescribe", patient=patient, medication=med)
         ids["medication_requests"].append(f"MedicationRequest/{rx['medication_request']['id']}")
 
+    say("a procedure note (PDF, ~300 KB) and the rest of the record, in one transaction")
     pdf = _demo_pdf(profile)
     binary, _ = client.create({"resourceType": "Binary", "contentType": "application/pdf",
                                "securityContext": {"reference": patient},

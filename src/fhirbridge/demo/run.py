@@ -4,21 +4,32 @@ Starts a FHIR R4 server on 127.0.0.1 with a temporary data directory, seeds a pa
 reports, procedures, medications and notes, orders a second opinion, collects, seals, delivers to a local
 outbox, answers as a sample reviewer, files the opinion, checks what landed in the EHR, and stops the
 server. The demo's own files (config, keys, package, opinion) stay in --dir to look at.
+
+Its end says how to open the pages against what it just ran: the IT dashboard (and this Case's page) and the
+physician app of `fhirbridge serve`, and the reviewer portal of `fhirbridge reviewer serve`. With `--keep`
+it starts both itself, against the demo EHR, prints their URLs and sign-in tokens, and stops everything it
+started (the service, the portal, the EHR) on Ctrl-C.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import requests
 
 from fhirbridge.config import loader as config
 from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import files
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.demo.localehr import LocalEhr, publish_order_topic, seed_patient
+from fhirbridge.demo.localehr import LocalEhr, free_port, publish_order_topic, seed_patient
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import FhirbridgeError
@@ -73,7 +84,17 @@ def _prepare(directory: Path) -> None:
     (directory / MARKER).write_text("made by `fhirbridge demo`; safe to delete\n")
 
 
-def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
+@dataclass
+class Ran:
+    """What the demo made, for the pages that show it."""
+    config: Path
+    reviewer_key: Path
+    packages: Path          # the reviewer's outbox (delivered packages)
+    inbox: Path             # the hospital's inbox (sealed opinions the service takes in)
+    case_id: str
+
+
+def run_demo(directory: Path, *, keep_ehr: bool = False, keep: bool = False) -> int:
     directory = directory.resolve()
     _prepare(directory)
     step = Steps()
@@ -82,9 +103,13 @@ def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
     ehr = LocalEhr.start(ehr_dir)
     print(f"    FHIR R4 server at {ehr.base_url}")
     try:
-        return _loop(directory, ehr, step, seed_patient)
+        ran = _loop(directory, ehr, step, seed_patient)
+        if keep:
+            return _keep_serving(directory, ehr, ran, step)
+        _print_pages(ran, ehr)
+        return 0
     finally:
-        if keep_ehr:
+        if keep_ehr and not keep:
             pgid = ehr.detach()
             print(f"\nThe demo EHR keeps running at {ehr.base_url} (data in {ehr_dir}); "
                   f"stop it with `kill -TERM -{pgid}`.")
@@ -94,7 +119,110 @@ def run_demo(directory: Path, *, keep_ehr: bool = False) -> int:
             print("\nStopped the demo EHR and removed its data.")
 
 
-def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
+SERVICE_PORT, PORTAL_PORT = 8080, 8090   # what `serve` and `reviewer serve` listen on by default
+
+
+def _portal_argv(ran: Ran, work: Path, bind: str) -> list[str]:
+    return ["reviewer", "serve", "--key", str(ran.reviewer_key), "--packages", str(ran.packages),
+            "--answers", str(ran.inbox), "--work", str(work), "--bind", bind]
+
+
+def _print_pages(ran: Ran, ehr) -> None:
+    """How to open the three pages against what the demo just ran (the demo EHR stops now: --keep keeps it)."""
+    prog = _prog()
+    print("\nThe pages, against this demo (`fhirbridge demo --keep` starts all of it for you and keeps the EHR):")
+    print(f"  IT dashboard:    FHIRBRIDGE_API__TOKENS=<a token of 16+ characters> {prog} --config {ran.config} "
+          f"serve, then http://127.0.0.1:{SERVICE_PORT}/dashboard/ (sign in with that token); this Case: "
+          f"http://127.0.0.1:{SERVICE_PORT}/dashboard/cases/{ran.case_id}")
+    print(f"  reviewer portal: FHIRBRIDGE_PORTAL_TOKEN=<a token> {prog} "
+          f"{' '.join(_portal_argv(ran, ran.config.parent.parent / 'reviewer-portal', f'127.0.0.1:{PORTAL_PORT}'))}"
+          f", then http://127.0.0.1:{PORTAL_PORT}/")
+    print(f"  physician app:   http://127.0.0.1:{SERVICE_PORT}/physician/launch is opened by the EHR (SMART App "
+          f"Launch: ?iss={ehr.base_url}&launch=...); the demo EHR has no chart to launch it from, so the "
+          "dashboard shows the Cases the physician's orders make")
+
+
+def _keep_serving(directory: Path, ehr, ran: Ran, step: Steps) -> int:
+    """`--keep`: the service (API, dashboard, physician app, scheduler) and the reviewer portal against the
+    demo, until Ctrl-C (or SIGTERM); then every process started here is stopped, the EHR last."""
+    step("Starting the service and the reviewer portal (--keep: Ctrl-C stops everything)")
+    api_token, portal_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    service_port, portal_port = free_port(), free_port()
+    service_url, portal_url = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{portal_port}"
+    env = {**os.environ, "FHIRBRIDGE_API__TOKENS": api_token, "FHIRBRIDGE_PORTAL_TOKEN": portal_token}
+    started: list[subprocess.Popen] = []
+    # SIGTERM (a service manager, `kill`) ends the wait like Ctrl-C: everything started here is stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for name, argv in (("service", ["--config", str(ran.config), "serve", "--bind", f"127.0.0.1:{service_port}",
+                                        "--workers", "1"]),
+                           ("portal", _portal_argv(ran, directory / "reviewer-portal", f"127.0.0.1:{portal_port}"))):
+            with open(directory / f"{name}.log", "ab") as log:   # the child keeps its own copy of the descriptor
+                started.append(subprocess.Popen([sys.executable, "-m", "fhirbridge", *argv], stdin=subprocess.DEVNULL,
+                                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        _wait_until_up(f"{service_url}/healthz", started[0], directory / "service.log")
+        _wait_until_up(f"{portal_url}/", started[1], directory / "portal.log")
+        print(f"    IT dashboard:    {service_url}/dashboard/  (token {api_token})")
+        print(f"    this Case:       {service_url}/dashboard/cases/{ran.case_id}")
+        print(f"    reviewer portal: {portal_url}/  (token {portal_token})")
+        print(f"    physician app:   {service_url}/physician/launch (opened by an EHR's SMART launch, "
+              f"iss={ehr.base_url})")
+        print(f"    demo EHR:        {ehr.base_url}")
+        print(f"    logs:            {directory / 'service.log'}, {directory / 'portal.log'}")
+        print("Running until Ctrl-C.", flush=True)
+        while all(p.poll() is None for p in started):
+            time.sleep(0.5)
+        gone = next(p for p in started if p.poll() is not None)
+        raise FhirbridgeError(f"the {'service' if gone is started[0] else 'portal'} stopped (exit code "
+                              f"{gone.returncode}); see {directory}/*.log")
+    except KeyboardInterrupt:
+        print("\nStopping the service, the portal and the demo EHR.", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in started:
+            _stop_group(proc)
+        # The EHR is stopped last, by run_demo.
+
+
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with requests.Session() as http:
+        http.trust_env = False   # a proxy from the environment must not sit between us and 127.0.0.1
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise FhirbridgeError(f"{url} did not start (exit code {proc.returncode}); see {log}")
+            try:
+                if http.get(url, timeout=2, allow_redirects=False).status_code < 500:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+    raise FhirbridgeError(f"{url} did not answer within {timeout:g} s; see {log}")
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
+    """SIGTERM the child's process group (gunicorn's master and workers), SIGKILL what is left after `grace`."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)   # workers outliving their master
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _loop(directory: Path, ehr, step: Steps, seed_patient) -> Ran:
     step("Configuring fhirbridge for the hospital, and keys for a sample reviewer")
     hospital_dir, reviewer_dir = directory / "hospital", directory / "reviewer"
     reviewer_files = write_reviewer_keys(reviewer_dir, None)
@@ -108,7 +236,7 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
     app = App(config.load(paths["config"]), progress=lambda m: print(f"    {m}", flush=True))
     try:
         step("Seeding a patient: imaging with reports, labs, procedures, medications, notes")
-        seeded = seed_patient(ehr, app.ehr, profile="spine")
+        seeded = seed_patient(ehr, app.ehr, profile="spine", progress=lambda m: print(f"    {m}", flush=True))
         publish_order_topic(app.ehr)  # lets `fhirbridge subscribe` work against a kept demo EHR
         print(f"    {seeded['patient']}: {len(seeded['diagnostic_reports'])} reports, "
               f"{len(seeded['imaging_studies'])} imaging studies, {len(seeded['procedures'])} procedures, "
@@ -174,7 +302,8 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> int:
     print(f"  sealed opinion:      {opinion_file}")
     print(f"  hospital config:     {paths['config']}")
     print(f"  case history:        {_prog()} --config {paths['config']} status {case.id[:8]}")
-    return 0
+    return Ran(config=paths["config"], reviewer_key=reviewer_files["private_keys"], packages=directory / "outbox",
+               inbox=app.config.inbox, case_id=case.id)
 
 
 def opened_opinion(app: App, case) -> dict:

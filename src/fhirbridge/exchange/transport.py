@@ -28,6 +28,7 @@ from fhirbridge.config.model import Reviewer
 from fhirbridge.crypto import files
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import ENVELOPE_FILE
+from fhirbridge.fhir.unreachable import why_unreachable
 
 
 class DeliveryError(FhirbridgeError):
@@ -136,7 +137,7 @@ def _post(s: requests.Session, reviewer: Reviewer, url: str, f: Path, headers: d
                 # redirect to an address the hospital did not configure.
                 r = s.post(url, data=body, headers=headers, timeout=(5, 120), allow_redirects=False)
         except requests.RequestException as exc:
-            raise DeliveryError(f"cannot reach reviewer {reviewer.name} at {url}: {exc.__class__.__name__}",
+            raise DeliveryError(f"cannot reach reviewer {reviewer.name} at {url}: {why_unreachable(exc, url)}",
                                 transient=True) from None
         if r.status_code not in RETRY_STATUSES:
             return r

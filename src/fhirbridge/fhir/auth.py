@@ -24,6 +24,7 @@ from requests.auth import AuthBase, HTTPBasicAuth
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import FhirError, SealError
+from fhirbridge.fhir.unreachable import why_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,8 @@ class SmartBackendAuth(AuthBase):
         except requests.Timeout:
             raise FhirError(f"{where} did not answer in time", transient=True) from None
         except requests.RequestException as exc:
-            raise FhirError(f"could not reach the {where} ({type(exc).__name__})", transient=True) from None
+            raise FhirError(f"could not reach the {where}: {why_unreachable(exc, self.token_url)}",
+                            transient=True) from None
         self.token_requests += 1
         try:
             data = resp.json() if len(resp.content) <= _TOKEN_ERROR_BODY else None

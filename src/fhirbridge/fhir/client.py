@@ -41,6 +41,7 @@ from urllib3.util.retry import Retry
 
 from fhirbridge import jsonutil
 from fhirbridge.errors import FhirError, InvalidResource, PartialTransaction
+from fhirbridge.fhir.unreachable import why_unreachable
 from fhirbridge.fhir.validate import validate as validate_resource
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,7 @@ class FhirClient:
             raise FhirError(f"EHR did not answer {what} in time (timeouts {self.timeout[0]:g}s connect, "
                             f"{self.timeout[1]:g}s read)", transient=True) from exc
         except requests.ConnectionError as exc:
-            raise FhirError(f"could not reach the EHR at {self.base_url} for {what} ({_cause(exc)})",
+            raise FhirError(f"could not reach the EHR at {self.base_url} for {what}: {why_unreachable(exc, url)}",
                             transient=True) from exc
         except requests.exceptions.ChunkedEncodingError as exc:
             # The answer was cut off before its end (a reset connection, a proxy giving up): a broken transfer
@@ -659,18 +660,6 @@ def _diagnostics(outcome: dict | None) -> str:
 def _retries_used(resp: requests.Response) -> int:
     retries = getattr(resp.raw, "retries", None)
     return len(getattr(retries, "history", ()) or ())
-
-
-def _cause(exc: requests.ConnectionError) -> str:
-    """A short, URL-free cause for a connection failure."""
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)  # MaxRetryError wraps the last underlying error
-    name = type(reason).__name__ if reason is not None else type(exc).__name__
-    if "ReadTimeout" in name:
-        return "read timed out"
-    if "NewConnection" in name or "ConnectTimeout" in name:
-        return "connection failed"
-    return name
 
 
 def _read_capped(resp: requests.Response, limit: int, too_big) -> bytes:

@@ -2,12 +2,22 @@
 and the Task sync that follows each of them (and each recorded step)."""
 from __future__ import annotations
 
+import logging
+
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import CaseError, FhirError
 from fhirbridge.loop.routing import reroute
 from fhirbridge.steps import FINAL_STEPS, Step
 from fhirbridge.store.store import Case
+
+log = logging.getLogger("fhirbridge.loop.actions")
+
+
+def _moved(before: Case, after: Case, why: str) -> None:
+    """The one INFO line of a transition made from outside the steps (the runner logs the steps')."""
+    log.info("case %s: %s -> %s (%s)", after.id, before.step, after.step, why,
+             extra={"case_id": after.id, "from_step": before.step, "to_step": after.step})
 
 
 def sync_task(app: App, case: Case) -> None:
@@ -41,6 +51,8 @@ def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> C
         if current.step in FINAL_STEPS:
             raise CaseError(f"Case {case.id[:8]} is already {current.step}; nothing to cancel")
         return current
+    if not worker:   # a worker's cancel is the step's outcome: the runner logs that transition
+        _moved(case, cancelled, "cancelled")
     _mirror(app, cancelled, Step.CANCELLED, reason)
     return cancelled
 
@@ -55,20 +67,29 @@ def decline(app: App, case: Case, reason: str) -> Case:
                                      last_error=f"declined: {reason}")
     if declined is None:
         raise CaseError(f"Case {case.id[:8]} changed meanwhile; try again")
+    _moved(case, declined, "declined by the reviewer")
     _mirror(app, declined, Step.DECLINED, reason)
     return declined
 
 
 def retry(app: App, case: Case) -> Case:
-    """Put a failed Case back at the step that failed (after the cause is fixed)."""
+    """Put a failed Case back at the step that failed (after the cause is fixed); a Case still under way
+    only loses its backoff. A finished one (done, cancelled, declined) is refused: nothing would run it."""
+    if case.step in FINAL_STEPS:
+        raise CaseError(f"Case {case.id[:8]} is {case.step}, a final state: there is nothing to retry "
+                        "(place a new order to refer the patient again)")
     if case.step != Step.FAILED:
         return app.store.update(case.id, next_attempt_at=None, event_kind="retry", detail={"step": case.step})
     step = case.data.get("failed_step") or Step.COLLECT.value
     if step == "intake":
         # It failed before it could be routed (unknown reviewer or profile): route it again now.
-        return reroute(app, case)
-    return app.store.update(case.id, step=step, next_attempt_at=None, attempts=0, event_kind="retry",
-                            detail={"step": step})
+        after = reroute(app, case)
+    else:
+        after = app.store.update(case.id, step=step, next_attempt_at=None, attempts=0, event_kind="retry",
+                                 detail={"step": step})
+    if after.step != case.step:
+        _moved(case, after, "retried")
+    return after
 
 
 def flag_overdue(app: App) -> list[Case]:

@@ -170,6 +170,9 @@ def open_case(app: App, sr: dict) -> tuple[Case, bool]:
         message = "; ".join(problems)
         case = app.store.update(case.id, step=Step.FAILED.value, last_error=message, data={"failed_step": "intake"},
                                 event_kind="failed", detail={"error": message})
+        log.error("case %s failed at intake: %s (fix the configuration, then `fhirbridge retry %s`)", case.id,
+                  message, case.id[:8], extra={"case_id": case.id, "step": "intake", "reason": message,
+                                               "to_step": Step.FAILED.value})
     # The Task is created here when the EHR is reachable; if this fails the collect step creates it. An EHR
     # that allows no Task write (write plan task_write False) gets none: the Case's status lives in fhirbridge
     # (issue 14: there the POST Task answered 405 and the Case never started).
@@ -217,6 +220,8 @@ def _adopt(app: App, case: Case, task: dict) -> Case:
     message = (f"the EHR already has this referral's {task_ref} at {code!r} but this service has no record of it "
                "(was the store lost or restored from an old backup?); nothing was sent again. Check with the "
                "reviewer, then `fhirbridge retry` to send it anew or `fhirbridge cancel`")
+    log.error("case %s failed at intake: %s", case.id, message,
+              extra={"case_id": case.id, "step": "intake", "reason": message, "to_step": Step.FAILED.value})
     return app.store.update(case.id, step=Step.FAILED.value, task=task_ref, last_error=message,
                             data={"failed_step": Step.COLLECT.value},
                             event_kind="adopted", detail={"task": task_ref, "task_status": task.get("status")})

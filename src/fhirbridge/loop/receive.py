@@ -135,6 +135,8 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
             path.unlink(missing_ok=True)
         raise RejectedOpinion(f"Case {case.id[:8]} took another opinion meanwhile (it is {now.step}) or this one "
                               "was seen before; nothing written")
+    log.info("case %s: %s -> %s (opinion received)", case.id, case.step, accepted.step,
+             extra={"case_id": case.id, "from_step": case.step, "to_step": accepted.step})
     return Received(case=accepted, opinion_id=jti)
 
 

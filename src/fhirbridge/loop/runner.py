@@ -114,14 +114,31 @@ def _run_one(app: App, case: Case, report: RunReport) -> None:
     seconds = time.monotonic() - started
     fresh = app.store.get(case.id)
     metrics.step_finished(app.hospital.name, case.reviewer, case.step, outcome(case.step, fresh.step, ok), seconds)
-    log.info("%s: %s -> %s", case.step, "ok" if ok else "error", fresh.step,
-             extra={"case_id": case.id, "seconds": round(seconds, 3)})
+    _log_outcome(case, fresh, ok, seconds)
     if ok:
         report.steps_done += 1
         if fresh.step in HANDED_ON:
             report.finished.append(case.id)
     else:
         report.errors.append(f"case {case.id[:8]} at {case.step}: {fresh.last_error}")
+
+
+def _log_outcome(case: Case, fresh: Case, ok: bool, seconds: float) -> None:
+    """One line per step run, at the level an operator alerts on: a Case that moved is INFO (one line per
+    transition), a failure that will be retried WARNING, a Case that failed for good ERROR. A failure names
+    the Case and the reason (last_error: written to name resources by type/id, never their content)."""
+    extra = {"case_id": case.id, "step": case.step, "seconds": round(seconds, 3)}
+    if ok:
+        level = logging.INFO if fresh.step != case.step else logging.DEBUG
+        log.log(level, "%s: ok -> %s", case.step, fresh.step, extra=extra)
+    elif fresh.step == Step.FAILED:
+        log.error("case %s failed at %s: %s (fix the cause, then `fhirbridge retry %s`)", case.id, case.step,
+                  fresh.last_error, case.id[:8], extra={**extra, "reason": fresh.last_error, "to_step": fresh.step})
+    else:
+        wait = round(fresh.next_attempt_at - time.time()) if fresh.next_attempt_at else None
+        log.warning("case %s: %s failed, will retry%s: %s", case.id, case.step,
+                    f" in {wait} s" if wait is not None else "", fresh.last_error,
+                    extra={**extra, "reason": fresh.last_error, "attempts": fresh.attempts, "retry_in": wait})
 
 
 def outcome(step: str, now_at: str, ok: bool) -> str:

@@ -37,6 +37,7 @@ from fhirbridge.fhir.auth import (
     scopes_for,
     v1_scopes,
 )
+from fhirbridge.fhir.unreachable import why_unreachable
 from fhirbridge.store import migrations
 from fhirbridge.store.store import Store, ping
 
@@ -198,14 +199,22 @@ def _tls(hospital: Hospital, report: Report) -> None:
 
 def _connect_failure(exc: requests.RequestException, what: str, url: str) -> tuple[str, str]:
     host = urlsplit(url).netloc
+    why = why_unreachable(exc, url)
+    if isinstance(exc, requests.exceptions.SSLError) and "plain HTTP" in why:
+        # An https:// URL naming a plain-http port: the handshake fails, but no certificate is at fault.
+        return (f"{why}", "give the EHR's https port in fhir_base_url (or, for a demo EHR on this machine, "
+                "http://127.0.0.1:<port>)")
     if isinstance(exc, requests.exceptions.SSLError):
-        return (f"TLS handshake with {host} failed: the certificate is not trusted or does not match the name",
+        return (f"TLS handshake with {host} failed: {why}",
                 "if the EHR uses a hospital CA, point REQUESTS_CA_BUNDLE at that CA's PEM file (or add it to the "
                 "system trust store); check the certificate's name matches the URL's host")
+    if why.startswith("DNS:"):
+        return (f"{why} for {what}", "check the host name in fhir_base_url, and this machine's DNS "
+                "(/etc/resolv.conf; `getent hosts <name>`)")
     if isinstance(exc, requests.Timeout):
         return (f"{host} did not answer {what} in time",
                 "check the EHR is up and that a firewall or proxy (HTTPS_PROXY, NO_PROXY) lets this host through")
-    return (f"cannot connect to {host} for {what} ({type(exc).__name__})",
+    return (f"cannot connect to {host} for {what}: {why}",
             "check fhir_base_url (host, port, path), DNS, and that a firewall or proxy lets this host through")
 
 

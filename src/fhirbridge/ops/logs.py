@@ -3,6 +3,11 @@
     FHIRBRIDGE_LOG_FORMAT   auto (default: text on a terminal, JSON otherwise) | json | text
     FHIRBRIDGE_LOG_LEVEL    debug | info | warning | error (default: the command's own)
 
+What each level carries (docs/logs.md lists every field): ERROR a Case that failed for good (its id, the
+step, the reason), WARNING a step that failed and will be retried, a tick that failed; INFO one line per
+Case transition (opened, each step done, cancelled, retried, declined) and the service starting and
+stopping; DEBUG scheduler ticks (ours and APScheduler's), FHIR requests.
+
 Every line logged while the runner runs a step of a Case carries that Case's id (`case_context`, set by
 loop.runner.run_pending), and every line logged while serving an HTTP request carries the request id
 (`X-Request-ID`: the caller's, when it is a plain token, else a new one; sent back on the response). Other
@@ -167,3 +172,17 @@ def setup(level: str | int | None = None, fmt: str | None = None, stream: TextIO
     root.setLevel(chosen)
     # urllib3 writes request lines (with query strings) at DEBUG: never that, whatever our level.
     logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))
+    # APScheduler says "Running job ..." and "... executed successfully" at INFO for every tick: some 5,000
+    # lines an hour that say nothing happened. Its INFO is our DEBUG; its warnings (a missed run) stay.
+    # On our handler: a logger's filter would not see its children's lines (apscheduler.executors.default).
+    handler.addFilter(_Quieter("apscheduler"))
+
+
+class _Quieter(logging.Filter):
+    """Demotes the INFO lines of one library's loggers to DEBUG (kept only when the root logger wants DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and super().filter(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+        return True

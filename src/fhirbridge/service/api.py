@@ -158,7 +158,10 @@ def read_case(case_id: str):
 @api.post("/cases/<case_id>/retry")
 def retry_case(case_id: str):
     case = find_case(case_id)
-    return jsonify(_case_json(retry(app_of(case), case)))
+    try:
+        return jsonify(_case_json(retry(app_of(case), case)))
+    except CaseError as exc:  # a finished Case: nothing to retry
+        raise ApiError(409, str(exc)) from None
 
 
 @api.post("/cases/<case_id>/cancel")

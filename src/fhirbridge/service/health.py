@@ -8,6 +8,7 @@ import time
 import requests
 from flask import Blueprint, current_app, jsonify
 
+from fhirbridge.config.loader import check_files
 from fhirbridge.crypto.keys import public_jwks
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirbridgeError
@@ -38,7 +39,8 @@ def healthz():
 @health.get("/readyz")
 def readyz():
     """Ready when the store answers: every replica can then take API calls and notifications and work the
-    Cases of any EHR that is up. Each EHR is checked too, quickly (no retries, 2 s + 3 s) and reported, but
+    Cases of any EHR that is up; "degraded" when an EHR is down or a configured key file is missing or
+    wrong. Each EHR is checked too, quickly (no retries, 2 s + 3 s) and reported, but
     one hospital's EHR being down must not take every replica out of the load balancer. Cached 5 s."""
     cache = current_app.extensions.setdefault("fhirbridge.ready", {})  # per app, never shared between apps
     with cache.setdefault("lock", threading.Lock()):
@@ -53,7 +55,11 @@ def readyz():
             checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
         for app in service().apps:
             checks[f"ehr:{app.hospital.name}"] = _quick_ehr_check(app)
-        degraded = [k for k, v in checks.items() if k.startswith("ehr:") and v != "ok"]
+        # A reviewer's key file missing or wrong fails that reviewer's Cases at seal: degraded, not down
+        # (the other reviewers' Cases go on), and named, so nobody reads "ready" with Cases bound to fail.
+        problems = check_files(service().config)
+        checks["keys"] = "; ".join(problems) if problems else "ok"
+        degraded = [k for k, v in checks.items() if (k.startswith("ehr:") or k == "keys") and v != "ok"]
         body = {"status": ("degraded" if degraded else "ready") if ok else "not ready", "checks": checks}
         status = 200 if ok else 503
         cache["result"] = (time.monotonic(), body, status)

@@ -162,11 +162,15 @@ class Service:
     def _guard(self, what: str, app: App, fn: Callable[[App], object]) -> None:
         """A tick never dies: an EHR that is down now is polled again at the next tick. `fn` is given `app`
         (not a closure over the caller's loop variable)."""
+        started = time.monotonic()
         try:
             fn(app)
         except Exception as exc:  # noqa: BLE001 - logged without clinical content; next tick retries
             metrics.tick_failed(what)
             log.warning("%s tick for %s failed: %s", what, app.hospital.name, exc)
+            return
+        # DEBUG: a tick that did work says so through the lines of what it did (a Case's transition is INFO).
+        log.debug("%s tick for %s ran in %.3f s", what, app.hospital.name, time.monotonic() - started)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 

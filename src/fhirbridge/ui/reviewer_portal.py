@@ -41,6 +41,7 @@ from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, rev
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, form_for, open_package, sealed_answer, studies_of
 from fhirbridge.fhir.elements import summary_line
+from fhirbridge.fhir.unreachable import why_unreachable
 from fhirbridge.ui import check_csrf, derive_secret, install, safe_next
 from fhirbridge.ui.record_view import Attachment, attachments_of, build, questions_of
 
@@ -134,7 +135,7 @@ class Portal:
             try:
                 problems += self._pull(api)
             except (requests.RequestException, FhirbridgeError, ValueError) as exc:
-                problems.append(f"could not fetch new cases from {api}: {exc}")
+                problems.append(f"could not fetch new cases from {api}: {failure_text(exc, api)}")
         return problems
 
     def _pull(self, api: str) -> list[str]:
@@ -529,7 +530,7 @@ def create_portal(settings: PortalSettings) -> Flask:
         try:
             where = _send(portal, pc, sealed, claims)
         except (requests.RequestException, FhirbridgeError) as exc:
-            flash(f"Not sent: {exc}. Your answer is kept below; try again.", "error")
+            flash(f"Not sent: {failure_text(exc, pc.api)}. Your answer is kept below; try again.", "error")
             return _case_page(pid, values=values, status=502)
         portal.mark_answered(pid, {"opinion": claims["jti"], "where": where, "form": portal.form_name(pid)},
                              document=document)
@@ -547,7 +548,7 @@ def create_portal(settings: PortalSettings) -> Flask:
             _hospital_call(portal, pc, what, {body_key: text})
         except (requests.RequestException, FhirbridgeError) as exc:
             # The hospital did not take it: say so, and keep what the reviewer wrote for another try.
-            flash(f"Not sent: {exc}. What you wrote is kept below; try again.", "error")
+            flash(f"Not sent: {failure_text(exc, pc.api)}. What you wrote is kept below; try again.", "error")
             return None, _case_page(pid, values=request.form.to_dict(), status=502)
         return pc, None
 
@@ -580,6 +581,14 @@ def create_portal(settings: PortalSettings) -> Flask:
                                nav=nav(""), where="Reviewer portal"), 422
 
     return app
+
+
+def failure_text(exc: Exception, api: str | None) -> str:
+    """What a reviewer reads when a hospital's API could not be reached: why, in words (the hospital is
+    down, its name does not resolve), never requests' `HTTPConnectionPool(host=...)...` text."""
+    if isinstance(exc, requests.RequestException) and not isinstance(exc, requests.HTTPError):
+        return f"the hospital's service could not be reached: {why_unreachable(exc, api)}"
+    return str(exc)
 
 
 def _send(portal: Portal, pc: PortalCase, sealed: bytes, claims: dict) -> str:
