@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fhirbridge.demo.localehr import seed_patient
+
 RELIABILITY_FIGURES: dict = {}
 
 
@@ -19,6 +21,15 @@ def figures() -> dict:
     """Each reliability suite records its figures here; they are printed at the end of the run and, when
     FHIRBRIDGE_RELIABILITY_OUT names a file, written there as JSON (`python -m tests.reliability.run`)."""
     return RELIABILITY_FIGURES
+
+
+@pytest.fixture
+def own_patient(ehr, fhir) -> dict:
+    """A spine patient of this test's own. The session's seeded patient gathers every opinion the suite files
+    (each a DocumentReference that the next Case collects and seals again): late in a full run a Case on it
+    carries some 90 notes, and the random-fault loops, which fault every one of those requests, took minutes
+    instead of seconds."""
+    return seed_patient(ehr, fhir, family="Reliability-Testpatient", given="Rhea", profile="spine")
 
 
 def pytest_terminal_summary(terminalreporter):

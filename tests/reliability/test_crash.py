@@ -152,7 +152,7 @@ class Driver:
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path, ehr, seeded, fhir, figures, plan):
+def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path, ehr, own_patient, fhir, figures, plan):
     started = time.monotonic()
     profile_name, write = PLANS[plan]
     profile = PROFILES[profile_name] if profile_name else None
@@ -165,7 +165,7 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
     try:
         for _round in range(ROUNDS):
             driver.answering = False
-            orders |= {f"ServiceRequest/{hospital.order(seeded['patient'])['id']}" for _ in range(CASES_PER_ROUND)}
+            orders |= {f"ServiceRequest/{hospital.order(own_patient['patient'])['id']}" for _ in range(CASES_PER_ROUND)}
             for i, point in enumerate(sequence):
                 driver.answering = i >= sequence.index("receive.written")
                 driver.kill_run(point)

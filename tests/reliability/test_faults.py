@@ -68,23 +68,24 @@ PLANS = {"atomic": None, "ledger": "post-only", "once": "post-only-no-search"}
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(tmp_path, ehr, seeded, fhir, figures, plan):
+def test_random_ehr_faults_across_whole_loops_lose_and_duplicate_nothing(tmp_path, ehr, own_patient, fhir, figures,
+                                                                         plan):
     profile = PROFILES[PLANS[plan]] if PLANS[plan] else None
     proxy = EhrProxy(ehr.base_url, profile.behaviour) if profile else FaultProxy(ehr.base_url)
     hospital = TestHospital(tmp_path, proxy.base_url, env=ENV, ehr_pins=profile.pins if profile else None)
     try:
         assert hospital.app.write_plan.kind.name == plan.upper()
-        _random_faults(hospital, proxy, seeded, fhir, figures, plan)
+        _random_faults(hospital, proxy, own_patient, fhir, figures, plan)
     finally:
         hospital.close()
         proxy.close()
 
 
-def _random_faults(hospital, proxy, seeded, fhir, figures, plan):
+def _random_faults(hospital, proxy, own_patient, fhir, figures, plan):
     started = time.monotonic()
     store = hospital.app.store
     reviewed: list[str | bool | None] = []
-    orders = {f"ServiceRequest/{hospital.order(seeded['patient'])['id']}" for _ in range(CASES)}
+    orders = {f"ServiceRequest/{hospital.order(own_patient['patient'])['id']}" for _ in range(CASES)}
     proxy.random.seed(SEED)
     for fault in CHAOS:
         proxy.add(**fault)
@@ -150,8 +151,8 @@ def _random_faults(hospital, proxy, seeded, fhir, figures, plan):
 
 # --- one fault at a time, where it hurts most -------------------------------------------------------------
 
-def test_429_with_retry_after_on_the_write_back_is_waited_out_and_files_once(hospital, proxy, seeded, fhir):
-    case = _filed_case(hospital, seeded["patient"])
+def test_429_with_retry_after_on_the_write_back_is_waited_out_and_files_once(hospital, proxy, own_patient, fhir):
+    case = _filed_case(hospital, own_patient["patient"])
     proxy.add(method="POST", path=TX, status=429, headers={"Retry-After": "1"}, times=2)
     report = hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
@@ -161,12 +162,12 @@ def test_429_with_retry_after_on_the_write_back_is_waited_out_and_files_once(hos
 
 
 @pytest.mark.parametrize("where", ["search", "transaction"])
-def test_truncated_answer_is_transient_and_nothing_is_written_twice(hospital, proxy, seeded, fhir, where):
+def test_truncated_answer_is_transient_and_nothing_is_written_twice(hospital, proxy, own_patient, fhir, where):
     """A body cut off half-way (the connection reset before Content-Length bytes came) is a broken transfer:
     the Case waits with the reason and resumes; on the write-back the server had committed, and the next
     run finds the opinion filed instead of writing it again."""
     if where == "search":
-        sr = hospital.order(seeded["patient"])
+        sr = hospital.order(own_patient["patient"])
         hospital.run(case_id="none")
         proxy.add(method="GET", path=r"/Procedure\?", action="truncate", times=3)   # more than the retries
         hospital.run()
@@ -174,7 +175,7 @@ def test_truncated_answer_is_transient_and_nothing_is_written_twice(hospital, pr
         assert case.step == "collect" and case.next_attempt_at, case.last_error
         assert "Procedure" in case.last_error and "broke off" in case.last_error
     else:
-        case = _filed_case(hospital, seeded["patient"])
+        case = _filed_case(hospital, own_patient["patient"])
         proxy.add(method="POST", path=TX, action="truncate", times=1)
         hospital.run(intake=False)
         case = hospital.app.store.get(case.id)
@@ -190,10 +191,10 @@ def test_truncated_answer_is_transient_and_nothing_is_written_twice(hospital, pr
         assert proxy.count("POST", TX) == 1             # found filed: no second transaction
 
 
-def test_reset_before_the_transaction_reaches_the_server_is_not_resent_blindly(hospital, proxy, seeded, fhir):
+def test_reset_before_the_transaction_reaches_the_server_is_not_resent_blindly(hospital, proxy, own_patient, fhir):
     """A reset after the request left us: a POST is not repeated by the HTTP layer (it might have been
     applied); the next run looks for the opinion first, finds nothing, and files it once."""
-    case = _filed_case(hospital, seeded["patient"])
+    case = _filed_case(hospital, own_patient["patient"])
     proxy.add(method="POST", path=TX, action="drop", times=1)
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
@@ -204,11 +205,11 @@ def test_reset_before_the_transaction_reaches_the_server_is_not_resent_blindly(h
     assert case.step == "done" and docrefs(fhir, case) == 1
 
 
-def test_slow_transaction_committed_after_we_gave_up_is_not_filed_twice(hospital, proxy, seeded, fhir):
+def test_slow_transaction_committed_after_we_gave_up_is_not_filed_twice(hospital, proxy, own_patient, fhir):
     """The transaction reaches the server only after our read timeout (a congested server), while the next
     attempt is already on its way: one of the two wins, the other fails whole on the Task's If-Match, and
     exactly one note is filed."""
-    case = _filed_case(hospital, seeded["patient"])
+    case = _filed_case(hospital, own_patient["patient"])
     proxy.add(method="POST", path=TX, action="delay", delay=3.0, times=1)   # read timeout is 2 s
     hospital.run(intake=False)
     case = hospital.app.store.get(case.id)
@@ -223,10 +224,10 @@ def test_slow_transaction_committed_after_we_gave_up_is_not_filed_twice(hospital
 
 
 def test_transaction_rejected_by_the_server_fails_the_case_with_its_reason_then_files_once(hospital, proxy,
-                                                                                           seeded, fhir):
+                                                                                           own_patient, fhir):
     """The real server refuses the transaction (here: an entry made invalid on the way): nothing is written,
     the Case fails with the server's reason on the Task, and `retry` files it once the cause is gone."""
-    case = _filed_case(hospital, seeded["patient"])
+    case = _filed_case(hospital, own_patient["patient"])
 
     def invalid_docref(body: bytes) -> bytes:
         tx = orjson.loads(body)

@@ -58,7 +58,7 @@ def test_reviewer_reads_answers_and_the_opinion_lands_in_the_ehr(hospital_served
     shot(page, "reviewer-1-sign-in")
     page.get_by_label("Portal token").fill("wrong-token-for-sure-123")
     page.get_by_role("button", name="Sign in").click()
-    assert page.get_by_text("That token is not right").is_visible()
+    expect(page.get_by_text("That token is not right")).to_be_visible()
     page.get_by_label("Portal token").fill(PORTAL_TOKEN)
     page.get_by_role("button", name="Sign in").click()
 
@@ -91,7 +91,10 @@ def test_reviewer_reads_answers_and_the_opinion_lands_in_the_ehr(hospital_served
     page.get_by_label("Is surgery indicated now?").fill("Not yet.")
     page.get_by_role("button", name="Sign and send").click()
     errors = page.locator("#form-errors")
-    assert errors.is_visible() and "Recommendation is required" in errors.inner_text()
+    # The form posts and the page comes back with the problems: wait for it (is_visible does not wait), as
+    # a loaded CI machine answers the POST later than the click returns.
+    expect(errors).to_be_visible()
+    assert "Recommendation is required" in errors.inner_text()
     assert "Risks and benefits is required" in errors.inner_text()
     assert "Answer each question" in errors.inner_text()
     expect(errors).to_be_focused()                                               # focus moved to the problems
@@ -111,7 +114,7 @@ def test_reviewer_reads_answers_and_the_opinion_lands_in_the_ehr(hospital_served
     assert "Non-surgical care" in preview.inner_text() and "8 weeks of guided physiotherapy" in preview.inner_text()
     shot(page, "reviewer-5-preview", full_page=False)
     page.get_by_role("button", name="Sign and send").click()
-    assert page.get_by_text("Signed and sent: uploaded to the hospital").is_visible()
+    expect(page.get_by_text("Signed and sent: uploaded to the hospital")).to_be_visible()
     shot(page, "reviewer-6-sent", full_page=False)
 
     # The hospital files it: a Consult note on the patient, linked to the order; the Task is completed.
