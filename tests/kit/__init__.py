@@ -13,5 +13,6 @@
 - scopegate: a SMART sekmet granting an exact scope list, behind a gate that authorises each transaction entry
 - packages: hand-made hospital key pairs and sealed packages, for reviewer-side tests without an EHR
 - metrics: reading /metrics (the Prometheus text format)
+- logcapture: fhirbridge's JSON log handler into a buffer, the root logger put back afterwards
 - cli: running the `fhirbridge` command in-process; `init` into a temporary site
 """

@@ -4,7 +4,6 @@ that did nothing logs nothing at INFO (APScheduler's "Running job" chatter is DE
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 
@@ -18,27 +17,16 @@ from fhirbridge.loop.receive import receive_file
 from fhirbridge.ops import logs
 from fhirbridge.service.scheduler import Service
 from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN
+from tests.kit.logcapture import captured_logs, lines
 
 pytestmark = pytest.mark.sekmet
 
 
 @pytest.fixture
 def captured():
-    """Our handler on the root logger at INFO (as `serve` and `worker` run), JSON into a buffer; put back after."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    buf = io.StringIO()
-    logs.setup(level="INFO", fmt="json", stream=buf)
-    yield buf
-    for h in list(root.handlers):
-        if getattr(h, "_fhirbridge", False):
-            root.removeHandler(h)
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-
-
-def lines(buf: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+    """Our handler on the root logger at INFO (as `serve` and `worker` run), JSON into a buffer."""
+    with captured_logs("INFO") as buf:
+        yield buf
 
 
 def about(got: list[dict], case_id: str) -> list[dict]:

@@ -15,27 +15,16 @@ from fhirbridge.ops import logs
 from fhirbridge.service.app import create_app
 from fhirbridge.service.scheduler import Service
 from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN
+from tests.kit.logcapture import captured_logs, lines
 
 pytestmark = pytest.mark.sekmet
 
 
 @pytest.fixture
 def captured():
-    """Our handler on the root logger, writing JSON into a buffer; the root logger is put back afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    buf = io.StringIO()
-    logs.setup(level="DEBUG", fmt="json", stream=buf)
-    yield buf
-    for h in list(root.handlers):
-        if getattr(h, "_fhirbridge", False):
-            root.removeHandler(h)
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-
-
-def lines(buf: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+    """Our handler on the root logger at DEBUG, JSON into a buffer."""
+    with captured_logs("DEBUG") as buf:
+        yield buf
 
 
 def test_a_referral_logs_json_with_case_ids_and_no_phi(captured, hospital, seeded):
