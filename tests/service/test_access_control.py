@@ -47,6 +47,13 @@ PUBLIC_FHIR_ENDPOINTS = [
     ("GET", "/fhir/CodeSystem"),
     ("GET", "/fhir/CodeSystem/{cs_id}"),
 ]
+# CDS Hooks (issue 18): discovery is public (service names and prefetch templates only); the hook calls and the
+# feedback need the signed JWT of a trusted EHR (tests/service/test_cds_hooks.py checks each kind of refusal).
+PUBLIC_CDS_ENDPOINTS = [("GET", "/cds-services")]
+CDS_ENDPOINTS = [
+    ("POST", "/cds-services/{service_id}"),
+    ("POST", "/cds-services/{service_id}/feedback"),
+]
 REVIEWER_ENDPOINTS = [
     ("GET", "/reviewer/cases"),
     ("GET", "/reviewer/cases/{case}/package/package.jwe"),
@@ -263,6 +270,30 @@ def test_the_code_systems_are_public_and_answer_fhir_to_anyone(served):
     assert r.status_code == 404 and r.get_json()["resourceType"] == "OperationOutcome"
 
 
+# --- CDS Hooks -------------------------------------------------------------------------------------------
+
+def test_the_cds_hooks_endpoints_take_no_staff_or_reviewer_credential(served, tmp_path):
+    """With [cds] configured, no credential of ours opens a hook call or the feedback: only the EHR's signed JWT
+    (tests/service/test_cds_hooks.py has every refusal and the admitted calls)."""
+    h, svc, _client, _case = served
+    text = h.config_path.read_text()
+    h.config_path.write_text(text + '[cds]\n[[cds.issuers]]\niss = "https://ehr.test"\n'
+                                    'jwks_url = "http://127.0.0.1:9/jwks.json"\n')
+    svc2 = Service(config.load(h.config_path))
+    try:
+        client = create_app(svc=svc2).test_client()
+        spine = h.reviewers["spine-center"].key
+        for method, path in CDS_ENDPOINTS:
+            url = path.format(service_id="fhirbridge-order-sign")
+            for headers in ({}, bearer(ADMIN), bearer(KEYS["orders:write"]), bearer(STATIC),
+                            bearer(mint_reviewer_token(spine, issuer=SPINE_ID, audience=AUD))):
+                refused(call(client, method, url, headers), 401, "")
+        for method, path in PUBLIC_CDS_ENDPOINTS:
+            assert call(client, method, path, {}).status_code == 200
+    finally:
+        svc2.stop(wait=True)
+
+
 # --- completeness ------------------------------------------------------------------------------------
 
 def test_the_matrix_covers_every_endpoint(served):
@@ -276,6 +307,8 @@ def test_the_matrix_covers_every_endpoint(served):
     assert reviewer == {(m, norm(p).replace("package.jwe", "<path:name>")) for m, p in REVIEWER_ENDPOINTS}
     fhir = {(m, r) for m, r in routes if r.startswith("/fhir/") and not r.startswith("/fhir/notify/")}
     assert fhir == {(m, norm(p)) for m, p in PUBLIC_FHIR_ENDPOINTS}
+    cds = {(m, r) for m, r in routes if r.startswith("/cds-services")}
+    assert cds == {(m, norm(p)) for m, p in CDS_ENDPOINTS + PUBLIC_CDS_ENDPOINTS}
     # And every staff endpoint has a scope in the server's own table (an unlisted one is refused to all).
     staff_endpoints = {r.endpoint for r in app.url_map.iter_rules() if r.rule.startswith("/api/")}
     assert staff_endpoints == set(STAFF_ENDPOINT_SCOPES)

@@ -42,7 +42,7 @@ from tests.kit.hospital import pg_schema
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger"}
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger", "cds_cards"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -66,7 +66,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0005"
+    assert migrations.head() == "0009"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -352,7 +352,7 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
         store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
                         reviewer="r", profile="default")
         assert "write_ledger" not in inspect(store.engine).get_table_names()
-        assert store.upgrade() == ("0004", "0005")
+        assert store.upgrade() == ("0004", migrations.head())
         assert differences(store.engine) == []
         ident = "urn:ietf:rfc:3986|urn:uuid:x"
         store.ledger_record("c1", "DocumentReference", identifier=ident, state="intended")
@@ -366,6 +366,35 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
             conn.commit()
         assert "write_ledger" not in inspect(store.engine).get_table_names()
         assert store.get("c1").step == "collect"
-        assert store.upgrade() == ("0004", "0005")
+        assert store.upgrade() == ("0004", migrations.head())
+    finally:
+        store.close()
+
+
+def test_the_cds_cards_revision_upgrades_and_downgrades(url):
+    """0009 adds the CDS Hooks cards (issue 18) to a 0005 database, keeping its Cases; feedback is recorded
+    once per card (the first outcome stays)."""
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0005") == (None, "0005")
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert "cds_cards" not in inspect(store.engine).get_table_names()
+        assert store.upgrade() == ("0005", "0009")
+        assert differences(store.engine) == []
+        row = {"card_id": "card-1", "hospital": "h", "service": "fhirbridge-order-sign", "hook_instance": "i",
+               "patient": "Patient/1", "ordered_by": "Practitioner/1", "draft_order": "ServiceRequest/d",
+               "draft_code": "http://snomed.info/sct|55705006", "rule": "spine-elective"}
+        store.record_cds_cards([row])
+        store.record_cds_cards([row])                       # the same answer again: one row
+        assert store.cds_feedback("card-1", outcome="overridden") is True
+        assert store.cds_feedback("card-1", outcome="accepted") is False
+        assert store.cds_card("card-1")["outcome"] == "overridden"
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0005")
+            conn.commit()
+        assert "cds_cards" not in inspect(store.engine).get_table_names()
+        assert store.get("c1").step == "collect"
     finally:
         store.close()

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 
-from fhirbridge.config.model import STAFF_SCOPES, Config, Reviewer
+from fhirbridge.config.model import STAFF_SCOPES, CdsIssuer, Config, Reviewer
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.remote_jwks import RemoteJwks
 from fhirbridge.errors import ConfigError, SealError
@@ -160,6 +160,52 @@ def _check_times(claims: dict, *, max_lifetime: float | None) -> None:
             raise Unauthorized("the token was issued in the future: check the clock")
         if exp - iat > max_lifetime:
             raise Unauthorized(f"the token lives longer than {max_lifetime:.0f} s")
+
+
+# --- EHRs calling the CDS Hooks services -------------------------------------------------------------
+
+# CDS Hooks 2.0 "Trusting CDS Clients": clients sign with ES384 or RS384 (both MUST be supported by services).
+CDS_JWT_ALGS = ("ES384", "RS384")
+
+
+def cds_client_from_jwt(token: str | None, cfg: Config, *, audience: str, keys_for, remember) -> CdsIssuer:
+    """The trusted EHR that signed this CDS Hooks JWT, or Unauthorized with the reason.
+
+    CDS Hooks 2.0: `iss` a trusted issuer ([[cds.issuers]]), the signature by a key of its JWK Set (`kid`;
+    a `jku` header must be the configured URL: the header must never send us to another key), `aud` the service
+    endpoint being called (`audience`), `exp` and `iat` (at most 5 minutes apart), a `jti` used once
+    (`remember(jti, issuer)` says False for a replay). `keys_for(issuer, kid)` gives the issuer's KeyRing."""
+    cds = cfg.cds
+    if not token or not _looks_like_jwt(token):
+        raise Unauthorized("a JWT signed by a trusted EHR is required (CDS Hooks: Authorization: Bearer <JWT>)")
+    try:
+        claims, header = peek_claims(token), peek_header(token)
+    except SealError:
+        raise Unauthorized("the token is not a signed JWT") from None
+    issuer = cds.issuer(claims.get("iss")) if cds else None
+    if issuer is None:
+        raise Unauthorized("the token's iss is not a trusted CDS client ([[cds.issuers]])")
+    if "jku" in header and header["jku"] != issuer.jwks_url:
+        raise Unauthorized("the token's jku is not the JWK Set configured for its issuer")
+    verified = _verified_claims(token, header, CDS_JWT_ALGS, lambda kid: keys_for(issuer, kid),
+                                what="the token", keys_of="the EHR's keys",
+                                not_ours="not signed by a key of its issuer")
+    _check_times(verified, max_lifetime=MAX_TOKEN_LIFETIME)
+    aud = verified.get("aud")
+    if audience not in (aud if isinstance(aud, list) else [aud]):
+        raise Unauthorized(f"the token's aud must be the endpoint called, {audience}")
+    jti = verified.get("jti")
+    if not isinstance(jti, str) or not 8 <= len(jti) <= 150:
+        raise Unauthorized("the token needs a unique jti (8 to 150 characters)")
+    if not remember(jti, issuer):
+        raise Unauthorized("this token was used before (a replay): sign a new one for each request")
+    return issuer
+
+
+def cds_keyring(cfg: Config, issuer: CdsIssuer, kid: object) -> KeyRing:
+    """A trusted EHR's public keys: its JWK Set URL, cached (in memory and on disk), re-read on an unknown kid."""
+    cache = cfg.data_dir / "jwks-cache" / f"cds-{hashlib.sha256(issuer.iss.encode()).hexdigest()[:16]}.jwks.json"
+    return RemoteJwks.shared(issuer.jwks_url, cache, needs_encryption=False).keys(kid)
 
 
 # --- staff --------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from fhirbridge.config.model import (
     ApiKey,
     AuditSettings,
     Auth,
+    CdsIssuer,
+    CdsSettings,
     Config,
     EhrSettings,
     Hospital,
@@ -374,13 +376,14 @@ def _build(raw: dict, file: Path) -> Config:
     audit_sec.finish()
     metrics = _metrics(top.sub("metrics"))
     physician_app = _physician_app(top, hospitals)
+    cds = _cds(top, hospitals, public_url)
     top.finish()
     return Config(file=file, base_dir=base, data_dir=data_dir, store_url=store_url, mappings_dir=mappings_dir,
                   inbox=inbox, hospitals=hospitals, reviewers=reviewers, default_reviewer=default_reviewer,
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
                   public_url=public_url.rstrip("/") if public_url else None, audit=audit,
-                  api_keys=api_keys, oauth=oauth, metrics=metrics, physician_app=physician_app)
+                  api_keys=api_keys, oauth=oauth, metrics=metrics, physician_app=physician_app, cds=cds)
 
 
 def _api_keys(api: _Section, file: Path, hospitals: dict) -> tuple[ApiKey, ...]:
@@ -468,6 +471,45 @@ def _physician_app(top: _Section, hospitals: dict[str, Hospital]) -> PhysicianAp
         issuers.append((url, name))
     sec.finish()
     return PhysicianApp(client_id=client_id, issuers=tuple(issuers), scope=scope)
+
+
+def _cds(top: _Section, hospitals: dict[str, Hospital], public_url: str | None) -> CdsSettings | None:
+    if "cds" not in top.data:
+        return None
+    sec = top.sub("cds")
+    enabled = sec.get("enabled", bool, True)
+    budget = _positive(sec, "time_budget_ms", int, CdsSettings.time_budget_ms)
+    sec.used.add("issuers")
+    items = sec.data.get("issuers", [])
+    if not isinstance(items, list):
+        raise sec.err("issuers", "must be an array of tables ([[cds.issuers]] iss, jwks_url, hospital)")
+    issuers: list[CdsIssuer] = []
+    for i, item in enumerate(items):
+        it = _Section(item, sec.file, f"cds.issuers[{i}]")
+        iss = it.get("iss", str, required=True).strip().rstrip("/")
+        jwks_url = it.get("jwks_url", str, required=True).strip()
+        # The keys that decide who may ask for cards and create orders: fetched over TLS only (http on
+        # loopback for tests).
+        if not urls.is_https_or_loopback(jwks_url):
+            raise it.err("jwks_url", "must be the https:// URL of the EHR's JWK Set")
+        name = it.get("hospital", str, None)
+        if name is None and len(hospitals) == 1:
+            name = next(iter(hospitals))
+        if name not in hospitals:
+            raise it.err("hospital", f"must name a configured hospital ({', '.join(hospitals)})")
+        if not iss or any(o.iss == iss for o in issuers):
+            raise it.err("iss", "must be set, once per issuer")
+        it.finish()
+        issuers.append(CdsIssuer(iss=iss, jwks_url=jwks_url, hospital=name))
+    if enabled and not public_url:
+        # CDS Hooks: a JWT's aud is the service endpoint being called. Taken from the request's Host header,
+        # a token minted for another service would be accepted here.
+        raise sec.err("enabled", "needs [service] public_url: the EHR's JWTs must name <public_url>/cds-services/<id> "
+                                 "as their audience")
+    if enabled and not issuers:
+        raise sec.err("issuers", "name at least one EHR ([[cds.issuers]]): without one every call is refused")
+    sec.finish()
+    return CdsSettings(enabled=enabled, issuers=tuple(issuers), time_budget_ms=budget)
 
 
 def _hospitals(top: _Section, base: Path, file: Path) -> dict[str, Hospital]:

@@ -1,5 +1,5 @@
 """Loads and checks the declarative mappings (mappings/*.toml): order codes, collection profiles, opinion form,
-EHR write profiles.
+EHR write profiles, CDS Hooks rules (mappings/cds/).
 
 A mistake in a mapping file is a ConfigError naming the file and key, found at start-up rather than
 half-way through a Case.
@@ -350,6 +350,94 @@ def load_ehr_profile(mappings_dir: Path, name: str) -> EhrProfile:
                       values=dict(values), file=path)
 
 
+# --- CDS Hooks rules (mappings/cds/*.toml; docs/cds-hooks.md) ----------------------------------------
+
+# CDS Hooks 2.0 card.indicator; "critical" is left out on purpose: a second opinion never blocks signing.
+CDS_INDICATORS = ("info", "warning")
+REQUEST_PRIORITIES = ("routine", "urgent", "asap", "stat")
+CDS_RULE_KEYS = {"id", "profile", "summary", "detail", "indicator", "codes", "priorities", "lookback_months"}
+
+
+@dataclass(frozen=True)
+class CdsRule:
+    id: str
+    profile: str                          # the collection profile: which reviewers fit, and the order's profile
+    summary: str                          # card.summary (CDS Hooks: fewer than 140 characters)
+    detail: str                           # card.detail: why (GitHub-flavoured Markdown in the spec)
+    indicator: str
+    codes: frozenset[tuple[str, str]]     # (system, code) of the draft orders that trigger it
+    priorities: tuple[str, ...]           # R4 request-priority values it fires at (never stat)
+    lookback_months: int                  # a second opinion on the same question this recent: no card
+    file: Path
+
+    def matches(self, codings: list) -> bool:
+        return any((c.get("system"), c.get("code")) in self.codes for c in codings if isinstance(c, dict))
+
+
+def _cds_rule(item, defaults: dict, path: Path, key: str, profiles: set[str]) -> CdsRule:
+    if not isinstance(item, dict):
+        raise ConfigError("must be a table ([[rules]])", file=str(path), key=key)
+    _no_unknown(item, CDS_RULE_KEYS, path, key + ".")
+    for name in ("id", "profile", "summary", "detail"):
+        if not isinstance(item.get(name), str) or not item[name].strip():
+            raise ConfigError("is required (non-empty text)", file=str(path), key=f"{key}.{name}")
+    if len(item["summary"]) >= 140:
+        raise ConfigError("must be shorter than 140 characters (CDS Hooks card.summary)", file=str(path),
+                          key=f"{key}.summary")
+    if item["profile"] not in profiles:
+        raise ConfigError(f"names profile {item['profile']!r}, which is not in collect/ "
+                          f"(known: {', '.join(sorted(profiles))})", file=str(path), key=f"{key}.profile")
+    indicator = item.get("indicator", "info")
+    if indicator not in CDS_INDICATORS:
+        raise ConfigError(f"{indicator!r} is not one of {', '.join(CDS_INDICATORS)}", file=str(path),
+                          key=f"{key}.indicator")
+    codes = _token_list(item.get("codes"), path, f"{key}.codes")
+    if not codes:
+        raise ConfigError("needs at least one code", file=str(path), key=f"{key}.codes")
+    priorities = _str_list(item.get("priorities", defaults.get("priorities", ["routine", "urgent"])), path,
+                           f"{key}.priorities")
+    bad = [p for p in priorities if p not in REQUEST_PRIORITIES]
+    if bad:
+        raise ConfigError(f"{bad[0]!r} is not an R4 request-priority ({', '.join(REQUEST_PRIORITIES)})",
+                          file=str(path), key=f"{key}.priorities")
+    if "stat" in priorities:
+        # An emergency order must never wait for a prompt about a second opinion.
+        raise ConfigError("must not include stat: emergency orders never get a second-opinion card",
+                          file=str(path), key=f"{key}.priorities")
+    months = item.get("lookback_months", defaults.get("lookback_months", 6))
+    if not isinstance(months, int) or isinstance(months, bool) or months < 0:
+        raise ConfigError("must be a whole number of months (0: no lookback)", file=str(path),
+                          key=f"{key}.lookback_months")
+    return CdsRule(id=item["id"].strip(), profile=item["profile"], summary=item["summary"].strip(),
+                   detail=item["detail"].strip(), indicator=indicator, codes=frozenset(codes),
+                   priorities=tuple(priorities), lookback_months=months, file=path)
+
+
+def load_cds_rules(mappings_dir: Path) -> tuple[CdsRule, ...]:
+    """Every rule of mappings/cds/*.toml, in file and then rule order (the first matching rule makes the card).
+    A folder without rule files gives no rules; a bad file is a ConfigError naming the file and key."""
+    folder = Path(mappings_dir) / "cds"
+    profiles = set(profile_names(Path(mappings_dir)))
+    rules: list[CdsRule] = []
+    for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
+        raw = _read(path)
+        _no_unknown(raw, {"defaults", "rules"}, path)
+        defaults = raw.get("defaults", {})
+        if not isinstance(defaults, dict):
+            raise ConfigError("must be a table", file=str(path), key="defaults")
+        _no_unknown(defaults, {"priorities", "lookback_months"}, path, "defaults.")
+        items = raw.get("rules", [])
+        if not isinstance(items, list):
+            raise ConfigError("must be an array of tables ([[rules]])", file=str(path), key="rules")
+        for i, item in enumerate(items):
+            rule = _cds_rule(item, defaults, path, f"rules[{i}]", profiles)
+            if any(r.id == rule.id for r in rules):
+                raise ConfigError(f"rule id {rule.id!r} is used twice (ids name the cards' rule in feedback)",
+                                  file=str(path), key=f"rules[{i}].id")
+            rules.append(rule)
+    return tuple(rules)
+
+
 # --- everything at once ----------------------------------------------------------------------------
 
 def check_all(mappings_dir: Path) -> None:
@@ -368,3 +456,4 @@ def check_all(mappings_dir: Path) -> None:
         load_opinion_form.__wrapped__(mappings_dir, name)
     for name in ehr_profile_names(mappings_dir):
         load_ehr_profile(mappings_dir, name)
+    load_cds_rules(mappings_dir)

@@ -195,6 +195,29 @@ class PhysicianApp:
 
 
 @dataclass(frozen=True)
+class CdsIssuer:
+    """One EHR trusted to call the CDS Hooks services: the `iss` of its signed JWTs, where its public keys are
+    (CDS Hooks 2.0 "Trusting CDS Clients": the JWK Set at a URL agreed out of band; a `jku` header must name
+    it), and the configured hospital whose EHR it is (its order codes, reviewers and FHIR server)."""
+    iss: str
+    jwks_url: str
+    hospital: str
+
+
+@dataclass(frozen=True)
+class CdsSettings:
+    """[cds]: the CDS Hooks 2.0 services (service/cds_hooks.py, ehr/cds.py)."""
+    enabled: bool = True
+    issuers: tuple[CdsIssuer, ...] = ()
+    # The EHR's time budget for one hook call: a fetch from the EHR (only when prefetch is missing) gets at most
+    # this long, and when it runs out the answer is no card rather than a late one.
+    time_budget_ms: int = 500
+
+    def issuer(self, iss: object) -> CdsIssuer | None:
+        return next((i for i in self.issuers if isinstance(iss, str) and i.iss == iss.rstrip("/")), None)
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path | None
     base_dir: Path
@@ -216,6 +239,7 @@ class Config:
     oauth: OAuthSettings | None = None
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     physician_app: PhysicianApp | None = None
+    cds: CdsSettings | None = None
 
     @property
     def hospital(self) -> Hospital:

@@ -41,7 +41,10 @@ SAMPLES = [
                   "identifier": {"system": "s", "value": "h"}, "auth": _SMART}, "reviewers": _REVIEWERS,
      "service": {"public_url": "https://fhirbridge.example"}, "api": _API,
      "physician_app": {"client_id": "fhirbridge-physician", "scope": "openid fhirUser",
-                       "issuers": [{"url": "https://ehr.example/fhir", "hospital": "H"}]}},
+                       "issuers": [{"url": "https://ehr.example/fhir", "hospital": "H"}]},
+     "cds": {"enabled": True, "time_budget_ms": 500,
+             "issuers": [{"iss": "https://ehr.example", "jwks_url": "https://ehr.example/cds.jwks.json",
+                          "hospital": "H"}]}},
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"}},
      "reviewers": _REVIEWERS, "service": {"public_url": "https://fhirbridge.example"},
@@ -77,9 +80,17 @@ TABLES = {
     "metrics": "Prometheus metrics at /metrics (docs/operate.md).",
     "physician_app": "The physician's SMART on FHIR EHR-launch ordering app at /physician (unset: not served).",
     "physician_app.issuers[]": "EHRs allowed to launch the app: one `[[physician_app.issuers]]` table each.",
+    "cds": "The CDS Hooks 2.0 services at /cds-services (docs/cds-hooks.md; unset: not served).",
+    "cds.issuers[]": "EHRs trusted to call them: one `[[cds.issuers]]` table each.",
 }
 
 MEANINGS = {
+    "cds.enabled": "Serve the CDS Hooks services (needs `[service] public_url`, the audience of the EHR's JWTs).",
+    "cds.time_budget_ms": "How long one hook call may take: the cap on fetching from the EHR when prefetch is "
+                          "missing (when it runs out the answer has no card rather than coming late).",
+    "cds.issuers[].iss": "The `iss` of the EHR's signed JWTs.",
+    "cds.issuers[].jwks_url": "Where the EHR publishes its JWK Set (https; a JWT's `jku` header must name it).",
+    "cds.issuers[].hospital": "The configured hospital whose EHR it is (unset: the only one).",
     "fhirbridge.data_dir": "Work directory: Case files (encrypted), sealed packages. Relative paths in this file are "
                            "relative to the file's directory. Every replica must share it.",
     "fhirbridge.store_url": "The Case store. Empty: SQLite at `<data_dir>/fhirbridge.db`. For several replicas: "
@@ -253,7 +264,7 @@ def _renamed(raw: dict) -> dict:
     out["hospital"]["name"] = "Renamed"
     for key in out.get("api", {}).get("keys", []):
         key["hospitals"] = ["Renamed"]
-    for issuer in out.get("physician_app", {}).get("issuers", []):
+    for issuer in out.get("physician_app", {}).get("issuers", []) + out.get("cds", {}).get("issuers", []):
         issuer["hospital"] = "Renamed"
     return out
 

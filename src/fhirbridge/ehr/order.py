@@ -25,25 +25,26 @@ EXCLUDED_RECORD = "urn:fhirbridge:extension:excluded-record"
 REQUESTER = re.compile(r"(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}")
 
 
-def place_order(app: App, *, patient: str, question: str, requester: str, reviewer: str | None = None,
-                profile: str | None = None, priority: str = "routine",
-                exclude: tuple[str, ...] | list[str] = ()) -> dict:
-    """`requester`: the ordering clinician, "Practitioner/<id>" or "PractitionerRole/<id>" (required).
-    `exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD)."""
+def build_order(app: App, *, patient: str, question: str, requester: str, reviewer: str | None = None,
+                profile: str | None = None, priority: str = "routine", placer: str | None = None,
+                reason_reference: dict | None = None, reason_code: list[dict] | None = None) -> dict:
+    """The second-opinion ServiceRequest as `place_order` writes it, not yet written and with nothing read from
+    the EHR: the one shape for `fhirbridge order`, POST /api/orders, the physician app and the CDS Hooks
+    suggestion (ehr/cds.py), whose EHR writes it itself. `placer`: the placer identifier's value (default: a new
+    UUID). `reason_reference`/`reason_code`: the planned treatment the second opinion is about (R4
+    ServiceRequest.reasonReference/reasonCode; for a CDS card, the draft order being signed)."""
     if not question.strip():
         raise FhirbridgeError("the question must not be empty: say what the reviewer should answer")
     if not requester or not REQUESTER.fullmatch(requester):
         raise FhirbridgeError("an order needs its requester, the ordering clinician: Practitioner/<id> or "
                               "PractitionerRole/<id> (BSeR: a referral's requester is required)")
     patient_ref = patient if patient.startswith("Patient/") else f"Patient/{patient}"
-    _must_exist(app, patient_ref)
-    _must_exist(app, requester, "the requester ")
     codes = app.order_codes
     sr = {
         "resourceType": "ServiceRequest",
         "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
                                              "code": "PLAC", "display": "Placer Identifier"}]},
-                        "system": PLACER_SYSTEM, "value": str(uuid.uuid4()),
+                        "system": PLACER_SYSTEM, "value": placer or str(uuid.uuid4()),
                         "assigner": app.hospital.organization_ref()}],
         "status": "active",
         "intent": "order",
@@ -55,6 +56,10 @@ def place_order(app: App, *, patient: str, question: str, requester: str, review
         "note": [{"text": question.strip()}],
         "requester": {"reference": requester},
     }
+    if reason_code:
+        sr["reasonCode"] = reason_code
+    if reason_reference:
+        sr["reasonReference"] = [reason_reference]
     if reviewer:
         sr["performer"] = [app.config.reviewer(reviewer).organization_ref()]
     if profile:
@@ -62,10 +67,34 @@ def place_order(app: App, *, patient: str, question: str, requester: str, review
             raise FhirbridgeError(f"no collection profile {profile!r} (known: "
                                   f"{', '.join(profile_names(app.config.mappings_dir))})")
         sr["orderDetail"] = [{"coding": [{"system": codes.profile_system, "code": profile}]}]
+    return sr
+
+
+def place_order(app: App, *, patient: str, question: str, requester: str, reviewer: str | None = None,
+                profile: str | None = None, priority: str = "routine",
+                exclude: tuple[str, ...] | list[str] = (), placer: str | None = None,
+                reason_reference: dict | None = None, reason_code: list[dict] | None = None) -> dict:
+    """`requester`: the ordering clinician, "Practitioner/<id>" or "PractitionerRole/<id>" (required).
+    `exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD).
+    `placer`: a placer identifier value decided beforehand (a CDS suggestion's): the order is then written
+    once only, however often this is called with it (found by the identifier, else a conditional create)."""
+    sr = build_order(app, patient=patient, question=question, requester=requester, reviewer=reviewer,
+                     profile=profile, priority=priority, placer=placer, reason_reference=reason_reference,
+                     reason_code=reason_code)
+    if placer and (found := find_by_placer(app, placer)) is not None:
+        return found
+    _must_exist(app, sr["subject"]["reference"])
+    _must_exist(app, requester, "the requester ")
     if exclude:
         return _with_exclusions(app, sr, sorted(set(exclude)))
-    stored, _ = app.ehr.create(sr)
+    stored, _ = app.ehr.create(sr, if_none_exist=f"identifier={PLACER_SYSTEM}|{placer}" if placer else None)
     return stored
+
+
+def find_by_placer(app: App, placer: str) -> dict | None:
+    """The second-opinion order carrying this placer identifier value, if the EHR holds one."""
+    found = app.ehr.search("ServiceRequest", {"identifier": f"{PLACER_SYSTEM}|{placer}"})
+    return next(iter(found), None)
 
 
 def _must_exist(app: App, ref: str, what: str = "") -> None:

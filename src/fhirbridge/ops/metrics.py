@@ -31,7 +31,7 @@ from sqlalchemy import and_, func, or_, select
 
 from fhirbridge import VERSION
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
-from fhirbridge.store.tables import audit_events, cases, events
+from fhirbridge.store.tables import audit_events, cases, cds_cards, events
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -55,6 +55,10 @@ AUDIT_WRITE_FAILURES = Counter(
     "fhirbridge_audit_ehr_write_failures", "Writes of an AuditEvent to the EHR that failed, by HTTP status "
     "(\"error\": no answer); the AuditEvent stays owed and is tried again (fhirbridge_audit_events_owed)",
     ["hospital", "status"])
+CDS_SECONDS = Histogram(
+    "fhirbridge_cds_hook_duration_seconds", "How long a CDS Hooks call took to answer, by service and whether it "
+    "had to read from the EHR (prefetch incomplete)", ["service", "fetched"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 TICK_FAILURES = Counter("fhirbridge_tick_failures", "Scheduler ticks that failed (the next tick tries again)",
                         ["tick"])
 
@@ -81,6 +85,10 @@ def step_finished(hospital: str, reviewer: str, step: str, outcome: str, seconds
 def audit_write_failed(hospital: str, status: str) -> None:
     """The EHR refused (or never answered) the write of an AuditEvent (ehr.audit)."""
     AUDIT_WRITE_FAILURES.labels(hospital, status).inc()
+
+
+def cds_answered(service: str, fetched: bool, seconds: float) -> None:
+    CDS_SECONDS.labels(service, "yes" if fetched else "no").observe(seconds)
 
 
 def tick_failed(tick: str) -> None:
@@ -131,7 +139,7 @@ class StoreCollector:
             return
         up.add_metric([], 1)
         yield up
-        by_step, queue, oldest, overdue, owed = snapshot
+        by_step, queue, oldest, overdue, owed, cds = snapshot
         per_step = GaugeMetricFamily("fhirbridge_cases", "Cases by hospital and step", labels=["hospital", "step"])
         steps = ALL_STEPS
         hospitals = sorted(set(self.names.values()) | {h for h, _ in by_step})
@@ -163,6 +171,12 @@ class StoreCollector:
             for h in hospitals:
                 debt.add_metric([h], owed.get(h, 0))
             yield debt
+        shown = GaugeMetricFamily("fhirbridge_cds_cards", "CDS Hooks cards shown, by rule and the clinician's "
+                                  "feedback (accepted, overridden; none: no feedback yet)",
+                                  labels=["hospital", "rule", "outcome"])
+        for (h, rule, outcome), n in sorted(cds.items()):
+            shown.add_metric([h, rule, outcome], n)
+        yield shown
 
     def _name(self, key: str) -> str:
         return self.names.get(key, key)
@@ -196,7 +210,10 @@ class StoreCollector:
             owed = ({self._name(h): n for h, n in conn.execute(
                 select(a.hospital, func.count()).where(a.sent_to_ehr.is_(False)).group_by(a.hospital))}
                 if self.audit_to_ehr else {})
-        return by_step, queue, oldest, overdue, owed
+            k = cds_cards.c
+            cds = {(self._name(h), r, o or "none"): n for h, r, o, n in conn.execute(
+                select(k.hospital, k.rule, k.outcome, func.count()).group_by(k.hospital, k.rule, k.outcome))}
+        return by_step, queue, oldest, overdue, owed, cds
 
 
 class _ThisProcess:

@@ -5,6 +5,7 @@
     /fhir/...      FHIR-facing: subscription notifications from the EHR (service/notify.py; OperationOutcome)
     /healthz /readyz /.well-known/jwks.json (service/health.py)   /openapi.json /docs (service/openapi.py)
     /metrics (service/metrics.py)   /dashboard /physician (ui/)
+    /cds-services  CDS Hooks 2.0 services for the EHR (service/cds_hooks.py; JWT-authenticated)
 
 Every error is a JSON body with a clear message ({"error": {"status", "message"}}); FHIR-facing endpoints
 answer with an OperationOutcome instead; pages answer with a page. Nothing clinical is ever in a response
@@ -23,6 +24,7 @@ from fhirbridge.config import loader as config_mod
 from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError, RejectedOpinion, SealError
 from fhirbridge.service import metrics, request_ids
 from fhirbridge.service.api import api
+from fhirbridge.service.cds_hooks import cds_hooks
 from fhirbridge.service.health import health
 from fhirbridge.service.http import ApiError, json_error
 from fhirbridge.service.notify import notify
@@ -51,6 +53,7 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     app.register_blueprint(notify)         # /fhir/notify/<hospital>
     app.register_blueprint(docs)           # /openapi.json /docs
     app.register_blueprint(terminology)    # /fhir/CodeSystem (our code systems, public)
+    app.register_blueprint(cds_hooks)      # /cds-services (CDS Hooks; the EHR's signed JWT), when [cds] is on
     metrics.init_app(app)                  # /metrics
     _pages(app)                            # /dashboard
     install_physician(app)                 # /physician, only when [physician_app] is configured

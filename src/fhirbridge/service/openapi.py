@@ -45,7 +45,11 @@ SPEC: dict[str, Any] = {
                                          "description": "a JWT signed with the reviewer's registered key (iss = sub "
                                                         "= its identifier, aud = <public_url>/reviewer, lifetime "
                                                         "<= 300 s, unique jti: `fhirbridge reviewer token`), or its "
-                                                        "api_token; each reviewer sees only its own Cases"}},
+                                                        "api_token; each reviewer sees only its own Cases"},
+                            "ehr": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                                    "description": "CDS Hooks 2.0: a JWT signed by a trusted EHR ([[cds.issuers]]: "
+                                                   "iss, its JWK Set by kid), aud = the URL called, exp <= 300 s "
+                                                   "after iat, a jti used once"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["status", "message"],
@@ -167,6 +171,26 @@ SPEC: dict[str, Any] = {
             "responses": {str(c): {"description": d,
                                    "content": {"application/fhir+json": {"schema": {"type": "object"}}}}
                           for c, d in ((200, "searchset Bundle"), (400, "Unsupported parameter (OperationOutcome)"))}}},
+        "/cds-services": {"get": {
+            "summary": "CDS Hooks discovery: the order-sign and order-select services with their prefetch "
+                       "templates (public; 404 when [cds] is not enabled)",
+            "responses": {**_ok("Discovery document", {"type": "object", "properties": {
+                "services": {"type": "array", "items": {"type": "object"}}}}), **_errors(404)}}},
+        "/cds-services/{service_id}": {"post": {
+            "summary": "A CDS Hooks call (order-sign, order-select): cards suggesting a second opinion",
+            "security": [{"ehr": []}],
+            "parameters": [{"name": "service_id", "in": "path", "required": True,
+                            "schema": {"type": "string",
+                                       "enum": ["fhirbridge-order-sign", "fhirbridge-order-select"]}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {**_ok("Cards", {"type": "object", "properties": {
+                "cards": {"type": "array", "items": {"type": "object"}}}}), **_errors(400, 401, 404)}}},
+        "/cds-services/{service_id}/feedback": {"post": {
+            "summary": "CDS Hooks feedback: a card accepted (its suggestion's order is placed once) or overridden",
+            "security": [{"ehr": []}],
+            "parameters": [{"name": "service_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {**_ok("Recorded", {"type": "object"}), **_errors(400, 401, 404, 502, 503)}}},
         "/.well-known/jwks.json": {"get": {
             "summary": "The hospitals' public keys (JWKS): reviewers verify packages and seal opinions with them",
             "responses": {"200": {"description": "JWK Set", "content": {"application/jwk-set+json": {

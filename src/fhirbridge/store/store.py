@@ -32,6 +32,7 @@ from fhirbridge.store.tables import (
     AUDIT_ACCOUNTING,
     audit_events,
     cases,
+    cds_cards,
     cursors,
     events,
     seen_messages,
@@ -543,6 +544,49 @@ class Store:
 
     def session_revoked(self, sid: str) -> bool:
         return self.message_seen(f"session:{sid}"[:200])
+
+    # --- CDS Hooks cards (ehr/cds.py): what was shown, and the feedback on it -------------------------------
+    def record_cds_cards(self, rows: list[dict]) -> None:
+        """The cards of one hook answer, in one transaction (a card already recorded is kept as it is)."""
+        if not rows:
+            return
+        now = time.time()
+        with self.engine.begin() as conn:
+            known = set(conn.execute(select(cds_cards.c.card_id).where(
+                cds_cards.c.card_id.in_([r["card_id"] for r in rows]))).scalars())
+            fresh = [{**r, "issued_at": now} for r in rows if r["card_id"] not in known]
+            if fresh:
+                conn.execute(insert(cds_cards), fresh)
+
+    def cds_card(self, card_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cds_cards).where(cds_cards.c.card_id == card_id)).first()
+        return dict(row._mapping) if row else None
+
+    def cds_card_for(self, *, case_id: str | None = None, order: str | None = None) -> dict | None:
+        """The card whose accepted suggestion opened this Case or placed this second-opinion order
+        ("ServiceRequest/<id>"), or None: the outcomes (issue 18 part 2) follow its draft order."""
+        k = cds_cards.c
+        where = k.case_id == case_id if case_id is not None else k.second_opinion_order == order
+        with self.engine.connect() as conn:
+            row = conn.execute(select(cds_cards).where(where)).first()
+        return dict(row._mapping) if row else None
+
+    def cds_feedback(self, card_id: str, *, outcome: str, override_reason: str | None = None,
+                     at: float | None = None) -> bool:
+        """Record the outcome of a card; True when it is the first feedback on it (a repeated or later one
+        changes nothing: what the clinician did first is the outcome)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(update(cds_cards).where(and_(cds_cards.c.card_id == card_id,
+                                                             cds_cards.c.outcome.is_(None)))
+                                .values(outcome=outcome, override_reason=override_reason,
+                                        outcome_at=at or time.time()))
+            return bool(done.rowcount)
+
+    def cds_ordered(self, card_id: str, *, order: str, case_id: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(cds_cards).where(cds_cards.c.card_id == card_id)
+                         .values(second_opinion_order=order, case_id=case_id))
 
     def message_seen(self, jti: str) -> bool:
         with self.engine.connect() as conn:

@@ -105,3 +105,26 @@ write_ledger = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),   # times it was sent
     Column("updated_at", Float, nullable=False),
 )
+
+# The CDS Hooks cards fhirbridge showed (migration 0009; ehr/cds.py, service/cds_hooks.py): one row per card, so
+# the feedback endpoint knows which draft order a card was about and the outcome (accepted / overridden) is
+# counted. References and codes only: the draft order by reference, the rule by its id, an override reason
+# by its code (never the user's comment).
+cds_cards = Table(
+    "cds_cards", metadata,
+    Column("card_id", String(64), primary_key=True),            # card.uuid
+    Column("hospital", String(200), nullable=False),
+    Column("service", String(64), nullable=False),              # fhirbridge-order-sign | fhirbridge-order-select
+    Column("hook_instance", String(64), nullable=False),
+    Column("patient", String(200), nullable=False),
+    Column("ordered_by", String(200), nullable=False),          # context.userId: the ordering clinician
+    Column("draft_order", String(300), nullable=False),         # "ServiceRequest/<id>" (or "#<fullUrl>" without id)
+    Column("draft_code", String(300), nullable=False),          # system|code of the draft order
+    Column("rule", String(100), nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("outcome", String(20)),                              # accepted | overridden (the first feedback)
+    Column("outcome_at", Float),
+    Column("override_reason", String(200)),                     # system|code of the overrideReason
+    Column("second_opinion_order", String(200)),                # "ServiceRequest/<id>": the second-opinion order
+    Column("case_id", String(64), index=True),
+)
