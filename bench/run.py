@@ -1,6 +1,6 @@
 """Run the benchmarks, print one table, write the results as JSON.
 
-    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado] [--json FILE]
+    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado,cds] [--json FILE]
 
 See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
 """
@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import claims_bench, collect_bench, loop_bench, plans_bench, seal_bench, wado_bench, writeback_bench
+from . import cds_bench, claims_bench, collect_bench, loop_bench, plans_bench, seal_bench, wado_bench, writeback_bench
 from .common import Bench, machine
 
-SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado")
+SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "cds")
 
 # What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
 # 100 MiB of attachments and more repetitions.
@@ -26,12 +26,14 @@ PLANS = {
               "seal": [{"name": "document", "resources": 1000, "attachment_mb": []},
                        {"name": "attachments", "resources": 100, "attachment_mb": [20]}], "seal_repeats": 3,
               "writeback_repeats": 5, "loop_sizes": [10, 100, 1000], "loop_repeats": 2,
-              "claims_cases": 1000, "claims_repeats": 2, "wado_mb": 20, "wado_repeats": 3},
+              "claims_cases": 1000, "claims_repeats": 2, "wado_mb": 20, "wado_repeats": 3,
+              "cds_seconds": 10, "cds_threads": 8},
     "full": {"collect_sizes": [10, 100, 1000, 10000], "collect_repeats": {10: 9, 100: 9, 1000: 7, 10000: 5},
              "seal": [{"name": "document", "resources": 10000, "attachment_mb": []},
                       {"name": "attachments", "resources": 100, "attachment_mb": [100]}], "seal_repeats": 5,
              "writeback_repeats": 11, "loop_sizes": [10, 100, 1000, 10000], "loop_repeats": 3,
-             "claims_cases": 4000, "claims_repeats": 3, "wado_mb": 150, "wado_repeats": 5},
+             "claims_cases": 4000, "claims_repeats": 3, "wado_mb": 150, "wado_repeats": 5,
+             "cds_seconds": 30, "cds_threads": 8},
 }
 PAGE_SIZE_VARIANT = 1000   # collect is also measured with this _count, beside the configured default (100)
 
@@ -89,6 +91,9 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
             return writeback_bench.run(bench, plan["writeback_repeats"], log=log)
         if section == "plans":
             return plans_bench.run(bench, plan["writeback_repeats"], log=log)
+        if section == "cds":
+            return cds_bench.run(bench, plan["cds_seconds"], plan["cds_threads"], log=log,
+                                 postgres_url=args.postgres_url)
         return loop_bench.run(bench, plan["loop_sizes"], plan["loop_repeats"], log=log)
     finally:
         bench.close()
@@ -158,6 +163,14 @@ def goals(sections: dict) -> list[dict]:
         w = sections["wado"]
         for n, v in w["vs_raw"].items():   # issue 15's goals (1.3x of download + seal) are for the seal path
             add("wado", f"{n} / raw GET, {w['payload_bytes'] / 2**20:.0f} MiB series", f"{v:.2f}x", "(reported)", None)
+    for store, c in sections.get("cds", {}).items():
+        if not isinstance(c, dict) or "skipped" in c or "p95_ms" not in c:
+            continue
+        p95 = c["p95_ms"]["card, prefetch"]
+        add("cds", f"order-sign p95 with prefetch, {store} store, {c['threads']} client threads", f"{p95} ms",
+            "< 100 ms", p95 < 100)
+        for n, v in c["p95_vs_floor"].items():
+            add("cds", f"p95 {n} / p95 no card (auth + rules only), {store} store", f"{v:.2f}x", "(reported)", None)
     return out
 
 
@@ -216,6 +229,15 @@ def table(results: dict) -> str:
                       _grid(["contender", "median s", "MiB/s", "x raw GET", "peak MiB"],
                             [[n, v, w["mib_per_s"][n], w["vs_raw"].get(n, "1.00"),
                               f"{w['peak_extra_rss_bytes'][n] / 2**20:.0f}"] for n, v in w["median_s"].items()]), ""]
+    for store, c in s.get("cds", {}).items():
+        if not isinstance(c, dict) or "p95_ms" not in c:
+            if isinstance(c, dict) and "skipped" in c:
+                lines += [f"CDS Hooks order-sign, {store} store: skipped ({c['skipped']})", ""]
+            continue
+        lines += [f"CDS Hooks order-sign under load, {store} store ({c['threads']} client threads, {c['seconds']} s, "
+                  f"{c['calls_per_second']} calls/s in all)",
+                  _grid(["contender", "calls", "p50 ms", "p95 ms", "p99 ms"],
+                        [[n, c["calls"][n], c["p50_ms"][n], c["p95_ms"][n], c["p99_ms"][n]] for n in c["calls"]]), ""]
     lines += ["Goals", _grid(["section", "figure", "measured", "goal", "met"],
                              [[g["section"], g["figure"], g["value"], g["goal"],
                                "" if g["met"] is None else ("yes" if g["met"] else "NO")] for g in results["goals"]])]

@@ -76,3 +76,11 @@ def test_wado_contenders_retrieve_the_same_series(tmp_path):
     out = wado_bench.run(tmp_path, 2, 1, log=lambda _m: None)
     assert set(out["median_s"]) == {"raw GET", "fhirbridge", "fhirbridge, fsync off"}
     assert out["instances"] == 4 and out["answer_bytes"] > out["payload_bytes"]
+
+
+def test_cds_bench_answers_every_contender_under_load(bench):
+    from bench import cds_bench
+    out = cds_bench.run(bench, 1, 2, log=lambda _m: None)
+    row = out["sqlite"]
+    assert set(row["calls"]) == set(cds_bench.CONTENDERS) and all(n > 0 for n in row["calls"].values())
+    assert set(row["p95_vs_floor"]) == {"card, prefetch", "card, no prefetch"}

@@ -386,8 +386,9 @@ def test_the_cds_cards_revision_upgrades_and_downgrades(url):
         row = {"card_id": "card-1", "hospital": "h", "service": "fhirbridge-order-sign", "hook_instance": "i",
                "patient": "Patient/1", "ordered_by": "Practitioner/1", "draft_order": "ServiceRequest/d",
                "draft_code": "http://snomed.info/sct|55705006", "rule": "spine-elective"}
-        store.record_cds_cards([row])
-        store.record_cds_cards([row])                       # the same answer again: one row
+        assert store.record_cds_call("jti-1", "ehr", [row]) is True
+        assert store.record_cds_call("jti-1", "ehr", [row]) is False        # a replayed JWT records nothing
+        assert store.record_cds_call("jti-2", "ehr", [row]) is True         # the same card again: one row
         assert store.cds_feedback("card-1", outcome="overridden") is True
         assert store.cds_feedback("card-1", outcome="accepted") is False
         assert store.cds_card("card-1")["outcome"] == "overridden"

@@ -34,15 +34,25 @@ def _settings():
     return cfg
 
 
-def _caller_app():
-    """The hospital whose EHR signed this call (401 when no trusted EHR did)."""
+REPLAY = "this token was used before (a replay): sign a new one for each request"
+
+
+def _caller_app(*, defer_jti: list | None = None):
+    """The hospital whose EHR signed this call (401 when no trusted EHR did). The JWT's jti is recorded now,
+    or, with `defer_jti`, appended to it for the caller to record with its own write (one commit per call)."""
     svc = service()
     cfg = svc.config
     audience = f"{cfg.public_url}{request.path}"
+
+    def remember(jti: str, iss) -> bool:
+        if defer_jti is not None:
+            defer_jti.append((f"cds:{jti}", f"cds:{iss.iss}"))
+            return True
+        return svc.store.remember_token(f"cds:{jti}", f"cds:{iss.iss}")
+
     try:
         issuer = cds_client_from_jwt(bearer(), cfg, audience=audience,
-                                     keys_for=lambda iss, kid: cds_keyring(cfg, iss, kid),
-                                     remember=lambda jti, iss: svc.store.remember_token(f"cds:{jti}", f"cds:{iss.iss}"))
+                                     keys_for=lambda iss, kid: cds_keyring(cfg, iss, kid), remember=remember)
     except Unauthorized as exc:
         raise ApiError(401, str(exc)) from None
     return svc.app_for(issuer.hospital)
@@ -67,14 +77,17 @@ def call_service(service_id: str):
     if service_id not in cds.SERVICES:
         raise ApiError(404, f"no CDS service {service_id!r} (known: {', '.join(cds.SERVICES)})")
     started = time.monotonic()
-    app = _caller_app()
+    jti: list[tuple[str, str]] = []
+    app = _caller_app(defer_jti=jti)
     try:
         call = cds.parse_call(service_id, _body())
         answer = cds.cards_for(app, call, budget=settings.time_budget_ms / 1000,
                                public_url=service().config.public_url or "")
     except cds.CdsInputError as exc:
         raise ApiError(400, str(exc)) from None
-    app.store.record_cds_cards(answer.rows)
+    # The replay check and the cards in one transaction: a replayed JWT is refused and records nothing.
+    if not app.store.record_cds_call(*jti[0], answer.rows):
+        raise ApiError(401, REPLAY)
     metrics.cds_answered(service_id, bool(answer.fetched), time.monotonic() - started)
     return jsonify({"cards": answer.cards})
 

@@ -515,19 +515,21 @@ class Store:
         API traffic, only with the opinions it guards."""
         now = time.time()
         key = f"token:{jti}"[:200]
-        # The sweep of expired token rows runs at most once a minute per process, not on every API call.
-        sweep = now >= getattr(self, "_token_sweep_at", 0.0)
-        if sweep:
-            self._token_sweep_at = now + 60
         try:
             with self.engine.begin() as conn:
-                if sweep:
-                    conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id.like("token:%"),
-                                                                   seen_messages.c.at < now - keep_seconds)))
+                self._sweep_tokens(conn, now, keep_seconds)
                 conn.execute(insert(seen_messages).values(jti=key, case_id=f"token:{who}"[:64], at=now))
             return True
         except IntegrityError:
             return False
+
+    def _sweep_tokens(self, conn, now: float, keep_seconds: float) -> None:
+        # The sweep of expired token rows runs at most once a minute per process, not on every API call.
+        if now < getattr(self, "_token_sweep_at", 0.0):
+            return
+        self._token_sweep_at = now + 60
+        conn.execute(seen_messages.delete().where(and_(seen_messages.c.case_id.like("token:%"),
+                                                       seen_messages.c.at < now - keep_seconds)))
 
     # Signed-out page sessions: rows `session:<sid>` in seen_messages, kept as long as such a session could
     # otherwise live, so a replayed cookie is refused by every worker and replica, not only the one signed out at.
@@ -546,17 +548,26 @@ class Store:
         return self.message_seen(f"session:{sid}"[:200])
 
     # --- CDS Hooks cards (ehr/cds.py): what was shown, and the feedback on it -------------------------------
-    def record_cds_cards(self, rows: list[dict]) -> None:
-        """The cards of one hook answer, in one transaction (a card already recorded is kept as it is)."""
-        if not rows:
-            return
+    def record_cds_call(self, jti: str, who: str, rows: list[dict], *, keep_seconds: float = 900.0) -> bool:
+        """One CDS Hooks answer, in one transaction: the calling JWT's `jti` (as `remember_token` keeps it) and
+        the cards shown (a card already recorded is kept as it is). False, with nothing recorded, when the jti
+        was used before (a replay). One commit per call: on SQLite with FULL sync each commit is an fsync, the
+        larger part of an answer's time (docs/performance.md, CDS Hooks)."""
         now = time.time()
-        with self.engine.begin() as conn:
-            known = set(conn.execute(select(cds_cards.c.card_id).where(
-                cds_cards.c.card_id.in_([r["card_id"] for r in rows]))).scalars())
-            fresh = [{**r, "issued_at": now} for r in rows if r["card_id"] not in known]
-            if fresh:
-                conn.execute(insert(cds_cards), fresh)
+        try:
+            with self.engine.begin() as conn:
+                self._sweep_tokens(conn, now, keep_seconds)
+                conn.execute(insert(seen_messages).values(jti=f"token:{jti}"[:200], case_id=f"token:{who}"[:64],
+                                                          at=now))
+                if rows:
+                    known = set(conn.execute(select(cds_cards.c.card_id).where(
+                        cds_cards.c.card_id.in_([r["card_id"] for r in rows]))).scalars())
+                    fresh = [{**r, "issued_at": now} for r in rows if r["card_id"] not in known]
+                    if fresh:
+                        conn.execute(insert(cds_cards), fresh)
+        except IntegrityError:
+            return False
+        return True
 
     def cds_card(self, card_id: str) -> dict | None:
         with self.engine.connect() as conn:
