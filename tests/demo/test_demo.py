@@ -19,9 +19,16 @@ def test_demo_runs_the_whole_loop_and_stops_its_server(tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--dir", "demo"]) == 0
     out = capsys.readouterr().out
-    for step in ("Starting a local demo EHR", "orders a second opinion", "fhirbridge run", "opens the package",
-                 "answers", "files it in the EHR", "Checking the chart"):
+    for step in ("Starting a local demo EHR", "CDS Hooks service (order-sign)", "fhirbridge run",
+                 "opens the package", "answers", "files it in the EHR", "Checking the chart"):
         assert step in out
+    # Issue 18: the card for the seeded spine-fusion order, and its suggestion starting the loop.
+    assert re.search(r"order-sign answered in \d+ ms with one card \(info\)", out)
+    assert "Elective spine surgery: consider a second opinion" in out
+    assert re.search(r"suggestion: Order a second opinion from Demo Spine Center \(create ServiceRequest, "
+                     r"reasonReference ServiceRequest/\S+\)", out)
+    assert re.search(r"ServiceRequest/\S+ \(orders a second opinion; reason ServiceRequest/\S+; Case [0-9a-f-]{36}\)",
+                     out)
     assert re.search(r"opinion in the EHR:\s+DocumentReference/\S+ \(Task Task/\S+ completed\)", out)
     assert "status completed" in out
     package = re.search(r"sealed package:\s+(\S+)", out).group(1)

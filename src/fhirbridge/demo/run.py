@@ -1,7 +1,9 @@
 """`fhirbridge demo`: the whole loop on this machine, against a local demo EHR (sekmet-fhir).
 
 Starts a FHIR R4 server on 127.0.0.1 with a temporary data directory, seeds a patient with imaging,
-reports, procedures, medications and notes, orders a second opinion, collects, seals, delivers to a local
+reports, procedures, medications and notes, has the surgeon sign an elective spinal fusion, whose CDS Hooks
+card (order-sign) suggests a second opinion; the accepted suggestion places the second-opinion order, which
+fhirbridge collects, seals, delivers to a local
 outbox, answers as a sample reviewer, files the opinion, checks what landed in the EHR, and stops the
 server. The demo's own files (config, keys, package, opinion) stay in --dir to look at.
 
@@ -29,9 +31,9 @@ from fhirbridge.config import loader as config
 from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import files
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.demo import cds
 from fhirbridge.demo.localehr import LocalEhr, free_port, publish_order_topic, seed_patient
 from fhirbridge.ehr.context import App
-from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import OPINION, open_sealed
 from fhirbridge.exchange.render import render_opinion
@@ -243,11 +245,13 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> Ran:
               f"{len(seeded['medication_requests']) + len(seeded['medication_statements'])} medications, "
               f"{len(seeded['document_references'])} notes")
 
-        step("The referring physician orders a second opinion (ServiceRequest in the EHR)")
-        sr = place_order(app, patient=seeded["patient"], profile="spine", requester=seeded["physician"],
-                         question="Planned L4-L5 microdiscectomy: is surgery indicated now, or is conservative "
-                                  "care still appropriate?")
-        print(f"    ServiceRequest/{sr['id']}")
+        step("The surgeon signs an elective spinal fusion: the EHR calls fhirbridge's CDS Hooks service "
+             "(order-sign), which suggests a second opinion; the surgeon accepts, and the order is placed")
+        accepted = cds.run_scene(app, paths["config"], patient=seeded["patient"], physician=seeded["physician"],
+                                 say=lambda m: print(f"    {m}", flush=True))
+        sr = accepted.service_request
+        print(f"    ServiceRequest/{sr['id']} (orders a second opinion; reason "
+              f"{sr['reasonReference'][0]['reference']}; Case {accepted.case_id})")
 
         step("fhirbridge run: intake, collect, seal (sign + encrypt), deliver to the outbox")
         report = run_pending(app)
