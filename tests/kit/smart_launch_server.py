@@ -58,13 +58,16 @@ class SmartLaunchServer:
     def register(self, redirect_uri: str) -> None:
         self.redirect_uri = redirect_uri
 
-    def new_launch(self, patient: str, user: str | None) -> str:
+    def new_launch(self, patient: str, user: str | None, app_context: str | None = None) -> str:
         launch = secrets.token_urlsafe(16)
-        self.launches[launch] = {"patient": patient.removeprefix("Patient/"), "user": user, "used": False}
+        self.launches[launch] = {"patient": patient.removeprefix("Patient/"), "user": user, "used": False,
+                                 "app_context": app_context}
         return launch
 
-    def chart_url(self, app_launch_url: str, patient: str, user: str | None) -> str:
-        return f"{self.url}/ehr/chart?" + urlencode({"patient": patient, "user": user or "", "app": app_launch_url})
+    def chart_url(self, app_launch_url: str, patient: str, user: str | None, app_context: str | None = None) -> str:
+        """`app_context`: a CDS Hooks card link's appContext, handed to the app in the token response."""
+        return f"{self.url}/ehr/chart?" + urlencode({"patient": patient, "user": user or "", "app": app_launch_url,
+                                                     **({"app_context": app_context} if app_context else {})})
 
     # --- the server ---------------------------------------------------------------------------------
     def _app(self) -> Flask:
@@ -72,7 +75,8 @@ class SmartLaunchServer:
 
         @app.get("/ehr/chart")
         def chart():
-            launch = self.new_launch(request.args["patient"], request.args.get("user") or None)
+            launch = self.new_launch(request.args["patient"], request.args.get("user") or None,
+                                     request.args.get("app_context") or None)
             target = f"{request.args['app']}?" + urlencode({"iss": self.fhir_base, "launch": launch})
             return (f"<!doctype html><html lang=en><title>Test EHR</title><h1>Test EHR: chart</h1>"
                     f"<p>Patient {html.escape(request.args['patient'])}</p>"
@@ -143,7 +147,9 @@ class SmartLaunchServer:
             launch = grant["launch"]
             self.tokens[access] = {"patient": launch["patient"], "expires": time.time() + 3600}
             body = {"access_token": access, "token_type": "Bearer", "expires_in": 3600, "scope": grant["scope"],
-                    "patient": launch["patient"], "need_patient_banner": True}
+                    "patient": launch["patient"], "need_patient_banner": True,
+                    # CDS Hooks 2.0: a smart link's appContext reaches the app in the token response.
+                    **({"appContext": launch["app_context"]} if launch.get("app_context") else {})}
             if {"openid", "fhirUser"} <= set(grant["scope"].split()) and launch["user"]:
                 body["id_token"] = self._id_token(launch["user"])
             resp = jsonify(body)

@@ -314,9 +314,10 @@ def suggestion_id(card_id: str, reviewer: str | None) -> str:
 
 
 def _question(rule: CdsRule) -> str:
-    """The order's question: the same words on the suggestion and on the order placed on feedback."""
-    return (f"Second opinion before the planned treatment this order names as its reason ({rule.id}): is it "
-            "indicated now, and is there a less invasive alternative?")
+    """The order's question: the same words on the suggestion and on the order placed on feedback (the store
+    keeps no text of the draft order to build more from)."""
+    return ("Is the planned treatment (the order this one names as its reason) indicated now, and is there a "
+            "less invasive alternative?")
 
 
 def _card(app: App, call: HookCall, order: dict, ref: str, rule: CdsRule, public_url: str) -> tuple[dict, dict]:

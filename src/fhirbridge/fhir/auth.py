@@ -125,7 +125,8 @@ class Feature:
 
 
 FEATURES: tuple[Feature, ...] = (
-    # loop/intake.py poll and the lost-store check; loop/guards.py and routing re-read the order before each
+    # loop/intake.py poll and the lost-store check (and ehr/cds.py's prior orders when prefetch is missing;
+    # its Patient read is collect's); loop/guards.py and routing re-read the order before each
     # outbound step; routing reads an Organization performer named by reference.
     Feature("intake", "no new orders are found and open Cases cannot re-check their order",
             (("ServiceRequest", SEARCH), ("ServiceRequest", READ), ("Task", SEARCH), ("Organization", READ))),
@@ -144,7 +145,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("write-back", "the opinion cannot be filed in the chart",
             (("Task", READ), ("DocumentReference", SEARCH), ("DocumentReference", READ), ("Binary", UPDATE),
              ("DocumentReference", UPDATE), ("Provenance", CREATE), ("Task", UPDATE))),
-    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app): read the patient and the requester
+    # ehr/order.py (`fhirbridge order`, POST /orders, the physician app, an accepted CDS Hooks suggestion: the
+    # order found by its placer identifier is intake's search): read the patient and the requester
     # (required, BSeR), POST the order; with deselected records it is created as a draft and PUT active once the
     # EHR is seen to keep them.
     Feature("ordering", "orders cannot be placed through fhirbridge (CLI, API, physician app)",

@@ -140,7 +140,9 @@ def callback():
     contexts.pop(launched.patient, None)
     contexts[launched.patient] = {"hospital": pending["hospital"], "user": launched.user,
                                   "user_name": _user_name(app, launched.user), "banner": launched.need_patient_banner,
-                                  "expires": launched.expires_at}
+                                  "expires": launched.expires_at,
+                                  # From a CDS Hooks card's smart link (ehr/cds.py): the order form's prefill.
+                                  "prefill": launched.app_context}
     session["physician"] = dict(list(contexts.items())[-MAX_CONTEXTS:])
     target = url_for(".landing", patient=launched.patient)
     resp = make_response(render_template("physician/continue.html", title="Opening the patient", target=target))
@@ -235,7 +237,9 @@ def _validate(app: App, form: dict) -> dict[str, str]:
 def order(patient: str):
     ctx, app = _context(patient)
     if request.method == "GET":
-        form: dict[str, Any] = {"profile": "", "reviewer": "", "question": "", "priority": "routine",
+        prefill = ctx.get("prefill") or {}
+        form: dict[str, Any] = {"profile": prefill.get("profile", ""), "reviewer": prefill.get("reviewer", ""),
+                                "question": prefill.get("question", ""), "priority": "routine",
                                 "preview_for": "", "shown": [], "share": set()}
         return _order_page(patient, ctx, app, form, {}, None)
     check_csrf()
@@ -274,6 +278,7 @@ def order(patient: str):
         return _order_page(patient, ctx, app, form, {}, preview, notice=f"The order was not placed: {exc}",
                            status=502)
     case = app.store.find_by_order(app.hospital.key, f"ServiceRequest/{sr['id']}")
+    _link_card(app, ctx, sr, case)
     if case is None:
         flash("The order is in the EHR; fhirbridge will take it in within a minute.", "ok")
         return redirect(url_for(".landing", patient=patient), 303)
@@ -282,8 +287,11 @@ def order(patient: str):
 
 
 def _place(app: App, patient: str, ctx: dict, form: dict, exclude: list[str]) -> dict:
+    # Opened from a CDS card: the planned treatment it was about is the order's reason (the outcomes follow it).
+    draft = (ctx.get("prefill") or {}).get("draftOrder")
     sr = place_order(app, patient=patient, question=form["question"], reviewer=form["reviewer"],
-                     profile=form["profile"], requester=ctx["user"], priority=form["priority"], exclude=exclude)
+                     profile=form["profile"], requester=ctx["user"], priority=form["priority"], exclude=exclude,
+                     reason_reference={"reference": draft} if draft else None)
     # As the staff API does: the order is in the EHR from here on; if taking it in fails now, the poll does.
     try:
         order_changed(app, sr)
@@ -293,13 +301,29 @@ def _place(app: App, patient: str, ctx: dict, form: dict, exclude: list[str]) ->
     return sr
 
 
+def _link_card(app: App, ctx: dict, sr: dict, case) -> None:
+    """An order placed from a CDS card's link is that card's second-opinion order (store cds_cards; the Case's
+    event cds.ordered), as an accepted suggestion's is: the card of this hospital, for this patient, only."""
+    card_id = (ctx.get("prefill") or {}).get("cdsCard")
+    card = app.store.cds_card(card_id) if isinstance(card_id, str) else None
+    if card is None or not isinstance(card_id, str) or card["hospital"] != app.hospital.key \
+            or card["patient"] != sr["subject"]["reference"]:
+        return
+    ref = f"ServiceRequest/{sr['id']}"
+    app.store.cds_ordered(card_id, order=ref, case_id=case.id if case else None)
+    if case is not None:
+        app.store.add_event(case.id, "cds.ordered", {"card": card_id, "draft_order": card["draft_order"],
+                                                    "rule": card["rule"], "via": "smart link"})
+
+
 def _order_page(patient, ctx, app, form, errors, preview, *, notice=None, status=200):
     reviewers = [(r.name, r.display, ", ".join(r.profiles)) for r in app.config.reviewers.values()]
     reviewer = app.config.reviewers.get(form["reviewer"])
     page = _page("physician/order.html", patient=patient, ctx=ctx, app=app, current="order",
                  title="Order a second opinion", form=form, errors=errors, preview=preview, notice=notice,
                  profiles=_profiles(app), reviewers=reviewers, priorities=PRIORITIES,
-                 reviewer_display=reviewer.display if reviewer else "", first_error=next(iter(errors), None))
+                 reviewer_display=reviewer.display if reviewer else "", first_error=next(iter(errors), None),
+                 prefilled=(ctx.get("prefill") or {}).get("draftOrder"))
     return page, status
 
 

@@ -14,10 +14,11 @@ refresh, and fhirbridge reads the EHR with its own client (App.ehr). The access 
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -51,6 +52,9 @@ class Launched:
     user: str | None            # fhirUser as "Practitioner/<id>" (or PractitionerRole), when the EHR said
     need_patient_banner: bool
     expires_at: float
+    # CDS Hooks 2.0: a card's link of type "smart" carries `appContext`, which the EHR hands to the app in the
+    # token response. Only fhirbridge's own keys are kept (ehr/cds.py writes them), each checked for its shape.
+    app_context: dict = field(default_factory=dict)
 
 
 def _session() -> requests.Session:
@@ -142,7 +146,31 @@ def finish(pending: dict, callback_url: str, *, client_id: str) -> Launched:
     expires = client.server.auth.expires_at
     return Launched(iss=pending["iss"], patient=patient, user=user,
                     need_patient_banner=ctx.get("need_patient_banner", True) is not False,
-                    expires_at=expires.timestamp() if expires else time.time() + 3600)
+                    expires_at=expires.timestamp() if expires else time.time() + 3600,
+                    app_context=app_context(ctx.get("appContext")))
+
+
+_APP_CONTEXT = {"cdsCard": re.compile(r"[0-9a-f-]{36}"), "draftOrder": re.compile(r"[A-Za-z]{1,40}/" + ID_PART),
+                "profile": re.compile(r"[a-z0-9-]{1,64}"), "reviewer": re.compile(r"[A-Za-z0-9 ._-]{1,100}")}
+MAX_APP_QUESTION = 2000
+
+
+def app_context(raw: object) -> dict:
+    """The prefill a CDS card's smart link sent (a JSON string): cdsCard, draftOrder, profile, reviewer,
+    question; anything else, or of another shape, is dropped (it came through the EHR, not from us directly)."""
+    if not isinstance(raw, str) or len(raw) > 8192:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out = {k: v for k, v in data.items() if k in _APP_CONTEXT and isinstance(v, str) and _APP_CONTEXT[k].fullmatch(v)}
+    question = data.get("question")
+    if isinstance(question, str) and question.strip() and len(question) <= MAX_APP_QUESTION:
+        out["question"] = question.strip()
+    return out
 
 
 def _fhir_user(id_token: str, pending: dict, *, client_id: str) -> str | None:
