@@ -1,4 +1,5 @@
-"""Who is calling the HTTP API: reviewers (signed JWTs) and hospital staff (OAuth2 tokens or scoped keys).
+"""Who is calling the HTTP API: reviewers (signed JWTs), hospital staff (OAuth2 tokens or scoped keys), and
+EHRs calling the CDS Hooks services (their signed JWTs: `cds_client_from_jwt`, docs/cds-hooks.md).
 
 **Reviewers** authenticate with a short-lived JWT signed by a signing key of their registered key set (the
 `jwks` / `jwks_url` the hospital configured for them), the way SMART Backend Services clients authenticate
