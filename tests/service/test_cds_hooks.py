@@ -183,6 +183,11 @@ def test_without_prefetch_the_patient_and_prior_orders_are_read_from_the_ehr(cds
     # Our own client (no fhirAuthorization) ...
     r = cds_ehr.call(client, SIGN, cds_ehr.order_sign(pid, "Practitioner/dr-a", [draft]), public_url=PUBLIC)
     assert spine_card(r)["suggestions"]
+    # A prefetch the EHR could not make (an OperationOutcome in its place) is read too.
+    failed = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}
+    body = cds_ehr.order_sign(pid, "Practitioner/dr-a", [draft], prefetch={"patient": failed,
+                                                                            "priorSecondOpinions": None})
+    assert spine_card(cds_ehr.call(client, SIGN, body, public_url=PUBLIC))["suggestions"]
     # ... and the EHR's access token for its own FHIR server.
     body = cds_ehr.order_sign(pid, "Practitioner/dr-a", [draft], fhir_server=ehr.base_url, token="ehr-issued-token")
     assert spine_card(cds_ehr.call(client, SIGN, body, public_url=PUBLIC))["suggestions"]

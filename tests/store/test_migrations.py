@@ -390,8 +390,10 @@ def test_the_cds_cards_revision_upgrades_and_downgrades(url):
         assert store.record_cds_call("jti-1", "ehr", [row]) is False        # a replayed JWT records nothing
         assert store.record_cds_call("jti-2", "ehr", [row]) is True         # the same card again: one row
         assert store.cds_feedback("card-1", outcome="overridden") is True
-        assert store.cds_feedback("card-1", outcome="accepted") is False
-        assert store.cds_card("card-1")["outcome"] == "overridden"
+        assert store.cds_feedback("card-1", outcome="overridden") is False       # a repeat changes nothing
+        assert store.cds_feedback("card-1", outcome="accepted") is True          # its order exists: followed
+        assert store.cds_feedback("card-1", outcome="overridden") is False
+        assert store.cds_card("card-1")["outcome"] == "accepted"
         with store.engine.connect() as conn:
             command.downgrade(migrations.alembic_config(conn), "0005")
             conn.commit()

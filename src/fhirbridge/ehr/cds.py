@@ -186,7 +186,12 @@ def _budget_client(app: App, call: HookCall, budget: float) -> FhirClient:
 
 
 def _prefetched(call: HookCall, key: str) -> object:
-    return call.prefetch.get(key)
+    """A prefetch value, or None when it is missing, null, or an OperationOutcome (CDS Hooks 2.0: how a CDS
+    client reports that it could not prefetch): then it is read from the EHR."""
+    value = call.prefetch.get(key)
+    if isinstance(value, dict) and value.get("resourceType") == "OperationOutcome":
+        return None
+    return value
 
 
 def _patient(app: App, call: HookCall, client_for) -> dict:

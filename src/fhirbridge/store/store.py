@@ -553,21 +553,26 @@ class Store:
         the cards shown (a card already recorded is kept as it is). False, with nothing recorded, when the jti
         was used before (a replay). One commit per call: on SQLite with FULL sync each commit is an fsync, the
         larger part of an answer's time (docs/performance.md, CDS Hooks)."""
-        now = time.time()
-        try:
-            with self.engine.begin() as conn:
-                self._sweep_tokens(conn, now, keep_seconds)
-                conn.execute(insert(seen_messages).values(jti=f"token:{jti}"[:200], case_id=f"token:{who}"[:64],
-                                                          at=now))
-                if rows:
-                    known = set(conn.execute(select(cds_cards.c.card_id).where(
-                        cds_cards.c.card_id.in_([r["card_id"] for r in rows]))).scalars())
-                    fresh = [{**r, "issued_at": now} for r in rows if r["card_id"] not in known]
-                    if fresh:
-                        conn.execute(insert(cds_cards), fresh)
-        except IntegrityError:
-            return False
-        return True
+        key = f"token:{jti}"[:200]
+        for _attempt in range(2):
+            now = time.time()
+            try:
+                with self.engine.begin() as conn:
+                    self._sweep_tokens(conn, now, keep_seconds)
+                    conn.execute(insert(seen_messages).values(jti=key, case_id=f"token:{who}"[:64], at=now))
+                    if rows:
+                        known = set(conn.execute(select(cds_cards.c.card_id).where(
+                            cds_cards.c.card_id.in_([r["card_id"] for r in rows]))).scalars())
+                        fresh = [{**r, "issued_at": now} for r in rows if r["card_id"] not in known]
+                        if fresh:
+                            conn.execute(insert(cds_cards), fresh)
+                return True
+            except IntegrityError:
+                if self.message_seen(key):
+                    return False
+                # Not the jti: the same hook call answered at the same moment elsewhere recorded the card
+                # first; once more, and the card is known now.
+        return False
 
     def cds_card(self, card_id: str) -> dict | None:
         with self.engine.connect() as conn:
@@ -585,11 +590,13 @@ class Store:
 
     def cds_feedback(self, card_id: str, *, outcome: str, override_reason: str | None = None,
                      at: float | None = None) -> bool:
-        """Record the outcome of a card; True when it is the first feedback on it (a repeated or later one
-        changes nothing: what the clinician did first is the outcome)."""
+        """Record the outcome of a card; True when it changed. The first feedback is the outcome, except that an
+        acceptance wins over an earlier override: its suggestion's order exists, so the card was followed. A
+        repeated feedback changes nothing."""
+        k = cds_cards.c
+        open_to = or_(k.outcome.is_(None), k.outcome == "overridden") if outcome == "accepted" else k.outcome.is_(None)
         with self.engine.begin() as conn:
-            done = conn.execute(update(cds_cards).where(and_(cds_cards.c.card_id == card_id,
-                                                             cds_cards.c.outcome.is_(None)))
+            done = conn.execute(update(cds_cards).where(and_(cds_cards.c.card_id == card_id, open_to))
                                 .values(outcome=outcome, override_reason=override_reason,
                                         outcome_at=at or time.time()))
             return bool(done.rowcount)
