@@ -9,10 +9,13 @@ suggestion places its ServiceRequest exactly once and opens the Case, an overrid
 """
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fhirbridge.config import loader as config
 from fhirbridge.crypto.keys import KeyRing, generate_jwks
@@ -351,3 +354,48 @@ def test_an_overridden_card_is_recorded_with_its_reason_and_bad_feedback_is_refu
         assert r.status_code == status and words in r.get_json()["error"]["message"], r.get_json()
     r = ehr.feedback(client, SELECT, [item], public_url=PUBLIC)      # the card is order-sign's
     assert r.status_code == 404
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                  max_size=4), max_leaves=10)
+
+
+def test_any_body_gets_an_answer_or_a_400_never_a_server_error(cds):
+    """Hypothesis: arbitrary JSON in place of the request, of its context, of a draft order, of prefetch and of
+    the feedback, each with a valid JWT: 200 or a 400/404 with a message, never a 5xx."""
+    _h, _svc, client, ehr = cds
+    patient = synthetic_patient()
+    good = ehr.order_sign(patient["id"], "Practitioner/dr-a", [ehr.draft(SPINE_FUSION, patient=patient["id"])],
+                          prefetch=prefetch_for(patient))
+
+    fields = st.sampled_from(["code", "priority", "id", "status", "reasonReference", "orderDetail", "reasonCode",
+                              "authoredOn", "subject"])
+    order_like = st.dictionaries(fields, _json, max_size=4).map(lambda d: {"resourceType": "ServiceRequest", **d})
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(where=st.sampled_from(["body", "context", "draft", "prefetch", "prior", "feedback", "auth"]),
+           value=_json, order=order_like)
+    def check(where, value, order):
+        body = copy.deepcopy(good)
+        if where == "body":
+            body = value
+        elif where == "context":
+            body["context"] = value
+        elif where == "draft":
+            body["context"]["draftOrders"]["entry"][0]["resource"] = order
+        elif where == "prior":
+            body["prefetch"]["priorSecondOpinions"]["entry"] = [{"resource": order}]
+        elif where == "prefetch":
+            body["prefetch"] = value
+        elif where == "auth":
+            body["fhirServer"], body["fhirAuthorization"] = "http://127.0.0.1:9/fhir", value
+        r = ehr.feedback(client, SIGN, value if isinstance(value, list) else [value], public_url=PUBLIC) \
+            if where == "feedback" else ehr.call(client, SIGN, body, public_url=PUBLIC)
+        assert r.status_code in (200, 400, 404), (where, value, r.status_code, r.get_json())
+        if r.status_code != 200:
+            assert r.get_json()["error"]["message"]
+
+    check()

@@ -225,6 +225,23 @@ def _codings(order: dict) -> list:
     return (concept or {}).get("coding", []) if isinstance(concept, dict) else []
 
 
+def _concept_ok(value: object) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("coding", []), list) \
+        and all(isinstance(c, dict) for c in value.get("coding", []))
+
+
+def well_formed(order: dict) -> bool:
+    """Whether the parts of an order the rules read have their FHIR shapes (a client's draft or prefetch is
+    input: an order that does not is passed over, never an error in the middle of the rules)."""
+    lists = ("reasonReference", "reasonCode", "orderDetail")
+    # FHIR JSON has no nulls (R4 json.html): a key present with null, or another shape, is not well formed.
+    return (all(_concept_ok(order[k]) for k in ("code", "medicationCodeableConcept") if k in order)
+            and all(isinstance(order[k], str) for k in ("priority", "id", "status", "authoredOn") if k in order)
+            and all(isinstance(order.get(k, []), list) and all(isinstance(x, dict) for x in order.get(k, []))
+                    for k in lists)
+            and all(_concept_ok(x) for k in ("reasonCode", "orderDetail") for x in order.get(k, [])))
+
+
 def draft_ref(order: dict, index: int) -> str:
     """How the card, its suggestion and the store name the draft order: Type/id when it has an id (CDS Hooks:
     it may not), else its position in the Bundle."""
@@ -265,7 +282,7 @@ def cards_for(app: App, call: HookCall, *, budget: float, public_url: str, now: 
     candidates = []
     for i, order in enumerate(call.draft_orders):
         ref = draft_ref(order, i)
-        if order.get("resourceType") not in ORDER_TYPES:
+        if order.get("resourceType") not in ORDER_TYPES or not well_formed(order):
             continue
         if call.selections and ref not in call.selections:
             continue     # order-select: only the newly selected orders, not the rest of the basket
@@ -301,6 +318,7 @@ def cards_for(app: App, call: HookCall, *, budget: float, public_url: str, now: 
     if patient.get("deceasedBoolean") is True or patient.get("deceasedDateTime"):
         return Answer([], [], call.fetched)
     cards, rows = [], []
+    priors = [p for p in priors if well_formed(p)]
     for _i, ref, order, rule in candidates:
         if any(_same_question(app, p, rule, ref, now) for p in priors):
             continue
