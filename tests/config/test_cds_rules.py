@@ -100,3 +100,8 @@ def test_a_bad_cds_section_names_the_key(tmp_path, extra, key, words):
         config.load(path, environ={})
     assert info.value.key == key, str(info.value)
     assert words in str(info.value)
+
+
+def test_a_disabled_cds_section_needs_neither_public_url_nor_issuers(tmp_path):
+    cfg = config.load(_site(tmp_path, "\n[cds]\nenabled = false\n"), environ={})
+    assert cfg.cds is not None and cfg.cds.enabled is False and cfg.cds.issuers == ()

@@ -78,12 +78,15 @@ def test_discovery_names_both_services_and_their_prefetch(cds):
                                                f"&code=urn:test:orders|{h.order_code}")
 
 
-def test_without_cds_configured_nothing_is_served(hospital):
+@pytest.mark.parametrize("section", ["", "\n[cds]\nenabled = false\n"])
+def test_without_cds_configured_or_enabled_nothing_is_served(hospital, section):
+    hospital.config_path.write_text(hospital.config_path.read_text() + section)
     svc = Service(config.load(hospital.config_path))
     try:
         client = create_app(svc=svc).test_client()
         assert client.get("/cds-services").status_code == 404
         assert client.post(f"/cds-services/{SIGN}", json={}).status_code == 404
+        assert client.post(f"/cds-services/{SIGN}/feedback", json={}).status_code == 404
     finally:
         svc.stop(wait=True)
 

@@ -14,6 +14,7 @@ import requests
 
 from fhirbridge.config import loader as config
 from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.ehr.order import PLACER_SYSTEM
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.service.app import create_app
 from fhirbridge.service.scheduler import Service
@@ -92,6 +93,19 @@ def test_the_cards_smart_link_opens_the_order_form_prefilled(page, live, ehr):
     assert [e["detail"]["card"] for e in hospital.app.store.events(case_id) if e["kind"] == "cds.ordered"] == \
         [card["uuid"]]
     shot(page, "physician-cds-2-case")
+
+    # The EHR then reports the card as accepted with its suggestion: the card has its order, no second one.
+    path = "/cds-services/fhirbridge-order-sign/feedback"
+    sid = card["suggestions"][0]["uuid"]
+    r = requests.post(f"{server.url}{path}", timeout=30,
+                      headers={"Authorization": f"Bearer {cds.jwt(server.url + path)}"},
+                      json={"feedback": [{"card": card["uuid"], "outcome": "accepted",
+                                          "acceptedSuggestions": [{"id": sid}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["feedback"][0]["service_request"] == case.service_request
+    with FhirClient(ehr.base_url) as fhir:
+        placed = list(fhir.search("ServiceRequest", {"identifier": f"{PLACER_SYSTEM}|{sid}"}))
+    assert placed == []
 
 
 def test_an_app_context_of_the_wrong_shape_is_dropped():

@@ -120,7 +120,10 @@ def _accepted(app, card: dict, suggestion: str) -> dict:
     """The second-opinion order of an accepted suggestion: written once (ehr.cds.ensure_order) and taken in
     as POST /api/orders does; the Case's events and the card's row name each other."""
     try:
-        sr = cds.ensure_order(app, card, suggestion)
+        # One second-opinion order per card: one placed already (this feedback before, or the physician app
+        # from the card's link) is the card's order, not a reason for another.
+        sr = app.ehr.read_ref(card["second_opinion_order"]) if card.get("second_opinion_order") \
+            else cds.ensure_order(app, card, suggestion)
     except cds.CdsInputError as exc:
         raise ApiError(400, str(exc)) from None
     except FhirError:
