@@ -21,6 +21,7 @@ from collections import defaultdict
 import pytest
 import requests
 
+from fhirbridge.demo.localehr import free_port
 from tests.kit.hospital import PG_URL, Served, TestHospital, pg_schema
 from tests.reliability.relkit import duplicates, ehr_copies, percentile, size
 
@@ -38,8 +39,9 @@ class Clients:
     """CLIENTS threads, each with its own connection pool: first the order burst (one shared queue), then reads
     until the time is up. Latency per kind of request, and every error with what it was."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, probes: str):
         self.base = base
+        self.probes = probes   # the probe listener's port (service/probes.py): what a load balancer would ask
         self.orders: queue.Queue = queue.Queue()
         self.case_ids: list[str] = []
         self.latency: dict[str, list[float]] = defaultdict(list)
@@ -48,10 +50,11 @@ class Clients:
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
         self.requester = ""   # the ordering Practitioner (required on every order)
 
-    def _call(self, session: requests.Session, kind: str, method: str, path: str, expect: int, **kw):
+    def _call(self, session: requests.Session, kind: str, method: str, path: str, expect: int, *,
+              base: str | None = None, **kw):
         started = time.monotonic()
         try:
-            r = session.request(method, self.base + path, headers=self.auth, timeout=TIMEOUT, **kw)
+            r = session.request(method, (base or self.base) + path, headers=self.auth, timeout=TIMEOUT, **kw)
             ok = r.status_code == expect
         except requests.RequestException as exc:
             r, ok = None, False
@@ -83,10 +86,17 @@ class Clients:
                     self._call(s, "GET /api/cases/{id}", "GET", f"/api/cases/{rng.choice(self.case_ids)}", 200)
                 elif pick < 0.8:
                     self._call(s, "GET /api/cases?step=", "GET", "/api/cases?step=await_opinion", 200)
-                elif pick < 0.9:
+                elif pick < 0.85:
                     self._call(s, "GET /healthz", "GET", "/healthz", 200)
-                else:
+                elif pick < 0.9:
                     self._call(s, "GET /readyz", "GET", "/readyz", 200)
+                elif pick < 0.95:
+                    self._probe(s, "GET /healthz (probe port)", "/healthz")
+                else:
+                    self._probe(s, "GET /readyz (probe port)", "/readyz")
+
+    def _probe(self, session: requests.Session, kind: str, path: str) -> None:
+        self._call(session, kind, "GET", path, 200, base=self.probes)
 
 
 def _figures(values: list[float]) -> dict:
@@ -99,7 +109,8 @@ def test_a_burst_of_orders_and_concurrent_clients_without_an_error(tmp_path, ehr
     with (pg_schema("fb_load") if PG_URL else contextlib.nullcontext(None)) as store_url:
         env = {"FHIRBRIDGE_API__TOKENS": TOKEN, "FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.5",
                "FHIRBRIDGE_SERVICE__POLL_SECONDS": "30", "FHIRBRIDGE_SERVICE__INBOX_SECONDS": "1",
-               "FHIRBRIDGE_THREADS": "16", "FHIRBRIDGE_TIMEOUT": str(TIMEOUT)}
+               "FHIRBRIDGE_THREADS": "16", "FHIRBRIDGE_TIMEOUT": str(TIMEOUT),
+               "FHIRBRIDGE_PROBE_BIND": f"127.0.0.1:{free_port()}"}
         if store_url:
             env["FHIRBRIDGE_FHIRBRIDGE__STORE_URL"] = store_url
         hospital = TestHospital(tmp_path, ehr.base_url, env=env)
@@ -115,7 +126,7 @@ def test_a_burst_of_orders_and_concurrent_clients_without_an_error(tmp_path, ehr
 
 
 def _run(hospital: TestHospital, served: Served, patient: str, fhir, figures: dict, store_kind: str) -> None:
-    clients = Clients(served.base)
+    clients = Clients(served.base, "http://" + hospital.env["FHIRBRIDGE_PROBE_BIND"])
     clients.requester = hospital.physician()
     for i in range(ORDERS):
         clients.orders.put(i)
