@@ -36,6 +36,7 @@ STATIC = "static-reviewer-token-0123456789"
 # Every staff endpoint: (method, path with {case}, scope). The last test proves the list is complete.
 STAFF_ENDPOINTS = [
     ("POST", "/api/orders", "orders:write"),
+    ("GET", "/api/orders/{order_id}", "orders:write"),
     ("GET", "/api/cases", "cases:read"),
     ("GET", "/api/cases/{case}", "cases:read"),
     ("POST", "/api/cases/{case}/retry", "cases:write"),
@@ -102,7 +103,7 @@ def call(client, method: str, path: str, headers: dict):
 
 
 def fill(path: str, case, patient: str) -> str:
-    return path.format(case=case.id, patient=patient.removeprefix("Patient/"))
+    return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order")
 
 
 def refused(resp, status: int, words: str) -> None:

@@ -42,7 +42,7 @@ from tests.kit.hospital import pg_schema
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger"}
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger", "order_requests"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -66,7 +66,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0005"
+    assert migrations.head() == "0012"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -352,7 +352,7 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
         store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
                         reviewer="r", profile="default")
         assert "write_ledger" not in inspect(store.engine).get_table_names()
-        assert store.upgrade() == ("0004", "0005")
+        assert store.upgrade() == ("0004", migrations.head())
         assert differences(store.engine) == []
         ident = "urn:ietf:rfc:3986|urn:uuid:x"
         store.ledger_record("c1", "DocumentReference", identifier=ident, state="intended")
@@ -366,6 +366,31 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
             conn.commit()
         assert "write_ledger" not in inspect(store.engine).get_table_names()
         assert store.get("c1").step == "collect"
-        assert store.upgrade() == ("0004", "0005")
+        assert store.upgrade() == ("0004", migrations.head())
+    finally:
+        store.close()
+
+
+def test_the_order_requests_revision_upgrades_and_downgrades(url):
+    """0012 adds the accepted orders (loop/accepted_orders.py) to a database of the revision before it, keeping
+    its Cases; the last revision's downgrade removes the table again."""
+    from alembic import command
+
+    from fhirbridge.store.order_requests import OrderRequests
+    store = Store(url, create=False)
+    try:
+        store.upgrade()
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "-1")
+            conn.commit()
+        before = store.schema_revision()
+        assert "order_requests" not in inspect(store.engine).get_table_names()
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert store.upgrade() == (before, "0012")
+        assert differences(store.engine) == []
+        row, created = OrderRequests(store).add("o1", hospital="h", fingerprint="f" * 64)
+        assert created and row["state"] == "pending" and store.get("c1").step == "collect"
+        assert OrderRequests(store).add("o1", hospital="h", fingerprint="f" * 64)[1] is False
     finally:
         store.close()

@@ -27,9 +27,11 @@ REQUESTER = re.compile(r"(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}")
 
 def place_order(app: App, *, patient: str, question: str, requester: str, reviewer: str | None = None,
                 profile: str | None = None, priority: str = "routine",
-                exclude: tuple[str, ...] | list[str] = ()) -> dict:
+                exclude: tuple[str, ...] | list[str] = (), placer: str | None = None) -> dict:
     """`requester`: the ordering clinician, "Practitioner/<id>" or "PractitionerRole/<id>" (required).
-    `exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD)."""
+    `exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD).
+    `placer`: the placer identifier's value (default: a new UUID); an accepted order's id, so that a worker
+    resuming it finds the order it may already have written (`find_placed`)."""
     if not question.strip():
         raise FhirbridgeError("the question must not be empty: say what the reviewer should answer")
     if not requester or not REQUESTER.fullmatch(requester):
@@ -43,7 +45,7 @@ def place_order(app: App, *, patient: str, question: str, requester: str, review
         "resourceType": "ServiceRequest",
         "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
                                              "code": "PLAC", "display": "Placer Identifier"}]},
-                        "system": PLACER_SYSTEM, "value": str(uuid.uuid4()),
+                        "system": PLACER_SYSTEM, "value": placer or str(uuid.uuid4()),
                         "assigner": app.hospital.organization_ref()}],
         "status": "active",
         "intent": "order",
@@ -66,6 +68,15 @@ def place_order(app: App, *, patient: str, question: str, requester: str, review
         return _with_exclusions(app, sr, sorted(set(exclude)))
     stored, _ = app.ehr.create(sr)
     return stored
+
+
+def find_placed(app: App, placer: str) -> dict | None:
+    """The order with this placer identifier value, if the EHR has it (any status: a draft waiting for its
+    exclusions to be confirmed counts, so it is never written twice)."""
+    for sr in app.ehr.search("ServiceRequest", {"identifier": f"{PLACER_SYSTEM}|{placer}"}):
+        if sr.get("resourceType") == "ServiceRequest":
+            return sr
+    return None
 
 
 def _must_exist(app: App, ref: str, what: str = "") -> None:

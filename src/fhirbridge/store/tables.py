@@ -105,3 +105,23 @@ write_ledger = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),   # times it was sent
     Column("updated_at", Float, nullable=False),
 )
+
+# Orders accepted by `POST /api/orders` and not yet placed in the EHR (loop/accepted_orders.py). The order's
+# content (patient, question, requester) is not here: it waits encrypted in the data dir until placed.
+order_requests = Table(
+    "order_requests", metadata,
+    Column("id", String(64), primary_key=True),                 # the ServiceRequest's placer identifier value
+    Column("hospital", String(200), nullable=False),
+    Column("state", String(20), nullable=False),                # pending | placed | failed
+    Column("fingerprint", String(64), nullable=False),          # SHA-256 of the order's fields: a replayed key
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float),
+    Column("service_request", String(200)),                     # "ServiceRequest/<id>" once placed
+    Column("case_id", String(64)),
+    Column("error", Text),
+    Index("ix_order_requests_due", "hospital", "state", "next_attempt_at"),
+)
