@@ -42,7 +42,7 @@ from tests.kit.hospital import pg_schema
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger"}
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger", "outcomes"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -66,7 +66,7 @@ def versions(engine) -> list[str]:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0005"
+    assert migrations.head() == "0010"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -352,7 +352,7 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
         store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
                         reviewer="r", profile="default")
         assert "write_ledger" not in inspect(store.engine).get_table_names()
-        assert store.upgrade() == ("0004", "0005")
+        assert store.upgrade() == ("0004", migrations.head())
         assert differences(store.engine) == []
         ident = "urn:ietf:rfc:3986|urn:uuid:x"
         store.ledger_record("c1", "DocumentReference", identifier=ident, state="intended")
@@ -366,6 +366,33 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
             conn.commit()
         assert "write_ledger" not in inspect(store.engine).get_table_names()
         assert store.get("c1").step == "collect"
-        assert store.upgrade() == ("0004", "0005")
+        assert store.upgrade() == ("0004", migrations.head())
+    finally:
+        store.close()
+
+
+def test_the_outcomes_revision_upgrades_and_downgrades(url):
+    """0010 adds the outcomes of filed opinions (issue 18 part 2) to a 0005 database, keeping its Cases; a row
+    opened twice is one row, and a due row is claimed by one worker only."""
+    from alembic import command
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade("0005") == (None, "0005")
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="spine")
+        assert "outcomes" not in inspect(store.engine).get_table_names()
+        assert store.upgrade("0010") == ("0005", "0010")
+        row = dict(case_id="c1", hospital="h", reviewer="r", profile="spine", patient="Patient/1",
+                   order_ref="ServiceRequest/1", filed_at=100.0, window_ends=200.0, recommendation="non-surgical-care",
+                   concordance="concordant")
+        assert store.outcomes.open(**row) is True and store.outcomes.open(**row) is False
+        assert [o.case_id for o in store.outcomes.claim_due("h", now=150.0, lease=60, limit=10)] == ["c1"]
+        assert store.outcomes.claim_due("h", now=150.0, lease=60, limit=10) == []     # claimed until 210
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0005")
+            conn.commit()
+        assert "outcomes" not in inspect(store.engine).get_table_names()
+        assert store.get("c1").step == "collect"
+        assert store.upgrade("0010") == ("0005", "0010")
     finally:
         store.close()

@@ -26,6 +26,7 @@ from fhirbridge.ehr.context import App
 from fhirbridge.errors import ConfigError
 from fhirbridge.loop.actions import flag_overdue
 from fhirbridge.loop.intake import poll
+from fhirbridge.loop.outcomes import follow_outcomes
 from fhirbridge.loop.receive import process_inbox
 from fhirbridge.loop.runner import lease_seconds, run_pending
 from fhirbridge.ops import metrics
@@ -132,6 +133,12 @@ class Service:
         for app in self.apps:
             self._guard("overdue", app, flag_overdue)
 
+    def tick_outcomes(self) -> None:
+        for app in self.apps:
+            if self.stopping.is_set():
+                return
+            self._guard("outcomes", app, follow_outcomes)
+
     def catch_up(self, app: App) -> None:
         """Poll one hospital now, off the caller's thread: a subscription notification showed missed events
         (service/notify.py) and the EHR is waiting for our answer. One catch-up per hospital at a time in this
@@ -183,7 +190,8 @@ class Service:
         for name, fn, seconds in (("poll", self.tick_poll, times.poll_seconds),
                                   ("work", self.tick_work, times.work_seconds),
                                   ("inbox", self.tick_inbox, times.inbox_seconds),
-                                  ("overdue", self.tick_overdue, times.overdue_seconds)):
+                                  ("overdue", self.tick_overdue, times.overdue_seconds),
+                                  ("outcomes", self.tick_outcomes, times.outcomes_seconds)):
             sched.add_job(fn, "interval", seconds=seconds, id=name, name=name, next_run_time=now)
         sched.start()
         self.scheduler = sched

@@ -105,3 +105,34 @@ write_ledger = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),   # times it was sent
     Column("updated_at", Float, nullable=False),
 )
+
+# What became of the planned treatment each filed opinion was about (migration 0010; loop/outcomes.py,
+# docs/outcomes.md). One row per filed opinion, opened when it is filed. Codes and references only, never text:
+# the opinion's coded recommendation and concordance (so the figures never decrypt an opinion per view), the
+# planned order or Procedure by reference and its code (system|code), what the chart showed and when.
+# state: unresolved (the plan not yet read from the order) | open (followed until the window ends) | closed.
+outcomes = Table(
+    "outcomes", metadata,
+    Column("case_id", String(64), primary_key=True),
+    Column("hospital", String(200), nullable=False),
+    Column("reviewer", String(200), nullable=False),
+    Column("profile", String(100), nullable=False),
+    Column("patient", String(200), nullable=False),
+    Column("order_ref", String(200), nullable=False),           # the second-opinion ServiceRequest
+    Column("filed_at", Float, nullable=False),
+    Column("window_ends", Float, nullable=False),
+    Column("recommendation", String(60)),                        # recommendation CodeSystem code
+    Column("concordance", String(60)),                           # concordance CodeSystem code
+    Column("plan", String(200)),                                 # "ServiceRequest/<id>" | "Procedure/<id>"
+    Column("plan_code", String(300)),                            # system|code of the planned treatment
+    Column("state", String(20), nullable=False),
+    Column("result", String(30)),                                # outcome-result code (closed rows)
+    Column("result_ref", String(200)),                           # the Procedure or replacing order found
+    Column("decided_at", Float),                                 # when the chart shows the decision
+    Column("checks", Integer, nullable=False, server_default="0"),
+    Column("checked_at", Float),
+    Column("next_check_at", Float),
+    Column("last_error", Text),                                  # why the last check failed (no PHI)
+    # The follow-up tick: a hospital's open rows due for a check, soonest first.
+    Index("ix_outcomes_due", "hospital", "state", "next_check_at"),
+)
