@@ -31,6 +31,7 @@ from fhirbridge.loop.actions import retry as retry_case
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
 from fhirbridge.ui import check_csrf, safe_next
 from fhirbridge.ui.charts import bar_chart
+from fhirbridge.ui.outcomes_view import outcomes_context
 
 log = logging.getLogger("fhirbridge.dashboard")
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
@@ -117,7 +118,8 @@ def _visible_case(case_id: str):
 
 
 def _nav(current: str) -> list:
-    return [("Overview", url_for("dashboard.overview"), current == "overview")]
+    return [("Overview", url_for("dashboard.overview"), current == "overview"),
+            ("Outcomes", url_for("dashboard.outcomes"), current == "outcomes")]
 
 
 @dashboard.route("/login", methods=["GET", "POST"])
@@ -184,6 +186,15 @@ def overview():
         plan_chart=bar_chart(concl["plan"], title="What the second opinion meant for the planned treatment"),
         app_name=lambda c: (svc.app_for_key(c.hospital).hospital.name if svc.app_for_key(c.hospital) else "?"),
         fmt=_fmt, ago=lambda t: _days(now - t) if t else "", step_label=lambda s: STATE_LABELS.get(s, s))
+
+
+@dashboard.get("/outcomes")
+def outcomes():
+    """What the opinions advised and what the chart shows became of the plan (ui/outcomes_view.py)."""
+    svc, staff = _svc(), _signed_in_staff()
+    keys = [a.hospital.key for a in svc.apps if staff["hospitals"] is None or a.hospital.name in staff["hospitals"]]
+    return render_template("dashboard/outcomes.html", title="Outcomes", where="Hospital IT dashboard",
+                           nav=_nav("outcomes"), who=staff["name"], **outcomes_context(svc, keys))
 
 
 @dashboard.get("/cases/<case_id>")
