@@ -1,7 +1,8 @@
 """The Case store's schema: one table definition per concept, shared by the Store and the migrations.
 
 Timestamps are UTC epoch seconds (floats), so lease arithmetic and comparisons are the same on SQLite and
-PostgreSQL. Nothing clinical: references (Patient/123), step names, counts, errors naming resources.
+PostgreSQL. Nothing clinical: references (Patient/123), step names, counts, errors naming resources; the one
+exception is `outcomes`, the coded outcome of each filed opinion (codes, never text).
 """
 from __future__ import annotations
 
