@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fhirbridge.loop.outcomes import follow_outcomes, record_filed
-from fhirbridge.loop.receive import receive_file
+from fhirbridge.loop.receive import opinion_path, receive_file
 from tests.kit.hospital import SAMPLE_ANSWER
 
 pytestmark = pytest.mark.sekmet
@@ -121,3 +121,11 @@ def test_an_order_naming_no_planned_treatment_closes_as_no_plan_and_a_filed_case
     assert counts["opened"] == 1
     row = _outcome(hospital, case)
     assert (row.state, row.result, row.recommendation) == ("closed", "no-plan", "proceed-as-planned")
+    # An opinion file that cannot be read any more: the row is opened without its codes, not retried forever.
+    with hospital.app.store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM outcomes")
+    opinion_path(hospital.app, hospital.app.store.get(case.id)).unlink()
+    assert follow_outcomes(hospital.app)["opened"] == 1
+    row = _outcome(hospital, case)
+    assert (row.state, row.result, row.recommendation, row.concordance) == ("closed", "no-plan", None, None)
+    assert follow_outcomes(hospital.app)["opened"] == 0

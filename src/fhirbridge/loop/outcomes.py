@@ -61,18 +61,21 @@ def follow_outcomes(app: App, *, now: float | None = None, limit: int = BATCH) -
         try:
             counts["opened"] += record_filed(app, case, now=case.updated_at)
         except FhirbridgeError as exc:
-            counts["failed"] += 1
-            log.warning("outcomes: the opinion of Case %s could not be read for its outcome: %s", case.id,
-                        type(exc).__name__)
+            # Opened without its codes rather than tried again every tick: the chart is still followed, and the
+            # figures count the opinion as one without a coded recommendation.
+            counts["opened"] += record_filed(app, case, {}, now=case.updated_at)
+            log.warning("outcomes: the opinion of Case %s could not be read for its coded outcome (%s); followed "
+                        "without it", case.id, type(exc).__name__)
     interval = app.config.service.outcomes_seconds
     for row in app.store.outcomes.claim_due(app.hospital.key, now=now, lease=min(interval, MAX_CLAIM), limit=limit):
         counts["checked"] += 1
         try:
             closed = check(app, row, now=now)
-        except FhirError as exc:
+        except FhirbridgeError as exc:
             counts["failed"] += 1
+            status = getattr(exc, "status", None)
             app.store.outcomes.record(row.case_id, now=now, next_check_at=now + interval,
-                                      error=f"{type(exc).__name__} (HTTP {exc.status or 'none'})")
+                                      error=f"{type(exc).__name__} (HTTP {status or 'none'})")
             continue
         counts["closed"] += closed
     if counts["checked"] or counts["opened"]:
@@ -86,7 +89,12 @@ def check(app: App, row: Outcome, *, now: float) -> bool:
     store = app.store.outcomes
     plan, plan_code = row.plan, row.plan_code
     if row.state == UNRESOLVED:
-        plan = planned_treatment(app.ehr.read_ref(row.order_ref))
+        try:
+            plan = planned_treatment(app.ehr.read_ref(row.order_ref))
+        except FhirError as exc:
+            if exc.status not in (404, 410):
+                raise
+            plan = None    # the order itself is gone: nothing names a plan any more
         if plan is None:
             # The order names no planned treatment: nothing to follow (counted apart in the figures).
             store.record(row.case_id, now=now, next_check_at=None, state=CLOSED, result="no-plan")
