@@ -8,9 +8,10 @@ ends its sessions at once, an OAuth session ends at the token's `exp`, and signi
 the store, so the cookie replayed is refused by every worker and replica. Seeing needs `cases:read`, retrying
 `cases:write`; a scoped key limited to some hospitals sees only those hospitals' Cases.
 
-What the opinions concluded (concordance, recommendation) is not in the store, which holds no clinical
-content: it is read from the accepted opinions themselves (kept encrypted to the hospital in data_dir) and
-cached per process, counted, and only the counts are shown.
+What the opinions concluded (concordance, recommendation) is read from the codes stored when each opinion was
+filed (the outcomes table, loop/outcomes.py); an opinion filed before that is read from the accepted opinion
+itself (kept encrypted to the hospital in data_dir) and cached per process. Only the counts are shown; the
+Outcomes page (ui/outcomes_view.py) shows what the chart shows became of the plan.
 """
 from __future__ import annotations
 
@@ -250,8 +251,13 @@ def _conclusion_counts(svc, done) -> dict:
     conc: Counter[str] = Counter()
     plan: Counter[str] = Counter()
     unread = 0
+    # The codes stored when each opinion was filed (the outcomes table); only opinions filed before that
+    # existed are still read from their files.
+    coded = {o.case_id: {"concordance": o.concordance, "recommendation": o.recommendation}
+             for o in svc.store.outcomes.rows(hospitals=tuple({c.hospital for c in done}))
+             if o.concordance or o.recommendation}
     for c in done:
-        found = _conclusion(svc, c)
+        found = coded.get(c.id) or _conclusion(svc, c)
         if found is None:
             unread += 1
             continue
