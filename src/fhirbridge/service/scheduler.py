@@ -1,4 +1,4 @@
-"""The long-running service: one scheduler per process ticking intake, work, inbox and overdue checks.
+"""The long-running service: one scheduler per process ticking intake, work, inbox, overdue and outcomes checks.
 
 APScheduler 3.x BackgroundScheduler, in-memory job store, `coalesce` and `max_instances=1`: a tick that
 overruns its interval is not run twice at once, and missed ticks collapse into one. Every replica and
