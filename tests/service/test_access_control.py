@@ -42,6 +42,7 @@ STAFF_ENDPOINTS = [
     ("POST", "/api/cases/{case}/retry", "cases:write"),
     ("POST", "/api/cases/{case}/cancel", "cases:write"),
     ("GET", "/api/audit?patient={patient}", "audit:read"),
+    ("GET", "/api/outcomes", "cases:read"),
 ]
 # Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
 PUBLIC_FHIR_ENDPOINTS = [

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
+from fhirbridge import jsonutil
 from fhirbridge.access.tokens import Unauthorized, staff_from_token
 from fhirbridge.ehr.audit import accounting
 from fhirbridge.ehr.order import REQUESTER
@@ -23,6 +25,8 @@ from fhirbridge.loop.accepted_orders import (
     place,
 )
 from fhirbridge.loop.actions import cancel, retry
+from fhirbridge.ops.measure_report import measure_report
+from fhirbridge.ops.outcome_figures import figures
 from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service, visible
 from fhirbridge.service.openapi import CASE_STEPS
 from fhirbridge.store.order_requests import OrderRequests
@@ -42,6 +46,7 @@ STAFF_ENDPOINT_SCOPES = {
     "api.retry_case": "cases:write",
     "api.cancel_case": "cases:write",
     "api.audit_accounting": "audit:read",
+    "api.outcomes_report": "cases:read",
 }
 
 
@@ -212,6 +217,23 @@ def audit_accounting():
         if g.staff.may_see(app.hospital.name):
             rows += [dict(r, hospital=app.hospital.name) for r in accounting(app, patient)]
     return jsonify({"patient": patient, "events": rows})
+
+
+@api.get("/outcomes")
+def outcomes_report():
+    """The outcome figures as a FHIR R4 MeasureReport (ops/measure_report.py) of the hospitals this token may see
+    (`?hospital=` one of them)."""
+    name = request.args.get("hospital")
+    apps = [_hospital_app(name)] if name else service().apps
+    apps = [a for a in apps if g.staff.may_see(a.hospital.name)]
+    if name and not apps:
+        raise ApiError(403, f"this token may not see {name}")
+    cfg = service().config
+    rows = service().store.outcomes.rows(hospitals=tuple(a.hospital.key for a in apps))
+    f = figures(rows, reviewer_names={r.name: r.display for r in cfg.reviewers.values()})
+    reporter = apps[0].hospital.organization_ref() if len(apps) == 1 else None
+    return Response(jsonutil.dumps(measure_report(f, now=time.time(), reporter=reporter)),
+                    mimetype="application/fhir+json")
 
 
 @api.get("/cases/<case_id>")

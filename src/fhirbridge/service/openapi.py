@@ -120,6 +120,12 @@ SPEC: dict[str, Any] = {
             "security": [{"staff": []}],
             "parameters": [{"name": "patient", "in": "query", "required": True, "schema": {"type": "string"}}],
             "responses": {**_ok("Disclosures and opinions filed", {"type": "object"}), **_errors(400, 401, 403)}}},
+        "/api/outcomes": {"get": {
+            "summary": "Outcomes of the filed opinions read from the chart, as a FHIR R4 MeasureReport (type summary; "
+                       "docs/outcomes.md)", "security": [{"staff": []}],
+            "parameters": [{"name": "hospital", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The MeasureReport", "content": {
+                "application/fhir+json": {"schema": {"type": "object"}}}}, **_errors(400, 401, 403)}}},
         "/api/cases/{case_id}": {"get": {
             "summary": "One Case with its event history", "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],

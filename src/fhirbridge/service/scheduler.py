@@ -1,4 +1,4 @@
-"""The long-running service: one scheduler per process ticking intake, work, inbox and overdue checks.
+"""The long-running service: one scheduler per process ticking intake, work, inbox, overdue and outcomes checks.
 
 APScheduler 3.x BackgroundScheduler, in-memory job store, `coalesce` and `max_instances=1`: a tick that
 overruns its interval is not run twice at once, and missed ticks collapse into one. Every replica and
@@ -28,6 +28,7 @@ from fhirbridge.errors import ConfigError
 from fhirbridge.loop.accepted_orders import place, place_due
 from fhirbridge.loop.actions import flag_overdue
 from fhirbridge.loop.intake import poll
+from fhirbridge.loop.outcomes import follow_outcomes
 from fhirbridge.loop.receive import process_inbox
 from fhirbridge.loop.runner import lease_seconds, run_pending
 from fhirbridge.ops import metrics
@@ -152,6 +153,12 @@ class Service:
         for app in self.apps:
             self._guard("overdue", app, flag_overdue)
 
+    def tick_outcomes(self) -> None:
+        for app in self.apps:
+            if self.stopping.is_set():
+                return
+            self._guard("outcomes", app, follow_outcomes)
+
     def catch_up(self, app: App) -> None:
         """Poll one hospital now, off the caller's thread: a subscription notification showed missed events
         (service/notify.py) and the EHR is waiting for our answer. One catch-up per hospital at a time in this
@@ -203,7 +210,8 @@ class Service:
         for name, fn, seconds in (("poll", self.tick_poll, times.poll_seconds),
                                   ("work", self.tick_work, times.work_seconds),
                                   ("inbox", self.tick_inbox, times.inbox_seconds),
-                                  ("overdue", self.tick_overdue, times.overdue_seconds)):
+                                  ("overdue", self.tick_overdue, times.overdue_seconds),
+                                  ("outcomes", self.tick_outcomes, times.outcomes_seconds)):
             sched.add_job(fn, "interval", seconds=seconds, id=name, name=name, next_run_time=now)
         sched.start()
         self.scheduler = sched
