@@ -1,6 +1,7 @@
 """Run the benchmarks, print one table, write the results as JSON.
 
-    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado,cds] [--json FILE]
+    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado,outcomes,cds]
+                              [--json FILE]
 
 See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
 """
@@ -14,10 +15,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cds_bench, claims_bench, collect_bench, loop_bench, plans_bench, seal_bench, wado_bench, writeback_bench
+from . import (
+    cds_bench,
+    claims_bench,
+    collect_bench,
+    loop_bench,
+    outcomes_bench,
+    plans_bench,
+    seal_bench,
+    wado_bench,
+    writeback_bench,
+)
 from .common import Bench, machine
 
-SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "cds")
+SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "outcomes", "cds")
 
 # What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
 # 100 MiB of attachments and more repetitions.
@@ -27,13 +38,13 @@ PLANS = {
                        {"name": "attachments", "resources": 100, "attachment_mb": [20]}], "seal_repeats": 3,
               "writeback_repeats": 5, "loop_sizes": [10, 100, 1000], "loop_repeats": 2,
               "claims_cases": 1000, "claims_repeats": 2, "wado_mb": 20, "wado_repeats": 3,
-              "cds_seconds": 10, "cds_threads": 8},
+              "outcomes_closed": 5000, "outcomes_repeats": 5, "cds_seconds": 10, "cds_threads": 8},
     "full": {"collect_sizes": [10, 100, 1000, 10000], "collect_repeats": {10: 9, 100: 9, 1000: 7, 10000: 5},
              "seal": [{"name": "document", "resources": 10000, "attachment_mb": []},
                       {"name": "attachments", "resources": 100, "attachment_mb": [100]}], "seal_repeats": 5,
              "writeback_repeats": 11, "loop_sizes": [10, 100, 1000, 10000], "loop_repeats": 3,
              "claims_cases": 4000, "claims_repeats": 3, "wado_mb": 150, "wado_repeats": 5,
-             "cds_seconds": 30, "cds_threads": 8},
+             "outcomes_closed": 20000, "outcomes_repeats": 9, "cds_seconds": 30, "cds_threads": 8},
 }
 PAGE_SIZE_VARIANT = 1000   # collect is also measured with this _count, beside the configured default (100)
 
@@ -80,6 +91,8 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
         return seal_bench.run(root, plan["seal"], plan["seal_repeats"], log=log)
     if section == "wado":
         return wado_bench.run(root, plan["wado_mb"], plan["wado_repeats"], log=log)
+    if section == "outcomes":
+        return outcomes_bench.run(root, plan["outcomes_closed"], plan["outcomes_repeats"], log=log)
     if section == "claims":
         return claims_bench.run(plan["claims_cases"], plan["claims_repeats"], url=args.postgres_url, log=log)
     bench = Bench(root)   # a sekmet of its own per section: each measures against only its own data
@@ -152,6 +165,11 @@ def goals(sections: dict) -> list[dict]:
             a, b = rows[-2], rows[-1]
             growth = (b["seconds_per_case"] / a["seconds_per_case"]) / (b["size"] / a["size"])
             add("loop", f"cost per resource at {b['size']} vs {a['size']}", f"{growth:.2f}x", "(reported)", None)
+    if "outcomes" in sections:
+        o = sections["outcomes"]
+        add("outcomes", f"tick with {o['closed']} closed rows / with none", f"{o['large_vs_small']:.2f}x", "<= 1.5x",
+            o["large_vs_small"] <= 1.5)
+        add("outcomes", "scan of every row / tick", f"{o['scan_vs_tick']:.1f}x", "(reported)", None)
     if "claims" in sections:
         c = sections["claims"]
         for n, r in c["rows"].items():

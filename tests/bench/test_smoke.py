@@ -58,6 +58,12 @@ def test_seal_contenders_run_in_their_own_processes(tmp_path):
     assert row["payload_bytes"] > 1 << 20
 
 
+def test_the_outcomes_tick_bench_claims_one_page_on_each_store(tmp_path):
+    from bench import outcomes_bench
+    out = outcomes_bench.run(tmp_path, 200, 1, log=lambda _m: None)
+    assert out["closed"] == 200 and len(out["median_s"]) == 3 and out["large_vs_small"] > 0
+
+
 @pytest.mark.skipif(not os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL"),
                     reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set")
 def test_claims_on_postgres_hand_out_no_case_twice():

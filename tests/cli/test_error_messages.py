@@ -122,6 +122,24 @@ def test_serve_bind_that_is_no_port_is_refused(tmp_path, capsys):
     assert done.returncode == 2 and "give host:port (127.0.0.1:8080, 0.0.0.0:8080) or a port (8080)" in done.stderr
 
 
+def test_serve_probe_bind_on_the_api_address_or_a_port_in_use_is_refused(tmp_path, capsys):
+    cfg = init_site(tmp_path, capsys)
+    port = free_port()
+    same = fhirbridge("--config", cfg, "serve", "--bind", str(port), "--probe-bind", f"127.0.0.1:{port}", timeout=30)
+    assert same.returncode == 2 and "is the API's own address; give the probes a port of their own" in same.stderr
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    busy = taken.getsockname()[1]
+    try:
+        done = fhirbridge("--config", cfg, "serve", "--bind", str(port), "--probe-bind", str(busy), timeout=30)
+    finally:
+        taken.close()
+    assert done.returncode == 6 and f"cannot listen on 127.0.0.1:{busy}: port {busy} is in use" in done.stderr
+    assert "choose another port with --probe-bind host:port" in done.stderr
+    assert "gunicorn" not in (done.stdout + done.stderr).lower()
+
+
 @pytest.mark.sekmet
 def test_serve_bind_port_alone_listens_on_loopback_and_warns_of_a_missing_reviewer_key(hospital):
     """`--bind 8080` was read as a host named 8080; and with a reviewer's key file gone, serve said nothing and

@@ -19,7 +19,8 @@ from fhirbridge.config.terminology import (
 from fhirbridge.ehr.task import BSER_CODES, STATUS
 from fhirbridge.errors import ConfigError
 
-SHIPPED = ("opinion-observation", "concordance", "recommendation", "referral-step", "opinion-answer", "radpeer")
+SHIPPED = ("opinion-observation", "concordance", "recommendation", "referral-step", "opinion-answer", "radpeer",
+           "outcome-measure")
 
 
 def test_every_shipped_code_system_is_a_complete_versioned_codesystem_at_an_http_url():

@@ -111,6 +111,8 @@ def test_dockerfile_is_slim_non_root_with_a_healthcheck_and_no_secrets():
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) >= 1000
     health = re.search(r"^HEALTHCHECK .*\n(?:.*\\\n)*.*", text, re.M).group(0)
     assert "/healthz" in health
+    probe_port = re.search(r"FHIRBRIDGE_PROBE_BIND=0\.0\.0\.0:(\d+)", text).group(1)
+    assert f"127.0.0.1:{probe_port}/healthz" in health and re.search(rf"^EXPOSE .*\b{probe_port}\b", text, re.M)
     copied = re.findall(r"^COPY (?!--from)(\S+)", text, re.M)
     assert set(copied) == {"pyproject.toml", "mappings", "src"}
     assert not re.search(r"^(ENV|ARG) .*(TOKEN|PASSWORD|SECRET)", text, re.M | re.I)
@@ -154,6 +156,12 @@ def test_kubernetes_deployment_has_what_operations_need(hospital):
         .url_map.iter_rules()}
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and "/healthz" in routes
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in routes
+    # The probes ask the probe listener's port, which the container opens and the service is told to serve.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] == "probes", probe
+    assert env["FHIRBRIDGE_PROBE_BIND"] == f"0.0.0.0:{ports['probes']}" and ports["probes"] != ports["http"]
     assert (dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
             and "/metrics" in routes)
     assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
@@ -238,7 +246,7 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
     env = {"FHIRBRIDGE_API__TOKENS": TOKEN, "FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.5",
            "FHIRBRIDGE_SERVICE__POLL_SECONDS": "2"}
     hospital = TestHospital(tmp_path, ehr.base_url, env=env)
-    port = free_port()
+    port, probe_port = free_port(), free_port()
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -252,9 +260,16 @@ def test_gunicorn_config_boots_the_app_and_metrics_and_logs_show_a_referral(tmp_
                 env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env,
                      "FHIRBRIDGE_CONFIG": str(hospital.config_path), "FHIRBRIDGE_BIND": f"127.0.0.1:{port}",
                      "FHIRBRIDGE_WORKERS": "2", "FHIRBRIDGE_LOG_FORMAT": "json", "FHIRBRIDGE_GRACEFUL_TIMEOUT": "20",
-                     "FHIRBRIDGE_METRICS__TOKEN": METRICS_TOKEN})
+                     "FHIRBRIDGE_METRICS__TOKEN": METRICS_TOKEN,
+                     "FHIRBRIDGE_PROBE_BIND": f"127.0.0.1:{probe_port}"})
         processes.wait_for_http(f"{base}/healthz", what=f"gunicorn with deploy/gunicorn.conf.py (pid {proc.pid})",
                                 proc=proc, log=err)
+        # Each worker's probe listener (service/probes.py) answers on the port of its own, with the same checks.
+        processes.wait_for_http(f"http://127.0.0.1:{probe_port}/healthz", what="the probe listener", proc=proc,
+                                log=err)
+        probe_ready = requests.get(f"http://127.0.0.1:{probe_port}/readyz", timeout=30).json()
+        assert probe_ready["checks"].keys() == requests.get(f"{base}/readyz", timeout=30).json()["checks"].keys()
+        assert probe_ready["checks"]["store"] == "ok"
         created = requests.post(f"{base}/api/orders", headers={**auth, "X-Request-ID": "demo-order-1"}, timeout=60,
                                 json={"patient": seeded["patient"], "question": "Is surgery indicated now?",
                                       "profile": "spine", "requester": seeded["physician"]})

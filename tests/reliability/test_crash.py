@@ -3,7 +3,9 @@ middle of the write-back transaction, round after round. After the restarts ever
 opinion is lost, and the EHR, searched directly, holds exactly one Task, one DocumentReference and one
 Provenance per Case.
 
-The boundaries are hit exactly with the test hook FHIRBRIDGE_TEST_CRASH_AT (src/fhirbridge/testhook.py):
+The orders are accepted orders (loop/accepted_orders.py), placed in the EHR by the worker; `order.written`
+kills it between the ServiceRequest's write and the row that records it.
+The boundaries are hit exactly with the test hook FHIRBRIDGE_TEST_CRASH_AT (src/fhirbridge/ops/crashpoints.py):
 `<step>.begin` (claimed, nothing done), `<step>.end` (done, not recorded), `<step>.recorded` (recorded, the
 Task not yet brought in line), `intake.opened` (Case opened, no Task yet), `receive.written` (opinion file
 kept, not accepted), `receive.accepted` (accepted, inbox file not yet moved), `file.committed` (the EHR
@@ -28,7 +30,10 @@ from collections import Counter
 
 import pytest
 
+from fhirbridge.ehr.order import PLACER_SYSTEM
+from fhirbridge.loop.accepted_orders import OrderFields, accept
 from fhirbridge.ops.crashpoints import POINTS, VARIABLE
+from fhirbridge.store.order_requests import OrderRequests
 from tests.kit.ehrproxy import PROFILES, EhrProxy
 from tests.kit.faultproxy import FaultProxy
 from tests.kit.hospital import TestHospital, Worker
@@ -37,8 +42,8 @@ from tests.reliability.relkit import duplicates, ehr_copies, review, size
 pytestmark = pytest.mark.sekmet
 
 # In pipeline order, so that each point has a Case that can still reach it.
-SEQUENCE = ("intake.opened", "collect.begin", "collect.end", "collect.recorded", "seal.begin", "seal.end",
-            "seal.recorded", "deliver.begin", "deliver.end", "deliver.recorded", "receive.written",
+SEQUENCE = ("order.written", "intake.opened", "collect.begin", "collect.end", "collect.recorded", "seal.begin",
+            "seal.end", "seal.recorded", "deliver.begin", "deliver.end", "deliver.recorded", "receive.written",
             "receive.accepted", "file.begin", "file.committed", "file.DocumentReference.sent",
             "file.Provenance.sent", "file.end", "file.recorded", "tx.before-commit", "tx.after-commit")
 POST_POINTS = ("file.DocumentReference.sent", "file.Provenance.sent")
@@ -160,12 +165,17 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
     hospital = TestHospital(tmp_path, proxy.base_url, env=ENV, ehr_pins=profile.pins if profile else None)
     assert hospital.app.write_plan.kind.name == plan.upper()
     driver = Driver(hospital, proxy, write=write, fhir=fhir)
-    orders: set[str] = set()
+    accepted: list[str] = []
     sequence = sequence_for(plan)
     try:
         for _round in range(ROUNDS):
             driver.answering = False
-            orders |= {f"ServiceRequest/{hospital.order(own_patient['patient'])['id']}" for _ in range(CASES_PER_ROUND)}
+            # Accepted orders (POST /api/orders with Prefer: respond-async): the worker places them in the EHR,
+            # and order.written kills it between the ServiceRequest's write and the row that records it.
+            accepted += [accept(hospital.app, OrderFields(patient=own_patient["patient"], question="Is surgery "
+                                                          "indicated now?", requester=hospital.physician(),
+                                                          profile="spine"))[0]["id"]
+                         for _ in range(CASES_PER_ROUND)]
             for i, point in enumerate(sequence):
                 driver.answering = i >= sequence.index("receive.written")
                 driver.kill_run(point)
@@ -182,6 +192,14 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
 
     store = hospital.app.store
     cases = store.list_cases()
+    # Every accepted order was placed once: one ServiceRequest with its placer identifier, however often the
+    # worker placing it was killed.
+    rows = [OrderRequests(store).get(rid) for rid in accepted]
+    assert all(r is not None and r["state"] == "placed" for r in rows), rows
+    placed = {rid: [sr["id"] for sr in fhir.search("ServiceRequest", {"identifier": f"{PLACER_SYSTEM}|{rid}"})]
+              for rid in accepted}
+    assert all(len(ids) == 1 for ids in placed.values()), placed
+    orders = {r["service_request"] for r in rows if r}
     # Every order is one Case, finished with the opinion that was sent for it: none lost, none swapped.
     assert {c.service_request for c in cases} == orders and len(cases) == len(orders)
     lost = [c.id[:8] for c in cases if c.step != "done" or c.opinion_id != driver.answered.get(c.id)

@@ -21,6 +21,7 @@ from collections import defaultdict
 import pytest
 import requests
 
+from fhirbridge.demo.localehr import free_port
 from tests.kit.hospital import PG_URL, Served, TestHospital, pg_schema
 from tests.reliability.relkit import duplicates, ehr_copies, percentile, size
 
@@ -38,9 +39,11 @@ class Clients:
     """CLIENTS threads, each with its own connection pool: first the order burst (one shared queue), then reads
     until the time is up. Latency per kind of request, and every error with what it was."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, probes: str):
         self.base = base
+        self.probes = probes   # the probe listener's port (service/probes.py): what a load balancer would ask
         self.orders: queue.Queue = queue.Queue()
+        self.accepted: list[str] = []     # the URLs of the accepted orders (Location)
         self.case_ids: list[str] = []
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.errors: list[str] = []
@@ -48,10 +51,12 @@ class Clients:
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
         self.requester = ""   # the ordering Practitioner (required on every order)
 
-    def _call(self, session: requests.Session, kind: str, method: str, path: str, expect: int, **kw):
+    def _call(self, session: requests.Session, kind: str, method: str, path: str, expect: int, *,
+              base: str | None = None, headers: dict | None = None, **kw):
         started = time.monotonic()
         try:
-            r = session.request(method, self.base + path, headers=self.auth, timeout=TIMEOUT, **kw)
+            r = session.request(method, (base or self.base) + path, headers={**self.auth, **(headers or {})},
+                                timeout=TIMEOUT, **kw)
             ok = r.status_code == expect
         except requests.RequestException as exc:
             r, ok = None, False
@@ -68,25 +73,51 @@ class Clients:
         with requests.Session() as s:
             while True:
                 try:
-                    self.orders.get_nowait()
+                    n = self.orders.get_nowait()
                 except queue.Empty:
                     break
-                r = self._call(s, "POST /api/orders", "POST", "/api/orders", 201,
+                # Accepted at once, placed in the EHR by the workers (loop/accepted_orders.py); the key makes a
+                # client's retry the same order.
+                r = self._call(s, "POST /api/orders", "POST", "/api/orders", 202,
+                               headers={"Prefer": "respond-async", "Idempotency-Key": f"load-{n}"},
                                json={"patient": patient, "question": "Is surgery indicated?", "profile": "spine",
                                      "requester": self.requester})
                 if r is not None:
                     with self.lock:
-                        self.case_ids.append(r.json()["case"]["id"])
+                        self.accepted.append(r.headers["Location"])
             while time.monotonic() < until:
                 pick = rng.random()
-                if pick < 0.7 and self.case_ids:
+                if pick < 0.1 and self.accepted:
+                    self.follow(s, rng.choice(self.accepted))
+                elif pick < 0.7 and self.case_ids:
                     self._call(s, "GET /api/cases/{id}", "GET", f"/api/cases/{rng.choice(self.case_ids)}", 200)
                 elif pick < 0.8:
                     self._call(s, "GET /api/cases?step=", "GET", "/api/cases?step=await_opinion", 200)
-                elif pick < 0.9:
+                elif pick < 0.85:
                     self._call(s, "GET /healthz", "GET", "/healthz", 200)
-                else:
+                elif pick < 0.9:
                     self._call(s, "GET /readyz", "GET", "/readyz", 200)
+                elif pick < 0.95:
+                    self._probe(s, "GET /healthz (probe port)", "/healthz")
+                else:
+                    self._probe(s, "GET /readyz (probe port)", "/readyz")
+
+    def follow(self, session: requests.Session, url: str) -> bool:
+        """Ask for an accepted order; once placed and taken in, its Case is read like the others (True)."""
+        r = self._call(session, "GET /api/orders/{id}", "GET", url, 200)
+        order = r.json()["order"] if r is not None else {}
+        if order.get("state") == "failed":
+            with self.lock:
+                self.errors.append(f"order {url} failed: {order.get('error')}")
+        if order.get("state") != "placed" or not order.get("case"):
+            return False
+        with self.lock:
+            if order["case"] not in self.case_ids:
+                self.case_ids.append(order["case"])
+        return True
+
+    def _probe(self, session: requests.Session, kind: str, path: str) -> None:
+        self._call(session, kind, "GET", path, 200, base=self.probes)
 
 
 def _figures(values: list[float]) -> dict:
@@ -99,7 +130,8 @@ def test_a_burst_of_orders_and_concurrent_clients_without_an_error(tmp_path, ehr
     with (pg_schema("fb_load") if PG_URL else contextlib.nullcontext(None)) as store_url:
         env = {"FHIRBRIDGE_API__TOKENS": TOKEN, "FHIRBRIDGE_SERVICE__WORK_SECONDS": "0.5",
                "FHIRBRIDGE_SERVICE__POLL_SECONDS": "30", "FHIRBRIDGE_SERVICE__INBOX_SECONDS": "1",
-               "FHIRBRIDGE_THREADS": "16", "FHIRBRIDGE_TIMEOUT": str(TIMEOUT)}
+               "FHIRBRIDGE_THREADS": "16", "FHIRBRIDGE_TIMEOUT": str(TIMEOUT),
+               "FHIRBRIDGE_PROBE_BIND": f"127.0.0.1:{free_port()}"}
         if store_url:
             env["FHIRBRIDGE_FHIRBRIDGE__STORE_URL"] = store_url
         hospital = TestHospital(tmp_path, ehr.base_url, env=env)
@@ -115,7 +147,7 @@ def test_a_burst_of_orders_and_concurrent_clients_without_an_error(tmp_path, ehr
 
 
 def _run(hospital: TestHospital, served: Served, patient: str, fhir, figures: dict, store_kind: str) -> None:
-    clients = Clients(served.base)
+    clients = Clients(served.base, "http://" + hospital.env["FHIRBRIDGE_PROBE_BIND"])
     clients.requester = hospital.physician()
     for i in range(ORDERS):
         clients.orders.put(i)
@@ -129,6 +161,16 @@ def _run(hospital: TestHospital, served: Served, patient: str, fhir, figures: di
         t.join(timeout=SECONDS + ORDERS * TIMEOUT / CLIENTS + 60)
     assert not any(t.is_alive() for t in threads), "a client did not stop"
     api_seconds = time.monotonic() - started
+    assert not clients.errors, (len(clients.errors), clients.errors[:10])
+    assert len(set(clients.accepted)) == ORDERS
+    # Every accepted order is placed and has its Case (the readers found most of them already).
+    with requests.Session() as s:
+        for url in clients.accepted:
+            deadline = time.monotonic() + SETTLE
+            while not clients.follow(s, url):
+                assert time.monotonic() < deadline, f"order {url} not placed and taken in within {SETTLE} s"
+                time.sleep(0.5)
+    placed_seconds = time.monotonic() - started
     assert not clients.errors, (len(clients.errors), clients.errors[:10])
     assert len(set(clients.case_ids)) == ORDERS
 
@@ -167,5 +209,6 @@ def _run(hospital: TestHospital, served: Served, patient: str, fhir, figures: di
         "requests_per_second": round(len(everything) / api_seconds, 1),
         "latency_all": _figures(everything),
         "latency_by_kind": {kind: _figures(values) for kind, values in sorted(clients.latency.items())},
-        "seconds_api_phase": round(api_seconds, 1), "seconds_until_every_case_done": round(complete_seconds, 1),
+        "seconds_api_phase": round(api_seconds, 1), "seconds_until_every_order_placed": round(placed_seconds, 1),
+        "seconds_until_every_case_done": round(complete_seconds, 1),
         "cases_done": len(cases), "opinions_lost": 0, "ehr_duplicates": duplicates(copies)}

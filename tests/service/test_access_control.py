@@ -36,11 +36,13 @@ STATIC = "static-reviewer-token-0123456789"
 # Every staff endpoint: (method, path with {case}, scope). The last test proves the list is complete.
 STAFF_ENDPOINTS = [
     ("POST", "/api/orders", "orders:write"),
+    ("GET", "/api/orders/{order_id}", "orders:write"),
     ("GET", "/api/cases", "cases:read"),
     ("GET", "/api/cases/{case}", "cases:read"),
     ("POST", "/api/cases/{case}/retry", "cases:write"),
     ("POST", "/api/cases/{case}/cancel", "cases:write"),
     ("GET", "/api/audit?patient={patient}", "audit:read"),
+    ("GET", "/api/outcomes", "cases:read"),
 ]
 # Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
 PUBLIC_FHIR_ENDPOINTS = [
@@ -109,7 +111,7 @@ def call(client, method: str, path: str, headers: dict):
 
 
 def fill(path: str, case, patient: str) -> str:
-    return path.format(case=case.id, patient=patient.removeprefix("Patient/"))
+    return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order")
 
 
 def refused(resp, status: int, words: str) -> None:

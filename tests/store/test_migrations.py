@@ -6,6 +6,7 @@ SQLite always; PostgreSQL (one fresh schema per test) when FHIRBRIDGE_TEST_POSTG
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -42,7 +43,8 @@ from tests.kit.hospital import pg_schema
 PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
-TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger", "cds_cards"}
+TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger", "order_requests", "outcomes",
+          "cds_cards"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -65,8 +67,14 @@ def versions(engine) -> list[str]:
         return [r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
 
 
+def revision_before(revision: str) -> str:
+    """The revision a shipped script builds on (its down_revision): the chain is renumbered as revisions land."""
+    script = next((migrations.SCRIPT_LOCATION / "versions").glob(f"{revision}_*.py"))
+    return re.search(r'^down_revision = "(\d+)"', script.read_text(), re.M).group(1)
+
+
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0009"
+    assert migrations.head() == "0012"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 
@@ -381,8 +389,8 @@ def test_the_cds_cards_revision_upgrades_and_downgrades(url):
         store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
                         reviewer="r", profile="default")
         assert "cds_cards" not in inspect(store.engine).get_table_names()
-        assert store.upgrade() == ("0005", "0009")
-        assert differences(store.engine) == []
+        assert store.upgrade("0009") == ("0005", "0009")
+        assert "cds_cards" in inspect(store.engine).get_table_names()
         row = {"card_id": "card-1", "hospital": "h", "service": "fhirbridge-order-sign", "hook_instance": "i",
                "patient": "Patient/1", "ordered_by": "Practitioner/1", "draft_order": "ServiceRequest/d",
                "draft_code": "http://snomed.info/sct|55705006", "rule": "spine-elective"}
@@ -399,5 +407,58 @@ def test_the_cds_cards_revision_upgrades_and_downgrades(url):
             conn.commit()
         assert "cds_cards" not in inspect(store.engine).get_table_names()
         assert store.get("c1").step == "collect"
+    finally:
+        store.close()
+
+
+def test_the_order_requests_revision_upgrades_and_downgrades(url):
+    """0012 adds the accepted orders (loop/accepted_orders.py) to a database of the revision before it, keeping
+    its Cases; the last revision's downgrade removes the table again."""
+    from alembic import command
+
+    from fhirbridge.store.order_requests import OrderRequests
+    store = Store(url, create=False)
+    try:
+        store.upgrade()
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), "-1")
+            conn.commit()
+        before = store.schema_revision()
+        assert "order_requests" not in inspect(store.engine).get_table_names()
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="default")
+        assert store.upgrade() == (before, "0012")
+        assert differences(store.engine) == []
+        row, created = OrderRequests(store).add("o1", hospital="h", fingerprint="f" * 64)
+        assert created and row["state"] == "pending" and store.get("c1").step == "collect"
+        assert OrderRequests(store).add("o1", hospital="h", fingerprint="f" * 64)[1] is False
+    finally:
+        store.close()
+
+
+def test_the_outcomes_revision_upgrades_and_downgrades(url):
+    """0010 adds the outcomes of filed opinions (issue 18 part 2) to a 0005 database, keeping its Cases; a row
+    opened twice is one row, and a due row is claimed by one worker only."""
+    from alembic import command
+    prior = revision_before("0010")
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade(prior) == (None, prior)
+        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
+                        reviewer="r", profile="spine")
+        assert "outcomes" not in inspect(store.engine).get_table_names()
+        assert store.upgrade("0010") == (prior, "0010")
+        row = dict(case_id="c1", hospital="h", reviewer="r", profile="spine", patient="Patient/1",
+                   order_ref="ServiceRequest/1", filed_at=100.0, window_ends=200.0, recommendation="non-surgical-care",
+                   concordance="concordant")
+        assert store.outcomes.open(**row) is True and store.outcomes.open(**row) is False
+        assert [o.case_id for o in store.outcomes.claim_due("h", now=150.0, lease=60, limit=10)] == ["c1"]
+        assert store.outcomes.claim_due("h", now=150.0, lease=60, limit=10) == []     # claimed until 210
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), prior)
+            conn.commit()
+        assert "outcomes" not in inspect(store.engine).get_table_names()
+        assert store.get("c1").step == "collect"
+        assert store.upgrade("0010") == (prior, "0010")
     finally:
         store.close()

@@ -22,6 +22,8 @@ from fhirbridge.service.scheduler import Service
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the service: HTTP API + scheduler, under gunicorn")
     s.add_argument("--bind", help="host:port (default 127.0.0.1:8080, or $FHIRBRIDGE_BIND)")
+    s.add_argument("--probe-bind", help="also answer /healthz and /readyz on this host:port, from a thread of "
+                   "their own that busy API requests never delay (or $FHIRBRIDGE_PROBE_BIND; default: off)")
     s.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
     s.add_argument("--no-scheduler", action="store_true", help="serve HTTP only (run `fhirbridge worker` elsewhere)")
     s.set_defaults(func=cmd_serve)
@@ -50,6 +52,13 @@ def cmd_serve(args) -> int:
     bind = parse_bind(args.bind or os.environ.get("FHIRBRIDGE_BIND") or DEFAULT_BIND)
     check_can_listen(bind)  # one clear line here, not gunicorn's retries and tracebacks in the log
     env["FHIRBRIDGE_BIND"] = bind
+    probe_bind = args.probe_bind or os.environ.get("FHIRBRIDGE_PROBE_BIND")
+    if probe_bind:
+        probe_bind = parse_bind(probe_bind)
+        if probe_bind == bind:
+            raise UsageError(f"--probe-bind {probe_bind} is the API's own address; give the probes a port of their own")
+        check_can_listen(probe_bind, "--probe-bind")
+        env["FHIRBRIDGE_PROBE_BIND"] = probe_bind
     # A reviewer's missing or wrong key file fails its Cases only when they reach seal: said now (and by
     # /readyz, as a "keys" check), so the operator does not learn it from a failed Case hours later.
     for problem in config.check_files(cfg):
@@ -88,9 +97,10 @@ def parse_bind(value: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def check_can_listen(bind: str) -> None:
+def check_can_listen(bind: str, option: str = "--bind") -> None:
     """Listen on `bind` for a moment, as gunicorn will (SO_REUSEADDR): a port another process holds, a host
-    that is no address of this machine, or a privileged port are refused with what to do."""
+    that is no address of this machine, or a privileged port are refused with what to do (`option`: the
+    command-line option that names it)."""
     if bind.startswith("unix:"):
         return
     host, _, port = bind.rpartition(":")
@@ -99,7 +109,7 @@ def check_can_listen(bind: str) -> None:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise PortInUse(f"cannot listen on {bind}: {host!r} is not a name or address of this machine "
-                        f"({exc.strerror}); give --bind 127.0.0.1:{port} or 0.0.0.0:{port}") from None
+                        f"({exc.strerror}); give {option} 127.0.0.1:{port} or 0.0.0.0:{port}") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -110,10 +120,10 @@ def check_can_listen(bind: str) -> None:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(f"cannot listen on {bind}: port {port} is in use by another program (another "
                             f"`fhirbridge serve`? `ss -ltnp 'sport = :{port}'` shows which); stop it or choose "
-                            "another port with --bind host:port") from None
+                            f"another port with {option} host:port") from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise PortInUse(f"cannot listen on {bind}: {host} is not an address of this machine; give "
-                            f"--bind 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port} (every "
+                            f"{option} 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port} (every "
                             "interface)") from None
         if exc.errno == errno.EACCES:
             raise PortInUse(f"cannot listen on {bind}: ports below 1024 need privileges; use a port above "

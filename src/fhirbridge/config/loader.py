@@ -37,6 +37,7 @@ from fhirbridge.config.model import (
     Http,
     MetricsSettings,
     OAuthSettings,
+    OutcomeSettings,
     PhysicianApp,
     Reviewer,
     ServiceTimes,
@@ -347,7 +348,8 @@ def _build(raw: dict, file: Path) -> Config:
     if lease is not None and lease <= 0:
         raise svc.err("lease_seconds", "must be greater than 0")
     service = ServiceTimes(**{k: _positive(svc, k, float, getattr(ServiceTimes, k))
-                              for k in ("poll_seconds", "work_seconds", "inbox_seconds", "overdue_seconds")},
+                              for k in ("poll_seconds", "work_seconds", "inbox_seconds", "overdue_seconds",
+                                        "outcomes_seconds")},
                            lease_seconds=lease)
     public_url = svc.get("public_url", str, None)
     if public_url and not public_url.startswith(("http://", "https://")):
@@ -375,6 +377,10 @@ def _build(raw: dict, file: Path) -> Config:
     audit = AuditSettings(write_to_ehr=audit_sec.get("write_to_ehr", bool, False))
     audit_sec.finish()
     metrics = _metrics(top.sub("metrics"))
+    outcomes_sec = top.sub("outcomes")
+    outcome_settings = OutcomeSettings(window_days=_positive(outcomes_sec, "window_days", float,
+                                                             OutcomeSettings.window_days))
+    outcomes_sec.finish()
     physician_app = _physician_app(top, hospitals)
     cds = _cds(top, hospitals, public_url)
     top.finish()
@@ -383,7 +389,8 @@ def _build(raw: dict, file: Path) -> Config:
                   inline_attachment_limit=inline_limit, max_attachment_bytes=max_att,
                   package_lifetime_days=lifetime, service=service, api_tokens=tuple(tokens),
                   public_url=public_url.rstrip("/") if public_url else None, audit=audit,
-                  api_keys=api_keys, oauth=oauth, metrics=metrics, physician_app=physician_app, cds=cds)
+                  api_keys=api_keys, oauth=oauth, metrics=metrics, physician_app=physician_app,
+                  outcomes=outcome_settings, cds=cds)
 
 
 def _api_keys(api: _Section, file: Path, hospitals: dict) -> tuple[ApiKey, ...]:

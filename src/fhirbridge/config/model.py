@@ -128,6 +128,7 @@ class ServiceTimes:
     work_seconds: float = 5.0         # claim and run due steps
     inbox_seconds: float = 30.0       # receive opinions dropped in the inbox
     overdue_seconds: float = 600.0    # flag Cases past their reviewer's turnaround target
+    outcomes_seconds: float = 3600.0  # follow the planned treatment of filed opinions (loop/outcomes.py)
     # How long a claimed step (or polling cursor) stays a worker's without renewal: a killed replica's work
     # is taken over after this. None: loop.runner.LEASE_SECONDS (300 s).
     lease_seconds: float | None = None
@@ -162,6 +163,12 @@ class OAuthSettings:
 class AuditSettings:
     """[audit]: also write each AuditEvent (disclosure, opinion filed) to the hospital's EHR."""
     write_to_ehr: bool = False
+
+
+@dataclass(frozen=True)
+class OutcomeSettings:
+    """[outcomes]: how long the planned treatment of a filed opinion is followed in the chart (docs/outcomes.md)."""
+    window_days: float = 180.0        # nothing decided within this many days after filing is an outcome too
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     physician_app: PhysicianApp | None = None
     cds: CdsSettings | None = None
+    outcomes: OutcomeSettings = field(default_factory=OutcomeSettings)
 
     @property
     def hospital(self) -> Hospital:

@@ -78,6 +78,7 @@ TABLES = {
     "routing": "Which reviewer gets an order that names none.",
     "audit": "The accounting of disclosures (BALP AuditEvents).",
     "metrics": "Prometheus metrics at /metrics (docs/operate.md).",
+    "outcomes": "Following the planned treatment of each filed opinion in the chart (docs/outcomes.md).",
     "physician_app": "The physician's SMART on FHIR EHR-launch ordering app at /physician (unset: not served).",
     "physician_app.issuers[]": "EHRs allowed to launch the app: one `[[physician_app.issuers]]` table each.",
     "cds": "The CDS Hooks 2.0 services at /cds-services (docs/cds-hooks.md; unset: not served).",
@@ -162,6 +163,7 @@ MEANINGS = {
     "service.work_seconds": "How often due steps are claimed and run.",
     "service.inbox_seconds": "How often the inbox is read for opinions.",
     "service.overdue_seconds": "How often Cases past their turnaround target are flagged.",
+    "service.outcomes_seconds": "How often the planned treatments of filed opinions are looked up in the EHR.",
     "service.lease_seconds": "How long a claimed step stays one worker's without renewal (unset: 300).",
     "service.public_url": "The URL at which the EHR and reviewers reach this service (subscription notifications; "
                           "<public_url>/reviewer is the audience reviewer tokens must name). Required when a "
@@ -180,6 +182,8 @@ MEANINGS = {
     "routing.default_reviewer": "The reviewer for orders whose profile no reviewer lists.",
     "audit.write_to_ehr": "Also write each AuditEvent to the EHR.",
     "metrics.enabled": "Serve /metrics.",
+    "outcomes.window_days": "Days after filing within which a decision on the planned treatment counts; none by "
+                            "then is recorded as \"nothing within the window\".",
     "physician_app.client_id": "The client id the EHR registered for the app (a public client using PKCE).",
     "physician_app.scope": "Scopes asked for besides `launch` (who the user is, read access to the patient).",
     "physician_app.issuers[].url": "The EHR's FHIR base URL as it sends it in `iss` (https).",

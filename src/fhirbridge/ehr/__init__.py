@@ -6,8 +6,9 @@ ServiceRequest, for EHRs that cannot write one), `data_request` (a reviewer's re
 CDex Task), `audit` (BALP AuditEvents: the accounting of disclosures), `subscriptions` (FHIR
 Subscriptions Backport: asking the EHR to notify us), `capabilities` (what the EHR can do for the write-back:
 its CapabilityStatement, the vendor profile, the pins), `write_plan` (the way the opinion is filed, chosen from
-them), `plan_view` (the plan as `doctor` shows it), `cds` (CDS Hooks: draft orders to second-opinion cards,
-and the order of an accepted suggestion).
+them), `plan_view` (the plan as `doctor` shows it), `treatment` (the planned treatment an order names and what
+the chart shows became of it: reads only), `cds` (CDS Hooks: draft orders to second-opinion cards, and the
+order of an accepted suggestion).
 
 Rule: may import `config`, `store`, `fhir`, `crypto`, `ops`, `steps` and the root modules. Never the
 loop (the loop drives these, not the other way round), never Flask, the service, the pages or the CLI.

@@ -76,12 +76,13 @@ def place_order(app: App, *, patient: str, question: str, requester: str, review
                 reason_reference: dict | None = None, reason_code: list[dict] | None = None) -> dict:
     """`requester`: the ordering clinician, "Practitioner/<id>" or "PractitionerRole/<id>" (required).
     `exclude`: records ("Type/id") the physician deselected; the order carries them (EXCLUDED_RECORD).
-    `placer`: a placer identifier value decided beforehand (a CDS suggestion's): the order is then written
-    once only, however often this is called with it (found by the identifier, else a conditional create)."""
+    `placer`: a placer identifier value decided beforehand (a CDS suggestion's, an accepted order's id): the
+    order is then written once only, however often this is called with it (`find_placed`, else a conditional
+    create on the identifier)."""
     sr = build_order(app, patient=patient, question=question, requester=requester, reviewer=reviewer,
                      profile=profile, priority=priority, placer=placer, reason_reference=reason_reference,
                      reason_code=reason_code)
-    if placer and (found := find_by_placer(app, placer)) is not None:
+    if placer and (found := find_placed(app, placer)) is not None:
         return found
     _must_exist(app, sr["subject"]["reference"])
     _must_exist(app, requester, "the requester ")
@@ -91,10 +92,13 @@ def place_order(app: App, *, patient: str, question: str, requester: str, review
     return stored
 
 
-def find_by_placer(app: App, placer: str) -> dict | None:
-    """The second-opinion order carrying this placer identifier value, if the EHR holds one."""
-    found = app.ehr.search("ServiceRequest", {"identifier": f"{PLACER_SYSTEM}|{placer}"})
-    return next(iter(found), None)
+def find_placed(app: App, placer: str) -> dict | None:
+    """The order with this placer identifier value, if the EHR has it (any status: a draft waiting for its
+    exclusions to be confirmed counts, so it is never written twice)."""
+    for sr in app.ehr.search("ServiceRequest", {"identifier": f"{PLACER_SYSTEM}|{placer}"}):
+        if sr.get("resourceType") == "ServiceRequest":
+            return sr
+    return None
 
 
 def _must_exist(app: App, ref: str, what: str = "") -> None:

@@ -4,7 +4,7 @@
 (delivery to a reviewer: outbox directory, HTTPS POST with Idempotency-Key), `opinion` (the reviewer's
 structured answer as a FHIR Consult-note document), `reviewer` (open and verify a package, answer it,
 trusted hospitals), `render` (a package or an opinion as readable text), `pdf` (the opinion as a PDF
-for EHR viewers).
+for EHR viewers), `conclusions` (an opinion's coded outcome fields, read back).
 
 Rule: both sides use it, so it knows nothing of one side's state: may import `config` (models and
 mappings), `crypto`, `fhir` (validation and FHIR-JSON helpers) and the root modules. Never the store, the

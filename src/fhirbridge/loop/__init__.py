@@ -8,6 +8,7 @@ the EHR), `writeback` (plan ATOMIC: one transaction) and `post_writes` (plans LE
 through the write ledger): the opinion filed in the chart, exactly once. `guards` (before each outbound
 step: the order still stands, the Task shows the step), `actions` (cancel, decline, retry, resolve,
 overdue), `table` (each work step's function, bound to `steps.FLOW`), `runner` (claim, run, record; leases, backoff).
+After filing, `outcomes` follows the planned treatment the opinion was about (docs/outcomes.md).
 
 Rule: may import `ehr`, `exchange`, `access`, `ops`, `config`, `store`, `fhir`, `crypto`, `steps` and the
 root modules. Never Flask, werkzeug or gunicorn, never the service, the pages, the CLI or the demo: the

@@ -17,8 +17,9 @@ from fhirbridge.steps import WORK_STEPS
 VARIABLE = "FHIRBRIDGE_TEST_CRASH_AT"
 # <step>.begin: claimed, nothing done; <step>.end: done, not recorded; <step>.recorded: recorded, Task not synced.
 # file.<Type>.sent (write plans LEDGER and ONCE, loop/post_writes.py): the ledger says sent, the POST not yet made.
-POINTS = ("intake.opened", "receive.written", "receive.accepted", "file.committed", "file.DocumentReference.sent",
-          "file.Provenance.sent") + tuple(
+# order.written (loop/accepted_orders.py): an accepted order's ServiceRequest is in the EHR, its row still pending.
+POINTS = ("intake.opened", "order.written", "receive.written", "receive.accepted", "file.committed",
+          "file.DocumentReference.sent", "file.Provenance.sent") + tuple(
     f"{step}.{at}" for step in WORK_STEPS for at in ("begin", "end", "recorded"))
 
 _hits: dict[str, int] = {}

@@ -9,7 +9,8 @@ Two kinds of figures, kept apart on purpose:
   service/gunicorn_conf.py), so a scrape of any worker shows the whole pod. Sum them across replicas.
 * **What the store says now** (gauges, computed from the Case store when /metrics is scraped): Cases by
   hospital and step, the work queue (due, running, backing off), the age of the oldest pending step, Cases
-  overdue, AuditEvents owed to the EHR (with `[audit] write_to_ehr`). They are the same on every replica of
+  overdue, AuditEvents owed to the EHR (with `[audit] write_to_ehr`), and the outcome figures of filed opinions
+  (ops/outcome_figures.py). They are the same on every replica of
   one store: take `max` across replicas, never `sum`. Computing them at scrape time means no worker has to
   own them, a restart loses nothing, and they cannot drift from `fhirbridge status`.
 
@@ -30,6 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import and_, func, or_, select
 
 from fhirbridge import VERSION
+from fhirbridge.ops.outcome_figures import OutcomeCollector
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
 from fhirbridge.store.tables import audit_events, cases, cds_cards, events
 
@@ -231,6 +233,7 @@ def render(store, hospital_names: dict[str, str], *, audit_to_ehr: bool = False)
     else:
         registry.register(_ThisProcess())
     registry.register(StoreCollector(store, hospital_names, audit_to_ehr=audit_to_ehr))
+    registry.register(OutcomeCollector(store, hospital_names))
     info = GaugeMetricFamily("fhirbridge_info", "fhirbridge version", labels=["version"])
     info.add_metric([VERSION], 1)
     registry.register(_Fixed([info]))

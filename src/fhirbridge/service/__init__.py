@@ -1,6 +1,7 @@
 """service: `fhirbridge serve`, the HTTP service and its scheduler.
 
-`app` (create_app: the Flask app factory mounting every blueprint in one block), one blueprint per
+`app` (create_app: the Flask app factory mounting every blueprint in one block), `probes` (the same
+probes on a port of their own, from a thread in each worker), one blueprint per
 module (`api` staff API, `reviewer_api`, `health` probes and JWKS, `notify` FHIR Subscription
 notifications, `openapi` the API description, `metrics` the /metrics endpoint, `terminology` our
 CodeSystems at /fhir/CodeSystem), `http` (what the

@@ -6,17 +6,30 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
+from fhirbridge import jsonutil
 from fhirbridge.access.tokens import Unauthorized, staff_from_token
 from fhirbridge.ehr.audit import accounting
-from fhirbridge.ehr.order import REQUESTER, place_order
+from fhirbridge.ehr.order import REQUESTER
 from fhirbridge.errors import CaseError, ConfigError
+from fhirbridge.loop.accepted_orders import (
+    FAILED,
+    PENDING,
+    PLACED,
+    IdempotencyConflict,
+    OrderFields,
+    accept,
+    place,
+)
 from fhirbridge.loop.actions import cancel, retry
-from fhirbridge.loop.intake import order_changed
+from fhirbridge.ops.measure_report import measure_report
+from fhirbridge.ops.outcome_figures import figures
 from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service, visible
 from fhirbridge.service.openapi import CASE_STEPS
+from fhirbridge.store.order_requests import OrderRequests
 
 log = logging.getLogger("fhirbridge.service.api")
 
@@ -27,11 +40,13 @@ api = Blueprint("api", __name__, url_prefix="/api")
 # a test checks that every /api route is listed.
 STAFF_ENDPOINT_SCOPES = {
     "api.create_order": "orders:write",
+    "api.read_order": "orders:write",     # whoever places orders follows them (no case data in the answer)
     "api.list_cases": "cases:read",
     "api.read_case": "cases:read",
     "api.retry_case": "cases:write",
     "api.cancel_case": "cases:write",
     "api.audit_accounting": "audit:read",
+    "api.outcomes_report": "cases:read",
 }
 
 
@@ -66,6 +81,7 @@ def _case_json(case, *, events: list | None = None) -> dict:
 
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 @api.post("/orders")
@@ -97,18 +113,72 @@ def create_order():
         # BSeR: a referral's requester is 1..1; no order is placed that names nobody as asking for it.
         raise ApiError(400, "requester is required: the ordering clinician, Practitioner/<id> or "
                             "PractitionerRole/<id>")
-    sr = place_order(app, patient=patient, question=body["question"], reviewer=body.get("reviewer"),
-                     profile=body.get("profile"), requester=requester, priority=body.get("priority", "routine"))
-    ref = f"ServiceRequest/{sr['id']}"
-    # The order exists in the EHR from here on: whatever happens next, answer 201 so a client does not
-    # retry and create a second order; the poll takes it in if taking it in now fails.
+    fields = OrderFields(patient=patient, question=body["question"], requester=requester,
+                         reviewer=body.get("reviewer"), profile=body.get("profile"),
+                         priority=body.get("priority", "routine"))
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 visible ASCII characters (a UUID is best)")
     try:
-        order_changed(app, sr)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("order %s written but not yet taken in: %s", ref, exc)
+        row, created = accept(app, fields, key=key, caller=g.staff.name)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, str(exc)) from None
+    # RFC 7240 `Prefer: respond-async`: answer as soon as the order is recorded; a worker places it in the EHR.
+    if "respond-async" in request.headers.get("Prefer", "").replace(" ", "").split(","):
+        if row["state"] == PENDING:
+            service().place_soon(app, row["id"])
+        resp = jsonify({"order": _order_json(app, row)})
+        resp.status_code = 202 if row["state"] == PENDING else _status_of(row)
+        resp.headers["Location"] = f"/api/orders/{row['id']}"
+        resp.headers["Preference-Applied"] = "respond-async"
+        return resp
+    if row["state"] == PENDING:
+        row = place(app, worker=service().worker, request_id=row["id"], fresh=created) or row
+    return _order_answer(app, row)
+
+
+def _status_of(row: dict) -> int:
+    return {PLACED: 201, FAILED: 400}.get(row["state"], 202)
+
+
+def _order_json(app, row: dict) -> dict:
+    return {"id": row["id"], "state": row["state"], "service_request": row["service_request"],
+            "case": row["case_id"], "error": row["error"], "attempts": row["attempts"],
+            "created_at": row["created_at"], "updated_at": row["updated_at"], "hospital": app.hospital.name,
+            "url": f"/api/orders/{row['id']}"}
+
+
+def _order_answer(app, row: dict):
+    """The synchronous answer: 201 with the order and its Case once placed (as before accepted orders), the
+    error once failed, 202 while the EHR could not be reached (the order is kept and placed when it answers:
+    answering an error would invite the client to order again)."""
+    if row["state"] == FAILED:
+        raise ApiError(400, row["error"] or "the order could not be placed")
+    if row["state"] == PENDING:
+        resp = jsonify({"order": _order_json(app, row), "service_request": None, "case": None,
+                        "note": "the EHR did not answer; the order is kept and placed as soon as it does"})
+        resp.status_code = 202
+        resp.headers["Location"] = f"/api/orders/{row['id']}"
+        return resp
+    ref = row["service_request"]
     case = app.store.find_by_order(app.hospital.key, ref)
-    return jsonify({"service_request": ref, "case": _case_json(case) if case else None,
+    # The order exists in the EHR from here on: whatever happens next, answer 201 so a client does not
+    # retry and create a second order; the poll takes it in if taking it in now failed.
+    return jsonify({"service_request": ref, "case": _case_json(case) if case else None, "order": _order_json(app, row),
                     **({} if case else {"note": "the order is in the EHR; the next poll takes it in"})}), 201
+
+
+@api.get("/orders/<order_id>")
+def read_order(order_id: str):
+    """An accepted order: pending, placed (with its ServiceRequest and Case) or failed (with why)."""
+    for app in service().apps:
+        row = OrderRequests(app.store).get(order_id) if _ID.fullmatch(order_id) else None
+        if row is not None and row["hospital"] == app.hospital.key and g.staff.may_see(app.hospital.name):
+            if row["state"] == PLACED and not row["case_id"]:
+                case = app.store.find_by_order(app.hospital.key, row["service_request"])
+                row = dict(row, case_id=case.id if case else None)
+            return jsonify({"order": _order_json(app, row)})
+    raise ApiError(404, f"no order {order_id}")
 
 
 def _hospital_app(name: str | None):
@@ -147,6 +217,23 @@ def audit_accounting():
         if g.staff.may_see(app.hospital.name):
             rows += [dict(r, hospital=app.hospital.name) for r in accounting(app, patient)]
     return jsonify({"patient": patient, "events": rows})
+
+
+@api.get("/outcomes")
+def outcomes_report():
+    """The outcome figures as a FHIR R4 MeasureReport (ops/measure_report.py) of the hospitals this token may see
+    (`?hospital=` one of them)."""
+    name = request.args.get("hospital")
+    apps = [_hospital_app(name)] if name else service().apps
+    apps = [a for a in apps if g.staff.may_see(a.hospital.name)]
+    if name and not apps:
+        raise ApiError(403, f"this token may not see {name}")
+    cfg = service().config
+    rows = service().store.outcomes.rows(hospitals=tuple(a.hospital.key for a in apps))
+    f = figures(rows, reviewer_names={r.name: r.display for r in cfg.reviewers.values()})
+    reporter = apps[0].hospital.organization_ref() if len(apps) == 1 else None
+    return Response(jsonutil.dumps(measure_report(f, now=time.time(), reporter=reporter)),
+                    mimetype="application/fhir+json")
 
 
 @api.get("/cases/<case_id>")

@@ -21,6 +21,9 @@ if _OWN_METRICS_DIR:
 # Only now: prometheus_client picks its mode when it is first imported.
 from prometheus_client import multiprocess  # noqa: E402
 
+from fhirbridge.service.health import readiness  # noqa: E402
+from fhirbridge.service.probes import ProbeListener  # noqa: E402
+
 logs.setup(level="INFO")
 logger_class = "fhirbridge.service.gunicorn_logger.GunicornLogger"
 
@@ -44,9 +47,18 @@ loglevel = os.environ.get("FHIRBRIDGE_LOG_LEVEL", "info")
 def post_worker_init(worker):
     if os.environ.get("FHIRBRIDGE_SCHEDULER", "on") != "off":
         worker.wsgi.extensions["fhirbridge"].start()
+    probe_bind = os.environ.get("FHIRBRIDGE_PROBE_BIND")
+    if probe_bind:
+        # The probes on a port of their own (service/probes.py): never queued behind this worker's API threads.
+        ext = worker.wsgi.extensions
+        cache = ext.setdefault("fhirbridge.ready", {})
+        worker.fhirbridge_probes = ProbeListener(probe_bind, lambda: readiness(ext["fhirbridge"], cache)).start()
 
 
 def worker_exit(server, worker):
+    probes = getattr(worker, "fhirbridge_probes", None)
+    if probes is not None:
+        probes.stop()
     svc = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("fhirbridge")
     if svc is not None:
         # Finish the step in hand if it can be done well within graceful_timeout, then release claims.

@@ -14,6 +14,7 @@ from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.auth import make_auth
 from fhirbridge.service.http import json_response, service
+from fhirbridge.service.scheduler import Service
 from fhirbridge.store.store import ping
 
 health = Blueprint("health", __name__)
@@ -38,32 +39,37 @@ def healthz():
 
 @health.get("/readyz")
 def readyz():
+    body, status = readiness(service(), current_app.extensions.setdefault("fhirbridge.ready", {}))
+    return jsonify(body), status
+
+
+def readiness(svc: Service, cache: dict) -> tuple[dict, int]:
     """Ready when the store answers: every replica can then take API calls and notifications and work the
     Cases of any EHR that is up; "degraded" when an EHR is down or a configured key file is missing or
     wrong. Each EHR is checked too, quickly (no retries, 2 s + 3 s) and reported, but
-    one hospital's EHR being down must not take every replica out of the load balancer. Cached 5 s."""
-    cache = current_app.extensions.setdefault("fhirbridge.ready", {})  # per app, never shared between apps
+    one hospital's EHR being down must not take every replica out of the load balancer. Cached 5 s in
+    `cache` (one per app, never shared between apps; the probe listener shares its worker's)."""
     with cache.setdefault("lock", threading.Lock()):
         cached = cache.get("result")
         if cached and time.monotonic() - cached[0] < 5:
-            return jsonify(cached[1]), cached[2]
+            return cached[1], cached[2]
         checks, ok = {}, True
         try:
-            ping(service().store)
+            ping(svc.store)
             checks["store"] = "ok"
         except Exception as exc:  # noqa: BLE001
             checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
-        for app in service().apps:
+        for app in svc.apps:
             checks[f"ehr:{app.hospital.name}"] = _quick_ehr_check(app)
         # A reviewer's key file missing or wrong fails that reviewer's Cases at seal: degraded, not down
         # (the other reviewers' Cases go on), and named, so nobody reads "ready" with Cases bound to fail.
-        problems = check_files(service().config)
+        problems = check_files(svc.config)
         checks["keys"] = "; ".join(problems) if problems else "ok"
         degraded = [k for k, v in checks.items() if (k.startswith("ehr:") or k == "keys") and v != "ok"]
         body = {"status": ("degraded" if degraded else "ready") if ok else "not ready", "checks": checks}
         status = 200 if ok else 503
         cache["result"] = (time.monotonic(), body, status)
-        return jsonify(body), status
+        return body, status
 
 
 def _quick_ehr_check(app: App) -> str:

@@ -16,13 +16,20 @@ docs = Blueprint("docs", __name__)
 ERROR = {"$ref": "#/components/schemas/Error"}
 CASE_STEPS = ALL_STEPS  # steps.Step, in order
 CASE = {"$ref": "#/components/schemas/Case"}
+ORDER = {"type": "object", "required": ["id", "state", "url"],
+         "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": ["pending", "placed", "failed"]},
+                        "service_request": {"type": ["string", "null"]}, "case": {"type": ["string", "null"]},
+                        "error": {"type": ["string", "null"]}, "attempts": {"type": "integer"},
+                        "created_at": {"type": "number"}, "updated_at": {"type": "number"},
+                        "hospital": {"type": "string"}, "url": {"type": "string"}}}
 REQUESTER_PATTERN = r"^(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$"   # as ehr.order.REQUESTER
 
 
 def _errors(*codes: int) -> dict:
     text = {400: "Bad request: the message says what is wrong", 401: "Missing or wrong bearer token",
             403: "Not allowed", 404: "Not found", 409: "Conflicts with the Case's state",
-            413: "Too large", 502: "The EHR refused", 503: "The EHR is unreachable; try again"}
+            413: "Too large", 422: "An Idempotency-Key used again for a different order",
+            502: "The EHR refused", 503: "The EHR is unreachable; try again"}
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
@@ -83,9 +90,28 @@ SPEC: dict[str, Any] = {
             "security": [{"staff": []}],
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
+            "description": ("Without `Prefer: respond-async` the order is written to the EHR within the request: "
+                            "201 with the ServiceRequest and the Case; 202 when the EHR did not answer (the order "
+                            "is kept and placed as soon as it does). With `Prefer: respond-async` (RFC 7240) the "
+                            "order is recorded and answered 202 at once, a worker places it; follow the Location. "
+                            "An `Idempotency-Key` makes a retry answer the same order instead of placing a second; "
+                            "the same key with other fields is 422."),
+            "parameters": [{"name": "Prefer", "in": "header", "schema": {"type": "string", "enum": ["respond-async"]}},
+                           {"name": "Idempotency-Key", "in": "header",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
             "responses": {**_ok("The ServiceRequest written to the EHR and the Case opened for it",
-                                {"type": "object", "properties": {"service_request": {"type": "string"}, "case": CASE}},
-                                "201"), **_errors(400, 401, 403, 502, 503)}}},
+                                {"type": "object", "properties": {"service_request": {"type": "string"}, "case": CASE,
+                                                                  "order": ORDER}},
+                                "201"),
+                          **_ok("Accepted: the order is placed in the EHR by a worker (see Location)",
+                                {"type": "object", "properties": {"order": ORDER}}, "202"),
+                          **_errors(400, 401, 403, 422, 502, 503)}}},
+        "/api/orders/{order_id}": {"get": {
+            "summary": "An accepted order: pending, placed (its ServiceRequest and Case) or failed (why)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "order_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("The order", {"type": "object", "properties": {"order": ORDER}}),
+                          **_errors(401, 403, 404)}}},
         "/api/cases": {"get": {
             "summary": "List Cases", "security": [{"staff": []}],
             "parameters": [{"name": "step", "in": "query", "schema": {"type": "string", "enum": list(CASE_STEPS)}},
@@ -98,6 +124,12 @@ SPEC: dict[str, Any] = {
             "security": [{"staff": []}],
             "parameters": [{"name": "patient", "in": "query", "required": True, "schema": {"type": "string"}}],
             "responses": {**_ok("Disclosures and opinions filed", {"type": "object"}), **_errors(400, 401, 403)}}},
+        "/api/outcomes": {"get": {
+            "summary": "Outcomes of the filed opinions read from the chart, as a FHIR R4 MeasureReport (type summary; "
+                       "docs/outcomes.md)", "security": [{"staff": []}],
+            "parameters": [{"name": "hospital", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The MeasureReport", "content": {
+                "application/fhir+json": {"schema": {"type": "object"}}}}, **_errors(400, 401, 403)}}},
         "/api/cases/{case_id}": {"get": {
             "summary": "One Case with its event history", "security": [{"staff": []}],
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -1,4 +1,4 @@
-"""The long-running service: one scheduler per process ticking intake, work, inbox and overdue checks.
+"""The long-running service: one scheduler per process ticking intake, work, inbox, overdue and outcomes checks.
 
 APScheduler 3.x BackgroundScheduler, in-memory job store, `coalesce` and `max_instances=1`: a tick that
 overruns its interval is not run twice at once, and missed ticks collapse into one. Every replica and
@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -24,15 +25,19 @@ from fhirbridge.config.model import Config
 from fhirbridge.crypto import files
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import ConfigError
+from fhirbridge.loop.accepted_orders import place, place_due
 from fhirbridge.loop.actions import flag_overdue
 from fhirbridge.loop.intake import poll
+from fhirbridge.loop.outcomes import follow_outcomes
 from fhirbridge.loop.receive import process_inbox
 from fhirbridge.loop.runner import lease_seconds, run_pending
 from fhirbridge.ops import metrics
+from fhirbridge.store.order_requests import OrderRequests
 from fhirbridge.store.store import new_id, worker_id
 
 log = logging.getLogger("fhirbridge.service.scheduler")
 STEPS_PER_TICK = 20
+ORDER_THREADS = 4      # accepted orders placed at once by one process (each a few EHR round trips)
 # Below gunicorn's default graceful_timeout (60 s, FHIRBRIDGE_GRACEFUL_TIMEOUT): time is left to release claims.
 STOP_DEADLINE = float(os.environ.get("FHIRBRIDGE_STOP_DEADLINE", "45"))
 
@@ -101,6 +106,8 @@ class Service:
         self.scheduler: BackgroundScheduler | None = None
         self._catch_up: dict[str, bool] = {}  # hospital key -> asked again while its catch-up poll ran
         self._catch_up_lock = threading.Lock()
+        self._orders: ThreadPoolExecutor | None = None
+        self._orders_lock = threading.Lock()
 
     def app_for(self, hospital: str | None) -> App:
         if hospital is None and len(self.apps) == 1:
@@ -117,11 +124,25 @@ class Service:
         for app in self.apps:
             self._guard("poll", app, lambda a: poll(a, worker=self.worker, lease_seconds=lease_seconds(a)))
 
+    def place_soon(self, app: App, request_id: str) -> None:
+        """Place an order the API just accepted, off the request's thread (loop/accepted_orders.py). Not
+        placed here (stopping, or another worker claimed it first): the work tick places it."""
+        if self.stopping.is_set():
+            return
+        with self._orders_lock:
+            if self._orders is None:
+                self._orders = ThreadPoolExecutor(max_workers=ORDER_THREADS, thread_name_prefix="place-order")
+            pool = self._orders
+        pool.submit(self._guard, "place order", app,
+                    lambda a: place(a, worker=self.worker, request_id=request_id))
+
     def tick_work(self) -> None:
         # A bounded number of steps per hospital per tick, so one hospital's backlog cannot starve the others.
         for app in self.apps:
             if self.stopping.is_set():
                 return
+            # Accepted orders first: a pending one a stopped worker left, or one whose EHR was down.
+            self._guard("place orders", app, lambda a: place_due(a, worker=self.worker, limit=STEPS_PER_TICK))
             self._guard("work", app, lambda a: run_pending(a, intake=False, stop=self.stopping,
                                                            max_steps=STEPS_PER_TICK))
 
@@ -131,6 +152,12 @@ class Service:
     def tick_overdue(self) -> None:
         for app in self.apps:
             self._guard("overdue", app, flag_overdue)
+
+    def tick_outcomes(self) -> None:
+        for app in self.apps:
+            if self.stopping.is_set():
+                return
+            self._guard("outcomes", app, follow_outcomes)
 
     def catch_up(self, app: App) -> None:
         """Poll one hospital now, off the caller's thread: a subscription notification showed missed events
@@ -183,7 +210,8 @@ class Service:
         for name, fn, seconds in (("poll", self.tick_poll, times.poll_seconds),
                                   ("work", self.tick_work, times.work_seconds),
                                   ("inbox", self.tick_inbox, times.inbox_seconds),
-                                  ("overdue", self.tick_overdue, times.overdue_seconds)):
+                                  ("overdue", self.tick_overdue, times.overdue_seconds),
+                                  ("outcomes", self.tick_outcomes, times.outcomes_seconds)):
             sched.add_job(fn, "interval", seconds=seconds, id=name, name=name, next_run_time=now)
         sched.start()
         self.scheduler = sched
@@ -204,8 +232,14 @@ class Service:
             self.scheduler = None
         for thread in self._threads:
             thread.join(max(0.0, ends - time.monotonic()))
+        with self._orders_lock:
+            pool, self._orders = self._orders, None
+        if pool is not None:
+            closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+            closer.start()
+            closer.join(max(0.0, ends - time.monotonic()))
         try:
-            released = self.store.release_worker(self.worker)
+            released = self.store.release_worker(self.worker) + OrderRequests(self.store).release_worker(self.worker)
             if released:
                 log.info("service %s released %d claim(s) on stopping", self.worker, released)
         except Exception as exc:  # noqa: BLE001 - the leases lapse anyway

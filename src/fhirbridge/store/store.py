@@ -28,6 +28,7 @@ from fhirbridge.crypto import files
 from fhirbridge.errors import CaseError
 from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
 from fhirbridge.store import migrations
+from fhirbridge.store.outcomes import OutcomeStore
 from fhirbridge.store.tables import (
     AUDIT_ACCOUNTING,
     audit_events,
@@ -117,6 +118,11 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @property
+    def outcomes(self) -> OutcomeStore:
+        """The outcomes of filed opinions (store/outcomes.py)."""
+        return OutcomeStore(self.engine)
 
     # --- cases -------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The Case store's schema: one table definition per concept, shared by the Store and the migrations.
 
 Timestamps are UTC epoch seconds (floats), so lease arithmetic and comparisons are the same on SQLite and
-PostgreSQL. Nothing clinical: references (Patient/123), step names, counts, errors naming resources.
+PostgreSQL. Nothing clinical: references (Patient/123), step names, counts, errors naming resources; the one
+exception is `outcomes`, the coded outcome of each filed opinion (codes, never text).
 """
 from __future__ import annotations
 
@@ -127,4 +128,55 @@ cds_cards = Table(
     Column("override_reason", String(200)),                     # system|code of the overrideReason
     Column("second_opinion_order", String(200)),                # "ServiceRequest/<id>": the second-opinion order
     Column("case_id", String(64), index=True),
+)
+
+# Orders accepted by `POST /api/orders` and not yet placed in the EHR (loop/accepted_orders.py). The order's
+# content (patient, question, requester) is not here: it waits encrypted in the data dir until placed.
+order_requests = Table(
+    "order_requests", metadata,
+    Column("id", String(64), primary_key=True),                 # the ServiceRequest's placer identifier value
+    Column("hospital", String(200), nullable=False),
+    Column("state", String(20), nullable=False),                # pending | placed | failed
+    Column("fingerprint", String(64), nullable=False),          # SHA-256 of the order's fields: a replayed key
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float),
+    Column("service_request", String(200)),                     # "ServiceRequest/<id>" once placed
+    Column("case_id", String(64)),
+    Column("error", Text),
+    Index("ix_order_requests_due", "hospital", "state", "next_attempt_at"),
+)
+
+# What became of the planned treatment each filed opinion was about (migration 0010; loop/outcomes.py,
+# docs/outcomes.md). One row per filed opinion, opened when it is filed. Codes and references only, never text:
+# the opinion's coded recommendation and concordance (so the figures never decrypt an opinion per view), the
+# planned order or Procedure by reference and its code (system|code), what the chart showed and when.
+# state: unresolved (the plan not yet read from the order) | open (followed until the window ends) | closed.
+outcomes = Table(
+    "outcomes", metadata,
+    Column("case_id", String(64), primary_key=True),
+    Column("hospital", String(200), nullable=False),
+    Column("reviewer", String(200), nullable=False),
+    Column("profile", String(100), nullable=False),
+    Column("patient", String(200), nullable=False),
+    Column("order_ref", String(200), nullable=False),           # the second-opinion ServiceRequest
+    Column("filed_at", Float, nullable=False),
+    Column("window_ends", Float, nullable=False),
+    Column("recommendation", String(60)),                        # recommendation CodeSystem code
+    Column("concordance", String(60)),                           # concordance CodeSystem code
+    Column("plan", String(200)),                                 # "ServiceRequest/<id>" | "Procedure/<id>"
+    Column("plan_code", String(300)),                            # system|code of the planned treatment
+    Column("state", String(20), nullable=False),
+    Column("result", String(30)),                                # outcome-result code (closed rows)
+    Column("result_ref", String(200)),                           # the Procedure or replacing order found
+    Column("decided_at", Float),                                 # when the chart shows the decision
+    Column("checks", Integer, nullable=False, server_default="0"),
+    Column("checked_at", Float),
+    Column("next_check_at", Float),
+    Column("last_error", Text),                                  # why the last check failed (no PHI)
+    # The follow-up tick: a hospital's open rows due for a check, soonest first.
+    Index("ix_outcomes_due", "hospital", "state", "next_check_at"),
 )

@@ -8,9 +8,10 @@ ends its sessions at once, an OAuth session ends at the token's `exp`, and signi
 the store, so the cookie replayed is refused by every worker and replica. Seeing needs `cases:read`, retrying
 `cases:write`; a scoped key limited to some hospitals sees only those hospitals' Cases.
 
-What the opinions concluded (concordance, recommendation) is not in the store, which holds no clinical
-content: it is read from the accepted opinions themselves (kept encrypted to the hospital in data_dir) and
-cached per process, counted, and only the counts are shown.
+What the opinions concluded (concordance, recommendation) is read from the codes stored when each opinion was
+filed (the outcomes table, loop/outcomes.py); an opinion filed before that is read from the accepted opinion
+itself (kept encrypted to the hospital in data_dir) and cached per process. Only the counts are shown; the
+Outcomes page (ui/outcomes_view.py) shows what the chart shows became of the plan.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from fhirbridge.loop.actions import retry as retry_case
 from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
 from fhirbridge.ui import check_csrf, safe_next
 from fhirbridge.ui.charts import bar_chart
+from fhirbridge.ui.outcomes_view import outcomes_context
 
 log = logging.getLogger("fhirbridge.dashboard")
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
@@ -117,7 +119,8 @@ def _visible_case(case_id: str):
 
 
 def _nav(current: str) -> list:
-    return [("Overview", url_for("dashboard.overview"), current == "overview")]
+    return [("Overview", url_for("dashboard.overview"), current == "overview"),
+            ("Outcomes", url_for("dashboard.outcomes"), current == "outcomes")]
 
 
 @dashboard.route("/login", methods=["GET", "POST"])
@@ -186,6 +189,15 @@ def overview():
         fmt=_fmt, ago=lambda t: _days(now - t) if t else "", step_label=lambda s: STATE_LABELS.get(s, s))
 
 
+@dashboard.get("/outcomes")
+def outcomes():
+    """What the opinions advised and what the chart shows became of the plan (ui/outcomes_view.py)."""
+    svc, staff = _svc(), _signed_in_staff()
+    keys = [a.hospital.key for a in svc.apps if staff["hospitals"] is None or a.hospital.name in staff["hospitals"]]
+    return render_template("dashboard/outcomes.html", title="Outcomes", where="Hospital IT dashboard",
+                           nav=_nav("outcomes"), who=staff["name"], **outcomes_context(svc, keys))
+
+
 @dashboard.get("/cases/<case_id>")
 def case(case_id: str):
     svc, c = _svc(), _visible_case(case_id)
@@ -239,8 +251,13 @@ def _conclusion_counts(svc, done) -> dict:
     conc: Counter[str] = Counter()
     plan: Counter[str] = Counter()
     unread = 0
+    # The codes stored when each opinion was filed (the outcomes table); only opinions filed before that
+    # existed are still read from their files.
+    coded = {o.case_id: {"concordance": o.concordance, "recommendation": o.recommendation}
+             for o in svc.store.outcomes.rows(hospitals=tuple({c.hospital for c in done}))
+             if o.concordance or o.recommendation}
     for c in done:
-        found = _conclusion(svc, c)
+        found = coded.get(c.id) or _conclusion(svc, c)
         if found is None:
             unread += 1
             continue

@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-# The coordinator re-chains the numbers when merging the branches of issue 18.
 down_revision = "0005"
 branch_labels = None
 depends_on = None
