@@ -202,6 +202,9 @@ ENVIRONMENT = {
     "FHIRBRIDGE_BIND": ("127.0.0.1:8080", "`serve`: the address gunicorn listens on, `host:port` or a port alone "
                         "(then on 127.0.0.1; the image: 0.0.0.0:8080). Checked before gunicorn starts: a port in "
                         "use is one error line and exit code 6."),
+    "FHIRBRIDGE_PROBE_BIND": ("unset (the image: 0.0.0.0:8081)", "`serve --probe-bind`: also answer `/healthz` and "
+                              "`/readyz` on this `host:port`, from a thread of their own in each worker that busy API "
+                              "requests never delay (service/probes.py); point orchestrator probes here."),
     "FHIRBRIDGE_WORKERS": ("2", "`serve`: gunicorn worker processes, each with its own scheduler."),
     "FHIRBRIDGE_THREADS": ("4", "`serve`: threads per worker for HTTP requests."),
     "FHIRBRIDGE_TIMEOUT": ("120", "`serve`: gunicorn's worker timeout, seconds."),
