@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import time as dt_time
 
 import orjson
 from sqlalchemy import and_, or_
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhirbridge.errors import CaseError
-from fhirbridge.steps import WORK_STEPS, Step
+from fhirbridge.steps import ALL_STEPS, WORK_STEPS, Step
 from fhirbridge.store.tables import cases
 
 # sort name -> column. Both are never null, so the keyset comparison needs no NULL handling.
@@ -127,3 +129,86 @@ def page_query(q, flt: CaseFilter, *, sort: str, descending: bool, limit: int, c
             q = q.where(or_(col > key, and_(col == key, cases.c.id > after_id)))
     order = (col.desc(), cases.c.id.desc()) if descending else (col.asc(), cases.c.id.asc())
     return q.order_by(*order).limit(limit + 1)
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """A Case list asked for by query parameters (GET /api/cases, the dashboard's list): the same names and
+    checks in both places, so a link copied from one works in the other."""
+
+    filter: CaseFilter
+    sort: str = "updated"
+    descending: bool = True
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str], *, tz: tzinfo = UTC, default_limit: int = DEFAULT_LIMIT) -> ListRequest:
+        """Read the parameters; a bad one raises CaseError naming it (the API answers 400 with it). Dates are
+        `YYYY-MM-DD` (the whole day, in `tz`) or ISO 8601 date-times; `created_to` is exclusive for a
+        date-time and includes the whole day for a date."""
+        unknown = sorted(set(args) - PARAMS)
+        if unknown:
+            raise CaseError(f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(PARAMS))})")
+
+        def text(name: str) -> str | None:
+            value = (args.get(name) or "").strip()
+            return value or None
+
+        steps = tuple(s for s in (text("step") or "").split(",") if s)
+        bad = [s for s in steps if s not in ALL_STEPS]
+        if bad:
+            raise CaseError(f"step must be one of {', '.join(ALL_STEPS)} (several: comma-separated); got {bad[0]!r}")
+        flags: dict[str, bool] = {}
+        for name in ("overdue", "failed", "needs_review"):
+            value = text(name)
+            if value not in (None, "true", "false"):
+                raise CaseError(f'{name} must be "true" or "false" (or left out)')
+            flags[name] = value == "true"
+        sort = text("sort") or "updated"
+        if sort not in SORTS:
+            raise CaseError(f"sort must be one of {', '.join(SORTS)}")
+        direction = text("dir") or "desc"
+        if direction not in ("asc", "desc"):
+            raise CaseError('dir must be "asc" or "desc"')
+        limit = default_limit
+        if text("limit") is not None:
+            try:
+                limit = int(text("limit") or "")
+            except ValueError:
+                raise CaseError(f"limit must be a whole number from 1 to {MAX_LIMIT}") from None
+            if not 1 <= limit <= MAX_LIMIT:
+                raise CaseError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+        patient, order = text("patient"), text("order")
+        if patient and not patient.startswith("Patient/"):
+            patient = f"Patient/{patient}"
+        if order and not order.startswith("ServiceRequest/"):
+            order = f"ServiceRequest/{order}"
+        flt = CaseFilter(case_id=text("case"), service_request=order, patient=patient, reviewer=text("reviewer"),
+                         steps=steps, created_from=_when("created_from", text("created_from"), tz, end=False),
+                         created_to=_when("created_to", text("created_to"), tz, end=True),
+                         overdue=flags["overdue"], failed=flags["failed"], needs_review=flags["needs_review"])
+        cursor = text("cursor")
+        if cursor:
+            decode_cursor(cursor, sort, direction == "desc")     # refused now, with its reason, not later
+        return cls(flt, sort, direction == "desc", limit, cursor)
+
+
+# The query parameters of a Case list (ListRequest.from_args); `hospital` is read by the caller (it names a
+# configured hospital, which this layer does not know).
+PARAMS = frozenset({"case", "order", "patient", "reviewer", "step", "hospital", "created_from", "created_to",
+                    "overdue", "failed", "needs_review", "sort", "dir", "limit", "cursor"})
+
+
+def _when(name: str, value: str | None, tz: tzinfo, *, end: bool) -> float | None:
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            start = datetime.combine(day, dt_time(), tzinfo=tz)
+            return (start + timedelta(days=1)).timestamp() if end else start.timestamp()
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise CaseError(f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 date-time; got {value!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=tz)).timestamp()
