@@ -91,8 +91,12 @@ def test_dashboard_shows_the_flow_and_retries_a_failed_case(dashboard_site, page
 
     page.goto(server.url + f"/dashboard/cases/{filed.id}")
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Case {filed.id[:8]}: Filed")
+    # A readable timeline (issue 17: it was raw event data), each entry still naming its event kind.
     history = page.locator(".timeline li").all_inner_texts()
-    assert any("opinion.received" in x for x in history) and any("file.done" in x for x in history)
+    assert any("Second opinion received" in x and "the reviewer" in x for x in history)
+    assert any("Opinion filed in the chart" in x for x in history)
+    kinds = [li.get_attribute("data-kind") for li in page.locator(".timeline li").all()]
+    assert kinds[0] == "opened" and "opinion.received" in kinds and "file.done" in kinds
     shot(page, "dashboard-4-case")
 
 

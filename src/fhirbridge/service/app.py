@@ -23,7 +23,7 @@ from fhirbridge.config import loader as config_mod
 from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError, RejectedOpinion, SealError
 from fhirbridge.service import metrics, request_ids
 from fhirbridge.service.api import api
-from fhirbridge.service.health import health
+from fhirbridge.service.health import health, readiness
 from fhirbridge.service.http import ApiError, json_error
 from fhirbridge.service.notify import notify
 from fhirbridge.service.openapi import docs
@@ -53,6 +53,9 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     app.register_blueprint(terminology)    # /fhir/CodeSystem (our code systems, public)
     metrics.init_app(app)                  # /metrics
     _pages(app)                            # /dashboard
+    # The dashboard's banner runs /readyz's very check, through its cache (the pages may not import the service).
+    app.extensions["fhirbridge.readiness"] = lambda: readiness(app.extensions["fhirbridge"],
+                                                               app.extensions.setdefault("fhirbridge.ready", {}))
     install_physician(app)                 # /physician, only when [physician_app] is configured
     request_ids.init_app(app)
     _errors(app)

@@ -244,6 +244,15 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
 
+    def fingerprint(self, hospitals: tuple[str, ...] | None = None) -> tuple[float | None, int]:
+        """(newest updated_at, how many Cases): changes whenever a Case is opened or moves (pages poll it)."""
+        q = select(func.max(cases.c.updated_at), func.count()).select_from(cases)
+        if hospitals is not None:
+            q = q.where(cases.c.hospital.in_(hospitals))
+        with self.engine.connect() as conn:
+            newest, n = conn.execute(q).one()
+        return newest, int(n)
+
     def count_by_step(self, hospitals: tuple[str, ...] | None = None) -> dict[str, int]:
         """Cases per step (GROUP BY in the database), of these hospitals (None: every hospital)."""
         q = select(cases.c.step, func.count()).group_by(cases.c.step)
@@ -382,8 +391,8 @@ class Store:
             conn.execute(insert(events).values(case_id=case_id, at=now, kind=event_kind, detail=detail or {}))
         return self.get(case_id)
 
-    def cancel(self, case_id: str, reason: str) -> Case | None:
-        """Cancel unless finished; clears any claim so the holder's late result is dropped."""
+    def cancel(self, case_id: str, reason: str, *, by: str | None = None) -> Case | None:
+        """Cancel unless finished; clears any claim so the holder's late result is dropped. `by`: who asked."""
         now = time.time()
         with self.engine.begin() as conn:
             result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.step.not_in(FINAL_STEPS)))
@@ -391,7 +400,8 @@ class Store:
                                           claimed_until=None))
             if result.rowcount != 1:
                 return None
-            conn.execute(insert(events).values(case_id=case_id, at=now, kind="cancelled", detail={"reason": reason}))
+            conn.execute(insert(events).values(case_id=case_id, at=now, kind="cancelled",
+                                               detail={"reason": reason, **({"by": by} if by else {})}))
         return self.get(case_id)
 
     def renew(self, case_id: str, worker: str, lease_seconds: float) -> bool:
