@@ -308,7 +308,7 @@ def case(case_id: str):
     return render_template("dashboard/case.html", title=f"Case {c.id[:8]}", where="Hospital IT dashboard",
                            nav=_nav("case"), who=staff["name"], c=c, entries=timeline(svc.store.events(c.id)),
                            links=links, can_retry="cases:write" in staff["scopes"], final_steps=FINAL_STEPS,
-                           fix=fix_for(c.last_error) if c.step != Step.NEEDS_REVIEW else None,
+                           fix=fix_for(c.last_error) if c.step not in (*FINAL_STEPS, Step.NEEDS_REVIEW) else None,
                            here=request.path, **_page_helpers())
 
 

@@ -40,7 +40,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 # Details shown plainly; the rest stays in the raw view (`fhirbridge status CASE`).
 SHOWN = ("step", "reason", "error", "records", "resources", "attachments", "document_reference", "package_id",
-         "plan", "question", "write", "seconds", "due_at", "service_request", "reviewer", "profile")
+         "plan", "question", "write", "seconds", "service_request", "reviewer", "profile")
 
 
 @dataclass(frozen=True)
