@@ -167,6 +167,8 @@ class Store:
         now = time.time()
         full = [{"step": Step.COLLECT.value, "attempts": 0, "created_at": now, "updated_at": now, "data": {},
                  **r} for r in rows]
+        given = {k for r in full for k in r}      # one executemany needs the same columns in every row
+        full = [{**dict.fromkeys(given), **r} for r in full]
         with self.engine.begin() as conn:
             conn.execute(insert(cases), full)
             conn.execute(insert(events), [{"case_id": r["id"], "at": r["created_at"], "kind": "opened",
