@@ -265,22 +265,24 @@ class Store:
 
     def reviewer_counts(self, hospitals: tuple[str, ...] | None = None) -> dict[str, dict[str, int]]:
         """Per reviewer, Cases per step, and how many were sent (sealed: due_at set, past deliver) and are
-        overdue, in one GROUP BY."""
+        overdue. Three GROUP BYs by plain columns, each read along the index (hospital, reviewer, step, due_at,
+        overdue_at) without a sort; one GROUP BY over the expressions sorted all 100,000 rows (50 ms)."""
         c = cases.c
-        sent = and_(c.due_at.is_not(None), c.step != Step.DELIVER.value)
-        late = and_(c.overdue_at.is_not(None), c.step == Step.AWAIT_OPINION.value)
-        q = select(c.reviewer, c.step, sent, late, func.count()).group_by(c.reviewer, c.step, sent, late)
-        if hospitals is not None:
-            q = q.where(c.hospital.in_(hospitals))
+        where = c.hospital.in_(hospitals) if hospitals is not None else None
+
+        def grouped(q):
+            return q.where(where) if where is not None else q
+
         out: dict[str, dict[str, int]] = {}
         with self.engine.connect() as conn:
-            for reviewer, step, is_sent, is_late, n in conn.execute(q):
-                mine = out.setdefault(reviewer, {})
-                mine[step] = mine.get(step, 0) + n
-                if is_sent:
-                    mine["sent"] = mine.get("sent", 0) + n
-                if is_late:
-                    mine["overdue"] = mine.get("overdue", 0) + n
+            for reviewer, step, n in conn.execute(grouped(
+                    select(c.reviewer, c.step, func.count()).group_by(c.reviewer, c.step))):
+                out.setdefault(reviewer, {})[step] = int(n)
+            for name, cond in (("sent", and_(c.due_at.is_not(None), c.step != Step.DELIVER.value)),
+                               ("overdue", and_(c.overdue_at.is_not(None), c.step == Step.AWAIT_OPINION.value))):
+                for reviewer, n in conn.execute(grouped(
+                        select(c.reviewer, func.count()).where(cond).group_by(c.reviewer))):
+                    out.setdefault(reviewer, {})[name] = int(n)
         return out
 
     def turnaround_quantiles(self, reviewer: str, quantiles: tuple[float, ...],
@@ -288,7 +290,9 @@ class Store:
         """The delivery-to-filing seconds of the reviewer's filed opinions at these quantiles (nearest rank),
         read from the index on (reviewer, turnaround_seconds): one COUNT and one row per quantile."""
         c = cases.c
-        cond = and_(c.reviewer == reviewer, c.turnaround_seconds.is_not(None), c.step == Step.DONE.value)
+        # turnaround_seconds is written when the opinion is filed, and a filed Case stays done: no step test,
+        # so the index (hospital, reviewer, turnaround_seconds) answers it alone.
+        cond = and_(c.reviewer == reviewer, c.turnaround_seconds.is_not(None))
         if hospitals is not None:
             cond = and_(cond, c.hospital.in_(hospitals))
         with self.engine.connect() as conn:

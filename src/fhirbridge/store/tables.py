@@ -12,14 +12,21 @@ metadata = MetaData()
 
 # The indexes of the Case list (migration 0006 creates the same; tables.cases declares them).
 CASE_LIST_INDEX_COLUMNS: dict[str, tuple[str, ...]] = {
+    # Pages in each sort, with the id as tie-breaker (the keyset cursor): across hospitals (status) and of the
+    # hospitals a caller may see (the API and the dashboard always narrow to them).
     "ix_cases_updated": ("updated_at", "id"),
     "ix_cases_created": ("created_at", "id"),
+    "ix_cases_hospital_updated": ("hospital", "updated_at", "id"),
+    "ix_cases_hospital_created": ("hospital", "created_at", "id"),
     "ix_cases_step_updated": ("step", "updated_at", "id"),
-    "ix_cases_step_created": ("step", "created_at", "id"),
     "ix_cases_patient": ("patient",),
     "ix_cases_order": ("service_request",),
-    "ix_cases_reviewer": ("reviewer", "step"),
-    "ix_cases_turnaround": ("reviewer", "turnaround_seconds"),
+    # The dashboard's figures, each answered from its index alone (covering): per reviewer and step, the
+    # turnaround quantiles (nearest rank by OFFSET along the index), the conclusions, the Cases to summarise.
+    "ix_cases_reviewer_figures": ("hospital", "reviewer", "step", "due_at", "overdue_at"),
+    "ix_cases_turnaround": ("hospital", "reviewer", "turnaround_seconds"),
+    "ix_cases_conclusion": ("hospital", "step", "concordance", "recommendation"),
+    "ix_cases_unsummarised": ("step", "filed_at", "updated_at"),
 }
 CASE_LIST_INDEXES = [Index(name, *cols) for name, cols in CASE_LIST_INDEX_COLUMNS.items()]
 
