@@ -1,6 +1,6 @@
-"""The dashboard's banner: which EHR (or the store, or a key file) the service cannot use right now, from the
-very checks and cache of `/readyz` (service/health.py `readiness`, handed to the pages by the service as
-`app.extensions["fhirbridge.readiness"]`: the pages may not import the service).
+"""The dashboard's banner: which EHR or reviewer endpoint (or the store, or a key file) the service cannot use
+right now, from the very checks and cache of `/readyz` (service/health.py `readiness`, handed to the pages by
+the service as `app.extensions["fhirbridge.readiness"]`: the pages may not import the service).
 
 A page view never waits on the network beyond the first one: when the cached result is older than its 5 s the
 check runs again in a background thread and this view shows the last result; only a worker's first view, with
@@ -49,4 +49,6 @@ def _refresh(check: Callable[[], tuple[dict, int]], cache: dict) -> threading.Th
 def _label(name: str) -> str:
     if name.startswith("ehr:"):
         return f"The EHR of {name[4:]}"
+    if name.startswith("reviewer:"):
+        return f"The endpoint of reviewer {name[9:]}"
     return {"store": "The Case store", "keys": "Key files"}.get(name, name)
