@@ -111,3 +111,11 @@ def test_a_read_only_key_sees_but_cannot_retry(dashboard_site, page):
     resp = page.request.post(server.url + f"/dashboard/cases/{failed.id}/retry", form={"csrf_token": token})
     assert resp.status == 403 and "cases:write" in resp.text()
     assert _svc.store.get(failed.id).step == "failed"
+    # The Case list shows no retry or cancel either, and a forged cancel is refused the same way.
+    page.goto(server.url + "/dashboard/cases")
+    expect(page.locator("table.cases tbody tr").first).to_be_visible()
+    assert page.get_by_role("button", name=re.compile("^(Retry|Confirm cancelling)")).count() == 0
+    resp = page.request.post(server.url + f"/dashboard/cases/{failed.id}/cancel",
+                             form={"csrf_token": token, "reason": "forged"})
+    assert resp.status == 403 and "cases:write" in resp.text()
+    assert _svc.store.get(failed.id).step == "failed"

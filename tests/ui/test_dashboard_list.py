@@ -128,6 +128,14 @@ def test_the_list_finds_pages_retries_and_cancels(site, page):
     shot(page, "dashboard-list-4-cancelled-case")
 
 
+def test_a_cancel_without_the_pages_csrf_token_is_refused(site, page):
+    _h, svc, server, real, _proxy, _ehr = site
+    sign_in(page, server.url)
+    resp = page.request.post(server.url + f"/dashboard/cases/{real.id}/cancel", form={"reason": "forged"})
+    assert resp.status == 400 and "did not come from this page" in resp.text()
+    assert svc.store.get(real.id).step == "await_opinion"
+
+
 def test_a_bad_filter_says_what_is_wrong(site, page):
     _h, _svc, server, _real, _proxy, _ehr = site
     sign_in(page, server.url)
