@@ -1,6 +1,7 @@
 """Run the benchmarks, print one table, write the results as JSON.
 
-    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado,outcomes,cds]
+    .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado,outcomes,cds,
+                               cases]
                               [--json FILE]
 
 See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import (
+    cases_bench,
     cds_bench,
     claims_bench,
     collect_bench,
@@ -28,7 +30,7 @@ from . import (
 )
 from .common import Bench, machine
 
-SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "outcomes", "cds")
+SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "outcomes", "cds", "cases")
 
 # What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
 # 100 MiB of attachments and more repetitions.
@@ -38,13 +40,15 @@ PLANS = {
                        {"name": "attachments", "resources": 100, "attachment_mb": [20]}], "seal_repeats": 3,
               "writeback_repeats": 5, "loop_sizes": [10, 100, 1000], "loop_repeats": 2,
               "claims_cases": 1000, "claims_repeats": 2, "wado_mb": 20, "wado_repeats": 3,
-              "outcomes_closed": 5000, "outcomes_repeats": 5, "cds_seconds": 10, "cds_threads": 8},
+              "outcomes_closed": 5000, "outcomes_repeats": 5, "cds_seconds": 10, "cds_threads": 8,
+              "cases_sizes": [1000, 10000], "cases_repeats": 10},
     "full": {"collect_sizes": [10, 100, 1000, 10000], "collect_repeats": {10: 9, 100: 9, 1000: 7, 10000: 5},
              "seal": [{"name": "document", "resources": 10000, "attachment_mb": []},
                       {"name": "attachments", "resources": 100, "attachment_mb": [100]}], "seal_repeats": 5,
              "writeback_repeats": 11, "loop_sizes": [10, 100, 1000, 10000], "loop_repeats": 3,
              "claims_cases": 4000, "claims_repeats": 3, "wado_mb": 150, "wado_repeats": 5,
-             "outcomes_closed": 20000, "outcomes_repeats": 9, "cds_seconds": 30, "cds_threads": 8},
+             "outcomes_closed": 20000, "outcomes_repeats": 9, "cds_seconds": 30, "cds_threads": 8,
+             "cases_sizes": [1000, 10000, 100000], "cases_repeats": 20},
 }
 PAGE_SIZE_VARIANT = 1000   # collect is also measured with this _count, beside the configured default (100)
 
@@ -93,6 +97,9 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
         return wado_bench.run(root, plan["wado_mb"], plan["wado_repeats"], log=log)
     if section == "outcomes":
         return outcomes_bench.run(root, plan["outcomes_closed"], plan["outcomes_repeats"], log=log)
+    if section == "cases":
+        return cases_bench.run(root, plan["cases_sizes"], plan["cases_repeats"], postgres_url=args.postgres_url,
+                               log=log)
     if section == "claims":
         return claims_bench.run(plan["claims_cases"], plan["claims_repeats"], url=args.postgres_url, log=log)
     bench = Bench(root)   # a sekmet of its own per section: each measures against only its own data
@@ -177,6 +184,9 @@ def goals(sections: dict) -> list[dict]:
             add("claims", f"duplicate claims, {n}", r["duplicates"], "0", r["duplicates"] == 0)
         add("claims", "fhirbridge / raw SQL bound (time, 4 workers)", f"{c['fhirbridge_vs_bound']:.2f}x",
             "(reported)", None)
+    if "cases" in sections:
+        for figure, value, goal, met in cases_bench.goals(sections["cases"]):
+            add("cases", figure, value, goal, met)
     if "wado" in sections and "skipped" not in sections["wado"]:
         w = sections["wado"]
         for n, v in w["vs_raw"].items():   # issue 15's goals (1.3x of download + seal) are for the seal path
@@ -256,6 +266,8 @@ def table(results: dict) -> str:
                   f"{c['calls_per_second']} calls/s in all)",
                   _grid(["contender", "calls", "p50 ms", "p95 ms", "p99 ms"],
                         [[n, c["calls"][n], c["p50_ms"][n], c["p95_ms"][n], c["p99_ms"][n]] for n in c["calls"]]), ""]
+    if "cases" in s:
+        lines += cases_bench.table_lines(s["cases"], _grid)
     lines += ["Goals", _grid(["section", "figure", "measured", "goal", "met"],
                              [[g["section"], g["figure"], g["value"], g["goal"],
                                "" if g["met"] is None else ("yes" if g["met"] else "NO")] for g in results["goals"]])]

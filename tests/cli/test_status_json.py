@@ -54,3 +54,20 @@ def test_status_prints_ehr_text_without_terminal_controls(hospital, case, capsys
         code, out, err = run(capsys, "--config", hospital.config_path, *argv)
         assert code == 0, err
         assert "EHR said: " in out and not CONTROLS.search(out) and "pwned" not in out, repr(out)
+
+
+def test_status_counts_every_case_but_lists_one_page(hospital, case, capsys):
+    """At 100,000 Cases `status` read them all (4 s, 244 MiB): now counts per step, and a page."""
+    key = hospital.app.store.get(case.id).hospital
+    hospital.app.store.load_cases([{"id": f"bulk-{i:03d}", "hospital": key, "service_request": f"ServiceRequest/b{i}",
+                                    "patient": "Patient/b", "reviewer": "spine-center", "profile": "default",
+                                    "step": "done", "created_at": 1.0, "updated_at": 1.0 + i} for i in range(60)])
+    code, out, err = run(capsys, "--config", hospital.config_path, "status")
+    assert code == 0, err
+    assert out.splitlines()[0] == "61 Cases: 1 await_opinion, 60 done"
+    assert "the 50 most recently updated shown" in out and case.id[:8] in out
+    code, out, err = run(capsys, "--config", hospital.config_path, "status", "--json", "--step", "done", "--limit", "5")
+    assert code == 0, err
+    assert [c["id"] for c in json.loads(out)] == [f"bulk-{i:03d}" for i in range(59, 54, -1)]
+    code, out, err = run(capsys, "--config", hospital.config_path, "status", "--step", "awaiting")
+    assert code != 0 and "step must be one of" in err

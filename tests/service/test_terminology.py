@@ -51,7 +51,7 @@ def test_a_code_system_is_read_by_id_and_found_by_its_canonical_url(served):
     everything = client.get("/fhir/CodeSystem").get_json()
     assert {e["resource"]["id"] for e in everything["entry"]} == {
         "opinion-observation", "concordance", "recommendation", "referral-step", "collection-profile",
-        "opinion-answer", "radpeer"}
+        "opinion-answer", "radpeer", "outcome-measure"}
 
 
 def test_the_collection_profiles_are_a_code_system_of_this_hospitals_mappings(served):

@@ -62,6 +62,20 @@ def differences(engine) -> list:
         return compare_metadata(MigrationContext.configure(conn), metadata)
 
 
+def old_case(store: Store, case_id: str) -> None:
+    """A Case as a database at an older revision holds it: only the columns every revision has (the Store's
+    own reads select the newest columns, so they serve a database at head only)."""
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO cases (id, hospital, service_request, patient, reviewer, profile, step, "
+                          "attempts, created_at, updated_at, data) VALUES (:id, 'h', 'ServiceRequest/1', "
+                          "'Patient/1', 'r', 'default', 'collect', 0, 1.0, 1.0, '{}')"), {"id": case_id})
+
+
+def old_step(store: Store, case_id: str) -> str:
+    with store.engine.connect() as conn:
+        return conn.execute(text("SELECT step FROM cases WHERE id = :id"), {"id": case_id}).scalar_one()
+
+
 def versions(engine) -> list[str]:
     with engine.connect() as conn:
         return [r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
@@ -136,10 +150,9 @@ def test_the_audit_revision_upgrades_a_0001_database_keeping_its_data_and_downgr
     try:
         assert store.upgrade("0001") == (None, "0001")
         assert "audit_events" not in inspect(store.engine).get_table_names()
-        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
-                        reviewer="r", profile="default")
+        old_case(store, "c1")
         assert store.upgrade("0002") == ("0001", "0002")
-        assert store.get("c1").step == "collect"
+        assert old_step(store, "c1") == "collect"
         assert store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
                                recipient="s|v", resource={"resourceType": "AuditEvent"})
         assert not store.add_audit(id="a1", hospital="h", patient="Patient/1", case_id="c1", kind="disclosure",
@@ -152,7 +165,7 @@ def test_the_audit_revision_upgrades_a_0001_database_keeping_its_data_and_downgr
             command.downgrade(migrations.alembic_config(conn), "0001")
             conn.commit()
         assert "audit_events" not in inspect(store.engine).get_table_names()
-        assert store.schema_revision() == "0001" and store.get("c1").step == "collect"
+        assert store.schema_revision() == "0001" and old_step(store, "c1") == "collect"
     finally:
         store.close()
 
@@ -334,8 +347,7 @@ def test_the_claim_index_revision_upgrades_and_downgrades(url):
     store = Store(url, create=False)
     try:
         assert store.upgrade("0002") == (None, "0002")
-        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
-                        reviewer="r", profile="default")
+        old_case(store, "c1")
         assert "ix_cases_claim" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
         assert store.upgrade("0003") == ("0002", "0003")
         assert "ix_cases_claim" in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
@@ -357,8 +369,7 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
     store = Store(url, create=False)
     try:
         assert store.upgrade("0004") == (None, "0004")
-        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
-                        reviewer="r", profile="default")
+        old_case(store, "c1")
         assert "write_ledger" not in inspect(store.engine).get_table_names()
         assert store.upgrade() == ("0004", migrations.head())
         assert differences(store.engine) == []
@@ -373,7 +384,7 @@ def test_the_write_ledger_revision_upgrades_and_downgrades(url):
             command.downgrade(migrations.alembic_config(conn), "0004")
             conn.commit()
         assert "write_ledger" not in inspect(store.engine).get_table_names()
-        assert store.get("c1").step == "collect"
+        assert old_step(store, "c1") == "collect"
         assert store.upgrade() == ("0004", migrations.head())
     finally:
         store.close()
@@ -383,13 +394,13 @@ def test_the_cds_cards_revision_upgrades_and_downgrades(url):
     """0009 adds the CDS Hooks cards (issue 18) to a 0005 database, keeping its Cases; feedback is recorded
     once per card (the first outcome stays)."""
     from alembic import command
+    prior = revision_before("0009")
     store = Store(url, create=False)
     try:
-        assert store.upgrade("0005") == (None, "0005")
-        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
-                        reviewer="r", profile="default")
+        assert store.upgrade(prior) == (None, prior)
+        old_case(store, "c1")
         assert "cds_cards" not in inspect(store.engine).get_table_names()
-        assert store.upgrade("0009") == ("0005", "0009")
+        assert store.upgrade("0009") == (prior, "0009")
         assert "cds_cards" in inspect(store.engine).get_table_names()
         row = {"card_id": "card-1", "hospital": "h", "service": "fhirbridge-order-sign", "hook_instance": "i",
                "patient": "Patient/1", "ordered_by": "Practitioner/1", "draft_order": "ServiceRequest/d",
@@ -403,10 +414,10 @@ def test_the_cds_cards_revision_upgrades_and_downgrades(url):
         assert store.cds_feedback("card-1", outcome="overridden") is False
         assert store.cds_card("card-1")["outcome"] == "accepted"
         with store.engine.connect() as conn:
-            command.downgrade(migrations.alembic_config(conn), "0005")
+            command.downgrade(migrations.alembic_config(conn), prior)
             conn.commit()
         assert "cds_cards" not in inspect(store.engine).get_table_names()
-        assert store.get("c1").step == "collect"
+        assert old_step(store, "c1") == "collect"
     finally:
         store.close()
 
@@ -420,14 +431,15 @@ def test_the_order_requests_revision_upgrades_and_downgrades(url):
     store = Store(url, create=False)
     try:
         store.upgrade()
+        before = revision_before("0012")
         with store.engine.connect() as conn:
-            command.downgrade(migrations.alembic_config(conn), "-1")
+            command.downgrade(migrations.alembic_config(conn), before)
             conn.commit()
-        before = store.schema_revision()
+        assert store.schema_revision() == before
         assert "order_requests" not in inspect(store.engine).get_table_names()
-        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
-                        reviewer="r", profile="default")
-        assert store.upgrade() == (before, "0012")
+        old_case(store, "c1")
+        assert store.upgrade("0012") == (before, "0012")
+        store.upgrade()
         assert differences(store.engine) == []
         row, created = OrderRequests(store).add("o1", hospital="h", fingerprint="f" * 64)
         assert created and row["state"] == "pending" and store.get("c1").step == "collect"
@@ -444,8 +456,7 @@ def test_the_outcomes_revision_upgrades_and_downgrades(url):
     store = Store(url, create=False)
     try:
         assert store.upgrade(prior) == (None, prior)
-        store.open_case(case_id="c1", hospital="h", service_request="ServiceRequest/1", patient="Patient/1",
-                        reviewer="r", profile="spine")
+        old_case(store, "c1")
         assert "outcomes" not in inspect(store.engine).get_table_names()
         assert store.upgrade("0010") == (prior, "0010")
         row = dict(case_id="c1", hospital="h", reviewer="r", profile="spine", patient="Patient/1",
@@ -458,7 +469,32 @@ def test_the_outcomes_revision_upgrades_and_downgrades(url):
             command.downgrade(migrations.alembic_config(conn), prior)
             conn.commit()
         assert "outcomes" not in inspect(store.engine).get_table_names()
-        assert store.get("c1").step == "collect"
+        assert old_step(store, "c1") == "collect"
         assert store.upgrade("0010") == (prior, "0010")
+    finally:
+        store.close()
+
+
+def test_the_case_list_revision_adds_its_indexes_and_summary_columns(url):
+    """0006 adds the Case list's indexes and the filed opinion's summary columns to a database of the revision
+    before it, keeping its Cases, and takes them away again on downgrade."""
+    from alembic import command
+    prior = revision_before("0006")
+    store = Store(url, create=False)
+    try:
+        assert store.upgrade(prior) == (None, prior)
+        old_case(store, "c1")
+        assert "ix_cases_updated" not in {ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        assert store.upgrade("0006") == (prior, "0006")
+        assert {"ix_cases_updated", "ix_cases_step_updated", "ix_cases_patient", "ix_cases_turnaround"} <= {
+            ix["name"] for ix in inspect(store.engine).get_indexes("cases")}
+        columns = {c["name"] for c in inspect(store.engine).get_columns("cases")}
+        assert {"concordance", "recommendation", "filed_at", "turnaround_seconds"} <= columns
+        assert old_step(store, "c1") == "collect"
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), prior)
+            conn.commit()
+        assert "concordance" not in {c["name"] for c in inspect(store.engine).get_columns("cases")}
+        assert old_step(store, "c1") == "collect"
     finally:
         store.close()

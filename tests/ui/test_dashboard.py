@@ -91,8 +91,12 @@ def test_dashboard_shows_the_flow_and_retries_a_failed_case(dashboard_site, page
 
     page.goto(server.url + f"/dashboard/cases/{filed.id}")
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Case {filed.id[:8]}: Filed")
+    # A readable timeline (issue 17: it was raw event data), each entry still naming its event kind.
     history = page.locator(".timeline li").all_inner_texts()
-    assert any("opinion.received" in x for x in history) and any("file.done" in x for x in history)
+    assert any("Second opinion received" in x and "the reviewer" in x for x in history)
+    assert any("Opinion filed in the chart" in x for x in history)
+    kinds = [li.get_attribute("data-kind") for li in page.locator(".timeline li").all()]
+    assert kinds[0] == "opened" and "opinion.received" in kinds and "file.done" in kinds
     shot(page, "dashboard-4-case")
 
 
@@ -105,5 +109,13 @@ def test_a_read_only_key_sees_but_cannot_retry(dashboard_site, page):
     token = page.locator("input[name=csrf_token]").first.get_attribute("value")
     failed = next(c for c in _svc.store.list_cases() if c.step == "failed")
     resp = page.request.post(server.url + f"/dashboard/cases/{failed.id}/retry", form={"csrf_token": token})
+    assert resp.status == 403 and "cases:write" in resp.text()
+    assert _svc.store.get(failed.id).step == "failed"
+    # The Case list shows no retry or cancel either, and a forged cancel is refused the same way.
+    page.goto(server.url + "/dashboard/cases")
+    expect(page.locator("table.cases tbody tr").first).to_be_visible()
+    assert page.get_by_role("button", name=re.compile("^(Retry|Confirm cancelling)")).count() == 0
+    resp = page.request.post(server.url + f"/dashboard/cases/{failed.id}/cancel",
+                             form={"csrf_token": token, "reason": "forged"})
     assert resp.status == 403 and "cases:write" in resp.text()
     assert _svc.store.get(failed.id).step == "failed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fhirbridge import jsonutil
@@ -14,11 +15,13 @@ from fhirbridge.config.terminology import check_terminology
 from fhirbridge.ehr.audit import accounting, owed
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
-from fhirbridge.errors import FhirbridgeError
+from fhirbridge.errors import CaseError, FhirbridgeError, UsageError
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.loop.actions import cancel, resolve, retry
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
+from fhirbridge.steps import ALL_STEPS
+from fhirbridge.store.case_query import ListRequest
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +44,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("status", help="show Cases, or one Case with its event history")
     s.add_argument("case", nargs="?", help="Case id or prefix")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--step", help="only Cases at this step (several: comma-separated)")
+    s.add_argument("--limit", type=int, default=50,
+                   help="how many of the most recently updated Cases to list (default 50, at most 200)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("receive", help="receive sealed opinion file(s) and file them in the EHR")
@@ -159,18 +165,32 @@ def cmd_status(args) -> int:
                 detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
                 print(terminal_safe(f"   {_fmt(e['at'])}  {e['kind']:<18} {detail}"))
             return 0
-        # --hospital: that hospital's Cases only (without it, every hospital's).
-        cases = app.store.list_cases(hospital=app.hospital.key if args.hospital else None)
+        # --hospital: that hospital's Cases only (without it, every hospital's). Counted per step in the
+        # database and one page listed, the most recently updated first: never every Case read (at 100,000
+        # Cases that took 4 s and 244 MiB).
+        hospitals = (app.hospital.key,) if args.hospital else None
+        try:
+            asked = ListRequest.from_args({"step": args.step or "", "limit": str(args.limit)})
+        except CaseError as exc:
+            raise UsageError(str(exc)) from None
+        page = app.store.page_cases(replace(asked.filter, hospitals=hospitals), limit=asked.limit)
         if args.json:
-            print(jsonutil.dumps([c.__dict__ for c in cases], pretty=True).decode())
+            print(jsonutil.dumps([c.__dict__ for c in page.cases], pretty=True).decode())
             return 0
-        if not cases:
+        counts = app.store.count_by_step(hospitals)
+        total = sum(counts.values())
+        if not total:
             print("no cases yet")
             return 0
-        print(f"{'case':<8}  {'step':<13}  {'reviewer':<18}  {'updated':<19}  last error")
-        for c in cases:
+        print(f"{total} Case{'' if total == 1 else 's'}: "
+              + ", ".join(f"{counts[s]} {s}" for s in ALL_STEPS if counts.get(s)))
+        print(f"\n{'case':<8}  {'step':<13}  {'reviewer':<18}  {'updated':<19}  last error")
+        for c in page.cases:
             print(terminal_safe(f"{c.id[:8]:<8}  {c.step:<13}  {c.reviewer[:18]:<18}  {_fmt(c.updated_at):<19}  "
                                 f"{_note(c)}"))
+        if page.next:
+            print(f"(the {len(page.cases)} most recently updated shown; --limit, --step, GET /api/cases or the "
+                  "dashboard list the others)")
         _print_owed(app)
         return 0
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fhirbridge.config.mappings import ehr_profile_names
 from fhirbridge.config.model import (
@@ -626,12 +627,18 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
     ehr_sec = sec.sub("ehr")
     ehr = EhrSettings(profile=ehr_sec.get("profile", str, "auto"),
                       pins={k: v for k, v in ehr_sec.data.items() if k != "profile"})
+    time_zone = sec.get("time_zone", str, "UTC")
+    try:
+        ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise sec.err("time_zone", f"{time_zone!r} is not an IANA time zone (e.g. \"Europe/Berlin\")") from None
     ident = sec.sub("identifier")
     hospital = Hospital(name=sec.get("name", str, required=True),
                         identifier_system=ident.get("system", str, required=True),
                         identifier_value=ident.get("value", str, required=True),
                         fhir_base_url=url, keys=keys, auth=auth, http=http,
-                        certificate_chain=_path(base, chain) if chain else None, ehr=ehr)
+                        certificate_chain=_path(base, chain) if chain else None, ehr=ehr,
+                        time_zone=time_zone)
     ident.finish()
     sec.finish()
     return hospital

@@ -73,6 +73,8 @@ class Hospital:
     # receiver without our JWKS can verify. None: signatures name the key by kid only.
     certificate_chain: Path | None = None
     ehr: EhrSettings = field(default_factory=EhrSettings)
+    # IANA time zone the dashboard shows this hospital's times in (UTC on hover); checked by the loader.
+    time_zone: str = "UTC"
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},

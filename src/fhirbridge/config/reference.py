@@ -114,6 +114,8 @@ MEANINGS = {
                                  "it unencrypted, and `fhirbridge doctor` says so (default false).",
     "hospital.keys": "The hospital's private JWKS (made by `fhirbridge init`, mode 0600): signs packages, decrypts "
                      "opinions.",
+    "hospital.time_zone": "The IANA time zone (e.g. `Europe/Berlin`) the dashboard shows this hospital's times in; "
+                          "the UTC time shows on hover.",
     "hospital.certificate_chain": "A PEM file: the X.509 certificate of the signing key in `keys`, then its "
                                   "issuers (leaf first). Sent as `x5c` in every document signature (Da Vinci "
                                   "CDex) so a receiver without our JWKS can verify; checked to hold the signing "

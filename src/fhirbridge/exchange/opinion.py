@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fhirbridge import jsonutil
 from fhirbridge.config.mappings import OpinionForm
+from fhirbridge.config.terminology import OPINION_OBSERVATION, same_system
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.fhir.elements import summary_line
 from fhirbridge.fhir.narrative import narrative_problems
@@ -231,3 +232,20 @@ def reviewer_organization(identity: dict) -> dict:
     return {"resourceType": "Organization", "id": oid, "active": True,
             "identifier": [{"system": identity["system"], "value": identity["value"]}],
             "name": identity.get("display") or identity["value"]}
+
+
+def coded_conclusion(document: dict) -> dict[str, str]:
+    """The coded concordance, recommendation and urgency an opinion document states (its Observations coded
+    from our opinion-observation CodeSystem), e.g. {"concordance": "concordant", ...}: codes only, no text.
+    Opinions filed before the code systems got their canonical urls carry the legacy urn (terminology.LEGACY)."""
+    found: dict[str, str] = {}
+    for e in document.get("entry", []):
+        r = e.get("resource", {})
+        if r.get("resourceType") != "Observation":
+            continue
+        code = next((c.get("code") for c in r.get("code", {}).get("coding", [])
+                     if same_system(c.get("system"), OPINION_OBSERVATION)), None)
+        value = next((c.get("code") for c in r.get("valueCodeableConcept", {}).get("coding", [])), None)
+        if code in ("concordance", "recommendation", "urgency") and value:
+            found[code] = value
+    return found

@@ -38,14 +38,14 @@ def _mirror(app: App, case: Case, step: str, reason: str) -> None:
         app.store.add_event(case.id, "task.sync_failed", {"error": str(exc)})
 
 
-def cancel(app: App, case: Case, reason: str, *, worker: str | None = None) -> Case:
+def cancel(app: App, case: Case, reason: str, *, worker: str | None = None, by: str | None = None) -> Case:
     """Cancel a Case that is not finished. From a worker (order revoked, Task cancelled in the EHR) only if it
     still holds the Case; from a person, whoever holds it: the holder's result is then dropped (finish_step)."""
     if worker:
         cancelled = app.store.finish_step(case.id, worker=worker, expect_step=case.step, event_kind="cancelled",
                                           detail={"reason": reason}, step=Step.CANCELLED.value, last_error=reason)
     else:
-        cancelled = app.store.cancel(case.id, reason)
+        cancelled = app.store.cancel(case.id, reason, by=by)
     if cancelled is None:
         current = app.store.get(case.id)
         if current.step in FINAL_STEPS:
@@ -72,21 +72,23 @@ def decline(app: App, case: Case, reason: str) -> Case:
     return declined
 
 
-def retry(app: App, case: Case) -> Case:
+def retry(app: App, case: Case, *, by: str | None = None) -> Case:
     """Put a failed Case back at the step that failed (after the cause is fixed); a Case still under way
-    only loses its backoff. A finished one (done, cancelled, declined) is refused: nothing would run it."""
+    only loses its backoff. A finished one (done, cancelled, declined) is refused: nothing would run it.
+    `by`: who asked (a staff sign-in's name), kept in the event for the Case's timeline."""
+    who = {"by": by} if by else {}
     if case.step in FINAL_STEPS:
         raise CaseError(f"Case {case.id[:8]} is {case.step}, a final state: there is nothing to retry "
                         "(place a new order to refer the patient again)")
     if case.step != Step.FAILED:
-        return app.store.update(case.id, next_attempt_at=None, event_kind="retry", detail={"step": case.step})
+        return app.store.update(case.id, next_attempt_at=None, event_kind="retry", detail={"step": case.step, **who})
     step = case.data.get("failed_step") or Step.COLLECT.value
     if step == "intake":
         # It failed before it could be routed (unknown reviewer or profile): route it again now.
         after = reroute(app, case)
     else:
         after = app.store.update(case.id, step=step, next_attempt_at=None, attempts=0, event_kind="retry",
-                                 detail={"step": step})
+                                 detail={"step": step, **who})
     if after.step != case.step:
         _moved(case, after, "retried")
     return after

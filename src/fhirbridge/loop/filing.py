@@ -5,11 +5,13 @@ the row that follows the planned treatment the opinion was about (loop/outcomes.
 from __future__ import annotations
 
 import logging
+import time
 
 from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.write_plan import Kind
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.loop.opinion_summary import read_summary
 from fhirbridge.loop.outcomes import record_filed
 from fhirbridge.loop.post_writes import Review, file_by_post
 from fhirbridge.loop.result import StepResult, needs_review
@@ -35,5 +37,8 @@ def file_step(app: App, case: Case) -> StepResult:
         # The opinion is in the chart: its outcome row is opened by the next follow-up tick's backfill instead.
         log.warning("Case %s: the outcome row was not opened at filing (%s); the follow-up tick opens it",
                     case.id, type(exc).__name__)
+    # The summary the dashboard counts (opinion_summary.py). It reads the opinion once more: the write plans
+    # open it inside their own code, and one more decryption per filed opinion is cheap next to one per view.
     return StepResult({**filed.detail(), "plan": plan.kind.name}, document_reference=filed.document_reference,
-                      task_current=filed.task_completed or not plan.task_write)
+                      task_current=filed.task_completed or not plan.task_write,
+                      summary=read_summary(app, case, time.time()))

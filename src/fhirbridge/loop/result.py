@@ -25,12 +25,14 @@ class StepResult:
     # file, plan ONCE: the outcome of a write is unknown and only a person can tell; the Case stops at
     # needs_review with this question (Case.last_error, shown by `status`, the dashboard and metrics).
     question: str | None = None
+    # file: the filed opinion's summary columns (loop/opinion_summary.py), written with the step's move.
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def columns(self) -> dict[str, Any]:
         """The Case columns this result sets, besides the step."""
         values = {"package_id": self.package_id, "due_at": self.due_at,
                   "document_reference": self.document_reference}
-        return {k: v for k, v in values.items() if v is not None}
+        return {**{k: v for k, v in values.items() if v is not None}, **self.summary}
 
 
 def needs_review(question: str, **detail: Any) -> StepResult:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 
 from flask import Blueprint, Response, g, jsonify, request
 
@@ -27,8 +28,8 @@ from fhirbridge.loop.accepted_orders import (
 from fhirbridge.loop.actions import cancel, retry
 from fhirbridge.ops.measure_report import measure_report
 from fhirbridge.ops.outcome_figures import figures
-from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service, visible
-from fhirbridge.service.openapi import CASE_STEPS
+from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service
+from fhirbridge.store.case_query import ListRequest
 from fhirbridge.store.order_requests import OrderRequests
 
 log = logging.getLogger("fhirbridge.service.api")
@@ -191,18 +192,21 @@ def _hospital_app(name: str | None):
 
 @api.get("/cases")
 def list_cases():
-    step = request.args.get("step")
-    # A mistyped filter must not answer as if it had filtered (an empty list, or every Case for "overdue").
-    if step is not None and step not in CASE_STEPS:
-        raise ApiError(400, f"step must be one of {', '.join(CASE_STEPS)}")
-    if request.args.get("overdue") not in (None, "true"):
-        raise ApiError(400, 'overdue must be "true" (or left out)')
+    """One page of Cases (newest update first unless asked otherwise), filtered in the database; `next` is the
+    cursor of the page after it (store/case_query.py). A mistyped filter answers 400, never as if it had
+    filtered (an empty list, or every Case for "overdue")."""
+    try:
+        asked = ListRequest.from_args(request.args)
+    except CaseError as exc:
+        raise ApiError(400, str(exc)) from None
     hospital = request.args.get("hospital")
-    cases = service().store.list_cases(steps=(step,) if step else None,
-                                 hospital=_hospital_app(hospital).hospital.key if hospital else None)
-    if request.args.get("overdue") == "true":
-        cases = [c for c in cases if c.overdue_at is not None]
-    return jsonify({"cases": [_case_json(c) for c in cases if visible(c)]})
+    flt = asked.filter
+    if hospital:
+        flt = replace(flt, hospitals=(_hospital_app(hospital).hospital.key,))
+    flt = flt.narrowed_to(a.hospital.key for a in service().apps if g.staff.may_see(a.hospital.name))
+    page = service().store.page_cases(flt, sort=asked.sort, descending=asked.descending, limit=asked.limit,
+                                      cursor=asked.cursor)
+    return jsonify({"cases": [_case_json(c) for c in page.cases], "next": page.next, "limit": asked.limit})
 
 
 @api.get("/audit")

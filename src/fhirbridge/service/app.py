@@ -25,7 +25,7 @@ from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError, RejectedO
 from fhirbridge.service import metrics, request_ids
 from fhirbridge.service.api import api
 from fhirbridge.service.cds_hooks import cds_hooks
-from fhirbridge.service.health import health
+from fhirbridge.service.health import health, readiness
 from fhirbridge.service.http import ApiError, json_error
 from fhirbridge.service.notify import notify
 from fhirbridge.service.openapi import docs
@@ -56,6 +56,9 @@ def create_app(config_path: str | os.PathLike | None = None, *, svc: Service | N
     app.register_blueprint(cds_hooks)      # /cds-services (CDS Hooks; the EHR's signed JWT), when [cds] is on
     metrics.init_app(app)                  # /metrics
     _pages(app)                            # /dashboard
+    # The dashboard's banner runs /readyz's very check, through its cache (the pages may not import the service).
+    app.extensions["fhirbridge.readiness"] = lambda: readiness(app.extensions["fhirbridge"],
+                                                               app.extensions.setdefault("fhirbridge.ready", {}))
     install_physician(app)                 # /physician, only when [physician_app] is configured
     request_ids.init_app(app)
     _errors(app)

@@ -61,15 +61,29 @@ def readiness(svc: Service, cache: dict) -> tuple[dict, int]:
             checks["store"], ok = f"unreachable: {exc.__class__.__name__}", False
         for app in svc.apps:
             checks[f"ehr:{app.hospital.name}"] = _quick_ehr_check(app)
+        # A reviewer's https endpoint down holds its Cases at deliver (they retry): degraded, and named on the
+        # dashboard's banner (issue 17), the way `doctor` checks it (any HTTP answer over TLS is reachable).
+        for name, reviewer in svc.config.reviewers.items():
+            if reviewer.transport.type == "https" and reviewer.transport.url:
+                checks[f"reviewer:{name}"] = _quick_reviewer_check(reviewer.transport.url)
         # A reviewer's key file missing or wrong fails that reviewer's Cases at seal: degraded, not down
         # (the other reviewers' Cases go on), and named, so nobody reads "ready" with Cases bound to fail.
         problems = check_files(svc.config)
         checks["keys"] = "; ".join(problems) if problems else "ok"
-        degraded = [k for k, v in checks.items() if (k.startswith("ehr:") or k == "keys") and v != "ok"]
+        degraded = [k for k, v in checks.items() if (k.startswith(("ehr:", "reviewer:")) or k == "keys")
+                    and v != "ok"]
         body = {"status": ("degraded" if degraded else "ready") if ok else "not ready", "checks": checks}
         status = 200 if ok else 503
         cache["result"] = (time.monotonic(), body, status)
         return body, status
+
+
+def _quick_reviewer_check(url: str) -> str:
+    try:
+        requests.options(url, timeout=(2, 3))
+    except requests.RequestException as exc:
+        return f"unreachable: {exc.__class__.__name__}"
+    return "ok"
 
 
 def _quick_ehr_check(app: App) -> str:

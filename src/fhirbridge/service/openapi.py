@@ -10,11 +10,18 @@ from flask import Blueprint, Response, jsonify
 
 from fhirbridge import VERSION
 from fhirbridge.steps import ALL_STEPS
+from fhirbridge.store.case_query import DEFAULT_LIMIT, MAX_LIMIT, SORTS
 
 docs = Blueprint("docs", __name__)
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 CASE_STEPS = ALL_STEPS  # steps.Step, in order
+
+
+def _q(name: str, description: str, enum: list[str] | None = None) -> dict:
+    """A string query parameter."""
+    return {"name": name, "in": "query", "description": description,
+            "schema": {"type": "string", **({"enum": enum} if enum else {})}}
 CASE = {"$ref": "#/components/schemas/Case"}
 ORDER = {"type": "object", "required": ["id", "state", "url"],
          "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": ["pending", "placed", "failed"]},
@@ -113,11 +120,32 @@ SPEC: dict[str, Any] = {
             "responses": {**_ok("The order", {"type": "object", "properties": {"order": ORDER}}),
                           **_errors(401, 403, 404)}}},
         "/api/cases": {"get": {
-            "summary": "List Cases", "security": [{"staff": []}],
-            "parameters": [{"name": "step", "in": "query", "schema": {"type": "string", "enum": list(CASE_STEPS)}},
-                           {"name": "hospital", "in": "query", "schema": {"type": "string"}},
-                           {"name": "overdue", "in": "query", "schema": {"type": "string", "enum": ["true"]}}],
-            "responses": {**_ok("Cases", {"type": "object", "properties": {"cases": {"type": "array", "items": CASE}}}),
+            "summary": "List Cases, one page at a time (filtered and sorted in the database)",
+            "description": f"Newest update first unless `sort`/`dir` say otherwise. `limit` defaults to "
+                           f"{DEFAULT_LIMIT} and is at most {MAX_LIMIT}; `next` is an opaque cursor: pass it as "
+                           "`cursor` (with the same filters and sort) for the following page, null on the last. "
+                           "An unknown or malformed parameter is a 400 naming it.",
+            "parameters": [_q("step", "one or more (comma-separated) steps", enum=None),
+                           _q("hospital", "a configured hospital's name"),
+                           _q("case", "a Case id or its first characters"),
+                           _q("order", "ServiceRequest/<id> (or the id)"),
+                           _q("patient", "Patient/<id> (or the id)"),
+                           _q("reviewer", "a configured reviewer's name"),
+                           _q("created_from", "created on or after: YYYY-MM-DD (UTC day) or an ISO 8601 date-time"),
+                           _q("created_to", "created before an ISO 8601 date-time, or on or before YYYY-MM-DD"),
+                           _q("overdue", "awaiting an opinion past the reviewer's target", enum=["true", "false"]),
+                           _q("failed", "failed, or retrying after an error", enum=["true", "false"]),
+                           _q("needs_review", "a person must check the chart", enum=["true", "false"]),
+                           _q("sort", "the order", enum=list(SORTS)),
+                           _q("dir", "the direction (default desc)", enum=["asc", "desc"]),
+                           {"name": "limit", "in": "query", "description": f"page size, 1 to {MAX_LIMIT}",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                                       "default": DEFAULT_LIMIT}},
+                           _q("cursor", "the `next` of the page before")],
+            "responses": {**_ok("One page of Cases", {"type": "object", "required": ["cases", "next", "limit"],
+                                                      "properties": {"cases": {"type": "array", "items": CASE},
+                                                                     "next": {"type": ["string", "null"]},
+                                                                     "limit": {"type": "integer"}}}),
                           **_errors(400, 401, 403)}}},
         "/api/audit": {"get": {
             "summary": "The accounting of disclosures for one patient (BALP AuditEvents: what was sent, to whom)",

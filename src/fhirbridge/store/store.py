@@ -28,6 +28,15 @@ from fhirbridge.crypto import files
 from fhirbridge.errors import CaseError
 from fhirbridge.steps import FINAL_STEPS, WORK_STEPS, Step
 from fhirbridge.store import migrations
+from fhirbridge.store.case_query import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    SORTS,
+    CaseFilter,
+    CasePage,
+    encode_cursor,
+    page_query,
+)
 from fhirbridge.store.outcomes import OutcomeStore
 from fhirbridge.store.tables import (
     AUDIT_ACCOUNTING,
@@ -66,6 +75,10 @@ class Case:
     data: dict[str, Any]
     due_at: float | None = None
     overdue_at: float | None = None
+    concordance: str | None = None            # the filed opinion's summary (tables.cases, migration 0006)
+    recommendation: str | None = None
+    filed_at: float | None = None
+    turnaround_seconds: float | None = None
 
 
 def _plain(row) -> dict[str, Any]:
@@ -148,6 +161,20 @@ class Store:
                 raise
             return existing, False
 
+    def load_cases(self, rows: list[dict[str, Any]]) -> None:
+        """Insert many Cases at once, each in any state, with its `opened` event (one executemany each): how
+        benches and tests build a store as a long-running service holds it (bench/cases_bench.py). Each row
+        has open_case's fields and may set any other column (step, created_at, due_at, ...)."""
+        now = time.time()
+        full = [{"step": Step.COLLECT.value, "attempts": 0, "created_at": now, "updated_at": now, "data": {},
+                 **r} for r in rows]
+        given = {k for r in full for k in r}      # one executemany needs the same columns in every row
+        full = [{**dict.fromkeys(given), **r} for r in full]
+        with self.engine.begin() as conn:
+            conn.execute(insert(cases), full)
+            conn.execute(insert(events), [{"case_id": r["id"], "at": r["created_at"], "kind": "opened",
+                                           "detail": {"service_request": r["service_request"]}} for r in full])
+
     def get(self, case_id: str) -> Case:
         with self.engine.connect() as conn:
             row = conn.execute(select(cases).where(cases.c.id == case_id)).first()
@@ -191,6 +218,115 @@ class Store:
             q = q.where(cases.c.patient == patient)
         with self.engine.connect() as conn:
             return [_case(r) for r in conn.execute(q)]
+
+    # --- the Case list (store/case_query.py): pages, counts and figures computed in SQL ----------------------
+
+    def page_cases(self, flt: CaseFilter | None = None, *, sort: str = "updated", descending: bool = True,
+                   limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> CasePage:
+        """One page of the Cases `flt` selects, in the order asked for; `next` continues after its last row."""
+        if sort not in SORTS:
+            raise CaseError(f"sort must be one of {', '.join(SORTS)}")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise CaseError(f"limit must be between 1 and {MAX_LIMIT}")
+        q = page_query(select(cases), flt or CaseFilter(), sort=sort, descending=descending, limit=limit,
+                       cursor=cursor)
+        with self.engine.connect() as conn:
+            rows = [_case(r) for r in conn.execute(q)]
+        more, rows = len(rows) > limit, rows[:limit]
+        last = rows[-1] if rows else None
+        nxt = (encode_cursor(sort, descending, getattr(last, SORTS[sort].name), last.id)
+               if more and last is not None else None)
+        return CasePage(rows, nxt)
+
+    def count_cases(self, flt: CaseFilter | None = None) -> int:
+        """How many Cases `flt` selects (one COUNT in the database)."""
+        q = select(func.count()).select_from(cases)
+        cond = (flt or CaseFilter()).where()
+        if cond is not None:
+            q = q.where(cond)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def fingerprint(self, hospitals: tuple[str, ...] | None = None) -> tuple[float | None, int]:
+        """(newest updated_at, how many Cases): changes whenever a Case is opened or moves (pages poll it)."""
+        q = select(func.max(cases.c.updated_at), func.count()).select_from(cases)
+        if hospitals is not None:
+            q = q.where(cases.c.hospital.in_(hospitals))
+        with self.engine.connect() as conn:
+            newest, n = conn.execute(q).one()
+        return newest, int(n)
+
+    def count_by_step(self, hospitals: tuple[str, ...] | None = None) -> dict[str, int]:
+        """Cases per step (GROUP BY in the database), of these hospitals (None: every hospital)."""
+        q = select(cases.c.step, func.count()).group_by(cases.c.step)
+        if hospitals is not None:
+            q = q.where(cases.c.hospital.in_(hospitals))
+        with self.engine.connect() as conn:
+            return {step: int(n) for step, n in conn.execute(q)}
+
+    def reviewer_counts(self, hospitals: tuple[str, ...] | None = None) -> dict[str, dict[str, int]]:
+        """Per reviewer, Cases per step, and how many were sent (sealed: due_at set, past deliver) and are
+        overdue. Three GROUP BYs by plain columns, each read along the index (hospital, reviewer, step, due_at,
+        overdue_at) without a sort; one GROUP BY over the expressions sorted all 100,000 rows (50 ms)."""
+        c = cases.c
+        where = c.hospital.in_(hospitals) if hospitals is not None else None
+
+        def grouped(q):
+            return q.where(where) if where is not None else q
+
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for reviewer, step, n in conn.execute(grouped(
+                    select(c.reviewer, c.step, func.count()).group_by(c.reviewer, c.step))):
+                out.setdefault(reviewer, {})[step] = int(n)
+            for name, cond in (("sent", and_(c.due_at.is_not(None), c.step != Step.DELIVER.value)),
+                               ("overdue", and_(c.overdue_at.is_not(None), c.step == Step.AWAIT_OPINION.value))):
+                for reviewer, n in conn.execute(grouped(
+                        select(c.reviewer, func.count()).where(cond).group_by(c.reviewer))):
+                    out.setdefault(reviewer, {})[name] = int(n)
+        return out
+
+    def turnaround_quantiles(self, reviewer: str, quantiles: tuple[float, ...],
+                             hospitals: tuple[str, ...] | None = None) -> list[float | None]:
+        """The delivery-to-filing seconds of the reviewer's filed opinions at these quantiles (nearest rank),
+        read from the index on (reviewer, turnaround_seconds): one COUNT and one row per quantile."""
+        c = cases.c
+        # turnaround_seconds is written when the opinion is filed, and a filed Case stays done: no step test,
+        # so the index (hospital, reviewer, turnaround_seconds) answers it alone.
+        cond = and_(c.reviewer == reviewer, c.turnaround_seconds.is_not(None))
+        if hospitals is not None:
+            cond = and_(cond, c.hospital.in_(hospitals))
+        with self.engine.connect() as conn:
+            n = int(conn.execute(select(func.count()).select_from(cases).where(cond)).scalar_one())
+            if not n:
+                return [None for _ in quantiles]
+            return [conn.execute(select(c.turnaround_seconds).where(cond).order_by(c.turnaround_seconds)
+                                 .offset(max(0, int(n * q + 0.5) - 1)).limit(1)).scalar() for q in quantiles]
+
+    def conclusion_counts(self, hospitals: tuple[str, ...] | None = None) -> dict[tuple[str | None, str | None], int]:
+        """Filed opinions per (concordance, recommendation), from the summary written at filing."""
+        c = cases.c
+        q = (select(c.concordance, c.recommendation, func.count()).where(c.step == Step.DONE.value)
+             .group_by(c.concordance, c.recommendation))
+        if hospitals is not None:
+            q = q.where(c.hospital.in_(hospitals))
+        with self.engine.connect() as conn:
+            return {(conc, rec): int(n) for conc, rec, n in conn.execute(q)}
+
+    def unsummarised(self, limit: int) -> list[Case]:
+        """Filed Cases without their opinion's summary (filed before migration 0006), oldest first."""
+        q = (select(cases).where(and_(cases.c.step == Step.DONE.value, cases.c.filed_at.is_(None)))
+             .order_by(cases.c.updated_at).limit(limit))
+        with self.engine.connect() as conn:
+            return [_case(r) for r in conn.execute(q)]
+
+    def set_summary(self, case_id: str, *, concordance: str | None, recommendation: str | None, filed_at: float,
+                    turnaround_seconds: float | None) -> None:
+        """Record a filed opinion's summary; leaves updated_at alone (nothing happened to the Case)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(cases).where(cases.c.id == case_id)
+                         .values(concordance=concordance, recommendation=recommendation, filed_at=filed_at,
+                                 turnaround_seconds=turnaround_seconds))
 
     def update(self, case_id: str, *, event_kind: str | None = None, detail: dict | None = None,
                data: dict | None = None, **values) -> Case:
@@ -262,8 +398,8 @@ class Store:
             conn.execute(insert(events).values(case_id=case_id, at=now, kind=event_kind, detail=detail or {}))
         return self.get(case_id)
 
-    def cancel(self, case_id: str, reason: str) -> Case | None:
-        """Cancel unless finished; clears any claim so the holder's late result is dropped."""
+    def cancel(self, case_id: str, reason: str, *, by: str | None = None) -> Case | None:
+        """Cancel unless finished; clears any claim so the holder's late result is dropped. `by`: who asked."""
         now = time.time()
         with self.engine.begin() as conn:
             result = conn.execute(update(cases).where(and_(cases.c.id == case_id, cases.c.step.not_in(FINAL_STEPS)))
@@ -271,7 +407,8 @@ class Store:
                                           claimed_until=None))
             if result.rowcount != 1:
                 return None
-            conn.execute(insert(events).values(case_id=case_id, at=now, kind="cancelled", detail={"reason": reason}))
+            conn.execute(insert(events).values(case_id=case_id, at=now, kind="cancelled",
+                                               detail={"reason": reason, **({"by": by} if by else {})}))
         return self.get(case_id)
 
     def renew(self, case_id: str, worker: str, lease_seconds: float) -> bool:

@@ -10,6 +10,26 @@ from sqlalchemy import JSON, Boolean, Column, Float, Index, Integer, MetaData, S
 
 metadata = MetaData()
 
+# The indexes of the Case list (migration 0006 creates the same; tables.cases declares them).
+CASE_LIST_INDEX_COLUMNS: dict[str, tuple[str, ...]] = {
+    # Pages in each sort, with the id as tie-breaker (the keyset cursor): across hospitals (status) and of the
+    # hospitals a caller may see (the API and the dashboard always narrow to them).
+    "ix_cases_updated": ("updated_at", "id"),
+    "ix_cases_created": ("created_at", "id"),
+    "ix_cases_hospital_updated": ("hospital", "updated_at", "id"),
+    "ix_cases_hospital_created": ("hospital", "created_at", "id"),
+    "ix_cases_step_updated": ("step", "updated_at", "id"),
+    "ix_cases_patient": ("patient",),
+    "ix_cases_order": ("service_request",),
+    # The dashboard's figures, each answered from its index alone (covering): per reviewer and step, the
+    # turnaround quantiles (nearest rank by OFFSET along the index), the conclusions, the Cases to summarise.
+    "ix_cases_reviewer_figures": ("hospital", "reviewer", "step", "due_at", "overdue_at"),
+    "ix_cases_turnaround": ("hospital", "reviewer", "turnaround_seconds"),
+    "ix_cases_conclusion": ("hospital", "step", "concordance", "recommendation"),
+    "ix_cases_unsummarised": ("step", "filed_at", "updated_at"),
+}
+CASE_LIST_INDEXES = [Index(name, *cols) for name, cols in CASE_LIST_INDEX_COLUMNS.items()]
+
 cases = Table(
     "cases", metadata,
     Column("id", String(64), primary_key=True),
@@ -33,10 +53,20 @@ cases = Table(
     Column("data", JSON, nullable=False, default=dict),         # step outputs: ids, counts, no PHI
     Column("due_at", Float),                                   # delivery + the reviewer's turnaround target
     Column("overdue_at", Float),                               # when it was flagged overdue
+    # The filed opinion's summary, written once when it is filed (migration 0006), so the dashboard counts in
+    # SQL instead of decrypting every opinion per view: the coded concordance and recommendation (codes of our
+    # own CodeSystems, never free text), when it was filed, and delivery-to-filing in seconds.
+    Column("concordance", String(40)),
+    Column("recommendation", String(60)),
+    Column("filed_at", Float),
+    Column("turnaround_seconds", Float),
     UniqueConstraint("hospital", "service_request", name="uq_case_per_order"),
     # The claim query: a hospital's Cases at a work step, oldest update first (migration 0003). Without it
     # every claim scanned every Case, done ones included (docs/performance.md, claims).
     Index("ix_cases_claim", "hospital", "step", "updated_at"),
+    # The Case list (store/case_query.py, migration 0006): each sort with the id as tie-breaker (the keyset
+    # cursor), per step for the filtered lists, and the columns searched for exactly.
+    *CASE_LIST_INDEXES,
 )
 
 # Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
