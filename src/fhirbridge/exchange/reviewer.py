@@ -31,6 +31,7 @@ from fhirbridge.crypto import files, jwe, jws, keys
 from fhirbridge.crypto.keys import KeyRing, mixed_generations
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import envelope
+from fhirbridge.exchange.key_images import problems as keys_problems
 from fhirbridge.exchange.opinion import (
     AnswerError,
     build_opinion_document,
@@ -314,8 +315,9 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
 
 def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
                   *, mappings_dir: Path, form: str | None = None,
-                  source: str = "the answer") -> tuple[bytes, dict, dict]:
-    """`answer_data`, also returning the signed opinion document (the portal keeps it for the reviewer)."""
+                  source: str = "the answer", key_images: list[dict] | None = None) -> tuple[bytes, dict, dict]:
+    """`answer_data`, also returning the signed opinion document (the portal keeps it for the reviewer).
+    `key_images`: the frames the reviewer marked in the portal's viewer (exchange/key_images.py)."""
     recipient = _recipient(opened, hospital)
     form_def = load_opinion_form(mappings_dir, form or form_for(opened, mappings_dir))
     problems = check_answer(data, form_def)
@@ -324,6 +326,8 @@ def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: Key
         if f.kind == "studies" and isinstance(data.get(f.name), list) and not problems:
             problems += [f"{f.name}: {v['study']} is not an imaging study of this package (it has: "
                          f"{', '.join(studies) or 'none'})" for v in data[f.name] if v["study"] not in studies]
+    if key_images:
+        problems += keys_problems(key_images)
     if problems:
         raise AnswerError(source, problems)
     claims = opened.claims
@@ -338,7 +342,7 @@ def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: Key
     org = reviewer_organization(us)
     document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
                                       patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org,
-                                      studies=studies)
+                                      studies=studies, key_images=key_images)
     document = jws.sign_bundle(document, key, who={"identifier": {"system": us["system"], "value": us["value"]},
                                                    "display": us.get("display")}, when=timestamp)
     now = int(time.time())

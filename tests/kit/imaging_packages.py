@@ -1,0 +1,118 @@
+"""A sealed package carrying DICOM series, as issue 15's seal writes one, made by hand for the reviewer's side.
+
+Each series travels as one attachment: an uncompressed tar of `<SOPInstanceUID>.dcm` part-10 files, encrypted
+to the reviewer, named in the manifest with `content_type` application/x-tar, `size`, `sha256` and a `dicom`
+entry (study/series UIDs, modality, series number, description, and per instance its UIDs, transfer syntax,
+number, frames, bytes and SHA-256); `imaging` lists the study. The document holds the ImagingStudy (the EHR's
+description, tests/kit/dicom_studies.py) and a radiology DiagnosticReport that references it.
+
+`untar_images(opened, key, outdir)` writes `outdir/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` from such a package,
+checking each attachment's hash: what the portal's viewer reads, for tests that run without
+exchange.dicom_series.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pydicom
+
+from fhirbridge.crypto import jwe, jws
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.exchange import envelope
+from fhirbridge.exchange.reviewer import OpenedPackage
+from tests.kit.dicom_studies import Study, imaging_study_resource, sha256_file
+
+EHR = "https://ehr.example/fhir"
+REPORT_CONCLUSION = "Disc protrusion L4/5 with contact to the L5 root; no fracture."
+
+
+def _series_tar(paths: list[Path]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for p in paths:
+            sop = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+            tar.add(p, arcname=f"{sop}.dcm")
+    return buf.getvalue()
+
+
+def make_imaging_package(where: Path, signer: KeyRing, reviewer_public: KeyRing, study: Study, *,
+                         name: str = "pkg-img", profile: str = "spine") -> Path:
+    d = where / name
+    (d / "attachments").mkdir(parents=True)
+    imaging_study = {**imaging_study_resource(study, f"{EHR}/Patient/p1", "Endpoint/e1"), "id": "is1"}
+    imaging_study["subject"] = {"reference": f"{EHR}/Patient/p1"}
+    imaging_study.pop("endpoint", None)
+    for s in imaging_study["series"]:
+        s.pop("endpoint", None)
+    report = {"resourceType": "DiagnosticReport", "id": "dr1", "status": "final",
+              "code": {"text": "MR lumbar spine"}, "subject": {"reference": f"{EHR}/Patient/p1"},
+              "effectiveDateTime": "2026-01-01", "imagingStudy": [{"reference": f"{EHR}/ImagingStudy/is1"}],
+              "conclusion": REPORT_CONCLUSION}
+    doc = {"resourceType": "Bundle", "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"},
+           "type": "document", "timestamp": "2026-01-02T00:00:00Z", "entry": [
+               {"fullUrl": f"{EHR}/Patient/p1", "resource": {"resourceType": "Patient", "id": "p1",
+                                                              "name": [{"family": "Testpatient", "given": ["Ima"]}]}},
+               {"fullUrl": f"{EHR}/ServiceRequest/sr1", "resource": {
+                   "resourceType": "ServiceRequest", "id": "sr1", "status": "active", "intent": "order",
+                   "subject": {"reference": f"{EHR}/Patient/p1"}}},
+               {"fullUrl": f"{EHR}/ImagingStudy/is1", "resource": imaging_study},
+               {"fullUrl": f"{EHR}/DiagnosticReport/dr1", "resource": report}]}
+    attachments, total = [], 0
+    for n, (series_uid, paths) in enumerate(study.series.items(), 1):
+        data = _series_tar(paths)
+        file = f"attachments/att-{n:03d}.jwe"
+        (d / file).write_bytes(jwe.encrypt_bytes(data, reviewer_public.encryption_keys(), compress=False))
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        first = headers[0]
+        instances = [{"sop_uid": str(h.SOPInstanceUID), "sop_class_uid": str(h.SOPClassUID),
+                      "transfer_syntax": str(h.file_meta.TransferSyntaxUID),
+                      "number": int(h.get("InstanceNumber") or 0), "frames": int(h.get("NumberOfFrames") or 1),
+                      "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                     for h, p in zip(headers, paths, strict=True)]
+        attachments.append({"file": file, "content_type": "application/x-tar", "size": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "title": str(first.get("SeriesDescription", "")),
+                            "dicom": {"study_uid": study.study_uid, "series_uid": series_uid,
+                                      "modality": str(first.Modality), "series_number": int(first.SeriesNumber),
+                                      "description": str(first.get("SeriesDescription", "")),
+                                      "instances": instances}})
+        total += sum(i["bytes"] for i in instances)
+    iss = {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.7.1", "display": "Hospital A"}
+    doc = jws.sign_bundle(doc, signer, who={"identifier": iss, "display": iss["display"]}, when="2026-01-02T00:00:00Z")
+    now = int(time.time())
+    claims = {"jti": str(uuid.uuid4()), "iat": now, "exp": now + 3600, "iss": iss,
+              "aud": {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.7.9", "display": "Reviewer"},
+              "case_id": str(uuid.uuid4()), "package_id": name, "service_request": "ServiceRequest/sr1",
+              "patient": "Patient/p1", "manifest": {
+                  "profile": profile, "question": "Is surgery indicated?", "shared": [], "withheld": [],
+                  "attachments": attachments,
+                  "imaging": [{"study_uid": study.study_uid, "imaging_study": "ImagingStudy/is1", "status": "included",
+                               "reason": None, "kind": None, "series": len(study.series),
+                               "instances": len(study.files), "bytes": total}]}}
+    (d / envelope.ENVELOPE_FILE).write_bytes(
+        envelope.seal(typ=envelope.PACKAGE, claims=claims, document=doc, signer=signer, recipient=reviewer_public))
+    return d
+
+
+def untar_images(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[dict]:
+    written = []
+    for att in opened.manifest.get("attachments", []):
+        dicom = att.get("dicom")
+        if not dicom:
+            continue
+        data = jwe.decrypt_bytes((opened.path / att["file"]).read_bytes(), key)
+        assert hashlib.sha256(data).hexdigest() == att["sha256"]
+        folder = outdir / dicom["study_uid"] / dicom["series_uid"]
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                target = folder / Path(member.name).name
+                target.write_bytes(tar.extractfile(member).read())      # type: ignore[union-attr]
+                target.chmod(0o600)
+                written.append({"path": str(target)})
+    return written
