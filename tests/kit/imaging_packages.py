@@ -20,15 +20,41 @@ import uuid
 from pathlib import Path
 
 import pydicom
+import pydicom.data
+from pydicom.uid import generate_uid
 
-from fhirbridge.crypto import jwe, jws
+from fhirbridge.crypto import files, jwe, jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.reviewer import OpenedPackage
-from tests.kit.dicom_studies import Study, imaging_study_resource, sha256_file
+from tests.kit.dicom_studies import Study, imaging_study_resource, make_study, sha256_file
 
 EHR = "https://ehr.example/fhir"
 REPORT_CONCLUSION = "Disc protrusion L4/5 with contact to the L5 root; no fracture."
+
+
+# A transfer syntax no decoder knows (a private UID under pydicom's root): the viewer must say it cannot show it.
+UNDECODABLE_SYNTAX = "1.2.826.0.1.3680043.8.498.1.99.1"
+
+
+def viewer_study(directory: Path) -> Study:
+    """The kit's generated study (CT, MR, multi-frame, RLE) plus, in the same study, pydicom's real MR slice
+    (MR_small.dcm: a head MR) and a copy of its JPEG-LS file under an undecodable transfer syntax."""
+    study = make_study(directory, ct_slices=6, mr_slices=8, frames=6, rle_slices=3, size=64)
+    for name, description, syntax in (("MR_small.dcm", "MR head (pydicom MR_small)", None),
+                                      ("MR_small_jpeg_ls_lossless.dcm", "MR no decoder", UNDECODABLE_SYNTAX)):
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file(name, download=False))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study.study_uid, generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription, ds.SeriesNumber = description, 10 + len(study.series)
+        if syntax:
+            ds.file_meta.TransferSyntaxUID = syntax
+        folder = directory / ds.SeriesInstanceUID
+        folder.mkdir(parents=True)
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        study.series[ds.SeriesInstanceUID] = [path]
+    return study
 
 
 def _series_tar(paths: list[Path]) -> bytes:
@@ -107,8 +133,8 @@ def untar_images(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[dict
             continue
         data = jwe.decrypt_bytes((opened.path / att["file"]).read_bytes(), key)
         assert hashlib.sha256(data).hexdigest() == att["sha256"]
-        folder = outdir / dicom["study_uid"] / dicom["series_uid"]
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.private_dir(outdir / dicom["study_uid"])
+        folder = files.private_dir(outdir / dicom["study_uid"] / dicom["series_uid"])
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             for member in tar.getmembers():
                 target = folder / Path(member.name).name

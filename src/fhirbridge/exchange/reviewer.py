@@ -328,6 +328,11 @@ def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: Key
                          f"{', '.join(studies) or 'none'})" for v in data[f.name] if v["study"] not in studies]
     if key_images:
         problems += keys_problems(key_images)
+        held = {i.get("sop_uid") for a in opened.manifest.get("attachments", []) if isinstance(a.get("dicom"), dict)
+                for i in a["dicom"].get("instances", [])}
+        if not problems:
+            problems += [f"key image {k['sop_uid']} is not an image of this package" for k in key_images
+                         if k["sop_uid"] not in held]
     if problems:
         raise AnswerError(source, problems)
     claims = opened.claims

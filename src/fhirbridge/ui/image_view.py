@@ -53,8 +53,11 @@ class Series:
         return sum(i.frames for i in self.instances)
 
     def title(self) -> str:
+        """"MR T2 sagittal (#2)": the description, led by the modality unless it already is."""
         what = self.description or "series"
-        return f"{self.modality} {what}".strip() + f" (#{self.number})" if self.number else f"{self.modality} {what}"
+        if self.modality and not what.upper().startswith(self.modality.upper()):
+            what = f"{self.modality} {what}"
+        return f"{what} (#{self.number})" if self.number else what
 
     def instance(self, index: int) -> Instance | None:
         return self.instances[index] if 0 <= index < len(self.instances) else None

@@ -65,6 +65,17 @@
     });
   });
 
+  // A series whose middle image cannot be rendered gets a label instead of a broken thumbnail.
+  Array.prototype.forEach.call(document.querySelectorAll(".thumb"), function (t) {
+    function broken() {
+      var label = document.createElement("span");
+      label.className = "no-preview";
+      label.textContent = "no preview";
+      t.replaceWith(label);
+    }
+    if (t.complete && t.naturalWidth === 0) { broken(); } else { t.addEventListener("error", broken); }
+  });
+
   slice.addEventListener("input", function () { goTo(Number(slice.value) - 1); });
   frameSlider.addEventListener("input", function () { stopPlay(); toFrame(Number(frameSlider.value)); });
   play.addEventListener("click", function () {
