@@ -18,7 +18,7 @@ from fhirbridge.exchange.reviewer import (
     TRUST_DIR,
     TRUST_FILE,
     answer,
-    extract_attachments,
+    extract,
     open_package,
     trust_for,
     write_reviewer_keys,
@@ -66,7 +66,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        "that signed the package")
         if name == "open":
             s.add_argument("--json", metavar="FILE", help="write the full document Bundle as JSON ('-': stdout)")
-            s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR")
+            s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR, "
+                                                              "and the images as DICOM files by study and series, "
+                                                              "with a DICOMDIR")
             s.set_defaults(func=cmd_reviewer_open)
         else:
             s.add_argument("--opinion", required=True, help="the structured answer (TOML or JSON)")
@@ -120,7 +122,8 @@ def _reviewer_keys(args):
 
 def cmd_reviewer_open(args) -> int:
     key, trusted = _reviewer_keys(args)
-    opened = open_package(Path(args.package), key, trusted)
+    # With --extract the attachments are checked while they are extracted (one pass), not decrypted first.
+    opened = open_package(Path(args.package), key, trusted, verify_attachments=not args.extract)
     if args.json:
         data = jsonutil.dumps(opened.document, pretty=True)
         if args.json == "-":
@@ -134,7 +137,7 @@ def cmd_reviewer_open(args) -> int:
         print(terminal_safe(f"signature: valid, by the keys of the trusted hospital {opened.sender}"))
         print(render_package(opened.claims, opened.document, sender=opened.sender))
     if args.extract:
-        for p in extract_attachments(opened, key, Path(args.extract)):
+        for p in extract(opened, key, Path(args.extract)):
             print(terminal_safe(f"extracted {p}"))
     return 0
 

@@ -33,6 +33,7 @@ naming the attachment.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -111,6 +112,30 @@ def encrypt_series(members: list[Member], dst: Path, recipients: list, *, typ: s
         tmp.unlink(missing_ok=True)
         raise
     return info
+
+
+def point_at_package(resources: list[dict], series_files: dict[str, str]) -> list[dict]:
+    """The records as the document carries them when images travel: each ImagingStudy with a series in
+    `series_files` (SeriesInstanceUID -> "attachments/att-NNN.jwe") gets the PACKAGE_ATTACHMENT extension on
+    those series and loses its `endpoint` references (the hospital's internal PACS); a dicom-wado-rs Endpoint
+    that nothing shared refers to any more is left out. The inputs are not changed."""
+    out: list[dict] = []
+    dropped_refs: set[str] = set()
+    for res in resources:
+        if res.get("resourceType") == "ImagingStudy" and any(s.get("uid") in series_files
+                                                              for s in res.get("series", [])):
+            res = copy.deepcopy(res)
+            dropped_refs |= {str(e.get("reference")) for e in res.pop("endpoint", [])}
+            for s in res.get("series", []):
+                dropped_refs |= {str(e.get("reference")) for e in s.pop("endpoint", [])}
+                if s.get("uid") in series_files:
+                    s.setdefault("extension", []).append({"url": PACKAGE_ATTACHMENT,
+                                                          "valueUrl": series_files[s["uid"]]})
+        out.append(res)
+    still = {e.get("reference") for r in out if r.get("resourceType") == "ImagingStudy"
+             for e in [*r.get("endpoint", []), *(x for s in r.get("series", []) for x in s.get("endpoint", []))]}
+    return [r for r in out if not (r.get("resourceType") == "Endpoint" and f"Endpoint/{r.get('id')}" in dropped_refs
+                                   and f"Endpoint/{r.get('id')}" not in still)]
 
 
 # --- the reviewer's side ----------------------------------------------------------------------------------
