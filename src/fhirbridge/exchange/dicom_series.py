@@ -49,6 +49,7 @@ from pydicom.fileset import FileSet
 
 from fhirbridge.crypto import files, jwe
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.dicomweb import DicomwebClient, DicomwebError
 from fhirbridge.errors import SealError
 
 CONTENT_TYPE = "application/x-tar"
@@ -311,6 +312,28 @@ class _TarSink:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+# --- into the reviewer's own PACS ----------------------------------------------------------------------
+
+def import_to_pacs(client: DicomwebClient, series: list[dict], *, batch: int = 50) -> dict:
+    """STOW-RS (PS3.18 10.5) every extracted instance of `series` (what extract_images returns) into the
+    reviewer's PACS, in batches of `batch` per request, then check by QIDO-RS (10.6) that the PACS lists every
+    SOP Instance UID of each series. Returns {"series", "instances"}; a DicomwebError names what is missing."""
+    sent = 0
+    for s in series:
+        paths = sorted(Path(s["folder"]).glob("*.dcm"))
+        for i in range(0, len(paths), batch):
+            client.store(paths[i:i + batch], study_uid=s["study_uid"])
+        sent += len(paths)
+        want = {p.stem for p in paths}
+        listed = {str((item.get("00080018") or {}).get("Value", [""])[0])
+                  for item in client.search_instances(s["study_uid"], s["series_uid"])}
+        missing = want - listed
+        if missing:
+            raise DicomwebError(f"after STOW-RS the PACS lists {len(want) - len(missing)} of the {len(want)} "
+                                f"instances of series {s['series_uid']}", kind="mismatch")
+    return {"series": len(series), "instances": sent}
 
 
 # --- DICOMDIR ------------------------------------------------------------------------------------------
