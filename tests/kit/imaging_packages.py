@@ -6,15 +6,10 @@ entry (study/series UIDs, modality, series number, description, and per instance
 number, frames, bytes and SHA-256); `imaging` lists the study. The document holds the ImagingStudy (the EHR's
 description, tests/kit/dicom_studies.py) and a radiology DiagnosticReport that references it.
 
-`untar_images(opened, key, outdir)` writes `outdir/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` from such a package,
-checking each attachment's hash: what the portal's viewer reads, for tests that run without
-exchange.dicom_series.
+The attachments are written by exchange.dicom_series.encrypt_series, as loop/seal.py writes them.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -23,10 +18,10 @@ import pydicom
 import pydicom.data
 from pydicom.uid import generate_uid
 
-from fhirbridge.crypto import files, jwe, jws
+from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
-from fhirbridge.exchange import envelope
-from fhirbridge.exchange.reviewer import OpenedPackage
+from fhirbridge.exchange import dicom_series, envelope
+from fhirbridge.loop.seal import ATTACHMENT_TYP
 from tests.kit.dicom_studies import Study, imaging_study_resource, make_study, sha256_file
 
 EHR = "https://ehr.example/fhir"
@@ -57,15 +52,6 @@ def viewer_study(directory: Path) -> Study:
     return study
 
 
-def _series_tar(paths: list[Path]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for p in paths:
-            sop = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-            tar.add(p, arcname=f"{sop}.dcm")
-    return buf.getvalue()
-
-
 def make_imaging_package(where: Path, signer: KeyRing, reviewer_public: KeyRing, study: Study, *,
                          name: str = "pkg-img", profile: str = "spine") -> Path:
     d = where / name
@@ -90,24 +76,25 @@ def make_imaging_package(where: Path, signer: KeyRing, reviewer_public: KeyRing,
                {"fullUrl": f"{EHR}/DiagnosticReport/dr1", "resource": report}]}
     attachments, total = [], 0
     for n, (series_uid, paths) in enumerate(study.series.items(), 1):
-        data = _series_tar(paths)
         file = f"attachments/att-{n:03d}.jwe"
-        (d / file).write_bytes(jwe.encrypt_bytes(data, reviewer_public.encryption_keys(), compress=False))
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
         first = headers[0]
-        instances = [{"sop_uid": str(h.SOPInstanceUID), "sop_class_uid": str(h.SOPClassUID),
-                      "transfer_syntax": str(h.file_meta.TransferSyntaxUID),
-                      "number": int(h.get("InstanceNumber") or 0), "frames": int(h.get("NumberOfFrames") or 1),
-                      "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                     for h, p in zip(headers, paths, strict=True)]
-        attachments.append({"file": file, "content_type": "application/x-tar", "size": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest(),
-                            "title": str(first.get("SeriesDescription", "")),
+        members = dicom_series.ordered(dicom_series.Member(p, dicom_series.instance_entry(
+            sop_uid=str(h.SOPInstanceUID), sop_class_uid=str(h.SOPClassUID),
+            transfer_syntax=str(h.file_meta.TransferSyntaxUID), number=int(h.get("InstanceNumber") or 0),
+            frames=int(h.get("NumberOfFrames") or 1), size=p.stat().st_size, sha256=sha256_file(p)))
+            for h, p in zip(headers, paths, strict=True))
+        # The series' attachment exactly as loop/seal.py writes one.
+        info = dicom_series.encrypt_series(members, d / file, reviewer_public.encryption_keys(), typ=ATTACHMENT_TYP)
+        description = str(first.get("SeriesDescription", ""))
+        attachments.append({"file": file, "url": f"urn:dicom:uid:{series_uid}", "owner": "ImagingStudy/is1",
+                            "path": f"series[{n - 1}]", "content_type": dicom_series.CONTENT_TYPE,
+                            "title": description or f"{first.Modality} series",
+                            "size": info["plaintext_size"], "sha256": info["plaintext_sha256"],
                             "dicom": {"study_uid": study.study_uid, "series_uid": series_uid,
                                       "modality": str(first.Modality), "series_number": int(first.SeriesNumber),
-                                      "description": str(first.get("SeriesDescription", "")),
-                                      "instances": instances}})
-        total += sum(i["bytes"] for i in instances)
+                                      "description": description, "instances": [m.entry for m in members]}})
+        total += sum(m.entry["bytes"] for m in members)
     iss = {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.7.1", "display": "Hospital A"}
     doc = jws.sign_bundle(doc, signer, who={"identifier": iss, "display": iss["display"]}, when="2026-01-02T00:00:00Z")
     now = int(time.time())
@@ -123,22 +110,3 @@ def make_imaging_package(where: Path, signer: KeyRing, reviewer_public: KeyRing,
     (d / envelope.ENVELOPE_FILE).write_bytes(
         envelope.seal(typ=envelope.PACKAGE, claims=claims, document=doc, signer=signer, recipient=reviewer_public))
     return d
-
-
-def untar_images(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[dict]:
-    written = []
-    for att in opened.manifest.get("attachments", []):
-        dicom = att.get("dicom")
-        if not dicom:
-            continue
-        data = jwe.decrypt_bytes((opened.path / att["file"]).read_bytes(), key)
-        assert hashlib.sha256(data).hexdigest() == att["sha256"]
-        files.private_dir(outdir / dicom["study_uid"])
-        folder = files.private_dir(outdir / dicom["study_uid"] / dicom["series_uid"])
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for member in tar.getmembers():
-                target = folder / Path(member.name).name
-                target.write_bytes(tar.extractfile(member).read())      # type: ignore[union-attr]
-                target.chmod(0o600)
-                written.append({"path": str(target)})
-    return written

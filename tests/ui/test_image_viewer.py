@@ -16,9 +16,9 @@ from fhirbridge.exchange import envelope
 from fhirbridge.exchange import key_images as keys
 from fhirbridge.exchange.reviewer import write_reviewer_keys
 from fhirbridge.fhir.validate import validate as validate_resource
-from fhirbridge.ui.reviewer_portal import Portal, PortalSettings, create_portal
+from fhirbridge.ui.reviewer_portal import PortalSettings, create_portal
 from tests.kit.browser import LiveServer, shot
-from tests.kit.imaging_packages import REPORT_CONCLUSION, make_imaging_package, untar_images, viewer_study
+from tests.kit.imaging_packages import REPORT_CONCLUSION, make_imaging_package, viewer_study
 from tests.kit.packages import Site
 
 TOKEN = "portal-login-token-images-0123"
@@ -26,9 +26,7 @@ MAPPINGS = Path(__file__).resolve().parents[2] / "src" / "fhirbridge" / "mapping
 
 
 @pytest.fixture
-def served(tmp_path, monkeypatch):
-    # The package's series are untarred by the kit (the contract's layout) until exchange.dicom_series is here.
-    monkeypatch.setattr(Portal, "extract_images", staticmethod(untar_images))
+def served(tmp_path):
     site = Site(tmp_path / "hospital", "hospital-a")
     reviewer = write_reviewer_keys(tmp_path / "reviewer")
     study = viewer_study(tmp_path / "study")

@@ -11,9 +11,9 @@ import pytest
 
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.exchange.reviewer import write_reviewer_keys
-from fhirbridge.ui.reviewer_portal import Portal, PortalSettings, create_portal
+from fhirbridge.ui.reviewer_portal import PortalSettings, create_portal
 from tests.kit.dicom_studies import make_study
-from tests.kit.imaging_packages import make_imaging_package, untar_images
+from tests.kit.imaging_packages import make_imaging_package
 from tests.kit.packages import Site
 
 TOKEN = "portal-login-token-images-0123"
@@ -21,8 +21,7 @@ MAPPINGS = Path(__file__).resolve().parents[2] / "src" / "fhirbridge" / "mapping
 
 
 @pytest.fixture
-def viewer(tmp_path, monkeypatch):
-    monkeypatch.setattr(Portal, "extract_images", staticmethod(untar_images))
+def viewer(tmp_path):
     site = Site(tmp_path / "hospital", "hospital-a")
     reviewer = write_reviewer_keys(tmp_path / "reviewer")
     study = make_study(tmp_path / "study", ct_slices=2, mr_slices=2, frames=2, rle_slices=1)

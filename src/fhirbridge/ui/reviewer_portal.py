@@ -22,7 +22,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from fhirbridge.crypto import files, jwe
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
-from fhirbridge.exchange import envelope
+from fhirbridge.exchange import dicom_series, envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, form_for, open_package, sealed_answer, studies_of
@@ -91,23 +90,12 @@ class PortalCase:
     due_at: float | None = None
 
 
-ImageExtractor = Callable[[OpenedPackage, KeyRing, Path], object]
-
-
-def no_image_extractor(opened: OpenedPackage, key: KeyRing, outdir: Path) -> object:
-    raise FhirbridgeError("this fhirbridge cannot unpack a package's images (exchange.dicom_series is missing)")
-
-
 def has_images(opened: OpenedPackage) -> bool:
     """Whether the package carries DICOM series (manifest attachments with a `dicom` entry)."""
     return any(isinstance(a, dict) and "dicom" in a for a in opened.manifest.get("attachments", []))
 
 
 class Portal:
-    # Writes the package's series as `<StudyUID>/<SeriesUID>/<SOPUID>.dcm` below the folder it is given,
-    # each file checked against the signed manifest.
-    extract_images: ImageExtractor = staticmethod(no_image_extractor)
-
     def __init__(self, s: PortalSettings):
         self.s = s
         for url in s.pull:
@@ -275,7 +263,9 @@ class Portal:
             # A folder left by an extraction that was cut off is redone from scratch.
             files.remove_tree(outdir)
             files.private_dir(outdir)
-            type(self).extract_images(opened, self.key, outdir)
+            # `<StudyUID>/<SeriesUID>/<SOPUID>.dcm` and a DICOMDIR, each file checked against the signed
+            # manifest in the same pass that decrypts it.
+            dicom_series.extract_images(opened, self.key, outdir)
             files.write_atomic(done, b"")
         self._images[pid] = image_view.scan(outdir, opened.document)
         return self._images[pid]
