@@ -31,6 +31,9 @@ def test_demo_runs_the_whole_loop_and_stops_its_server(tmp_path, capsys, monkeyp
                      out)
     assert re.search(r"opinion in the EHR:\s+DocumentReference/\S+ \(Task Task/\S+ completed\)", out)
     assert "status completed" in out
+    # The study travels (issue 15): the stand-in served it, collect fetched it, the package carries it.
+    assert "DICOMweb stand-in at http://127.0.0.1:" in out
+    assert re.search(r"images: study [0-9.]+: included, 1 series, 16 instances", out)
     package = re.search(r"sealed package:\s+(\S+)", out).group(1)
     assert (tmp_path / "demo" / "outbox").exists() and package.startswith(str(tmp_path / "demo" / "outbox"))
     assert "Stopped the demo EHR" in out

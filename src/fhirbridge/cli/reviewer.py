@@ -1,24 +1,29 @@
-"""`fhirbridge reviewer ...`: the reviewer's side (keys, portal, token, open, answer)."""
+"""`fhirbridge reviewer ...`: the reviewer's side (keys, portal, token, open, answer, import-pacs)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from werkzeug.serving import make_server
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import mint_reviewer_token
+from fhirbridge.cli.common import say
 from fhirbridge.config.model import PACKAGE_MAPPINGS
-from fhirbridge.crypto import files
+from fhirbridge.crypto import files, urls
 from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.dicomweb import DicomwebClient, make_auth
+from fhirbridge.exchange.dicom_series import extract_images, import_to_pacs
 from fhirbridge.exchange.envelope import party, write_atomic
 from fhirbridge.exchange.render import render_package, terminal_safe
 from fhirbridge.exchange.reviewer import (
     TRUST_DIR,
     TRUST_FILE,
     answer,
-    extract_attachments,
+    extract,
     open_package,
     trust_for,
     write_reviewer_keys,
@@ -66,7 +71,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        "that signed the package")
         if name == "open":
             s.add_argument("--json", metavar="FILE", help="write the full document Bundle as JSON ('-': stdout)")
-            s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR")
+            s.add_argument("--extract", metavar="DIR", help="decrypt the separate attachments into DIR, "
+                                                              "and the images as DICOM files by study and series, "
+                                                              "with a DICOMDIR")
             s.set_defaults(func=cmd_reviewer_open)
         else:
             s.add_argument("--opinion", required=True, help="the structured answer (TOML or JSON)")
@@ -75,6 +82,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                           "package's collection profile, else default)")
             s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
             s.set_defaults(func=cmd_reviewer_answer)
+    s = rev.add_parser("import-pacs", help="store a package's images in your own PACS (STOW-RS), counts checked")
+    s.add_argument("package", help="the package directory (or its package.jwe)")
+    s.add_argument("--key", required=True, help="the reviewer's private JWKS")
+    s.add_argument("--trust", help="the trusted hospitals (as for `reviewer open`)")
+    s.add_argument("--url", required=True, help="your PACS's DICOMweb base URL (https, or http to loopback)")
+    s.add_argument("--auth", choices=("none", "basic", "bearer"), default="none",
+                   help="basic: --username and the password in FHIRBRIDGE_PACS_PASSWORD; bearer: the token in "
+                        "FHIRBRIDGE_PACS_TOKEN (secrets never on the command line)")
+    s.add_argument("--username", help="basic: the user name")
+    s.set_defaults(func=cmd_reviewer_import_pacs)
 
 
 def cmd_reviewer_keys(args) -> int:
@@ -120,7 +137,8 @@ def _reviewer_keys(args):
 
 def cmd_reviewer_open(args) -> int:
     key, trusted = _reviewer_keys(args)
-    opened = open_package(Path(args.package), key, trusted)
+    # With --extract the attachments are checked while they are extracted (one pass), not decrypted first.
+    opened = open_package(Path(args.package), key, trusted, verify_attachments=not args.extract)
     if args.json:
         data = jsonutil.dumps(opened.document, pretty=True)
         if args.json == "-":
@@ -134,8 +152,31 @@ def cmd_reviewer_open(args) -> int:
         print(terminal_safe(f"signature: valid, by the keys of the trusted hospital {opened.sender}"))
         print(render_package(opened.claims, opened.document, sender=opened.sender))
     if args.extract:
-        for p in extract_attachments(opened, key, Path(args.extract)):
+        for p in extract(opened, key, Path(args.extract)):
             print(terminal_safe(f"extracted {p}"))
+    return 0
+
+
+def cmd_reviewer_import_pacs(args) -> int:
+    """Extract the package's images (one pass, checked against the signed manifest) and STOW-RS them into the
+    reviewer's own PACS, checking by QIDO-RS that it lists every instance."""
+    key, trusted = _reviewer_keys(args)
+    opened = open_package(Path(args.package), key, trusted, verify_attachments=False)
+    auth: dict = {"type": args.auth}
+    if args.auth == "basic":
+        auth.update(username=args.username, password=os.environ.get("FHIRBRIDGE_PACS_PASSWORD", ""))
+    elif args.auth == "bearer":
+        auth["token"] = os.environ.get("FHIRBRIDGE_PACS_TOKEN", "")
+    urls.https_or_loopback(args.url, "--url")
+    with tempfile.TemporaryDirectory(prefix="fhirbridge-import-") as work:
+        series = extract_images(opened, key, files.private_dir(Path(work) / "images"))
+        if not series:
+            say("the package carries no images")
+            return 0
+        with DicomwebClient(args.url, auth=make_auth(auth)) as pacs:
+            done = import_to_pacs(pacs, series)
+    say(f"stored {done['instances']} instances of {done['series']} series in {args.url}; "
+        "the PACS lists every one")
     return 0
 
 

@@ -39,6 +39,7 @@ from fhirbridge.config.model import (
     MetricsSettings,
     OAuthSettings,
     OutcomeSettings,
+    Pacs,
     PhysicianApp,
     Reviewer,
     ServiceTimes,
@@ -632,16 +633,50 @@ def _hospital(sec: _Section, base: Path) -> Hospital:
         ZoneInfo(time_zone)
     except (ZoneInfoNotFoundError, ValueError):
         raise sec.err("time_zone", f"{time_zone!r} is not an IANA time zone (e.g. \"Europe/Berlin\")") from None
+    pacs = _pacs(sec, base, keys, url) if "pacs" in sec.data else None
+    if pacs is not None and pacs.auth.type == "smart" and auth_type != "smart":
+        raise sec.err("pacs.auth.type", "\"smart\" sends the EHR's SMART token, but [hospital.auth] type is "
+                                        f"{auth_type!r}")
     ident = sec.sub("identifier")
     hospital = Hospital(name=sec.get("name", str, required=True),
                         identifier_system=ident.get("system", str, required=True),
                         identifier_value=ident.get("value", str, required=True),
                         fhir_base_url=url, keys=keys, auth=auth, http=http,
                         certificate_chain=_path(base, chain) if chain else None, ehr=ehr,
-                        time_zone=time_zone)
+                        time_zone=time_zone, pacs=pacs)
     ident.finish()
     sec.finish()
     return hospital
+
+
+def _pacs(sec: _Section, base: Path, hospital_keys: Path, fhir_base_url: str) -> Pacs:
+    """`[hospital.pacs]` (issue 15): the DICOMweb base and how to authenticate there. Images and credentials go
+    over it, so https (plain http to loopback only), as for the EHR."""
+    pacs_sec = sec.sub("pacs")
+    url = pacs_sec.get("url", str, None)
+    if url is not None:
+        url = url.rstrip("/")
+        if not url.startswith(("http://", "https://")) or not _hostname(url):
+            raise pacs_sec.err("url", "must be the http(s) DICOMweb base URL of the PACS")
+        urls.https_or_loopback(url, pacs_sec.key("url"), file=str(pacs_sec.file))
+    auth_sec = pacs_sec.sub("auth")
+    auth_type = auth_sec.get("type", str, "none")
+    if auth_type not in ("none", "basic", "bearer", "smart"):
+        raise auth_sec.err("type", f"{auth_type!r} is not one of none, basic, bearer, smart (the EHR's token)")
+    auth = Auth(type=auth_type, username=auth_sec.get("username", str), password=auth_sec.get("password", str),
+                token=auth_sec.get("token", str))
+    if auth_type == "basic" and not (auth.username and auth.password):
+        raise auth_sec.err("password", "basic auth needs username and password "
+                                       "(set the password with FHIRBRIDGE_HOSPITAL__PACS__AUTH__PASSWORD)")
+    if auth_type == "bearer" and not auth.token:
+        raise auth_sec.err("token", "bearer auth needs a token (FHIRBRIDGE_HOSPITAL__PACS__AUTH__TOKEN)")
+    auth_sec.finish()
+    pacs = Pacs(url=url, auth=auth, timeout_connect=_positive(pacs_sec, "timeout_connect", float, 5.0),
+                timeout_read=_positive(pacs_sec, "timeout_read", float, 60.0),
+                retries=_non_negative(pacs_sec, "retries", 4),
+                parallel_series=_positive(pacs_sec, "parallel_series", int, 2))
+    pacs_sec.finish()
+    return pacs
 
 
 def _hostname(url: str) -> str | None:

@@ -124,6 +124,20 @@ class ResourceRule:
 
 
 @dataclass(frozen=True)
+class ImagingRule:
+    """A profile's `[imaging]` table (issue 15): which images of the ImagingStudies it keeps travel with the
+    package. Studies are taken newest first (`started`); a series is skipped when its modality is not listed
+    or its description or ImageType holds one of `skip_series` (localizers, scouts); caps are in bytes."""
+
+    modalities: tuple[str, ...] = ()          # empty: every modality
+    most_recent: int = 3
+    skip_series: tuple[str, ...] = ("localizer", "scout", "survey")
+    max_study_bytes: int = 2 * 1024 ** 3
+    max_package_bytes: int = 4 * 1024 ** 3
+    required: bool = False                    # a study withheld (missing, over a cap, refused) fails the Case
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -131,6 +145,7 @@ class Profile:
     rules: dict[str, ResourceRule]
     withhold_labels: tuple[tuple[str, str], ...] = field(default=())
     file: Path | None = None
+    imaging: ImagingRule | None = None         # None: the ImagingStudy resources travel without their images
 
 
 def load_profile(mappings_dir: Path, name: str) -> Profile:
@@ -142,7 +157,7 @@ def load_profile(mappings_dir: Path, name: str) -> Profile:
 
 
 def _profile(path: Path, raw: dict) -> Profile:
-    _no_unknown(raw, {"name", "description", "lookback_days", "withhold", "resources"}, path)
+    _no_unknown(raw, {"name", "description", "lookback_days", "withhold", "resources", "imaging"}, path)
     lookback = raw.get("lookback_days", 730)
     if not isinstance(lookback, int) or lookback <= 0:
         raise ConfigError("must be a positive number of days", file=str(path), key="lookback_days")
@@ -178,7 +193,27 @@ def _profile(path: Path, raw: dict) -> Profile:
                    lookback_days=lookback, rules=rules,
                    withhold_labels=_token_list(withhold.get("security_labels", []), path,
                                                "withhold.security_labels"),
-                   file=path)
+                   file=path, imaging=_imaging(raw["imaging"], path) if "imaging" in raw else None)
+
+
+def _imaging(spec: object, path: Path) -> ImagingRule:
+    if not isinstance(spec, dict):
+        raise ConfigError("must be a table", file=str(path), key="imaging")
+    fields = ImagingRule.__dataclass_fields__
+    _no_unknown(spec, set(fields), path, "imaging.")
+    default = ImagingRule()
+    values: dict = {}
+    for name in ("most_recent", "max_study_bytes", "max_package_bytes"):
+        value = spec.get(name, getattr(default, name))
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError("must be a whole number greater than 0", file=str(path), key=f"imaging.{name}")
+        values[name] = value
+    for name in ("modalities", "skip_series"):
+        values[name] = _str_list(spec.get(name, list(getattr(default, name))), path, f"imaging.{name}")
+    required = spec.get("required", False)
+    if not isinstance(required, bool):
+        raise ConfigError("must be true or false", file=str(path), key="imaging.required")
+    return ImagingRule(required=required, **values)
 
 
 def profile_names(mappings_dir: Path) -> list[str]:

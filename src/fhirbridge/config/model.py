@@ -61,6 +61,23 @@ class EhrSettings:
 
 
 @dataclass(frozen=True)
+class Pacs:
+    """`[hospital.pacs]`: the hospital's PACS over DICOMweb (issue 15). Its presence turns image retrieval on for
+    this hospital. `url` (the DICOMweb base) is used for a study whose ImagingStudy names no reachable
+    dicom-wado-rs Endpoint; `auth` as the EHR's (type "smart": the EHR's SMART Backend Services token)."""
+
+    url: str | None = None
+    auth: Auth = field(default_factory=Auth)
+    timeout_connect: float = 5.0
+    timeout_read: float = 60.0
+    retries: int = 4
+    parallel_series: int = 2     # series retrieved at once (WADO-RS), per Case
+
+    def __repr__(self) -> str:
+        return f"Pacs(url={self.url!r}, auth={self.auth!r})"
+
+
+@dataclass(frozen=True)
 class Hospital:
     name: str
     identifier_system: str
@@ -75,6 +92,7 @@ class Hospital:
     ehr: EhrSettings = field(default_factory=EhrSettings)
     # IANA time zone the dashboard shows this hospital's times in (UTC on hover); checked by the loader.
     time_zone: str = "UTC"
+    pacs: Pacs | None = None          # None: images are not fetched (the package carries ImagingStudy only)
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},

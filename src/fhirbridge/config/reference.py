@@ -52,7 +52,9 @@ SAMPLES = [
                                                 "jwks": "idp.jwks.json"}}},
     {"hospital": {"name": "H", "fhir_base_url": "https://ehr.example/fhir", "keys": "k.json",
                   "identifier": {"system": "s", "value": "h"},
-                  "auth": {"type": "basic", "username": "u", "password": "p"}},
+                  "auth": {"type": "basic", "username": "u", "password": "p"},
+                  "pacs": {"url": "https://pacs.example/dicom-web",
+                           "auth": {"type": "basic", "username": "u", "password": "p"}}},
      "reviewers": _REVIEWERS, "service": {"public_url": "https://fhirbridge.example"}},
 ]
 
@@ -63,6 +65,10 @@ TABLES = {
                 "`FHIRBRIDGE_HOSPITALS__<NAME>__...`).",
     "hospital.auth": "How fhirbridge authenticates to the EHR's FHIR endpoint (docs/connect-ehr.md).",
     "hospital.http": "Timeouts, retries and paging against the EHR.",
+    "hospital.pacs": ("The hospital's PACS over DICOMweb (docs/imaging.md). With this table the images of the "
+                      "ImagingStudies a profile keeps travel with the package; without it only the ImagingStudy "
+                      "resources do."),
+    "hospital.pacs.auth": "How fhirbridge authenticates to the PACS.",
     "hospital.ehr": ("What the EHR can do for the write-back: a vendor profile, and any capability pinned by "
                      "name (see docs/ehr.md)."),
     "hospital.identifier": "The hospital's organisation identifier: Cases are filed under it, so it must never change.",
@@ -134,6 +140,21 @@ MEANINGS = {
     "hospital.auth.scopes": "smart: the scopes to ask for, a list or one space-separated string, used as written "
                             "(unset: exactly what the configured features request, `fhir.auth.FEATURES`).",
     "hospital.auth.alg": "smart: `RS384` or `ES384` (unset: from the signing key's type).",
+    "hospital.pacs.url": ("The PACS's DICOMweb base URL (QIDO-RS, WADO-RS), https (plain http only to loopback): "
+                          "used for a study whose ImagingStudy names no reachable dicom-wado-rs Endpoint (unset: "
+                          "the Endpoints only)."),
+    "hospital.pacs.auth.type": ("`none`, `basic`, `bearer`, or `smart`: the EHR's SMART Backend Services token "
+                                "(`[hospital.auth]`). Sent to `url`, and to an Endpoint's address only when it is "
+                                "on the same origin."),
+    "hospital.pacs.auth.username": "basic: the user name.",
+    "hospital.pacs.auth.password": "basic: the password (from the environment: "
+                                   "`FHIRBRIDGE_HOSPITAL__PACS__AUTH__PASSWORD`).",
+    "hospital.pacs.auth.token": "bearer: the token (from the environment: `FHIRBRIDGE_HOSPITAL__PACS__AUTH__TOKEN`).",
+    "hospital.pacs.timeout_connect": "Seconds to wait for a connection to the PACS.",
+    "hospital.pacs.timeout_read": "Seconds to wait for each read of the PACS's answer (a slow PACS is transient: "
+                                  "the Case resumes).",
+    "hospital.pacs.retries": "Retries of a request on 429/502/503/504 and connection failures (0: none).",
+    "hospital.pacs.parallel_series": "Series retrieved at once (WADO-RS) for one Case.",
     "hospital.http.timeout_connect": "Seconds to wait for a connection to the EHR.",
     "hospital.http.timeout_read": "Seconds to wait for the EHR's answer.",
     "hospital.http.retries": "Retries of a request on 429/502/503/504 and connection failures (0: none).",
@@ -207,6 +228,10 @@ ENVIRONMENT = {
     "FHIRBRIDGE_PROBE_BIND": ("unset (the image: 0.0.0.0:8081)", "`serve --probe-bind`: also answer `/healthz` and "
                               "`/readyz` on this `host:port`, from a thread of their own in each worker that busy API "
                               "requests never delay (service/probes.py); point orchestrator probes here."),
+    "FHIRBRIDGE_PACS_PASSWORD": ("unset", "`reviewer import-pacs --auth basic`: the password for the reviewer's own "
+                                 "PACS (never on the command line)."),
+    "FHIRBRIDGE_PACS_TOKEN": ("unset", "`reviewer import-pacs --auth bearer`: the bearer token for the reviewer's own "
+                              "PACS (never on the command line)."),
     "FHIRBRIDGE_WORKERS": ("2", "`serve`: gunicorn worker processes, each with its own scheduler."),
     "FHIRBRIDGE_THREADS": ("4", "`serve`: threads per worker for HTTP requests."),
     "FHIRBRIDGE_TIMEOUT": ("120", "`serve`: gunicorn's worker timeout, seconds."),

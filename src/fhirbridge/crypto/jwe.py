@@ -229,50 +229,67 @@ def _unwrap_cek(header: dict, recipient: dict, key, kid: str) -> bytes:
 
 # --- encryption ------------------------------------------------------------------------------
 
+class Encryptor:
+    """A JWE being written to `dst` as plaintext is pushed in (`write`), for producers that write rather than
+    be read (a tar stream of a DICOM series): memory O(one write) whatever the total. `close()` finishes the
+    message and returns what encrypt_stream returns."""
+
+    def __init__(self, dst: BinaryIO, recipients: list, *, compress: bool = True, typ: str | None = None,
+                 cty: str | None = None):
+        if not recipients:
+            raise SealError("nothing to encrypt for: no encryption keys given "
+                            "(does the recipient's key set have a use=enc key?)")
+        protected: dict = {"enc": ENC}
+        if compress:
+            protected["zip"] = ZIP
+        if typ:
+            protected["typ"] = typ
+        if cty:
+            protected["cty"] = cty
+        protected_b64 = b64url(dumps(protected))
+        cek, iv = os.urandom(_CEK_LEN), os.urandom(_IV_LEN)
+        self._wrapped = [_wrap_cek(key, cek) for key in recipients]
+        self._encryptor = Cipher(algorithms.AES(cek), modes.GCM(iv)).encryptor()
+        # RFC 7516 §5.1 step 14: AAD = ASCII(BASE64URL(UTF8(JWE Protected Header))) (no "aad" member).
+        self._encryptor.authenticate_additional_data(protected_b64.encode("ascii"))
+        self._deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS) if compress else None  # raw DEFLATE
+        self._dst = dst
+        dst.write(b'{"protected":"' + protected_b64.encode("ascii") + b'","recipients":' + dumps(self._wrapped)
+                  + b',"iv":"' + b64url(iv).encode("ascii") + b'","ciphertext":"')
+        self._out = _B64Writer(dst)
+        self._digest = hashlib.sha256()
+        self.plaintext_size = self.ciphertext_size = 0
+
+    def write(self, chunk: bytes) -> int:
+        self._digest.update(chunk)
+        self.plaintext_size += len(chunk)
+        data = self._deflater.compress(chunk) if self._deflater else chunk
+        if data:
+            ct = self._encryptor.update(data)
+            self.ciphertext_size += len(ct)
+            self._out.write(ct)
+        return len(chunk)
+
+    def close(self) -> dict:
+        ct = self._encryptor.update(self._deflater.flush() if self._deflater else b"") + self._encryptor.finalize()
+        self.ciphertext_size += len(ct)
+        self._out.write(ct)
+        self._out.close()
+        self._dst.write(b'","tag":"' + b64url(self._encryptor.tag).encode("ascii") + b'"}')
+        return {"plaintext_sha256": self._digest.hexdigest(), "plaintext_size": self.plaintext_size,
+                "ciphertext_size": self.ciphertext_size, "kids": [w["header"]["kid"] for w in self._wrapped]}
+
+
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, recipients: list, *, compress: bool = True,
                    typ: str | None = None, cty: str | None = None, chunk_size: int = DEFAULT_CHUNK) -> dict:
     """Encrypt `src` to `dst` for every public key in `recipients`; memory O(chunk_size).
 
     Returns {"plaintext_sha256", "plaintext_size", "ciphertext_size", "kids"}.
     """
-    if not recipients:
-        raise SealError("nothing to encrypt for: no encryption keys given "
-                        "(does the recipient's key set have a use=enc key?)")
-    protected: dict = {"enc": ENC}
-    if compress:
-        protected["zip"] = ZIP
-    if typ:
-        protected["typ"] = typ
-    if cty:
-        protected["cty"] = cty
-    protected_b64 = b64url(dumps(protected))
-    cek, iv = os.urandom(_CEK_LEN), os.urandom(_IV_LEN)
-    wrapped = [_wrap_cek(key, cek) for key in recipients]
-
-    encryptor = Cipher(algorithms.AES(cek), modes.GCM(iv)).encryptor()
-    # RFC 7516 §5.1 step 14: AAD = ASCII(BASE64URL(UTF8(JWE Protected Header))) (no "aad" member).
-    encryptor.authenticate_additional_data(protected_b64.encode("ascii"))
-    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS) if compress else None  # raw DEFLATE
-
-    dst.write(b'{"protected":"' + protected_b64.encode("ascii") + b'","recipients":' + dumps(wrapped)
-              + b',"iv":"' + b64url(iv).encode("ascii") + b'","ciphertext":"')
-    out = _B64Writer(dst)
-    digest, plain_size, cipher_size = hashlib.sha256(), 0, 0
+    enc = Encryptor(dst, recipients, compress=compress, typ=typ, cty=cty)
     while chunk := src.read(chunk_size):
-        digest.update(chunk)
-        plain_size += len(chunk)
-        data = deflater.compress(chunk) if deflater else chunk
-        if data:
-            ct = encryptor.update(data)
-            cipher_size += len(ct)
-            out.write(ct)
-    ct = encryptor.update(deflater.flush() if deflater else b"") + encryptor.finalize()
-    cipher_size += len(ct)
-    out.write(ct)
-    out.close()
-    dst.write(b'","tag":"' + b64url(encryptor.tag).encode("ascii") + b'"}')
-    return {"plaintext_sha256": digest.hexdigest(), "plaintext_size": plain_size,
-            "ciphertext_size": cipher_size, "kids": [w["header"]["kid"] for w in wrapped]}
+        enc.write(chunk)
+    return enc.close()
 
 
 # --- decryption: parsing ---------------------------------------------------------------------

@@ -32,6 +32,8 @@ from fhirbridge.config.starter import write_starter
 from fhirbridge.crypto import files
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.demo import cds
+from fhirbridge.demo.dicom_study import point_study_at, write_demo_study
+from fhirbridge.demo.dicomweb_standin import RunningStandIn
 from fhirbridge.demo.localehr import LocalEhr, free_port, publish_order_topic, seed_patient
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirbridgeError
@@ -104,13 +106,20 @@ def run_demo(directory: Path, *, keep_ehr: bool = False, keep: bool = False) -> 
     ehr_dir = Path(tempfile.mkdtemp(prefix="fhirbridge-demo-ehr-"))
     ehr = LocalEhr.start(ehr_dir)
     print(f"    FHIR R4 server at {ehr.base_url}")
+    images = None
     try:
-        ran = _loop(directory, ehr, step, seed_patient)
+        step("Starting the demo's DICOMweb stand-in (read-only, not a PACS) with an MR study")
+        study_uid, study_files = write_demo_study(files.private_dir(directory / "pacs"), "FB-DEMO", "DEMO^SPINE")
+        images = RunningStandIn(directory / "pacs")
+        print(f"    DICOMweb stand-in at {images.url}: {len(study_files)} MR slices, study {study_uid}")
+        ran = _loop(directory, ehr, step, seed_patient, images=(images.url, study_uid, study_files))
         if keep:
             return _keep_serving(directory, ehr, ran, step)
         _print_pages(ran, ehr)
         return 0
     finally:
+        if images is not None:
+            images.stop()
         if keep_ehr and not keep:
             pgid = ehr.detach()
             print(f"\nThe demo EHR keeps running at {ehr.base_url} (data in {ehr_dir}); "
@@ -224,7 +233,8 @@ def _stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
     proc.wait()
 
 
-def _loop(directory: Path, ehr, step: Steps, seed_patient) -> Ran:
+def _loop(directory: Path, ehr, step: Steps, seed_patient, images: tuple[str, str, list[Path]] | None = None) -> Ran:
+    """The loop; `images` (DICOMweb base URL, Study Instance UID, files) puts the demo study in the package."""
     step("Configuring fhirbridge for the hospital, and keys for a sample reviewer")
     hospital_dir, reviewer_dir = directory / "hospital", directory / "reviewer"
     reviewer_files = write_reviewer_keys(reviewer_dir, None)
@@ -233,12 +243,25 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> Ran:
                                       "jwks": str(reviewer_files["public_keys"]), "profiles": ["spine", "default"],
                                       "system": "urn:ietf:rfc:3986", "value": "urn:oid:2.999.1.2",
                                       "outbox": str(directory / "outbox")}])
+    if images is not None:
+        # The hospital's PACS (docs/imaging.md): the spine profile's [imaging] then sends the study's images.
+        with open(paths["config"], "a", encoding="utf-8") as f:
+            f.write(f'\n[hospital.pacs]\nurl = "{images[0]}"\n')
     shutil.copy(paths["public_keys"], reviewer_dir / "trusted.jwks.json")
     print(f"    config: {paths['config']}")
     app = App(config.load(paths["config"]), progress=lambda m: print(f"    {m}", flush=True))
     try:
         step("Seeding a patient: imaging with reports, labs, procedures, medications, notes")
         seeded = seed_patient(ehr, app.ehr, profile="spine", progress=lambda m: print(f"    {m}", flush=True))
+        if images is not None and seeded["imaging_studies"]:
+            endpoint = point_study_at(app.ehr, seeded["imaging_studies"][0], images[1], images[2], images[0])
+            print(f"    {seeded['imaging_studies'][0]}: the MR study, at {endpoint} (the DICOMweb stand-in)")
+            for other in seeded["imaging_studies"][1:]:
+                # The seed's fictional PACS does not resolve: its studies point at the stand-in too (which
+                # does not hold them, so they are withheld as "not in the PACS" at once, without retries).
+                resource = app.ehr.read_ref(other)
+                resource["endpoint"] = [{"reference": endpoint}]
+                app.ehr.update(resource)
         publish_order_topic(app.ehr)  # lets `fhirbridge subscribe` work against a kept demo EHR
         print(f"    {seeded['patient']}: {len(seeded['diagnostic_reports'])} reports, "
               f"{len(seeded['imaging_studies'])} imaging studies, {len(seeded['procedures'])} procedures, "
@@ -270,6 +293,10 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient) -> Ran:
         m = opened.manifest
         print(f"    signature valid; {len(m['shared'])} records shared, {len(m['withheld'])} withheld, "
               f"{len(m['attachments'])} attachment file(s)")
+        for study in m.get("imaging", []):
+            print(f"    images: study {study['study_uid']}: {study['status']}"
+                  + (f", {len(study['series'])} series, {study['instances']} instances, {study['bytes']} bytes"
+                     if study["status"] == "included" else f" ({study.get('reason') or study.get('kind')})"))
         print(f"    see it yourself: {_prog()} reviewer open {package} --key {key_path}")
 
         step("The reviewer answers (structured opinion -> Consult note, signed + sealed to the hospital)")

@@ -20,6 +20,7 @@ from fhirbridge import jsonutil
 from fhirbridge.config.mappings import OpinionForm
 from fhirbridge.config.terminology import OPINION_OBSERVATION, same_system
 from fhirbridge.errors import FhirbridgeError
+from fhirbridge.exchange import key_images as keys
 from fhirbridge.fhir.elements import summary_line
 from fhirbridge.fhir.narrative import narrative_problems
 
@@ -134,10 +135,11 @@ def field_html(f, value, studies: dict[str, dict] | None = None) -> str:
 
 def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, timestamp: str,
                            patient_entry: dict, service_request_entry: dict, reviewer_org: dict,
-                           studies: dict[str, dict] | None = None) -> dict:
+                           studies: dict[str, dict] | None = None, key_images: list[dict] | None = None) -> dict:
     """`patient_entry`/`service_request_entry` are the package's Bundle entries (fullUrl + resource), copied
     so the opinion document is complete on its own (FHIR documents carry what they reference). `studies`: the
-    package's ImagingStudy resources by "ImagingStudy/<id>", for a `studies` field."""
+    package's ImagingStudy resources by "ImagingStudy/<id>", for a `studies` field. `key_images`: the frames the
+    reviewer marked (exchange/key_images.py: a "Key Images" section and its ImagingStudy entries)."""
     patient_url, sr_url = patient_entry["fullUrl"], service_request_entry["fullUrl"]
     org_url = f"urn:uuid:{reviewer_org['id']}"
     sections: dict[str, dict] = {}
@@ -175,6 +177,13 @@ def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, 
         if s["entry"]:
             out["entry"] = s["entry"]
         comp_sections.append(out)
+    text_sections = [(s["title"], s["html"]) for s in sections.values()]
+    if key_images:
+        section, entries = keys.section_and_entries(key_images, opinion_id=opinion_id, patient_url=patient_url,
+                                                    sr_url=sr_url)
+        comp_sections.append(section)
+        text_sections.append((section["title"], [keys.narrative(key_images)]))
+        observations += entries
     composition_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:uuid:{opinion_id}#composition"))
     composition = {
         "resourceType": "Composition", "id": composition_id,
@@ -182,7 +191,7 @@ def build_opinion_document(answer: dict, form: OpinionForm, *, opinion_id: str, 
         "status": "final", "type": {"coding": [form.doc_type]}, "category": [{"coding": [form.doc_category]}],
         "subject": {"reference": patient_url}, "date": timestamp, "author": [{"reference": org_url}],
         "title": form.title,
-        "text": composition_text(form.title, [(s["title"], s["html"]) for s in sections.values()]),
+        "text": composition_text(form.title, text_sections),
         # R4 Composition.attester: the reviewer organisation vouches for its opinion (`official`: an
         # Organization's attestation; the person who answered is not named in the answer). The document's
         # signature, made with the reviewer's key, is that attestation signed.

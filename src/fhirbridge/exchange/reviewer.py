@@ -30,7 +30,8 @@ from fhirbridge.config.mappings import load_opinion_form, opinion_form_names
 from fhirbridge.crypto import files, jwe, jws, keys
 from fhirbridge.crypto.keys import KeyRing, mixed_generations
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
-from fhirbridge.exchange import envelope
+from fhirbridge.exchange import dicom_series, envelope
+from fhirbridge.exchange.key_images import problems as keys_problems
 from fhirbridge.exchange.opinion import (
     AnswerError,
     build_opinion_document,
@@ -210,17 +211,21 @@ class _HashSink:
 
 
 def open_package(path: Path, key: KeyRing, trusted: KeyRing | TrustStore, *,
-                 check_expiry: bool = True) -> OpenedPackage:
+                 check_expiry: bool = True, verify_attachments: bool = True) -> OpenedPackage:
     """Open and verify a package with the keys of the one trusted hospital that signed it. `trusted` is a
-    TrustStore, or a KeyRing for a single hospital (never a private key set)."""
+    TrustStore, or a KeyRing for a single hospital (never a private key set).
+
+    `verify_attachments` False: the separate attachments are not decrypted here, because the caller extracts
+    them at once (`extract`), which checks each against the signed manifest in the same single pass."""
     store = TrustStore.of(trusted)
     directory, env_file = package_paths(path)
     sealed = envelope.read_limited(env_file, envelope.PACKAGE)
     opened_env = envelope.open_verified(sealed, typ=envelope.PACKAGE, decrypt=key, trusted=store,
                                         check_expiry=check_expiry)
     opened = OpenedPackage(directory, opened_env.claims, opened_env.document, hospital=opened_env.keys)
-    for att in opened.manifest.get("attachments", []):
-        verify_attachment(opened, att, key)
+    if verify_attachments:
+        for att in opened.manifest.get("attachments", []):
+            verify_attachment(opened, att, key)
     return opened
 
 
@@ -243,15 +248,32 @@ def verify_attachment(opened: OpenedPackage, att: dict, key: KeyRing) -> None:
 
 
 def extract_attachments(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[Path]:
+    """The separate attachments that are not DICOM series into `outdir` (series: `extract`), each in one pass:
+    decrypted to a private temporary file while its SHA-256 is computed, named only when it matches the
+    manifest (it used to be decrypted twice, then read back whole to hash it: issue 15, "Performance")."""
     files.private_dir(outdir)   # the decrypted attachments are patient records (each file is 0600 too)
     written = []
     for att in opened.manifest.get("attachments", []):
+        if isinstance(att.get("dicom"), dict):
+            continue
         dst = outdir / Path(att["file"]).name.replace(".jwe", _suffix(att["content_type"]))
-        jwe.decrypt_to_path(_attachment_path(opened, att), dst, key, max_plaintext=att["size"])
-        if hashlib.sha256(dst.read_bytes()).hexdigest() != att["sha256"]:
+        info = jwe.decrypt_to_path(_attachment_path(opened, att), dst, key, max_plaintext=att["size"])
+        if info["plaintext_sha256"] != att["sha256"] or info["plaintext_size"] != att["size"]:
             dst.unlink()
             raise SealError(f"attachment {att['file']} does not match the signed manifest")
         written.append(dst)
+    return written
+
+
+def extract(opened: OpenedPackage, key: KeyRing, outdir: Path) -> list[Path]:
+    """`reviewer open --extract DIR`: the attachments (extract_attachments) and the images, as DICOM part-10
+    files by study and series with a DICOMDIR (dicom_series.extract_images). The paths written: the
+    attachment files, each series' folder, and the DICOMDIR."""
+    written = extract_attachments(opened, key, outdir)
+    series = dicom_series.extract_images(opened, key, outdir)
+    written += [Path(s["folder"]) for s in series]
+    if series:
+        written.append(Path(outdir) / dicom_series.DICOMDIR)
     return written
 
 
@@ -314,8 +336,9 @@ def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRi
 
 def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
                   *, mappings_dir: Path, form: str | None = None,
-                  source: str = "the answer") -> tuple[bytes, dict, dict]:
-    """`answer_data`, also returning the signed opinion document (the portal keeps it for the reviewer)."""
+                  source: str = "the answer", key_images: list[dict] | None = None) -> tuple[bytes, dict, dict]:
+    """`answer_data`, also returning the signed opinion document (the portal keeps it for the reviewer).
+    `key_images`: the frames the reviewer marked in the portal's viewer (exchange/key_images.py)."""
     recipient = _recipient(opened, hospital)
     form_def = load_opinion_form(mappings_dir, form or form_for(opened, mappings_dir))
     problems = check_answer(data, form_def)
@@ -324,6 +347,13 @@ def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: Key
         if f.kind == "studies" and isinstance(data.get(f.name), list) and not problems:
             problems += [f"{f.name}: {v['study']} is not an imaging study of this package (it has: "
                          f"{', '.join(studies) or 'none'})" for v in data[f.name] if v["study"] not in studies]
+    if key_images:
+        problems += keys_problems(key_images)
+        held = {i.get("sop_uid") for a in opened.manifest.get("attachments", []) if isinstance(a.get("dicom"), dict)
+                for i in a["dicom"].get("instances", [])}
+        if not problems:
+            problems += [f"key image {k['sop_uid']} is not an image of this package" for k in key_images
+                         if k["sop_uid"] not in held]
     if problems:
         raise AnswerError(source, problems)
     claims = opened.claims
@@ -338,7 +368,7 @@ def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: Key
     org = reviewer_organization(us)
     document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
                                       patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org,
-                                      studies=studies)
+                                      studies=studies, key_images=key_images)
     document = jws.sign_bundle(document, key, who={"identifier": {"system": us["system"], "value": us["value"]},
                                                    "display": us.get("display")}, when=timestamp)
     now = int(time.time())

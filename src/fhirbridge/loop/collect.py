@@ -25,7 +25,7 @@ from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import write_atomic
 from fhirbridge.fhir.elements import clinical_date, has_coding, iter_references
 from fhirbridge.fhir.validate import validate as validate_resource
-from fhirbridge.loop import guards
+from fhirbridge.loop import guards, images
 from fhirbridge.loop.consent import POLICY, Consents
 from fhirbridge.loop.result import StepResult
 from fhirbridge.store.store import Case
@@ -48,6 +48,7 @@ class Collected:
     resources: list[dict] = field(default_factory=list)      # everything to share except Patient/SR
     withheld: list[dict] = field(default_factory=list)       # {"reference", "reason"}
     attachments: list[dict] = field(default_factory=list)    # {"url", "owner", "path", "content_type", "title"}
+    imaging: list[dict] = field(default_factory=list)        # loop/images.py: per kept ImagingStudy, its images
     profile: str = "default"
     lookback_days: int = 0
     collected_at: str = ""
@@ -273,7 +274,11 @@ def collect_step(app: App, case: Case) -> StepResult:
     sr = guards.check_order(app, case)
     guards.show_step_on_task(app, case)
     consents = guards.check_consent(app, case, sr)
-    collected = collect(app, sr, app.profile(case.profile), consents=consents)
+    profile = app.profile(case.profile)
+    collected = collect(app, sr, profile, consents=consents)
+    # The images of the kept ImagingStudies (issue 15): a PACS that is down raises a transient error here, so
+    # the Case resumes at collect, reusing the series already retrieved.
+    collected.imaging = images.collect_images(app, case.id, collected.resources, profile)
     write_atomic(app.case_dir(case.id) / COLLECTED_FILE,
                  jwe.encrypt_bytes(jsonutil.dumps(collected.as_dict()), app.hospital_keys.encryption_keys(),
                                    typ="fhirbridge-collected+jwe"))
@@ -282,6 +287,11 @@ def collect_step(app: App, case: Case) -> StepResult:
             app.store.add_event(case.id, "invalid_resource", w)
     detail: dict[str, Any] = {"counts": collected.counts(), "withheld": len(collected.withheld),
                               "attachments": len(collected.attachments)}
+    if collected.imaging:
+        detail["images"] = {"studies": sum(e["status"] == "included" for e in collected.imaging),
+                            "withheld": sum(e["status"] == "withheld" for e in collected.imaging),
+                            "instances": sum(e["instances"] for e in collected.imaging),
+                            "bytes": sum(e["bytes"] for e in collected.imaging)}
     if consents.refs:
         detail["consents"] = consents.refs
     return StepResult(detail)

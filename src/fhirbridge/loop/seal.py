@@ -12,6 +12,7 @@ that looks finished; a rerun starts over.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import shutil
 import time
 import uuid
@@ -23,9 +24,10 @@ from fhirbridge.crypto import jwe, jws
 from fhirbridge.crypto.files import open_private, private_dir
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import SealError
-from fhirbridge.exchange import envelope
+from fhirbridge.exchange import dicom_series, envelope
+from fhirbridge.exchange.compression import worth_deflating
 from fhirbridge.fhir.elements import question_of
-from fhirbridge.loop import guards
+from fhirbridge.loop import guards, images
 from fhirbridge.loop.collect import Collected, has_collected, load_collected
 from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization, referring_physician
 from fhirbridge.loop.result import StepResult, sent_back
@@ -71,16 +73,21 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
                            "data": base64.b64encode(tmp.read_bytes()).decode("ascii")})
         else:
             name = f"attachments/att-{n:03d}.jwe"
-            jwe.encrypt_to_path(tmp, staging / name, recipients, typ=ATTACHMENT_TYP, cty=content_type)
+            # DEFLATE only where it saves something (issue 15: it was most of the seal time, saving nothing).
+            jwe.encrypt_to_path(tmp, staging / name, recipients, typ=ATTACHMENT_TYP, cty=content_type,
+                                compress=worth_deflating(content_type, tmp))
             files.append({"file": name, "url": att["url"], "owner": att["owner"], "path": att["path"],
                           "content_type": content_type, "title": att["title"], "size": info["size"],
                           "sha256": info["sha256"]})
         tmp.unlink()
+    series_files = _seal_images(app, case, collected, staging, recipients, files)
 
     now = datetime.now(UTC)
     timestamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
     h = app.hospital
     org = hospital_organization(h.name, h.identifier_system, h.identifier_value)
+    shared = dicom_series.point_at_package(collected.resources, series_files)
+    collected = dataclasses.replace(collected, resources=shared)
     document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
                               timestamp=timestamp, inline_binaries=inline)
     document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
@@ -101,6 +108,12 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         "attachments": files,
         "inline_attachments": [f"Binary/{b['id']}" for b in inline],
     }
+    if collected.imaging:
+        # What became of each kept ImagingStudy's images (exchange/dicom_series.py: the format).
+        manifest["imaging"] = [{"study_uid": e["study_uid"], "imaging_study": e["imaging_study"],
+                                "status": e["status"], "reason": e["reason"], "kind": e["kind"],
+                                "series": [s["series_uid"] for s in e["series"]], "instances": e["instances"],
+                                "bytes": e["bytes"]} for e in collected.imaging]
     claims = {
         "jti": package_id, "iat": issued, "exp": issued + cfg.package_lifetime_days * 86400,
         **envelope.addressing({"system": h.identifier_system, "value": h.identifier_value, "display": h.name},
@@ -125,8 +138,40 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     staging.rename(final)
     summary = {"package_id": package_id, "shared": len(manifest["shared"]), "withheld": len(collected.withheld),
                "attachment_files": len(files), "inline_attachments": len(inline),
+               "image_series": len(series_files),
                "envelope_bytes": len(data), "due_at": due_at}
     return package_id, summary
+
+
+def _seal_images(app: App, case: Case, collected: Collected, staging: Path, recipients: list,
+                 files: list[dict]) -> dict[str, str]:
+    """One attachment per included series (exchange/dicom_series.py), appended to `files`; returns
+    SeriesInstanceUID -> its file, for the document's ImagingStudy."""
+    series_files: dict[str, str] = {}
+    n = len(collected.attachments)
+    studies = {f"ImagingStudy/{r.get('id')}": r for r in collected.resources if r.get("resourceType") == "ImagingStudy"}
+    for study in collected.imaging:
+        if study["status"] != "included":
+            continue
+        described = [s.get("uid") for s in studies.get(study["imaging_study"], {}).get("series", [])]
+        for series in study["series"]:
+            n += 1
+            name = f"attachments/att-{n:03d}.jwe"
+            app.progress(f"  series {series['series_uid']}: {len(series['instances'])} instances")
+            members = images.members(app, case.id, series)
+            info = dicom_series.encrypt_series(members, staging / name, recipients, typ=ATTACHMENT_TYP)
+            uid = series["series_uid"]
+            files.append({"file": name, "url": f"urn:dicom:uid:{uid}", "owner": study["imaging_study"],
+                          "path": f"series[{described.index(uid)}]" if uid in described else "series",
+                          "content_type": dicom_series.CONTENT_TYPE,
+                          "title": series["description"] or f"{series['modality']} series",
+                          "size": info["plaintext_size"], "sha256": info["plaintext_sha256"],
+                          "dicom": {"study_uid": study["study_uid"], "series_uid": uid,
+                                    "modality": series["modality"], "series_number": series["series_number"],
+                                    "description": series["description"],
+                                    "instances": [m.entry for m in members]}})
+            series_files[uid] = name
+    return series_files
 
 
 def seal_step(app: App, case: Case) -> StepResult:

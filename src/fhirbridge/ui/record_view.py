@@ -139,6 +139,8 @@ def attachments_of(opened) -> list[tuple[Attachment, str]]:
     those inline in the document (DocumentReference attachment.data). Returns (Attachment, its url key)."""
     out: list[tuple[Attachment, str]] = []
     for att in opened.manifest.get("attachments", []):
+        if "dicom" in att:
+            continue            # a DICOM series: shown by the image viewer (reviewer/images.html), not here
         out.append((Attachment(len(out), att.get("title") or att["file"].rsplit("/", 1)[-1], att["content_type"],
                                att.get("size")), att["url"]))
     binaries = {f"Binary/{e['resource'].get('id')}": e["resource"] for e in opened.document.get("entry", [])

@@ -36,13 +36,13 @@ from fhirbridge.crypto import files, jwe
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
-from fhirbridge.exchange import envelope
+from fhirbridge.exchange import dicom_series, envelope
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, form_for, open_package, sealed_answer, studies_of
 from fhirbridge.fhir.elements import summary_line
 from fhirbridge.fhir.unreachable import why_unreachable
-from fhirbridge.ui import check_csrf, derive_secret, install, safe_next
+from fhirbridge.ui import check_csrf, derive_secret, dicom_render, image_view, install, safe_next
 from fhirbridge.ui.record_view import Attachment, attachments_of, build, questions_of
 
 log = logging.getLogger("fhirbridge.portal")
@@ -90,6 +90,11 @@ class PortalCase:
     due_at: float | None = None
 
 
+def has_images(opened: OpenedPackage) -> bool:
+    """Whether the package carries DICOM series (manifest attachments with a `dicom` entry)."""
+    return any(isinstance(a, dict) and "dicom" in a for a in opened.manifest.get("attachments", []))
+
+
 class Portal:
     def __init__(self, s: PortalSettings):
         self.s = s
@@ -105,11 +110,13 @@ class Portal:
         self.form = load_opinion_form(s.mappings_dir, s.form)
         self.cases: dict[str, PortalCase] = {}
         self._opened: dict[str, OpenedPackage] = {}
+        self._images: dict[str, image_view.ImageSet] = {}
         # Pulled packages and answers are patient records: owner-only whatever the umask, and a work
         # directory an older version left open is narrowed (issue 13, S11).
         files.narrow_tree(s.work_dir)
         files.private_dir(s.work_dir / "pulled")
         files.private_dir(s.work_dir / "answered")
+        files.private_dir(s.work_dir / "images")
         if s.pull and not s.issuer:
             raise FhirbridgeError("--issuer (your organisation identifier as the hospital has it) is needed to pull")
 
@@ -239,6 +246,46 @@ class Portal:
             if r.get("resourceType") == "Binary" and url == f"Binary/{r.get('id')}":
                 return base64.b64decode(r.get("data", "")), att
         abort(404)
+
+    # --- images ---------------------------------------------------------------------------------------------
+
+    def images(self, pid: str) -> image_view.ImageSet:
+        """The package's images, extracted once into the work directory (0700 folders, 0600 files: they are
+        the patient's images in the clear) and listed; an empty set for a package without images."""
+        if pid in self._images:
+            return self._images[pid]
+        opened = self.opened(pid)
+        if not has_images(opened):
+            return image_view.ImageSet(series=[], reports={})
+        outdir = self.s.work_dir / "images" / hashlib.sha256(pid.encode()).hexdigest()[:24]
+        done = outdir / ".complete"
+        if not done.exists():
+            # A folder left by an extraction that was cut off is redone from scratch.
+            files.remove_tree(outdir)
+            files.private_dir(outdir)
+            # `<StudyUID>/<SeriesUID>/<SOPUID>.dcm` and a DICOMDIR, each file checked against the signed
+            # manifest in the same pass that decrypts it.
+            dicom_series.extract_images(opened, self.key, outdir)
+            files.write_atomic(done, b"")
+        self._images[pid] = image_view.scan(outdir, opened.document)
+        return self._images[pid]
+
+    def _keys_path(self, pid: str) -> Path:
+        return self.s.work_dir / "answered" / f"{pid}.key-images.json"
+
+    def key_images(self, pid: str) -> list[dict]:
+        """The key images marked for this Case, in the order they were marked."""
+        p = self._keys_path(pid)
+        return list(jsonutil.loads(p.read_bytes())) if p.exists() else []
+
+    def toggle_key_image(self, pid: str, k: image_view.KeyImage, modality: str) -> bool:
+        """Mark `k`, or unmark it if it was marked; returns whether it is marked now."""
+        marked = self.key_images(pid)
+        entry = {**k.as_dict(), "modality": modality}
+        same = [m for m in marked if (m["sop_uid"], m["frame"]) == (k.sop_uid, k.frame)]
+        marked = [m for m in marked if m not in same] if same else [*marked, entry]
+        envelope.write_atomic(self._keys_path(pid), jsonutil.dumps(marked))
+        return not same
 
     def form_name(self, pid: str) -> str:
         """The opinion form of this Case: its collection profile's (exchange.reviewer.form_for), else --form."""
@@ -393,14 +440,15 @@ def read_form(form_def, questions: list[str], form, studies: dict[str, dict] | N
     return {k: v for k, v in data.items() if v not in ("", [])}, errors
 
 
-def preview_text(form: OpinionForm, opened: OpenedPackage, data: dict) -> str:
+def preview_text(form: OpinionForm, opened: OpenedPackage, data: dict, key_images: list[dict] | None = None) -> str:
     claims = opened.claims
     entries = {f"{e['resource']['resourceType']}/{e['resource'].get('id')}": e for e in opened.document["entry"]}
     doc = build_opinion_document(data, form, opinion_id=str(uuid.uuid4()), timestamp="(when sent)",
                                  studies=studies_of(opened),
                                  patient_entry=entries[claims["patient"]],
                                  service_request_entry=entries[claims["service_request"]],
-                                 reviewer_org=reviewer_organization(envelope.party(claims, "aud")))
+                                 reviewer_org=reviewer_organization(envelope.party(claims, "aud")),
+                                 key_images=key_images)
     return render_opinion(doc)
 
 
@@ -495,6 +543,7 @@ def create_portal(settings: PortalSettings) -> Flask:
                                values=values or {}, errors=errors or {}, preview=preview, pc=pc, due=due,
                                overdue=bool(due and due < time.time() and not answered and pc.source != "closed"),
                                answered=answered, sent_opinion=portal.sent_opinion(pid) if answered else None,
+                               images=has_images(opened), marked=portal.key_images(pid),
                                nav=nav("case"), where="Reviewer portal", fmt=_fmt), status
 
     @app.get("/cases/<pid>")
@@ -505,6 +554,77 @@ def create_portal(settings: PortalSettings) -> Flask:
     def attachment(pid: str, index: int):
         data, att = portal.attachment(pid, index)
         return attachment_response(data, att)
+
+    # --- the viewer: series, slices, frames, window/level, key images -------------------------------------
+
+    def _series_of(pid: str, series_uid: str) -> image_view.Series:
+        s = portal.images(pid).by_uid(series_uid)
+        return s if s is not None else abort(404)
+
+    @app.get("/cases/<pid>/images")
+    def images(pid: str):
+        opened = portal.opened(pid)
+        imgs = portal.images(pid)
+        current = imgs.by_uid(request.args.get("series", "")) or (imgs.series[0] if imgs.series else None)
+        index = _arg_int("i", 0, len(current.instances) - 1 if current else 0)
+        frames = current.instances[index].frames if current and current.instances else 1
+        frame = _arg_int("frame", 1, frames)
+        marked = portal.key_images(pid)
+        pc = portal.cases[pid]
+        return render_template("reviewer/images.html", title=f"Images, Case {pc.package_id[:8]}", pc=pc,
+                               imgs=imgs, current=current, index=index, frame=frame, marked=marked,
+                               presets=dicom_render.CT_PRESETS, answered=portal.answered(pid),
+                               patient=build(opened, attachment_text=lambda _i: None).patient,
+                               nav=nav("case"), where="Reviewer portal")
+
+    @app.get("/cases/<pid>/images/<series_uid>/<int:index>.png")
+    def frame_png(pid: str, series_uid: str, index: int):
+        inst = _series_of(pid, series_uid).instance(index) or abort(404)
+        frame = _arg_int("frame", 1, inst.frames) - 1
+        window = dicom_render.parse_window(request.args.get("wc"), request.args.get("ww"))
+        try:
+            png = dicom_render.render_png(inst.path, frame=frame, window=window)
+        except dicom_render.CannotDisplay as exc:
+            return _no_store(Response(str(exc), status=422, content_type="text/plain; charset=utf-8"))
+        return _no_store(Response(png, content_type="image/png"))
+
+    @app.get("/cases/<pid>/images/<series_uid>/thumbnail.png")
+    def thumbnail(pid: str, series_uid: str):
+        s = _series_of(pid, series_uid)
+        inst = s.instance(len(s.instances) // 2) or abort(404)
+        try:
+            png = dicom_render.render_png(inst.path, frame=0, max_side=dicom_render.THUMBNAIL)
+        except dicom_render.CannotDisplay as exc:
+            return _no_store(Response(str(exc), status=422, content_type="text/plain; charset=utf-8"))
+        return _no_store(Response(png, content_type="image/png"))
+
+    @app.get("/cases/<pid>/images/<series_uid>/<int:index>.dcm")
+    def instance_file(pid: str, series_uid: str, index: int):
+        inst = _series_of(pid, series_uid).instance(index) or abort(404)
+        resp = Response(inst.path.read_bytes(), content_type="application/dicom")
+        # The SOP Instance UID is digits and dots (checked by the extraction's file names): a safe file name.
+        name = inst.sop_uid if image_view.UID.fullmatch(inst.sop_uid) else f"instance-{index + 1}"
+        resp.headers["Content-Disposition"] = f'attachment; filename="{name}.dcm"'
+        return _no_store(resp)
+
+    @app.post("/cases/<pid>/key-images")
+    def key_images(pid: str):
+        check_csrf()
+        if portal.answered(pid):
+            flash("This Case was answered already: its key images went with the opinion.", "error")
+            return redirect(url_for("images", pid=pid))
+        imgs = portal.images(pid)
+        series_uid, sop_uid = request.form.get("series", ""), request.form.get("sop", "")
+        k = image_view.key_image(imgs, series_uid, sop_uid, request.form.get("frame", ""))
+        if k is None:
+            abort(400, "that image is not in this package")
+        s = imgs.by_uid(series_uid)
+        assert s is not None                          # key_image found it
+        on = portal.toggle_key_image(pid, k, s.modality)
+        flash(f"{'Marked' if on else 'Unmarked'} as a key image: {s.title()}, image "
+              f"{(s.find(sop_uid) or (0, None))[0] + 1}, frame {k.frame}.", "ok")
+        return redirect(url_for("images", pid=pid, series=series_uid, i=request.form.get("i", "0"),
+                                frame=k.frame))
 
     @app.post("/cases/<pid>/opinion")
     def opinion(pid: str):
@@ -520,10 +640,12 @@ def create_portal(settings: PortalSettings) -> Flask:
         if errors:
             return _case_page(pid, values=values, errors=errors, status=422)
         if request.form.get("action") != "send":
-            return _case_page(pid, values=values, preview=preview_text(form_def, opened, data))
+            return _case_page(pid, values=values, preview=preview_text(form_def, opened, data,
+                                                                       portal.key_images(pid)))
         try:
             sealed, claims, document = sealed_answer(opened, data, portal.key, mappings_dir=settings.mappings_dir,
-                                                     form=portal.form_name(pid), source="the form")
+                                                     form=portal.form_name(pid), source="the form",
+                                                     key_images=portal.key_images(pid))
         except AnswerError as exc:
             return _case_page(pid, values=values, errors={"_": "; ".join(exc.problems)}, status=422)
         pc = portal.cases[pid]
@@ -612,6 +734,21 @@ def _hospital_call(portal: Portal, pc: PortalCase, what: str, body: dict) -> Non
                       timeout=PULL_TIMEOUT)
     if r.status_code not in (200, 201):
         raise FhirbridgeError(f"the hospital answered HTTP {r.status_code}: {_message(r)}")
+
+
+def _arg_int(name: str, low: int, high: int) -> int:
+    """A whole-number query argument clamped to [low, high] (low when absent or not a number)."""
+    try:
+        return min(max(int(request.args.get(name, low)), low), max(high, low))
+    except ValueError:
+        return low
+
+
+def _no_store(resp: Response) -> Response:
+    # A rendered frame or a DICOM file is the patient's image: never kept by the browser or a proxy.
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
 
 
 def _fmt(epoch) -> str:

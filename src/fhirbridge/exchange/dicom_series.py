@@ -1,0 +1,374 @@
+"""A DICOM series as one encrypted attachment of a package (issue 15): the format, how seal writes it and how the
+reviewer extracts it. Seal (loop/seal.py) and the reviewer (`reviewer open --extract`, the portal's viewer) share
+this module, so the format is written down once, here.
+
+FORMAT (a contract: the portal's viewer reads it too)
+
+- One attachment per series: `attachments/att-NNN.jwe`, a streamed JWE (crypto/jwe.py) WITHOUT "zip" (DICOM pixel
+  data does not deflate usefully, and DEFLATE was most of the seal time, issue 15 "Performance"), `cty`
+  application/x-tar.
+- Its plaintext is an uncompressed POSIX tar stream (ustar, what `tarfile` writes in mode "w|"): one regular
+  file member per instance, named `<SOPInstanceUID>.dcm`, holding the DICOM part-10 bytes exactly as the PACS
+  gave them (original transfer syntax), in InstanceNumber order (then SOP Instance UID). Nothing else: no
+  directories, links or pax headers; a reader refuses any other member.
+- Its manifest `attachments[]` entry: the usual `file`, `url` (`urn:dicom:uid:<SeriesInstanceUID>`: no
+  hospital address), `owner` ("ImagingStudy/<id>"), `path` ("series[i]"), `title`, `content_type`
+  "application/x-tar", `size` and `sha256` (of the tar plaintext), plus
+  `"dicom": {"study_uid", "series_uid", "modality", "series_number", "description",
+  "instances": [{"sop_uid", "sop_class_uid", "transfer_syntax", "number", "frames", "bytes", "sha256"}]}`
+  in member order.
+- The manifest's `imaging`: one entry per ImagingStudy the profile kept, `{"study_uid", "imaging_study":
+  "ImagingStudy/<id>", "status": "included" | "withheld", "reason", "kind", "series": [series UIDs],
+  "instances": N, "bytes": B}`; `kind` is a DicomwebError kind ("not-found", "too-large", ...) or one of
+  ours ("not-configured", "no-uid", "older", "no-series").
+- In the document, each ImagingStudy whose images travel points at them: each series carries the extension
+  PACKAGE_ATTACHMENT (valueUrl: the package-relative file, "attachments/att-NNN.jwe"), and the study's and its
+  series' `endpoint` references (the hospital's internal PACS, which no reviewer can reach) are removed.
+
+Extracting (`extract_images`) is one pass per attachment: decrypt -> tar stream -> each member hashed while it
+is written to a 0600 file; the members are checked against the manifest (names, order, sizes, SHA-256, count)
+and the whole plaintext against the attachment's SHA-256 and the AES-GCM tag. The series' files appear under
+their final folder only when all of that held; any mismatch removes that series' output and raises SealError
+naming the attachment.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import pydicom
+from pydicom.fileset import FileSet
+
+from fhirbridge.crypto import files, jwe
+from fhirbridge.crypto.keys import KeyRing
+from fhirbridge.dicomweb import DicomwebClient, DicomwebError
+from fhirbridge.errors import SealError
+
+CONTENT_TYPE = "application/x-tar"
+PACKAGE_ATTACHMENT = "http://fhirbridge.org/fhir/StructureDefinition/package-attachment"
+DICOMDIR = "DICOMDIR"
+_BLOCK = 512
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")     # PS3.5 9.1
+_COPY = 1 << 20
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+@dataclass(frozen=True)
+class Member:
+    """One instance to put in a series' tar: its file and its manifest entry (`instance_entry`)."""
+
+    path: Path
+    entry: dict
+
+
+def instance_entry(*, sop_uid: str, sop_class_uid: str, transfer_syntax: str, number: int, frames: int,
+                   size: int, sha256: str) -> dict:
+    return {"sop_uid": sop_uid, "sop_class_uid": sop_class_uid, "transfer_syntax": transfer_syntax,
+            "number": number, "frames": frames, "bytes": size, "sha256": sha256}
+
+
+def ordered(members: Iterable[Member]) -> list[Member]:
+    """Member order: InstanceNumber, then SOP Instance UID (what a viewer scrolls through)."""
+    return sorted(members, key=lambda m: (m.entry["number"], m.entry["sop_uid"]))
+
+
+def write_series_tar(dst: Writable, members: list[Member]) -> None:
+    """The tar stream of one series into `dst` (a jwe.Encryptor): memory O(1 MiB) whatever its size. The
+    members' sizes must be what the manifest says (the file is checked as it is copied)."""
+    with tarfile.open(fileobj=dst, mode="w|", format=tarfile.USTAR_FORMAT,  # type: ignore[call-overload]
+                      bufsize=_COPY) as tar:
+        for m in members:
+            info = tarfile.TarInfo(f"{m.entry['sop_uid']}.dcm")
+            info.size, info.mode, info.mtime = m.entry["bytes"], 0o600, 0
+            with open(m.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != info.size:
+                    raise SealError(f"instance {m.entry['sop_uid']} changed on disk since it was retrieved")
+                tar.addfile(info, f)
+
+
+def encrypt_series(members: list[Member], dst: Path, recipients: list, *, typ: str) -> dict:
+    """The series' attachment file: tar -> JWE (no zip), written to a temporary name and renamed when
+    complete. Returns jwe's summary (plaintext_sha256, plaintext_size)."""
+    tmp = dst.with_name(f".{dst.name}.part")
+    try:
+        with files.open_private(tmp) as out:
+            enc = jwe.Encryptor(out, recipients, compress=False, typ=typ, cty=CONTENT_TYPE)
+            write_series_tar(enc, members)
+            info = enc.close()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return info
+
+
+def point_at_package(resources: list[dict], series_files: dict[str, str]) -> list[dict]:
+    """The records as the document carries them when images travel: each ImagingStudy with a series in
+    `series_files` (SeriesInstanceUID -> "attachments/att-NNN.jwe") gets the PACKAGE_ATTACHMENT extension on
+    those series and loses its `endpoint` references (the hospital's internal PACS); a dicom-wado-rs Endpoint
+    that nothing shared refers to any more is left out. The inputs are not changed."""
+    out: list[dict] = []
+    dropped_refs: set[str] = set()
+    for res in resources:
+        if res.get("resourceType") == "ImagingStudy" and any(s.get("uid") in series_files
+                                                              for s in res.get("series", [])):
+            res = copy.deepcopy(res)
+            dropped_refs |= {str(e.get("reference")) for e in res.pop("endpoint", [])}
+            for s in res.get("series", []):
+                dropped_refs |= {str(e.get("reference")) for e in s.pop("endpoint", [])}
+                if s.get("uid") in series_files:
+                    s.setdefault("extension", []).append({"url": PACKAGE_ATTACHMENT,
+                                                          "valueUrl": series_files[s["uid"]]})
+        out.append(res)
+    still = {e.get("reference") for r in out if r.get("resourceType") == "ImagingStudy"
+             for e in [*r.get("endpoint", []), *(x for s in r.get("series", []) for x in s.get("endpoint", []))]}
+    return [r for r in out if not (r.get("resourceType") == "Endpoint" and f"Endpoint/{r.get('id')}" in dropped_refs
+                                   and f"Endpoint/{r.get('id')}" not in still)]
+
+
+# --- the reviewer's side ----------------------------------------------------------------------------------
+
+class _Opened(Protocol):
+    path: Path
+
+    @property
+    def manifest(self) -> dict: ...
+
+
+def series_attachments(manifest: dict) -> list[dict]:
+    """The attachments that are DICOM series (they carry "dicom")."""
+    return [a for a in manifest.get("attachments", []) if isinstance(a, dict) and isinstance(a.get("dicom"), dict)]
+
+
+def extract_images(opened: _Opened, key: KeyRing, outdir: Path) -> list[dict]:
+    """Every series of the package into `outdir/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` (0600 files, 0700 folders),
+    one pass per attachment, and a DICOMDIR at `outdir/DICOMDIR` (see `write_dicomdir`). Returns per series
+    {"file", "study_uid", "series_uid", "folder", "instances", "bytes"}. Raises SealError naming the attachment
+    that does not match the signed manifest (its series' output removed; series already extracted stay)."""
+    outdir = files.private_dir(Path(outdir))
+    done: list[dict] = []
+    for att in series_attachments(opened.manifest):
+        done.append(_extract_one(opened, att, key, outdir))
+    if done:
+        write_dicomdir(outdir, done)
+    return done
+
+
+def _attachment_file(opened: _Opened, att: dict) -> Path:
+    name = att.get("file")
+    if not isinstance(name, str):
+        raise SealError("an attachment of the manifest names no file")
+    p = (opened.path / name).resolve()
+    if opened.path.resolve() not in p.parents:   # a manifest must not point outside its package
+        raise SealError(f"attachment path {name!r} leaves the package")
+    if not p.is_file():
+        raise SealError(f"attachment {name} named in the manifest is missing")
+    return p
+
+
+def _uid(value: Any, what: str, file: str) -> str:
+    if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
+        raise SealError(f"attachment {file}: the manifest's {what} is not a DICOM UID")
+    return value
+
+
+def _extract_one(opened: _Opened, att: dict, key: KeyRing, outdir: Path) -> dict:
+    name = str(att.get("file"))
+    src = _attachment_file(opened, att)
+    dicom = att["dicom"]
+    study = _uid(dicom.get("study_uid"), "study_uid", name)
+    series = _uid(dicom.get("series_uid"), "series_uid", name)
+    expected = dicom.get("instances")
+    if not isinstance(expected, list) or not expected:
+        raise SealError(f"attachment {name}: the manifest lists no instances")
+    for item in expected:
+        _uid(item.get("sop_uid") if isinstance(item, dict) else None, "sop_uid", name)
+    parent = files.private_dir(outdir / study)
+    final = parent / series
+    staging = parent / f".partial-{series}"
+    files.remove_tree(staging)
+    files.private_dir(staging)
+    sink = _TarSink(staging, expected, name)
+    try:
+        with open(src, "rb") as f:
+            info = jwe.decrypt_stream(f, sink, key, max_plaintext=att.get("size"))
+        sink.finish()
+        if info["plaintext_sha256"] != att.get("sha256") or info["plaintext_size"] != att.get("size"):
+            raise SealError(f"attachment {name} does not match the signed manifest (SHA-256 or size of the series)")
+    except BaseException as exc:
+        sink.abort()
+        files.remove_tree(staging)
+        if isinstance(exc, SealError) and name not in str(exc):
+            raise SealError(f"attachment {name} (series {series}): {exc}") from None
+        raise
+    if final.exists():
+        files.remove_tree(final)
+    staging.rename(final)
+    files.fsync_dir(parent)
+    return {"file": name, "study_uid": study, "series_uid": series, "folder": final,
+            "instances": len(expected), "bytes": sum(int(i.get("bytes") or 0) for i in expected)}
+
+
+class _TarSink:
+    """A push parser of the tar stream seal writes (ustar, regular files only): each member hashed as it is
+    written to its own 0600 file, and checked against the manifest's next instance (name, size, SHA-256)."""
+
+    def __init__(self, folder: Path, expected: list[dict], name: str):
+        self.folder, self.expected, self.name = folder, expected, name
+        self.buf = bytearray()
+        self.index = 0                     # members finished
+        self.file: BinaryIO | None = None
+        self.remaining = 0                 # bytes of the current member still to come
+        self.padding = 0                   # zero bytes after it (to the 512-byte block)
+        self.sha = hashlib.sha256()
+        self.ended = False
+
+    def _fail(self, why: str) -> SealError:
+        return SealError(f"attachment {self.name} does not match the signed manifest: {why}")
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            if self.file is not None:
+                n = min(self.remaining, len(view))
+                self.file.write(view[:n])
+                self.sha.update(view[:n])
+                self.remaining -= n
+                view = view[n:]
+                if self.remaining == 0:
+                    self._close_member()
+                continue
+            if self.padding:
+                n = min(self.padding, len(view))
+                self.padding -= n
+                view = view[n:]
+                continue
+            need = _BLOCK - len(self.buf)
+            self.buf += view[:need]
+            view = view[need:]
+            if len(self.buf) == _BLOCK:
+                block, self.buf = bytes(self.buf), bytearray()
+                self._header(block)
+        return len(data)
+
+    def _header(self, block: bytes) -> None:
+        if self.ended:
+            if block.strip(b"\0"):
+                raise self._fail("data after the end of the tar stream")
+            return
+        if not block.strip(b"\0"):
+            self.ended = True          # the first of the two zero blocks that end a tar
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
+        except tarfile.HeaderError as exc:
+            raise self._fail(f"a tar header is corrupt ({exc})") from None
+        if not info.isreg():
+            raise self._fail(f"member {info.name[:80]!r} is not a regular file")
+        if self.index >= len(self.expected):
+            raise self._fail(f"more instances than the {len(self.expected)} it lists")
+        want = self.expected[self.index]
+        if info.name != f"{want['sop_uid']}.dcm" or info.size != want.get("bytes"):
+            raise self._fail(f"member {self.index + 1} is not instance {want['sop_uid']} of {want.get('bytes')} "
+                             "bytes")
+        self.file = files.open_private(self.folder / info.name, exclusive=True)
+        self.sha = hashlib.sha256()
+        self.remaining = info.size
+        self.padding = -info.size % _BLOCK
+        if info.size == 0:
+            self._close_member()
+
+    def _close_member(self) -> None:
+        assert self.file is not None
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        want = self.expected[self.index]
+        if self.sha.hexdigest() != want.get("sha256"):
+            raise self._fail(f"instance {want['sop_uid']} has another SHA-256 than the manifest says")
+        self.index += 1
+
+    def finish(self) -> None:
+        if self.file is not None or self.remaining or self.buf or not self.ended:
+            raise self._fail("the tar stream ends early")
+        if self.index != len(self.expected):
+            raise self._fail(f"{self.index} instances where it lists {len(self.expected)}")
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# --- into the reviewer's own PACS ----------------------------------------------------------------------
+
+def import_to_pacs(client: DicomwebClient, series: list[dict], *, batch: int = 50) -> dict:
+    """STOW-RS (PS3.18 10.5) every extracted instance of `series` (what extract_images returns) into the
+    reviewer's PACS, in batches of `batch` per request, then check by QIDO-RS (10.6) that the PACS lists every
+    SOP Instance UID of each series. Returns {"series", "instances"}; a DicomwebError names what is missing."""
+    sent = 0
+    for s in series:
+        paths = sorted(Path(s["folder"]).glob("*.dcm"))
+        for i in range(0, len(paths), batch):
+            client.store(paths[i:i + batch], study_uid=s["study_uid"])
+        sent += len(paths)
+        want = {p.stem for p in paths}
+        listed = {str((item.get("00080018") or {}).get("Value", [""])[0])
+                  for item in client.search_instances(s["study_uid"], s["series_uid"])}
+        missing = want - listed
+        if missing:
+            raise DicomwebError(f"after STOW-RS the PACS lists {len(want) - len(missing)} of the {len(want)} "
+                                f"instances of series {s['series_uid']}", kind="mismatch")
+    return {"series": len(series), "instances": sent}
+
+
+# --- DICOMDIR ------------------------------------------------------------------------------------------
+
+def write_dicomdir(outdir: Path, series: list[dict]) -> Path:
+    """A DICOMDIR (PS3.10 8, PS3.3 F) at `outdir/DICOMDIR`, so a viewer that opens media (a CD's layout) finds
+    every instance. PS3.10 8.2 allows File IDs of at most 8 components of at most 8 characters (A-Z, 0-9, _),
+    which UIDs are not; so the DICOMDIR references pydicom's own layout (`PT000000/ST000000/SE000000/IM000000`)
+    and each of those files is a hard link to the extracted `<Study>/<Series>/<SOP>.dcm`: the same bytes, no
+    second copy on disk (a copy where the file system has no hard links). pydicom's FileSet builds the
+    records from each instance's header only (pixel data is not read)."""
+    staging = files.private_dir(outdir / ".dicomdir-staging")
+    try:
+        fs = FileSet()
+        fs.ID = "FHIRBRIDGE"
+        originals: dict[str, Path] = {}
+        for s in series:
+            for path in sorted(Path(s["folder"]).glob("*.dcm")):
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+                originals[str(header.SOPInstanceUID)] = path
+                fs.add(header)
+        fs.write(staging)
+        for instance in fs:
+            target = staging / instance.FileID
+            target.unlink()
+            try:
+                os.link(originals[str(instance.SOPInstanceUID)], target)
+            except OSError:
+                shutil.copyfile(originals[str(instance.SOPInstanceUID)], target)
+        for old in outdir.iterdir():
+            if old.name == DICOMDIR or (old.is_dir() and re.fullmatch(r"PT\d{6}", old.name)):
+                files.remove_tree(old) if old.is_dir() else old.unlink()
+        for item in staging.iterdir():
+            item.rename(outdir / item.name)
+        files.narrow_tree(outdir, warn=False)   # pydicom made its folders and the DICOMDIR with the umask's modes
+    finally:
+        files.remove_tree(staging)
+    return outdir / DICOMDIR
