@@ -57,13 +57,16 @@
   }
 
   // A frame that cannot be shown: the portal says why (e.g. no decoder for its transfer syntax).
-  img.addEventListener("error", function () {
+  function cannotShow() {
     fetch(img.src, {credentials: "same-origin"}).then(function (r) { return r.text(); }).then(function (text) {
       cannot.textContent = text || "This image cannot be displayed here; download the DICOM file.";
       cannot.hidden = false;
       img.hidden = true;
     });
-  });
+  }
+  img.addEventListener("error", cannotShow);
+  // The page's own first image may have failed before this script ran: its error event is gone by now.
+  if (img.getAttribute("src") && img.complete && img.naturalWidth === 0) { cannotShow(); }
 
   // A series whose middle image cannot be rendered gets a label instead of a broken thumbnail.
   Array.prototype.forEach.call(document.querySelectorAll(".thumb"), function (t) {
