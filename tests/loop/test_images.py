@@ -25,6 +25,8 @@ pytestmark = pytest.mark.sekmet
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
+    """An Orthanc of this module's own, not tests/dicomweb's session one: these Cases fault and count the PACS's
+    answers, which the DICOMweb tests' uploads and fault rules would disturb (tried: five tests then fail)."""
     try:
         find_orthanc()
     except RuntimeError as exc:

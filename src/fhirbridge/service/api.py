@@ -172,14 +172,14 @@ def _order_answer(app, row: dict):
 @api.get("/orders/<order_id>")
 def read_order(order_id: str):
     """An accepted order: pending, placed (with its ServiceRequest and Case) or failed (with why)."""
-    for app in service().apps:
-        row = OrderRequests(app.store).get(order_id) if _ID.fullmatch(order_id) else None
-        if row is not None and row["hospital"] == app.hospital.key and g.staff.may_see(app.hospital.name):
-            if row["state"] == PLACED and not row["case_id"]:
-                case = app.store.find_by_order(app.hospital.key, row["service_request"])
-                row = dict(row, case_id=case.id if case else None)
-            return jsonify({"order": _order_json(app, row)})
-    raise ApiError(404, f"no order {order_id}")
+    row = OrderRequests(service().store).get(order_id) if _ID.fullmatch(order_id) else None
+    app = service().app_for_key(row["hospital"]) if row else None
+    if row is None or app is None or not g.staff.may_see(app.hospital.name):
+        raise ApiError(404, f"no order {order_id}")   # another hospital's order does not exist for this token
+    if row["state"] == PLACED and not row["case_id"]:
+        case = app.store.find_by_order(app.hospital.key, row["service_request"])
+        row = dict(row, case_id=case.id if case else None)
+    return jsonify({"order": _order_json(app, row)})
 
 
 def _hospital_app(name: str | None):
