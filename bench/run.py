@@ -1,7 +1,7 @@
 """Run the benchmarks, print one table, write the results as JSON.
 
     .venv/bin/python -m bench [--quick] [--only collect,seal,writeback,plans,loop,claims,wado,outcomes,cds,
-                               cases]
+                               cases,images]
                               [--json FILE]
 
 See bench/README.md for what each benchmark measures and docs/performance.md for a recorded run.
@@ -21,6 +21,7 @@ from . import (
     cds_bench,
     claims_bench,
     collect_bench,
+    images_bench,
     loop_bench,
     outcomes_bench,
     plans_bench,
@@ -30,7 +31,7 @@ from . import (
 )
 from .common import Bench, machine
 
-SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "outcomes", "cds", "cases")
+SECTIONS = ("collect", "seal", "writeback", "plans", "loop", "claims", "wado", "outcomes", "cds", "cases", "images")
 
 # What each mode runs: --quick finishes in a few minutes; the full run adds the 10,000-resource patient,
 # 100 MiB of attachments and more repetitions.
@@ -41,14 +42,14 @@ PLANS = {
               "writeback_repeats": 5, "loop_sizes": [10, 100, 1000], "loop_repeats": 2,
               "claims_cases": 1000, "claims_repeats": 2, "wado_mb": 20, "wado_repeats": 3,
               "outcomes_closed": 5000, "outcomes_repeats": 5, "cds_seconds": 10, "cds_threads": 8,
-              "cases_sizes": [1000, 10000], "cases_repeats": 10},
+              "cases_sizes": [1000, 10000], "cases_repeats": 10, "images_repeats": 2},
     "full": {"collect_sizes": [10, 100, 1000, 10000], "collect_repeats": {10: 9, 100: 9, 1000: 7, 10000: 5},
              "seal": [{"name": "document", "resources": 10000, "attachment_mb": []},
                       {"name": "attachments", "resources": 100, "attachment_mb": [100]}], "seal_repeats": 5,
              "writeback_repeats": 11, "loop_sizes": [10, 100, 1000, 10000], "loop_repeats": 3,
              "claims_cases": 4000, "claims_repeats": 3, "wado_mb": 150, "wado_repeats": 5,
              "outcomes_closed": 20000, "outcomes_repeats": 9, "cds_seconds": 30, "cds_threads": 8,
-             "cases_sizes": [1000, 10000, 100000], "cases_repeats": 20},
+             "cases_sizes": [1000, 10000, 100000], "cases_repeats": 20, "images_repeats": 3},
 }
 PAGE_SIZE_VARIANT = 1000   # collect is also measured with this _count, beside the configured default (100)
 
@@ -95,6 +96,8 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
         return seal_bench.run(root, plan["seal"], plan["seal_repeats"], log=log)
     if section == "wado":
         return wado_bench.run(root, plan["wado_mb"], plan["wado_repeats"], log=log)
+    if section == "images":   # sizes: FHIRBRIDGE_BENCH_IMAGES_MB (default 10,64,256)
+        return images_bench.run(root, images_bench.sizes_from_env(), plan["images_repeats"], log=log)
     if section == "outcomes":
         return outcomes_bench.run(root, plan["outcomes_closed"], plan["outcomes_repeats"], log=log)
     if section == "cases":
@@ -191,6 +194,9 @@ def goals(sections: dict) -> list[dict]:
         w = sections["wado"]
         for n, v in w["vs_raw"].items():   # issue 15's goals (1.3x of download + seal) are for the seal path
             add("wado", f"{n} / raw GET, {w['payload_bytes'] / 2**20:.0f} MiB series", f"{v:.2f}x", "(reported)", None)
+    if "images" in sections:
+        for figure, value, goal, met in images_bench.goals(sections["images"]):
+            add("images", figure, value, goal, met)
     for store, c in sections.get("cds", {}).items():
         if not isinstance(c, dict) or "skipped" in c or "p95_ms" not in c:
             continue
@@ -268,6 +274,8 @@ def table(results: dict) -> str:
                         [[n, c["calls"][n], c["p50_ms"][n], c["p95_ms"][n], c["p99_ms"][n]] for n in c["calls"]]), ""]
     if "cases" in s:
         lines += cases_bench.table_lines(s["cases"], _grid)
+    if "images" in s:
+        lines += images_bench.table_lines(s["images"], _grid)
     lines += ["Goals", _grid(["section", "figure", "measured", "goal", "met"],
                              [[g["section"], g["figure"], g["value"], g["goal"],
                                "" if g["met"] is None else ("yes" if g["met"] else "NO")] for g in results["goals"]])]

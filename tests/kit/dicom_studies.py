@@ -133,16 +133,19 @@ def make_study(directory: Path, *, ct_slices: int = 12, mr_slices: int = 8, fram
     return study
 
 
-def large_series(directory: Path, megabytes: float, *, size: int = 512, seed: int = 16) -> Study:
-    """One CT series of about `megabytes` MiB (512x512 16-bit slices: 0.5 MiB each)."""
+def large_series(directory: Path, megabytes: float, *, size: int = 512, seed: int = 16, series: int = 1) -> Study:
+    """A CT study of about `megabytes` MiB (512x512 16-bit slices: 0.5 MiB each) in `series` series of about
+    the same number of slices."""
     rng = np.random.default_rng(seed)
     study = Study(study_uid=generate_uid())
-    series_uid = generate_uid()
-    slices = max(1, round(megabytes * 1024 * 1024 / (size * size * 2)))
-    study.series[series_uid] = [
-        _write(_instance(study.study_uid, series_uid, CT_IMAGE, "CT", i, _pixels(rng, (size, size)),
-                         series_number=1, description="CT large"), directory / series_uid)
-        for i in range(1, slices + 1)]
+    slices = max(series, round(megabytes * 1024 * 1024 / (size * size * 2)))
+    for s in range(series):
+        series_uid = generate_uid()
+        count = slices // series + (1 if s < slices % series else 0)
+        study.series[series_uid] = [
+            _write(_instance(study.study_uid, series_uid, CT_IMAGE, "CT", i, _pixels(rng, (size, size)),
+                             series_number=s + 1, description="CT large"), directory / series_uid)
+            for i in range(1, count + 1)]
     return study
 
 
