@@ -106,6 +106,31 @@ def test_fewer_instances_than_qido_lists_is_a_mismatch(pacs_proxy: FaultProxy, s
     assert f"with {n - 1} instances where its QIDO-RS search lists {n}" in str(err)
 
 
+def test_a_series_count_the_answer_does_not_match_is_a_mismatch_without_an_instance_search(
+        pacs_proxy: FaultProxy, study: Study, tmp_path: Path):
+    # A caller with the series-level QIDO-RS count (NumberOfSeriesRelatedInstances) checks against it, and the
+    # instance-level search (slow on Orthanc) is not made.
+    n = len(study.series[_series(study)])
+    pacs_proxy.add(method="GET", path=_wado(study, _series(study)), action="rewrite", rewrite=_drop_last_part)
+    series_uid = _series(study)
+    with _client(pacs_proxy) as client, pytest.raises(DicomwebError) as err:
+        client.retrieve_series(study.study_uid, series_uid, tmp_path, expected=n)
+    _assert_nothing_left(tmp_path, study)
+    assert (err.value.kind, err.value.transient) == ("mismatch", False)
+    assert f"with {n - 1} instances where its QIDO-RS search counts {n}" in str(err.value)
+    assert pacs_proxy.count("GET", r"/instances") == 0
+
+
+def test_a_series_retrieved_against_its_count_arrives_whole(pacs_proxy: FaultProxy, study: Study, tmp_path: Path):
+    series_uid = _series(study)
+    with _client(pacs_proxy) as client:
+        got = client.retrieve_series(study.study_uid, series_uid, tmp_path, expected=len(study.series[series_uid]))
+    assert len(got.instances) == len(study.series[series_uid])
+    assert sorted(i.number for i in got.instances) == list(range(1, len(got.instances) + 1))
+    assert all(i.image_type[:2] == ("ORIGINAL", "PRIMARY") for i in got.instances)
+    assert pacs_proxy.count("GET", r"/instances") == 0
+
+
 def test_an_instance_qido_lists_but_wado_does_not_send_is_a_mismatch(pacs_proxy: FaultProxy, study: Study,
                                                                      tmp_path: Path):
     def one_more(body: bytes) -> bytes:

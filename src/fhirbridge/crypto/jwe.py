@@ -108,12 +108,19 @@ class _B64Writer:
         self._dst, self._rest = dst, b""
 
     def write(self, data: bytes) -> None:
+        view = memoryview(data)
         if self._rest:
-            data = self._rest + data
-        n = len(data) - len(data) % 3
-        self._rest = data[n:]
+            # Complete the pending group first: joining the rest to a whole chunk would copy every chunk.
+            need = 3 - len(self._rest)
+            if len(view) < need:
+                self._rest += bytes(view)
+                return
+            self._dst.write(base64.urlsafe_b64encode(self._rest + bytes(view[:need])))
+            view, self._rest = view[need:], b""
+        n = len(view) - len(view) % 3
         if n:
-            self._dst.write(base64.urlsafe_b64encode(memoryview(data)[:n]))
+            self._dst.write(base64.urlsafe_b64encode(view[:n]))
+        self._rest = bytes(view[n:])
 
     def close(self) -> None:
         self._dst.write(base64.urlsafe_b64encode(self._rest).rstrip(b"="))

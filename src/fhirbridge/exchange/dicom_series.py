@@ -85,16 +85,35 @@ def ordered(members: Iterable[Member]) -> list[Member]:
 
 def write_series_tar(dst: Writable, members: list[Member]) -> None:
     """The tar stream of one series into `dst` (a jwe.Encryptor): memory O(1 MiB) whatever its size. The
-    members' sizes must be what the manifest says (the file is checked as it is copied)."""
-    with tarfile.open(fileobj=dst, mode="w|", format=tarfile.USTAR_FORMAT,  # type: ignore[call-overload]
-                      bufsize=_COPY) as tar:
-        for m in members:
-            info = tarfile.TarInfo(f"{m.entry['sop_uid']}.dcm")
-            info.size, info.mode, info.mtime = m.entry["bytes"], 0o600, 0
-            with open(m.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != info.size:
-                    raise SealError(f"instance {m.entry['sop_uid']} changed on disk since it was retrieved")
-                tar.addfile(info, f)
+    members' sizes must be what the manifest says (the file is checked as it is copied).
+
+    The bytes are what `tarfile` writes in mode "w|" (ustar headers from TarInfo.tobuf, each member padded to
+    512 bytes, two zero blocks, the whole padded to tarfile's 10240-byte record), written here directly:
+    tarfile's stream buffer re-copies its tail on every write, 8% of the seal time of a large series."""
+    offset = 0
+    for m in members:
+        info = tarfile.TarInfo(f"{m.entry['sop_uid']}.dcm")
+        info.size, info.mode, info.mtime = m.entry["bytes"], 0o600, 0
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        dst.write(header)
+        copied = 0
+        with open(m.path, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != info.size:
+                raise SealError(f"instance {m.entry['sop_uid']} changed on disk since it was retrieved")
+            while block := f.read(_COPY):
+                copied += len(block)
+                if copied > info.size:
+                    break
+                dst.write(block)
+        if copied != info.size:
+            raise SealError(f"instance {m.entry['sop_uid']} changed on disk since it was retrieved")
+        pad = -info.size % _BLOCK
+        if pad:
+            dst.write(b"\0" * pad)
+        offset += len(header) + info.size + pad
+    end = 2 * _BLOCK
+    end += -(offset + end) % tarfile.RECORDSIZE
+    dst.write(b"\0" * end)
 
 
 def encrypt_series(members: list[Member], dst: Path, recipients: list, *, typ: str) -> dict:
