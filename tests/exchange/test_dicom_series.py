@@ -20,7 +20,7 @@ from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.errors import SealError
 from fhirbridge.exchange import dicom_series
 from fhirbridge.exchange.dicom_series import Member, encrypt_series, extract_images, instance_entry, ordered
-from tests.kit.dicom_studies import make_study, sha256_file
+from tests.kit.dicom_studies import bundled_files, make_study, sha256_file
 
 
 @dataclass
@@ -119,3 +119,30 @@ def test_a_manifest_hash_that_does_not_match_is_refused(package, tmp_path):
     att["dicom"]["instances"][0]["sha256"] = "0" * 64
     with pytest.raises(SealError, match=f"{att['file']}.*SHA-256"):
         extract_images(opened, ring, tmp_path / "out")
+
+
+def test_the_dicomdir_of_several_patients_and_record_types_is_what_pydicom_reads(tmp_path):
+    # pydicom's bundled files: five studies of different patients, among them an RT Dose (a RT DOSE record,
+    # PS3.3 F.5) and a JPEG 2000 image. The DICOMDIR is written by our own linear writer; pydicom's FileSet
+    # reader follows its offsets (next record, lower level) to every instance.
+    studies = bundled_files(tmp_path / "src")
+    series = []
+    for n, s in enumerate(studies):
+        folder = tmp_path / "out" / f"{n}"
+        folder.mkdir(parents=True)
+        for p in s.files:
+            (folder / f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm").write_bytes(p.read_bytes())
+        series.append({"folder": folder})
+    path = dicom_series.write_dicomdir(tmp_path / "out", series)
+    fs = FileSet(pydicom.dcmread(path))
+    assert len(fs) == len(studies)
+    assert len(fs.find(PatientID=str(pydicom.dcmread(studies[0].files[0]).PatientID))) >= 1
+    kinds = {i.DirectoryRecordType for i in fs}
+    assert "RT DOSE" in kinds and "IMAGE" in kinds
+    for instance in fs:
+        original = next(p for s in studies for p in s.files
+                        if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == instance.SOPInstanceUID)
+        assert (tmp_path / "out" / instance.FileID).read_bytes() == original.read_bytes()
+    dicomdir = pydicom.dcmread(path)
+    assert dicomdir.file_meta.MediaStorageSOPClassUID == pydicom.uid.MediaStorageDirectoryStorage
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
