@@ -41,6 +41,7 @@ import re
 import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -223,7 +224,21 @@ def _extract_one(opened: _Opened, att: dict, key: KeyRing, outdir: Path) -> dict
     staging = parent / f".partial-{series}"
     files.remove_tree(staging)
     files.private_dir(staging)
-    sink = _TarSink(staging, expected, name)
+    # Each finished instance is fsynced and closed on a helper thread while the next one is decrypted (as the
+    # DICOMweb client does): durable before the folder's rename, without the decryption waiting on the disk.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="extract-fsync") as syncer:
+        _decrypt_into(_TarSink(staging, expected, name, syncer), src, key, att, name, staging)
+    if final.exists():
+        files.remove_tree(final)
+    staging.rename(final)
+    files.fsync_dir(parent)
+    return {"file": name, "study_uid": study, "series_uid": series, "folder": final,
+            "instances": len(expected), "bytes": sum(int(i.get("bytes") or 0) for i in expected),
+            "entries": expected}
+
+
+def _decrypt_into(sink: _TarSink, src: Path, key: KeyRing, att: dict, name: str, staging: Path) -> None:
+    series = str(att["dicom"].get("series_uid"))
     try:
         with open(src, "rb") as f:
             info = jwe.decrypt_stream(f, sink, key, max_plaintext=att.get("size"))
@@ -236,20 +251,15 @@ def _extract_one(opened: _Opened, att: dict, key: KeyRing, outdir: Path) -> dict
         if isinstance(exc, SealError) and name not in str(exc):
             raise SealError(f"attachment {name} (series {series}): {exc}") from None
         raise
-    if final.exists():
-        files.remove_tree(final)
-    staging.rename(final)
-    files.fsync_dir(parent)
-    return {"file": name, "study_uid": study, "series_uid": series, "folder": final,
-            "instances": len(expected), "bytes": sum(int(i.get("bytes") or 0) for i in expected)}
 
 
 class _TarSink:
     """A push parser of the tar stream seal writes (ustar, regular files only): each member hashed as it is
     written to its own 0600 file, and checked against the manifest's next instance (name, size, SHA-256)."""
 
-    def __init__(self, folder: Path, expected: list[dict], name: str):
-        self.folder, self.expected, self.name = folder, expected, name
+    def __init__(self, folder: Path, expected: list[dict], name: str, syncer: ThreadPoolExecutor):
+        self.folder, self.expected, self.name, self.syncer = folder, expected, name, syncer
+        self.pending: list[Future] = []
         self.buf = bytearray()
         self.index = 0                     # members finished
         self.file: BinaryIO | None = None
@@ -316,15 +326,20 @@ class _TarSink:
     def _close_member(self) -> None:
         assert self.file is not None
         self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self.pending.append(self.syncer.submit(_sync_and_close, self.file))
         self.file = None
         want = self.expected[self.index]
         if self.sha.hexdigest() != want.get("sha256"):
             raise self._fail(f"instance {want['sop_uid']} has another SHA-256 than the manifest says")
         self.index += 1
 
+    def wait(self) -> None:
+        """Every finished file synced and closed (raises the first fsync error)."""
+        for future in self.pending:
+            future.result()
+
     def finish(self) -> None:
+        self.wait()
         if self.file is not None or self.remaining or self.buf or not self.ended:
             raise self._fail("the tar stream ends early")
         if self.index != len(self.expected):
@@ -334,6 +349,15 @@ class _TarSink:
         if self.file is not None:
             self.file.close()
             self.file = None
+        for future in self.pending:
+            future.exception()   # wait: no thread may still hold a file of the folder about to be removed
+
+
+def _sync_and_close(file: BinaryIO) -> None:
+    try:
+        files.fsync_file(file)
+    finally:
+        file.close()
 
 
 # --- into the reviewer's own PACS ----------------------------------------------------------------------
@@ -402,6 +426,16 @@ def _record(kind: str, header: Dataset) -> Dataset:
     return record
 
 
+def _image_record(entry: dict) -> Dataset:
+    record = Dataset()
+    record.OffsetOfTheNextDirectoryRecord = 0
+    record.RecordInUseFlag = 0xFFFF
+    record.OffsetOfReferencedLowerLevelDirectoryEntity = 0
+    record.DirectoryRecordType = "IMAGE"
+    record.InstanceNumber = int(entry.get("number") or 0)
+    return record
+
+
 def write_dicomdir(outdir: Path, series: list[dict]) -> Path:
     """A DICOMDIR (PS3.10 8, PS3.3 F) at `outdir/DICOMDIR`, so a viewer that opens media (a CD's layout) finds
     every instance. PS3.10 8.2 allows File IDs of at most 8 components of at most 8 characters (A-Z, 0-9, _),
@@ -409,32 +443,58 @@ def write_dicomdir(outdir: Path, series: list[dict]) -> Path:
     and each of those files is a hard link to the extracted `<Study>/<Series>/<SOP>.dcm`: the same bytes, no
     second copy on disk (a copy where the file system has no hard links).
 
-    Linear in the number of instances: one header read each (no pixel data), the PATIENT / STUDY / SERIES /
-    leaf records built with pydicom's recorders, then the Directory Record Sequence encoded twice: once to learn
-    where each record's item starts (its offset, PS3.3 F.3.2.1; the offsets are fixed-size UL values, so
-    filling them in moves nothing), once with the offsets. pydicom's FileSet did the same work quadratically
-    and wrote a second copy of every instance (issue 15: most of the extract time of a large study)."""
+    `series`: what extract_images returns per series (its "folder", and the manifest's "entries").
+
+    Linear in the number of instances: one header read per series (no pixel data) and for each instance that
+    is not an image, the PATIENT / STUDY / SERIES / leaf records built with pydicom's recorders, then the
+    Directory Record Sequence encoded twice: once to learn where each record's item starts (its offset, PS3.3
+    F.3.2.1; the offsets are fixed-size UL values, so filling them in moves nothing), once with the offsets.
+    pydicom's FileSet did the same work quadratically and wrote a second copy of every instance (issue 15:
+    most of the extract time of a large study)."""
     staging = files.private_dir(outdir / ".dicomdir-staging")
     try:
         patients: dict[str, _Node] = {}
         links: list[tuple[Path, Path]] = []
         for s in series:
-            for path in sorted(Path(s["folder"]).glob("*.dcm")):
-                header = pydicom.dcmread(path, stop_before_pixels=True)
-                patient = patients.setdefault(str(header.get("PatientID", "")),
-                                              _Node(_record("PATIENT", header), {}))
-                study = patient.children.setdefault(str(header.StudyInstanceUID),
-                                                    _Node(_record("STUDY", header), {}))
-                seq = study.children.setdefault(str(header.SeriesInstanceUID), _Node(_record("SERIES", header), {}))
-                kind = _LEAF_RECORDS.get(str(header.SOPClassUID), "IMAGE")
-                leaf = _record(kind, header)
-                file_id = [f"PT{len(patients) - 1:06d}", f"ST{len(patient.children) - 1:06d}",
-                           f"SE{len(study.children) - 1:06d}", f"{_PREFIX[kind]}{len(seq.children):06d}"]
+            paths = sorted(Path(s["folder"]).glob("*.dcm"))
+            if not paths:
+                continue
+            # The PATIENT, STUDY and SERIES records from the series' first instance; an image's record from its
+            # signed manifest entry (checked against the file's SHA-256 as it was extracted), so only other
+            # kinds of instance (an RT Dose, a report) have their header read.
+            header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+            patient_id = str(header.get("PatientID", ""))
+            if patient_id not in patients:
+                patients[patient_id] = _Node(_record("PATIENT", header), {})
+            patient = patients[patient_id]
+            if str(header.StudyInstanceUID) not in patient.children:
+                patient.children[str(header.StudyInstanceUID)] = _Node(_record("STUDY", header), {})
+            study = patient.children[str(header.StudyInstanceUID)]
+            if str(header.SeriesInstanceUID) not in study.children:
+                study.children[str(header.SeriesInstanceUID)] = _Node(_record("SERIES", header), {})
+            seq = study.children[str(header.SeriesInstanceUID)]
+            entries = {e.get("sop_uid"): e for e in s.get("entries") or [] if isinstance(e, dict)}
+            folder_id = [f"PT{list(patients).index(patient_id):06d}",
+                         f"ST{list(patient.children).index(str(header.StudyInstanceUID)):06d}",
+                         f"SE{list(study.children).index(str(header.SeriesInstanceUID)):06d}"]
+            for path in paths:
+                entry = entries.get(path.stem)
+                kind = _LEAF_RECORDS.get(str(entry["sop_class_uid"]), "IMAGE") if entry else ""
+                if kind == "IMAGE":
+                    assert entry is not None
+                    leaf = _image_record(entry)
+                else:
+                    header = pydicom.dcmread(path, stop_before_pixels=True)
+                    kind = _LEAF_RECORDS.get(str(header.SOPClassUID), "IMAGE")
+                    leaf = _record(kind, header)
+                    entry = {"sop_uid": str(header.SOPInstanceUID), "sop_class_uid": str(header.SOPClassUID),
+                             "transfer_syntax": str(header.file_meta.TransferSyntaxUID)}
+                file_id = [*folder_id, f"{_PREFIX[kind]}{len(seq.children):06d}"]
                 leaf.ReferencedFileID = file_id
-                leaf.ReferencedSOPClassUIDInFile = header.SOPClassUID
-                leaf.ReferencedSOPInstanceUIDInFile = header.SOPInstanceUID
-                leaf.ReferencedTransferSyntaxUIDInFile = header.file_meta.TransferSyntaxUID
-                seq.children[str(header.SOPInstanceUID)] = _Node(leaf, {})
+                leaf.ReferencedSOPClassUIDInFile = entry["sop_class_uid"]
+                leaf.ReferencedSOPInstanceUIDInFile = entry["sop_uid"]
+                leaf.ReferencedTransferSyntaxUIDInFile = entry["transfer_syntax"]
+                seq.children[entry["sop_uid"]] = _Node(leaf, {})
                 links.append((path, staging.joinpath(*file_id)))
         # Depth first, each record followed by its lower-level records: the order readers expect.
         order: list[_Node] = []
