@@ -211,12 +211,16 @@ class _HashSink:
 
 
 def open_package(path: Path, key: KeyRing, trusted: KeyRing | TrustStore, *,
-                 check_expiry: bool = True, verify_attachments: bool = True) -> OpenedPackage:
+                 check_expiry: bool = True, verify_attachments: bool = True,
+                 verify_images: bool = True) -> OpenedPackage:
     """Open and verify a package with the keys of the one trusted hospital that signed it. `trusted` is a
     TrustStore, or a KeyRing for a single hospital (never a private key set).
 
     `verify_attachments` False: the separate attachments are not decrypted here, because the caller extracts
-    them at once (`extract`), which checks each against the signed manifest in the same single pass."""
+    them at once (`extract`), which checks each against the signed manifest in the same single pass.
+    `verify_images` False: the same for the DICOM series only (the portal extracts them as it opens the
+    package, dicom_series.extract_images, so each series is decrypted once, not once to verify and again to
+    extract); the other attachments are still verified here."""
     store = TrustStore.of(trusted)
     directory, env_file = package_paths(path)
     sealed = envelope.read_limited(env_file, envelope.PACKAGE)
@@ -225,7 +229,8 @@ def open_package(path: Path, key: KeyRing, trusted: KeyRing | TrustStore, *,
     opened = OpenedPackage(directory, opened_env.claims, opened_env.document, hospital=opened_env.keys)
     if verify_attachments:
         for att in opened.manifest.get("attachments", []):
-            verify_attachment(opened, att, key)
+            if verify_images or not isinstance(att.get("dicom"), dict):
+                verify_attachment(opened, att, key)
     return opened
 
 

@@ -215,7 +215,12 @@ class Portal:
             pc = self.cases.get(pid)
             if pc is None:
                 abort(404)
-            self._opened[pid] = open_package(pc.directory, self.key, self.trust)
+            # The DICOM series are checked by extracting them, in the same single pass (each was decrypted
+            # twice: once to verify here, again to extract, issue 15); a package whose series do not match
+            # its signed manifest is refused here as before, and is never cached as opened.
+            opened = open_package(pc.directory, self.key, self.trust, verify_images=False)
+            self._images[pid] = self._extract_images(pid, opened)
+            self._opened[pid] = opened
         return self._opened[pid]
 
     def attachment(self, pid: str, index: int) -> tuple[bytes, Attachment]:
@@ -250,25 +255,30 @@ class Portal:
     # --- images ---------------------------------------------------------------------------------------------
 
     def images(self, pid: str) -> image_view.ImageSet:
-        """The package's images, extracted once into the work directory (0700 folders, 0600 files: they are
-        the patient's images in the clear) and listed; an empty set for a package without images."""
-        if pid in self._images:
-            return self._images[pid]
-        opened = self.opened(pid)
+        """The package's images (extracted when the package was opened) and listed; an empty set for a package
+        without images."""
+        self.opened(pid)
+        return self._images[pid]
+
+    def _extract_images(self, pid: str, opened: OpenedPackage) -> image_view.ImageSet:
+        """Every series extracted once into the work directory (0700 folders, 0600 files: they are the
+        patient's images in the clear), each checked against the signed manifest as it is decrypted."""
         if not has_images(opened):
             return image_view.ImageSet(series=[], reports={})
         outdir = self.s.work_dir / "images" / hashlib.sha256(pid.encode()).hexdigest()[:24]
         done = outdir / ".complete"
         if not done.exists():
-            # A folder left by an extraction that was cut off is redone from scratch.
+            # A folder left by an extraction that was cut off is redone from scratch; one that completed was
+            # checked then, and its files are what the viewer shows.
             files.remove_tree(outdir)
             files.private_dir(outdir)
-            # `<StudyUID>/<SeriesUID>/<SOPUID>.dcm` and a DICOMDIR, each file checked against the signed
-            # manifest in the same pass that decrypts it.
-            dicom_series.extract_images(opened, self.key, outdir)
+            try:
+                dicom_series.extract_images(opened, self.key, outdir)
+            except BaseException:
+                files.remove_tree(outdir)
+                raise
             files.write_atomic(done, b"")
-        self._images[pid] = image_view.scan(outdir, opened.document)
-        return self._images[pid]
+        return image_view.scan(outdir, opened.document)
 
     def _keys_path(self, pid: str) -> Path:
         return self.s.work_dir / "answered" / f"{pid}.key-images.json"
