@@ -6,18 +6,25 @@ mismatch, a part that is not DICOM or a study over its cap is withheld with its 
 the profile requires images."""
 from __future__ import annotations
 
+import base64
 import re
+import tomllib
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from fhirbridge.exchange.reviewer import extract, open_package
+from fhirbridge import jsonutil
+from fhirbridge.crypto import jws
+from fhirbridge.errors import RejectedOpinion
+from fhirbridge.exchange.key_images import DCM
+from fhirbridge.exchange.reviewer import extract, open_package, sealed_answer
 from fhirbridge.fhir.client import FhirClient
 from fhirbridge.loop.actions import retry
+from fhirbridge.loop.receive import receive_file
 from tests.kit.dicom_studies import Study, endpoint_resource, imaging_study_resource, make_study, sha256_file
 from tests.kit.faultproxy import FaultProxy
-from tests.kit.hospital import TestHospital
+from tests.kit.hospital import SAMPLE_ANSWER, TestHospital, docrefs
 from tests.kit.pacs import Pacs, find_orthanc
 
 pytestmark = pytest.mark.sekmet
@@ -216,3 +223,62 @@ def test_a_pacs_fault_leaves_the_case_at_collect_and_it_resumes(hospital, fhir, 
     finally:
         proxy.close()
     assert h.open(case).manifest["imaging"][0]["status"] == "included"
+
+
+def test_key_images_marked_by_the_reviewer_are_filed_in_the_chart_exactly_once(hospital, fhir, pacs, study,
+                                                                               tmp_path):
+    """Issue 15 part 5: the frames the reviewer marked travel back with the opinion and are filed with it. In the
+    EHR (sekmet): one DocumentReference, whose Binary is the signed opinion document holding the DCM 121180 "Key
+    Images" section and, as its entries, ImagingStudy selections of exactly the marked instances and frames
+    (docs/imaging.md, "Key images"); its text note names them; filing again writes nothing new."""
+    h = hospital
+    _with_pacs(h, pacs.dicomweb_url)
+    patient = _patient_with(fhir, study, pacs.dicomweb_url)
+    case = h.delivered_case(patient)
+    r = h.reviewers[case.reviewer]
+    opened = open_package(h.package_path(case), r.key, r.trusted)
+    series = {a["dicom"]["modality"]: a["dicom"] for a in opened.manifest["attachments"] if "dicom" in a}
+    mr, ct = series["MR"], series["CT"]
+    marked = [
+        {"study_uid": mr["study_uid"], "series_uid": mr["series_uid"], "sop_uid": mr["instances"][2]["sop_uid"],
+         "sop_class_uid": mr["instances"][2]["sop_class_uid"], "modality": "MR", "frame": 1},
+        {"study_uid": ct["study_uid"], "series_uid": ct["series_uid"], "sop_uid": ct["instances"][0]["sop_uid"],
+         "sop_class_uid": ct["instances"][0]["sop_class_uid"], "modality": "CT", "frame": 1},
+    ]
+    sealed, claims, _doc = sealed_answer(opened, tomllib.loads(SAMPLE_ANSWER), r.key, r.trusted,
+                                         mappings_dir=h.app.config.mappings_dir, key_images=marked)
+    opinion = tmp_path / f"opinion-{claims['jti']}.jwe"
+    opinion.write_bytes(sealed)
+    receive_file(h.app, opinion)
+    h.run(intake=False)
+    case = h.app.store.get(case.id)
+    assert case.step == "done", case.last_error
+    assert docrefs(fhir, case) == 1
+
+    doc = fhir.read_ref(case.document_reference)
+    stored = jsonutil.loads(base64.b64decode(fhir.read_ref(doc["content"][0]["attachment"]["url"])["data"]))
+    jws.verify_bundle(stored, r.key)      # the reviewer's signed document, as it was sent
+    composition = stored["entry"][0]["resource"]
+    (section,) = [s for s in composition["section"]
+                  if any(c.get("code") == "121180" and c.get("system") == DCM for c in s["code"]["coding"])]
+    by_url = {e["fullUrl"]: e["resource"] for e in stored["entry"]}
+    selections = [by_url[e["reference"]] for e in section["entry"]]
+    assert {s["resourceType"] for s in selections} == {"ImagingStudy"}
+    (selection,) = selections                      # both marked images are of the one study
+    assert selection["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_uid}"}
+    got = {(s["uid"], s["modality"]["code"], i["uid"], i["sopClass"]["code"], i.get("title"))
+           for s in selection["series"] for i in s["instance"]}
+    assert {(g[0], g[1], g[2], g[3]) for g in got} == {
+        (k["series_uid"], k["modality"], k["sop_uid"], f"urn:oid:{k['sop_class_uid']}") for k in marked}
+    assert all("1" in str(g[4]) for g in got)      # the frame numbers
+    assert "endpoint" not in selection             # a logical reference, never a link into the hospital
+    for k in marked:
+        assert k["sop_uid"] in section["text"]["div"]
+    note = base64.b64decode(doc["content"][1]["attachment"]["data"]).decode()
+    assert "key images" in note.casefold() and all(k["sop_uid"] in note for k in marked)
+
+    # The same opinion again: refused, and the chart still holds one note.
+    with pytest.raises(RejectedOpinion, match="already has its opinion filed"):
+        receive_file(h.app, opinion)
+    h.run(intake=False)
+    assert docrefs(fhir, case) == 1
