@@ -69,15 +69,16 @@ def write_demo_study(folder: Path, patient_id: str, patient_name: str) -> tuple[
     return study_uid, paths
 
 
-def point_study_at(client: FhirClient, study_ref: str, study_uid: str, paths: list[Path], dicomweb_url: str) -> str:
+def point_study_at(client: FhirClient, study_ref: str, study_uid: str, paths: list[Path], dicomweb_url: str,
+                   *, name: str = STANDIN_NAME) -> str:
     """Make the seeded ImagingStudy `study_ref` describe the demo study (R4 ImagingStudy: identifier
-    urn:dicom:uid, series and instances) and name the stand-in as its dicom-wado-rs Endpoint, labelled as what
-    it is. Returns the Endpoint's reference."""
+    urn:dicom:uid, series and instances) and name the demo's PACS (Orthanc, or the stand-in) as its
+    dicom-wado-rs Endpoint, `name` saying which it is. Returns the Endpoint's reference."""
     endpoint, _ = client.create({
         "resourceType": "Endpoint", "status": "active",
         "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
                            "code": "dicom-wado-rs", "display": "DICOM WADO-RS"},
-        "name": STANDIN_NAME, "payloadType": [{"text": "DICOM"}], "payloadMimeType": ["application/dicom"],
+        "name": name, "payloadType": [{"text": "DICOM"}], "payloadMimeType": ["application/dicom"],
         "address": dicomweb_url})
     ref = f"Endpoint/{endpoint['id']}"
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]

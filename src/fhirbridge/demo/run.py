@@ -33,8 +33,11 @@ from fhirbridge.crypto import files
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.demo import cds
 from fhirbridge.demo.dicom_study import point_study_at, write_demo_study
+from fhirbridge.demo.dicomweb_standin import NAME as STANDIN_NAME
 from fhirbridge.demo.dicomweb_standin import RunningStandIn
 from fhirbridge.demo.localehr import LocalEhr, free_port, publish_order_topic, seed_patient
+from fhirbridge.demo.orthanc import NAME as ORTHANC_NAME
+from fhirbridge.demo.orthanc import RunningOrthanc, find_orthanc
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import OPINION, open_sealed
@@ -106,13 +109,24 @@ def run_demo(directory: Path, *, keep_ehr: bool = False, keep: bool = False) -> 
     ehr_dir = Path(tempfile.mkdtemp(prefix="fhirbridge-demo-ehr-"))
     ehr = LocalEhr.start(ehr_dir)
     print(f"    FHIR R4 server at {ehr.base_url}")
-    images = None
+    images: RunningOrthanc | RunningStandIn | None = None
     try:
-        step("Starting the demo's DICOMweb stand-in (read-only, not a PACS) with an MR study")
         study_uid, study_files = write_demo_study(files.private_dir(directory / "pacs"), "FB-DEMO", "DEMO^SPINE")
-        images = RunningStandIn(directory / "pacs")
-        print(f"    DICOMweb stand-in at {images.url}: {len(study_files)} MR slices, study {study_uid}")
-        ran = _loop(directory, ehr, step, seed_patient, images=(images.url, study_uid, study_files))
+        found = find_orthanc()
+        if found is not None:
+            # A real PACS when one is installed (issue 15 part 6); its own process group, stopped at the end.
+            step("Starting a demo PACS (Orthanc with its DICOMweb plugin, 127.0.0.1) with an MR study")
+            images = RunningOrthanc.start(directory / "orthanc", study_files, found=found)
+            print(f"    Orthanc DICOMweb at {images.url}: {len(study_files)} MR slices, study {study_uid}")
+            pacs_name = ORTHANC_NAME
+        else:
+            step("Starting the demo's DICOMweb stand-in (read-only, not a PACS: Orthanc is not installed) "
+                 "with an MR study")
+            images = RunningStandIn(directory / "pacs")
+            print(f"    DICOMweb stand-in at {images.url}: {len(study_files)} MR slices, study {study_uid}")
+            pacs_name = STANDIN_NAME
+        ran = _loop(directory, ehr, step, seed_patient, images=(images.url, study_uid, study_files),
+                    pacs_name=pacs_name)
         if keep:
             return _keep_serving(directory, ehr, ran, step)
         _print_pages(ran, ehr)
@@ -120,6 +134,8 @@ def run_demo(directory: Path, *, keep_ehr: bool = False, keep: bool = False) -> 
     finally:
         if images is not None:
             images.stop()
+            if isinstance(images, RunningOrthanc):
+                print("\nStopped the demo PACS (Orthanc) and its process group.")
         if keep_ehr and not keep:
             pgid = ehr.detach()
             print(f"\nThe demo EHR keeps running at {ehr.base_url} (data in {ehr_dir}); "
@@ -233,8 +249,10 @@ def _stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
     proc.wait()
 
 
-def _loop(directory: Path, ehr, step: Steps, seed_patient, images: tuple[str, str, list[Path]] | None = None) -> Ran:
-    """The loop; `images` (DICOMweb base URL, Study Instance UID, files) puts the demo study in the package."""
+def _loop(directory: Path, ehr, step: Steps, seed_patient, images: tuple[str, str, list[Path]] | None = None,
+          pacs_name: str = STANDIN_NAME) -> Ran:
+    """The loop; `images` (DICOMweb base URL, Study Instance UID, files) puts the demo study in the package;
+    `pacs_name` is what its Endpoint is called (Orthanc, or the labelled stand-in)."""
     step("Configuring fhirbridge for the hospital, and keys for a sample reviewer")
     hospital_dir, reviewer_dir = directory / "hospital", directory / "reviewer"
     reviewer_files = write_reviewer_keys(reviewer_dir, None)
@@ -254,10 +272,12 @@ def _loop(directory: Path, ehr, step: Steps, seed_patient, images: tuple[str, st
         step("Seeding a patient: imaging with reports, labs, procedures, medications, notes")
         seeded = seed_patient(ehr, app.ehr, profile="spine", progress=lambda m: print(f"    {m}", flush=True))
         if images is not None and seeded["imaging_studies"]:
-            endpoint = point_study_at(app.ehr, seeded["imaging_studies"][0], images[1], images[2], images[0])
-            print(f"    {seeded['imaging_studies'][0]}: the MR study, at {endpoint} (the DICOMweb stand-in)")
+            endpoint = point_study_at(app.ehr, seeded["imaging_studies"][0], images[1], images[2], images[0],
+                                      name=pacs_name)
+            where = "the DICOMweb stand-in" if pacs_name == STANDIN_NAME else "Orthanc"
+            print(f"    {seeded['imaging_studies'][0]}: the MR study, at {endpoint} ({where})")
             for other in seeded["imaging_studies"][1:]:
-                # The seed's fictional PACS does not resolve: its studies point at the stand-in too (which
+                # The seed's fictional PACS does not resolve: its studies point at the demo's PACS too (which
                 # does not hold them, so they are withheld as "not in the PACS" at once, without retries).
                 resource = app.ehr.read_ref(other)
                 resource["endpoint"] = [{"reference": endpoint}]
