@@ -34,6 +34,7 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, TypeGuard
 
@@ -54,6 +55,7 @@ ALG_ECDH = "ECDH-ES+A256KW"
 ALG_RSA = "RSA-OAEP-256"
 ZIP = "DEF"
 DEFAULT_CHUNK = 1 << 20
+_PARALLEL_HASH = 64 << 10     # writes at least this large are hashed on the Encryptor's helper thread
 # Inputs whose members cannot be streamed (ciphertext before the header members, e.g. another
 # library's output) are parsed whole; only up to this size, to keep memory bounded.
 FALLBACK_LIMIT = 64 << 20
@@ -265,16 +267,25 @@ class Encryptor:
                   + b',"iv":"' + b64url(iv).encode("ascii") + b'","ciphertext":"')
         self._out = _B64Writer(dst)
         self._digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jwe-sha256")
         self.plaintext_size = self.ciphertext_size = 0
 
     def write(self, chunk: bytes) -> int:
-        self._digest.update(chunk)
+        # The plaintext's SHA-256 runs on a helper thread while this thread encrypts and encodes the same chunk
+        # (hashlib and the cipher release the GIL): with a second core the hash costs no time, and it was a
+        # fifth of sealing a DICOM series (bench --only images). Waited for before returning, so the caller
+        # may reuse its buffer.
+        hashing = self._hasher.submit(self._digest.update, chunk) if len(chunk) >= _PARALLEL_HASH else None
+        if hashing is None:
+            self._digest.update(chunk)
         self.plaintext_size += len(chunk)
         data = self._deflater.compress(chunk) if self._deflater else chunk
         if data:
             ct = self._encryptor.update(data)
             self.ciphertext_size += len(ct)
             self._out.write(ct)
+        if hashing is not None:
+            hashing.result()
         return len(chunk)
 
     def close(self) -> dict:
@@ -282,6 +293,7 @@ class Encryptor:
         self.ciphertext_size += len(ct)
         self._out.write(ct)
         self._out.close()
+        self._hasher.shutdown()
         self._dst.write(b'","tag":"' + b64url(self._encryptor.tag).encode("ascii") + b'"}')
         return {"plaintext_sha256": self._digest.hexdigest(), "plaintext_size": self.plaintext_size,
                 "ciphertext_size": self.ciphertext_size, "kids": [w["header"]["kid"] for w in self._wrapped]}
