@@ -83,3 +83,21 @@ def test_a_document_without_floats_or_nulls_is_not_walked(monkeypatch):
     assert canonical(doc) == rfc8785.dumps(doc)
     with_float = {**doc, "total": 2.5}
     assert canonical(with_float) == rfc8785.dumps(with_float)   # floats rewritten by token, still no walk
+
+
+@pytest.mark.parametrize("entries", [0, 1, 255, 256, 257, 1000])
+def test_canonical_and_plain_chunks_join_to_the_whole(entries):
+    from fhirbridge import jsonutil
+
+    doc = {"resourceType": "Bundle", "type": "document", "id": "d",
+           "entry": [{"fullUrl": f"urn:uuid:{i}", "resource": {"resourceType": "Observation", "id": f"o{i}",
+                                                               "valueQuantity": {"value": i / 4}}}
+                     for i in range(entries)], "timestamp": "2025-01-01T00:00:00Z",
+           "z": [], "y": {}, "x": [{"b": [1.5, {"é": None}], "a": {"text": {"div": "é" * 300}}}]}
+    doc["entry"][:0] = [{"resource": {"resourceType": "Composition", "section": [
+        {"title": f"s{j}", "text": {"div": "<div>" + "line 2.5,\n" * 500 + "</div>"}, "entry": [{"reference": "x"}]}
+        for j in range(3)]}}]
+    assert b"".join(jsonutil.canonical_chunks(doc)) == rfc8785.dumps(doc)
+    assert json.loads(b"".join(jsonutil.dumps_chunks(doc))) == doc
+    assert b"".join(jsonutil.canonical_chunks({})) == b"{}"
+    assert b"".join(jsonutil.canonical_chunks([1.0, None])) == rfc8785.dumps([1.0, None])
