@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import rfc8785
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
@@ -118,7 +118,7 @@ def sign_detached_chunks(chunks: Iterable[bytes], keyring: KeyRing, *, typ: str 
     key = keyring.signing_key()
     header = _header(key, typ, x5c)
     alg = header["alg"]
-    digest_alg = _DIGEST[alg]()
+    digest_alg: hashes.HashAlgorithm = _DIGEST[alg]()
     h = hashlib.new(digest_alg.name)
     h.update(b64url(dumps(header)).encode("ascii") + b".")
     rest = b""
@@ -130,16 +130,19 @@ def sign_detached_chunks(chunks: Iterable[bytes], keyring: KeyRing, *, typ: str 
     h.update(base64.urlsafe_b64encode(rest).rstrip(b"="))
     digest = h.digest()
     private = key.private_key
-    if alg.startswith("ES"):
+    if isinstance(private, ec.EllipticCurvePrivateKey):
         r, s = decode_dss_signature(private.sign(digest, ec.ECDSA(Prehashed(digest_alg))))
         size = (private.curve.key_size + 7) // 8
         signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")   # RFC 7518 section 3.4: R || S
-    else:   # RS384, the one RSA algorithm _signing_alg chooses
+    elif isinstance(private, rsa.RSAPrivateKey):   # RS384, the one RSA algorithm _signing_alg chooses
         signature = private.sign(digest, padding.PKCS1v15(), Prehashed(digest_alg))
+    else:
+        raise SealError(f"signing key {key.kid} cannot sign {alg}")
     return f"{b64url(dumps(header))}..{b64url(signature)}"
 
 
-_DIGEST = {"ES256": hashes.SHA256, "ES384": hashes.SHA384, "RS384": hashes.SHA384}
+_DIGEST: dict[str, type[hashes.HashAlgorithm]] = {"ES256": hashes.SHA256, "ES384": hashes.SHA384,
+                                                  "RS384": hashes.SHA384}
 
 
 def sign_compact(claims: dict, keyring: KeyRing, *, typ: str) -> str:

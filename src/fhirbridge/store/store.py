@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from sqlalchemy import and_, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhirbridge.crypto import files
@@ -43,12 +43,16 @@ from fhirbridge.store.tables import (
     audit_events,
     cases,
     cds_cards,
+    claimable,
     cursors,
     events,
     seen_messages,
     write_ledger,
 )
 
+# A claims connection idle longer than this is replaced rather than trusted: a firewall or PostgreSQL's
+# idle_session_timeout may have closed it, and the claims pool does not ping.
+_CLAIMS_RECYCLE_SECONDS = 600
 SIGNED_OUT = "session:signed-out"       # seen_messages.case_id of the rows of signed-out page sessions
 
 
@@ -114,6 +118,7 @@ class Store:
         safe when several replicas start at once: see fhirbridge.store.migrations)."""
         self.url = url
         self.engine: Engine = _engine(url)
+        self._claims: Engine | None = None
         if create:
             try:
                 self.upgrade()
@@ -131,6 +136,8 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._claims is not None:
+            self._claims.dispose()
 
     @property
     def outcomes(self) -> OutcomeStore:
@@ -360,24 +367,50 @@ class Store:
         COMMITTED a second worker blocked on the same row re-evaluates only the outer WHERE against the
         committed row, so without it both would "win". SKIP LOCKED lets workers pass over rows another is
         claiming instead of queueing on them (SQLite serialises writers and ignores it).
+
+        The work steps are written as the partial index's own predicate (`tables.claimable`), so a claim
+        reads `ix_cases_claimable` in `updated_at` order and stops at the first free, due Case: no sort
+        (issue 19 goal 3). On PostgreSQL the statement is its own transaction on a connection of the claims
+        pool, which does not ping before use: one round trip per claim, where BEGIN, a pre-ping and COMMIT
+        made it four. A connection found dead is replaced and the claim sent once more; if the first one had
+        in fact claimed a Case, that Case waits for its lease to lapse, as after a worker's crash.
         """
         now = time.time()
         worker = worker or worker_id()
         free = or_(cases.c.claimed_until.is_(None), cases.c.claimed_until < now)
         due = or_(cases.c.next_attempt_at.is_(None), cases.c.next_attempt_at <= now)
-        cond = and_(cases.c.step.in_(steps), free, due)
+        at_step = claimable(cases.c.step) if tuple(steps) == WORK_STEPS else cases.c.step.in_(steps)
+        cond = and_(at_step, free, due)
         if case_id is not None:
             cond = and_(cond, cases.c.id == case_id)
         if hospital is not None:
             cond = and_(cond, cases.c.hospital == hospital)
         pick = select(cases.c.id).where(cond).order_by(cases.c.updated_at).limit(1)
-        if self.engine.dialect.name == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
+        if self.engine.dialect.name != "postgresql":
+            stmt = (update(cases).where(and_(cases.c.id == pick.scalar_subquery(), free))
+                    .values(claimed_by=worker, claimed_until=now + lease_seconds).returning(*cases.c))
+            with self.engine.begin() as conn:
+                row = conn.execute(stmt).first()
+            return _case(row) if row else None
+        pick = pick.with_for_update(skip_locked=True)
         stmt = (update(cases).where(and_(cases.c.id == pick.scalar_subquery(), free))
                 .values(claimed_by=worker, claimed_until=now + lease_seconds).returning(*cases.c))
-        with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
-        return _case(row) if row else None
+        for attempt in (1, 2):
+            try:
+                with self._claims_engine().connect() as conn:
+                    row = conn.execute(stmt).first()
+                return _case(row) if row else None
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _claims_engine(self) -> Engine:
+        """PostgreSQL claims' own small pool: autocommit, no pre-ping (see `claim`)."""
+        if self._claims is None:
+            self._claims = create_engine(self.url, pool_pre_ping=False, isolation_level="AUTOCOMMIT",
+                                         pool_recycle=_CLAIMS_RECYCLE_SECONDS, json_serializer=_json_dumps)
+        return self._claims
 
     def finish_step(self, case_id: str, *, worker: str | None, expect_step: str, event_kind: str,
                     detail: dict | None = None, data: dict | None = None, **values) -> Case | None:
