@@ -101,7 +101,7 @@ def _run_section(section: str, root: Path, plan: dict, args, log) -> dict:
         return cases_bench.run(root, plan["cases_sizes"], plan["cases_repeats"], postgres_url=args.postgres_url,
                                log=log)
     if section == "claims":
-        return claims_bench.run(plan["claims_cases"], plan["claims_repeats"], url=args.postgres_url, log=log)
+        return claims_bench.run(root, plan["claims_cases"], plan["claims_repeats"], url=args.postgres_url, log=log)
     bench = Bench(root)   # a sekmet of its own per section: each measures against only its own data
     try:
         if section == "collect":
@@ -180,12 +180,15 @@ def goals(sections: dict) -> list[dict]:
             o["large_vs_small"] <= 1.5)
         add("outcomes", "scan of every row / tick", f"{o['scan_vs_tick']:.1f}x", "(reported)", None)
     if "claims" in sections:
-        c = sections["claims"]
-        for n, r in c["rows"].items():
-            add("claims", f"claims/s, {n}", r["claims_per_second"], "(reported)", None)
-            add("claims", f"duplicate claims, {n}", r["duplicates"], "0", r["duplicates"] == 0)
-        add("claims", "fhirbridge / raw SQL bound (time, 4 workers)", f"{c['fhirbridge_vs_bound']:.2f}x",
-            "(reported)", None)
+        for engine, c in sections["claims"]["engines"].items():
+            if "skipped" in c:
+                continue
+            for n, r in c["rows"].items():
+                add("claims", f"claims/s, {engine}, {n}", r["claims_per_second"], "(reported)", None)
+                add("claims", f"duplicate claims, {engine}, {n}", r["duplicates"], "0", r["duplicates"] == 0)
+            for w, v in c["fhirbridge_over_raw"].items():
+                add("claims", f"fhirbridge / raw SQL claims/s, {engine}, {w}, realistic mix", f"{v:.2f}x", ">= 0.8x",
+                    v >= 0.8)
     if "cases" in sections:
         for figure, value, goal, met in cases_bench.goals(sections["cases"]):
             add("cases", figure, value, goal, met)
@@ -245,10 +248,14 @@ def table(results: dict) -> str:
                           *[r["step_seconds"].get(k, "") for k in ("collect", "seal", "deliver", "file")],
                           r["reviewer_seconds"]] for r in s["loop"]["rows"]]), ""]
     if "claims" in s:
-        c = s["claims"]
-        lines += [f"Claims on PostgreSQL ({c['cases']} Cases per run)",
-                  _grid(["contender", "claims/s", "duplicates", "missed"],
-                        [[n, r["claims_per_second"], r["duplicates"], r["missed"]] for n, r in c["rows"].items()]), ""]
+        for engine, c in s["claims"]["engines"].items():
+            if "skipped" in c:
+                lines += [f"Claims on {engine}: skipped ({c['skipped']})", ""]
+                continue
+            lines += [f"Claims on {engine} ({c['due']} Cases due among {c['cases']}; one hospital's workers)",
+                      _grid(["contender", "claims/s", "duplicates", "missed"],
+                            [[n, r["claims_per_second"], r["duplicates"], r["missed"]] for n, r in c["rows"].items()]),
+                      ""]
     if "wado" in s:
         w = s["wado"]
         if "skipped" in w:
