@@ -125,10 +125,10 @@ def _claim_sql(dialect: Dialect, by_case: bool, by_hospital: bool) -> tuple[str,
     return str(compiled), names, fixed
 
 
-def _case_from_text(row) -> Case:
+def _case_from_text(row: dict) -> Case:
     """A Case from a row read by driver SQL: the JSON column decoded as the typed read would (SQLite keeps it
     as text; psycopg decodes it itself)."""
-    values = _plain(row)
+    values = dict(row)
     if isinstance(values.get("data"), str | bytes):
         values["data"] = orjson.loads(values["data"])
     values["data"] = values.get("data") or {}
@@ -425,19 +425,34 @@ class Store:
         # The statement is compiled once per form and sent as text: building and compiling it per claim was
         # most of a claim's own CPU (issue 19 goal 3: ~2 ms against the database's 3 ms on a loaded machine).
         args = tuple(params[n] for n in names) if names else params
-        if self.engine.dialect.name != "postgresql":
-            with self.engine.begin() as conn:
-                row = conn.exec_driver_sql(sql, args).first()
-            return _case_from_text(row) if row else None
+        # One statement, its own transaction (as the raw statement is), through the driver's own cursor:
+        # SQLAlchemy's result machinery per claim cost as much as the database's work. On SQLite a BEGIN
+        # before it made 4 workers half as fast as one, queueing on the write lock in the busy handler.
+        engine = self._claims_engine() if self.engine.dialect.name == "postgresql" else self.engine
         for attempt in (1, 2):
             try:
-                with self._claims_engine().connect() as conn:
-                    row = conn.exec_driver_sql(sql, args).first()
-                return _case_from_text(row) if row else None
+                return self._claim_raw(engine, sql, args)
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _claim_raw(engine: Engine, sql: str, args) -> Case | None:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # open while conn is
+            try:
+                try:
+                    cursor.execute(sql, args)
+                    row = cursor.fetchone()
+                except engine.dialect.loaded_dbapi.Error as exc:
+                    # As SQLAlchemy would report it (a dropped connection marks the pool for renewal).
+                    conn._handle_dbapi_exception(exc, sql, args, cursor, None)
+                    raise
+                names = [d[0] for d in cursor.description]
+            finally:
+                cursor.close()
+        return _case_from_text(dict(zip(names, row, strict=True))) if row else None
 
     def _claim_general(self, steps: tuple[str, ...], params: dict):
         stmt = _claim_statement(self.engine.dialect.name, steps, params["b_case"] is not None,
