@@ -1,13 +1,15 @@
-"""Claims: Cases claimed per second on PostgreSQL by 4 worker processes, every claim checked for duplicates.
+"""Claims: Cases claimed per second by 1 and 4 worker processes, on the realistic mix, on SQLite and
+PostgreSQL, every claim checked for duplicates (issue 19 goal 3).
 
-Contenders, interleaved, on the same table (every claim released between repetitions):
+The mix is that of a running service: most Cases wait for an opinion or are done, a few are due at a work
+step, and some at a work step are backing off (not due yet), for two hospitals; the workers are one
+hospital's, as `run_pending` claims. Contenders, interleaved, on the same table (every claim released
+between repetitions):
 
-* fhirbridge: `Store.claim` (SQLAlchemy, one atomic UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP
-  LOCKED) RETURNING *), 4 processes, each with its own Store, claiming until nothing is left;
-* bound: the same claim as one hand-written statement through psycopg (no SQLAlchemy, returning only
-  the id), 4 processes: the database's own speed at handing out rows;
-* fhirbridge, 1 worker: how far 4 workers scale;
-* diagnostic: fhirbridge, 4 workers, with SQLAlchemy's pool pre-ping off (one of the causes measured).
+* fhirbridge: `Store.claim` (one UPDATE ... WHERE id = (SELECT ... [FOR UPDATE SKIP LOCKED]) RETURNING
+  every column), each process with its own Store, claiming until nothing is left;
+* bound: the same statement, hand-written, through the driver itself (psycopg in autocommit; sqlite3), so
+  the database's own speed at handing out the same rows.
 
 Workers connect and warm up first, then wait for one start signal; the time runs from the signal to the
 last worker finding nothing left. Each worker returns the ids it claimed, so a Case handed out twice is
@@ -19,10 +21,16 @@ import multiprocessing as mp
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+WORK = ("collect", "seal", "deliver", "file")
+OTHERS_PER_DUE = 15        # Cases waiting, done or backing off per Case due: 64,000 Cases for 4,000 due
+COLUMNS = ("id, hospital, service_request, patient, reviewer, profile, step, task, package_id, opinion_id, "
+           "document_reference, attempts, last_error, next_attempt_at, claimed_by, claimed_until, created_at, "
+           "updated_at, data, due_at, overdue_at, concordance, recommendation, filed_at, turnaround_seconds")
 
 
 def _schema_url(url: str, schema: str) -> str:
@@ -30,40 +38,54 @@ def _schema_url(url: str, schema: str) -> str:
     return f"{url}{sep}options=-csearch_path%3D{schema}"
 
 
+def _raw_sql(param: str) -> str:
+    steps = ", ".join(f"'{s}'" for s in WORK)
+    p = (lambda n: f"%({n})s") if param == "pyformat" else (lambda n: f":{n}")
+    lock = " FOR UPDATE SKIP LOCKED" if param == "pyformat" else ""
+    free = f"(claimed_until IS NULL OR claimed_until < {p('now')})"
+    return (f"UPDATE cases SET claimed_by = {p('w')}, claimed_until = {p('until')} WHERE id = ("
+            f"SELECT id FROM cases WHERE step IN ({steps}) AND {free}"
+            f" AND (next_attempt_at IS NULL OR next_attempt_at <= {p('now')}) AND hospital = {p('h')}"
+            f" ORDER BY updated_at LIMIT 1{lock}) AND {free} RETURNING {COLUMNS}")
+
+
 def _worker(kind: str, url: str, name: str, ready, go, out) -> None:
     ids: list[str] = []
-    if kind.startswith("fhirbridge"):
+    if kind == "fhirbridge":
         from fhirbridge.store.store import Store
         store = Store(url, create=False)
-        if kind == "fhirbridge-no-ping":
-            # Diagnostic only: the same Store with SQLAlchemy's pre-ping (a SELECT 1 on every checkout) off.
-            from sqlalchemy import create_engine as _ce
-            store.engine.dispose()
-            store.engine = _ce(url, pool_pre_ping=False)
-        store.claim(worker=name, case_id="warm-up-none", lease_seconds=600)   # connects; claims nothing
-        claim = lambda: store.claim(worker=name, lease_seconds=600)  # noqa: E731
+        store.claim(worker=name, case_id="warm-up-none", hospital="h1", lease_seconds=600)   # connects
         ready.put(name)
         go.wait()
-        while (case := claim()) is not None:
+        while (case := store.claim(worker=name, hospital="h1", lease_seconds=600)) is not None:
             ids.append(case.id)
         store.close()
+    elif url.startswith("sqlite"):
+        import sqlite3
+        conn = sqlite3.connect(url[len("sqlite:///"):], timeout=30, isolation_level=None)
+        conn.execute("PRAGMA synchronous=FULL")
+        sql = _raw_sql("named")
+        ready.put(name)
+        go.wait()
+        while True:
+            now = time.time()
+            row = conn.execute(sql, {"w": name, "until": now + 600, "now": now, "h": "h1"}).fetchone()
+            if row is None:
+                break
+            ids.append(row[0])
+        conn.close()
     else:
         import psycopg
         dsn, _, query = url.replace("postgresql+psycopg://", "postgresql://").partition("?")
         opts = query.split("options=", 1)[1].replace("%3D", "=") if "options=" in query else ""
         with psycopg.connect(dsn, options=opts, autocommit=True) as conn:
-            sql = ("UPDATE cases SET claimed_by = %(w)s, claimed_until = %(until)s WHERE id = ("
-                   "SELECT id FROM cases WHERE step = ANY(%(steps)s)"
-                   " AND (claimed_until IS NULL OR claimed_until < %(now)s)"
-                   " AND (next_attempt_at IS NULL OR next_attempt_at <= %(now)s) ORDER BY updated_at LIMIT 1"
-                   " FOR UPDATE SKIP LOCKED) AND (claimed_until IS NULL OR claimed_until < %(now)s) RETURNING id")
-            steps = ["collect", "seal", "deliver", "file"]
+            sql = _raw_sql("pyformat")
             conn.execute("SELECT 1")
             ready.put(name)
             go.wait()
             while True:
                 now = time.time()
-                row = conn.execute(sql, {"w": name, "until": now + 600, "now": now, "steps": steps}).fetchone()
+                row = conn.execute(sql, {"w": name, "until": now + 600, "now": now, "h": "h1"}).fetchone()
                 if row is None:
                     break
                 ids.append(row[0])
@@ -91,82 +113,88 @@ def _one_run(kind: str, url: str, workers: int) -> dict:
             "per_worker": [len(r[2]) for r in results]}
 
 
-def statements_per_claim(url: str) -> dict:
-    """What one Store.claim sends to PostgreSQL: statements SQLAlchemy executes, pre-ping checks and
-    transaction ends, counted with engine events over 20 claims (a fresh schema, so nothing is claimable
-    after the table is gone: run before it is dropped)."""
-    from sqlalchemy import event
-
-    from fhirbridge.store.store import Store
-
-    store = Store(url, create=False)
-    counts = Counter()
-    event.listen(store.engine, "before_cursor_execute", lambda *a, **k: counts.update(["statement"]))
-    event.listen(store.engine, "commit", lambda *a, **k: counts.update(["commit"]))
-    event.listen(store.engine, "checkout", lambda *a, **k: counts.update(["checkout"]))
+def _load_mix(store, due: int) -> int:
+    """`due` Cases due at a work step for hospital h1, and OTHERS_PER_DUE times as many others: waiting for an
+    opinion (most), done, failed, at a work step but backing off, or the other hospital's."""
+    now = time.time()
+    rows = []
+    total = due * (OTHERS_PER_DUE + 1)
+    for i in range(total):
+        hospital, step, backoff = "h1", "await_opinion", None
+        if i % (OTHERS_PER_DUE + 1) == 0:
+            step = WORK[(i // (OTHERS_PER_DUE + 1)) % len(WORK)]
+        else:
+            kind = i % 10
+            if kind < 5:
+                step = "await_opinion"
+            elif kind < 8:
+                step = "done"
+            elif kind == 8:
+                step, backoff = WORK[i % len(WORK)], now + 3600
+            else:
+                hospital, step = "h2", WORK[i % len(WORK)]
+        rows.append({"id": str(uuid.uuid4()), "h": hospital, "sr": f"ServiceRequest/{i}", "step": step,
+                     "t": now - total + i, "next": backoff})
     with store.engine.begin() as conn:
-        conn.execute(text("UPDATE cases SET claimed_by = NULL, claimed_until = NULL"))
-    counts.clear()
-    n = 20
-    for _ in range(n):
-        store.claim(worker="count", lease_seconds=600)
-    # pool_pre_ping sends its own "SELECT 1" on checkout, outside before_cursor_execute: one per checkout.
-    pings = counts["checkout"] if getattr(store.engine.pool, "_pre_ping", False) else 0
-    per = {k: v / n for k, v in counts.items()}
-    per["pre_ping"] = pings / n
-    per["round_trips"] = per.get("statement", 0) + per.get("commit", 0) + per["pre_ping"]
-    store.close()
-    return per
+        for start in range(0, len(rows), 5000):
+            conn.execute(text("INSERT INTO cases (id, hospital, service_request, patient, reviewer, profile, step, "
+                              "attempts, created_at, updated_at, next_attempt_at, data) VALUES (:id, :h, :sr, "
+                              "'Patient/1', 'r', 'default', :step, 0, :t, :t, :next, '{}')"), rows[start:start + 5000])
+    with store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("VACUUM ANALYZE cases" if store.engine.dialect.name == "postgresql" else "SELECT 1"))
+    return total
 
 
-def run(cases: int, repeats: int, url: str = DEFAULT_URL, log=print) -> dict:
+def _run_engine(name: str, url: str, due: int, repeats: int, log) -> dict:
     from fhirbridge.store.store import Store
 
     from .common import side_by_side
 
-    schema = f"fb_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    surl = _schema_url(url, schema)
-    try:
-        store = Store(surl)
-        now = time.time()
+    store = Store(url)
+    total = _load_mix(store, due)
+
+    def reset() -> None:
         with store.engine.begin() as conn:
-            conn.execute(text("INSERT INTO cases (id, hospital, service_request, patient, reviewer, profile, step, "
-                              "attempts, created_at, updated_at, data) VALUES (:id, 'h', :sr, 'Patient/1', 'r', "
-                              "'default', 'collect', 0, :t, :t, '{}')"),
-                         [{"id": str(uuid.uuid4()), "sr": f"ServiceRequest/{i}", "t": now + i * 1e-6}
-                          for i in range(cases)])
+            conn.execute(text("UPDATE cases SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by IS NOT NULL"))
 
-        def reset() -> None:
-            with store.engine.begin() as conn:
-                conn.execute(text("UPDATE cases SET claimed_by = NULL, claimed_until = NULL"))
+    contenders = {f"fhirbridge {w} worker{'s' if w > 1 else ''}": (lambda w=w: _one_run("fhirbridge", url, w))
+                  for w in (4, 1)}
+    contenders.update({f"raw SQL {w} worker{'s' if w > 1 else ''}": (lambda w=w: _one_run("raw", url, w))
+                       for w in (4, 1)})
+    t = side_by_side(contenders, repeats, warmup=0, setup=reset)
+    store.close()
+    rows = {}
+    for n in contenders:
+        res = t.results[n]
+        rows[n] = {"claims_per_second": round(due / t.median(n)), "median_s": round(t.median(n), 3),
+                   "spread": round(t.spread(n), 3), "duplicates": sum(r["duplicates"] for r in res),
+                   "missed": sum(due - r["distinct"] for r in res), "per_worker_last": res[-1]["per_worker"]}
+    out = {"engine": name, "due": due, "cases": total, "rows": rows,
+           # claims/s of fhirbridge over the raw statement's = the raw time over fhirbridge's
+           "fhirbridge_over_raw": {w: round(1 / t.ratio(f"fhirbridge {w}", f"raw SQL {w}"), 2)
+                                   for w in ("4 workers", "1 worker")}}
+    log(f"  claims {name}: " + ", ".join(f"{n} {r['claims_per_second']}/s (dup {r['duplicates']}, missed "
+                                         f"{r['missed']})" for n, r in rows.items())
+        + f"; fhirbridge/raw claims/s {out['fhirbridge_over_raw']}")
+    return out
 
-        contenders = {"fhirbridge 4 workers": lambda: _one_run("fhirbridge", surl, 4),
-                      "bound 4 workers (raw SQL)": lambda: _one_run("raw", surl, 4),
-                      "fhirbridge 1 worker": lambda: _one_run("fhirbridge", surl, 1),
-                      "diagnostic: fhirbridge 4 workers, pre-ping off": lambda: _one_run("fhirbridge-no-ping", surl, 4)}
-        t = side_by_side(contenders, repeats, warmup=0, setup=reset)
-        spc = statements_per_claim(surl)
-        store.close()
+
+def run(root: Path, due: int, repeats: int, url: str = DEFAULT_URL, log=print) -> dict:
+    out: dict = {"engines": {}}
+    out["engines"]["sqlite"] = _run_engine("sqlite", f"sqlite:///{root / 'claims.db'}", due, repeats, log)
+    schema = f"fb_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = create_engine(url)
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001 - no PostgreSQL here: the SQLite figures stand alone
+        out["engines"]["postgresql"] = {"skipped": f"PostgreSQL unreachable at {url}: {type(exc).__name__}"}
+        return out
+    try:
+        out["engines"]["postgresql"] = _run_engine("postgresql", _schema_url(url, schema), due, repeats, log)
     finally:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
-    rows = {}
-    for n in contenders:
-        res = t.results[n]
-        rows[n] = {"claims_per_second": round(cases / t.median(n)), "median_s": round(t.median(n), 3),
-                   "spread": round(t.spread(n), 3),
-                   "duplicates": sum(r["duplicates"] for r in res),
-                   "missed": sum(cases - r["distinct"] for r in res),
-                   "per_worker_last": res[-1]["per_worker"]}
-    out = {"cases": cases, "rows": rows, "statements_per_claim": spc,
-           "fhirbridge_vs_bound": round(t.ratio("fhirbridge 4 workers", "bound 4 workers (raw SQL)"), 2),
-           "scaling_4_over_1": round(t.ratio("fhirbridge 1 worker", "fhirbridge 4 workers"), 2)}
-    log("  claims: " + ", ".join(f"{n} {r['claims_per_second']}/s (dup {r['duplicates']}, missed {r['missed']})"
-                                 for n, r in rows.items())
-        + f"; fhirbridge/bound time {out['fhirbridge_vs_bound']}, 4 workers vs 1: {out['scaling_4_over_1']}x;"
-        f" per claim {spc}")
     return out

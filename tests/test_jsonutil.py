@@ -51,3 +51,53 @@ def test_every_shared_example_matches_the_reference(testdata_dir):
     for path in files:
         value = json.loads(path.read_text(encoding="utf-8"))
         assert canonical(value) == rfc8785.dumps(value), path.name
+
+
+@pytest.mark.parametrize("value", [
+    {"div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">ratio:1.5, [2e5] ,null]</div>", "v": 7.0},
+    {"a": ["x\\", 1e21, "\\\"y:1.0,", -0.0, 1e-7, [0.1, {"b": 100.0}]], "s": "\\\\\":2.5}"},
+    {"k": "x:1.5,", "n": 3},
+    {"k": None, "f": 1.25},
+    {"k": [None, "given"], "_k": [{"id": "e1"}, None]},
+    1.0,
+    None,
+    ["\\", "\"", 12.5],
+])
+def test_floats_nulls_and_look_alikes_inside_strings_match_the_reference(value):
+    assert canonical(value) == rfc8785.dumps(value)
+
+
+def test_a_document_without_floats_or_nulls_is_not_walked(monkeypatch):
+    """Issue 19 goal 2: the Python walk of a large document was most of the seal; orjson's sorted output is
+    final when a C-speed scan finds no float, null or character beyond the BMP."""
+    from fhirbridge import jsonutil
+
+    def no_walk(*_a, **_k):
+        raise AssertionError("the value was walked in Python")
+
+    monkeypatch.setattr(jsonutil, "_prepare", no_walk)
+    doc = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Observation", "id": f"o{i}",
+                                                             "effectiveDateTime": "2020-01-01T12:30:00.000Z",
+                                                             "code": {"text": "urn:oid:2.16.840.1 \"q\""},
+                                                             "valueInteger": i}} for i in range(50)]}
+    assert canonical(doc) == rfc8785.dumps(doc)
+    with_float = {**doc, "total": 2.5}
+    assert canonical(with_float) == rfc8785.dumps(with_float)   # floats rewritten by token, still no walk
+
+
+@pytest.mark.parametrize("entries", [0, 1, 255, 256, 257, 1000])
+def test_canonical_and_plain_chunks_join_to_the_whole(entries):
+    from fhirbridge import jsonutil
+
+    doc = {"resourceType": "Bundle", "type": "document", "id": "d",
+           "entry": [{"fullUrl": f"urn:uuid:{i}", "resource": {"resourceType": "Observation", "id": f"o{i}",
+                                                               "valueQuantity": {"value": i / 4}}}
+                     for i in range(entries)], "timestamp": "2025-01-01T00:00:00Z",
+           "z": [], "y": {}, "x": [{"b": [1.5, {"é": None}], "a": {"text": {"div": "é" * 300}}}]}
+    doc["entry"][:0] = [{"resource": {"resourceType": "Composition", "section": [
+        {"title": f"s{j}", "text": {"div": "<div>" + "line 2.5,\n" * 500 + "</div>"}, "entry": [{"reference": "x"}]}
+        for j in range(3)]}}]
+    assert b"".join(jsonutil.canonical_chunks(doc)) == rfc8785.dumps(doc)
+    assert json.loads(b"".join(jsonutil.dumps_chunks(doc))) == doc
+    assert b"".join(jsonutil.canonical_chunks({})) == b"{}"
+    assert b"".join(jsonutil.canonical_chunks([1.0, None])) == rfc8785.dumps([1.0, None])

@@ -66,10 +66,13 @@ def test_the_outcomes_tick_bench_claims_one_page_on_each_store(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL"),
                     reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set")
-def test_claims_on_postgres_hand_out_no_case_twice():
+def test_claims_on_sqlite_and_postgres_hand_out_no_case_twice(tmp_path):
     from bench import claims_bench
-    out = claims_bench.run(50, 1, url=os.environ["FHIRBRIDGE_TEST_POSTGRES_URL"], log=lambda _m: None)
-    assert all(r["duplicates"] == 0 and r["missed"] == 0 for r in out["rows"].values())
+    out = claims_bench.run(tmp_path, 50, 1, url=os.environ["FHIRBRIDGE_TEST_POSTGRES_URL"], log=lambda _m: None)
+    assert set(out["engines"]) == {"sqlite", "postgresql"}
+    for engine in out["engines"].values():
+        assert engine["cases"] == 50 * (claims_bench.OTHERS_PER_DUE + 1)
+        assert all(r["duplicates"] == 0 and r["missed"] == 0 for r in engine["rows"].values())
 
 
 def test_wado_contenders_retrieve_the_same_series(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from joserfc import jws as joserfc_jws
-from joserfc.jwk import OctKey, RSAKey
+from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from fhirbridge.crypto import jws, keys
 from fhirbridge.crypto.keys import KeyRing
@@ -243,3 +243,22 @@ def test_sign_with_digest_gives_the_digest_of_the_signed_bundle_and_leaves_the_i
     assert digest == jws.bundle_digest(signed) == jws.bundle_digest(original)
     assert original == before and "signature" not in original
     jws.verify_bundle(signed, trusted)
+
+
+@pytest.mark.parametrize("curve", ["P-256", "P-384", "RSA"])
+@pytest.mark.parametrize("size", [0, 1, 2, 3 * (1 << 18) - 1, 3 * (1 << 18), 3 * (1 << 18) + 1, 2_000_003])
+def test_a_detached_signature_hashed_in_chunks_verifies_with_joserfc(curve, size, rsa_signer):
+    """The signing input is hashed as its base64url form is made, a chunk at a time, and signed pre-hashed:
+    a JOSE library that builds the whole signing input must accept it, at every chunk boundary."""
+    if curve == "RSA":
+        signer = rsa_signer
+    else:
+        key = ECKey.generate_key(curve).as_dict(private=True)
+        key["use"] = "sig"
+        signer = KeyRing({"keys": [key]}, source=curve)
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    token = jws.sign_detached(payload, signer)
+    header = jws.verify_detached(token, payload, KeyRing(signer.public_jwks()))
+    assert header["alg"] == {"P-256": "ES256", "P-384": "ES384", "RSA": "RS384"}[curve]
+    assert "signature does not match" in _error(jws.verify_detached, token, payload + b" ",
+                                                 KeyRing(signer.public_jwks()))

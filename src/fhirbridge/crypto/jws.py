@@ -10,9 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import hashlib
 import re
+from collections.abc import Callable, Iterable, Iterator
 
 import rfc8785
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
@@ -20,7 +25,7 @@ from joserfc.jwk import ECKey
 from fhirbridge.crypto import certs
 from fhirbridge.crypto.keys import SIG_ALGS, KeyRing
 from fhirbridge.errors import SealError
-from fhirbridge.jsonutil import b64url_decode, canonical, loads, sha256_hex
+from fhirbridge.jsonutil import b64url, b64url_decode, canonical, canonical_chunks, dumps, loads
 
 ALLOWED_ALGS = SIG_ALGS  # never "none" or HS*: a MAC key is shared, so it cannot prove who signed
 
@@ -51,7 +56,7 @@ BUNDLE_TARGET_FORMAT = "application/fhir+json;canonicalization=http://hl7.org/fh
 # leaves out Resource.text and Resource.meta, which a server may set on storing, so it still verifies
 # when read back from the EHR.
 RESOURCE_TARGET_FORMAT = "application/fhir+json;canonicalization=http://hl7.org/fhir/canonicalization/json#static"
-_BUNDLE_EXCLUDED = ("id", "meta", "signature")
+BUNDLE_EXCLUDED = ("id", "meta", "signature")   # what a Bundle signature does not cover
 _RESOURCE_EXCLUDED = ("meta", "text")
 
 _PLAIN_KID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -79,8 +84,7 @@ def _signing_alg(key) -> str:
     raise SealError(f"signing key {key.kid} ({key.key_type}) has no allowed signature algorithm")
 
 
-def _sign(payload: bytes, keyring: KeyRing, typ: str | None, x5c: list[str] | None = None) -> str:
-    key = keyring.signing_key()
+def _header(key, typ: str | None, x5c: list[str] | None) -> dict:
     header: dict = {"alg": _signing_alg(key), "kid": key.kid}
     if typ:
         header["typ"] = typ
@@ -89,13 +93,56 @@ def _sign(payload: bytes, keyring: KeyRing, typ: str | None, x5c: list[str] | No
         if leaf is None or not certs.same_key(leaf, key.public_key):
             raise SealError(f"the certificate chain given does not hold signing key {key.kid}")
         header["x5c"] = list(x5c)
-    return jws.serialize_compact(header, payload, key, registry=_REGISTRY)
+    return header
+
+
+def _sign(payload: bytes, keyring: KeyRing, typ: str | None, x5c: list[str] | None = None) -> str:
+    key = keyring.signing_key()
+    return jws.serialize_compact(_header(key, typ, x5c), payload, key, registry=_REGISTRY)
 
 
 def sign_detached(payload: bytes, keyring: KeyRing, *, typ: str | None = None, x5c: list[str] | None = None) -> str:
     """Compact JWS with the payload segment left empty (RFC 7515 Appendix F): `header..signature`.
     `x5c`: the certificate chain of the signing key (crypto/certs.py), put in the protected header."""
-    return jws.detach_content(_sign(payload, keyring, typ, x5c))
+    return sign_detached_chunks([payload], keyring, typ=typ, x5c=x5c)
+
+
+def sign_detached_chunks(chunks: Iterable[bytes], keyring: KeyRing, *, typ: str | None = None,
+                         x5c: list[str] | None = None) -> str:
+    """`sign_detached` of the concatenation of `chunks`, which is never built.
+
+    The signing input (RFC 7515 section 5.1: ASCII(BASE64URL(header) || '.' || BASE64URL(payload))) is hashed
+    as its base64url form is made, a piece at a time, and the digest signed pre-hashed: a detached payload is
+    a whole document (7.3 MiB for 10,000 resources), and building the signing input whole, as a JWS library
+    does, held two more copies of it (issue 19 goal 2: peak memory of the seal)."""
+    key = keyring.signing_key()
+    header = _header(key, typ, x5c)
+    alg = header["alg"]
+    digest_alg: hashes.HashAlgorithm = _DIGEST[alg]()
+    h = hashlib.new(digest_alg.name)
+    h.update(b64url(dumps(header)).encode("ascii") + b".")
+    rest = b""
+    for chunk in chunks:
+        data = rest + chunk if rest else chunk
+        cut = len(data) - len(data) % 3   # whole 3-byte groups encode with no padding, so the pieces concatenate
+        h.update(base64.urlsafe_b64encode(memoryview(data)[:cut]))
+        rest = bytes(data[cut:])
+    h.update(base64.urlsafe_b64encode(rest).rstrip(b"="))
+    digest = h.digest()
+    private = key.private_key
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        r, s = decode_dss_signature(private.sign(digest, ec.ECDSA(Prehashed(digest_alg))))
+        size = (private.curve.key_size + 7) // 8
+        signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")   # RFC 7518 section 3.4: R || S
+    elif isinstance(private, rsa.RSAPrivateKey):   # RS384, the one RSA algorithm _signing_alg chooses
+        signature = private.sign(digest, padding.PKCS1v15(), Prehashed(digest_alg))
+    else:
+        raise SealError(f"signing key {key.kid} cannot sign {alg}")
+    return f"{b64url(dumps(header))}..{b64url(signature)}"
+
+
+_DIGEST: dict[str, type[hashes.HashAlgorithm]] = {"ES256": hashes.SHA256, "ES384": hashes.SHA384,
+                                                  "RS384": hashes.SHA384}
 
 
 def sign_compact(claims: dict, keyring: KeyRing, *, typ: str) -> str:
@@ -200,6 +247,10 @@ def verify_compact(token: str, trusted: KeyRing, *, typ: str | None = None) -> t
 # --- FHIR Bundle signatures ------------------------------------------------------------------
 
 def _bundle_signed_bytes(bundle: dict) -> bytes:
+    return b"".join(_bundle_signed_chunks(bundle))
+
+
+def _bundle_signed_chunks(bundle: dict) -> Iterator[bytes]:
     # What is signed is the RFC 8785 (JCS) form of the Bundle without Bundle.id, Bundle.meta and
     # Bundle.signature. This follows the FHIR "Digital Signatures" JSON canonicalization (R5
     # signatures.html "Canonical JSON"; the CDex signing guidance for R4 Bundle.signature does the
@@ -207,16 +258,19 @@ def _bundle_signed_bytes(bundle: dict) -> bytes:
     # cover itself. Everything clinical (every entry) is covered.
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise SealError("not a FHIR Bundle: resourceType must be 'Bundle'")
-    stripped = {k: v for k, v in bundle.items() if k not in _BUNDLE_EXCLUDED}
+    stripped = {k: v for k, v in bundle.items() if k not in BUNDLE_EXCLUDED}
     try:
-        return canonical(stripped)
+        yield from canonical_chunks(stripped)
     except rfc8785.CanonicalizationError as err:
         raise SealError(f"document cannot be canonicalized for signing (RFC 8785): {type(err).__name__}") from None
 
 
 def bundle_digest(bundle: dict) -> str:
     """SHA-256 hex of the bytes a Bundle signature covers (binds a manifest to the document)."""
-    return sha256_hex(_bundle_signed_bytes(bundle))
+    h = hashlib.sha256()
+    for chunk in _bundle_signed_chunks(bundle):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str, x5c: list[str] | None = None) -> dict:
@@ -227,14 +281,39 @@ def sign_bundle(bundle: dict, keyring: KeyRing, *, who: dict, when: str, x5c: li
 def sign_bundle_with_digest(bundle: dict, keyring: KeyRing, *, who: dict, when: str,
                             x5c: list[str] | None = None) -> tuple[dict, str]:
     """`sign_bundle`, also returning `bundle_digest` of the result, from the one canonicalisation both need
-    (RFC 8785 of a large document is the costliest part of sealing). The copy is shallow: its entries are
-    the caller's, so neither side may change them afterwards."""
-    signed_bytes = _bundle_signed_bytes(bundle)
-    token = sign_detached(signed_bytes, keyring, x5c=x5c)
+    (RFC 8785 of a large document is the costliest part of sealing), made a batch of entries at a time and
+    never held whole. The copy is shallow: its entries are the caller's, so neither side may change them
+    afterwards."""
+    h = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in _bundle_signed_chunks(bundle):
+            h.update(chunk)
+            yield chunk
+
+    token = sign_detached_chunks(hashed(), keyring, x5c=x5c)
     signed = dict(bundle)
     signed["signature"] = _signature(token, who=who, when=when, target_format=BUNDLE_TARGET_FORMAT)
     # The signature is excluded from what is signed, so the digest of the signed Bundle is that of the input.
-    return signed, sha256_hex(signed_bytes)
+    return signed, h.hexdigest()
+
+
+def sign_bundle_streaming(bundle: dict, keyring: KeyRing, *, who: dict, when: str, sink: Callable[[bytes], object],
+                          x5c: list[str] | None = None) -> tuple[dict, str]:
+    """Sign `bundle` in one pass over its canonical form, handing each piece to `sink` as it is hashed;
+    returns (its Bundle.signature element, `bundle_digest`). The pieces join to the canonical bytes of the
+    Bundle without id, meta and signature: a sealer can send those very bytes as the document (any JSON
+    reader parses them) instead of serialising it a second time (issue 19 goal 2)."""
+    h = hashlib.sha256()
+
+    def pieces() -> Iterator[bytes]:
+        for chunk in _bundle_signed_chunks(bundle):
+            h.update(chunk)
+            sink(chunk)
+            yield chunk
+
+    token = sign_detached_chunks(pieces(), keyring, x5c=x5c)
+    return _signature(token, who=who, when=when, target_format=BUNDLE_TARGET_FORMAT), h.hexdigest()
 
 
 def _signature(token: str, *, who: dict, when: str, target_format: str, on_behalf_of: dict | None = None) -> dict:

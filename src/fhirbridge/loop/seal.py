@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fhirbridge.crypto import jwe, jws
-from fhirbridge.crypto.files import open_private, private_dir
+from fhirbridge.crypto import jwe
+from fhirbridge.crypto.files import fsync_file, open_private, private_dir
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import SealError
 from fhirbridge.exchange import dicom_series, envelope
@@ -90,8 +90,6 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     collected = dataclasses.replace(collected, resources=shared)
     document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
                               timestamp=timestamp, inline_binaries=inline)
-    document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
-                                                   when=timestamp, x5c=app.hospital_x5c)
     issued = int(time.time())
     due_at = reviewer.due_at(issued)
     manifest: dict[str, Any] = {
@@ -125,21 +123,28 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         # stops being accepted at all, a different and later instant.
         "due_at": due_at,
     }
-    data = envelope.seal(typ=envelope.PACKAGE, claims=claims, document=document, signer=app.hospital_keys,
-                         recipient=reviewer_keys, document_sha256=digest)
-    limit = envelope.max_envelope_bytes(envelope.PACKAGE)
-    if len(data) > limit:
+    # Streamed into the staging folder, which is renamed whole below: a reader never sees half an envelope.
+    try:
+        with open_private(staging / envelope.ENVELOPE_FILE, exclusive=True) as f:
+            size = envelope.seal_signed_document_to(
+                f, typ=envelope.PACKAGE, claims=claims, document=document, signer=app.hospital_keys,
+                recipient=reviewer_keys, who=h.organization_ref(), when=timestamp, x5c=app.hospital_x5c)
+            fsync_file(f)
+    except SealError:
         shutil.rmtree(staging, ignore_errors=True)
-        raise SealError(f"the package envelope would be {len(data)} bytes, more than a reviewer accepts ({limit}); "
+        raise
+    limit = envelope.max_envelope_bytes(envelope.PACKAGE)
+    if size > limit:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SealError(f"the package envelope would be {size} bytes, more than a reviewer accepts ({limit}); "
                         "lower fhirbridge.inline_attachment_limit so attachments travel as separate files")
-    envelope.write_atomic(staging / envelope.ENVELOPE_FILE, data)
     final = app.case_dir(case.id) / "package" / package_id
     private_dir(final.parent)
     staging.rename(final)
     summary = {"package_id": package_id, "shared": len(manifest["shared"]), "withheld": len(collected.withheld),
                "attachment_files": len(files), "inline_attachments": len(inline),
                "image_series": len(series_files),
-               "envelope_bytes": len(data), "due_at": due_at}
+               "envelope_bytes": size, "due_at": due_at}
     return package_id, summary
 
 

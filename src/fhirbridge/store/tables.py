@@ -6,7 +6,23 @@ exception is `outcomes`, the coded outcome of each filed opinion (codes, never t
 """
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    literal_column,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from fhirbridge.steps import WORK_STEPS
 
 metadata = MetaData()
 
@@ -68,6 +84,22 @@ cases = Table(
     # cursor), per step for the filtered lists, and the columns searched for exactly.
     *CASE_LIST_INDEXES,
 )
+
+
+def claimable(step_column) -> ColumnElement[bool]:
+    """`step IN ('collect', ...)` over the work steps (steps.FLOW: a step with a `next`), written with literals:
+    the claim query must state the very predicate of the partial index below for SQLite to use it (a bound
+    parameter never matches a partial index's WHERE), and PostgreSQL proves the implication from literals."""
+    return step_column.in_([literal_column(f"'{s}'") for s in WORK_STEPS])
+
+
+# The claim (issue 19 goal 3): a hospital's claimable Cases, oldest update first, read along one index with no
+# sort, and only Cases at a work step are in it, so the many waiting for an opinion or done cost nothing
+# (ix_cases_claim had them in its range and sorted every claimable Case per claim). Migration 0014 creates it
+# with the work steps of its day; tests/store/test_claim_index.py fails when a FLOW step with a `next` is not
+# in its predicate (a new work step needs a migration that re-creates it).
+CLAIMABLE_INDEX = Index("ix_cases_claimable", cases.c.hospital, cases.c.updated_at,
+                        sqlite_where=claimable(cases.c.step), postgresql_where=claimable(cases.c.step))
 
 # Polling cursors (one per hospital and source), claimed like work so one replica polls at a time.
 cursors = Table(
