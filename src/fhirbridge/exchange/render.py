@@ -69,6 +69,7 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     for p in t.get("Patient", []):
         lines.append(f"Patient: {patient_line(p)}")
     lines += ["", "Question:", *[f"  {q}" for q in (m.get("question") or "(none given)").splitlines()], ""]
+    lines += checklist_lines(m)
     refs = {f"{r['resourceType']}/{r.get('id')}": r for r in _entries(document)}
 
     def block(title: str, items: list[dict], detail=None) -> None:
@@ -95,6 +96,34 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     if m.get("policy_note"):
         lines.append(f"  {m['policy_note']}")
     return terminal_safe("\n".join(lines) + "\n")
+
+
+# The packet's checklist (issue 16 part 6, loop/checklist.py writes it): the words per status.
+CHECKLIST_WORDS = {"included": "included", "withheld": "withheld", "not_found": "not found in the EHR"}
+
+
+def checklist_item(entry: dict) -> str:
+    """"Discharge summary of an earlier stay: withheld (older than the 730-day lookback window)"."""
+    status = str(entry.get("status"))
+    text = f"{entry.get('item')}: {CHECKLIST_WORDS.get(status, status)}"
+    if status == "withheld" and entry.get("reasons"):
+        text += f" ({'; '.join(str(r) for r in entry['reasons'])})"
+    if status == "included" and entry.get("records"):
+        text += f" ({len(entry['records'])})"
+    return text + ("  [required]" if entry.get("required") else "")
+
+
+def checklist_lines(manifest: dict) -> list[str]:
+    """The checklist first: what the reviewer of this specialty expects, and what came of each item."""
+    items = manifest.get("checklist") or []
+    if not items:
+        return []
+    missing = sum(1 for e in items if e.get("status") != "included")
+    head = f"Checklist ({len(items) - missing} of {len(items)} expected records included):"
+    out = [head, *[f"  [{'x' if e.get('status') == 'included' else ' '}] {checklist_item(e)}" for e in items]]
+    if manifest.get("sent_without"):
+        out.append(f"  The referring physician confirmed sending without: {', '.join(manifest['sent_without'])}")
+    return [*out, ""]
 
 
 def report_detail(r: dict, refs: dict) -> list[str]:

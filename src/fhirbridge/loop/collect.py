@@ -25,7 +25,7 @@ from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import write_atomic
 from fhirbridge.fhir.elements import clinical_date, has_coding, iter_references
 from fhirbridge.fhir.validate import validate as validate_resource
-from fhirbridge.loop import guards, images
+from fhirbridge.loop import checklist, guards, images
 from fhirbridge.loop.consent import POLICY, Consents
 from fhirbridge.loop.result import StepResult
 from fhirbridge.store.store import Case
@@ -49,6 +49,7 @@ class Collected:
     withheld: list[dict] = field(default_factory=list)       # {"reference", "reason"}
     attachments: list[dict] = field(default_factory=list)    # {"url", "owner", "path", "content_type", "title"}
     imaging: list[dict] = field(default_factory=list)        # loop/images.py: per kept ImagingStudy, its images
+    checklist: list[dict] = field(default_factory=list)      # loop/checklist.py: the hospital's copy
     profile: str = "default"
     lookback_days: int = 0
     collected_at: str = ""
@@ -86,6 +87,7 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
     invalid_before = len(app.ehr.invalid)
     excluded = excluded_records(service_request)
     seen: set[str] = {patient_ref, f"ServiceRequest/{service_request['id']}"}
+    held: list[tuple[dict, str]] = []   # (record, reason) of each one withheld: the checklist names them
     app.progress(f"  searching {', '.join(profile.rules)}")
     found = app.ehr.map_parallel(lambda ehr, rtype: list(ehr.search(rtype, {"patient": patient_ref})),
                                  profile.rules, threads=FETCH_THREADS)
@@ -102,9 +104,10 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
                 reason = DESELECTED
             if reason:
                 out.withheld.append({"reference": ref, "reason": reason})
+                held.append((res, reason))
             else:
                 out.resources.append(res)
-    _follow_references(app, out, profile, seen, consents, excluded)
+    _follow_references(app, out, profile, seen, consents, excluded, held)
     # Invalid resources are reported, not silently dropped and not sent: the reviewer sees them listed as
     # withheld with the validation reasons, and the Case's event log records them.
     invalid = {e.where: e.reasons for e in app.ehr.invalid[invalid_before:]}
@@ -114,10 +117,12 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
             ref = f"{r['resourceType']}/{r.get('id')}"
             if ref in invalid:
                 out.withheld.append({"reference": ref, "reason": "invalid FHIR: " + "; ".join(invalid[ref][:3])})
+                held.append((r, out.withheld[-1]["reason"]))
             else:
                 keep.append(r)
         out.resources = keep
     out.attachments = list(find_attachments(app, out.resources))
+    out.checklist = checklist.build(profile, out.resources, held)
     return out
 
 
@@ -180,7 +185,8 @@ def record_status(res: dict) -> str | None:
 
 
 def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
-                       consents: Consents | None = None, excluded: Collection[str] = frozenset()) -> None:
+                       consents: Consents | None = None, excluded: Collection[str] = frozenset(),
+                       held: list[tuple[dict, str]] | None = None) -> None:
     frontier = out.resources + [out.service_request, out.patient]
     for _depth in range(FOLLOW_DEPTH):
         wanted: dict[str, set[str]] = {}
@@ -207,6 +213,8 @@ def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str
                     reason = DESELECTED
                 if reason:
                     out.withheld.append({"reference": ref, "reason": reason})
+                    if held is not None:
+                        held.append((res, reason))
                     continue
                 out.resources.append(res)
                 frontier.append(res)

@@ -27,7 +27,7 @@ from fhirbridge.errors import SealError
 from fhirbridge.exchange import dicom_series, envelope
 from fhirbridge.exchange.compression import worth_deflating
 from fhirbridge.fhir.elements import question_of
-from fhirbridge.loop import guards, images
+from fhirbridge.loop import checklist, guards, images
 from fhirbridge.loop.collect import Collected, has_collected, load_collected
 from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization, referring_physician
 from fhirbridge.loop.result import StepResult, sent_back
@@ -104,6 +104,8 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         "question": question_of(collected.service_request),
         "shared": [f"{r['resourceType']}/{r['id']}" for r in collected.resources],
         "withheld": collected.disclosable_withheld(),
+        # The packet's checklist (issue 16 part 6): per expected record, included / withheld (why) / not found.
+        "checklist": checklist.for_reviewer(collected.checklist),
         "policy_note": POLICY_NOTE,
         "attachments": files,
         "inline_attachments": [f"Binary/{b['id']}" for b in inline],

@@ -15,7 +15,7 @@ from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import excluded_records
 from fhirbridge.errors import ConsentDenied
 from fhirbridge.fhir.elements import clinical_date, concept_text, question_of, summary_line
-from fhirbridge.loop import consent
+from fhirbridge.loop import checklist, consent
 from fhirbridge.loop.collect import Collected, collect
 from fhirbridge.loop.consent import POLICY
 from fhirbridge.loop.document import SECTIONS
@@ -62,6 +62,7 @@ class Preview:
     withheld: list[dict]                            # {"ref", "summary", "reason"}
     consent_note: str | None = None
     offered: list[str] = field(default_factory=list)
+    checklist: list[dict] = field(default_factory=list)   # loop/checklist.py for_physician: what the reviewer expects
 
 
 def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
@@ -90,7 +91,8 @@ def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
         if r["resourceType"] not in primary:
             kind = SUPPORTING.get(r["resourceType"], r["resourceType"])
             supporting[kind] = supporting.get(kind, 0) + 1
-    return Preview(groups=groups, supporting=supporting, withheld=_withheld(app, got.withheld), offered=offered)
+    return Preview(groups=groups, supporting=supporting, withheld=_withheld(app, got.withheld), offered=offered,
+                   checklist=checklist.for_physician(got.checklist))
 
 
 def _item(r: dict) -> dict:

@@ -538,6 +538,8 @@ def create_portal(settings: PortalSettings) -> Flask:
         due = pc.due_at or view.answer_by
         answered = portal.answered(pid)
         return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view,
+                               checklist=opened.manifest.get("checklist") or [],
+                               sent_without=opened.manifest.get("sent_without") or [],
                                form=portal.form_of(pid), form_name=portal.form_name(pid),
                                studies=[(key, summary_line(r)) for key, r in studies_of(opened).items()],
                                values=values or {}, errors=errors or {}, preview=preview, pc=pc, due=due,
