@@ -60,6 +60,7 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     m = claims.get("manifest", {})
     t = _by_type(document)
     lines = [f"Second-opinion referral  (package {claims.get('package_id')})",
+             *supplement_lines(m),
              f"From: {sender or str(party(claims, 'iss').get('display')) + ' (not verified)'}    "
              f"To: {party(claims, 'aud').get('display')}",
              f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(due_at(claims))}",
@@ -96,6 +97,20 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     if m.get("policy_note"):
         lines.append(f"  {m['policy_note']}")
     return terminal_safe("\n".join(lines) + "\n")
+
+
+def supplement_lines(manifest: dict) -> list[str]:
+    """A supplement (issue 16 part 2, loop/supplement.py) says first what it adds to: the records the reviewer
+    asked for, each "added on request"."""
+    if not manifest.get("supplement_of"):
+        return []
+    request = manifest.get("request") or {}
+    added = manifest.get("added_on_request") or []
+    out = [f"NEW RECORDS: a supplement to package {manifest['supplement_of']}, {len(added)} record(s) added on "
+           "request; answer the first package"]
+    if request.get("text"):
+        out.append(f"You asked: {' '.join(str(request['text']).split())}")
+    return out
 
 
 # The packet's checklist (issue 16 part 6, loop/checklist.py writes it): the words per status.

@@ -74,8 +74,10 @@ class Collected:
 
 
 def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None,
-            consents: Consents | None = None) -> Collected:
-    """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld."""
+            consents: Consents | None = None, keep_deselected: bool = False) -> Collected:
+    """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld.
+    `keep_deselected`: the records the physician deselected in the order are not held back for that (a
+    supplement, loop/supplement.py: the physician now chooses each record)."""
     now = now or datetime.now(UTC)
     patient_ref = service_request["subject"]["reference"]
     patient = app.ehr.read_ref(patient_ref)
@@ -85,7 +87,7 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
                     collected_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"))
     cutoff = now - timedelta(days=profile.lookback_days)
     invalid_before = len(app.ehr.invalid)
-    excluded = excluded_records(service_request)
+    excluded = frozenset() if keep_deselected else excluded_records(service_request)
     seen: set[str] = {patient_ref, f"ServiceRequest/{service_request['id']}"}
     held: list[tuple[dict, str]] = []   # (record, reason) of each one withheld: the checklist names them
     app.progress(f"  searching {', '.join(profile.rules)}")

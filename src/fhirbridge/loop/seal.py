@@ -45,9 +45,11 @@ def package_dir(app: App, case: Case) -> Path:
     return app.case_dir(case.id) / "package" / str(case.package_id)
 
 
-def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
+def seal_case(app: App, case: Case, collected: Collected, *, extra_manifest: dict | None = None,
+              due_at: float | None = None) -> tuple[str, dict]:
     """Build the package; returns (package_id, summary for the event log - counts only, no PHI, and the
-    `due_at` the package names)."""
+    `due_at` the package names). A supplement (loop/supplement.py) adds its manifest entries and keeps the
+    Case's due date."""
     cfg = app.config
     reviewer = cfg.reviewer(case.reviewer)
     # The reviewer's newest key generation only: after it rotated, its old keys stay published for a while
@@ -93,7 +95,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     document, digest = jws.sign_bundle_with_digest(document, app.hospital_keys, who=h.organization_ref(),
                                                    when=timestamp, x5c=app.hospital_x5c)
     issued = int(time.time())
-    due_at = reviewer.due_at(issued)
+    due_at = due_at or reviewer.due_at(issued)
     manifest: dict[str, Any] = {
         "profile": collected.profile,
         # Urgency and who asked (issue 16): the order's R4 request-priority and its requester, so the reviewer
@@ -109,6 +111,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         "policy_note": POLICY_NOTE,
         "attachments": files,
         "inline_attachments": [f"Binary/{b['id']}" for b in inline],
+        **(extra_manifest or {}),
     }
     if collected.imaging:
         # What became of each kept ImagingStudy's images (exchange/dicom_series.py: the format).
