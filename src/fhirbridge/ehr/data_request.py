@@ -122,8 +122,17 @@ def request_records(app: App, case: Case, text: object, query: object = None) ->
         del task["partOf"]
     stored, _ = app.ehr.create(task)
     ref = f"Task/{stored['id']}"
-    app.store.add_event(case.id, "records.requested", {"task": ref})
+    # The Case row names its open requests (references only: the words stay in the EHR), so `status`, the
+    # dashboard and the physician's list show them without a search per Case.
+    app.store.update(case.id, data={"open_requests": [*open_refs(case), ref]}, event_kind="records.requested",
+                     detail={"task": ref, **({"query": True} if task["code"]["coding"][0]["code"].endswith("query")
+                                            else {})})
     return ref
+
+
+def open_refs(case: Case) -> list[str]:
+    """The Case's requests not answered yet, as the store has them (request_records adds, supplement removes)."""
+    return [str(r) for r in (case.data or {}).get("open_requests", [])]
 
 
 # --- the hospital's side: the open requests, and completing one ---------------------------------------------

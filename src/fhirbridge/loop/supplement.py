@@ -62,7 +62,8 @@ ADDED = "added on request"
 NOT_CHOSEN = "in the EHR, not chosen by the referring physician"
 DOCUMENT_SYSTEM = CASE_ID_SYSTEM + ":supplement-document"
 UPLOAD_TYPES = ("application/pdf", "text/plain")
-MAX_UPLOAD = 20 * 1024 * 1024     # one document, inline in the DocumentReference (no Binary: see step 1)
+# One document, inline in the DocumentReference (no Binary: see step 1), base64 in the API's 16 MB request.
+MAX_UPLOAD = 10 * 1024 * 1024
 UPLOAD_TYP = "fhirbridge-upload+jwe"
 LOINC = "http://loinc.org"
 
@@ -221,7 +222,8 @@ def supplement_step(app: App, case: Case) -> StepResult:
     # The Case keeps each supplement (references and ids only), once however often the step is repeated.
     done = [s for s in (case.data or {}).get("supplements", []) if s.get("task") != task_ref]
     app.store.update(case.id, data={"supplements": [*done, {"task": task_ref, "package_id": package_id,
-                                                            "sent": sent, "by": spec.get("by")}]})
+                                                            "sent": sent, "by": spec.get("by")}],
+                                    "open_requests": [r for r in data_request.open_refs(case) if r != task_ref]})
     return StepResult({"task": task_ref, "package_id": package_id, "supplement_of": case.package_id,
                        "records": len(sent), **{k: sealed["summary"].get(k) for k in ("shared", "withheld")},
                        **{k: detail.get(k) for k in ("transport", "already_delivered") if k in detail}})

@@ -115,7 +115,8 @@ def reviewer_data_request(case_id: str):
     """Ask the hospital for more records (a CDex-style data request Task in the EHR, part of the referral)."""
     case = _own_case(case_id)
     try:
-        ref = request_records(app_of(case), case, json_body().get("text"))
+        body = json_body()
+        ref = request_records(app_of(case), case, body.get("text"), body.get("query"))
     except BadRequest as exc:
         raise ApiError(409 if "awaits" in str(exc) else 400, str(exc)) from None
     return jsonify({"case": case.id, "task": ref, "status": "requested"}), 201
