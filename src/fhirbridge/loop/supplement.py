@@ -236,7 +236,10 @@ def select(app: App, now: Collected, chosen: list[str], profile: Profile, sent: 
     by_ref = {f"{r['resourceType']}/{r['id']}": r for r in now.resources}
     wanted = [r for r in chosen if r in by_ref]
     keep: dict[str, dict] = {}
-    frontier = wanted
+    # The order's requester and organisation travel too: the supplement names the referring physician as the
+    # first package does (loop/document.py referring_physician reads them from the records).
+    ordered = ["/".join(t.split("/")[-2:]) for t in iter_references(now.service_request)]
+    frontier = wanted + [r for r in ordered if r in by_ref and r.split("/")[0] not in profile.rules]
     for _depth in range(3):
         nxt = []
         for ref in frontier:
