@@ -45,6 +45,7 @@ STAFF_ENDPOINTS = [
     ("GET", "/api/outcomes", "cases:read"),
     ("GET", "/api/cases/{case}/requests", "cases:read"),
     ("POST", "/api/cases/{case}/requests/{task_id}/answer", "cases:write"),
+    ("POST", "/api/cases/{case}/held", "cases:write"),
 ]
 # Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
 PUBLIC_FHIR_ENDPOINTS = [

@@ -17,8 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fhirbridge.config.mappings import Expectation, Profile
+from fhirbridge.ehr.context import App
+from fhirbridge.errors import CaseError
 from fhirbridge.fhir.elements import has_coding
 from fhirbridge.loop.consent import POLICY
+from fhirbridge.steps import Step
+from fhirbridge.store.store import Case
 
 INCLUDED = "included"
 WITHHELD = "withheld"
@@ -81,6 +85,33 @@ def for_physician(checklist: list[dict]) -> list[dict]:
              "records": e["records"] if e["status"] == INCLUDED else [],
              "reasons": sorted({w["reason"].removeprefix(POLICY) for w in e["withheld"]})
              if e["status"] == WITHHELD else []} for e in checklist]
+
+
+def held_reason(missing: list[str]) -> str:
+    return (f"held: the reviewer needs {', '.join(missing)}, not in the package; add it to the chart and collect "
+            "again, or the referring physician confirms sending without it")
+
+
+def _held(case: Case) -> list[str]:
+    if case.step != Step.AWAIT_RECORDS:
+        raise CaseError(f"Case {case.id[:8]} is {case.step}: only a Case held for missing records can be released")
+    return [str(m) for m in (case.data or {}).get("missing", [])]
+
+
+def collect_again(app: App, case: Case, *, by: str) -> Case:
+    """The missing records may be in the chart now: collect again (the hold applies again if they are not)."""
+    _held(case)
+    return app.store.update(case.id, step=Step.COLLECT.value, last_error=None, next_attempt_at=None, attempts=0,
+                            event_kind="checklist.recheck", detail={"by": by})
+
+
+def confirm_incomplete(app: App, case: Case, *, by: str, missing: list[str]) -> Case:
+    """The referring physician sends the package without the required records: recorded with who and what
+    (the Case's event log is the audit trail; the manifest names them, `sent_without`), then sealed."""
+    _held(case)
+    return app.store.update(case.id, step=Step.SEAL.value, last_error=None, next_attempt_at=None, attempts=0,
+                            data={"sent_without": missing}, event_kind="checklist.confirmed",
+                            detail={"by": by, "missing": missing})
 
 
 def _ref(res: dict) -> str:

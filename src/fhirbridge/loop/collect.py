@@ -28,6 +28,7 @@ from fhirbridge.fhir.validate import validate as validate_resource
 from fhirbridge.loop import checklist, guards, images
 from fhirbridge.loop.consent import POLICY, Consents
 from fhirbridge.loop.result import StepResult
+from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
 # A medication the patient is still taking matters however long ago it was started.
@@ -304,6 +305,13 @@ def collect_step(app: App, case: Case) -> StepResult:
                             "bytes": sum(e["bytes"] for e in collected.imaging)}
     if consents.refs:
         detail["consents"] = consents.refs
+    # Issue 16 part 6: a profile that holds waits for its required records (or the physician's go-ahead,
+    # loop/checklist.py confirm_incomplete, which records who sent without what).
+    missing = checklist.missing_required(collected.checklist)
+    if profile.hold and missing and not (case.data or {}).get("sent_without"):
+        app.store.update(case.id, data={"missing": missing})     # names from the profile, no clinical content
+        return StepResult({**detail, "missing": missing}, back_to=Step.AWAIT_RECORDS,
+                          question=checklist.held_reason(missing))
     return StepResult(detail)
 
 

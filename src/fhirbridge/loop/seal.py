@@ -113,6 +113,9 @@ def seal_case(app: App, case: Case, collected: Collected, *, extra_manifest: dic
         "inline_attachments": [f"Binary/{b['id']}" for b in inline],
         **(extra_manifest or {}),
     }
+    if (case.data or {}).get("sent_without"):
+        # Issue 16 part 6: required records the referring physician confirmed sending without (recorded, audited).
+        manifest["sent_without"] = list(case.data["sent_without"])
     if collected.imaging:
         # What became of each kept ImagingStudy's images (exchange/dicom_series.py: the format).
         manifest["imaging"] = [{"study_uid": e["study_uid"], "imaging_study": e["imaging_study"],

@@ -20,7 +20,7 @@ from fhirbridge.ehr.audit import accounting
 from fhirbridge.ehr.order import REQUESTER
 from fhirbridge.errors import CaseError, ConfigError, FhirbridgeError
 from fhirbridge.fhir.elements import summary_line
-from fhirbridge.loop import supplement
+from fhirbridge.loop import checklist, supplement
 from fhirbridge.loop.accepted_orders import (
     FAILED,
     PENDING,
@@ -56,6 +56,8 @@ STAFF_ENDPOINT_SCOPES = {
     # Issue 16 part 2: a reviewer's requests for more records, and the physician's answer (records, a document).
     "api.record_requests": "cases:read",
     "api.answer_record_request": "cases:write",
+    # Issue 16 part 6: a Case held for required records: collect again, or send without them (confirmed).
+    "api.release_held_case": "cases:write",
 }
 
 
@@ -317,6 +319,27 @@ def answer_record_request(case_id: str, task_id: str):
     except FhirbridgeError as exc:
         raise ApiError(503 if getattr(exc, "transient", False) else 400, str(exc)) from None
     return jsonify(_case_json(case)), 202
+
+
+@api.post("/cases/<case_id>/held")
+def release_held_case(case_id: str):
+    """{"action": "collect-again"} or {"action": "send-without", "confirm": ["<item>", ...]} (every missing
+    item named: the physician confirms each one)."""
+    body = json_body()
+    case = find_case(case_id)
+    try:
+        if body.get("action") == "collect-again":
+            case = checklist.collect_again(app_of(case), case, by=g.staff.name)
+        elif body.get("action") == "send-without":
+            missing = [str(m) for m in (case.data or {}).get("missing", [])]
+            if sorted(body.get("confirm") or []) != sorted(missing):
+                raise ApiError(400, f"confirm must name every missing item: {missing}")
+            case = checklist.confirm_incomplete(app_of(case), case, by=g.staff.name, missing=missing)
+        else:
+            raise ApiError(400, 'action is "collect-again" or "send-without"')
+    except CaseError as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify(_case_json(case))
 
 
 UPLOAD_BODY_LIMIT = supplement.MAX_UPLOAD * 4 // 3 + 64 * 1024    # base64 of the largest document, and the rest

@@ -196,6 +196,16 @@ SPEC: dict[str, Any] = {
                         "code": {"type": "string", "description": "system|code, e.g. http://loinc.org|18842-5"}}}}}}}},
             "responses": {**_ok("The Case, at step supplement", CASE, "202"),
                           **_errors(400, 401, 403, 404, 409, 413, 502, 503)}}},
+        "/api/cases/{case_id}/held": {"post": {
+            "summary": "A Case held for required records (step await_records): collect again, or send without them "
+                       "(every missing item confirmed by name; recorded with who confirmed)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["action"], "properties": {
+                    "action": {"type": "string", "enum": ["collect-again", "send-without"]},
+                    "confirm": {"type": "array", "items": {"type": "string"}}}}}}},
+            "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
         "/reviewer/cases": {"get": {
             "summary": "The calling reviewer's Cases awaiting its opinion, with their sealed files",
             "security": [{"reviewer": []}],

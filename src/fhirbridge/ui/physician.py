@@ -6,6 +6,7 @@
     /physician/patients/<id>/order            choose specialty and reviewer, ask, see and trim what is shared
     /physician/patients/<id>/cases/<case>     the referral's progress, and the opinion once filed
     /physician/patients/<id>/cases/<case>/requests/<task>   answer the reviewer's request for more records
+    /physician/patients/<id>/cases/<case>/held    a Case held for required records: read again, or send without
 
 Who may do what: the user the EHR launched the app for, for the patient in that launch's context only (the
 session remembers each launch's patient; any other patient id is refused). Orders are written exactly as
@@ -44,9 +45,9 @@ from fhirbridge.config.mappings import profile_names
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.data_request import BadRequest
 from fhirbridge.ehr.order import place_order
-from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.errors import CaseError, FhirbridgeError, FhirError
 from fhirbridge.fhir.elements import question_of
-from fhirbridge.loop import supplement
+from fhirbridge.loop import checklist, supplement
 from fhirbridge.loop.intake import order_changed
 from fhirbridge.ui import check_csrf, smart
 from fhirbridge.ui import physician_view as view
@@ -346,6 +347,31 @@ def case_page(patient: str, case_id: str):
                  timeline=view.timeline(app, case, reviewer, _requester_name(app, sr)),
                  opinion=view.filed_opinion(app, case), requests=view.record_requests(app, case),
                  profile=dict(_profiles(app)).get(case.profile, case.profile), when=view.when)
+
+
+@bp.post("/patients/<patient>/cases/<case_id>/held")
+def release_held(patient: str, case_id: str):
+    """A Case held for required records: check the chart again, or send without them (each one confirmed)."""
+    check_csrf()
+    ctx, app = _context(patient)
+    case = app.store.find(case_id)
+    if case is None or case.hospital != app.hospital.key or case.patient != f"Patient/{patient}":
+        abort(404, "no such second opinion for this patient")
+    who = ctx.get("user") or "physician app"
+    missing = [str(m) for m in (case.data or {}).get("missing", [])]
+    try:
+        if request.form.get("action") == "send-without":
+            if sorted(request.form.getlist("confirm")) != sorted(missing):
+                flash("Tick each missing record to confirm the reviewer gets the package without it.", "error")
+                return redirect(url_for(".case_page", patient=patient, case_id=case.id) + "#held")
+            checklist.confirm_incomplete(app, case, by=who, missing=missing)
+            flash("Confirmed: the package goes without them; the reviewer is told.", "ok")
+        else:
+            checklist.collect_again(app, case, by=who)
+            flash("The chart is read again.", "ok")
+    except CaseError as exc:
+        flash(str(exc), "error")
+    return redirect(url_for(".case_page", patient=patient, case_id=case.id))
 
 
 @bp.post("/patients/<patient>/cases/<case_id>/requests/<task_id>")
