@@ -243,7 +243,7 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
     found = fhir.search("DocumentReference", {"patient": own_patient["patient"]})
     uploads = Counter(i["value"].split("/")[0] for d in found if d["resourceType"] == "DocumentReference"
                       for i in d.get("identifier", []) if i.get("system") == supplement.DOCUMENT_SYSTEM)
-    assert uploads == Counter(driver.supplemented), uploads
+    assert uploads == Counter(list(driver.supplemented)), uploads
     for task in driver.supplemented.values():
         t = fhir.read_ref(task)
         assert t["status"] == "completed" and len(t["output"]) == 1, t
