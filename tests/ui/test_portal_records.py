@@ -5,11 +5,16 @@ request and sends the reviewer back to the first package to answer. Screenshots:
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from fhirbridge.config import loader as config
 from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.ehr import data_request
 from fhirbridge.loop import supplement
+from fhirbridge.service.app import create_app
+from fhirbridge.service.scheduler import Service
 from fhirbridge.ui.reviewer_portal import PortalSettings, create_portal
 from tests.kit.browser import LiveServer, shot
 from tests.loop.test_supplement import QUERY, discharge_summary
@@ -75,3 +80,41 @@ def test_the_portal_shows_the_checklist_first_and_new_records_on_the_case(hospit
         assert entry["package_id"] != case.package_id
     finally:
         portal.close()
+
+
+def test_a_pulling_portal_gets_the_supplement_too(hospital, ehr, fhir, page, tmp_path):
+    """With `pull` transport the hospital's reviewer API lists the supplement as a package of the same Case."""
+    holder: dict = {}
+    server = LiveServer(lambda environ, start_response: holder["app"](environ, start_response))
+    text = re.sub(r'type = "outbox"[^\n]*\npath = "[^"]*"\n', 'type = "pull"\n', hospital.config_path.read_text())
+    hospital.config_path.write_text(text + f'\n[service]\npublic_url = "{server.url}"\n')
+    svc = Service(config.load(hospital.config_path))
+    hospital.app = svc.apps[0]
+    holder["app"] = create_app(svc=svc)
+    r = hospital.reviewers["spine-center"]
+    settings = PortalSettings(key=r.files["private_keys"], trust=r.directory / "trusted.jwks.json",
+                              work_dir=tmp_path / "portal", mappings_dir=hospital.app.config.mappings_dir,
+                              pull=[f"{server.url}/reviewer"], issuer="urn:oid:2.999.9.1", token=PORTAL_TOKEN)
+    portal = LiveServer(create_portal(settings))
+    try:
+        own = seed_patient(ehr, fhir, profile="spine")
+        case = hospital.delivered_case(own["patient"])
+        task = data_request.request_records(hospital.app, case, "Please send the discharge summary.", QUERY)
+        stored, _ = fhir.create(discharge_summary(own["patient"]))
+        supplement.answer_request(hospital.app, hospital.app.store.get(case.id), task,
+                                  records=[f"DocumentReference/{stored['id']}"], upload=None, actor="ward clerk")
+        hospital.run(intake=False)
+        assert hospital.app.store.get(case.id).step == "await_opinion"
+        page.goto(portal.url + "/")
+        page.get_by_label("Portal token").fill(PORTAL_TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        rows = page.locator("tbody tr")
+        assert rows.count() == 1 and "new records" in rows.first.inner_text()
+        rows.first.get_by_role("link").first.click()
+        page.locator("#new-records").get_by_role("link", name="supplement 1").click()
+        assert f"DocumentReference/{stored['id']}: added on request" in page.locator("#supplement").inner_text()
+        shot(page, "portal-records-4-pulled-supplement")
+    finally:
+        portal.close()
+        server.close()
+        svc.stop(wait=True)

@@ -164,7 +164,8 @@ class Portal:
                 for name, target in targets:
                     if not target.exists():
                         limit = MAX_PACKAGE_FILE if name == envelope.ENVELOPE_FILE else MAX_ATTACHMENT_FILE
-                        self._download(api, f"/cases/{case_id}/package/{name}", target, limit)
+                        # ?package=: the Case's first package or a supplement of it (issue 16 part 2)
+                        self._download(api, f"/cases/{case_id}/package/{name}?package={pid}", target, limit)
             except PullRefused as exc:
                 problems.append(f"refused a case from {api}: {exc}")
                 continue
