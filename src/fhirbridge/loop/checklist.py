@@ -88,7 +88,7 @@ def for_physician(checklist: list[dict]) -> list[dict]:
 
 
 def held_reason(missing: list[str]) -> str:
-    return (f"held: the reviewer needs {', '.join(missing)}, not in the package; add it to the chart and collect "
+    return (f"the reviewer needs {', '.join(missing)}, not in the package; add it to the chart and collect "
             "again, or the referring physician confirms sending without it")
 
 
