@@ -98,3 +98,43 @@ def test_physician_sees_the_checklist_and_answers_the_reviewers_request(page, li
     with FhirClient(ehr.base_url) as fhir:
         assert len(uploaded(fhir, case)) == 1
         assert fhir.read_ref(task)["status"] == "completed"
+
+
+def test_a_held_case_is_sent_without_the_missing_record_once_the_physician_confirms(page, live, ehr):  # noqa: F811
+    """Part 6's hold, on the physician's Case page: what is missing, confirmed item by item."""
+    hospital, smart, server = live
+    item = "Operative report of an earlier surgery"
+    spine = hospital.app.config.mappings_dir / "collect" / "spine.toml"
+    text = spine.read_text().replace('lookback_days = 1095', 'lookback_days = 1095\nhold = true', 1)
+    spine.write_text(text.replace(f'name = "{item}"\ncodes = ["http://loinc.org|11504-8"]',
+                                  f'name = "{item}"\ncodes = ["http://loinc.org|11504-8"]\nrequired = true'))
+    with FhirClient(ehr.base_url) as fhir:
+        ids = seed_patient(ehr, fhir, family="Halvorsen", given="Tove", profile="spine")
+        doctor, _ = fhir.create({"resourceType": "Practitioner", "active": True,
+                                 "name": [{"prefix": ["Dr"], "given": ["Imogen"], "family": "Okafor"}]})
+    patient_id = ids["patient"].removeprefix("Patient/")
+    sr = hospital.order(ids["patient"], requester=f"Practitioner/{doctor['id']}")
+    hospital.run()
+    case = hospital.case_for(sr)
+    assert case.step == "await_records", case.last_error
+
+    page.goto(smart.chart_url(f"{server.url}/physician/launch", ids["patient"], f"Practitioner/{doctor['id']}"))
+    page.click("#launch")
+    page.wait_for_url(f"{server.url}/physician/patients/{patient_id}")
+    page.goto(f"{server.url}/physician/patients/{patient_id}/cases/{case.id}")
+    held = page.locator("#held")
+    assert item in held.inner_text()
+    shot(page, "records-6-case-held")
+    held.get_by_role("button", name="Send without them").click()          # not confirmed item by item: refused
+    assert "Tick each missing record" in page.get_by_role("alert").first.inner_text()
+    assert hospital.app.store.get(case.id).step == "await_records"
+    page.locator("#held").get_by_label(item).check()
+    page.locator("#held").get_by_role("button", name="Send without them").click()
+    assert "the package goes without them" in page.get_by_role("status").first.inner_text()
+    shot(page, "records-7-case-sent-without")
+    hospital.run(intake=False)
+    case = hospital.app.store.get(case.id)
+    assert case.step == "await_opinion", case.last_error
+    assert hospital.open(case).manifest["sent_without"] == [item]
+    [confirmed] = [e for e in hospital.app.store.events(case.id) if e["kind"] == "checklist.confirmed"]
+    assert confirmed["detail"] == {"by": f"Practitioner/{doctor['id']}", "missing": [item]}

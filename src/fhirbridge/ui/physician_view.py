@@ -195,6 +195,10 @@ def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None
     first: dict[str, dict] = {}
     for e in events:
         first.setdefault(e["kind"], e)
+    # A Case a profile held (issue 16 part 6) was collected too: its collect ended in checklist.held.
+    first.setdefault("collect.done", first.get("checklist.held") or {})
+    if not first["collect.done"]:
+        del first["collect.done"]
     collected = first.get("collect.done", {}).get("detail", {})
     shared = sum((collected.get("counts") or {}).values())
     due = f"answer due by {when(case.due_at)}" if case.due_at else ""
@@ -202,7 +206,9 @@ def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None
     steps = [
         ("ordered", "Ordered", "Ordered", first.get("opened"), f"by {ordered_by}" if ordered_by else "", ()),
         ("collected", "Records collected", "Collecting the records", first.get("collect.done"),
-         f"{shared} records shared, {collected.get('withheld', 0)} withheld" if collected else "", ("collect",)),
+         f"{shared} records shared, {collected.get('withheld', 0)} withheld" if collected else
+         "waiting for records the reviewer needs" if case.step == Step.AWAIT_RECORDS else "",
+         ("collect", "await_records")),
         ("sent", f"Sent to {reviewer_display}", f"Sealing and sending to {reviewer_display}",
          first.get("deliver.done"), due, ("seal", "deliver")),
         ("received", "Opinion received", "Waiting for the reviewer's opinion", first.get("opinion.received"),
