@@ -2,6 +2,8 @@
 
     collect -> seal -> deliver -> await_opinion -> file -> done        (or failed / cancelled / declined)
                                                   file -> needs_review -> file   (a person checks the chart)
+         collect -> await_records -> seal       (a profile that holds the Case until required records exist)
+                              await_opinion -> supplement -> await_opinion   (more records, on request)
 
 `FLOW` is the table: for each step, the step a successful run moves the Case to (None: no run of ours
 happens there) and what the referral Task in the EHR shows meanwhile (FHIR task-status, BSeR-style
@@ -23,6 +25,8 @@ class Step(StrEnum):
     SEAL = "seal"
     DELIVER = "deliver"
     AWAIT_OPINION = "await_opinion"
+    AWAIT_RECORDS = "await_records"
+    SUPPLEMENT = "supplement"
     FILE = "file"
     NEEDS_REVIEW = "needs_review"
     DONE = "done"
@@ -46,6 +50,14 @@ FLOW: dict[Step, Flow] = {
     Step.DELIVER: Flow(Step.AWAIT_OPINION, "in-progress", "sending", "Sending to reviewer"),
     # The reviewer's turn: the opinion arrives by the inbox, `receive` or the reviewer API and moves it on.
     Step.AWAIT_OPINION: Flow(None, "in-progress", "sent-to-reviewer", "Sent to reviewer, awaiting opinion"),
+    # Issue 16 part 6: the profile holds the Case (`hold = true`) while a required record of its checklist is
+    # not in the package; collect again when it is in the EHR, or the physician confirms sending without it.
+    Step.AWAIT_RECORDS: Flow(None, "on-hold", "awaiting-records",
+                             "Waiting for records the reviewer needs, or the physician's go-ahead without them"),
+    # Issue 16 part 2: the physician answered a reviewer's request for more records; the supplement package is
+    # sealed and sent, the request Task completed, and the Case awaits the opinion again (loop/supplement.py).
+    Step.SUPPLEMENT: Flow(Step.AWAIT_OPINION, "in-progress", "sending-records",
+                          "Sending the records the reviewer asked for"),
     Step.FILE: Flow(Step.DONE, "in-progress", "opinion-received", "Opinion received, filing"),
     # The EHR cannot tell whether a write landed (POST-only, no identifier search: write plan ONCE) and its
     # answer was lost: a person checks the chart and says (`fhirbridge resolve`). Nothing of ours runs here,

@@ -12,7 +12,8 @@ from fhirbridge.ui.dashboard import STATE_LABELS, STATE_ORDER
 
 
 def test_every_work_step_has_exactly_one_function_and_nothing_else_does():
-    assert set(RUN) == set(WORK_STEPS) == {Step.COLLECT, Step.SEAL, Step.DELIVER, Step.FILE}
+    assert set(RUN) == set(WORK_STEPS) == {Step.COLLECT, Step.SEAL, Step.DELIVER, Step.FILE, Step.SUPPLEMENT}
+    assert FLOW[Step.SUPPLEMENT].next == Step.AWAIT_OPINION and FLOW[Step.AWAIT_RECORDS].next is None
 
 
 def test_the_path_follows_the_table_from_collect_to_done():

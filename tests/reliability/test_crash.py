@@ -30,7 +30,9 @@ from collections import Counter
 
 import pytest
 
+from fhirbridge.ehr import data_request
 from fhirbridge.ehr.order import PLACER_SYSTEM
+from fhirbridge.loop import supplement
 from fhirbridge.loop.accepted_orders import OrderFields, accept
 from fhirbridge.ops.crashpoints import POINTS, VARIABLE
 from fhirbridge.store.order_requests import OrderRequests
@@ -43,10 +45,15 @@ pytestmark = pytest.mark.sekmet
 
 # In pipeline order, so that each point has a Case that can still reach it.
 SEQUENCE = ("order.written", "intake.opened", "collect.begin", "collect.end", "collect.recorded", "seal.begin",
-            "seal.end", "seal.recorded", "deliver.begin", "deliver.end", "deliver.recorded", "receive.written",
-            "receive.accepted", "file.begin", "file.committed", "file.DocumentReference.sent",
+            "seal.end", "seal.recorded", "deliver.begin", "deliver.end", "deliver.recorded",
+            # Issue 16 part 2: one Case per round gets a request for more records, answered with a document
+            # (Driver.supplement_one); its supplement step is cut at each of these.
+            "supplement.begin", "supplement.DocumentReference.sent", "supplement.sealed", "supplement.delivered",
+            "supplement.end", "supplement.recorded",
+            "receive.written", "receive.accepted", "file.begin", "file.committed", "file.DocumentReference.sent",
             "file.Provenance.sent", "file.end", "file.recorded", "tx.before-commit", "tx.after-commit")
-POST_POINTS = ("file.DocumentReference.sent", "file.Provenance.sent")
+POST_POINTS = ("file.DocumentReference.sent", "file.Provenance.sent", "supplement.DocumentReference.sent")
+UPLOAD = b"%PDF-1.4\n% an outside operative report (synthetic, crash suite)\n%%EOF\n"
 TX = r"^/fhir/?$"
 # plan -> (the capability profile of the EHR, None: sekmet as it is; the write a tx.* point cuts)
 PLANS = {"atomic": (None, TX), "ledger": ("post-only", r"^/fhir/DocumentReference/?$"),
@@ -82,6 +89,7 @@ class Driver:
         self.answering = False
         self.worker: Worker | None = None
         self.started = 0
+        self.supplemented: dict[str, str] = {}   # Case id -> the request Task answered with a document
 
     def start(self, env: dict) -> Worker:
         self.started += 1
@@ -103,6 +111,18 @@ class Driver:
             os.rename(tmp, inbox / sealed.name)
             self.answered[case.id] = sealed.stem.removeprefix("opinion-")
 
+    def supplement_one(self) -> None:
+        """The reviewer asks for more records on one Case awaiting the opinion, and the physician answers with a
+        document: that Case is at `supplement` for the worker (unless one already is)."""
+        if self.store.list_cases(steps=("supplement",)):
+            return
+        app = self.hospital.app
+        case = next(c for c in self.store.list_cases(steps=("await_opinion",)) if c.id not in self.supplemented)
+        task = data_request.request_records(app, case, "The operative report of the earlier surgery, please.")
+        supplement.answer_request(app, self.store.get(case.id), task, records=[], actor="crash suite",
+                                  upload=supplement.Upload("Operative report", "application/pdf", UPLOAD))
+        self.supplemented[case.id] = task
+
     def review_waiting(self) -> None:
         """The person at needs_review: looks in the chart (sekmet itself) and answers with `resolve`."""
         for case in self.store.list_cases(steps=("needs_review",)):
@@ -122,6 +142,8 @@ class Driver:
         elif point == "tx.after-commit":
             rule = self.proxy.add(method="POST", path=self.write, action="lose-response",
                                   after=lambda _p: self.worker.kill(), times=1)
+        if point.startswith("supplement."):
+            self.supplement_one()
         worker = self.start({} if rule else {VARIABLE: point})
         deadline = time.monotonic() + KILL_WITHIN
         while worker.proc.poll() is None:
@@ -209,10 +231,22 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
     for c in cases:
         kinds = Counter(e["kind"] for e in store.events(c.id))
         assert [kinds[f"{s}.done"] for s in ("collect", "seal", "deliver", "file")] == [1, 1, 1, 1], (c.id[:8], kinds)
-        assert sorted(a["kind"] for a in store.list_audit(case_id=c.id)) == ["disclosure", "filed"]
-    # One package per Case in the outbox, nothing half-copied.
+        extra = int(c.id in driver.supplemented)
+        assert kinds["supplement.done"] == extra, (c.id[:8], kinds)
+        assert sorted(a["kind"] for a in store.list_audit(case_id=c.id)) == ["disclosure"] * (1 + extra) + ["filed"]
+    # One package per Case in the outbox (and one supplement per request answered), nothing half-copied.
     outbox = hospital.root / "outbox" / "spine-center"
-    assert sorted(p.name for p in outbox.iterdir()) == sorted(c.package_id for c in cases)
+    supplements = [s["package_id"] for c in cases for s in (c.data or {}).get("supplements", [])]
+    assert len(supplements) == len(driver.supplemented) == ROUNDS
+    assert sorted(p.name for p in outbox.iterdir()) == sorted([c.package_id for c in cases] + supplements)
+    # The EHR: one uploaded document per request answered, and each request completed naming it.
+    found = fhir.search("DocumentReference", {"patient": own_patient["patient"]})
+    uploads = Counter(i["value"].split("/")[0] for d in found if d["resourceType"] == "DocumentReference"
+                      for i in d.get("identifier", []) if i.get("system") == supplement.DOCUMENT_SYSTEM)
+    assert uploads == Counter(list(driver.supplemented)), uploads
+    for task in driver.supplemented.values():
+        t = fhir.read_ref(task)
+        assert t["status"] == "completed" and len(t["output"]) == 1, t
     # The inbox is drained: every opinion file accepted, or refused as one received before (its redelivery).
     inbox = hospital.app.config.inbox
     assert not list(inbox.glob("*.jwe")) and not list((inbox / "processing").glob("*"))
@@ -228,7 +262,7 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
         # Never a second POST: each note and each Provenance reached the EHR once (a write the person said was
         # not filed had been cut before it was sent).
         posts = {t: proxy.written(t, "POST") for t in ("DocumentReference", "Provenance")}
-        assert posts == {"DocumentReference": len(cases), "Provenance": len(cases)}, posts
+        assert posts == {"DocumentReference": len(cases) + len(driver.supplemented), "Provenance": len(cases)}, posts
     if plan != "once":
         assert not driver.reviewed, "only the once plan puts a question to a person"
     figures["crash" if plan == "atomic" else f"crash.{plan}"] = {
@@ -237,5 +271,6 @@ def test_kill_9_at_every_boundary_loses_nothing_and_duplicates_nothing(tmp_path,
                         "worker_starts": driver.started, "cases": len(cases),
                         "opinions_sent": len(driver.answered), "opinions_filed": sum(c.step == "done" for c in cases),
                         "opinions_lost": len(lost), "ehr_duplicates": duplicates(copies),
+                        "supplements": len(supplements), "upload_duplicates": sum(n - 1 for n in uploads.values()),
                         "seconds": round(time.monotonic() - started, 1)}
     assert sum(driver.kills.values()) == ROUNDS * len(sequence)

@@ -43,6 +43,9 @@ STAFF_ENDPOINTS = [
     ("POST", "/api/cases/{case}/cancel", "cases:write"),
     ("GET", "/api/audit?patient={patient}", "audit:read"),
     ("GET", "/api/outcomes", "cases:read"),
+    ("GET", "/api/cases/{case}/requests", "cases:read"),
+    ("POST", "/api/cases/{case}/requests/{task_id}/answer", "cases:write"),
+    ("POST", "/api/cases/{case}/held", "cases:write"),
 ]
 # Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
 PUBLIC_FHIR_ENDPOINTS = [
@@ -111,7 +114,8 @@ def call(client, method: str, path: str, headers: dict):
 
 
 def fill(path: str, case, patient: str) -> str:
-    return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order")
+    return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order",
+                       task_id="no-such-task")
 
 
 def refused(resp, status: int, words: str) -> None:

@@ -12,6 +12,7 @@ from fhirbridge.cli.common import app_from_args, progress
 from fhirbridge.config import loader as config
 from fhirbridge.config.mappings import check_all
 from fhirbridge.config.terminology import check_terminology
+from fhirbridge.ehr import data_request
 from fhirbridge.ehr.audit import accounting, owed
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
@@ -153,6 +154,17 @@ def cmd_status(args) -> int:
                     ("created", _fmt(case.created_at)), ("updated", _fmt(case.updated_at)),
                     ("attempts", str(case.attempts)), ("next attempt", _fmt(case.next_attempt_at)),
                     ("question" if case.step == "needs_review" else "last error", case.last_error or "-")]
+            # Issue 16: the reviewer's open requests for more records (read from the EHR: the words live there).
+            if data_request.open_refs(case):
+                try:
+                    for req in data_request.open_requests(app, case):
+                        rows.append(("records asked", f"{req.task} ({req.authored[:16]}): {req.text}"
+                                     + (f" [query {req.query}]" if req.query else "")))
+                except FhirbridgeError as exc:
+                    rows.append(("records asked", f"{', '.join(data_request.open_refs(case))} (EHR: {exc})"))
+            for s in (case.data or {}).get("supplements", []):
+                rows.append(("supplement", f"package {s['package_id'][:8]}: {len(s['sent'])} record(s) sent for "
+                                           f"{s['task']}"))
             if app.config.audit.write_to_ehr:
                 unsent = [r for r in audit_rows if not r["sent_to_ehr"]]
                 rows.append(("audit in EHR", f"{len(audit_rows) - len(unsent)} of {len(audit_rows)} written"
@@ -198,6 +210,10 @@ def cmd_status(args) -> int:
 def _note(c) -> str:
     if c.step == "needs_review":
         return f"NEEDS REVIEW: a person must check the chart; `fhirbridge status {c.id[:8]}` has the question"
+    if c.step == "await_opinion" and data_request.open_refs(c):
+        return f"MORE RECORDS ASKED: the reviewer's request waits for the physician (`fhirbridge status {c.id[:8]}`)"
+    if c.step == "await_records":
+        return f"HELD: required records missing; {(c.last_error or '')[:60]}"
     return (c.last_error or "")[:80]
 
 

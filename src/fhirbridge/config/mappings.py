@@ -138,6 +138,20 @@ class ImagingRule:
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """One `[[expect]]` entry of a profile (issue 16 part 6): a record a reviewer of this specialty expects, the
+    record list patients are told to bring. A record counts when one of `codes` (LOINC document or report
+    codes) is its `type` (DocumentReference) or `code` (DiagnosticReport, Observation, Procedure), or when its
+    resource type is in `resources` (and, for ImagingStudy, one of `modalities` is its modality)."""
+
+    name: str
+    codes: tuple[tuple[str, str], ...] = ()
+    resources: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    required: bool = False                    # with the profile's `hold`: the Case waits for it (or a person)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -146,6 +160,8 @@ class Profile:
     withhold_labels: tuple[tuple[str, str], ...] = field(default=())
     file: Path | None = None
     imaging: ImagingRule | None = None         # None: the ImagingStudy resources travel without their images
+    expect: tuple[Expectation, ...] = ()       # the packet's checklist (loop/checklist.py)
+    hold: bool = False                         # hold the Case at await_records while a required item is missing
 
 
 def load_profile(mappings_dir: Path, name: str) -> Profile:
@@ -157,7 +173,8 @@ def load_profile(mappings_dir: Path, name: str) -> Profile:
 
 
 def _profile(path: Path, raw: dict) -> Profile:
-    _no_unknown(raw, {"name", "description", "lookback_days", "withhold", "resources", "imaging"}, path)
+    _no_unknown(raw, {"name", "description", "lookback_days", "withhold", "resources", "imaging", "expect", "hold"},
+                path)
     lookback = raw.get("lookback_days", 730)
     if not isinstance(lookback, int) or lookback <= 0:
         raise ConfigError("must be a positive number of days", file=str(path), key="lookback_days")
@@ -193,7 +210,42 @@ def _profile(path: Path, raw: dict) -> Profile:
                    lookback_days=lookback, rules=rules,
                    withhold_labels=_token_list(withhold.get("security_labels", []), path,
                                                "withhold.security_labels"),
-                   file=path, imaging=_imaging(raw["imaging"], path) if "imaging" in raw else None)
+                   file=path, imaging=_imaging(raw["imaging"], path) if "imaging" in raw else None,
+                   expect=_expectations(raw.get("expect", []), path), hold=_flag(raw.get("hold", False), path, "hold"))
+
+
+def _flag(value: object, path: Path, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError("must be true or false", file=str(path), key=key)
+    return value
+
+
+def _expectations(items: object, path: Path) -> tuple[Expectation, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("must be a list of [[expect]] tables", file=str(path), key="expect")
+    out: list[Expectation] = []
+    for i, spec in enumerate(items):
+        key = f"expect[{i}]"
+        if not isinstance(spec, dict):
+            raise ConfigError("must be a table", file=str(path), key=key)
+        _no_unknown(spec, {"name", "codes", "resources", "modalities", "required"}, path, key + ".")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError("needs a name (what the reviewer expects, in words)", file=str(path), key=key + ".name")
+        resources = _str_list(spec.get("resources", []), path, key + ".resources")
+        for rtype in resources:
+            if rtype not in COLLECTABLE + FOLLOW_TYPES:
+                raise ConfigError(f"{rtype} is never collected", file=str(path), key=key + ".resources")
+        item = Expectation(name=name.strip(), codes=_token_list(spec.get("codes", []), path, key + ".codes"),
+                           resources=resources, modalities=_str_list(spec.get("modalities", []), path,
+                                                                     key + ".modalities"),
+                           required=_flag(spec.get("required", False), path, key + ".required"))
+        if not item.codes and not item.resources:
+            raise ConfigError("needs codes or resources (how a record is recognised)", file=str(path), key=key)
+        if name.strip() in {e.name for e in out}:
+            raise ConfigError("two [[expect]] entries have this name", file=str(path), key=key + ".name")
+        out.append(item)
+    return tuple(out)
 
 
 def _imaging(spec: object, path: Path) -> ImagingRule:

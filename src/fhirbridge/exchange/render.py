@@ -60,6 +60,7 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     m = claims.get("manifest", {})
     t = _by_type(document)
     lines = [f"Second-opinion referral  (package {claims.get('package_id')})",
+             *supplement_lines(m),
              f"From: {sender or str(party(claims, 'iss').get('display')) + ' (not verified)'}    "
              f"To: {party(claims, 'aud').get('display')}",
              f"Sent: {_when(claims.get('iat'))}    Answer by: {_when(due_at(claims))}",
@@ -69,6 +70,7 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     for p in t.get("Patient", []):
         lines.append(f"Patient: {patient_line(p)}")
     lines += ["", "Question:", *[f"  {q}" for q in (m.get("question") or "(none given)").splitlines()], ""]
+    lines += checklist_lines(m)
     refs = {f"{r['resourceType']}/{r.get('id')}": r for r in _entries(document)}
 
     def block(title: str, items: list[dict], detail=None) -> None:
@@ -95,6 +97,48 @@ def render_package(claims: dict, document: dict, *, sender: str | None = None) -
     if m.get("policy_note"):
         lines.append(f"  {m['policy_note']}")
     return terminal_safe("\n".join(lines) + "\n")
+
+
+def supplement_lines(manifest: dict) -> list[str]:
+    """A supplement (issue 16 part 2, loop/supplement.py) says first what it adds to: the records the reviewer
+    asked for, each "added on request"."""
+    if not manifest.get("supplement_of"):
+        return []
+    request = manifest.get("request") or {}
+    added = manifest.get("added_on_request") or []
+    out = [f"NEW RECORDS: a supplement to package {manifest['supplement_of']}, {len(added)} record(s) added on "
+           "request; answer the first package"]
+    if request.get("text"):
+        out.append(f"You asked: {' '.join(str(request['text']).split())}")
+    return out
+
+
+# The packet's checklist (issue 16 part 6, loop/checklist.py writes it): the words per status.
+CHECKLIST_WORDS = {"included": "included", "withheld": "withheld", "not_found": "not found in the EHR"}
+
+
+def checklist_item(entry: dict) -> str:
+    """"Discharge summary of an earlier stay: withheld (older than the 730-day lookback window)"."""
+    status = str(entry.get("status"))
+    text = f"{entry.get('item')}: {CHECKLIST_WORDS.get(status, status)}"
+    if status == "withheld" and entry.get("reasons"):
+        text += f" ({'; '.join(str(r) for r in entry['reasons'])})"
+    if status == "included" and entry.get("records"):
+        text += f" ({len(entry['records'])})"
+    return text + ("  [required]" if entry.get("required") else "")
+
+
+def checklist_lines(manifest: dict) -> list[str]:
+    """The checklist first: what the reviewer of this specialty expects, and what came of each item."""
+    items = manifest.get("checklist") or []
+    if not items:
+        return []
+    missing = sum(1 for e in items if e.get("status") != "included")
+    head = f"Checklist ({len(items) - missing} of {len(items)} expected records included):"
+    out = [head, *[f"  [{'x' if e.get('status') == 'included' else ' '}] {checklist_item(e)}" for e in items]]
+    if manifest.get("sent_without"):
+        out.append(f"  The referring physician confirmed sending without: {', '.join(manifest['sent_without'])}")
+    return [*out, ""]
 
 
 def report_detail(r: dict, refs: dict) -> list[str]:

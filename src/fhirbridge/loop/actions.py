@@ -7,6 +7,7 @@ import logging
 from fhirbridge.ehr import task as ehr_task
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import CaseError, FhirError
+from fhirbridge.loop import checklist
 from fhirbridge.loop.routing import reroute
 from fhirbridge.steps import FINAL_STEPS, Step
 from fhirbridge.store.store import Case
@@ -80,6 +81,9 @@ def retry(app: App, case: Case, *, by: str | None = None) -> Case:
     if case.step in FINAL_STEPS:
         raise CaseError(f"Case {case.id[:8]} is {case.step}, a final state: there is nothing to retry "
                         "(place a new order to refer the patient again)")
+    if case.step == Step.AWAIT_RECORDS:
+        # Held for required records (issue 16 part 6): retrying reads the chart again.
+        return checklist.collect_again(app, case, by=by or "retry")
     if case.step != Step.FAILED:
         return app.store.update(case.id, next_attempt_at=None, event_kind="retry", detail={"step": case.step, **who})
     step = case.data.get("failed_step") or Step.COLLECT.value

@@ -25,9 +25,10 @@ from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange.envelope import write_atomic
 from fhirbridge.fhir.elements import clinical_date, has_coding, iter_references
 from fhirbridge.fhir.validate import validate as validate_resource
-from fhirbridge.loop import guards, images
+from fhirbridge.loop import checklist, guards, images
 from fhirbridge.loop.consent import POLICY, Consents
 from fhirbridge.loop.result import StepResult
+from fhirbridge.steps import Step
 from fhirbridge.store.store import Case
 
 # A medication the patient is still taking matters however long ago it was started.
@@ -49,6 +50,7 @@ class Collected:
     withheld: list[dict] = field(default_factory=list)       # {"reference", "reason"}
     attachments: list[dict] = field(default_factory=list)    # {"url", "owner", "path", "content_type", "title"}
     imaging: list[dict] = field(default_factory=list)        # loop/images.py: per kept ImagingStudy, its images
+    checklist: list[dict] = field(default_factory=list)      # loop/checklist.py: the hospital's copy
     profile: str = "default"
     lookback_days: int = 0
     collected_at: str = ""
@@ -73,8 +75,10 @@ class Collected:
 
 
 def collect(app: App, service_request: dict, profile: Profile, *, now: datetime | None = None,
-            consents: Consents | None = None) -> Collected:
-    """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld."""
+            consents: Consents | None = None, keep_deselected: bool = False) -> Collected:
+    """`consents`: the patient's Consents for this disclosure (consent.check); records they deny are withheld.
+    `keep_deselected`: the records the physician deselected in the order are not held back for that (a
+    supplement, loop/supplement.py: the physician now chooses each record)."""
     now = now or datetime.now(UTC)
     patient_ref = service_request["subject"]["reference"]
     patient = app.ehr.read_ref(patient_ref)
@@ -84,8 +88,9 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
                     collected_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"))
     cutoff = now - timedelta(days=profile.lookback_days)
     invalid_before = len(app.ehr.invalid)
-    excluded = excluded_records(service_request)
+    excluded = frozenset() if keep_deselected else excluded_records(service_request)
     seen: set[str] = {patient_ref, f"ServiceRequest/{service_request['id']}"}
+    held: list[tuple[dict, str]] = []   # (record, reason) of each one withheld: the checklist names them
     app.progress(f"  searching {', '.join(profile.rules)}")
     found = app.ehr.map_parallel(lambda ehr, rtype: list(ehr.search(rtype, {"patient": patient_ref})),
                                  profile.rules, threads=FETCH_THREADS)
@@ -102,9 +107,10 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
                 reason = DESELECTED
             if reason:
                 out.withheld.append({"reference": ref, "reason": reason})
+                held.append((res, reason))
             else:
                 out.resources.append(res)
-    _follow_references(app, out, profile, seen, consents, excluded)
+    _follow_references(app, out, profile, seen, consents, excluded, held)
     # Invalid resources are reported, not silently dropped and not sent: the reviewer sees them listed as
     # withheld with the validation reasons, and the Case's event log records them.
     invalid = {e.where: e.reasons for e in app.ehr.invalid[invalid_before:]}
@@ -114,10 +120,12 @@ def collect(app: App, service_request: dict, profile: Profile, *, now: datetime 
             ref = f"{r['resourceType']}/{r.get('id')}"
             if ref in invalid:
                 out.withheld.append({"reference": ref, "reason": "invalid FHIR: " + "; ".join(invalid[ref][:3])})
+                held.append((r, out.withheld[-1]["reason"]))
             else:
                 keep.append(r)
         out.resources = keep
     out.attachments = list(find_attachments(app, out.resources))
+    out.checklist = checklist.build(profile, out.resources, held)
     return out
 
 
@@ -180,7 +188,8 @@ def record_status(res: dict) -> str | None:
 
 
 def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str],
-                       consents: Consents | None = None, excluded: Collection[str] = frozenset()) -> None:
+                       consents: Consents | None = None, excluded: Collection[str] = frozenset(),
+                       held: list[tuple[dict, str]] | None = None) -> None:
     frontier = out.resources + [out.service_request, out.patient]
     for _depth in range(FOLLOW_DEPTH):
         wanted: dict[str, set[str]] = {}
@@ -207,6 +216,8 @@ def _follow_references(app: App, out: Collected, profile: Profile, seen: set[str
                     reason = DESELECTED
                 if reason:
                     out.withheld.append({"reference": ref, "reason": reason})
+                    if held is not None:
+                        held.append((res, reason))
                     continue
                 out.resources.append(res)
                 frontier.append(res)
@@ -294,6 +305,13 @@ def collect_step(app: App, case: Case) -> StepResult:
                             "bytes": sum(e["bytes"] for e in collected.imaging)}
     if consents.refs:
         detail["consents"] = consents.refs
+    # Issue 16 part 6: a profile that holds waits for its required records (or the physician's go-ahead,
+    # loop/checklist.py confirm_incomplete, which records who sent without what).
+    missing = checklist.missing_required(collected.checklist)
+    if profile.hold and missing and not (case.data or {}).get("sent_without"):
+        app.store.update(case.id, data={"missing": missing})     # names from the profile, no clinical content
+        return StepResult({**detail, "missing": missing}, back_to=Step.AWAIT_RECORDS,
+                          question=checklist.held_reason(missing))
     return StepResult(detail)
 
 

@@ -24,6 +24,7 @@ class StepResult:
     task_current: bool = False
     # file, plan ONCE: the outcome of a write is unknown and only a person can tell; the Case stops at
     # needs_review with this question (Case.last_error, shown by `status`, the dashboard and metrics).
+    # collect, a profile that holds (issue 16 part 6): what is missing, as the Case waits at await_records.
     question: str | None = None
     # file: the filed opinion's summary columns (loop/opinion_summary.py), written with the step's move.
     summary: dict[str, Any] = field(default_factory=dict)

@@ -210,8 +210,10 @@ def _record_success(app: App, case: Case, result: StepResult, *, seconds: float)
     step = case.step
     nxt = result.back_to or next_of(step)
     kind = f"{step}.back" if result.back_to else f"{step}.done"   # back: a work file was gone
-    if result.question:
+    if result.question and nxt == Step.NEEDS_REVIEW:
         kind = "needs_review"                                     # a person must check the chart
+    elif nxt == Step.AWAIT_RECORDS:
+        kind = "checklist.held"                                   # a profile waits for required records
     detail = {**result.detail, "seconds": round(seconds, 3)}
     done = app.store.finish_step(case.id, worker=case.claimed_by, expect_step=step, event_kind=kind,
                                  detail=detail, step=nxt.value, attempts=0, last_error=result.question,

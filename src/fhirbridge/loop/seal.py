@@ -27,7 +27,7 @@ from fhirbridge.errors import SealError
 from fhirbridge.exchange import dicom_series, envelope
 from fhirbridge.exchange.compression import worth_deflating
 from fhirbridge.fhir.elements import question_of
-from fhirbridge.loop import guards, images
+from fhirbridge.loop import checklist, guards, images
 from fhirbridge.loop.collect import Collected, has_collected, load_collected
 from fhirbridge.loop.document import POLICY_NOTE, build_document, hospital_organization, referring_physician
 from fhirbridge.loop.result import StepResult, sent_back
@@ -45,9 +45,11 @@ def package_dir(app: App, case: Case) -> Path:
     return app.case_dir(case.id) / "package" / str(case.package_id)
 
 
-def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
+def seal_case(app: App, case: Case, collected: Collected, *, extra_manifest: dict | None = None,
+              due_at: float | None = None) -> tuple[str, dict]:
     """Build the package; returns (package_id, summary for the event log - counts only, no PHI, and the
-    `due_at` the package names)."""
+    `due_at` the package names). A supplement (loop/supplement.py) adds its manifest entries and keeps the
+    Case's due date."""
     cfg = app.config
     reviewer = cfg.reviewer(case.reviewer)
     # The reviewer's newest key generation only: after it rotated, its old keys stay published for a while
@@ -91,7 +93,7 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
     document = build_document(collected, package_id=package_id, base_url=h.fhir_base_url, hospital_org=org,
                               timestamp=timestamp, inline_binaries=inline)
     issued = int(time.time())
-    due_at = reviewer.due_at(issued)
+    due_at = due_at or reviewer.due_at(issued)
     manifest: dict[str, Any] = {
         "profile": collected.profile,
         # Urgency and who asked (issue 16): the order's R4 request-priority and its requester, so the reviewer
@@ -102,10 +104,16 @@ def seal_case(app: App, case: Case, collected: Collected) -> tuple[str, dict]:
         "question": question_of(collected.service_request),
         "shared": [f"{r['resourceType']}/{r['id']}" for r in collected.resources],
         "withheld": collected.disclosable_withheld(),
+        # The packet's checklist (issue 16 part 6): per expected record, included / withheld (why) / not found.
+        "checklist": checklist.for_reviewer(collected.checklist),
         "policy_note": POLICY_NOTE,
         "attachments": files,
         "inline_attachments": [f"Binary/{b['id']}" for b in inline],
+        **(extra_manifest or {}),
     }
+    if (case.data or {}).get("sent_without"):
+        # Issue 16 part 6: required records the referring physician confirmed sending without (recorded, audited).
+        manifest["sent_without"] = list(case.data["sent_without"])
     if collected.imaging:
         # What became of each kept ImagingStudy's images (exchange/dicom_series.py: the format).
         manifest["imaging"] = [{"study_uid": e["study_uid"], "imaging_study": e["imaging_study"],

@@ -13,6 +13,7 @@ from fhirbridge.loop.deliver import deliver_step
 from fhirbridge.loop.filing import file_step
 from fhirbridge.loop.result import StepResult
 from fhirbridge.loop.seal import seal_step
+from fhirbridge.loop.supplement import supplement_step
 from fhirbridge.steps import FLOW, WORK_STEPS, Step
 from fhirbridge.store.store import Case
 
@@ -23,6 +24,7 @@ RUN: dict[Step, StepFunction] = {
     Step.SEAL: seal_step,
     Step.DELIVER: deliver_step,
     Step.FILE: file_step,
+    Step.SUPPLEMENT: supplement_step,
 }
 
 if set(RUN) != set(WORK_STEPS):  # pragma: no cover - a step added to FLOW without its function

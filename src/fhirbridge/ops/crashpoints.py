@@ -18,8 +18,12 @@ VARIABLE = "FHIRBRIDGE_TEST_CRASH_AT"
 # <step>.begin: claimed, nothing done; <step>.end: done, not recorded; <step>.recorded: recorded, Task not synced.
 # file.<Type>.sent (write plans LEDGER and ONCE, loop/post_writes.py): the ledger says sent, the POST not yet made.
 # order.written (loop/accepted_orders.py): an accepted order's ServiceRequest is in the EHR, its row still pending.
+# supplement.* (loop/supplement.py): DocumentReference.sent the ledger says the uploaded document is sent, the
+# POST not yet made (plans LEDGER and ONCE); sealed: the supplement package is sealed, not delivered;
+# delivered: delivered and accounted for, the reviewer's request Task not yet completed.
+SUPPLEMENT_POINTS = ("supplement.DocumentReference.sent", "supplement.sealed", "supplement.delivered")
 POINTS = ("intake.opened", "order.written", "receive.written", "receive.accepted", "file.committed",
-          "file.DocumentReference.sent", "file.Provenance.sent") + tuple(
+          "file.DocumentReference.sent", "file.Provenance.sent") + SUPPLEMENT_POINTS + tuple(
     f"{step}.{at}" for step in WORK_STEPS for at in ("begin", "end", "recorded"))
 
 _hits: dict[str, int] = {}

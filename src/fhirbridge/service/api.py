@@ -4,6 +4,8 @@ key or OAuth2 access token; access.tokens) with the scope each endpoint needs.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import time
@@ -13,9 +15,12 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from fhirbridge import jsonutil
 from fhirbridge.access.tokens import Unauthorized, staff_from_token
+from fhirbridge.ehr import data_request
 from fhirbridge.ehr.audit import accounting
 from fhirbridge.ehr.order import REQUESTER
-from fhirbridge.errors import CaseError, ConfigError
+from fhirbridge.errors import CaseError, ConfigError, FhirbridgeError
+from fhirbridge.fhir.elements import summary_line
+from fhirbridge.loop import checklist, supplement
 from fhirbridge.loop.accepted_orders import (
     FAILED,
     PENDING,
@@ -48,6 +53,11 @@ STAFF_ENDPOINT_SCOPES = {
     "api.cancel_case": "cases:write",
     "api.audit_accounting": "audit:read",
     "api.outcomes_report": "cases:read",
+    # Issue 16 part 2: a reviewer's requests for more records, and the physician's answer (records, a document).
+    "api.record_requests": "cases:read",
+    "api.answer_record_request": "cases:write",
+    # Issue 16 part 6: a Case held for required records: collect again, or send without them (confirmed).
+    "api.release_held_case": "cases:write",
 }
 
 
@@ -265,3 +275,87 @@ def cancel_case(case_id: str):
         return jsonify(_case_json(cancel(app_of(case), case, reason.strip())))
     except CaseError as exc:
         raise ApiError(409, str(exc)) from None
+
+
+# --- more records on a reviewer's request (issue 16 part 2; loop/supplement.py) ------------------------------
+
+@api.get("/cases/<case_id>/requests")
+def record_requests(case_id: str):
+    """The Case's CDex data requests in the EHR, and for the open ones the records that could answer them (the
+    request's FHIR query's result `proposed`)."""
+    case = find_case(case_id)
+    app = app_of(case)
+    reqs = data_request.requests_for(app, case)
+    out = []
+    for r in reqs:
+        item: dict = {"task": r.task, "status": r.status, "text": r.text, "query": r.query, "authored": r.authored,
+                      "output": list(r.outputs)}
+        if r.is_open and case.step == "await_opinion":
+            offered = supplement.candidates(app, case, r)
+            item["candidates"] = [{"reference": c["ref"], "summary": summary_line(c["resource"]),
+                                   "proposed": c["proposed"]} for c in offered["records"]]
+            item["query_error"] = offered["query_error"]
+        out.append(item)
+    return jsonify({"case": case.id, "step": case.step, "requests": out})
+
+
+@api.post("/cases/<case_id>/requests/<task_id>/answer")
+def answer_record_request(case_id: str, task_id: str):
+    """{"records": ["Type/id", ...], "document": {"title", "content_type": "application/pdf" | "text/plain",
+    "data": base64, "code": "http://loinc.org|<code>"}}: at least one of them. 202: the supplement goes."""
+    if (request.content_length or 0) > UPLOAD_BODY_LIMIT:
+        raise ApiError(413, f"the answer is at most {UPLOAD_BODY_LIMIT} bytes")
+    body = json_body()
+    records = body.get("records", [])
+    if not isinstance(records, list) or not all(isinstance(r, str) for r in records):
+        raise ApiError(400, 'records is a list of references ("Type/id")')
+    case = find_case(case_id)
+    try:
+        upload = _upload(body.get("document"))
+        case = supplement.answer_request(app_of(case), case, f"Task/{task_id}", records=records, upload=upload,
+                                         actor=g.staff.name)
+    except data_request.BadRequest as exc:
+        raise ApiError(409 if "awaits" in str(exc) or "answered already" in str(exc) else 400, str(exc)) from None
+    except FhirbridgeError as exc:
+        raise ApiError(503 if getattr(exc, "transient", False) else 400, str(exc)) from None
+    return jsonify(_case_json(case)), 202
+
+
+@api.post("/cases/<case_id>/held")
+def release_held_case(case_id: str):
+    """{"action": "collect-again"} or {"action": "send-without", "confirm": ["<item>", ...]} (every missing
+    item named: the physician confirms each one)."""
+    body = json_body()
+    case = find_case(case_id)
+    try:
+        if body.get("action") == "collect-again":
+            case = checklist.collect_again(app_of(case), case, by=g.staff.name)
+        elif body.get("action") == "send-without":
+            missing = [str(m) for m in (case.data or {}).get("missing", [])]
+            if sorted(body.get("confirm") or []) != sorted(missing):
+                raise ApiError(400, f"confirm must name every missing item: {missing}")
+            case = checklist.confirm_incomplete(app_of(case), case, by=g.staff.name, missing=missing)
+        else:
+            raise ApiError(400, 'action is "collect-again" or "send-without"')
+    except CaseError as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify(_case_json(case))
+
+
+UPLOAD_BODY_LIMIT = supplement.MAX_UPLOAD * 4 // 3 + 64 * 1024    # base64 of the largest document, and the rest
+
+
+def _upload(doc: object) -> supplement.Upload | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), str):
+        raise data_request.BadRequest('document is {"title", "content_type", "data": base64}')
+    try:
+        data = base64.b64decode(doc["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise data_request.BadRequest("document.data is not base64") from None
+    code = doc.get("code")
+    if code is not None and (not isinstance(code, str) or "|" not in code):
+        raise data_request.BadRequest('document.code is "system|code"')
+    return supplement.Upload(title=str(doc.get("title") or ""), content_type=str(doc.get("content_type") or ""),
+                             data=data, code=tuple(code.split("|", 1)) if code else None)  # type: ignore[arg-type]

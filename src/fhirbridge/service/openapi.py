@@ -173,6 +173,39 @@ SPEC: dict[str, Any] = {
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reason"}}}},
             "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
+        # Issue 16 part 2: a reviewer's requests for more records, and the physician's answer.
+        "/api/cases/{case_id}/requests": {"get": {
+            "summary": "The Case's requests for more records (CDex data-request Tasks in the EHR); for an open one "
+                       "the records that could answer it, those its FHIR query finds proposed",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("The requests", {"type": "object"}), **_errors(401, 403, 404, 502, 503)}}},
+        "/api/cases/{case_id}/requests/{task_id}/answer": {"post": {
+            "summary": "Answer a request: records to add and/or a document (written to the EHR as a "
+                       "DocumentReference first); the supplement package follows (step supplement)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "records": {"type": "array", "items": {"type": "string"}},
+                    "document": {"type": "object", "required": ["content_type", "data"], "properties": {
+                        "title": {"type": "string"},
+                        "content_type": {"type": "string", "enum": ["application/pdf", "text/plain"]},
+                        "data": {"type": "string", "contentEncoding": "base64"},
+                        "code": {"type": "string", "description": "system|code, e.g. http://loinc.org|18842-5"}}}}}}}},
+            "responses": {**_ok("The Case, at step supplement", CASE, "202"),
+                          **_errors(400, 401, 403, 404, 409, 413, 502, 503)}}},
+        "/api/cases/{case_id}/held": {"post": {
+            "summary": "A Case held for required records (step await_records): collect again, or send without them "
+                       "(every missing item confirmed by name; recorded with who confirmed)",
+            "security": [{"staff": []}],
+            "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["action"], "properties": {
+                    "action": {"type": "string", "enum": ["collect-again", "send-without"]},
+                    "confirm": {"type": "array", "items": {"type": "string"}}}}}}},
+            "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
         "/reviewer/cases": {"get": {
             "summary": "The calling reviewer's Cases awaiting its opinion, with their sealed files",
             "security": [{"reviewer": []}],
@@ -197,7 +230,10 @@ SPEC: dict[str, Any] = {
             "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["text"],
-                "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 2000}}}}}},
+                "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 2000},
+                               "query": {"type": "string", "description": "a FHIR search for this patient "
+                                         "(CDex data-request-query), e.g. "
+                                         "DocumentReference?type=http://loinc.org|18842-5"}}}}}},
             "responses": {**_ok("The data request Task", {"type": "object"}, "201"),
                           **_errors(400, 401, 404, 409, 502, 503)}}},
         "/reviewer/cases/{case_id}/decline": {"post": {

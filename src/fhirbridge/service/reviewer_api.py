@@ -53,16 +53,23 @@ def _own_case(case_id: str):
 @reviewer_api.get("/cases")
 def reviewer_cases():
     cases = [c for c in service().store.list_cases(steps=(Step.AWAIT_OPINION.value,)) if c.reviewer == g.reviewer.name]
-    return jsonify({"cases": [{"id": c.id, "package_id": c.package_id, "due_at": c.due_at,
-                               "files": _package_files(c)} for c in cases]})
+    # Each supplement (issue 16 part 2: records added on request) is listed as a package of the same Case; its
+    # files are fetched with ?package=<its id>.
+    return jsonify({"cases": [{"id": c.id, "package_id": pid, "due_at": c.due_at, "files": _package_files(c, pid)}
+                              for c in cases for pid in [str(c.package_id), *_supplements(c)]]})
 
 
-def _package_dir(case) -> Path:
-    return service().config.data_dir / "cases" / case.id / "package" / str(case.package_id)
+def _supplements(case) -> list[str]:
+    return [str(s["package_id"]) for s in (case.data or {}).get("supplements", [])]
 
 
-def _package_files(case) -> list[str]:
-    d = _package_dir(case)
+def _package_dir(case, package_id: str | None = None) -> Path:
+    pid = package_id if package_id in _supplements(case) else str(case.package_id)
+    return service().config.data_dir / "cases" / case.id / "package" / pid
+
+
+def _package_files(case, package_id: str | None = None) -> list[str]:
+    d = _package_dir(case, package_id)
     return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) if d.is_dir() else []
 
 
@@ -71,11 +78,14 @@ def reviewer_file(case_id: str, name: str):
     case = _own_case(case_id)
     if case.step not in (Step.AWAIT_OPINION, Step.FILE, Step.DONE):
         raise ApiError(409, f"Case {case_id} has no package to fetch (it is {case.step})")
-    if name not in _package_files(case):
+    package = request.args.get("package") or None
+    if package is not None and package != case.package_id and package not in _supplements(case):
+        raise ApiError(404, f"no package {package!r} in this Case")
+    if name not in _package_files(case, package):
         raise ApiError(404, f"no file {name!r} in this package")
     if case.step == Step.AWAIT_OPINION:
         _consent_still_allows(case)
-    return send_file(_package_dir(case) / name, mimetype="application/jose+json", as_attachment=True,
+    return send_file(_package_dir(case, package) / name, mimetype="application/jose+json", as_attachment=True,
                      download_name=Path(name).name)
 
 
@@ -115,7 +125,8 @@ def reviewer_data_request(case_id: str):
     """Ask the hospital for more records (a CDex-style data request Task in the EHR, part of the referral)."""
     case = _own_case(case_id)
     try:
-        ref = request_records(app_of(case), case, json_body().get("text"))
+        body = json_body()
+        ref = request_records(app_of(case), case, body.get("text"), body.get("query"))
     except BadRequest as exc:
         raise ApiError(409 if "awaits" in str(exc) else 400, str(exc)) from None
     return jsonify({"case": case.id, "task": ref, "status": "requested"}), 201

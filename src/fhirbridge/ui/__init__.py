@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from flask import Blueprint, Flask, abort, request, session
 
 from fhirbridge import VERSION
+from fhirbridge.exchange.render import checklist_item
 
 ui = Blueprint("ui", __name__, template_folder="templates", static_folder="static", static_url_path="/ui-static")
 
@@ -33,7 +34,7 @@ def install(app: Flask, *, secret: bytes) -> None:
 
     @app.context_processor
     def _common():
-        return {"version": VERSION, "csrf_token": csrf_token}
+        return {"version": VERSION, "csrf_token": csrf_token, "checklist_item": checklist_item}
 
     @app.after_request
     def _security_headers(resp):

@@ -39,6 +39,7 @@ from flask import (
 )
 
 from fhirbridge.access.tokens import Unauthorized, session_grant, staff_from_session, staff_from_token
+from fhirbridge.ehr import data_request
 from fhirbridge.ehr.audit import owed
 from fhirbridge.errors import CaseError, FhirbridgeError
 from fhirbridge.loop.actions import cancel as cancel_case
@@ -59,7 +60,8 @@ STATE_ORDER = ALL_STEPS
 STATE_LABELS: dict[str, str] = {Step.COLLECT: "Collecting", Step.SEAL: "Packaging", Step.DELIVER: "Sending",
                                  Step.AWAIT_OPINION: "With reviewer", Step.FILE: "Filing",
                                  Step.NEEDS_REVIEW: "Needs review", Step.DONE: "Filed",
-                                 Step.FAILED: "Failed", Step.CANCELLED: "Cancelled", Step.DECLINED: "Declined"}
+                                 Step.FAILED: "Failed", Step.CANCELLED: "Cancelled", Step.DECLINED: "Declined",
+                                 Step.AWAIT_RECORDS: "Held: records missing", Step.SUPPLEMENT: "Sending more records"}
 STATE_COLORS = {"Filed": "#1e7a46", "Failed": "#b3261e", "With reviewer": "#1f5fa8", "Cancelled": "#6b7280",
                 "Declined": "#9a6200", "Needs review": "#b45309"}
 # How a recommendation relates to the plan the referring physician had (usually surgery).
@@ -302,12 +304,15 @@ def case(case_id: str):
     staff = _signed_in_staff()
     app = svc.app_for_key(c.hospital)
     base_url = app.hospital.fhir_base_url if app else None
+    # Issue 16: the reviewer's open requests for more records (the words stay in the EHR: linked, not shown).
+    asked = [("Records asked for (open)", ref) for ref in data_request.open_refs(c)]
     links = [(label, ref, f"{base_url}/{ref}" if base_url else None) for label, ref in
              (("Order", c.service_request), ("Referral Task", c.task), ("Filed note", c.document_reference),
-              ("Patient", c.patient)) if ref]
+              *asked, ("Patient", c.patient)) if ref]
     return render_template("dashboard/case.html", title=f"Case {c.id[:8]}", where="Hospital IT dashboard",
                            nav=_nav("case"), who=staff["name"], c=c, entries=timeline(svc.store.events(c.id)),
-                           links=links, can_retry="cases:write" in staff["scopes"], final_steps=FINAL_STEPS,
+                           links=links, asked=asked, supplements=(c.data or {}).get("supplements", []),
+                           can_retry="cases:write" in staff["scopes"], final_steps=FINAL_STEPS,
                            fix=fix_for(c.last_error) if c.step not in (*FINAL_STEPS, Step.NEEDS_REVIEW) else None,
                            here=request.path, **_page_helpers())
 

@@ -30,6 +30,9 @@ FIXES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p, re.I), fix
      "Retry."),
     (r"Consent", "A patient Consent denies the disclosure: nothing may be sent. Cancel the referral or record "
      "the patient's consent in the EHR, then Retry."),
+    (r"^the reviewer needs .* not in the package", "Add the missing record to the chart, then Retry (the chart is "
+     "read again); or the referring physician confirms sending without it on the physician page (or POST "
+     "/api/cases/<id>/held)."),
     (r"a person must check|may be in the chart", "Check the chart for the note, then `fhirbridge resolve` "
      "(docs/troubleshoot.md, write plans)."),
 ))

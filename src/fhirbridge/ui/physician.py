@@ -5,6 +5,8 @@
     /physician/patients/<id>                  the patient in context: earlier second opinions
     /physician/patients/<id>/order            choose specialty and reviewer, ask, see and trim what is shared
     /physician/patients/<id>/cases/<case>     the referral's progress, and the opinion once filed
+    /physician/patients/<id>/cases/<case>/requests/<task>   answer the reviewer's request for more records
+    /physician/patients/<id>/cases/<case>/held    a Case held for required records: read again, or send without
 
 Who may do what: the user the EHR launched the app for, for the patient in that launch's context only (the
 session remembers each launch's patient; any other patient id is refused). Orders are written exactly as
@@ -41,9 +43,11 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge.config.mappings import profile_names
 from fhirbridge.ehr.context import App
+from fhirbridge.ehr.data_request import BadRequest
 from fhirbridge.ehr.order import place_order
-from fhirbridge.errors import FhirbridgeError, FhirError
+from fhirbridge.errors import CaseError, FhirbridgeError, FhirError
 from fhirbridge.fhir.elements import question_of
+from fhirbridge.loop import checklist, supplement
 from fhirbridge.loop.intake import order_changed
 from fhirbridge.ui import check_csrf, smart
 from fhirbridge.ui import physician_view as view
@@ -341,8 +345,60 @@ def case_page(patient: str, case_id: str):
                  title=f"Second opinion from {reviewer}", case=case, reviewer=reviewer,
                  status=view.status_of(case), order=view.order_summary(sr, app),
                  timeline=view.timeline(app, case, reviewer, _requester_name(app, sr)),
-                 opinion=view.filed_opinion(app, case),
+                 opinion=view.filed_opinion(app, case), requests=view.record_requests(app, case),
                  profile=dict(_profiles(app)).get(case.profile, case.profile), when=view.when)
+
+
+@bp.post("/patients/<patient>/cases/<case_id>/held")
+def release_held(patient: str, case_id: str):
+    """A Case held for required records: check the chart again, or send without them (each one confirmed)."""
+    check_csrf()
+    ctx, app = _context(patient)
+    case = app.store.find(case_id)
+    if case is None or case.hospital != app.hospital.key or case.patient != f"Patient/{patient}":
+        abort(404, "no such second opinion for this patient")
+    who = ctx.get("user") or "physician app"
+    missing = [str(m) for m in (case.data or {}).get("missing", [])]
+    try:
+        if request.form.get("action") == "send-without":
+            if sorted(request.form.getlist("confirm")) != sorted(missing):
+                flash("Tick each missing record to confirm the reviewer gets the package without it.", "error")
+                return redirect(url_for(".case_page", patient=patient, case_id=case.id) + "#held")
+            checklist.confirm_incomplete(app, case, by=who, missing=missing)
+            flash("Confirmed: the package goes without them; the reviewer is told.", "ok")
+        else:
+            checklist.collect_again(app, case, by=who)
+            flash("The chart is read again.", "ok")
+    except CaseError as exc:
+        flash(str(exc), "error")
+    return redirect(url_for(".case_page", patient=patient, case_id=case.id))
+
+
+@bp.post("/patients/<patient>/cases/<case_id>/requests/<task_id>")
+def answer_request(patient: str, case_id: str, task_id: str):
+    """The physician answers a reviewer's request: the records ticked and/or a document (PDF or text)."""
+    check_csrf()
+    ctx, app = _context(patient)
+    case = app.store.find(case_id)
+    if case is None or case.hospital != app.hospital.key or case.patient != f"Patient/{patient}":
+        abort(404, "no such second opinion for this patient")
+    records = [r for r in request.form.getlist("record") if REF.fullmatch(r)]
+    upload = None
+    file = request.files.get("document")
+    if file is not None and file.filename:
+        kind = request.form.get("kind") or ""
+        code = tuple(kind.split("|", 1)) if "|" in kind else None
+        upload = supplement.Upload(title=request.form.get("title") or file.filename,
+                                   content_type=(file.mimetype or "").split(";")[0], data=file.read(),
+                                   code=code)  # type: ignore[arg-type]
+    try:
+        supplement.answer_request(app, case, f"Task/{task_id}", records=records, upload=upload,
+                                  actor=ctx.get("user") or "physician app")
+    except BadRequest as exc:
+        flash(str(exc), "error")
+        return redirect(url_for(".case_page", patient=patient, case_id=case.id) + "#requests")
+    flash("Thank you: the records go to the reviewer now.", "ok")
+    return redirect(url_for(".case_page", patient=patient, case_id=case.id))
 
 
 def _requester_name(app: App, sr: dict) -> str | None:

@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fhirbridge.ehr import data_request
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import excluded_records
 from fhirbridge.errors import ConsentDenied
 from fhirbridge.fhir.elements import clinical_date, concept_text, question_of, summary_line
-from fhirbridge.loop import consent
+from fhirbridge.loop import checklist, consent, supplement
 from fhirbridge.loop.collect import Collected, collect
 from fhirbridge.loop.consent import POLICY
 from fhirbridge.loop.document import SECTIONS
@@ -62,6 +63,7 @@ class Preview:
     withheld: list[dict]                            # {"ref", "summary", "reason"}
     consent_note: str | None = None
     offered: list[str] = field(default_factory=list)
+    checklist: list[dict] = field(default_factory=list)   # loop/checklist.py for_physician: what the reviewer expects
 
 
 def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
@@ -90,7 +92,8 @@ def preview(app: App, patient: str, profile: str, reviewer: str) -> Preview:
         if r["resourceType"] not in primary:
             kind = SUPPORTING.get(r["resourceType"], r["resourceType"])
             supporting[kind] = supporting.get(kind, 0) + 1
-    return Preview(groups=groups, supporting=supporting, withheld=_withheld(app, got.withheld), offered=offered)
+    return Preview(groups=groups, supporting=supporting, withheld=_withheld(app, got.withheld), offered=offered,
+                   checklist=checklist.for_physician(got.checklist))
 
 
 def _item(r: dict) -> dict:
@@ -143,15 +146,40 @@ STATUS: dict[str, tuple[str, str]] = {
     Step.DELIVER: ("Sending", ""), Step.AWAIT_OPINION: ("With the reviewer", ""),
     Step.FILE: ("Opinion received", "ok"),
     Step.NEEDS_REVIEW: ("Opinion received; staff are checking that it is in the chart", "warn"),
+    Step.SUPPLEMENT: ("Sending the records the reviewer asked for", ""),
+    Step.AWAIT_RECORDS: ("Waiting: records the reviewer needs are missing", "warn"),
     Step.DONE: ("Opinion filed", "ok"), Step.FAILED: ("Stopped", "bad"),
     Step.CANCELLED: ("Cancelled", "warn"), Step.DECLINED: ("Declined by the reviewer", "warn")}
 
 
 def status_of(case: Case) -> tuple[str, str]:
     label, tone = STATUS.get(case.step, (case.step, ""))
+    if case.step == Step.AWAIT_OPINION and data_request.open_refs(case):
+        return "The reviewer asks for more records", "warn"
     if case.overdue_at and case.step == Step.AWAIT_OPINION:
         return "Overdue", "warn"
     return label, tone
+
+
+# --- more records on the reviewer's request (issue 16 part 2) --------------------------------------------
+
+def record_requests(app: App, case: Case) -> list[dict]:
+    """The reviewer's requests, newest first; for an open one, what could answer it (the query's result ticked)
+    and the document kinds the profile's checklist names (so an uploaded document counts for its item)."""
+    if not data_request.open_refs(case) and not (case.data or {}).get("supplements"):
+        return []
+    kinds = [(f"{e.codes[0][0]}|{e.codes[0][1]}", e.name) for e in app.profile(case.profile).expect if e.codes]
+    sent = {s["task"]: s for s in (case.data or {}).get("supplements", [])}
+    out = []
+    for req in reversed(data_request.requests_for(app, case)):
+        item: dict[str, Any] = {"req": req, "id": req.task.split("/", 1)[1], "sent": sent.get(req.task),
+                                "candidates": [], "query_error": None, "kinds": kinds}
+        if req.is_open and case.step == Step.AWAIT_OPINION:
+            offered = supplement.candidates(app, case, req)
+            item["candidates"] = [{**_item(c["resource"]), "proposed": c["proposed"]} for c in offered["records"]]
+            item["query_error"] = offered["query_error"]
+        out.append(item)
+    return out
 
 
 def order_summary(sr: dict, app: App) -> dict:
@@ -167,6 +195,10 @@ def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None
     first: dict[str, dict] = {}
     for e in events:
         first.setdefault(e["kind"], e)
+    # A Case a profile held (issue 16 part 6) was collected too: its collect ended in checklist.held.
+    first.setdefault("collect.done", first.get("checklist.held") or {})
+    if not first["collect.done"]:
+        del first["collect.done"]
     collected = first.get("collect.done", {}).get("detail", {})
     shared = sum((collected.get("counts") or {}).values())
     due = f"answer due by {when(case.due_at)}" if case.due_at else ""
@@ -174,7 +206,9 @@ def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None
     steps = [
         ("ordered", "Ordered", "Ordered", first.get("opened"), f"by {ordered_by}" if ordered_by else "", ()),
         ("collected", "Records collected", "Collecting the records", first.get("collect.done"),
-         f"{shared} records shared, {collected.get('withheld', 0)} withheld" if collected else "", ("collect",)),
+         f"{shared} records shared, {collected.get('withheld', 0)} withheld" if collected else
+         "waiting for records the reviewer needs" if case.step == Step.AWAIT_RECORDS else "",
+         ("collect", "await_records")),
         ("sent", f"Sent to {reviewer_display}", f"Sealing and sending to {reviewer_display}",
          first.get("deliver.done"), due, ("seal", "deliver")),
         ("received", "Opinion received", "Waiting for the reviewer's opinion", first.get("opinion.received"),
@@ -182,6 +216,12 @@ def timeline(app: App, case: Case, reviewer_display: str, ordered_by: str | None
         ("filed", "Filed in the chart", "Filing the opinion in the chart", first.get("file.done"), "", ("file",)),
     ]
     out = []
+    for e in events:
+        if e["kind"] == "records.requested":
+            steps.insert(-2, ("asked", "The reviewer asked for more records", "", e, "", ()))
+        elif e["kind"] == "supplement.done":
+            n = (e["detail"] or {}).get("records", 0)
+            steps.insert(-2, ("supplement", "More records sent on request", "", e, f"{n} record(s) added", ()))
     for key, done_label, current_label, event, detail, current_steps in steps:
         state = "done" if event else ("current" if case.step in current_steps else "pending")
         if key == "received" and state == "current":

@@ -164,7 +164,8 @@ class Portal:
                 for name, target in targets:
                     if not target.exists():
                         limit = MAX_PACKAGE_FILE if name == envelope.ENVELOPE_FILE else MAX_ATTACHMENT_FILE
-                        self._download(api, f"/cases/{case_id}/package/{name}", target, limit)
+                        # ?package=: the Case's first package or a supplement of it (issue 16 part 2)
+                        self._download(api, f"/cases/{case_id}/package/{name}?package={pid}", target, limit)
             except PullRefused as exc:
                 problems.append(f"refused a case from {api}: {exc}")
                 continue
@@ -303,6 +304,21 @@ class Portal:
 
     def form_of(self, pid: str) -> OpinionForm:
         return load_opinion_form(self.s.mappings_dir, self.form_name(pid))
+
+    def supplement_of(self, pid: str) -> str | None:
+        """The package id a supplement adds to (issue 16 part 2: more records on request), or None."""
+        try:
+            value = self.opened(pid).manifest.get("supplement_of")
+        except (FhirbridgeError, OSError):
+            return None
+        return str(value) if value else None
+
+    def supplements_for(self, pid: str) -> list[str]:
+        """The supplements that add to this Case's package, oldest first (same source, same hospital)."""
+        pc = self.cases[pid]
+        out = [(self.opened(k).claims.get("iat") or 0, k) for k, other in self.cases.items()
+               if k != pid and other.api == pc.api and self.supplement_of(k) == pc.package_id]
+        return [k for _iat, k in sorted(out)]
 
     def answered(self, pid: str) -> dict | None:
         p = self.s.work_dir / "answered" / f"{pid}.json"
@@ -509,7 +525,10 @@ def create_portal(settings: PortalSettings) -> Flask:
             flash(problem, "error")
         rows = []
         now = time.time()
+        firsts = {(pc.api, pc.package_id) for pc in portal.cases.values()}
         for pid, pc in sorted(portal.cases.items()):
+            if (pc.api, portal.supplement_of(pid)) in firsts:
+                continue    # a supplement is shown on its first package's row ("new records")
             try:
                 opened = portal.opened(pid)
                 qs = questions_of(opened.manifest.get("question"))
@@ -522,11 +541,14 @@ def create_portal(settings: PortalSettings) -> Flask:
                              "requester": view.requester, "priority": view.priority, "urgent": view.urgent,
                              "sent": opened.claims.get("iat"), "due": due,
                              "overdue": bool(due and due < now and not answered and not closed),
-                             "answered": answered, "closed": closed, "error": None})
+                             "answered": answered, "closed": closed, "error": None,
+                             "new_records": portal.supplements_for(pid),
+                             "supplement_of": opened.manifest.get("supplement_of")})
             except (FhirbridgeError, OSError) as exc:
                 rows.append({"pid": pid, "package": pc.package_id, "error": str(exc), "patient": "", "question": "",
                              "hospital": "", "requester": {}, "priority": "", "urgent": False, "sent": None,
-                             "due": None, "overdue": False, "answered": None, "closed": False})
+                             "due": None, "overdue": False, "answered": None, "closed": False,
+                             "new_records": [], "supplement_of": None})
         # Open Cases first; among them stat, asap, urgent before routine (R4 request-priority), then the one due
         # soonest. A package that cannot be opened sorts with the open ones, by its (unknown) due date last.
         rows.sort(key=lambda r: (bool(r["answered"]) or r["closed"], envelope.urgency_rank(str(r["priority"])),
@@ -548,6 +570,11 @@ def create_portal(settings: PortalSettings) -> Flask:
         due = pc.due_at or view.answer_by
         answered = portal.answered(pid)
         return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view,
+                               checklist=opened.manifest.get("checklist") or [],
+                               supplement_of=_first_of(pid), supplements=portal.supplements_for(pid),
+                               added=opened.manifest.get("added_on_request") or [],
+                               asked=(opened.manifest.get("request") or {}).get("text"),
+                               sent_without=opened.manifest.get("sent_without") or [],
                                form=portal.form_of(pid), form_name=portal.form_name(pid),
                                studies=[(key, summary_line(r)) for key, r in studies_of(opened).items()],
                                values=values or {}, errors=errors or {}, preview=preview, pc=pc, due=due,
@@ -555,6 +582,14 @@ def create_portal(settings: PortalSettings) -> Flask:
                                answered=answered, sent_opinion=portal.sent_opinion(pid) if answered else None,
                                images=has_images(opened), marked=portal.key_images(pid),
                                nav=nav("case"), where="Reviewer portal", fmt=_fmt), status
+
+    def _first_of(pid: str) -> str | None:
+        """The portal key of the first package a supplement adds to (its opinion is answered there)."""
+        first = portal.supplement_of(pid)
+        if first is None:
+            return None
+        api = portal.cases[pid].api
+        return next((k for k, pc in portal.cases.items() if pc.package_id == first and pc.api == api), first)
 
     @app.get("/cases/<pid>")
     def case(pid: str):
@@ -640,6 +675,8 @@ def create_portal(settings: PortalSettings) -> Flask:
     def opinion(pid: str):
         check_csrf()
         opened = portal.opened(pid)
+        if portal.supplement_of(pid):
+            abort(409, "this package adds records to an earlier one: answer the first package")
         if portal.answered(pid):
             flash("This Case was answered already.", "error")
             return redirect(url_for("case", pid=pid))
@@ -669,7 +706,7 @@ def create_portal(settings: PortalSettings) -> Flask:
         flash(f"Signed and sent: {where}.", "ok")
         return redirect(url_for("case", pid=pid))
 
-    def _to_hospital(pid: str, field: str, what: str, body_key: str, missing: str):
+    def _to_hospital(pid: str, field: str, what: str, body_key: str, missing: str, extra: dict | None = None):
         """Decline or ask for records: a short text the hospital's API takes; the form again if it is empty."""
         check_csrf()
         pc = portal.cases.get(pid) or abort(404)
@@ -677,7 +714,7 @@ def create_portal(settings: PortalSettings) -> Flask:
         if not text:
             return None, _case_page(pid, values=request.form.to_dict(), errors={field: missing}, status=422)
         try:
-            _hospital_call(portal, pc, what, {body_key: text})
+            _hospital_call(portal, pc, what, {body_key: text, **(extra or {})})
         except (requests.RequestException, FhirbridgeError) as exc:
             # The hospital did not take it: say so, and keep what the reviewer wrote for another try.
             flash(f"Not sent: {failure_text(exc, pc.api)}. What you wrote is kept below; try again.", "error")
@@ -696,7 +733,10 @@ def create_portal(settings: PortalSettings) -> Flask:
 
     @app.post("/cases/<pid>/request")
     def ask(pid: str):
-        _pc, page = _to_hospital(pid, "request_text", "requests", "text", "say which records you need")
+        # A FHIR search naming the records (CDex data-request-query), if the reviewer gives one.
+        query = request.form.get("request_query", "").strip()
+        _pc, page = _to_hospital(pid, "request_text", "requests", "text", "say which records you need",
+                                 {"query": query} if query else None)
         if page is not None:
             return page
         flash("Your request for more records was sent to the hospital.", "ok")

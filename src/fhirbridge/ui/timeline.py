@@ -20,6 +20,12 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "seal.done": ("Package sealed (signed and encrypted to the reviewer)", SERVICE, "ok"),
     "deliver.done": ("Package delivered to the reviewer", SERVICE, "ok"),
     "records.requested": ("The reviewer asked for more records", REVIEWER, "warn"),
+    # Issue 16 parts 2 and 6: the physician's answer and the supplement; the packet's checklist.
+    "records.answered": ("The physician answered the request for more records", STAFF, ""),
+    "records.document": ("The physician's document was filed in the chart", SERVICE, "ok"),
+    "supplement.done": ("Supplement package sealed and delivered (records added on request)", SERVICE, "ok"),
+    "checklist.held": ("Held: records the reviewer needs are missing", SERVICE, "warn"),
+    "checklist.confirmed": ("Sent without the missing records, confirmed by the physician", STAFF, "warn"),
     "opinion.received": ("Second opinion received", REVIEWER, "ok"),
     "file.done": ("Opinion filed in the chart", SERVICE, "ok"),
     "file.partial": ("Opinion partly filed; the rest follows", SERVICE, "warn"),
@@ -40,7 +46,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 # Details shown plainly; the rest stays in the raw view (`fhirbridge status CASE`).
 SHOWN = ("step", "reason", "error", "records", "resources", "attachments", "document_reference", "package_id",
-         "plan", "question", "write", "seconds", "service_request", "reviewer", "profile")
+         "plan", "question", "write", "seconds", "service_request", "reviewer", "profile", "task", "supplement_of",
+         "missing", "by")
 
 
 @dataclass(frozen=True)
