@@ -1,7 +1,8 @@
 """A partial index serving the claim: a hospital's Cases at a work step, oldest update first (issue 19 goal 3).
 
 The step list is `steps.WORK_STEPS` at this revision, the steps of `steps.FLOW` with a `next`:
-collect, seal, deliver, file. A Case awaiting an opinion, needing review or finished is not in the index, so
+collect, seal, deliver, supplement (issue 16's step, landed with this index), file, in that order (SQLite
+matches the IN list as written). A Case awaiting an opinion, needing review or finished is not in the index, so
 a claim reads along it in `updated_at` order and stops at the first free, due row, without sorting every
 Case at a work step (36-46 ms per claim with 64,000 claimable Cases before). The claim query states the same
 predicate with literals (`tables.claimable`): SQLite uses a partial index only when the query repeats its
@@ -22,7 +23,7 @@ down_revision = "0012"
 branch_labels = None
 depends_on = None
 
-STEPS = ("collect", "seal", "deliver", "file")
+STEPS = ("collect", "seal", "deliver", "supplement", "file")
 PREDICATE = "step IN (" + ", ".join(f"'{s}'" for s in STEPS) + ")"
 
 
