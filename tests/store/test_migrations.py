@@ -88,7 +88,7 @@ def revision_before(revision: str) -> str:
 
 
 def test_the_shipped_scripts_have_one_head():
-    assert migrations.head() == "0012"
+    assert migrations.head() == "0013"
     assert (migrations.SCRIPT_LOCATION / "env.py").is_file()
     assert (migrations.SCRIPT_LOCATION / "script.py.mako").is_file()
 

@@ -18,10 +18,12 @@ from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import CaseError, FhirbridgeError, UsageError
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.loop.actions import cancel, resolve, retry
+from fhirbridge.loop.followup import run_followups
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
 from fhirbridge.steps import ALL_STEPS
 from fhirbridge.store.case_query import ListRequest
+from fhirbridge.store.followups import FollowUps
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -107,6 +109,8 @@ def cmd_run(args) -> int:
                 print(f"== {app.hospital.name}", flush=True)
             report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
                                  ignore_backoff=args.now)
+            # Follow-up questions to send, answers and corrections to file (loop/followup.py).
+            steps += run_followups(app)
             errors += report.errors
             opened += report.opened
             steps += report.steps_done
@@ -213,6 +217,21 @@ def _print_owed(app: App) -> None:
         print(terminal_safe(f"  last refusal ({_fmt(debt['last_tried_at'])}): {debt['last_error'][:300]}"))
 
 
+def _file_followup(app: App, received) -> int:
+    """A follow-up answer or a corrected opinion received: filed at once (the worker would, on its next tick)."""
+    what = "answer" if received.kind == "answer" else "corrected opinion"
+    print(f"received {what} {received.opinion_id} for case {received.case.id[:8]}")
+    row = FollowUps(app.store).by_answer(received.opinion_id)
+    if row is not None:
+        run_followups(app, followup_id=row["id"])
+        row = FollowUps(app.store).get(row["id"])
+    if row is not None and row["state"] == "filed":
+        print(f"filed as {row['note']}")
+        return 0
+    print(terminal_safe(f"not filed yet ({row and row['error']}); `fhirbridge run` will retry"), file=sys.stderr)
+    return 1
+
+
 def cmd_receive(args) -> int:
     status = 0
     with app_from_args(args) as app:
@@ -222,6 +241,9 @@ def cmd_receive(args) -> int:
             except FhirbridgeError as exc:
                 print(terminal_safe(f"error: {exc}"), file=sys.stderr)
                 status = exc.exit_code
+                continue
+            if received.kind != "opinion":
+                status = max(status, _file_followup(app, received))
                 continue
             print(f"received opinion {received.opinion_id} for case {received.case.id[:8]}")
             run_pending(app, intake=False, case_id=received.case.id)
