@@ -150,7 +150,7 @@ def post_once(app: App, case: Case, kind: str, identifier: str, make: Callable[[
         raise
     if check:
         check(stored)
-    ref = f"{kind}/{stored['id']}"
+    ref = f"{resource['resourceType']}/{stored['id']}"
     app.store.ledger_record(case.id, kind, identifier=identifier, state="confirmed", server_id=ref)
     return ref
 
