@@ -43,6 +43,8 @@ STAFF_ENDPOINTS = [
     ("POST", "/api/cases/{case}/cancel", "cases:write"),
     ("GET", "/api/audit?patient={patient}", "audit:read"),
     ("GET", "/api/outcomes", "cases:read"),
+    ("POST", "/api/cases/{case}/follow-ups", "cases:write"),
+    ("GET", "/api/cases/{case}/follow-ups", "cases:read"),
 ]
 # Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
 PUBLIC_FHIR_ENDPOINTS = [
@@ -62,6 +64,8 @@ REVIEWER_ENDPOINTS = [
     ("POST", "/reviewer/opinions"),
     ("POST", "/reviewer/cases/{case}/decline"),
     ("POST", "/reviewer/cases/{case}/requests"),
+    ("GET", "/reviewer/follow-ups"),
+    ("GET", "/reviewer/follow-ups/{followup_id}/message"),
 ]
 
 
@@ -111,7 +115,8 @@ def call(client, method: str, path: str, headers: dict):
 
 
 def fill(path: str, case, patient: str) -> str:
-    return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order")
+    return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order",
+                       followup_id="no-such-question")
 
 
 def refused(resp, status: int, words: str) -> None:
