@@ -102,7 +102,8 @@ def test_a_pull_reviewer_answers_a_follow_up_question_once(served, fhir):
     [row] = shown["follow_ups"]
     assert row["state"] == "filed" and row["communication"].startswith("Communication/")
     ident = f"{OPINION_ID_SYSTEM}|urn:uuid:{claims['jti']}"
-    [note] = [d for d in fhir.search("DocumentReference", {"identifier": ident}) if d["resourceType"] == "DocumentReference"]
+    [note] = [d for d in fhir.search("DocumentReference", {"identifier": ident})
+              if d["resourceType"] == "DocumentReference"]
     assert row["note"] == f"DocumentReference/{note['id']}"
     assert note["relatesTo"][0] == {"code": "appends", "target": {"reference": case.document_reference}}
 
