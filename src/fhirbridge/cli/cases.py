@@ -18,7 +18,7 @@ from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import CaseError, FhirbridgeError, UsageError
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.loop.actions import cancel, resolve, retry
-from fhirbridge.loop.followup import run_followups
+from fhirbridge.loop.followup import resolve_followup, run_followups
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
 from fhirbridge.steps import ALL_STEPS
@@ -69,6 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--filed", metavar="TYPE/ID", help="it is in the chart as this resource (checked)")
     which.add_argument("--not-filed", action="store_true", help="it is not in the chart: file it once more")
+    s.add_argument("--follow-up", metavar="ID", help="the follow-up question or correction that needs review "
+                                                      "(`fhirbridge status <case>` lists them), not the Case's opinion")
     s.set_defaults(func=cmd_resolve)
 
     s = sub.add_parser("cancel", help="cancel a Case (the EHR Task becomes cancelled)")
@@ -164,6 +166,10 @@ def cmd_status(args) -> int:
             # The last error and the events' details can quote the EHR or a reviewer: printed as text only.
             for k, v in rows:
                 print(terminal_safe(f"{k:>13}: {v}"))
+            for f in FollowUps(app.store).of_case(case.id):
+                what = "follow-up" if f["kind"] == "question" else "correction"
+                print(terminal_safe(f"{what + ' ' + str(f['seq']):>13}: {f['state']}  {f['id']}  "
+                                    f"{f['note'] or f['communication'] or ''}  {f['error'] or ''}".rstrip()))
             print("       events:")
             for e in events:
                 detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
@@ -196,7 +202,23 @@ def cmd_status(args) -> int:
             print(f"(the {len(page.cases)} most recently updated shown; --limit, --step, GET /api/cases or the "
                   "dashboard list the others)")
         _print_owed(app)
+        _print_open_followups(app, hospitals)
         return 0
+
+
+def _print_open_followups(app: App, hospitals: tuple[str, ...] | None) -> None:
+    """Follow-up questions and corrections not yet filed (loop/followup.py): a Case that is done can still
+    have one waiting for the reviewer, or for a person (needs_review)."""
+    rows = [r for h in (hospitals or (None,)) for r in FollowUps(app.store).open_rows(hospital=h)]
+    if not rows:
+        return
+    print(f"\n{len(rows)} open follow-up(s):")
+    print(f"{'case':<8}  {'kind':<10}  {'#':>2}  {'state':<12}  {'id':<36}  note")
+    for r in rows:
+        note = "NEEDS REVIEW: `fhirbridge status` of the Case has the question" if r["state"] == "needs_review" \
+            else (r["error"] or "")[:60]
+        print(terminal_safe(f"{r['case_id'][:8]:<8}  {r['kind']:<10}  {r['seq']:>2}  {r['state']:<12}  "
+                            f"{r['id']:<36}  {note}"))
 
 
 def _note(c) -> str:
@@ -302,6 +324,11 @@ def cmd_retry(args) -> int:
 
 def cmd_resolve(args) -> int:
     with app_from_args(args) as app:
+        if args.follow_up:
+            row = resolve_followup(app, app.store.find_by_prefix(args.case), args.follow_up, filed=args.filed)
+            print(f"follow-up {row['seq']} of case {row['case_id'][:8]} is back at {row['state']}; "
+                  "`fhirbridge run` will continue it")
+            return 0
         case = resolve(app, app.store.find_by_prefix(args.case), filed=args.filed)
     print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
     return 0
