@@ -487,6 +487,14 @@ def remaining(app: App, case: Case) -> int:
     return max(0, limit - len(FollowUps(app.store).of_case(case.id, QUESTION)))
 
 
+def ledger_prefixes(row: dict) -> tuple[str, ...]:
+    """The write-ledger kinds of one follow-up's writes: a question's Communication and addendum, or a
+    correction's note (questions and corrections are numbered apart, so the kind says which)."""
+    if row["kind"] == CORRECTION:
+        return (f"correction{row['seq']}.",)
+    return (f"followup{row['seq']}.", f"addendum{row['seq']}.")
+
+
 def resolve_followup(app: App, case: Case, followup_id: str, *, filed: str | None) -> dict:
     """A person answered the needs_review question of a follow-up (plan ONCE): `filed` the resource found in
     the chart ("Type/id"), or None: not there, send it again. The follow-up goes back to its work state."""
@@ -497,8 +505,7 @@ def resolve_followup(app: App, case: Case, followup_id: str, *, filed: str | Non
     if row["state"] != NEEDS_REVIEW:
         raise CaseError(f"follow-up {followup_id} is {row['state']}, not needs_review")
     ledger = app.store.ledger(case.id)
-    pending = [(k, v) for k, v in ledger.items() if v["state"] == "sent" and
-               k.startswith((f"followup{row['seq']}.", f"addendum{row['seq']}.", f"correction{row['seq']}."))]
+    pending = [(k, v) for k, v in ledger.items() if v["state"] == "sent" and k.startswith(ledger_prefixes(row))]
     for kind, entry in pending:
         if filed is not None and not filed.startswith(kind.split(".", 1)[1] + "/"):
             raise CaseError(f"the write in doubt is a {kind.split('.', 1)[1]}; --filed must name one")
