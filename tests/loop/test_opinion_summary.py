@@ -22,6 +22,10 @@ def test_the_file_step_stores_the_coded_conclusion_and_the_turnaround(hospital, 
     assert filed.filed_at is not None and filed.filed_at >= filed.created_at
     assert filed.turnaround_seconds is not None and 0 <= filed.turnaround_seconds < 3600
     assert h.app.store.conclusion_counts((filed.hospital,)) == {("concordant", "proceed-as-planned"): 1}
+    # The outcome row's copy comes from the same reading of the opinion, at the same moment.
+    outcome = h.app.store.outcomes.get(case.id)
+    assert (outcome.concordance, outcome.recommendation) == (filed.concordance, filed.recommendation)
+    assert outcome.filed_at == filed.filed_at
 
 
 def test_opinions_filed_before_the_summary_are_backfilled_a_few_at_a_time(hospital, seeded, monkeypatch):

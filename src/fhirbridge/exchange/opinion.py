@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fhirbridge import jsonutil
 from fhirbridge.config.mappings import OpinionForm
-from fhirbridge.config.terminology import OPINION_OBSERVATION, same_system
 from fhirbridge.errors import FhirbridgeError
 from fhirbridge.exchange import key_images as keys
 from fhirbridge.fhir.elements import summary_line
@@ -241,20 +240,3 @@ def reviewer_organization(identity: dict) -> dict:
     return {"resourceType": "Organization", "id": oid, "active": True,
             "identifier": [{"system": identity["system"], "value": identity["value"]}],
             "name": identity.get("display") or identity["value"]}
-
-
-def coded_conclusion(document: dict) -> dict[str, str]:
-    """The coded concordance, recommendation and urgency an opinion document states (its Observations coded
-    from our opinion-observation CodeSystem), e.g. {"concordance": "concordant", ...}: codes only, no text.
-    Opinions filed before the code systems got their canonical urls carry the legacy urn (terminology.LEGACY)."""
-    found: dict[str, str] = {}
-    for e in document.get("entry", []):
-        r = e.get("resource", {})
-        if r.get("resourceType") != "Observation":
-            continue
-        code = next((c.get("code") for c in r.get("code", {}).get("coding", [])
-                     if same_system(c.get("system"), OPINION_OBSERVATION)), None)
-        value = next((c.get("code") for c in r.get("valueCodeableConcept", {}).get("coding", [])), None)
-        if code in ("concordance", "recommendation", "urgency") and value:
-            found[code] = value
-    return found

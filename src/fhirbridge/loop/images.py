@@ -95,7 +95,7 @@ def collect_images(app: App, case_id: str, resources: list[dict], profile: Profi
         return [_withheld(s, study_uid(s), "not-configured") for s in studies]
     endpoints = {f"Endpoint/{r.get('id')}": r for r in resources if r.get("resourceType") == "Endpoint"}
     root = files.private_dir(app.case_dir(case_id) / IMAGES_DIR)
-    auth = _auth(app, pacs)
+    auth = pacs_auth(app, pacs)
     out: list[dict] = []
     package_bytes = 0
     for n, study in enumerate(studies):
@@ -127,7 +127,8 @@ def collect_images(app: App, case_id: str, resources: list[dict], profile: Profi
     return out
 
 
-def _auth(app: App, pacs: Pacs) -> AuthBase | None:
+def pacs_auth(app: App, pacs: Pacs) -> AuthBase | None:
+    """The credentials for `[hospital.pacs]` (also used by the readiness check, service/health.py)."""
     if pacs.auth.type == "smart":
         # The EHR's SMART Backend Services token (the loader checks [hospital.auth] is smart).
         return fhir_auth.make_auth(app.hospital.auth.as_dict(), default_scopes=app.smart_scopes)

@@ -11,7 +11,7 @@ import logging
 
 from fhirbridge.ehr.context import App
 from fhirbridge.errors import FhirbridgeError
-from fhirbridge.exchange.opinion import coded_conclusion
+from fhirbridge.exchange.conclusions import conclusions_of
 from fhirbridge.loop.writeback import open_opinion
 from fhirbridge.store.store import Case
 
@@ -20,7 +20,7 @@ log = logging.getLogger("fhirbridge.loop.opinion_summary")
 
 def summary_columns(app: App, case: Case, document: dict | None, filed_at: float) -> dict:
     """The summary columns for a Case whose opinion (this document) is filed at `filed_at`."""
-    found = coded_conclusion(document) if document is not None else {}
+    found = conclusions_of(document) if document is not None else {}
     reviewer = app.config.reviewers.get(case.reviewer)
     turnaround = None
     if case.due_at is not None and reviewer is not None:
@@ -31,15 +31,20 @@ def summary_columns(app: App, case: Case, document: dict | None, filed_at: float
             "filed_at": filed_at, "turnaround_seconds": turnaround}
 
 
-def read_summary(app: App, case: Case, filed_at: float) -> dict:
-    """summary_columns from the opinion file as accepted; without the codes when it cannot be read (the
-    Case still counts as filed)."""
+def opinion_document(app: App, case: Case) -> dict | None:
+    """The opinion document as accepted, or None when it cannot be read (the Case still counts as filed,
+    without its codes)."""
     try:
         _claims, document = open_opinion(app, case)
     except (FhirbridgeError, ValueError, KeyError, OSError) as exc:
         log.warning("cannot read the opinion of Case %s for its summary: %s", case.id, type(exc).__name__)
-        document = None
-    return summary_columns(app, case, document, filed_at)
+        return None
+    return document
+
+
+def read_summary(app: App, case: Case, filed_at: float) -> dict:
+    """summary_columns from the opinion file as accepted; without the codes when it cannot be read."""
+    return summary_columns(app, case, opinion_document(app, case), filed_at)
 
 
 def backfill(apps: dict[str, App], store, limit: int = 20) -> int:

@@ -1,4 +1,4 @@
-"""The dashboard's banner: which EHR or reviewer endpoint (or the store, or a key file) the service cannot use
+"""The dashboard's banner: which EHR, PACS or reviewer endpoint (or the store, or a key file) the service cannot use
 right now, from the very checks and cache of `/readyz` (service/health.py `readiness`, handed to the pages by
 the service as `app.extensions["fhirbridge.readiness"]`: the pages may not import the service).
 
@@ -49,6 +49,8 @@ def _refresh(check: Callable[[], tuple[dict, int]], cache: dict) -> threading.Th
 def _label(name: str) -> str:
     if name.startswith("ehr:"):
         return f"The EHR of {name[4:]}"
+    if name.startswith("pacs:"):
+        return f"The PACS of {name[5:]}"
     if name.startswith("reviewer:"):
         return f"The endpoint of reviewer {name[9:]}"
     return {"store": "The Case store", "keys": "Key files"}.get(name, name)
