@@ -15,7 +15,7 @@ from fhirbridge.exchange import followup as wire
 from fhirbridge.exchange.reviewer import answer_data, open_package
 from fhirbridge.loop.followup import NotAskable, ask, message_dir, run_followups, thread
 from fhirbridge.loop.followup_inbound import AlreadyAnswered, UnknownQuestion
-from fhirbridge.loop.receive import receive_bytes, receive_file
+from fhirbridge.loop.receive import process_inbox, receive_bytes, receive_file
 from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 from fhirbridge.store.followups import FollowUps, OverLimit
 from tests.kit.ehrproxy import PROFILES, EhrProxy
@@ -180,3 +180,22 @@ def test_a_corrected_opinion_is_a_new_version_filed_once(planned, fhir, seeded):
     with pytest.raises(RejectedOpinion, match="current version"):
         receive_bytes(h.app, stale)
 
+
+
+def test_an_answer_dropped_in_the_inbox_is_filed_and_its_copy_refused(hospital, fhir, seeded):
+    """The inbox takes answers as it takes opinions: accepted once, a second copy refused with the reason."""
+    h = hospital
+    case = filed_case(h, seeded["patient"])
+    row = ask(h.app, case, "Is a brace needed?")
+    assert run_followups(h.app) == 1
+    sealed = reviewer_answers(h, case, FollowUps(h.app.store).get(row["id"]), "No brace.")
+    inbox = h.app.config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "answer-1.jwe").write_bytes(sealed)
+    (inbox / "answer-2.jwe").write_bytes(sealed)
+    result = process_inbox(h.app)
+    assert [r.kind for r in result.accepted] == ["answer"]
+    assert len(result.refused) == 1 and "replay" in result.refused[0][1]
+    assert run_followups(h.app) == 1
+    row = FollowUps(h.app.store).get(row["id"])
+    assert row["state"] == "filed" and len(by_identifier(fhir, "DocumentReference", row["answer_id"])) == 1
