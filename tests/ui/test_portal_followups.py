@@ -57,17 +57,23 @@ def test_a_draft_is_resumed_and_a_follow_up_answered_once(hospital_served, porta
     # The physician asks; the hospital sends the question; the portal shows it on the Case.
     row = ask(h.app, case, "Would you still operate if the leg pain settles in six weeks?")
     assert run_followups(h.app) == 1
+    page.goto(portal.url + "/")
+    row_text = page.locator("tbody tr", has_text="Is surgery indicated now?").inner_text()
+    assert "1 follow-up question" in row_text and "answered" in row_text
+    shot(page, "reviewer-followup-2-inbox", full_page=False)
     page.goto(case_url)
     article = page.get_by_role("article", name="Follow-up question 1")
     expect(article).to_contain_text("settles in six weeks")
     article.get_by_label("Your answer to question 1").fill("No: then continue physiotherapy and review at 3 months.")
-    shot(page, "reviewer-followup-2-question")
+    shot(page, "reviewer-followup-3-question")
     article.get_by_role("button", name="Sign and send the answer").click()
     expect(page.get_by_text("Your answer to follow-up question 1 was signed and sent")).to_be_visible()
     article = page.get_by_role("article", name="Follow-up question 1")
     expect(article).to_contain_text("review at 3 months")
     assert article.get_by_role("button").count() == 0          # answered once: no second answer offered
-    shot(page, "reviewer-followup-3-answered")
+    shot(page, "reviewer-followup-4-answered")
+    page.goto(portal.url + "/")
+    assert "follow-up question" not in page.locator("tbody tr", has_text="Is surgery indicated now?").inner_text()
 
     assert run_followups(h.app) == 1
     filed = FollowUps(h.app.store).get(row["id"])

@@ -124,7 +124,9 @@ def reviewer_opinion():
 def reviewer_follow_ups():
     """The follow-up questions sent to this reviewer and not yet answered, each with its sealed message."""
     rows = FollowUps(service().store).open_rows(reviewer=g.reviewer.name, states=(SENT,))
+    store = service().store
     return jsonify({"follow_ups": [{"id": r["id"], "case": r["case_id"], "seq": r["seq"], "sent_at": r["sent_at"],
+                                    "package_id": store.get(r["case_id"]).package_id,
                                     "message": f"follow-ups/{r['id']}/message"} for r in rows]})
 
 

@@ -63,17 +63,23 @@ def _question_paths(portal: Portal, pc: PortalCase) -> list[Path]:
                   if p.name.startswith(QUESTION_PREFIX) and (p / envelope.ENVELOPE_FILE).is_file())
 
 
+def listing(portal: Portal, api: str) -> list[dict]:
+    """The hospital's open follow-up questions for us (GET /reviewer/follow-ups); [] when it cannot be read."""
+    out = io.BytesIO()
+    try:
+        portal._fetch(api, "/follow-ups", out, 1024 * 1024)
+        rows = jsonutil.loads(out.getvalue()).get("follow_ups", [])
+    except (requests.RequestException, FhirbridgeError, ValueError, AttributeError):
+        return []
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
 def _pull(portal: Portal, pc: PortalCase) -> list[Path]:
     assert pc.api is not None
-    listing = io.BytesIO()
-    try:
-        portal._fetch(pc.api, "/follow-ups", listing, 1024 * 1024)
-        rows = jsonutil.loads(listing.getvalue()).get("follow_ups", [])
-    except (requests.RequestException, FhirbridgeError, ValueError, AttributeError):
-        rows = []
+    rows = listing(portal, pc.api)
     folder = files.private_dir(pc.directory.parent / "followups")
-    for r in rows if isinstance(rows, list) else []:
-        fid = str(r.get("id", "")) if isinstance(r, dict) else ""
+    for r in rows:
+        fid = str(r.get("id", ""))
         if r.get("case") != pc.case_id or not fid.replace("-", "").isalnum():
             continue
         target = folder / f"{QUESTION_PREFIX}{fid}.jwe"
@@ -83,6 +89,14 @@ def _pull(portal: Portal, pc: PortalCase) -> list[Path]:
             except (requests.RequestException, FhirbridgeError):
                 continue
     return sorted(folder.glob(f"{QUESTION_PREFIX}*.jwe"))
+
+
+def open_count(portal: Portal, pid: str) -> int:
+    """How many follow-up questions about the Case wait for this reviewer's answer."""
+    try:
+        return sum(1 for q in questions(portal, pid) if not q.answered)
+    except (FhirbridgeError, OSError):
+        return 0
 
 
 def questions(portal: Portal, pid: str) -> list[Question]:

@@ -175,6 +175,19 @@ class Portal:
             key = f"{root.name}.{pid}"
             live.add(key)
             self.cases[key] = PortalCase(key, pid, directory, "pull", api=api, case_id=case_id, due_at=due_at)
+        # A Case answered before, with a follow-up question for us (ui/portal_followups.py): back in the inbox
+        # (after a restart of the portal too), closed for the opinion, open for the question.
+        for q in portal_followups.listing(self, api):
+            q_pid, q_case = q.get("package_id"), q.get("case")
+            if not isinstance(q_pid, str) or not isinstance(q_case, str):
+                continue
+            try:
+                q_dir = _inside(root, q_pid)
+            except PullRefused:
+                continue
+            key = f"{root.name}.{q_pid}"
+            if key not in self.cases and (q_dir / envelope.ENVELOPE_FILE).is_file():
+                self.cases[key] = PortalCase(key, q_pid, q_dir, "closed", api=api, case_id=q_case)
         # A Case the hospital no longer lists (withdrawn, declined, answered) cannot be answered any more.
         for key, pc in self.cases.items():
             if pc.api == api and key not in live:
@@ -533,11 +546,12 @@ def create_portal(settings: PortalSettings) -> Flask:
                              "requester": view.requester, "priority": view.priority, "urgent": view.urgent,
                              "sent": opened.claims.get("iat"), "due": due,
                              "overdue": bool(due and due < now and not answered and not closed),
-                             "answered": answered, "closed": closed, "error": None})
+                             "answered": answered, "closed": closed, "error": None,
+                             "questions": portal_followups.open_count(portal, pid) if answered else 0})
             except (FhirbridgeError, OSError) as exc:
                 rows.append({"pid": pid, "package": pc.package_id, "error": str(exc), "patient": "", "question": "",
                              "hospital": "", "requester": {}, "priority": "", "urgent": False, "sent": None,
-                             "due": None, "overdue": False, "answered": None, "closed": False})
+                             "due": None, "overdue": False, "answered": None, "closed": False, "questions": 0})
         # Open Cases first; among them stat, asap, urgent before routine (R4 request-priority), then the one due
         # soonest. A package that cannot be opened sorts with the open ones, by its (unknown) due date last.
         rows.sort(key=lambda r: (bool(r["answered"]) or r["closed"], envelope.urgency_rank(str(r["priority"])),
