@@ -35,6 +35,11 @@ def test_a_follow_up_answered_and_a_correction_sent_from_the_command_line(hospit
     assert code == 0 and "1 open follow-up(s)" in out and "asked" in out
     code, out, err = run(capsys, "--config", cfg, "run")
     assert code == 0, err
+    for i in (2, 3):
+        code, out, err = run(capsys, "--config", cfg, "ask", case.id[:8], "--question", f"Question {i}?")
+        assert code == 0 and f"follow-up question {i} of case {case.id[:8]}: sent (Communication/" in out, err
+    code, out, err = run(capsys, "--config", cfg, "ask", case.id[:8], "--question", "A fourth?")
+    assert code == 2 and "the most its reviewer answers (3)" in err and "Traceback" not in err
     code, out, _ = run(capsys, "--config", cfg, "status")
     assert re.search(rf"{case.id[:8]}\s+question\s+1\s+sent\s+{row['id']}", out), out
 
@@ -54,7 +59,7 @@ def test_a_follow_up_answered_and_a_correction_sent_from_the_command_line(hospit
     code, out, _ = run(capsys, "--config", cfg, "status", case.id[:8])
     assert "follow-up 1: filed" in out
     code, out, _ = run(capsys, "--config", cfg, "status")
-    assert "open follow-up" not in out
+    assert "2 open follow-up(s)" in out      # questions 2 and 3 wait for the reviewer
 
     (tmp_path / "corrected.toml").write_text(SAMPLE_ANSWER.replace("Agree with the plan.", "Corrected: wait."))
     code, out, err = run(capsys, "reviewer", "answer", package, "--opinion", tmp_path / "corrected.toml",

@@ -18,7 +18,7 @@ from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import CaseError, FhirbridgeError, UsageError
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.loop.actions import cancel, resolve, retry
-from fhirbridge.loop.followup import resolve_followup, run_followups
+from fhirbridge.loop.followup import NotAskable, OverLimit, ask, resolve_followup, run_followups
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
 from fhirbridge.steps import ALL_STEPS
@@ -72,6 +72,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--follow-up", metavar="ID", help="the follow-up question or correction that needs review "
                                                       "(`fhirbridge status <case>` lists them), not the Case's opinion")
     s.set_defaults(func=cmd_resolve)
+
+    s = sub.add_parser("ask", help="ask the reviewer a follow-up question about a Case's filed opinion")
+    s.add_argument("case")
+    s.add_argument("--question", required=True, help="the question (the reviewer reads it; it goes in the chart)")
+    s.add_argument("--as", dest="asked_by", metavar="Practitioner/<id>", help="who asks (default: the order's "
+                                                                              "requester)")
+    s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("cancel", help="cancel a Case (the EHR Task becomes cancelled)")
     s.add_argument("case")
@@ -331,6 +338,22 @@ def cmd_resolve(args) -> int:
             return 0
         case = resolve(app, app.store.find_by_prefix(args.case), filed=args.filed)
     print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    """Recorded here, sent by the next run (a Communication in the EHR and a sealed message to the reviewer)."""
+    with app_from_args(args) as app:
+        case = app.store.find_by_prefix(args.case)
+        try:
+            row = ask(app, case, args.question, asked_by=args.asked_by)
+        except (OverLimit, NotAskable) as exc:
+            print(terminal_safe(f"error: {exc}"), file=sys.stderr)
+            return 2
+        run_followups(app, followup_id=row["id"])
+        row = FollowUps(app.store).get(row["id"]) or row
+    print(f"follow-up question {row['seq']} of case {case.id[:8]}: {row['state']}"
+          + (f" ({row['communication']})" if row["communication"] else "; `fhirbridge run` sends it"))
     return 0
 
 
