@@ -148,14 +148,17 @@ def test_the_gate_refuses_a_transaction_entry_the_token_does_not_grant(exact_ehr
 # `c` or `u`.
 LEDGER_CHANGES = {"system/Binary.rus": "system/Binary.rs",
                   "system/DocumentReference.rus": "system/DocumentReference.crs",
-                  "system/Provenance.c": "system/Provenance.crs"}
+                  "system/Provenance.c": "system/Provenance.crs",
+                  # Follow-up questions (loop/followup.py): POSTed and reconciled by identifier search.
+                  "system/Communication.u": "system/Communication.crs"}
 NO_TASK_WRITE_CHANGES = {"system/Task.crus": "system/Task.rs"}
 
 
 def _plan_scopes(caps: Capabilities) -> set[str]:
     from fhirbridge.fhir.auth import feature_needs, needed_scopes
     plan = choose(caps)
-    return set(needed_scopes(feature_needs(audit_copies=True, writeback=plan.writes, task_write=plan.task_write)))
+    return set(needed_scopes(feature_needs(audit_copies=True, writeback=plan.writes, task_write=plan.task_write,
+                                           followups=plan.followup_writes)))
 
 
 def _changed(changes: dict[str, str]) -> set[str]:
@@ -177,7 +180,8 @@ def test_the_once_plan_asks_for_no_search_it_cannot_use():
     caps = Capabilities(transaction=False, docref_identifier_search=False, provenance_target_search=False)
     assert choose(caps).kind is Kind.ONCE
     # DocumentReference keeps `rs` (collect searches notes); Provenance is only created.
-    assert _plan_scopes(caps) == _changed({**LEDGER_CHANGES, "system/Provenance.c": "system/Provenance.c"})
+    assert _plan_scopes(caps) == _changed({**LEDGER_CHANGES, "system/Provenance.c": "system/Provenance.c",
+                                           "system/Communication.u": "system/Communication.c"})
 
 
 def test_an_ehr_without_task_writes_is_asked_for_no_task_write(tmp_path, ehr):

@@ -38,7 +38,8 @@ EXACT_SCOPES = tuple(
     "system/DiagnosticReport.rs system/ImagingStudy.rs system/Procedure.rs system/MedicationStatement.rs "
     "system/MedicationRequest.rs system/DocumentReference.rus system/Practitioner.rs system/PractitionerRole.rs "
     "system/Observation.rs system/Medication.rs system/Endpoint.rs system/Specimen.rs system/Location.rs "
-    "system/Consent.rs system/Binary.rus system/Provenance.c system/Basic.rs system/Subscription.crus "
+    "system/Consent.rs system/Binary.rus system/Provenance.c system/Communication.u system/Basic.rs "
+    "system/Subscription.crus "
     "system/AuditEvent.u".split())
 
 

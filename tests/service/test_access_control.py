@@ -46,6 +46,8 @@ STAFF_ENDPOINTS = [
     ("GET", "/api/cases/{case}/requests", "cases:read"),
     ("POST", "/api/cases/{case}/requests/{task_id}/answer", "cases:write"),
     ("POST", "/api/cases/{case}/held", "cases:write"),
+    ("POST", "/api/cases/{case}/follow-ups", "cases:write"),
+    ("GET", "/api/cases/{case}/follow-ups", "cases:read"),
 ]
 # Public on purpose (no credentials, nothing of a Case or a patient): fhirbridge's own code systems.
 PUBLIC_FHIR_ENDPOINTS = [
@@ -65,6 +67,8 @@ REVIEWER_ENDPOINTS = [
     ("POST", "/reviewer/opinions"),
     ("POST", "/reviewer/cases/{case}/decline"),
     ("POST", "/reviewer/cases/{case}/requests"),
+    ("GET", "/reviewer/follow-ups"),
+    ("GET", "/reviewer/follow-ups/{followup_id}/message"),
 ]
 
 
@@ -115,7 +119,7 @@ def call(client, method: str, path: str, headers: dict):
 
 def fill(path: str, case, patient: str) -> str:
     return path.format(case=case.id, patient=patient.removeprefix("Patient/"), order_id="no-such-order",
-                       task_id="no-such-task")
+                       task_id="no-such-task", followup_id="no-such-question")
 
 
 def refused(resp, status: int, words: str) -> None:

@@ -44,7 +44,7 @@ PG_URL = os.environ.get("FHIRBRIDGE_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="FHIRBRIDGE_TEST_POSTGRES_URL is not set (e.g. "
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test); .ci/run sets it")
 TABLES = {"cases", "cursors", "events", "seen_messages", "audit_events", "write_ledger", "order_requests", "outcomes",
-          "cds_cards"}
+          "cds_cards", "followups"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])
@@ -496,5 +496,33 @@ def test_the_case_list_revision_adds_its_indexes_and_summary_columns(url):
             conn.commit()
         assert "concordance" not in {c["name"] for c in inspect(store.engine).get_columns("cases")}
         assert old_step(store, "c1") == "collect"
+    finally:
+        store.close()
+
+
+def test_the_followups_revision_upgrades_and_downgrades(url):
+    """0013 adds the follow-ups (store/followups.py: questions, their addenda, corrected opinions) to a database
+    of the revision before it, keeping its Cases; its downgrade removes the table again."""
+    from alembic import command
+
+    from fhirbridge.store.followups import FollowUps, OverLimit
+    store = Store(url, create=False)
+    try:
+        store.upgrade()
+        before = revision_before("0013")
+        with store.engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(conn), before)
+            conn.commit()
+        assert store.schema_revision() == before
+        assert "followups" not in inspect(store.engine).get_table_names()
+        old_case(store, "c1")
+        assert store.upgrade("0013") == (before, "0013")
+        store.upgrade()
+        assert differences(store.engine) == []
+        rows = FollowUps(store)
+        first = rows.add("q1", case_id="c1", hospital="h", reviewer="r", kind="question", state="asked", limit=1)
+        assert first["seq"] == 1 and store.get("c1").step == "collect"
+        with pytest.raises(OverLimit):
+            rows.add("q2", case_id="c1", hospital="h", reviewer="r", kind="question", state="asked", limit=1)
     finally:
         store.close()

@@ -19,10 +19,12 @@ from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import CaseError, FhirbridgeError, UsageError
 from fhirbridge.exchange.render import terminal_safe
 from fhirbridge.loop.actions import cancel, resolve, retry
+from fhirbridge.loop.followup import NotAskable, OverLimit, ask, resolve_followup, run_followups
 from fhirbridge.loop.receive import process_inbox, receive_file
 from fhirbridge.loop.runner import run_pending
 from fhirbridge.steps import ALL_STEPS
 from fhirbridge.store.case_query import ListRequest
+from fhirbridge.store.followups import FollowUps
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +70,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--filed", metavar="TYPE/ID", help="it is in the chart as this resource (checked)")
     which.add_argument("--not-filed", action="store_true", help="it is not in the chart: file it once more")
+    s.add_argument("--follow-up", metavar="ID", help="the follow-up question or correction that needs review "
+                                                      "(`fhirbridge status <case>` lists them), not the Case's opinion")
     s.set_defaults(func=cmd_resolve)
+
+    s = sub.add_parser("ask", help="ask the reviewer a follow-up question about a Case's filed opinion")
+    s.add_argument("case")
+    s.add_argument("--question", required=True, help="the question (the reviewer reads it; it goes in the chart)")
+    s.add_argument("--as", dest="asked_by", metavar="Practitioner/<id>", help="who asks (default: the order's "
+                                                                              "requester)")
+    s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("cancel", help="cancel a Case (the EHR Task becomes cancelled)")
     s.add_argument("case")
@@ -108,6 +119,8 @@ def cmd_run(args) -> int:
                 print(f"== {app.hospital.name}", flush=True)
             report = run_pending(app, intake=not args.no_intake, case_id=_case_id(app, args.case),
                                  ignore_backoff=args.now)
+            # Follow-up questions to send, answers and corrections to file (loop/followup.py).
+            steps += run_followups(app)
             errors += report.errors
             opened += report.opened
             steps += report.steps_done
@@ -172,6 +185,10 @@ def cmd_status(args) -> int:
             # The last error and the events' details can quote the EHR or a reviewer: printed as text only.
             for k, v in rows:
                 print(terminal_safe(f"{k:>13}: {v}"))
+            for f in FollowUps(app.store).of_case(case.id):
+                what = "follow-up" if f["kind"] == "question" else "correction"
+                print(terminal_safe(f"{what + ' ' + str(f['seq']):>13}: {f['state']}  {f['id']}  "
+                                    f"{f['note'] or f['communication'] or ''}  {f['error'] or ''}".rstrip()))
             print("       events:")
             for e in events:
                 detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
@@ -204,7 +221,23 @@ def cmd_status(args) -> int:
             print(f"(the {len(page.cases)} most recently updated shown; --limit, --step, GET /api/cases or the "
                   "dashboard list the others)")
         _print_owed(app)
+        _print_open_followups(app, hospitals)
         return 0
+
+
+def _print_open_followups(app: App, hospitals: tuple[str, ...] | None) -> None:
+    """Follow-up questions and corrections not yet filed (loop/followup.py): a Case that is done can still
+    have one waiting for the reviewer, or for a person (needs_review)."""
+    rows = [r for h in (hospitals or (None,)) for r in FollowUps(app.store).open_rows(hospital=h)]
+    if not rows:
+        return
+    print(f"\n{len(rows)} open follow-up(s):")
+    print(f"{'case':<8}  {'kind':<10}  {'#':>2}  {'state':<12}  {'id':<36}  note")
+    for r in rows:
+        note = "NEEDS REVIEW: `fhirbridge status` of the Case has the question" if r["state"] == "needs_review" \
+            else (r["error"] or "")[:60]
+        print(terminal_safe(f"{r['case_id'][:8]:<8}  {r['kind']:<10}  {r['seq']:>2}  {r['state']:<12}  "
+                            f"{r['id']:<36}  {note}"))
 
 
 def _note(c) -> str:
@@ -229,6 +262,21 @@ def _print_owed(app: App) -> None:
         print(terminal_safe(f"  last refusal ({_fmt(debt['last_tried_at'])}): {debt['last_error'][:300]}"))
 
 
+def _file_followup(app: App, received) -> int:
+    """A follow-up answer or a corrected opinion received: filed at once (the worker would, on its next tick)."""
+    what = "answer" if received.kind == "answer" else "corrected opinion"
+    print(f"received {what} {received.opinion_id} for case {received.case.id[:8]}")
+    row = FollowUps(app.store).by_answer(received.opinion_id)
+    if row is not None:
+        run_followups(app, followup_id=row["id"])
+        row = FollowUps(app.store).get(row["id"])
+    if row is not None and row["state"] == "filed":
+        print(f"filed as {row['note']}")
+        return 0
+    print(terminal_safe(f"not filed yet ({row and row['error']}); `fhirbridge run` will retry"), file=sys.stderr)
+    return 1
+
+
 def cmd_receive(args) -> int:
     status = 0
     with app_from_args(args) as app:
@@ -238,6 +286,9 @@ def cmd_receive(args) -> int:
             except FhirbridgeError as exc:
                 print(terminal_safe(f"error: {exc}"), file=sys.stderr)
                 status = exc.exit_code
+                continue
+            if received.kind != "opinion":
+                status = max(status, _file_followup(app, received))
                 continue
             print(f"received opinion {received.opinion_id} for case {received.case.id[:8]}")
             run_pending(app, intake=False, case_id=received.case.id)
@@ -296,8 +347,29 @@ def cmd_retry(args) -> int:
 
 def cmd_resolve(args) -> int:
     with app_from_args(args) as app:
+        if args.follow_up:
+            row = resolve_followup(app, app.store.find_by_prefix(args.case), args.follow_up, filed=args.filed)
+            print(f"follow-up {row['seq']} of case {row['case_id'][:8]} is back at {row['state']}; "
+                  "`fhirbridge run` will continue it")
+            return 0
         case = resolve(app, app.store.find_by_prefix(args.case), filed=args.filed)
     print(f"case {case.id[:8]} is back at {case.step}; `fhirbridge run` will continue it")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    """Recorded here, sent by the next run (a Communication in the EHR and a sealed message to the reviewer)."""
+    with app_from_args(args) as app:
+        case = app.store.find_by_prefix(args.case)
+        try:
+            row = ask(app, case, args.question, asked_by=args.asked_by)
+        except (OverLimit, NotAskable) as exc:
+            print(terminal_safe(f"error: {exc}"), file=sys.stderr)
+            return 2
+        run_followups(app, followup_id=row["id"])
+        row = FollowUps(app.store).get(row["id"]) or row
+    print(f"follow-up question {row['seq']} of case {case.id[:8]}: {row['state']}"
+          + (f" ({row['communication']})" if row["communication"] else "; `fhirbridge run` sends it"))
     return 0
 
 

@@ -18,6 +18,8 @@ from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.dicomweb import DicomwebClient, make_auth
 from fhirbridge.exchange.dicom_series import extract_images, import_to_pacs
 from fhirbridge.exchange.envelope import party, write_atomic
+from fhirbridge.exchange.followup import QUESTION_PREFIX, FollowUpError, open_question, seal_answer
+from fhirbridge.exchange.opinion import load_answer
 from fhirbridge.exchange.render import render_package, terminal_safe
 from fhirbridge.exchange.reviewer import (
     TRUST_DIR,
@@ -81,6 +83,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             s.add_argument("--form", help="opinion form in mappings/opinion/ (default: the one named like the "
                                           "package's collection profile, else default)")
             s.add_argument("--mappings", help="mappings directory (default: the shipped one)")
+            which = s.add_mutually_exclusive_group()
+            which.add_argument("--follow-up", metavar="ID",
+                               help="answer the hospital's follow-up question ID (delivered as followup-ID next to "
+                                    "the package, or fetched from the reviewer API; a path to it works too): "
+                                    "--opinion then holds `answer = \"...\"` (TOML/JSON) or plain text (.txt)")
+            which.add_argument("--corrects", metavar="OPINION_ID",
+                               help="send a corrected opinion: it replaces the opinion OPINION_ID you sent (the "
+                                    "hospital files it as a new version of the note)")
             s.set_defaults(func=cmd_reviewer_answer)
     s = rev.add_parser("import-pacs", help="store a package's images in your own PACS (STOW-RS), counts checked")
     s.add_argument("package", help="the package directory (or its package.jwe)")
@@ -180,13 +190,43 @@ def cmd_reviewer_import_pacs(args) -> int:
     return 0
 
 
+def _follow_up_question(package: Path, ident: str) -> Path:
+    """The delivered question: the path given, else followup-<ID> next to the package (where the outbox and
+    https transports put it)."""
+    given = Path(ident)
+    if given.exists():
+        return given
+    base = package.parent if package.name == "package.jwe" else package
+    found = base.parent / f"{QUESTION_PREFIX}{ident}"
+    if not found.exists():
+        raise FollowUpError(f"no follow-up question {ident}: neither a path nor {found}")
+    return found
+
+
+def _answer_text(path: Path) -> str:
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    data = load_answer(path)
+    if not isinstance(data.get("answer"), str):
+        raise FollowUpError(f"{path}: a follow-up answer needs `answer = \"...\"` (or give a .txt file)")
+    return data["answer"]
+
+
 def cmd_reviewer_answer(args) -> int:
     key, trusted = _reviewer_keys(args)
+    if args.follow_up:
+        question = open_question(_follow_up_question(Path(args.package), args.follow_up), key, trusted)
+        sealed, claims = seal_answer(question, _answer_text(Path(args.opinion)), key)
+        write_atomic(Path(args.out), sealed)
+        print(terminal_safe(f"wrote sealed answer {claims['jti']} to follow-up question {question.claims['seq']} "
+                            f"to {args.out}; send it to {party(claims, 'aud').get('display')}"))
+        return 0
     opened = open_package(Path(args.package), key, trusted)
     mappings = PACKAGE_MAPPINGS if not args.mappings else Path(args.mappings)
     # Sealed to the one hospital whose key verified the package (opened.hospital), never to the whole trust store.
-    sealed, claims = answer(opened, Path(args.opinion), key, mappings_dir=mappings, form=args.form)
+    sealed, claims = answer(opened, Path(args.opinion), key, mappings_dir=mappings, form=args.form,
+                            replaces=args.corrects)
     write_atomic(Path(args.out), sealed)
-    print(terminal_safe(f"wrote sealed opinion {claims['jti']} to {args.out}; "
+    print(terminal_safe(f"wrote sealed {'corrected ' if args.corrects else ''}opinion {claims['jti']} to {args.out}; "
                         f"send it to {party(claims, 'aud').get('display')}"))
     return 0

@@ -732,7 +732,8 @@ def _reviewers(top: _Section, base: Path, file: Path) -> dict[str, Reviewer]:
                              jwks=_reviewer_jwks(sec, base),
                              transport=transport, profiles=tuple(profiles),
                              turnaround_days=_positive(sec, "turnaround_days", float, 14.0),
-                             api_token=sec.get("api_token", str), jwks_url=sec.get("jwks_url", str, None))
+                             api_token=sec.get("api_token", str), jwks_url=sec.get("jwks_url", str, None),
+                             follow_up_limit=_non_negative(sec, "follow_up_limit", 3))
         _unique_env_name(name, [o for o in out if o != name], file, f"reviewers[{i}].name")
         token = out[name].api_token
         if token is not None and len(token) < 16:

@@ -128,6 +128,7 @@ class Reviewer:
     turnaround_days: float = 14.0     # target from delivery to opinion; later Cases are flagged overdue
     api_token: str | None = None      # static token for the reviewer API (optional: signed JWTs need none)
     jwks_url: str | None = None       # ... or published at a URL (cached, refreshed on an unknown kid)
+    follow_up_limit: int = 3          # follow-up questions per filed opinion this reviewer answers (0: none)
 
     def organization_ref(self) -> dict:
         return {"identifier": {"system": self.identifier_system, "value": self.identifier_value},

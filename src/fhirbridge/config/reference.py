@@ -175,6 +175,9 @@ MEANINGS = {
                             "reviewer.",
     "reviewers[].turnaround_days": "Target days from sending (sealing the package) to opinion; the package names "
                                    "that due date and later Cases are flagged overdue.",
+    "reviewers[].follow_up_limit": "Follow-up questions the referring physician may ask this reviewer about one "
+                                   "filed opinion (default 3; 0: none). Each is a Communication in the EHR and its "
+                                   "answer an addendum note (docs/reviewers.md).",
     "reviewers[].api_token": "Optional static bearer token for /reviewer (at least 16 characters; from the "
                              "environment). Without it the reviewer signs a short-lived JWT per request.",
     "reviewers[].transport.type": "`outbox` (a directory), `https` (POST to the reviewer) or `pull` (the reviewer "

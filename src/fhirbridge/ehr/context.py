@@ -128,7 +128,7 @@ class App:
         return feature_needs(mappings_load.collected_types(self.config.mappings_dir),
                              audit_copies=self.config.audit.write_to_ehr,
                              physician_app=self.config.physician_app is not None,
-                             writeback=plan.writes, task_write=plan.task_write)
+                             writeback=plan.writes, task_write=plan.task_write, followups=plan.followup_writes)
 
     @property
     def smart_scopes(self) -> tuple[str, ...]:

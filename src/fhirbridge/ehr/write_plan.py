@@ -50,6 +50,24 @@ class WritePlan:
         return tuple(pairs)
 
 
+    @property
+    def followup_writes(self) -> tuple[tuple[str, str], ...]:
+        """What the follow-ups make on this plan (loop/followup.py): the Communication and the notes (addenda,
+        corrections) with their Provenance; the order is read for its requester."""
+        c = self.capabilities
+        pairs = [("ServiceRequest", "read"), ("DocumentReference", "read")]
+        if self.kind is Kind.ATOMIC:
+            pairs += [("Communication", "update"), ("Binary", "update"), ("DocumentReference", "update"),
+                      ("Provenance", "create")]
+        else:
+            pairs += [("Communication", "create"), ("DocumentReference", "create"), ("Provenance", "create")]
+            if self.kind is Kind.LEDGER:
+                pairs += [("Communication", "search"), ("DocumentReference", "search")]
+                if c.provenance_target_search:
+                    pairs.append(("Provenance", "search"))
+        return tuple(pairs)
+
+
 def choose(caps: Capabilities) -> WritePlan:
     if caps.transaction and caps.transaction_atomic and caps.update_create:
         kind = Kind.ATOMIC

@@ -27,6 +27,10 @@ from fhirbridge.errors import SealError
 
 PACKAGE = "fhirbridge-package"
 OPINION = "fhirbridge-opinion"
+# The conversation after the opinion (exchange/followup.py): a follow-up question (hospital -> reviewer) and its
+# answer (reviewer -> hospital). A few paragraphs of text each: the opinion's caps are ample.
+QUESTION = "fhirbridge-followup"
+ANSWER = "fhirbridge-followup-answer"
 ENVELOPE_FILE = "package.jwe"
 MiB = 1024 * 1024
 # Size caps per direction. The file cap is checked before decryption (a huge file is refused unopened); the
@@ -40,7 +44,9 @@ MAX_PACKAGE_PLAINTEXT_BYTES = 512 * MiB
 MAX_OPINION_ENVELOPE_BYTES = 8 * MiB
 MAX_OPINION_PLAINTEXT_BYTES = 32 * MiB
 _CAPS = {PACKAGE: (MAX_PACKAGE_ENVELOPE_BYTES, MAX_PACKAGE_PLAINTEXT_BYTES),
-         OPINION: (MAX_OPINION_ENVELOPE_BYTES, MAX_OPINION_PLAINTEXT_BYTES)}
+         OPINION: (MAX_OPINION_ENVELOPE_BYTES, MAX_OPINION_PLAINTEXT_BYTES),
+         QUESTION: (MAX_OPINION_ENVELOPE_BYTES, MAX_OPINION_PLAINTEXT_BYTES),
+         ANSWER: (MAX_OPINION_ENVELOPE_BYTES, MAX_OPINION_PLAINTEXT_BYTES)}
 # Kept for callers written before the caps depended on the direction: the package (largest) caps.
 MAX_ENVELOPE_BYTES = MAX_PACKAGE_ENVELOPE_BYTES
 MAX_PLAINTEXT_BYTES = MAX_PACKAGE_PLAINTEXT_BYTES

@@ -314,14 +314,14 @@ def form_for(opened: OpenedPackage, mappings_dir: Path, fallback: str = "default
 
 
 def answer(opened: OpenedPackage, answer_file: Path, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
-           *, mappings_dir: Path, form: str | None = None) -> tuple[bytes, dict]:
+           *, mappings_dir: Path, form: str | None = None, replaces: str | None = None) -> tuple[bytes, dict]:
     """Build, sign and seal the opinion; returns (sealed bytes, claims).
 
     The opinion is encrypted to the encryption keys of the hospital whose key verified the package
     (`opened.hospital`) and to no other. `hospital` is only a cross-check: a KeyRing that is not that
     hospital's key set is refused; a TrustStore (what `trust_for` returns) changes nothing."""
     return answer_data(opened, load_answer(answer_file), key, hospital, mappings_dir=mappings_dir, form=form,
-                       source=str(answer_file))
+                       source=str(answer_file), replaces=replaces)
 
 
 def studies_of(opened: OpenedPackage) -> dict[str, dict]:
@@ -331,19 +331,23 @@ def studies_of(opened: OpenedPackage) -> dict[str, dict]:
 
 
 def answer_data(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
-                *, mappings_dir: Path, form: str | None = None, source: str = "the answer") -> tuple[bytes, dict]:
+                *, mappings_dir: Path, form: str | None = None, source: str = "the answer",
+                replaces: str | None = None) -> tuple[bytes, dict]:
     """`answer` for an answer already read (the portal's form): checked against the form, then sealed.
     `form` None: the form of the package's collection profile (`form_for`)."""
     sealed, claims, _document = sealed_answer(opened, data, key, hospital, mappings_dir=mappings_dir, form=form,
-                                              source=source)
+                                              source=source, replaces=replaces)
     return sealed, claims
 
 
 def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: KeyRing | TrustStore | None = None,
                   *, mappings_dir: Path, form: str | None = None,
-                  source: str = "the answer", key_images: list[dict] | None = None) -> tuple[bytes, dict, dict]:
+                  source: str = "the answer", key_images: list[dict] | None = None,
+                  replaces: str | None = None) -> tuple[bytes, dict, dict]:
     """`answer_data`, also returning the signed opinion document (the portal keeps it for the reviewer).
-    `key_images`: the frames the reviewer marked in the portal's viewer (exchange/key_images.py)."""
+    `key_images`: the frames the reviewer marked in the portal's viewer (exchange/key_images.py).
+    `replaces`: the message id of the opinion this one corrects (a corrected opinion: a new version the hospital
+    files with relatesTo `replaces` the earlier note; R4 Composition.relatesTo, document-relationship-type)."""
     recipient = _recipient(opened, hospital)
     form_def = load_opinion_form(mappings_dir, form or form_for(opened, mappings_dir))
     problems = check_answer(data, form_def)
@@ -374,12 +378,17 @@ def sealed_answer(opened: OpenedPackage, data: dict, key: KeyRing, hospital: Key
     document = build_opinion_document(data, form_def, opinion_id=opinion_id, timestamp=timestamp,
                                       patient_entry=patient_entry, service_request_entry=sr_entry, reviewer_org=org,
                                       studies=studies, key_images=key_images)
+    if replaces:
+        document["entry"][0]["resource"]["relatesTo"] = [
+            {"code": "replaces", "targetIdentifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{replaces}"}}]
     document = jws.sign_bundle(document, key, who={"identifier": {"system": us["system"], "value": us["value"]},
                                                    "display": us.get("display")}, when=timestamp)
     now = int(time.time())
     out_claims = {"jti": opinion_id, "iat": now, "exp": now + OPINION_LIFETIME, **envelope.reply_addressing(claims),
                   "case_id": claims["case_id"], "package_id": claims["package_id"],
                   "service_request": claims["service_request"], "patient": claims["patient"]}
+    if replaces:
+        out_claims["replaces"] = replaces
     sealed = envelope.seal(typ=envelope.OPINION, claims=out_claims, document=document, signer=key,
                            recipient=recipient)
     return sealed, out_claims, document

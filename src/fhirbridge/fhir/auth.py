@@ -145,6 +145,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("write-back", "the opinion cannot be filed in the chart",
             (("Task", READ), ("DocumentReference", SEARCH), ("DocumentReference", READ), ("Binary", UPDATE),
              ("DocumentReference", UPDATE), ("Provenance", CREATE), ("Task", UPDATE))),
+    # loop/followup.py (issue 16): a follow-up question is a Communication (basedOn the order, about the opinion
+    # note), its answer an addendum note and a corrected opinion a new version (superseding the old one where the
+    # plan can update). These are the atomic plan's; a configuration asks for its plan's
+    # (WritePlan.followup_writes, passed as `followups`). The order is read for its requester (the sender).
+    Feature("follow-ups", "follow-up questions, their answers and corrected opinions cannot reach the chart",
+            (("ServiceRequest", READ), ("Communication", UPDATE), ("DocumentReference", READ), ("Binary", UPDATE),
+             ("DocumentReference", UPDATE), ("Provenance", CREATE)), core=False),
     # ehr/order.py (`fhirbridge order`, POST /orders, the physician app, an accepted CDS Hooks suggestion: the
     # order found by its placer identifier is intake's search): read the patient and the requester
     # (required, BSeR), POST the order; with deselected records it is created as a draft and PUT active once the
@@ -175,7 +182,8 @@ FEATURE = {f.name: f for f in FEATURES}
 
 def feature_needs(collected: Iterable[str] = COLLECTED_TYPES, *, audit_copies: bool = False,
                   physician_app: bool = False, writeback: Iterable[tuple[str, str]] | None = None,
-                  task_write: bool = True) -> dict[str, tuple[tuple[str, str], ...]]:
+                  task_write: bool = True, followups: Iterable[tuple[str, str]] | None = None,
+                  ) -> dict[str, tuple[tuple[str, str], ...]]:
     """Feature name -> the (resource type, interaction) pairs it needs, for a configuration whose collection
     profiles search `collected`, that writes AuditEvents to the EHR or not, with the physician app or not.
 
@@ -187,7 +195,8 @@ def feature_needs(collected: Iterable[str] = COLLECTED_TYPES, *, audit_copies: b
     for f in FEATURES:
         if f.optional and not enabled.get(f.name):
             continue
-        needs = tuple(writeback) if f.name == "write-back" and writeback is not None else f.needs
+        needs = tuple(writeback) if f.name == "write-back" and writeback is not None else \
+            tuple(followups) if f.name == "follow-ups" and followups is not None else f.needs
         pairs: list[tuple[str, str]] = []
         for rtype, interaction in needs:
             if not task_write and rtype == "Task" and interaction in (CREATE, UPDATE):

@@ -87,7 +87,7 @@ def file_by_post(app: App, case: Case) -> Filed | Review:
         note.update(build_note(app, case, document, created))
         return note
 
-    docref = _post_once(
+    docref = post_once(
         app, case, NOTE, f"{OPINION_ID_SYSTEM}|{ident}", make_note,
         find=(lambda: find_filed(app, case, ident)) if search else None,
         if_none_exist=f"identifier={OPINION_ID_SYSTEM}|{ident}" if plan.capabilities.conditional_create else None,
@@ -100,7 +100,7 @@ def file_by_post(app: App, case: Case) -> Filed | Review:
         target = note or app.ehr.read_ref(docref)   # the note as written, for its signature
         return build_provenance(app, case, claims, [{**target, "id": docref.split("/")[1]}], created)
 
-    provenance = _post_once(
+    provenance = post_once(
         app, case, PROVENANCE, f"{docref}|urn:uuid:{claims['jti']}", make_provenance,
         find=(lambda: find_provenance(app, docref, claims["jti"])) if search and
         plan.capabilities.provenance_target_search else None,
@@ -114,10 +114,13 @@ def file_by_post(app: App, case: Case) -> Filed | Review:
     return Filed(docref, already_filed=confirmed is not None, task_completed=True)
 
 
-def _post_once(app: App, case: Case, kind: str, identifier: str, make: Callable[[], dict], *,
+def post_once(app: App, case: Case, kind: str, identifier: str, make: Callable[[], dict], *,
                find: Callable[[], str | None] | None, if_none_exist: str | None,
-               check: Callable[[dict], None] | None, question: Callable[[], str]) -> str | Review:
-    """POST one resource exactly once, by the ledger: its server reference, or the question for a person."""
+               check: Callable[[dict], None] | None, question: Callable[[], str],
+               point: str | None = None) -> str | Review:
+    """POST one resource exactly once, by the ledger: its server reference, or the question for a person.
+    `kind` names the ledger row (one per Case and kind: the follow-ups' writes carry their number, e.g.
+    `addendum2.DocumentReference`); `point` the crash point just before the POST (default file.<kind>.sent)."""
     row = app.store.ledger(case.id).get(kind)
     if row and row["state"] == "confirmed":
         return str(row["server_id"])
@@ -133,11 +136,11 @@ def _post_once(app: App, case: Case, kind: str, identifier: str, make: Callable[
         # The EHR, searched by the identifier, does not have it: the earlier POST never landed.
     resource = make()
     app.store.ledger_record(case.id, kind, identifier=identifier, state="sent", sent=True)
-    crash_point(f"file.{kind}.sent")
+    crash_point(point or f"file.{kind}.sent")
     try:
         stored, _created = app.ehr.create(resource, if_none_exist=if_none_exist)
     except FhirError as exc:
-        if _uncertain(exc):
+        if uncertain(exc):
             if find is None:
                 return Review(kind, question())
             raise FhirError(f"{kind} may have been written ({exc}); it will be looked for by its identifier "
@@ -147,12 +150,12 @@ def _post_once(app: App, case: Case, kind: str, identifier: str, make: Callable[
         raise
     if check:
         check(stored)
-    ref = f"{kind}/{stored['id']}"
+    ref = f"{resource['resourceType']}/{stored['id']}"
     app.store.ledger_record(case.id, kind, identifier=identifier, state="confirmed", server_id=ref)
     return ref
 
 
-def _uncertain(exc: FhirError) -> bool:
+def uncertain(exc: FhirError) -> bool:
     """Whether a failed POST may have been applied: no answer at all (lost, timed out, cut off), or a 5xx other
     than 503 (a 502/504 gateway may have passed it on; a 500 may have failed after the commit). 429 and 503
     say the request was not processed (RFC 6585 section 4, RFC 9110 section 15.6.4), and a 4xx is a refusal."""
@@ -177,7 +180,7 @@ def _complete_task(app: App, case: Case, task: dict, docref: str, created: str) 
         app.ehr.update(completed_task(task, docref, created),
                        if_match=version if version and app.capabilities.if_match else None)
     except FhirError as exc:
-        if exc.status in (409, 412) or _uncertain(exc):
+        if exc.status in (409, 412) or uncertain(exc):
             if filed_per_task(app.ehr.read_ref(str(case.task)), docref):
                 return
             raise FhirError(f"the Task could not be completed yet ({exc}); will retry", status=exc.status,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import orjson
 
+from fhirbridge import jsonutil
 from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.ehr.context import App
@@ -33,6 +34,7 @@ from fhirbridge.errors import CaseError, ConfigError, RejectedOpinion, SealError
 from fhirbridge.exchange import envelope
 from fhirbridge.fhir.narrative import narrative_problems
 from fhirbridge.fhir.validate import validate as validate_resource
+from fhirbridge.loop.followup_inbound import accept_correction, receive_answer
 from fhirbridge.ops.crashpoints import crash_point
 from fhirbridge.steps import Step
 from fhirbridge.store.store import LOCAL_PREFIX, Case, pid_alive
@@ -44,7 +46,8 @@ log = logging.getLogger("fhirbridge.receive")
 @dataclass
 class Received:
     case: Case
-    opinion_id: str
+    opinion_id: str          # the message id: of the opinion, a correction, or a follow-up answer
+    kind: str = "opinion"    # opinion | correction | answer
 
 
 # One answer for an opinion that names a Case this service does not know, and for one that names another
@@ -82,7 +85,25 @@ def opinion_path(app: App, case: Case, opinion_id: str | None = None) -> Path:
     return app.case_dir(case.id) / f"opinion-{opinion_id or case.opinion_id}.jwe"
 
 
+def envelope_typ(data: bytes) -> str | None:
+    """The `typ` of a JWE's protected header, read without decrypting (which kind of message it says it is:
+    the decryption checks it again). None when it cannot be read."""
+    try:
+        obj = orjson.loads(data)
+        protected = obj.get("protected") if isinstance(obj, dict) else None
+        header = orjson.loads(jsonutil.b64url_decode(protected)) if isinstance(protected, str) else {}
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        return None
+    typ = header.get("typ") if isinstance(header, dict) else None
+    return typ if isinstance(typ, str) else None
+
+
 def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received:
+    """An opinion, a corrected opinion (its claims say what it `replaces`) or the answer to a follow-up
+    question (envelope ANSWER: loop/followup_inbound.py), by the type the envelope declares."""
+    if envelope_typ(data) == f"{envelope.ANSWER}+jwe":
+        case, answer_id = receive_answer(app, data, source=source)
+        return Received(case=case, opinion_id=answer_id, kind="answer")
     try:
         claims, document = envelope.open_sealed(data, typ=envelope.OPINION, decrypt=app.hospital_keys,
                                                 trusted=OpinionKeys(app))
@@ -91,12 +112,16 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     case = app.store.get(claims["case_id"])
     reviewer = app.config.reviewer(case.reviewer)
     jti = str(claims["jti"])
-    _refuse_unless(case.step != Step.DONE,
+    correction = claims.get("replaces") is not None
+    _refuse_unless(not correction or case.step == Step.DONE,
+                   f"the correction replaces an opinion of Case {case.id[:8]}, which has none filed yet (it is "
+                   f"{case.step}); nothing written")
+    _refuse_unless(correction or case.step != Step.DONE,
                    f"Case {case.id[:8]} already has its opinion filed as {case.document_reference}; nothing written")
     _refuse_unless(not (case.step == Step.FILE and case.opinion_id == jti),
                    f"this opinion was already received for Case {case.id[:8]} and is being filed; nothing written")
     _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
-    _refuse_unless(case.step in (Step.AWAIT_OPINION, Step.DELIVER),
+    _refuse_unless(correction or case.step in (Step.AWAIT_OPINION, Step.DELIVER),
                    f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
     assert case.package_id is not None  # sealing records it before the Case reaches deliver
     _refuse_unless(claims.get("package_id") == case.package_id,
@@ -122,6 +147,10 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
                                                                       "value": f"urn:uuid:{jti}"},
                    "the opinion document's identifier must be urn:uuid:<its message id>; nothing written")
     check_document(app, case, document)
+    if correction:
+        # A corrected opinion: filed as a new version of the note by the follow-up worker (loop/followup.py).
+        accept_correction(app, case, claims, data)
+        return Received(case=app.store.get(case.id), opinion_id=jti, kind="correction")
     path = opinion_path(app, case, jti)
     # The file is written before the Case moves (so an accepted opinion always has its file), under a name
     # that only this jti uses: two workers receiving the same opinion write the same bytes to it.

@@ -22,8 +22,15 @@ VARIABLE = "FHIRBRIDGE_TEST_CRASH_AT"
 # POST not yet made (plans LEDGER and ONCE); sealed: the supplement package is sealed, not delivered;
 # delivered: delivered and accounted for, the reviewer's request Task not yet completed.
 SUPPLEMENT_POINTS = ("supplement.DocumentReference.sent", "supplement.sealed", "supplement.delivered")
+# The conversation after the opinion (loop/followup.py): followup.written (the Communication is in the EHR, the
+# question not yet delivered), followup.end (delivered, not recorded), <path>.committed (plan ATOMIC: the EHR answered
+# the note's transaction), <path>.<Type>.sent (LEDGER/ONCE: the ledger says sent, the POST not yet made),
+# <path>.end (filed, not recorded); <path> is `addendum` (an answer to a question) or `correction` (a new version).
+FOLLOWUP_POINTS = ("followup.Communication.sent", "followup.written", "followup.end") + tuple(
+    f"{path}.{at}" for path in ("addendum", "correction")
+    for at in ("committed", "DocumentReference.sent", "Provenance.sent", "end"))
 POINTS = ("intake.opened", "order.written", "receive.written", "receive.accepted", "file.committed",
-          "file.DocumentReference.sent", "file.Provenance.sent") + SUPPLEMENT_POINTS + tuple(
+          "file.DocumentReference.sent", "file.Provenance.sent") + SUPPLEMENT_POINTS + FOLLOWUP_POINTS + tuple(
     f"{step}.{at}" for step in WORK_STEPS for at in ("begin", "end", "recorded"))
 
 _hits: dict[str, int] = {}

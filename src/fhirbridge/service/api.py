@@ -31,10 +31,12 @@ from fhirbridge.loop.accepted_orders import (
     place,
 )
 from fhirbridge.loop.actions import cancel, retry
+from fhirbridge.loop.followup import NotAskable, OverLimit, ask, remaining
 from fhirbridge.ops.measure_report import measure_report
 from fhirbridge.ops.outcome_figures import figures
 from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service
 from fhirbridge.store.case_query import ListRequest
+from fhirbridge.store.followups import FollowUps
 from fhirbridge.store.order_requests import OrderRequests
 
 log = logging.getLogger("fhirbridge.service.api")
@@ -58,6 +60,8 @@ STAFF_ENDPOINT_SCOPES = {
     "api.answer_record_request": "cases:write",
     # Issue 16 part 6: a Case held for required records: collect again, or send without them (confirmed).
     "api.release_held_case": "cases:write",
+    "api.ask_follow_up": "cases:write",
+    "api.list_follow_ups": "cases:read",
 }
 
 
@@ -359,3 +363,43 @@ def _upload(doc: object) -> supplement.Upload | None:
         raise data_request.BadRequest('document.code is "system|code"')
     return supplement.Upload(title=str(doc.get("title") or ""), content_type=str(doc.get("content_type") or ""),
                              data=data, code=tuple(code.split("|", 1)) if code else None)  # type: ignore[arg-type]
+# --- follow-up questions on a filed opinion (loop/followup.py) -------------------------------------------
+# The answers carry no clinical text: states, times and references (the texts are in the EHR, and on the
+# physician page).
+FOLLOW_UP_FIELDS = ("id", "kind", "seq", "state", "asked_by", "created_at", "sent_at", "answered_at", "filed_at",
+                    "communication", "note", "error")
+
+
+def _follow_up_json(row: dict) -> dict:
+    return {k: row[k] for k in FOLLOW_UP_FIELDS}
+
+
+@api.post("/cases/<case_id>/follow-ups")
+def ask_follow_up(case_id: str):
+    """Ask the reviewer a follow-up question about the Case's filed opinion; a worker sends it (202)."""
+    case = find_case(case_id)
+    body = json_body()
+    question, asked_by = body.get("question"), body.get("asked_by")
+    if not isinstance(question, str) or not question.strip():
+        raise ApiError(400, "question is required (a non-empty string)")
+    if asked_by is not None and (not isinstance(asked_by, str) or not REQUESTER.fullmatch(asked_by)):
+        raise ApiError(400, "asked_by must be Practitioner/<id> or PractitionerRole/<id>")
+    app = app_of(case)
+    try:
+        row = ask(app, case, question, asked_by=asked_by)
+    except NotAskable as exc:
+        raise ApiError(409, str(exc)) from None
+    except OverLimit as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify({**_follow_up_json(row), "case": case.id, "remaining": remaining(app, case)}), 202
+
+
+@api.get("/cases/<case_id>/follow-ups")
+def list_follow_ups(case_id: str):
+    """The Case's follow-up questions (and corrected opinions), oldest first, with what is still open."""
+    case = find_case(case_id)
+    rows = FollowUps(service().store).of_case(case.id)
+    return jsonify({"case": case.id, "limit": app_of(case).config.reviewer(case.reviewer).follow_up_limit,
+                    "remaining": remaining(app_of(case), case),
+                    "open": sum(1 for r in rows if r["state"] not in ("filed", "failed")),
+                    "follow_ups": [_follow_up_json(r) for r in rows]})

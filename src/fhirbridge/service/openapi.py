@@ -29,6 +29,16 @@ ORDER = {"type": "object", "required": ["id", "state", "url"],
                         "error": {"type": ["string", "null"]}, "attempts": {"type": "integer"},
                         "created_at": {"type": "number"}, "updated_at": {"type": "number"},
                         "hospital": {"type": "string"}, "url": {"type": "string"}}}
+FOLLOW_UP = {"type": "object", "required": ["id", "kind", "seq", "state"],
+             "properties": {"id": {"type": "string"}, "kind": {"type": "string", "enum": ["question", "correction"]},
+                            "seq": {"type": "integer"},
+                            "state": {"type": "string", "enum": ["asked", "sent", "answered", "filed",
+                                                                 "needs_review", "failed"]},
+                            "asked_by": {"type": ["string", "null"]}, "created_at": {"type": "number"},
+                            "sent_at": {"type": ["number", "null"]}, "answered_at": {"type": ["number", "null"]},
+                            "filed_at": {"type": ["number", "null"]},
+                            "communication": {"type": ["string", "null"]}, "note": {"type": ["string", "null"]},
+                            "error": {"type": ["string", "null"]}}}
 REQUESTER_PATTERN = r"^(Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$"   # as ehr.order.REQUESTER
 
 
@@ -206,6 +216,39 @@ SPEC: dict[str, Any] = {
                     "action": {"type": "string", "enum": ["collect-again", "send-without"]},
                     "confirm": {"type": "array", "items": {"type": "string"}}}}}}},
             "responses": {**_ok("The Case", CASE), **_errors(400, 401, 403, 404, 409)}}},
+        # Follow-up questions on a filed opinion (loop/followup.py): states and references, never the texts.
+        "/api/cases/{case_id}/follow-ups": {
+            "post": {
+                "summary": "Ask the reviewer a follow-up question about the Case's filed opinion (sent by a worker: "
+                           "a Communication in the EHR and a sealed message to the reviewer)",
+                "security": [{"staff": []}],
+                "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["question"],
+                    "properties": {"question": {"type": "string", "minLength": 1, "maxLength": 8000},
+                                   "asked_by": {"type": "string", "pattern": REQUESTER_PATTERN}}}}}},
+                "responses": {**_ok("Recorded; it is being sent", FOLLOW_UP, "202"),
+                              **_errors(400, 401, 403, 404, 409)}},
+            "get": {
+                "summary": "The Case's follow-up questions and corrected opinions, with how many may still be asked",
+                "security": [{"staff": []}],
+                "parameters": [{"name": "case_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {**_ok("Follow-ups", {"type": "object", "properties": {
+                    "case": {"type": "string"}, "limit": {"type": "integer"}, "remaining": {"type": "integer"},
+                    "open": {"type": "integer"}, "follow_ups": {"type": "array", "items": FOLLOW_UP}}}),
+                    **_errors(401, 403, 404)}}},
+        "/reviewer/follow-ups": {"get": {
+            "summary": "The follow-up questions sent to the calling reviewer and not yet answered",
+            "security": [{"reviewer": []}],
+            "responses": {**_ok("Questions", {"type": "object"}), **_errors(401)}}},
+        "/reviewer/follow-ups/{followup_id}/message": {"get": {
+            "summary": "A follow-up question, sealed (answer it with `fhirbridge reviewer answer --follow-up`, "
+                       "then POST the answer to /reviewer/opinions)",
+            "security": [{"reviewer": []}],
+            "parameters": [{"name": "followup_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The sealed question",
+                                  "content": {"application/jose+json": {"schema": {"type": "string"}}}},
+                          **_errors(401, 404)}}},
         "/reviewer/cases": {"get": {
             "summary": "The calling reviewer's Cases awaiting its opinion, with their sealed files",
             "security": [{"reviewer": []}],
@@ -219,11 +262,12 @@ SPEC: dict[str, Any] = {
                                   "content": {"application/jose+json": {"schema": {"type": "string"}}}},
                           **_errors(401, 404, 409)}}},
         "/reviewer/opinions": {"post": {
-            "summary": "Submit a sealed opinion (the file `fhirbridge reviewer answer` writes)",
+            "summary": "Submit a sealed opinion, a corrected opinion or the answer to a follow-up question (the file "
+                       "`fhirbridge reviewer answer` writes); an answer to a question never asked is a 404",
             "security": [{"reviewer": []}],
             "requestBody": {"required": True, "content": {"application/jose+json": {"schema": {"type": "string"}}}},
             "responses": {**_ok("Accepted; it is being filed", {"type": "object"}, "202"),
-                          **_errors(400, 401, 409, 413)}}},
+                          **_errors(400, 401, 404, 409, 413)}}},
         "/reviewer/cases/{case_id}/requests": {"post": {
             "summary": "Ask the hospital for more records (a CDex data-request Task, part of the referral)",
             "security": [{"reviewer": []}],

@@ -12,11 +12,15 @@ from flask import Blueprint, g, jsonify, request, send_file
 from fhirbridge.access.tokens import Unauthorized, reviewer_from_bearer
 from fhirbridge.ehr.data_request import BadRequest, request_records
 from fhirbridge.errors import CaseError, ConsentDenied, FhirbridgeError
+from fhirbridge.exchange.envelope import ENVELOPE_FILE
 from fhirbridge.loop import consent
 from fhirbridge.loop.actions import cancel, decline
+from fhirbridge.loop.followup import message_dir
+from fhirbridge.loop.followup_inbound import UnknownQuestion
 from fhirbridge.loop.receive import app_for, receive_bytes
 from fhirbridge.service.http import ApiError, app_of, bearer, find_case, json_body, service
 from fhirbridge.steps import Step
+from fhirbridge.store.followups import SENT, FollowUps
 
 MAX_OPINION_UPLOAD = 8 * 1024 * 1024
 
@@ -116,8 +120,37 @@ def reviewer_opinion():
     # What binds an opinion to its Case is its signature, checked against the keys of the reviewer the Case
     # was sent to, not the bearer token: a reviewer cannot submit anything for another's Case that the
     # other did not sign.
-    received = receive_bytes(app, data, source="uploaded opinion")
-    return jsonify({"case": received.case.id, "opinion": received.opinion_id, "status": "accepted; filing"}), 202
+    # The same upload takes a corrected opinion and the answer to a follow-up question (receive_bytes tells
+    # them apart by the envelope's type): an answer to a question this hospital never asked is a 404.
+    try:
+        received = receive_bytes(app, data, source="uploaded opinion")
+    except UnknownQuestion as exc:
+        raise ApiError(404, str(exc)) from None
+    return jsonify({"case": received.case.id, received.kind: received.opinion_id, "kind": received.kind,
+                    "status": "accepted; filing"}), 202
+
+
+@reviewer_api.get("/follow-ups")
+def reviewer_follow_ups():
+    """The follow-up questions sent to this reviewer and not yet answered, each with its sealed message."""
+    rows = FollowUps(service().store).open_rows(reviewer=g.reviewer.name, states=(SENT,))
+    store = service().store
+    return jsonify({"follow_ups": [{"id": r["id"], "case": r["case_id"], "seq": r["seq"], "sent_at": r["sent_at"],
+                                    "package_id": store.get(r["case_id"]).package_id,
+                                    "message": f"follow-ups/{r['id']}/message"} for r in rows]})
+
+
+@reviewer_api.get("/follow-ups/<followup_id>/message")
+def reviewer_follow_up_message(followup_id: str):
+    row = FollowUps(service().store).get(followup_id)
+    if row is None or row["reviewer"] != g.reviewer.name or row["kind"] != "question" or row["sent_at"] is None:
+        raise ApiError(404, f"no follow-up question {followup_id}")
+    case = _own_case(row["case_id"])
+    path = message_dir(app_of(case), case.id, followup_id) / ENVELOPE_FILE
+    if not path.exists():
+        raise ApiError(404, f"no follow-up question {followup_id}")
+    return send_file(path, mimetype="application/jose+json", as_attachment=True,
+                     download_name=f"followup-{followup_id}.jwe")
 
 
 @reviewer_api.post("/cases/<case_id>/requests")

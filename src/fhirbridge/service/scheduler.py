@@ -27,11 +27,13 @@ from fhirbridge.ehr.context import App
 from fhirbridge.errors import ConfigError
 from fhirbridge.loop.accepted_orders import place, place_due
 from fhirbridge.loop.actions import flag_overdue
+from fhirbridge.loop.followup import run_followups
 from fhirbridge.loop.intake import poll
 from fhirbridge.loop.outcomes import follow_outcomes
 from fhirbridge.loop.receive import process_inbox
 from fhirbridge.loop.runner import lease_seconds, run_pending
 from fhirbridge.ops import metrics
+from fhirbridge.store.followups import FollowUps
 from fhirbridge.store.order_requests import OrderRequests
 from fhirbridge.store.store import new_id, worker_id
 
@@ -145,6 +147,8 @@ class Service:
             self._guard("place orders", app, lambda a: place_due(a, worker=self.worker, limit=STEPS_PER_TICK))
             self._guard("work", app, lambda a: run_pending(a, intake=False, stop=self.stopping,
                                                            max_steps=STEPS_PER_TICK))
+            # Follow-up questions to send, answers and corrections to file (loop/followup.py).
+            self._guard("follow-ups", app, lambda a: run_followups(a, worker=self.worker, limit=STEPS_PER_TICK))
 
     def tick_inbox(self) -> None:
         self._guard("inbox", self.apps[0], lambda a: process_inbox(a, apps=self.apps))
@@ -239,7 +243,8 @@ class Service:
             closer.start()
             closer.join(max(0.0, ends - time.monotonic()))
         try:
-            released = self.store.release_worker(self.worker) + OrderRequests(self.store).release_worker(self.worker)
+            released = (self.store.release_worker(self.worker) + OrderRequests(self.store).release_worker(self.worker)
+                        + FollowUps(self.store).release_worker(self.worker))
             if released:
                 log.info("service %s released %d claim(s) on stopping", self.worker, released)
         except Exception as exc:  # noqa: BLE001 - the leases lapse anyway

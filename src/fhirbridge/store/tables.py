@@ -242,3 +242,40 @@ outcomes = Table(
     # The follow-up tick: a hospital's open rows due for a check, soonest first.
     Index("ix_outcomes_due", "hospital", "state", "next_check_at"),
 )
+
+# The conversation after the opinion (migration 0013; loop/followup.py, store/followups.py, docs/reviewers.md):
+# one row per follow-up question the referring physician asks, and per corrected opinion the reviewer sends.
+# References, ids and states only: the question's and the answer's text wait encrypted in the Case directory
+# (and are in the EHR as the Communication and the addendum note). `seq` numbers a Case's questions 1, 2, 3...:
+# the unique (case, kind, seq) makes the per-reviewer limit hold even when two askers race.
+# state (question): asked (recorded, not yet sent) | sent (the Communication in the EHR, the sealed message with
+# the reviewer) | answered (the answer accepted, not yet filed) | filed (the addendum note in the chart)
+# | needs_review (plan ONCE: a write's outcome is unknown; a person checks) | failed.
+# state (correction): answered | filed | needs_review | failed.
+followups = Table(
+    "followups", metadata,
+    Column("id", String(64), primary_key=True),                 # a UUID: the question's message id
+    Column("case_id", String(64), nullable=False),
+    Column("hospital", String(200), nullable=False),
+    Column("reviewer", String(200), nullable=False),
+    Column("kind", String(20), nullable=False),                 # question | correction
+    Column("seq", Integer, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("asked_by", String(200)),                            # "Practitioner/<id>" (or the API caller's name)
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("communication", String(200)),                       # "Communication/<id>" once written
+    Column("sent_at", Float),
+    Column("answer_id", String(64)),                            # the answer's (or correction's) message jti
+    Column("answered_at", Float),
+    Column("note", String(200)),                                # "DocumentReference/<id>": the addendum/correction
+    Column("filed_at", Float),
+    Column("claimed_by", String(200)),
+    Column("claimed_until", Float),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float),
+    Column("error", Text),                                      # why the last attempt failed (no PHI)
+    UniqueConstraint("case_id", "kind", "seq", name="uq_followup_seq"),
+    Index("ix_followups_due", "hospital", "state", "next_attempt_at"),
+    Index("ix_followups_case", "case_id"),
+)

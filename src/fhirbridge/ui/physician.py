@@ -46,8 +46,10 @@ from fhirbridge.ehr.context import App
 from fhirbridge.ehr.data_request import BadRequest
 from fhirbridge.ehr.order import place_order
 from fhirbridge.errors import CaseError, FhirbridgeError, FhirError
+from fhirbridge.exchange.followup import FollowUpError
 from fhirbridge.fhir.elements import question_of
 from fhirbridge.loop import checklist, supplement
+from fhirbridge.loop.followup import NotAskable, OverLimit, ask, remaining, thread
 from fhirbridge.loop.intake import order_changed
 from fhirbridge.ui import check_csrf, smart
 from fhirbridge.ui import physician_view as view
@@ -333,12 +335,18 @@ def _order_page(patient, ctx, app, form, errors, preview, *, notice=None, status
 
 # --- a Case -------------------------------------------------------------------------------------------------
 
-@bp.get("/patients/<patient>/cases/<case_id>")
-def case_page(patient: str, case_id: str):
-    ctx, app = _context(patient)
+def _own_case(app: App, patient: str, case_id: str):
     case = app.store.find(case_id)
     if case is None or case.hospital != app.hospital.key or case.patient != f"Patient/{patient}":
         abort(404, "no such second opinion for this patient")
+    return case
+
+
+@bp.get("/patients/<patient>/cases/<case_id>")
+def case_page(patient: str, case_id: str, *, error: str | None = None, status: int = 200):
+    ctx, app = _context(patient)
+    case = _own_case(app, patient, case_id)
+    notice = "Your question was recorded; it is being sent to the reviewer." if request.args.get("asked") else None
     reviewer = _reviewer_display(app, case.reviewer)
     sr = app.ehr.read_ref(case.service_request)
     return _page("physician/case.html", patient=patient, ctx=ctx, app=app, current="case",
@@ -346,7 +354,27 @@ def case_page(patient: str, case_id: str):
                  status=view.status_of(case), order=view.order_summary(sr, app),
                  timeline=view.timeline(app, case, reviewer, _requester_name(app, sr)),
                  opinion=view.filed_opinion(app, case), requests=view.record_requests(app, case),
-                 profile=dict(_profiles(app)).get(case.profile, case.profile), when=view.when)
+                 profile=dict(_profiles(app)).get(case.profile, case.profile), when=view.when,
+                 thread=thread(app, case), remaining=remaining(app, case), notice=notice,
+                 error=error), status
+
+
+@bp.post("/patients/<patient>/cases/<case_id>/follow-ups")
+def ask_follow_up(patient: str, case_id: str):
+    """A follow-up question on the filed opinion, asked as the signed-in user (fhirUser): recorded here, sent by
+    a worker (a Communication in the EHR and a sealed message to the reviewer; loop/followup.py)."""
+    ctx, app = _context(patient)
+    check_csrf()
+    case = _own_case(app, patient, case_id)
+    user = ctx.get("user")
+    try:
+        ask(app, case, request.form.get("question", ""),
+            asked_by=user if isinstance(user, str) and user.startswith(("Practitioner/", "PractitionerRole/"))
+            else None)
+    except (FollowUpError, NotAskable, OverLimit) as exc:
+        return case_page(patient, case_id, error=str(exc), status=409 if not isinstance(exc, FollowUpError)
+                         else 400)
+    return redirect(url_for(".case_page", patient=patient, case_id=case_id, asked=1), code=303)
 
 
 @bp.post("/patients/<patient>/cases/<case_id>/held")

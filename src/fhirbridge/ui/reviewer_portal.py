@@ -37,12 +37,13 @@ from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.crypto.urls import is_https_or_loopback
 from fhirbridge.errors import ConfigError, FhirbridgeError, SealError
 from fhirbridge.exchange import dicom_series, envelope
+from fhirbridge.exchange.followup import QUESTION_PREFIX
 from fhirbridge.exchange.opinion import AnswerError, build_opinion_document, reviewer_organization
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.reviewer import OpenedPackage, TrustStore, form_for, open_package, sealed_answer, studies_of
 from fhirbridge.fhir.elements import summary_line
 from fhirbridge.fhir.unreachable import why_unreachable
-from fhirbridge.ui import check_csrf, derive_secret, dicom_render, image_view, install, safe_next
+from fhirbridge.ui import check_csrf, derive_secret, dicom_render, image_view, install, portal_followups, safe_next
 from fhirbridge.ui.record_view import Attachment, attachments_of, build, questions_of
 
 log = logging.getLogger("fhirbridge.portal")
@@ -61,6 +62,7 @@ MAX_ERROR_BYTES = 64 * 1024
 # The envelope at the cap open_package reads it with (envelope.read_limited). An attachment file holds one
 # Binary of at most the package plaintext cap (also the hospitals' default fhirbridge.max_attachment_bytes),
 # sealed as base64url (a third more) after DEFLATE (a little more for data that does not compress).
+DRAFT_TYP = "fhirbridge-draft+jwe"
 MAX_PACKAGE_FILE = envelope.max_envelope_bytes(envelope.PACKAGE)
 MAX_ATTACHMENT_FILE = envelope.max_plaintext_bytes(envelope.PACKAGE) * 4 // 3 + MiB
 
@@ -135,7 +137,9 @@ class Portal:
         problems = []
         if self.s.packages_dir and self.s.packages_dir.is_dir():
             for d in sorted(self.s.packages_dir.iterdir()):
-                if (d / envelope.ENVELOPE_FILE).is_file() and d.name not in self.cases:
+                # followup-<id>: a follow-up question about a Case answered before (ui/portal_followups.py).
+                if (d / envelope.ENVELOPE_FILE).is_file() and d.name not in self.cases \
+                        and not d.name.startswith(QUESTION_PREFIX):
                     self.cases[d.name] = PortalCase(d.name, d.name, d, "delivered")
         for api in self.s.pull:
             api = api.rstrip("/")
@@ -172,6 +176,19 @@ class Portal:
             key = f"{root.name}.{pid}"
             live.add(key)
             self.cases[key] = PortalCase(key, pid, directory, "pull", api=api, case_id=case_id, due_at=due_at)
+        # A Case answered before, with a follow-up question for us (ui/portal_followups.py): back in the inbox
+        # (after a restart of the portal too), closed for the opinion, open for the question.
+        for q in portal_followups.listing(self, api):
+            q_pid, q_case = q.get("package_id"), q.get("case")
+            if not isinstance(q_pid, str) or not isinstance(q_case, str):
+                continue
+            try:
+                q_dir = _inside(root, q_pid)
+            except PullRefused:
+                continue
+            key = f"{root.name}.{q_pid}"
+            if key not in self.cases and (q_dir / envelope.ENVELOPE_FILE).is_file():
+                self.cases[key] = PortalCase(key, q_pid, q_dir, "closed", api=api, case_id=q_case)
         # A Case the hospital no longer lists (withdrawn, declined, answered) cannot be answered any more.
         for key, pc in self.cases.items():
             if pc.api == api and key not in live:
@@ -331,6 +348,23 @@ class Portal:
             envelope.write_atomic(self._sent_path(pid), jwe.encrypt_bytes(
                 jsonutil.dumps(document), self.key.encryption_keys(), typ="fhirbridge-sent-opinion+jwe"))
         envelope.write_atomic(self.s.work_dir / "answered" / f"{pid}.json", jsonutil.dumps({**what, "at": time.time()}))
+
+    # --- drafts: the form as the reviewer left it, encrypted to the reviewer's own key (a patient record) ----
+
+    def _draft_path(self, pid: str) -> Path:
+        return self.s.work_dir / "answered" / f"{pid}.draft.jwe"
+
+    def save_draft(self, pid: str, values: dict) -> None:
+        envelope.write_atomic(self._draft_path(pid), jwe.encrypt_bytes(
+            jsonutil.dumps({"values": values, "at": time.time()}), self.key.encryption_keys(), typ=DRAFT_TYP))
+
+    def draft(self, pid: str) -> dict | None:
+        """{"values", "at"} of the saved draft, or None."""
+        p = self._draft_path(pid)
+        return jsonutil.loads(jwe.decrypt_bytes(p.read_bytes(), self.key)) if p.exists() else None
+
+    def drop_draft(self, pid: str) -> None:
+        self._draft_path(pid).unlink(missing_ok=True)
 
     def _sent_path(self, pid: str) -> Path:
         return self.s.work_dir / "answered" / f"{pid}.opinion.jwe"
@@ -543,12 +577,13 @@ def create_portal(settings: PortalSettings) -> Flask:
                              "overdue": bool(due and due < now and not answered and not closed),
                              "answered": answered, "closed": closed, "error": None,
                              "new_records": portal.supplements_for(pid),
-                             "supplement_of": opened.manifest.get("supplement_of")})
+                             "supplement_of": opened.manifest.get("supplement_of"),
+                             "questions": portal_followups.open_count(portal, pid) if answered else 0})
             except (FhirbridgeError, OSError) as exc:
                 rows.append({"pid": pid, "package": pc.package_id, "error": str(exc), "patient": "", "question": "",
                              "hospital": "", "requester": {}, "priority": "", "urgent": False, "sent": None,
                              "due": None, "overdue": False, "answered": None, "closed": False,
-                             "new_records": [], "supplement_of": None})
+                             "new_records": [], "supplement_of": None, "questions": 0})
         # Open Cases first; among them stat, asap, urgent before routine (R4 request-priority), then the one due
         # soonest. A package that cannot be opened sorts with the open ones, by its (unknown) due date last.
         rows.sort(key=lambda r: (bool(r["answered"]) or r["closed"], envelope.urgency_rank(str(r["priority"])),
@@ -569,12 +604,17 @@ def create_portal(settings: PortalSettings) -> Flask:
         pc = portal.cases[pid]
         due = pc.due_at or view.answer_by
         answered = portal.answered(pid)
+        draft = None if answered else portal.draft(pid)
+        if values is None and draft:
+            values = draft["values"]   # resumed where the reviewer left it
         return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view,
                                checklist=opened.manifest.get("checklist") or [],
                                supplement_of=_first_of(pid), supplements=portal.supplements_for(pid),
                                added=opened.manifest.get("added_on_request") or [],
                                asked=(opened.manifest.get("request") or {}).get("text"),
                                sent_without=opened.manifest.get("sent_without") or [],
+                               draft=draft, followups=portal_followups.questions(portal, pid) if answered
+                               and not answered.get("declined") else [],
                                form=portal.form_of(pid), form_name=portal.form_name(pid),
                                studies=[(key, summary_line(r)) for key, r in studies_of(opened).items()],
                                values=values or {}, errors=errors or {}, preview=preview, pc=pc, due=due,
@@ -683,7 +723,12 @@ def create_portal(settings: PortalSettings) -> Flask:
         questions = questions_of(opened.manifest.get("question"))
         form_def = portal.form_of(pid)
         data, errors = read_form(form_def, questions, request.form, studies=studies_of(opened))
-        values = request.form.to_dict()
+        values = {k: v for k, v in request.form.to_dict().items() if k not in ("csrf_token", "action")}
+        if request.form.get("action") == "draft":
+            # Kept as typed, checked or not: a draft is for coming back to, not for sending.
+            portal.save_draft(pid, values)
+            flash("Draft saved. It is kept encrypted here; come back to it at any time.", "ok")
+            return redirect(url_for("case", pid=pid, _anchor="opinion-form"))
         if errors:
             return _case_page(pid, values=values, errors=errors, status=422)
         if request.form.get("action") != "send":
@@ -703,6 +748,7 @@ def create_portal(settings: PortalSettings) -> Flask:
             return _case_page(pid, values=values, status=502)
         portal.mark_answered(pid, {"opinion": claims["jti"], "where": where, "form": portal.form_name(pid)},
                              document=document)
+        portal.drop_draft(pid)
         flash(f"Signed and sent: {where}.", "ok")
         return redirect(url_for("case", pid=pid))
 
@@ -742,6 +788,8 @@ def create_portal(settings: PortalSettings) -> Flask:
         flash("Your request for more records was sent to the hospital.", "ok")
         return redirect(url_for("case", pid=pid))
 
+    portal_followups.install(app, portal, _send)
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         return render_template("reviewer/error.html", title=exc.name, message=exc.description or exc.name,
@@ -763,7 +811,8 @@ def failure_text(exc: Exception, api: str | None) -> str:
     return str(exc)
 
 
-def _send(portal: Portal, pc: PortalCase, sealed: bytes, claims: dict) -> str:
+def _send(portal: Portal, pc: PortalCase, sealed: bytes, claims: dict, name: str | None = None) -> str:
+    """Hand a sealed opinion (or a follow-up answer, `name` its file name) to the hospital."""
     if pc.api:
         r = requests.post(f"{pc.api}/opinions", data=sealed, timeout=PULL_TIMEOUT,
                           headers={**portal._auth(pc.api), "Content-Type": "application/jose+json"})
@@ -773,7 +822,7 @@ def _send(portal: Portal, pc: PortalCase, sealed: bytes, claims: dict) -> str:
     if not portal.s.answers_dir:
         raise FhirbridgeError("no --answers directory is configured for delivered packages")
     files.private_dir(portal.s.answers_dir)
-    envelope.write_atomic(portal.s.answers_dir / f"opinion-{claims['jti']}.jwe", sealed)
+    envelope.write_atomic(portal.s.answers_dir / (name or f"opinion-{claims['jti']}.jwe"), sealed)
     return f"written to {portal.s.answers_dir}"
 
 

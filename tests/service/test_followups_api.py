@@ -1,0 +1,116 @@
+"""Follow-up questions over HTTP (issue 16 part 3): the staff API asks and shows them, a pull reviewer fetches
+the sealed question from the reviewer API and uploads its sealed answer. Every refusal has its status and its
+reason and writes nothing: a question before the opinion is filed, an empty one, one over the reviewer's limit,
+a replayed answer, an answer to a question never asked. Against sekmet; what is written is read there.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fhirbridge.config import loader as config
+from fhirbridge.exchange import followup as wire
+from fhirbridge.exchange.reviewer import open_package
+from fhirbridge.loop.followup import run_followups
+from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
+from fhirbridge.service.app import create_app
+from fhirbridge.service.scheduler import Service
+from tests.kit.hospital import craft_opinion
+
+pytestmark = pytest.mark.sekmet
+
+ADMIN = "admin-token-0123456789abcdef"
+REVIEWER = "static-reviewer-token-0123456789"
+
+
+@pytest.fixture
+def served(hospital, seeded):
+    """A pull reviewer (static token) and a staff admin token; one Case delivered to the reviewer."""
+    h = hospital
+    text = re.sub(r'type = "outbox"[^\n]*\npath = "[^"]*"\n', 'type = "pull"\n', h.config_path.read_text())
+    text = text.replace('profiles = ["spine", "default"]',
+                        f'profiles = ["spine", "default"]\napi_token = "{REVIEWER}"\nfollow_up_limit = 2', 1)
+    text += f'\n[api]\ntokens = ["{ADMIN}"]\n[service]\npublic_url = "http://localhost"\n'
+    h.config_path.write_text(text)
+    svc = Service(config.load(h.config_path))
+    h.app = svc.apps[0]
+    case = h.delivered_case(seeded["patient"])
+    yield h, svc, create_app(svc=svc).test_client(), case
+    svc.stop(wait=True)
+
+
+def staff() -> dict:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def reviewer() -> dict:
+    return {"Authorization": f"Bearer {REVIEWER}"}
+
+
+def error(resp) -> str:
+    return resp.get_json()["error"]["message"]
+
+
+def test_a_pull_reviewer_answers_a_follow_up_question_once(served, fhir):
+    h, svc, client, case = served
+    ask = f"/api/cases/{case.id}/follow-ups"
+    r = client.post(ask, json={"question": "Is an MRI needed first?"}, headers=staff())
+    assert r.status_code == 409 and "no filed opinion" in error(r)
+
+    # The opinion, uploaded by the pull reviewer, and filed.
+    r_keys = h.reviewers[case.reviewer]
+    package = svc.config.data_dir / "cases" / case.id / "package" / str(case.package_id)
+    opened = open_package(package, r_keys.key, r_keys.trusted)
+    r = client.post("/reviewer/opinions", data=craft_opinion(h, case, opened=opened), headers=reviewer())
+    assert r.status_code == 202, r.get_json()
+    h.run(intake=False)
+    case = h.app.store.get(case.id)
+    assert case.step == "done", case.last_error
+
+    r = client.post(ask, json={"question": "  "}, headers=staff())
+    assert r.status_code == 400 and "question is required" in error(r)
+    r = client.post(ask, json={"question": "Is an MRI needed first?", "asked_by": h.physician()}, headers=staff())
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert body["seq"] == 1 and body["state"] == "asked" and body["remaining"] == 1
+    assert "MRI" not in r.get_data(as_text=True)      # states and references only
+    assert run_followups(h.app) == 1
+
+    listed = client.get("/reviewer/follow-ups", headers=reviewer()).get_json()["follow_ups"]
+    assert [q["id"] for q in listed] == [body["id"]]
+    r = client.get(f"/reviewer/{listed[0]['message']}", headers=reviewer())
+    assert r.status_code == 200
+    question = wire.open_question_bytes(r.get_data(), r_keys.key, r_keys.trusted)
+    assert question.text == "Is an MRI needed first?"
+    sealed, claims = wire.seal_answer(question, "No: the CT is enough.", r_keys.key)
+    r = client.post("/reviewer/opinions", data=sealed, headers=reviewer())
+    assert r.status_code == 202 and r.get_json()["kind"] == "answer", r.get_json()
+    r = client.post("/reviewer/opinions", data=sealed, headers=reviewer())
+    assert r.status_code == 409 and "replay" in error(r)
+    assert client.get("/reviewer/follow-ups", headers=reviewer()).get_json()["follow_ups"] == []
+
+    # An answer to a question this hospital never asked.
+    forged = wire.OpenedQuestion({**question.claims, "jti": "00000000-0000-4000-8000-000000000000"},
+                                 question.communication, question.hospital)
+    r = client.post("/reviewer/opinions", data=wire.seal_answer(forged, "?", r_keys.key)[0], headers=reviewer())
+    assert r.status_code == 404 and "no follow-up question" in error(r)
+
+    assert run_followups(h.app) == 1
+    shown = client.get(ask, headers=staff()).get_json()
+    assert shown["limit"] == 2 and shown["remaining"] == 1 and shown["open"] == 0
+    [row] = shown["follow_ups"]
+    assert row["state"] == "filed" and row["communication"].startswith("Communication/")
+    ident = f"{OPINION_ID_SYSTEM}|urn:uuid:{claims['jti']}"
+    [note] = [d for d in fhir.search("DocumentReference", {"identifier": ident})
+              if d["resourceType"] == "DocumentReference"]
+    assert row["note"] == f"DocumentReference/{note['id']}"
+    assert note["relatesTo"][0] == {"code": "appends", "target": {"reference": case.document_reference}}
+
+    # The limit (2 for this reviewer): the second question is taken, the third refused and nothing recorded.
+    assert client.post(ask, json={"question": "And after surgery?"}, headers=staff()).status_code == 202
+    r = client.post(ask, json={"question": "A third?"}, headers=staff())
+    assert r.status_code == 409 and "the most its reviewer answers (2)" in error(r)
+    assert len(client.get(ask, headers=staff()).get_json()["follow_ups"]) == 2
+    # Another reviewer's question does not exist for this one; an unknown id neither.
+    assert client.get("/reviewer/follow-ups/nope/message", headers=reviewer()).status_code == 404
