@@ -27,6 +27,23 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "checklist.held": ("Held: records the reviewer needs are missing", SERVICE, "warn"),
     "checklist.confirmed": ("Sent without the missing records, confirmed by the physician", STAFF, "warn"),
     "opinion.received": ("Second opinion received", REVIEWER, "ok"),
+    # Issue 16 parts 3 and 5: the conversation after the opinion (loop/followup.py); the texts stay in the EHR.
+    "followup.asked": ("The physician asked the reviewer a follow-up question", STAFF, ""),
+    "followup.sent": ("Follow-up question written to the chart (Communication) and sent to the reviewer",
+                      SERVICE, "ok"),
+    "followup.answered": ("The reviewer answered a follow-up question", REVIEWER, "ok"),
+    "followup.filed": ("The answer was filed in the chart as an addendum to the opinion note", SERVICE, "ok"),
+    "followup.needs_review": ("A person must check the chart before the follow-up is written again", SERVICE,
+                              "warn"),
+    "question.needs_review": ("A person must check the chart before the answer is filed again", SERVICE, "warn"),
+    "question.failed": ("A follow-up question could not be written; it waits for a person", SERVICE, "bad"),
+    "correction.failed": ("A corrected opinion could not be filed; it waits for a person", SERVICE, "bad"),
+    "correction.received": ("The reviewer sent a corrected opinion", REVIEWER, "warn"),
+    "correction.filed": ("The corrected opinion was filed in the chart as a new version of the note", SERVICE, "ok"),
+    "correction.needs_review": ("A person must check the chart before the correction is filed again", SERVICE,
+                                "warn"),
+    "correction.not_superseded": ("The earlier version stays current in the chart (this EHR cannot update it)",
+                                  SERVICE, "warn"),
     "file.done": ("Opinion filed in the chart", SERVICE, "ok"),
     "file.partial": ("Opinion partly filed; the rest follows", SERVICE, "warn"),
     "needs_review": ("A person must check the chart before filing goes on", SERVICE, "warn"),
@@ -47,7 +64,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 # Details shown plainly; the rest stays in the raw view (`fhirbridge status CASE`).
 SHOWN = ("step", "reason", "error", "records", "resources", "attachments", "document_reference", "package_id",
          "plan", "question", "write", "seconds", "service_request", "reviewer", "profile", "task", "supplement_of",
-         "missing", "by")
+         "missing", "by", "seq", "communication", "note", "replaces")
 
 
 @dataclass(frozen=True)
