@@ -231,6 +231,11 @@ ENVIRONMENT = {
     "FHIRBRIDGE_PROBE_BIND": ("unset (the image: 0.0.0.0:8081)", "`serve --probe-bind`: also answer `/healthz` and "
                               "`/readyz` on this `host:port`, from a thread of their own in each worker that busy API "
                               "requests never delay (service/probes.py); point orchestrator probes here."),
+    "FHIRBRIDGE_ORTHANC": ("Orthanc on PATH, else /usr/sbin/Orthanc", "`demo`: the Orthanc binary the demo runs as "
+                           "its PACS (demo/orthanc.py); with no Orthanc (or no plugin) the demo serves its study "
+                           "from a labelled read-only stand-in instead."),
+    "FHIRBRIDGE_ORTHANC_DICOMWEB": ("Debian's plugin path", "`demo`: the Orthanc DICOMweb plugin "
+                                    "(`libOrthancDicomWeb.so`) the demo's Orthanc loads."),
     "FHIRBRIDGE_PACS_PASSWORD": ("unset", "`reviewer import-pacs --auth basic`: the password for the reviewer's own "
                                  "PACS (never on the command line)."),
     "FHIRBRIDGE_PACS_TOKEN": ("unset", "`reviewer import-pacs --auth bearer`: the bearer token for the reviewer's own "
