@@ -43,7 +43,7 @@ def _as_if_killed(hospital, case_id):
 def test_killed_mid_step_resumes_and_delivers_one_package(hospital, seeded, monkeypatch, where):
     sr = hospital.order(seeded["patient"])
     target = {"collect": (collect_mod, "_follow_references"),   # after the searches, before writing
-              "seal": (envelope_mod, "seal"),                   # attachments encrypted, envelope not yet
+              "seal": (envelope_mod, "seal_signed_document_to"),  # attachments encrypted, envelope not yet
               "deliver": (deliver_mod, "package_files")}[where] # copied to .partial, not yet renamed
     with monkeypatch.context() as m:
         m.setattr(*target, _die)

@@ -273,6 +273,10 @@ class FakeHospital:
                 return Response(self.listing, mimetype="application/json")
             return jsonify(self.listing)
 
+        @app.get("/reviewer/follow-ups")
+        def follow_ups():                   # a listing like /cases, polled beside it; none open here
+            return jsonify({"follow_ups": []})
+
         @app.get("/<path:anything>")
         def file(anything):
             with self.lock:
