@@ -14,6 +14,7 @@ from fhirbridge.fhir.client import FhirClient
 from tests.kit.faultproxy import FaultProxy
 from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN, TestHospital
 from tests.kit.processes import READY_SECONDS
+from tests.kit.sekmet_workflows import run_in_process
 
 # SIGTERM (a CI timeout, `kill`) runs every fixture's teardown too, so no started process group survives it.
 pytest_plugins = ["tests.kit.sigterm"]
@@ -28,6 +29,7 @@ def ehr(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(str(exc))
     server = LocalEhr.start(tmp_path_factory.mktemp("ehr"), startup_timeout=READY_SECONDS)
     try:
+        run_in_process(server)      # seeding in milliseconds (tests/kit/sekmet_workflows.py)
         yield server
     finally:
         server.stop()

@@ -26,6 +26,7 @@ from fhirbridge.demo.localehr import LocalEhr
 from fhirbridge.fhir.auth import BearerAuth
 from tests.kit import processes
 from tests.kit.faultproxy import FaultProxy
+from tests.kit.sekmet_workflows import run_in_process
 
 V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 # Exactly what a hospital with the shipped profiles and [audit] write_to_ehr needs (SMART v2, in .cruds order),
@@ -136,6 +137,7 @@ class SmartEhr:
         self.ehr = LocalEhr.start(directory, token_lifetime=token_lifetime, startup_timeout=processes.READY_SECONDS,
                                   smart_client={"client_id": client_id, "jwks": jwks, "scopes": scopes,
                                                 "static_token": self.static_token})
+        run_in_process(self.ehr)
         self.gate = ScopeGate(self.ehr.base_url, self.static_token)
         self.base_url = self.gate.base_url
         self.direct_url = self.ehr.base_url

@@ -14,6 +14,7 @@ from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 from fhirbridge.service.scheduler import Service
 from tests.kit.hospital import SAMPLE_ANSWER, unique_mappings
 from tests.kit.processes import READY_SECONDS
+from tests.kit.sekmet_workflows import run_in_process
 
 pytestmark = pytest.mark.sekmet
 
@@ -32,6 +33,7 @@ value = "urn:oid:2.999.5.{n}"
 def second_ehr(tmp_path_factory):
     server = LocalEhr.start(tmp_path_factory.mktemp("ehr2"), startup_timeout=READY_SECONDS)
     try:
+        run_in_process(server)
         yield server
     finally:
         server.stop()
