@@ -16,11 +16,14 @@ from fhirbridge.config import loader as config
 from fhirbridge.config.model import Transport
 from fhirbridge.ehr import audit
 from fhirbridge.errors import FhirError
+from fhirbridge.exchange import followup as wire
 from fhirbridge.fhir.validate import validate
-from fhirbridge.loop.receive import receive_file
+from fhirbridge.loop.followup import ask, run_followups
+from fhirbridge.loop.receive import receive_bytes, receive_file
 from fhirbridge.ops import doctor, metrics
 from fhirbridge.service.app import create_app
 from fhirbridge.service.scheduler import Service
+from fhirbridge.store.followups import FollowUps
 from fhirbridge.store.tables import audit_events
 from tests.kit import balp
 from tests.kit import metrics as prom
@@ -176,14 +179,31 @@ def test_every_audit_event_meets_the_balp_profile_it_declares(auditing_hospital,
     case = h.delivered_case(seeded["patient"])
     receive_file(h.app, h.answer(case))
     h.run(intake=False)
-    assert h.app.store.get(case.id).step == "done"
+    case = h.app.store.get(case.id)
+    assert case.step == "done"
+    # A follow-up question and its answer, filed as an addendum (issue 16): a disclosure and an import too.
+    ask(h.app, case, "Would physiotherapy first change your advice?", asked_by=h.physician())
+    assert run_followups(h.app) == 1
+    [row] = FollowUps(h.app.store).of_case(case.id, "question")
+    rv = h.reviewers[case.reviewer]
+    question = wire.open_question(h.root / "outbox" / case.reviewer / f"{wire.QUESTION_PREFIX}{row['id']}",
+                                  rv.key, rv.trusted)
+    receive_bytes(h.app, wire.seal_answer(question, "No: surgery remains the advice.", rv.key)[0], source="answer")
+    assert run_followups(h.app) == 1
     rows = h.app.store.list_audit(case_id=case.id)
-    assert [r["kind"] for r in rows] == ["disclosure", "filed"] and all(r["sent_to_ehr"] for r in rows)
+    assert [r["kind"] for r in rows] == ["disclosure", "filed", "question", "addendum"]
+    assert all(r["sent_to_ehr"] for r in rows)
+    assert "physiotherapy" not in jsonutil.dumps([r["resource"] for r in rows]).decode()
     for row in rows:
         for ev in (row["resource"], fhir.read("AuditEvent", row["id"])):
             assert balp.problems(ev) == [], (row["kind"], balp.problems(ev))
             assert validate(ev) == []
-    disclosure, filed = (r["resource"] for r in rows)
+    disclosure, filed, asked, addendum = (r["resource"] for r in rows)
+    assert asked["source"]["observer"] == _codes(asked, "110153")[0]["who"]
+    assert addendum["source"]["observer"] == _codes(addendum, "110152")[0]["who"]
+    [note] = [e["what"]["reference"] for e in addendum["entity"] if "reference" in e["what"]
+              and e["what"]["reference"].startswith("DocumentReference/")]
+    assert note == FollowUps(h.app.store).of_case(case.id, "question")[0]["note"]
     # The custodian is BALP's SNOMED CT agent, not v3-ParticipationType#CST.
     [custodian] = [a for a in disclosure["agent"] if a["type"]["coding"][0]["system"] == "http://snomed.info/sct"]
     assert custodian["type"]["coding"] == [{"system": "http://snomed.info/sct", "code": "159541003",

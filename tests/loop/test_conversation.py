@@ -17,15 +17,17 @@ import pytest
 
 from fhirbridge.config import loader as config
 from fhirbridge.demo.localehr import seed_patient
-from fhirbridge.ehr import data_request
+from fhirbridge.ehr import audit, data_request
 from fhirbridge.exchange import followup as wire
 from fhirbridge.exchange.render import render_package
 from fhirbridge.exchange.reviewer import open_package
+from fhirbridge.fhir.validate import validate
 from fhirbridge.loop import supplement
 from fhirbridge.loop.followup import ask, run_followups, thread
 from fhirbridge.loop.receive import receive_bytes, receive_file
 from fhirbridge.service.app import create_app
 from fhirbridge.service.scheduler import Service
+from fhirbridge.store.followups import FollowUps
 from tests.kit.hospital import SAMPLE_ANSWER
 from tests.loop.test_supplement import QUERY, discharge_summary
 
@@ -139,6 +141,27 @@ def test_one_case_goes_through_the_whole_conversation_and_the_chart_holds_each_p
         assert [q["status"] for q in listed["requests"]] == ["completed"]
         events = [e["kind"] for e in h.app.store.events(case.id)]
         assert "supplement.done" in events
+
+        # 8. The accounting of disclosures (BALP): the package, the supplement, the opinion, each question
+        #    sent and each addendum filed, once each, valid FHIR, naming the messages and notes, never the text.
+        audits = h.app.store.list_audit(patient=own["patient"])
+        assert sorted(a["kind"] for a in audits) == sorted(["disclosure", "disclosure", "filed", "question",
+                                                            "question", "addendum", "addendum"])
+        assert all(validate(a["resource"]) == [] for a in audits)
+        messages = {e["what"]["identifier"]["value"] for a in audits for e in a["resource"]["entity"]
+                    if a["kind"] in ("question", "addendum") and "identifier" in e["what"]}
+        assert messages == {f"urn:uuid:{row['id']}" for row in rows["follow_ups"]} | \
+            {f"urn:uuid:{row['answer_id']}" for row in FollowUps(h.app.store).of_case(case.id, "question")}
+        filed_notes = {e["what"]["reference"] for a in audits if a["kind"] == "addendum"
+                       for e in a["resource"]["entity"] if "reference" in e["what"]}
+        assert filed_notes >= {f"DocumentReference/{d['id']}" for d in addenda}
+        assert not re.search(r"capecitabine|staging CT", repr([a["resource"] for a in audits]))
+        first = FollowUps(h.app.store).of_case(case.id, "question")[0]   # a step repeated records nothing new
+        assert audit.record_followup_sent(h.app, case, followup_id=first["id"], seq=first["seq"],
+                                          communication=first["communication"]) is False
+        assert audit.record_followup_filed(h.app, case, kind=audit.ADDENDUM_FILED, message_id=first["answer_id"],
+                                           seq=first["seq"], document_reference=first["note"]) is False
+        assert len(h.app.store.list_audit(patient=own["patient"])) == len(audits)
         login = client.get("/dashboard/login").get_data(as_text=True)
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', login).group(1)
         assert client.post("/dashboard/login", data={"csrf_token": csrf, "token": ADMIN}).status_code == 302

@@ -169,6 +169,10 @@ def test_a_corrected_opinion_is_a_new_version_filed_once(planned, fhir, seeded):
     [note] = by_identifier(fhir, "DocumentReference", claims["jti"])
     assert note["relatesTo"] == [{"code": "replaces", "target": {"reference": case.document_reference}}]
     assert provenances(fhir, row["note"]) == 1
+    [imported] = [a["resource"] for a in h.app.store.list_audit(patient=case.patient, case_id=case.id)
+                  if a["kind"] == "correction"]          # BALP: the corrected opinion, imported once
+    assert imported["type"]["code"] == "110107"
+    assert {"reference": row["note"]} in [e["what"] for e in imported["entity"]]
     old = fhir.read_ref(case.document_reference)
     if h.app.write_plan.kind is Kind.ATOMIC:
         assert old["status"] == "superseded"

@@ -12,7 +12,7 @@ from fhirbridge.cli.common import app_from_args, progress
 from fhirbridge.config import loader as config
 from fhirbridge.config.mappings import check_all
 from fhirbridge.config.terminology import check_terminology
-from fhirbridge.ehr import data_request
+from fhirbridge.ehr import audit, data_request
 from fhirbridge.ehr.audit import accounting, owed
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.order import place_order
@@ -301,6 +301,10 @@ def cmd_receive(args) -> int:
     return status
 
 
+_AUDIT_LABELS = {audit.DISCLOSURE: "sent package", audit.FILED: "opinion filed", audit.QUESTION_SENT: "sent question",
+                 audit.ADDENDUM_FILED: "addendum filed", audit.CORRECTION_FILED: "correction filed"}
+
+
 def cmd_audit(args) -> int:
     """The accounting of disclosures for one patient: every package sent about them (when, to whom, for
     which order, what kinds and counts of records) and every opinion filed back."""
@@ -315,7 +319,7 @@ def cmd_audit(args) -> int:
         return 0
     print(f"accounting of disclosures for {patient}")
     for r in rows:
-        what = "sent package" if r["kind"] == "disclosure" else "opinion filed"
+        what = _AUDIT_LABELS.get(r["kind"], r["kind"])
         print(terminal_safe(f"{_fmt(r['at'])}  {what:<13}  {r['recipient']} ({r['recipient_identifier']})"))
         print(f"{'':21}case {r['case'][:8]}  order {r['order']}")
         if r["kind"] == "disclosure":
@@ -323,8 +327,11 @@ def cmd_audit(args) -> int:
             print(f"{'':21}package {r['package']}")
             print(f"{'':21}records: {d.get('records shared', '?')} shared ({d.get('record types', '?')}), "
                   f"{d.get('records withheld', '?')} withheld, {d.get('attachment files', '0')} attachment file(s)")
+        elif r["kind"] == audit.QUESTION_SENT:
+            print(f"{'':21}question {r['details'].get('follow-up question', '?')}, message {r['package']}")
         else:
-            print(f"{'':21}opinion {r['package']} filed as {r['document_reference'] or '-'}")
+            print(f"{'':21}{_AUDIT_LABELS[r['kind']].split()[0]} {r['package']} filed as "
+                  f"{r['document_reference'] or '-'}")
         if not r["sent_to_ehr"] and app.config.audit.write_to_ehr:
             print(terminal_safe(f"{'':21}not yet in the EHR: {r['ehr_error'] or 'pending'}"))
     return 0

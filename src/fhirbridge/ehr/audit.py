@@ -1,4 +1,4 @@
-"""The audit trail: one AuditEvent per disclosure and one per opinion filed (IHE BALP).
+"""The audit trail: one AuditEvent per disclosure and one per opinion filed (IHE BALP), follow-ups included.
 
 - **Disclosure** (a package delivered to a reviewer): IHE Basic Audit Log Patterns "Privacy Disclosure at
   Source" (https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PrivacyDisclosure.Source):
@@ -13,6 +13,13 @@
   discloses its opinion to the hospital): type DICOM 110107 "Import", subtype `disclose`, action C; the
   reviewer is the source, the hospital the recipient; entities the Patient, the ServiceRequest, the
   DocumentReference filed and the opinion's identifier.
+
+- **The conversation after the opinion** (issue 16): a follow-up question sent to the reviewer is a
+  disclosure like a package ("question": Source profile, Export; entities the Patient, the ServiceRequest,
+  the Communication the question was written as, and the sealed message's identifier `urn:uuid:<follow-up
+  id>`); an answer filed as an addendum ("addendum") and a corrected opinion filed as the note's new version
+  ("correction") are imports like the opinion (Recipient profile; entities the DocumentReference written
+  and the message's identifier). Each is recorded once per message, keyed by it.
 
 Both profiles (BALP 1.1, Disclose.fsh) make the source and the recipient agent's `network` 1..1 and bind
 the agent that records the event to the audit source by invariant `val-audit-source`
@@ -61,6 +68,7 @@ URI = "urn:ietf:rfc:3986"
 NAMESPACE = uuid.UUID("6f1d7c8e-3f0a-5b7e-9a51-2b4c0e7d9a10")
 
 DISCLOSURE, FILED = "disclosure", "filed"
+QUESTION_SENT, ADDENDUM_FILED, CORRECTION_FILED = "question", "addendum", "correction"
 # BALP Disclose.fsh: `agent[custodian].type = SCT#159541003 // "Record keeping/library clerk"` (the slice a
 # v3-ParticipationType#CST agent does not fall into).
 CUSTODIAN = ("159541003", "Record keeping/library clerk")
@@ -225,6 +233,57 @@ def filed_event(app: App, case: Case, *, document_reference: str | None, when: f
     return ev
 
 
+def followup_sent_event(app: App, case: Case, *, followup_id: str, seq: int, communication: str | None,
+                        when: float, transport: str | None = None) -> dict:
+    """A follow-up question disclosed to the reviewer (Privacy Disclosure at Source, as a package)."""
+    reviewer = app.config.reviewer(case.reviewer)
+    ev = _base(app, case, aid=audit_id(case, QUESTION_SENT, followup_id), profile="PrivacyDisclosure.Source",
+               type_=_coding(DCM, "110106", "Export"), action="R", when=when)
+    ev["agent"] = [
+        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID", our_network(app)),
+        _org_agent(app.hospital.organization_ref(), *CUSTODIAN, {}, system=SCT),
+        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID", reviewer_network(app, reviewer)),
+        _application_agent(app),
+    ]
+    entities = [_patient_entity(case), _order_entity(case)]
+    if communication:
+        entities.append(_entity({"reference": communication}, "2", "System Object", "4", "Domain Resource"))
+    details = {"follow-up question": str(seq), "about opinion": f"urn:uuid:{case.opinion_id}"}
+    if transport:
+        details["transport"] = transport
+    entities.append(_entity({"identifier": {"system": URI, "value": f"urn:uuid:{followup_id}"},
+                             "display": "Follow-up question (sealed message)"}, "2", "System Object", "3",
+                            "Report", details))
+    ev["entity"] = entities
+    return ev
+
+
+def followup_filed_event(app: App, case: Case, *, kind: str, message_id: str, seq: int,
+                         document_reference: str | None, when: float) -> dict:
+    """An answer filed as an addendum, or a corrected opinion filed as the note's new version (Privacy
+    Disclosure at Recipient, as the opinion)."""
+    reviewer = app.config.reviewer(case.reviewer)
+    ev = _base(app, case, aid=audit_id(case, kind, message_id), profile="PrivacyDisclosure.Recipient",
+               type_=_coding(DCM, "110107", "Import"), action="C", when=when)
+    ev["agent"] = [
+        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID", reviewer_network(app, reviewer)),
+        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID", our_network(app)),
+        _application_agent(app),
+    ]
+    entities = [_patient_entity(case), _order_entity(case)]
+    if document_reference:
+        entities.append(_entity({"reference": document_reference}, "2", "System Object", "3", "Report"))
+    display, detail = ((f"Answer to follow-up question {seq} (sealed message)", "answers follow-up question")
+                       if kind == ADDENDUM_FILED else
+                       (f"Corrected second opinion, version {seq + 1} (sealed FHIR document)", "version"))
+    entities.append(_entity({"identifier": {"system": URI, "value": f"urn:uuid:{message_id}"}, "display": display},
+                            "2", "System Object", "3", "Report",
+                            {detail: str(seq if kind == ADDENDUM_FILED else seq + 1),
+                             "about opinion": f"urn:uuid:{case.opinion_id}"}))
+    ev["entity"] = entities
+    return ev
+
+
 def _record(app: App, case: Case, kind: str, event: dict, recipient: dict, when: float) -> bool:
     problems = validate(event)
     if problems:  # a bug of ours: the record is kept all the same, it is the accounting of a disclosure
@@ -249,6 +308,25 @@ def record_filed(app: App, case: Case, document_reference: str | None) -> bool:
     when = time.time()
     event = filed_event(app, case, document_reference=document_reference, when=when)
     return _record(app, case, FILED, event, app.hospital.organization_ref(), when)
+
+
+def record_followup_sent(app: App, case: Case, *, followup_id: str, seq: int, communication: str | None,
+                         transport: str | None = None) -> bool:
+    """After a follow-up question was delivered: record the disclosure (once per question)."""
+    when = time.time()
+    event = followup_sent_event(app, case, followup_id=followup_id, seq=seq, communication=communication,
+                                when=when, transport=transport)
+    return _record(app, case, QUESTION_SENT, event, app.config.reviewer(case.reviewer).organization_ref(), when)
+
+
+def record_followup_filed(app: App, case: Case, *, kind: str, message_id: str, seq: int,
+                          document_reference: str | None) -> bool:
+    """After an addendum (`kind` ADDENDUM_FILED) or a correction (CORRECTION_FILED) was filed: record the
+    write-back (once per message)."""
+    when = time.time()
+    event = followup_filed_event(app, case, kind=kind, message_id=message_id, seq=seq,
+                                 document_reference=document_reference, when=when)
+    return _record(app, case, kind, event, app.hospital.organization_ref(), when)
 
 
 def send_one(app: App, event: dict) -> bool:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from fhirbridge import jsonutil
 from fhirbridge.crypto import files, jwe
+from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import now_iso
 from fhirbridge.ehr.write_plan import Kind
@@ -156,6 +157,10 @@ def _run_one(app: App, followups: FollowUps, row: dict, worker: str) -> None:
             crash_point("followup.end")
             followups.finish(row["id"], worker=worker, expect=ASKED, state=SENT, error=None, **values)
             app.store.add_event(case.id, "followup.sent", {"followup": row["id"], "seq": row["seq"], **values})
+            # After the row says sent: a repeat after a crash re-sends (same message) and records it once.
+            audit.record_followup_sent(app, case, followup_id=row["id"], seq=row["seq"],
+                                       communication=values.get("communication"),
+                                       transport=app.config.reviewer(case.reviewer).transport.type)
         else:
             outcome = _file_correction(app, case, row) if row["kind"] == CORRECTION else _file_answer(app, case, row)
             if isinstance(outcome, Review):
@@ -169,6 +174,9 @@ def _run_one(app: App, followups: FollowUps, row: dict, worker: str) -> None:
                              error=None)
             app.store.add_event(case.id, "followup.filed" if row["kind"] == QUESTION else "correction.filed",
                                 {"followup": row["id"], "seq": row["seq"], "note": outcome})
+            kind = audit.ADDENDUM_FILED if row["kind"] == QUESTION else audit.CORRECTION_FILED
+            audit.record_followup_filed(app, case, kind=kind, message_id=row["answer_id"], seq=row["seq"],
+                                        document_reference=outcome)
     except (FhirError, DeliveryError) as exc:
         if exc.transient:
             followups.later(row["id"], worker=worker, error=str(exc), delay=min(MAX_DELAY, 30.0 * 2 ** row["attempts"]))
