@@ -10,13 +10,16 @@ import re
 import pytest
 
 from fhirbridge.config import loader as config
+from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.exchange import followup as wire
 from fhirbridge.exchange.reviewer import open_package
 from fhirbridge.loop.followup import run_followups
 from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 from fhirbridge.service.app import create_app
 from fhirbridge.service.scheduler import Service
+from fhirbridge.store.followups import FollowUps
 from tests.kit.hospital import craft_opinion
+from tests.loop.test_consent import consent_resource
 
 pytestmark = pytest.mark.sekmet
 
@@ -27,6 +30,16 @@ REVIEWER = "static-reviewer-token-0123456789"
 @pytest.fixture
 def served(hospital, seeded):
     """A pull reviewer (static token) and a staff admin token; one Case delivered to the reviewer."""
+    yield from _serve(hospital, seeded["patient"])
+
+
+@pytest.fixture
+def served_own(hospital, ehr, fhir):
+    """As `served`, for a patient of the test's own (its Consents must not reach other tests' Cases)."""
+    yield from _serve(hospital, seed_patient(ehr, fhir, profile="spine")["patient"])
+
+
+def _serve(hospital, patient: str):
     h = hospital
     text = re.sub(r'type = "outbox"[^\n]*\npath = "[^"]*"\n', 'type = "pull"\n', h.config_path.read_text())
     text = text.replace('profiles = ["spine", "default"]',
@@ -35,7 +48,7 @@ def served(hospital, seeded):
     h.config_path.write_text(text)
     svc = Service(config.load(h.config_path))
     h.app = svc.apps[0]
-    case = h.delivered_case(seeded["patient"])
+    case = h.delivered_case(patient)
     yield h, svc, create_app(svc=svc).test_client(), case
     svc.stop(wait=True)
 
@@ -114,3 +127,37 @@ def test_a_pull_reviewer_answers_a_follow_up_question_once(served, fhir):
     assert len(client.get(ask, headers=staff()).get_json()["follow_ups"]) == 2
     # Another reviewer's question does not exist for this one; an unknown id neither.
     assert client.get("/reviewer/follow-ups/nope/message", headers=reviewer()).status_code == 404
+
+
+def test_a_consent_recorded_after_the_opinion_withholds_the_follow_up_questions(served_own, fhir):
+    """A question discloses as a package does: once the patient's Consent denies disclosure, the question
+    already made available is no longer handed out (410, the Case left done), and a new one is not sent: it
+    fails with the reason, and nothing reaches the reviewer."""
+    h, svc, client, case = served_own
+    r_keys = h.reviewers[case.reviewer]
+    opened = open_package(svc.config.data_dir / "cases" / case.id / "package" / str(case.package_id),
+                          r_keys.key, r_keys.trusted)
+    assert client.post("/reviewer/opinions", data=craft_opinion(h, case, opened=opened),
+                       headers=reviewer()).status_code == 202
+    h.run(intake=False)
+    assert h.app.store.get(case.id).step == "done"
+    ask = f"/api/cases/{case.id}/follow-ups"
+    assert client.post(ask, json={"question": "Is an MRI needed first?"}, headers=staff()).status_code == 202
+    assert run_followups(h.app) == 1
+    [listed] = client.get("/reviewer/follow-ups", headers=reviewer()).get_json()["follow_ups"]
+
+    stored, _ = fhir.create(consent_resource(case.patient, {"type": "deny"}))
+    r = client.get(f"/reviewer/{listed['message']}", headers=reviewer())
+    assert r.status_code == 410 and "withdrawn" in error(r)
+    assert h.app.store.get(case.id).step == "done"                 # the filed opinion stays filed
+    denied = [e["detail"] for e in h.app.store.events(case.id) if e["kind"] == "consent.denied"]
+    assert denied == [{"step": "follow-up fetch", "consent": f"Consent/{stored['id']}", "followup": listed["id"]}]
+
+    assert client.post(ask, json={"question": "And after surgery?"}, headers=staff()).status_code == 202
+    assert run_followups(h.app) == 1
+    second = FollowUps(h.app.store).of_case(case.id, "question")[1]
+    assert second["state"] == "failed" and f"Consent/{stored['id']}" in second["error"]
+    assert second["communication"] is None and second["sent_at"] is None     # nothing written, nothing sent
+    assert [q["id"] for q in client.get("/reviewer/follow-ups", headers=reviewer()).get_json()["follow_ups"]] \
+        == [listed["id"]]
+    assert [row["kind"] for row in h.app.store.list_audit(case_id=case.id)] == ["disclosure", "filed", "question"]

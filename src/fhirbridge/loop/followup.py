@@ -44,7 +44,7 @@ from fhirbridge.ehr import audit
 from fhirbridge.ehr.context import App
 from fhirbridge.ehr.task import now_iso
 from fhirbridge.ehr.write_plan import Kind
-from fhirbridge.errors import CaseError, FhirbridgeError, FhirError
+from fhirbridge.errors import CaseError, ConsentDenied, FhirbridgeError, FhirError
 from fhirbridge.exchange import envelope
 from fhirbridge.exchange.followup import (
     QUESTION_PREFIX,
@@ -55,6 +55,7 @@ from fhirbridge.exchange.followup import (
 )
 from fhirbridge.exchange.render import render_opinion
 from fhirbridge.exchange.transport import DeliveryError, deliver
+from fhirbridge.loop import consent
 from fhirbridge.loop.followup_inbound import answer_path, correction_path
 from fhirbridge.loop.post_writes import Review, note_content, post_once
 from fhirbridge.loop.runner import lease_seconds
@@ -203,6 +204,15 @@ def _derived(case: Case, what: str, message_id: str) -> str:
 def _send(app: App, case: Case, row: dict) -> dict | Review:
     question = _question(app, row)
     reviewer = app.config.reviewer(case.reviewer)
+    # A question about the patient discloses as a package does: a Consent recorded since the package went
+    # must stop it (ConsentDenied: the follow-up fails with the reason; an EHR that does not answer is
+    # transient). A pull reviewer's fetch looks again (service/reviewer_api.py).
+    try:
+        consent.check(app, case.patient, reviewer)
+    except ConsentDenied as exc:
+        app.store.add_event(case.id, "consent.denied", {"step": "follow-up", "consent": exc.consent,
+                                                        "followup": row["id"]})
+        raise
     sender = question.get("asked_by") or _requester(app, case)
     comm = communication(app, case, row, question["text"], sender)
     folder = message_dir(app, case.id, row["id"])

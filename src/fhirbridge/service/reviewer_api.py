@@ -109,6 +109,21 @@ def _consent_still_allows(case) -> None:
                             "try again later") from None
 
 
+def _consent_allows_question(case, followup_id: str) -> None:
+    """As for a package: the question is made available, so each fetch looks at the patient's Consents again.
+    The Case is done (its opinion filed), so a denial withholds the question and leaves the Case as it is."""
+    app = app_of(case)
+    try:
+        consent.check(app, case.patient, app.config.reviewer(case.reviewer))
+    except ConsentDenied as exc:
+        app.store.add_event(case.id, "consent.denied", {"step": "follow-up fetch", "consent": exc.consent,
+                                                        "followup": followup_id})
+        raise ApiError(410, "this question has been withdrawn by the hospital; do not use any copy of it") from None
+    except FhirbridgeError as exc:
+        raise ApiError(503, f"the hospital cannot release this question right now ({exc.__class__.__name__}); "
+                            "try again later") from None
+
+
 @reviewer_api.post("/opinions")
 def reviewer_opinion():
     if (request.content_length or 0) > MAX_OPINION_UPLOAD:
@@ -149,6 +164,7 @@ def reviewer_follow_up_message(followup_id: str):
     path = message_dir(app_of(case), case.id, followup_id) / ENVELOPE_FILE
     if not path.exists():
         raise ApiError(404, f"no follow-up question {followup_id}")
+    _consent_allows_question(case, followup_id)
     return send_file(path, mimetype="application/jose+json", as_attachment=True,
                      download_name=f"followup-{followup_id}.jwe")
 
