@@ -156,7 +156,10 @@ def test_a_corrected_opinion_is_a_new_version_filed_once(planned, fhir, seeded):
     case = filed_case(h, seeded["patient"])
     r = h.reviewers[case.reviewer]
     opened = open_package(h.package_path(case), r.key, r.trusted)
-    data = {**tomllib.loads(SAMPLE_ANSWER), "free_text": "Corrected: no surgery now; physiotherapy first."}
+    data = {**tomllib.loads(SAMPLE_ANSWER), "free_text": "Corrected: no surgery now; physiotherapy first.",
+            "recommendation": "non-surgical-care", "concordance": "discordant"}
+    assert (h.app.store.get(case.id).recommendation, h.app.store.outcomes.get(case.id).recommendation) == \
+        ("proceed-as-planned", "proceed-as-planned")
     sealed, claims = answer_data(opened, data, r.key, mappings_dir=h.app.config.mappings_dir,
                                  replaces=case.opinion_id)
     received = receive_bytes(h.app, sealed)
@@ -172,6 +175,11 @@ def test_a_corrected_opinion_is_a_new_version_filed_once(planned, fhir, seeded):
     [imported] = [a["resource"] for a in h.app.store.list_audit(patient=case.patient, case_id=case.id)
                   if a["kind"] == "correction"]          # BALP: the corrected opinion, imported once
     assert imported["type"]["code"] == "110107"
+    # The figures count the current version: the Case's summary and its outcome row carry the corrected codes.
+    now = h.app.store.get(case.id)
+    assert (now.recommendation, now.concordance, now.filed_at) == ("non-surgical-care", "discordant", case.filed_at)
+    outcome = h.app.store.outcomes.get(case.id)
+    assert (outcome.recommendation, outcome.concordance) == ("non-surgical-care", "discordant")
     assert {"reference": row["note"]} in [e["what"] for e in imported["entity"]]
     old = fhir.read_ref(case.document_reference)
     if h.app.write_plan.kind is Kind.ATOMIC:

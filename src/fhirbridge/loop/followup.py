@@ -46,6 +46,7 @@ from fhirbridge.ehr.task import now_iso
 from fhirbridge.ehr.write_plan import Kind
 from fhirbridge.errors import CaseError, ConsentDenied, FhirbridgeError, FhirError
 from fhirbridge.exchange import envelope
+from fhirbridge.exchange.conclusions import conclusions_of
 from fhirbridge.exchange.followup import (
     QUESTION_PREFIX,
     answer_text,
@@ -339,7 +340,17 @@ def _file_correction(app: App, case: Case, row: dict) -> str | Review:
                           category=comp.get("category", []))
     note = Note(fields, document, render_opinion(document, with_patient=False), f"correction{row['seq']}",
                 row["answer_id"])
-    return _file_note(app, case, note, point="correction", supersede=earlier)
+    outcome = _file_note(app, case, note, point="correction", supersede=earlier)
+    if not isinstance(outcome, Review):
+        # The figures count the current version: its codes replace the first one's in the Case's summary and
+        # the outcome row (filing time, turnaround and the outcome's window stay the first filing's). Repeated
+        # after a crash, it writes the same values.
+        found = conclusions_of(document)
+        app.store.set_conclusion(case.id, concordance=found.get("concordance"),
+                                 recommendation=found.get("recommendation"))
+        app.store.outcomes.set_codes(case.id, concordance=found.get("concordance"),
+                                     recommendation=found.get("recommendation"))
+    return outcome
 
 
 def current_note(app: App, case: Case, *, before_seq: int | None = None) -> str:

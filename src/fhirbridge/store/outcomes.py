@@ -88,6 +88,12 @@ class OutcomeStore:
                     claimed.append(_outcome(row))
         return claimed
 
+    def set_codes(self, case_id: str, *, recommendation: str | None, concordance: str | None) -> None:
+        """A corrected opinion's codes replace the first version's (the row, its checks and window stay)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(outcomes).where(outcomes.c.case_id == case_id)
+                         .values(recommendation=recommendation, concordance=concordance))
+
     def record(self, case_id: str, *, now: float, next_check_at: float | None, error: str | None = None,
                **values) -> None:
         """The result of one check: the columns it found (plan, state, result...), when to look again."""

@@ -373,6 +373,12 @@ class Store:
                          .values(concordance=concordance, recommendation=recommendation, filed_at=filed_at,
                                  turnaround_seconds=turnaround_seconds))
 
+    def set_conclusion(self, case_id: str, *, concordance: str | None, recommendation: str | None) -> None:
+        """A corrected opinion's codes in the summary; when and how fast the opinion was first filed stay."""
+        with self.engine.begin() as conn:
+            conn.execute(update(cases).where(cases.c.id == case_id)
+                         .values(concordance=concordance, recommendation=recommendation))
+
     def update(self, case_id: str, *, event_kind: str | None = None, detail: dict | None = None,
                data: dict | None = None, **values) -> Case:
         """Update columns (and merge `data`), appending an event in the same transaction."""
