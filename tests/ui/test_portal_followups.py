@@ -49,7 +49,9 @@ def test_a_draft_is_resumed_and_a_follow_up_answered_once(hospital_served, porta
     expect(page.get_by_text("Signed and sent: uploaded to the hospital")).to_be_visible()
     assert not list((tmp_path / "portal" / "answered").glob("*.draft.jwe"))
     assert page.locator("#sent-opinion").is_visible()
-    assert page.locator("#opinion-form").count() == 0 and page.get_by_role("button", name="Save draft").count() == 0
+    # The form is not offered again: only a correction, folded away, starts from it.
+    assert not page.locator("#opinion-form").is_visible() and page.get_by_role("button", name="Save draft").count() == 0
+    expect(page.locator("#correct summary")).to_have_text("Send a corrected opinion")
     run_pending(h.app, intake=False)
     case = svc.store.get(case.id)
     assert case.step == "done", case.last_error
@@ -80,3 +82,26 @@ def test_a_draft_is_resumed_and_a_follow_up_answered_once(hospital_served, porta
     assert filed["state"] == "filed", filed["error"]
     note = fhir.read_ref(filed["note"])
     assert note["relatesTo"] == [{"code": "appends", "target": {"reference": case.document_reference}}]
+
+    # The reviewer corrects the opinion from the portal: the form starts from what was sent; the correction
+    # replaces the current version, and the hospital files it in place of the note in the chart.
+    page.goto(case_url)
+    page.locator("#correct summary").click()
+    assert page.get_by_label("Proceed with the planned treatment").is_checked()          # what was sent
+    assert "physiotherapy is safer" in page.get_by_label("Risks and benefits (required)").input_value()
+    page.get_by_label("Non-surgical care").check()
+    page.get_by_role("button", name="Preview").click()
+    expect(page.locator("#preview")).to_contain_text("Non-surgical care")
+    assert page.locator("#correct").get_attribute("open") is not None       # the preview opens it again
+    page.locator("#correct").scroll_into_view_if_needed()
+    shot(page, "reviewer-followup-5-correction-preview", full_page=False)
+    page.get_by_role("button", name="Sign and send the correction").click()
+    expect(page.get_by_text("Corrected opinion signed and sent: uploaded to the hospital")).to_be_visible()
+    expect(page.locator("#sent-opinion")).to_contain_text("Non-surgical care")
+    expect(page.locator("#correct summary")).to_contain_text("1 sent")
+    assert run_followups(h.app) == 1
+    [corrected] = FollowUps(h.app.store).of_case(case.id, "correction")
+    assert corrected["state"] == "filed", corrected["error"]
+    assert fhir.read_ref(corrected["note"])["relatesTo"] == [
+        {"code": "replaces", "target": {"reference": case.document_reference}}]
+    assert svc.store.get(case.id).recommendation == "non-surgical-care"

@@ -349,6 +349,18 @@ class Portal:
                 jsonutil.dumps(document), self.key.encryption_keys(), typ="fhirbridge-sent-opinion+jwe"))
         envelope.write_atomic(self.s.work_dir / "answered" / f"{pid}.json", jsonutil.dumps({**what, "at": time.time()}))
 
+    def _sent_values_path(self, pid: str) -> Path:
+        return self.s.work_dir / "answered" / f"{pid}.sent-form.jwe"
+
+    def save_sent_values(self, pid: str, values: dict) -> None:
+        """The form as sent (encrypted like a draft): a corrected opinion starts from it."""
+        envelope.write_atomic(self._sent_values_path(pid), jwe.encrypt_bytes(
+            jsonutil.dumps({"values": values, "at": time.time()}), self.key.encryption_keys(), typ=DRAFT_TYP))
+
+    def sent_values(self, pid: str) -> dict:
+        p = self._sent_values_path(pid)
+        return jsonutil.loads(jwe.decrypt_bytes(p.read_bytes(), self.key))["values"] if p.exists() else {}
+
     # --- drafts: the form as the reviewer left it, encrypted to the reviewer's own key (a patient record) ----
 
     def _draft_path(self, pid: str) -> Path:
@@ -592,7 +604,7 @@ def create_portal(settings: PortalSettings) -> Flask:
                                where="Reviewer portal", fmt=_fmt)
 
     def _case_page(pid: str, *, values: dict | None = None, errors: dict | None = None, preview: str | None = None,
-                   status: int = 200):
+                   status: int = 200, correcting: bool = False):
         opened = portal.opened(pid)
 
         def text_of(i: int) -> str | None:
@@ -607,6 +619,8 @@ def create_portal(settings: PortalSettings) -> Flask:
         draft = None if answered else portal.draft(pid)
         if values is None and draft:
             values = draft["values"]   # resumed where the reviewer left it
+        if values is None and answered and answered.get("opinion"):
+            values = portal.sent_values(pid)   # a correction starts from what was sent
         return render_template("reviewer/case.html", title=f"Case {pc.package_id[:8]}", v=view,
                                checklist=opened.manifest.get("checklist") or [],
                                supplement_of=_first_of(pid), supplements=portal.supplements_for(pid),
@@ -620,7 +634,7 @@ def create_portal(settings: PortalSettings) -> Flask:
                                values=values or {}, errors=errors or {}, preview=preview, pc=pc, due=due,
                                overdue=bool(due and due < time.time() and not answered and pc.source != "closed"),
                                answered=answered, sent_opinion=portal.sent_opinion(pid) if answered else None,
-                               images=has_images(opened), marked=portal.key_images(pid),
+                               images=has_images(opened), marked=portal.key_images(pid), correcting=correcting,
                                nav=nav("case"), where="Reviewer portal", fmt=_fmt), status
 
     def _first_of(pid: str) -> str | None:
@@ -746,10 +760,53 @@ def create_portal(settings: PortalSettings) -> Flask:
         except (requests.RequestException, FhirbridgeError) as exc:
             flash(f"Not sent: {failure_text(exc, pc.api)}. Your answer is kept below; try again.", "error")
             return _case_page(pid, values=values, status=502)
+        portal.save_sent_values(pid, values)
         portal.mark_answered(pid, {"opinion": claims["jti"], "where": where, "form": portal.form_name(pid)},
                              document=document)
         portal.drop_draft(pid)
         flash(f"Signed and sent: {where}.", "ok")
+        return redirect(url_for("case", pid=pid))
+
+    @app.post("/cases/<pid>/correction")
+    def correction(pid: str):
+        """A corrected opinion: the same form, sealed as a new version that replaces the current one (the
+        opinion sent last from here). The hospital refuses one that does not correct its current version."""
+        check_csrf()
+        opened = portal.opened(pid)
+        answered = portal.answered(pid)
+        if not answered or not answered.get("opinion"):
+            abort(409, "there is no opinion sent from here to correct")
+        form_def = portal.form_of(pid)
+        data, errors = read_form(form_def, questions_of(opened.manifest.get("question")), request.form,
+                                 studies=studies_of(opened))
+        values = {k: v for k, v in request.form.to_dict().items() if k not in ("csrf_token", "action")}
+        if errors:
+            return _case_page(pid, values=values, errors=errors, status=422, correcting=True)
+        if request.form.get("action") != "send":
+            return _case_page(pid, values=values, correcting=True,
+                              preview=preview_text(form_def, opened, data, portal.key_images(pid)))
+        try:
+            sealed, claims, document = sealed_answer(opened, data, portal.key, mappings_dir=settings.mappings_dir,
+                                                     form=portal.form_name(pid), source="the form",
+                                                     key_images=portal.key_images(pid),
+                                                     replaces=answered["opinion"])
+        except AnswerError as exc:
+            return _case_page(pid, values=values, errors={"_": "; ".join(exc.problems)}, status=422,
+                              correcting=True)
+        pc = portal.cases[pid]
+        try:
+            where = _send(portal, pc, sealed, claims)
+        except (requests.RequestException, FhirbridgeError) as exc:
+            flash(f"Not sent: {failure_text(exc, pc.api)}. Your correction is kept below; try again.", "error")
+            return _case_page(pid, values=values, status=502, correcting=True)
+        portal.save_sent_values(pid, values)
+        # The correction is now the current version: a further one replaces it, not the first.
+        portal.mark_answered(pid, {**answered, "opinion": claims["jti"], "where": where,
+                                   "corrections": int(answered.get("corrections") or 0) + 1,
+                                   "first_opinion": answered.get("first_opinion") or answered["opinion"]},
+                             document=document)
+        flash(f"Corrected opinion signed and sent: {where}. The hospital files it in place of the earlier one.",
+              "ok")
         return redirect(url_for("case", pid=pid))
 
     def _to_hospital(pid: str, field: str, what: str, body_key: str, missing: str, extra: dict | None = None):
