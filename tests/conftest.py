@@ -16,8 +16,9 @@ from tests.kit.hospital import SEEDED_FAMILY, SEEDED_GIVEN, TestHospital
 from tests.kit.processes import READY_SECONDS
 from tests.kit.sekmet_workflows import run_in_process
 
-# SIGTERM (a CI timeout, `kill`) runs every fixture's teardown too, so no started process group survives it.
-pytest_plugins = ["tests.kit.sigterm"]
+# SIGTERM (a CI timeout, `kill`) runs every fixture's teardown too, so no started process group survives it;
+# the reliability figures are gathered from every xdist worker and printed once.
+pytest_plugins = ["tests.kit.sigterm", "tests.kit.figures"]
 
 
 @pytest.fixture(scope="session")
