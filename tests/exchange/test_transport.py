@@ -90,7 +90,8 @@ def test_a_redirect_is_a_permanent_error_not_a_delivery(tmp_path):
     assert e.gets == 0 and e.posts == 1
 
 
-@pytest.mark.parametrize("retry_after", ["86400", formatdate(time.time() + 86400, usegmt=True)])
+@pytest.mark.parametrize("retry_after", ["86400", formatdate(time.time() + 86400, usegmt=True)],
+                         ids=["delta-seconds", "http-date"])
 def test_a_huge_retry_after_ends_the_attempt_at_once(tmp_path, retry_after):
     e = Endpoint(503, {"Retry-After": retry_after})
     try:
