@@ -80,6 +80,14 @@ class RejectedOpinion(FhirbridgeError):
     exit_code = 4
 
 
+class OpinionNotYet(FhirbridgeError):
+    """An opinion arrived while its Case is sending the reviewer more records (step supplement): nothing is
+    written and the opinion is not refused; it is taken once the supplement has gone (moments later). The inbox
+    keeps the file for its next pass; the reviewer API answers 503 with Retry-After."""
+
+    retry_after = 30
+
+
 class UsageError(FhirbridgeError):
     """A command line that cannot work (an option's value makes no sense): says what to give instead."""
 

@@ -12,12 +12,14 @@ import pytest
 
 from fhirbridge.demo.localehr import seed_patient
 from fhirbridge.ehr import data_request
+from fhirbridge.errors import OpinionNotYet
 from fhirbridge.exchange.render import render_package
 from fhirbridge.exchange.reviewer import open_package
 from fhirbridge.loop import supplement
+from fhirbridge.loop.receive import process_inbox, receive_bytes
 from fhirbridge.loop.supplement import DOCUMENT_SYSTEM, Upload
 from tests.kit.ehrproxy import PROFILES, EhrProxy
-from tests.kit.hospital import TestHospital
+from tests.kit.hospital import TestHospital, docrefs
 
 pytestmark = pytest.mark.sekmet
 
@@ -122,6 +124,35 @@ def test_a_supplement_reaches_the_reviewer_and_completes_the_request(hospital, f
     hospital.run(intake=False, ignore_backoff=True)
     assert len(uploaded(fhir, case)) == 1
     assert len(list((hospital.root / "outbox" / case.reviewer).iterdir())) == 2
+
+
+def test_an_opinion_arriving_while_the_supplement_goes_waits_for_it(hospital, fhir, own):
+    """The reviewer's opinion can cross the supplement on its way: it is neither refused nor taken early. From
+    the inbox it stays for the next pass; over the reviewer API it is a 503 with Retry-After; once the
+    supplement has gone it is accepted and filed, once."""
+    h = hospital
+    case, _task, _summary = ask_and_answer(h, fhir, own)
+    sealed = h.answer(case)
+    inbox = h.app.config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / sealed.name).write_bytes(sealed.read_bytes())
+    early = process_inbox(h.app)
+    assert not early.accepted and not early.refused
+    [(kept, why)] = early.deferred
+    assert kept == inbox / sealed.name and kept.exists() and "sending you the records you asked for" in why
+    assert h.app.store.get(case.id).step == "supplement" and h.app.store.get(case.id).opinion_id is None
+    with pytest.raises(OpinionNotYet):
+        receive_bytes(h.app, sealed.read_bytes())
+
+    h.run(intake=False)                       # the supplement goes
+    assert h.app.store.get(case.id).step == "await_opinion" and (inbox / sealed.name).exists()
+    later = process_inbox(h.app)              # the inbox's next pass (the service ticks it) takes the opinion
+    assert [r.opinion_id for r in later.accepted] == [sealed.stem.removeprefix("opinion-")]
+    h.run(intake=False)
+    case = h.app.store.get(case.id)
+    assert case.step == "done", case.last_error
+    assert case.opinion_id == sealed.stem.removeprefix("opinion-") and docrefs(fhir, case) == 1
+    assert not (inbox / sealed.name).exists()
 
 
 def test_the_answer_is_refused_when_it_cannot_be_right(hospital, fhir, own):

@@ -11,8 +11,10 @@ import pytest
 
 from fhirbridge.config import loader as config
 from fhirbridge.demo.localehr import seed_patient
+from fhirbridge.ehr import data_request
 from fhirbridge.exchange import followup as wire
 from fhirbridge.exchange.reviewer import open_package
+from fhirbridge.loop import supplement
 from fhirbridge.loop.followup import run_followups
 from fhirbridge.loop.writeback import OPINION_ID_SYSTEM
 from fhirbridge.service.app import create_app
@@ -161,3 +163,27 @@ def test_a_consent_recorded_after_the_opinion_withholds_the_follow_up_questions(
     assert [q["id"] for q in client.get("/reviewer/follow-ups", headers=reviewer()).get_json()["follow_ups"]] \
         == [listed["id"]]
     assert [row["kind"] for row in h.app.store.list_audit(case_id=case.id)] == ["disclosure", "filed", "question"]
+
+
+def test_an_opinion_uploaded_while_the_supplement_goes_is_a_503_with_retry_after(served_own):
+    """Issue 16: the opinion crossing the supplement is not refused; the reviewer API says when to send it
+    again (RFC 9110 503 + Retry-After), writes nothing, and takes the same bytes once the records have gone."""
+    h, svc, client, case = served_own
+    task = data_request.request_records(h.app, case, "The operative report of 2019, please.")
+    supplement.answer_request(h.app, h.app.store.get(case.id), task, records=[], actor=h.physician(),
+                              upload=supplement.Upload("Operative report", "application/pdf", b"%PDF-1.4\n%%EOF\n"))
+    assert h.app.store.get(case.id).step == "supplement"
+    r_keys = h.reviewers[case.reviewer]
+    opened = open_package(svc.config.data_dir / "cases" / case.id / "package" / str(case.package_id),
+                          r_keys.key, r_keys.trusted)
+    sealed = craft_opinion(h, case, opened=opened)
+    r = client.post("/reviewer/opinions", data=sealed, headers=reviewer())
+    assert r.status_code == 503 and r.headers["Retry-After"] == "30", r.get_json()
+    assert "sending you the records you asked for" in error(r)
+    assert h.app.store.get(case.id).opinion_id is None
+    h.run(intake=False)
+    assert h.app.store.get(case.id).step == "await_opinion"
+    r = client.post("/reviewer/opinions", data=sealed, headers=reviewer())
+    assert r.status_code == 202, r.get_json()
+    h.run(intake=False)
+    assert h.app.store.get(case.id).step == "done"

@@ -30,7 +30,7 @@ from fhirbridge import jsonutil
 from fhirbridge.crypto import jws
 from fhirbridge.crypto.keys import KeyRing
 from fhirbridge.ehr.context import App
-from fhirbridge.errors import CaseError, ConfigError, RejectedOpinion, SealError
+from fhirbridge.errors import CaseError, ConfigError, OpinionNotYet, RejectedOpinion, SealError
 from fhirbridge.exchange import envelope
 from fhirbridge.fhir.narrative import narrative_problems
 from fhirbridge.fhir.validate import validate as validate_resource
@@ -121,6 +121,11 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(not (case.step == Step.FILE and case.opinion_id == jti),
                    f"this opinion was already received for Case {case.id[:8]} and is being filed; nothing written")
     _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
+    if not correction and case.step == Step.SUPPLEMENT:
+        # The supplement step returns the Case to await_opinion as soon as the records have gone; refusing the
+        # opinion would make the reviewer send it again for nothing.
+        raise OpinionNotYet(f"Case {case.id[:8]} is sending you the records you asked for; the opinion is taken "
+                            f"once they have gone (try again in a minute); nothing written")
     _refuse_unless(correction or case.step in (Step.AWAIT_OPINION, Step.DELIVER),
                    f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
     assert case.package_id is not None  # sealing records it before the Case reaches deliver

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from fhirbridge import jsonutil, ui
 from fhirbridge.config import loader as config_mod
-from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError, RejectedOpinion, SealError
+from fhirbridge.errors import ConfigError, FhirbridgeError, FhirError, OpinionNotYet, RejectedOpinion, SealError
 from fhirbridge.service import metrics, request_ids
 from fhirbridge.service.api import api
 from fhirbridge.service.cds_hooks import cds_hooks
@@ -84,6 +84,12 @@ def _errors(app: Flask) -> None:
     @app.errorhandler(RejectedOpinion)
     def _rejected(exc: RejectedOpinion):
         return json_error(409, str(exc))
+
+    @app.errorhandler(OpinionNotYet)
+    def _not_yet(exc: OpinionNotYet):
+        # RFC 9110 15.6.4: 503 with Retry-After, the opinion to be sent again as it is.
+        body, status = json_error(503, str(exc))
+        return body, status, {"Retry-After": str(exc.retry_after)}
 
     @app.errorhandler(SealError)
     def _seal(exc: SealError):

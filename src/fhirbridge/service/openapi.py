@@ -263,11 +263,13 @@ SPEC: dict[str, Any] = {
                           **_errors(401, 404, 409)}}},
         "/reviewer/opinions": {"post": {
             "summary": "Submit a sealed opinion, a corrected opinion or the answer to a follow-up question (the file "
-                       "`fhirbridge reviewer answer` writes); an answer to a question never asked is a 404",
+                       "`fhirbridge reviewer answer` writes); an answer to a question never asked is a 404; an "
+                       "opinion for a Case still sending the records the reviewer asked for is a 503 with "
+                       "Retry-After (send the same file again then)",
             "security": [{"reviewer": []}],
             "requestBody": {"required": True, "content": {"application/jose+json": {"schema": {"type": "string"}}}},
             "responses": {**_ok("Accepted; it is being filed", {"type": "object"}, "202"),
-                          **_errors(400, 401, 404, 409, 413)}}},
+                          **_errors(400, 401, 404, 409, 413, 503)}}},
         "/reviewer/cases/{case_id}/requests": {"post": {
             "summary": "Ask the hospital for more records (a CDex data-request Task, part of the referral)",
             "security": [{"reviewer": []}],
