@@ -156,13 +156,14 @@ def _run_one(app: App, followups: FollowUps, row: dict, worker: str) -> None:
                 followups.finish(row["id"], worker=worker, expect=ASKED, state=NEEDS_REVIEW, error=values.question)
                 app.store.add_event(case.id, "followup.needs_review", {"followup": row["id"], "write": values.kind})
                 return
-            crash_point("followup.end")
-            followups.finish(row["id"], worker=worker, expect=ASKED, state=SENT, error=None, **values)
-            app.store.add_event(case.id, "followup.sent", {"followup": row["id"], "seq": row["seq"], **values})
-            # After the row says sent: a repeat after a crash re-sends (same message) and records it once.
+            # Recorded before the row says sent (a row that does is never claimed again): a crash before
+            # `finish` repeats the delivery (the same message) and this, which keeps one record per question.
             audit.record_followup_sent(app, case, followup_id=row["id"], seq=row["seq"],
                                        communication=values.get("communication"),
                                        transport=app.config.reviewer(case.reviewer).transport.type)
+            crash_point("followup.end")
+            followups.finish(row["id"], worker=worker, expect=ASKED, state=SENT, error=None, **values)
+            app.store.add_event(case.id, "followup.sent", {"followup": row["id"], "seq": row["seq"], **values})
         else:
             outcome = _file_correction(app, case, row) if row["kind"] == CORRECTION else _file_answer(app, case, row)
             if isinstance(outcome, Review):
@@ -171,14 +172,15 @@ def _run_one(app: App, followups: FollowUps, row: dict, worker: str) -> None:
                 app.store.add_event(case.id, f"{row['kind']}.needs_review",
                                     {"followup": row["id"], "write": outcome.kind})
                 return
+            # As for a question: recorded before the row says filed, so a crash in between records it on repeat.
+            kind = audit.ADDENDUM_FILED if row["kind"] == QUESTION else audit.CORRECTION_FILED
+            audit.record_followup_filed(app, case, kind=kind, message_id=row["answer_id"], seq=row["seq"],
+                                        document_reference=outcome)
             crash_point("addendum.end" if row["kind"] == QUESTION else "correction.end")
             followups.finish(row["id"], worker=worker, expect=ANSWERED, state=FILED, note=outcome, filed_at=time.time(),
                              error=None)
             app.store.add_event(case.id, "followup.filed" if row["kind"] == QUESTION else "correction.filed",
                                 {"followup": row["id"], "seq": row["seq"], "note": outcome})
-            kind = audit.ADDENDUM_FILED if row["kind"] == QUESTION else audit.CORRECTION_FILED
-            audit.record_followup_filed(app, case, kind=kind, message_id=row["answer_id"], seq=row["seq"],
-                                        document_reference=outcome)
     except (FhirError, DeliveryError) as exc:
         if exc.transient:
             followups.later(row["id"], worker=worker, error=str(exc), delay=min(MAX_DELAY, 30.0 * 2 ** row["attempts"]))
@@ -208,16 +210,19 @@ def _send(app: App, case: Case, row: dict) -> dict | Review:
     # A question about the patient discloses as a package does: a Consent recorded since the package went
     # must stop it (ConsentDenied: the follow-up fails with the reason; an EHR that does not answer is
     # transient). A pull reviewer's fetch looks again (service/reviewer_api.py).
+    folder = message_dir(app, case.id, row["id"])
+    sealed = folder / envelope.ENVELOPE_FILE
     try:
-        consent.check(app, case.patient, reviewer)
+        # Only before the question is sealed: a repeat after a crash past that point may follow a delivery,
+        # which a later denial cannot undo; it delivers the same message again and records it.
+        if not sealed.exists():
+            consent.check(app, case.patient, reviewer)
     except ConsentDenied as exc:
         app.store.add_event(case.id, "consent.denied", {"step": "follow-up", "consent": exc.consent,
                                                         "followup": row["id"]})
         raise
     sender = question.get("asked_by") or _requester(app, case)
     comm = communication(app, case, row, question["text"], sender)
-    folder = message_dir(app, case.id, row["id"])
-    sealed = folder / envelope.ENVELOPE_FILE
     if not sealed.exists():
         # Sealed once and kept: a repeat after a crash delivers the very same message (same jti, same bytes).
         when = now_iso()

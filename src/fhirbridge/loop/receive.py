@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 
@@ -121,12 +122,7 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
     _refuse_unless(not (case.step == Step.FILE and case.opinion_id == jti),
                    f"this opinion was already received for Case {case.id[:8]} and is being filed; nothing written")
     _refuse_unless(not app.store.message_seen(jti), f"opinion {jti} was received before (a replay); nothing written")
-    if not correction and case.step == Step.SUPPLEMENT:
-        # The supplement step returns the Case to await_opinion as soon as the records have gone; refusing the
-        # opinion would make the reviewer send it again for nothing.
-        raise OpinionNotYet(f"Case {case.id[:8]} is sending you the records you asked for; the opinion is taken "
-                            f"once they have gone (try again in a minute); nothing written")
-    _refuse_unless(correction or case.step in (Step.AWAIT_OPINION, Step.DELIVER),
+    _refuse_unless(correction or case.step in (Step.AWAIT_OPINION, Step.DELIVER, Step.SUPPLEMENT),
                    f"Case {case.id[:8]} is {case.step}, not awaiting an opinion; nothing written")
     assert case.package_id is not None  # sealing records it before the Case reaches deliver
     _refuse_unless(claims.get("package_id") == case.package_id,
@@ -152,6 +148,8 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
                                                                       "value": f"urn:uuid:{jti}"},
                    "the opinion document's identifier must be urn:uuid:<its message id>; nothing written")
     check_document(app, case, document)
+    if not correction and case.step == Step.SUPPLEMENT:
+        _not_yet(case)
     if correction:
         # A corrected opinion: filed as a new version of the note by the follow-up worker (loop/followup.py).
         accept_correction(app, case, claims, data)
@@ -167,6 +165,8 @@ def receive_bytes(app: App, data: bytes, *, source: str = "opinion") -> Received
         now = app.store.get(case.id)
         if now.opinion_id != jti:  # never delete the file of an opinion another worker accepted
             path.unlink(missing_ok=True)
+        if now.step == Step.SUPPLEMENT:
+            _not_yet(now)          # the physician sent more records meanwhile: wait for them, as above
         raise RejectedOpinion(f"Case {case.id[:8]} took another opinion meanwhile (it is {now.step}) or this one "
                               "was seen before; nothing written")
     log.info("case %s: %s -> %s (opinion received)", case.id, case.step, accepted.step,
@@ -179,6 +179,14 @@ def _is_uuid(value: str) -> bool:
         return str(uuid.UUID(value)) == value.lower()
     except ValueError:
         return False
+
+
+def _not_yet(case) -> NoReturn:
+    # The supplement step returns the Case to await_opinion as soon as the records have gone; refusing the
+    # opinion would make the reviewer send it again for nothing. Raised after every check of the opinion, so
+    # one that can never be taken is refused at once rather than deferred.
+    raise OpinionNotYet(f"Case {case.id[:8]} is sending you the records you asked for; the opinion is taken once "
+                        f"they have gone (try again in a minute); nothing written")
 
 
 def _refuse_unless(ok: bool, message: str) -> None:
