@@ -142,6 +142,25 @@ def _entity(what: dict, type_code: str, type_display: str, role_code: str, role_
     return ent
 
 
+def _disclosed_agents(app: App, reviewer: Reviewer) -> list[dict]:
+    """Privacy Disclosure at Source: the hospital as source and custodian, the reviewer as recipient."""
+    return [
+        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID", our_network(app)),
+        _org_agent(app.hospital.organization_ref(), *CUSTODIAN, {}, system=SCT),
+        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID", reviewer_network(app, reviewer)),
+        _application_agent(app),
+    ]
+
+
+def _imported_agents(app: App, reviewer: Reviewer) -> list[dict]:
+    """Privacy Disclosure at Recipient: the reviewer as source, the hospital as recipient."""
+    return [
+        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID", reviewer_network(app, reviewer)),
+        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID", our_network(app)),
+        _application_agent(app),
+    ]
+
+
 def _base(app: App, case: Case, *, aid: str, profile: str, type_: dict, action: str, when: float) -> dict:
     return {
         "resourceType": "AuditEvent",
@@ -198,12 +217,7 @@ def disclosure_event(app: App, case: Case, *, when: float, transport: str | None
         details["transport"] = transport
     ev = _base(app, case, aid=audit_id(case, DISCLOSURE, str(case.package_id)),
                profile="PrivacyDisclosure.Source", type_=_coding(DCM, "110106", "Export"), action="R", when=when)
-    ev["agent"] = [
-        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID", our_network(app)),
-        _org_agent(app.hospital.organization_ref(), *CUSTODIAN, {}, system=SCT),
-        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID", reviewer_network(app, reviewer)),
-        _application_agent(app),
-    ]
+    ev["agent"] = _disclosed_agents(app, reviewer)
     ev["entity"] = [
         _patient_entity(case),
         _order_entity(case),
@@ -218,11 +232,7 @@ def filed_event(app: App, case: Case, *, document_reference: str | None, when: f
     reviewer = app.config.reviewer(case.reviewer)
     ev = _base(app, case, aid=audit_id(case, FILED, str(case.opinion_id)),
                profile="PrivacyDisclosure.Recipient", type_=_coding(DCM, "110107", "Import"), action="C", when=when)
-    ev["agent"] = [
-        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID", reviewer_network(app, reviewer)),
-        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID", our_network(app)),
-        _application_agent(app),
-    ]
+    ev["agent"] = _imported_agents(app, reviewer)
     entities = [_patient_entity(case), _order_entity(case)]
     if document_reference:
         entities.append(_entity({"reference": document_reference}, "2", "System Object", "3", "Report"))
@@ -239,12 +249,7 @@ def followup_sent_event(app: App, case: Case, *, followup_id: str, seq: int, com
     reviewer = app.config.reviewer(case.reviewer)
     ev = _base(app, case, aid=audit_id(case, QUESTION_SENT, followup_id), profile="PrivacyDisclosure.Source",
                type_=_coding(DCM, "110106", "Export"), action="R", when=when)
-    ev["agent"] = [
-        _org_agent(app.hospital.organization_ref(), "110153", "Source Role ID", our_network(app)),
-        _org_agent(app.hospital.organization_ref(), *CUSTODIAN, {}, system=SCT),
-        _org_agent(reviewer.organization_ref(), "110152", "Destination Role ID", reviewer_network(app, reviewer)),
-        _application_agent(app),
-    ]
+    ev["agent"] = _disclosed_agents(app, reviewer)
     entities = [_patient_entity(case), _order_entity(case)]
     if communication:
         entities.append(_entity({"reference": communication}, "2", "System Object", "4", "Domain Resource"))
@@ -265,11 +270,7 @@ def followup_filed_event(app: App, case: Case, *, kind: str, message_id: str, se
     reviewer = app.config.reviewer(case.reviewer)
     ev = _base(app, case, aid=audit_id(case, kind, message_id), profile="PrivacyDisclosure.Recipient",
                type_=_coding(DCM, "110107", "Import"), action="C", when=when)
-    ev["agent"] = [
-        _org_agent(reviewer.organization_ref(), "110153", "Source Role ID", reviewer_network(app, reviewer)),
-        _org_agent(app.hospital.organization_ref(), "110152", "Destination Role ID", our_network(app)),
-        _application_agent(app),
-    ]
+    ev["agent"] = _imported_agents(app, reviewer)
     entities = [_patient_entity(case), _order_entity(case)]
     if document_reference:
         entities.append(_entity({"reference": document_reference}, "2", "System Object", "3", "Report"))

@@ -97,31 +97,32 @@ def _consent_still_allows(case) -> None:
     """For a pull reviewer, "delivered" means "made available": a Consent recorded since then must still stop
     the disclosure, so each fetch looks again (every file: attachments decrypt on their own). Fails closed:
     without an answer from the EHR nothing is handed out."""
+    denied = _consent_denial(case, "package", {"step": "fetch"})
+    if denied is not None:
+        cancel(app_of(case), case, str(denied))
+        raise ApiError(410, "this package has been withdrawn by the hospital; do not use any copy of it")
+
+
+def _consent_denial(case, what: str, event: dict) -> ConsentDenied | None:
+    """The patient's Consents looked at again for a fetch: the denial (recorded as `consent.denied` with
+    `event`), or None when they allow it. Fails closed: an EHR that does not answer is a 503."""
     app = app_of(case)
     try:
         consent.check(app, case.patient, app.config.reviewer(case.reviewer))
     except ConsentDenied as exc:
-        app.store.add_event(case.id, "consent.denied", {"step": "fetch", "consent": exc.consent})
-        cancel(app, case, str(exc))
-        raise ApiError(410, "this package has been withdrawn by the hospital; do not use any copy of it") from None
+        app.store.add_event(case.id, "consent.denied", {**event, "consent": exc.consent})
+        return exc
     except FhirbridgeError as exc:
-        raise ApiError(503, f"the hospital cannot release this package right now ({exc.__class__.__name__}); "
+        raise ApiError(503, f"the hospital cannot release this {what} right now ({exc.__class__.__name__}); "
                             "try again later") from None
+    return None
 
 
 def _consent_allows_question(case, followup_id: str) -> None:
     """As for a package: the question is made available, so each fetch looks at the patient's Consents again.
     The Case is done (its opinion filed), so a denial withholds the question and leaves the Case as it is."""
-    app = app_of(case)
-    try:
-        consent.check(app, case.patient, app.config.reviewer(case.reviewer))
-    except ConsentDenied as exc:
-        app.store.add_event(case.id, "consent.denied", {"step": "follow-up fetch", "consent": exc.consent,
-                                                        "followup": followup_id})
-        raise ApiError(410, "this question has been withdrawn by the hospital; do not use any copy of it") from None
-    except FhirbridgeError as exc:
-        raise ApiError(503, f"the hospital cannot release this question right now ({exc.__class__.__name__}); "
-                            "try again later") from None
+    if _consent_denial(case, "question", {"step": "follow-up fetch", "followup": followup_id}) is not None:
+        raise ApiError(410, "this question has been withdrawn by the hospital; do not use any copy of it")
 
 
 @reviewer_api.post("/opinions")
